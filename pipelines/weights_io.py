@@ -1,0 +1,173 @@
+"""All weight-file I/O of LoRA Studio: safetensors only, validated on read, atomic on write.
+
+Pickle formats (.ckpt, .pt, .pth, .bin) can run code when loaded; they are refused unless the
+caller passes allow_pickle=True explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptWeightsError, PickleRefusedError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+SAFETENSORS_SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+def refuse_pickle(path: Path, allow_pickle: bool) -> None:
+    """Raise PickleRefusedError for a pickle-format file unless explicitly allowed."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise PickleRefusedError(
+            f"{path}: '{Path(path).suffix}' files are pickles that can run code when loaded; "
+            "only .safetensors is accepted unless --allow-pickle is given"
+        )
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Read and check a safetensors header without loading any tensor.
+
+    Returns (header dict without __metadata__ removed, data offset). Every claim of the header is
+    checked against the real file size, so a hostile header cannot make us allocate memory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptWeightsError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CorruptWeightsError(
+                f"{path}: not a valid safetensors file (header claims {n} bytes, file has {size});"
+                " is it truncated, or a pickle renamed to .safetensors?"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptWeightsError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptWeightsError(f"{path}: safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict):
+                raise CorruptWeightsError(f"{path}: __metadata__ is not a JSON object")
+            continue
+        try:
+            start, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            itemsize = _DTYPE_SIZES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptWeightsError(f"{path}: tensor '{key}' has a malformed header entry") from None
+        if not (0 <= start <= end <= data_len) or end - start != numel * itemsize:
+            raise CorruptWeightsError(
+                f"{path}: tensor '{key}' claims bytes {start}..{end} but the file holds {data_len};"
+                " the file is truncated or corrupt"
+            )
+    return header, 8 + n
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    header, _ = read_header(path)
+    return dict(header.get("__metadata__", {}) or {})
+
+
+def load_safetensors(
+    path: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False, check_finite: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a weights file: returns (state_dict, metadata). Errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path, allow_pickle)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            sd = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
+            raise CorruptWeightsError(f"{path}: could not be read as a weights-only pickle ({e})") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        meta: dict[str, str] = {}
+    else:
+        header, _ = read_header(path)
+        meta = dict(header.get("__metadata__", {}) or {})
+        try:
+            sd = load_file(str(path), device=device)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CorruptWeightsError(f"{path}: could not be read as safetensors ({e})") from None
+    if check_finite:
+        for k, v in sd.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CorruptWeightsError(f"{path}: tensor '{k}' contains NaN or infinite values")
+    return sd, meta
+
+
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace.
+
+    A crash at any point leaves either the old file or the new one under `path`, never a mix.
+    Non-finite tensors are refused so a broken run can never overwrite a good file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CorruptWeightsError(f"{path}: refusing to save, tensor '{k}' contains NaN or infinite values")
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def addnet_hash(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's tensor data (after the header), as AUTOMATIC1111 hashes LoRAs."""
+    _, offset = read_header(Path(path))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

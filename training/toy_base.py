@@ -1,0 +1,329 @@
+"""Train the embedded toy Stable Diffusion 1.x base model from scratch, on the CPU.
+
+    python -m training.toy_base [--work .work/toy_base] [--out sample_data/toy-sd]
+
+Two stages, each resumable from its last checkpoint in the work folder:
+  1. the VAE (AutoencoderKL, 3 blocks: 64x64 RGB <-> 4x16x16 latents) on all of the toy world;
+  2. the UNet and the CLIP text encoder jointly, on cached latents of the base part of the world
+     (solid circles, squares, triangles), with 10% empty captions for classifier-free guidance.
+The result is a genuine diffusers `StableDiffusionPipeline` folder with safetensors weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .toy_tokenizer import build_vocab, write_tokenizer
+from .toy_world import BASE_SHAPES, SHAPES, STYLES, draw, sample_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
+DEFAULT_WORK = ROOT / ".work" / "toy_base"
+
+VAE_STEPS, VAE_BATCH = 1200, 16
+UNET_STEPS, UNET_BATCH = 2400, 32
+N_LATENTS = 24000
+CKPT_EVERY = 100
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = build_vocab()
+    cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=128,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+
+
+def render_batch(rng: random.Random, n: int, shapes, styles) -> torch.Tensor:
+    """(n, 3, 64, 64) in [-1, 1]."""
+    arr = np.stack(
+        [np.asarray(draw(sample_spec(rng, shapes=shapes, style=rng.choice(styles)))) for _ in range(n)]
+    )
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_vae(work: Path, steps: int = VAE_STEPS):
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ck = work / "vae.pt"
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        _log(f"vae: resumed at step {step}")
+    rng = random.Random(1000 + step)
+    torch.manual_seed(1000 + step)
+    t0 = time.time()
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3)
+        x = render_batch(rng, VAE_BATCH, SHAPES, STYLES)  # (B, 3, 64, 64)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / (64 * 64 * 3)
+        low = F.l1_loss(F.avg_pool2d(rec, 8), F.avg_pool2d(x, 8))  # colour fidelity
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 2.0 * low + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            _log(f"vae step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.2f}s/step)")
+            t0 = time.time()
+        if step % CKPT_EVERY == 0 or step == steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+    vae.eval()
+    with torch.no_grad():
+        x = render_batch(random.Random(7), 128, SHAPES, STYLES)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        err = ((rec - x).abs() * 127.5).mean().item()
+    _log(f"vae: mean abs reconstruction error {err:.2f}/255")
+    return vae
+
+
+def cache_latents(vae, work: Path) -> tuple[torch.Tensor, list]:
+    path = work / "latents.pt"
+    if path.exists():
+        st = torch.load(path, weights_only=False)
+        return st["latents"], st["specs"]
+    rng = random.Random(2024)
+    specs = [sample_spec(rng, shapes=BASE_SHAPES) for _ in range(N_LATENTS)]
+    out = []
+    with torch.no_grad():
+        for i in range(0, N_LATENTS, 256):
+            arr = np.stack([np.asarray(draw(s)) for s in specs[i : i + 256]])
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            out.append(vae.encode(x).latent_dist.mean)  # (b, 4, 16, 16)
+    lat = torch.cat(out)
+    _atomic_save({"latents": lat, "specs": specs}, path)
+    _log(f"cached {len(lat)} latents, std {lat.std().item():.3f}")
+    return lat, specs
+
+
+def caption_for(spec, r: random.Random) -> str:
+    u = r.random()
+    if u < 0.10:
+        return ""
+    if u < 0.175:
+        return f"a {spec.color} {spec.shape}"
+    if u < 0.25:
+        return f"a {spec.shape} on a {spec.background} background"
+    return spec.caption()
+
+
+def train_unet(vae, work: Path, steps: int = UNET_STEPS):
+    from transformers import CLIPTokenizer
+
+    tok_dir = work / "tokenizer"
+    write_tokenizer(tok_dir)
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    latents, specs = cache_latents(vae, work)
+    scale = 1.0 / latents.std().item()
+    torch.manual_seed(0)
+    unet, te = make_unet(), make_text_encoder()
+    ema_u, ema_t = make_unet(), make_text_encoder()
+    ema_u.load_state_dict(unet.state_dict())
+    ema_t.load_state_dict(te.state_dict())
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    sched = make_scheduler()
+    ck = work / "unet.pt"
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["te"])
+        ema_u.load_state_dict(st["ema_u"])
+        ema_t.load_state_dict(st["ema_t"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        _log(f"unet: resumed at step {step}")
+    rng = random.Random(5000 + step)
+    gen = torch.Generator().manual_seed(5000 + step)
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    ema_pairs = list(zip(list(ema_u.parameters()) + list(ema_t.parameters()), params))
+    t0 = time.time()
+    while step < steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 5e-4)
+        idx = [rng.randrange(len(latents)) for _ in range(UNET_BATCH)]
+        x0 = latents[idx] * scale  # (B, 4, 16, 16)
+        caps = [caption_for(specs[i], rng) for i in idx]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (UNET_BATCH,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        cond = te(ids)[0]  # (B, 77, 128)
+        pred = unet(xt, t, cond).sample
+        w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting for epsilon targets
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in ema_pairs:
+                pe.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            _log(f"unet step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.2f}s/step)")
+            t0 = time.time()
+        if step % CKPT_EVERY == 0 or step == steps:
+            _atomic_save(
+                {
+                    "unet": unet.state_dict(),
+                    "te": te.state_dict(),
+                    "ema_u": ema_u.state_dict(),
+                    "ema_t": ema_t.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                },
+                ck,
+            )
+    return ema_u, ema_t, tok, scale
+
+
+def export(vae, unet, te, tok, scale: float, out: Path) -> None:
+    """Write a standard diffusers SD 1.x pipeline folder (atomically: temp folder, then rename)."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=round(scale, 5))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(
+        "# toy-sd\n\nLoRA Studio's embedded toy Stable Diffusion 1.x base model, trained from scratch "
+        "by `python -m training.toy_base` on procedurally drawn 64x64 images captioned like "
+        "'a blue triangle on a yellow background'.\n"
+    )
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    ap.add_argument("--unet-steps", type=int, default=UNET_STEPS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = train_vae(args.work, args.vae_steps)
+    unet, te, tok, scale = train_unet(vae, args.work, args.unet_steps)
+    export(vae, unet, te, tok, scale, args.out)
+    mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
+    _log(f"done in {(time.time() - t0) / 60:.1f} min (this invocation); {args.out} is {mb:.1f} MB")
+    (args.work / "summary.json").write_text(json.dumps({"minutes": (time.time() - t0) / 60, "mb": mb}))
+
+
+if __name__ == "__main__":
+    main()
