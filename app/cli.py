@@ -42,6 +42,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a LoRA adapter from a folder of images",
+                       description="Train a LoRA adapter. Options given here override those of --config.")
+    t.add_argument("--config", default=None, help="a TOML file with TrainConfig keys (top level or a [train] table)")
+    t.add_argument("--images", help="folder of training images (subfolders too; captions in same-named .txt files)")
+    t.add_argument("--trigger", help="trigger word, e.g. sks")
+    t.add_argument("--name", help="adapter name (the file will be NAME.safetensors in the library)")
+    t.add_argument("--preset", choices=["concept", "style", "custom"])
+    t.add_argument("--base", help="base model (default: the embedded toy model)")
+    t.add_argument("--output-dir", "--library", dest="output_dir", help="adapter library folder")
+    t.add_argument("--class-prompt", help="enables prior preservation with this class prompt")
+    t.add_argument("--class-images", help="folder of class images (default: generated with the base model)")
+    t.add_argument("--num-class-images", type=int)
+    t.add_argument("--prior-loss-weight", type=float)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--alpha", type=float)
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--steps", dest="max_steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--lr-unet", type=float)
+    t.add_argument("--lr-text", type=float)
+    t.add_argument("--lr-scheduler")
+    t.add_argument("--warmup-steps", type=int)
+    t.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--min-snr-gamma", type=float)
+    t.add_argument("--noise-offset", type=float)
+    t.add_argument("--resolution", type=int)
+    t.add_argument("--repeats", type=int)
+    t.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--crop", choices=["center", "random"])
+    t.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--checkpoints-keep", type=int)
+    t.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
+    t.add_argument("--init-adapter", help="continue training from a finished adapter file (train N more steps)")
+    t.add_argument("--sample-every", type=int)
+    t.add_argument("--sample-prompt", dest="sample_prompts", action="append", help="repeatable")
+    t.add_argument("--device")
+    t.set_defaults(func=cmd_train)
     return ap
 
 
@@ -84,6 +128,90 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
+_TRAIN_ARG_EXCLUDE = {"command", "func", "config"}
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """argv -> TrainConfig; nothing reads the argparse namespace after this."""
+    from training.config import TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in _TRAIN_ARG_EXCLUDE and v is not None}
+    if args.config:
+        return TrainConfig.from_toml(args.config, overrides=given)
+    return TrainConfig.from_dict(given, source="command line")
+
+
+def parse_train_args(argv: list[str]):
+    args = build_parser().parse_args(["train", *argv])
+    return train_config_from_args(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from training.trainer import train
+
+    cfg = train_config_from_args(args)
+    if not cfg.images:
+        raise _usage("train: --images (or images = ... in --config) is required")
+    stop = threading.Event()
+
+    def _on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        stop.set()
+
+    old = signal.signal(signal.SIGINT, _on_sigint)
+    bar = _ProgressBar()
+    try:
+        res = train(cfg, on_progress=bar, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        bar.close()
+    if res.stopped:
+        print(f"stopped at step {res.steps}; resume with: lora-studio train ... --name {cfg.name} --resume latest"
+              f" (checkpoint: {res.checkpoint})")
+        return 130
+    print(f"wrote {res.adapter_path} in {res.seconds / 60:.1f} min; final loss {res.final_loss:.4f}")
+    print(f"run folder (samples, log.csv, checkpoints): {res.run_dir}")
+    return 0
+
+
+class _ProgressBar:
+    """Renders training progress with tqdm: step, loss, learning rate, time left."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, p) -> None:
+        from tqdm import tqdm
+
+        if p.message and p.loss is None:
+            tqdm.write(p.message)
+        if self.bar is None:
+            self.bar = tqdm(total=p.total, initial=p.step, unit="step", dynamic_ncols=True)
+        if p.step > self.bar.n:
+            self.bar.update(p.step - self.bar.n)
+        if p.loss is not None:
+            self.bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}" if p.lr else "-")
+        for s in p.samples:
+            tqdm.write(f"sample: {s}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(msg: str) -> _UsageError:
+    return _UsageError(msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -93,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         return args.func(args)
-    except (LoraStudioError, FileNotFoundError) as e:
+    except (LoraStudioError, FileNotFoundError, _UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,212 @@
+"""LoRA training on tiny models: output files, resume, NaN, prior preservation, SDXL, config."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from pipelines.errors import ConfigError, TrainingError
+from pipelines.weights_io import load_safetensors
+from training.config import TrainConfig
+from training.toy_world import draw, sample_spec
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def star_images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stars")
+    rng = random.Random(0)
+    for i in range(4):
+        s = sample_spec(rng, shapes=["star"])
+        draw(s, resolution=32).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
+    return d
+
+
+def _cfg(images, base, tmp_path, **kw):
+    base_kw = dict(images=str(images), base=str(base), output_dir=str(tmp_path / "lib"), max_steps=4, batch_size=2,
+                   checkpoint_every=2, device="cpu", sample_steps=2, name="t", rank=4, seed=3)
+    base_kw.update(kw)
+    return TrainConfig(**base_kw)
+
+
+def _lora_delta(sd):
+    return {k: v for k, v in sd.items() if "lora_B" in k}
+
+
+def test_trained_adapter_loads_in_diffusers_and_changes_output(star_images, tiny_sd1_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    progress = []
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True, alpha=8), on_progress=progress.append)
+    assert res.adapter_path.name == "t.safetensors"
+    lib = res.adapter_path.parent
+    assert (lib / "t.png").is_file() and (lib / "t.md").is_file() and (lib / "t.toml").is_file()
+    assert TrainConfig.from_toml(lib / "t.toml") == _cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True,
+                                                          alpha=8)
+    steps = [p.step for p in progress if p.loss is not None and not p.message]
+    assert steps == [1, 2, 3, 4] and all(p.eta_s is not None for p in progress if p.loss is not None)
+    assert (res.run_dir / "log.csv").read_text().count("\n") == 5
+    sd, meta = load_safetensors(res.adapter_path)
+    assert any(k.startswith("unet.") and k.endswith("to_q.lora_A.weight") for k in sd)
+    assert any(k.startswith("text_encoder.") and "q_proj.lora_B" in k for k in sd)
+    for key in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.architecture",
+                "lora_studio.trigger", "lora_studio.base_hash", "lora_studio.train_config", "lora_adapter_metadata"):
+        assert key in meta, key
+    assert meta["ss_network_alpha"] == "8" and meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["lora_studio.num_images"] == "4"
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red sks", num_inference_steps=2, output_type="np", height=32, width=32)
+    before = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(res.adapter_path))
+    after = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert abs(after - before).max() > 1e-4
+    # alpha/rank honoured by diffusers: the scale on the layer is alpha / r = 2
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scaling["default_0"] == pytest.approx(2.0)
+
+
+def test_resume_gives_same_weights_as_uninterrupted(star_images, tiny_sd1_dir, tmp_path):
+    full = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "a", name="r", max_steps=6, dropout=0.1))
+    stop = threading.Event()
+
+    def halt_at_3(p):
+        if p.step == 3 and p.loss is not None:
+            stop.set()
+
+    part = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1),
+                 on_progress=halt_at_3, stop=stop)
+    assert part.stopped and part.steps == 3 and part.adapter_path is None
+    assert part.checkpoint.name == "step-000003"
+    resumed = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1,
+                         resume="latest"))
+    a, _ = load_safetensors(full.adapter_path)
+    b, _ = load_safetensors(resumed.adapter_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_different_rank_is_refused(star_images, tiny_sd1_dir, tmp_path):
+    train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=2, checkpoint_every=1))
+    with pytest.raises(TrainingError, match="rank: checkpoint 4 vs now 8"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, rank=8, resume="latest"))
+
+
+def test_checkpoint_retention(star_images, tiny_sd1_dir, tmp_path):
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, max_steps=6, checkpoint_every=1, checkpoints_keep=2))
+    names = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000005"]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(star_images, tiny_sd1_dir, tmp_path, monkeypatch):
+    import training.trainer as tr
+
+    real = tr.diffusion_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(tr, "diffusion_loss", sometimes_nan)
+    cfg = _cfg(star_images, tiny_sd1_dir, tmp_path, name="n", max_steps=5, checkpoint_every=2)
+    with pytest.raises(TrainingError, match="loss became nan at step 3"):
+        train(cfg)
+    lib = tmp_path / "lib"
+    assert not (lib / "n.safetensors").exists()
+    ck = lib / "runs" / "n" / "checkpoints" / "step-000002" / "adapter.safetensors"
+    sd, _ = load_safetensors(ck, check_finite=True)
+    assert sd
+
+
+def test_prior_preservation_generates_and_caches_class_images(star_images, tiny_sd1_dir, tmp_path):
+    cfg = _cfg(star_images, tiny_sd1_dir, tmp_path, class_prompt="a shape", num_class_images=2, max_steps=2)
+    train(cfg)
+    cached = list((tmp_path / "lib" / ".cache" / "class_images").rglob("*.png"))
+    assert len(cached) == 2
+    mtimes = {p: p.stat().st_mtime for p in cached}
+    train(cfg.replace(name="t2"))
+    assert {p: p.stat().st_mtime for p in cached} == mtimes  # reused, not regenerated
+
+
+def test_train_more_from_finished_adapter(star_images, tiny_sd1_dir, tmp_path):
+    first = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="m1", max_steps=2))
+    more = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="m2", max_steps=1, init_adapter=str(first.adapter_path),
+                      lr_unet=1e-9, warmup_steps=0, lr_scheduler="constant"))
+    a, _ = load_safetensors(first.adapter_path)
+    b, _ = load_safetensors(more.adapter_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-6)
+
+
+def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    res = train(_cfg(star_images, tiny_sdxl_dir, tmp_path, train_text_encoder=True, max_steps=2, buckets=False))
+    sd, meta = load_safetensors(res.adapter_path)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("text_encoder_2.") for k in sd)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(str(res.adapter_path))
+    assert any("lora" in n for n, _ in pipe.text_encoder_2.named_modules())
+
+
+def test_mixed_size_images_use_buckets(tiny_sd1_dir, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.new("RGB", (64, 32), "red").save(d / "wide.png")
+    Image.new("RGB", (32, 64), "blue").save(d / "tall.png")
+    Image.new("RGB", (40, 40), "green").save(d / "square.png")
+    res = train(_cfg(d, tiny_sd1_dir, tmp_path, max_steps=3, batch_size=1))
+    assert res.adapter_path.is_file()
+
+
+@pytest.mark.parametrize("kw,field", [({"rank": 0}, "rank"), ({"resolution": 30}, "resolution"),
+                                      ({"mixed_precision": "fp8"}, "mixed_precision"), ({"dropout": 1.5}, "dropout"),
+                                      ({"name": "../evil"}, "name"), ({"lr_unet": -1.0}, "lr_unet")])
+def test_invalid_config_names_field(kw, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**kw)
+
+
+def test_toml_unknown_key_and_round_trip(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('images = "x"\nrank = 4\nlearning_rate = 1e-4\n')
+    with pytest.raises(ConfigError, match="learning_rate"):
+        TrainConfig.from_toml(p)
+    cfg = TrainConfig(images="x", rank=4, sample_prompts=["a sks"], alpha=2.0)
+    p.write_text(cfg.to_toml())
+    assert TrainConfig.from_toml(p) == cfg
+    p.write_text("[train]\nrank = 0\n")
+    with pytest.raises(ConfigError, match="rank"):
+        TrainConfig.from_toml(p)
+
+
+def test_preset_defaults_and_overrides():
+    c = TrainConfig.from_dict({"preset": "style", "rank": 16})
+    assert c.rank == 16 and c.instance_template == "in the style of {trigger}" and not c.train_text_encoder
+
+
+def test_cli_builds_the_same_config(tmp_path):
+    from app.cli import parse_train_args
+
+    p = tmp_path / "run.toml"
+    p.write_text('images = "pics"\nrank = 4\ntrigger = "ohwx"\n')
+    cfg = parse_train_args(["--config", str(p), "--rank", "8", "--name", "n", "--no-train-text-encoder"])
+    assert cfg == TrainConfig(images="pics", rank=8, trigger="ohwx", name="n", train_text_encoder=False)
+    with pytest.raises(ConfigError, match="rank"):
+        parse_train_args(["--images", "x", "--rank", "0"])
+
+
+def test_fp16_on_cpu_is_refused_clearly(star_images, tiny_sd1_dir, tmp_path):
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, mixed_precision="fp16"))

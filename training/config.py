@@ -1,0 +1,209 @@
+"""`TrainConfig`: the single source of every training option (CLI, TOML file and UI all build it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a thing (object, character, face): trigger word as the subject, text encoder trained too
+    "concept": {"rank": 8, "max_steps": 300, "lr_unet": 1e-3, "lr_text": 2e-4, "train_text_encoder": True,
+                "instance_template": "a photo of {trigger}"},
+    # a way of drawing: trigger phrase as a style, UNet only
+    "style": {"rank": 8, "max_steps": 300, "lr_unet": 1e-3, "lr_text": 0.0, "train_text_encoder": False,
+              "instance_template": "in the style of {trigger}"},
+    "custom": {},
+}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+CROPS = ("center", "random")
+
+
+def default_library_dir() -> Path:
+    home = os.environ.get("LORA_STUDIO_HOME")
+    if home:
+        return Path(home) / "loras"
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "lora-studio" / "loras"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a LoRA training run."""
+
+    images: str = ""  # folder of training images (subfolders too); .txt captions beside them
+    trigger: str = "sks"
+    name: str = "my-lora"
+    base: str | None = None  # None: the embedded toy model
+    output_dir: str | None = None  # None: the adapter library folder
+    preset: str = "custom"
+    instance_template: str = "a photo of {trigger}"  # prompt for images without a caption file
+    caption_ext: str = ".txt"
+    caption_prefix_trigger: bool = True  # put the trigger word in front of captions that lack it
+    repeats: int = 1
+    resolution: int | None = None  # None: the base model's native resolution
+    random_flip: bool = False
+    crop: str = "center"
+    buckets: bool = True  # aspect-ratio buckets for images of mixed shapes
+    # prior preservation (DreamBooth)
+    class_prompt: str | None = None
+    class_images: str | None = None  # folder; None: generated with the base model and cached
+    num_class_images: int = 8
+    prior_loss_weight: float = 1.0
+    # LoRA
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank
+    dropout: float = 0.0
+    train_text_encoder: bool = False
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    # optimisation
+    max_steps: int = 300
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_unet: float = 1e-3
+    lr_text: float = 2e-4
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 10
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    seed: int = 42
+    # checkpoints, samples, logs
+    checkpoint_every: int = 100
+    checkpoints_keep: int = 3
+    resume: str | None = None  # a checkpoint folder, or "latest"
+    init_adapter: str | None = None  # "train N more steps" from a finished adapter file
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_seed: int = 1234
+    sample_steps: int = 20
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{self.preset}'")
+        if not str(self.name).strip() or any(c in str(self.name) for c in "/\\\0") or str(self.name).startswith("."):
+            raise ConfigError(f"name: '{self.name}' is not a valid adapter name (no slashes, not starting with '.')")
+        if not str(self.trigger).strip():
+            raise ConfigError("trigger: must not be empty")
+        self._check_int("rank", 1, 1024)
+        self._check_int("repeats", 1, 10000)
+        self._check_int("max_steps", 1, 10_000_000)
+        self._check_int("batch_size", 1, 4096)
+        self._check_int("grad_accum", 1, 4096)
+        self._check_int("warmup_steps", 0, 10_000_000)
+        self._check_int("checkpoint_every", 0, 10_000_000)
+        self._check_int("checkpoints_keep", 1, 1000)
+        self._check_int("sample_every", 0, 10_000_000)
+        self._check_int("num_class_images", 0, 100_000)
+        self._check_int("sample_steps", 1, 500)
+        if self.resolution is not None:
+            self._check_int("resolution", 8, 4096)
+            if self.resolution % 8:
+                raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "noise_offset", "max_grad_norm"):
+            v = getattr(self, f_)
+            if not isinstance(v, (int, float)) or v < 0 or v != v:
+                raise ConfigError(f"{f_}: must be a number >= 0, got {v!r}")
+        if self.lr_unet <= 0:
+            raise ConfigError(f"lr_unet: must be > 0, got {self.lr_unet}")
+        if self.train_text_encoder and self.lr_text <= 0:
+            raise ConfigError("lr_text: must be > 0 when train_text_encoder is on")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ConfigError(f"min_snr_gamma: must be > 0 (or unset), got {self.min_snr_gamma}")
+        for f_, allowed in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
+                            ("lr_scheduler", LR_SCHEDULERS), ("crop", CROPS)):
+            if getattr(self, f_) not in allowed:
+                raise ConfigError(f"{f_}: must be one of {', '.join(allowed)}, got '{getattr(self, f_)}'")
+        if "{trigger}" not in self.instance_template:
+            raise ConfigError("instance_template: must contain '{trigger}'")
+        if not self.unet_targets:
+            raise ConfigError("unet_targets: must name at least one module")
+        if not isinstance(self.sample_prompts, list):
+            raise ConfigError("sample_prompts: must be a list of prompts")
+
+    def _check_int(self, name: str, lo: int, hi: int) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ConfigError(f"{name}: must be a whole number between {lo} and {hi}, got {v!r}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def library_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else default_library_dir()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a dict; a preset's defaults apply first, explicit keys win; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        preset = data.get("preset", "custom")
+        if preset not in PRESETS:
+            raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{preset}'")
+        merged = {**PRESETS[preset], **data}
+        try:
+            return cls(**merged)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        data = data.get("train", data)  # accept a [train] table or top-level keys
+        return cls.from_dict({**data, **(overrides or {})}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """TOML text that from_toml reads back to an equal config (None values are omitted)."""
+        lines = []
+        for k, v in self.to_dict().items():
+            if v is None:
+                continue
+            lines.append(f"{k} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))

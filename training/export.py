@@ -1,0 +1,205 @@
+"""Checkpoints and the finished adapter file: written atomically, with metadata, pruned safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipelines.errors import TrainingError
+from pipelines.weights_io import save_safetensors
+
+from .config import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import Trainer
+
+# options whose change makes a checkpoint unusable for resuming
+RESUME_KEYS = ("base", "rank", "alpha", "train_text_encoder", "unet_targets", "text_targets", "resolution")
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+def _ckpt_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
+                     scheduler_state: dict, cfg: TrainConfig) -> Path:
+    """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing."""
+    final = _ckpt_dir(run_dir) / f"step-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_safetensors(adapter, tmp / "adapter.safetensors", {"step": str(step), "config": cfg.to_json()})
+        state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
+                 "config": cfg.to_json()}
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write checkpoint {final} ({e.strerror or e}); older checkpoints are kept") from None
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = _ckpt_dir(run_dir)
+    if not d.is_dir():
+        return []
+    ok = [p for p in d.glob("step-*") if (p / "adapter.safetensors").is_file() and (p / "state.pt").is_file()]
+    return sorted(ok, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (only ever after a new one is written)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path | None:
+    if which == "latest":
+        cks = list_checkpoints(run_dir)
+        return cks[-1] if cks else None
+    p = Path(which)
+    if p.is_dir():
+        return p
+    cand = _ckpt_dir(run_dir) / which
+    return cand if cand.is_dir() else None
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a checkpoint after checking it was made with compatible options."""
+    from pipelines.weights_io import load_safetensors
+
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    saved = json.loads(state["config"])
+    now = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in RESUME_KEYS
+             if saved.get(k) != now.get(k)]
+    if diffs:
+        raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
+    adapter, _ = load_safetensors(path / "adapter.safetensors", check_finite=True)
+    return adapter, state
+
+
+def adapter_metadata(tr: "Trainer") -> dict[str, str]:
+    from .lora import diffusers_adapter_metadata
+
+    cfg, base = tr.cfg, tr.base
+    modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return {
+        "lora_adapter_metadata": diffusers_adapter_metadata(tr.lora_configs),
+        "lora_studio.name": cfg.name,
+        "lora_studio.base_model": base.name,
+        "lora_studio.base_family": base.family,
+        "lora_studio.base_hash": base_hash(base),
+        "lora_studio.trigger": cfg.trigger,
+        "lora_studio.rank": str(cfg.rank),
+        "lora_studio.alpha": f"{cfg.lora_alpha:g}",
+        "lora_studio.modules": ",".join(modules),
+        "lora_studio.components": ",".join(tr.components),
+        "lora_studio.steps": str(cfg.max_steps),
+        "lora_studio.resolution": str(tr.resolution),
+        "lora_studio.num_images": str(len(tr.scan.items)),
+        "lora_studio.train_config": cfg.to_json(),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": f"{cfg.lora_alpha:g}",
+        "ss_base_model_version": BASE_MODEL_VERSION[base.family],
+        "ss_sd_model_name": base.name,
+        "ss_output_name": cfg.name,
+        "ss_resolution": f"({tr.resolution}, {tr.resolution})",
+        "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
+        "ss_max_train_steps": str(cfg.max_steps),
+        "ss_learning_rate": f"{cfg.lr_unet:g}",
+        "ss_unet_lr": f"{cfg.lr_unet:g}",
+        "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
+        "ss_network_dropout": f"{cfg.dropout:g}",
+        "ss_seed": str(cfg.seed),
+        "ss_training_comment": f"trained with LoRA Studio; trigger: {cfg.trigger}",
+        "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[base.family],
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": cfg.name,
+        "modelspec.trigger_phrase": cfg.trigger,
+        "modelspec.resolution": f"{tr.resolution}x{tr.resolution}",
+        "modelspec.date": now,
+        "modelspec.description": f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
+    }
+
+
+def base_hash(base) -> str:
+    """A short, stable fingerprint of the base model's weights (sampled tensors, not the whole file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for comp in ("unet", "text_encoder", "vae"):
+        mod = getattr(base.pipe, comp, None)
+        if mod is None:
+            continue
+        for i, (n, p) in enumerate(mod.state_dict().items()):
+            if "lora_" in n or i % 7:
+                continue
+            h.update(n.encode())
+            h.update(p.detach().float().cpu().flatten()[:64].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
+    """Write <library>/<name>.safetensors with its preview PNG, model card and exact config."""
+    from .lora import lora_state_dict
+
+    cfg = tr.cfg
+    lib = cfg.library_dir
+    lib.mkdir(parents=True, exist_ok=True)
+    path = lib / f"{cfg.name}.safetensors"
+    sd = lora_state_dict(tr.base.pipe, tr.components)
+    meta = adapter_metadata(tr)
+    try:
+        save_safetensors(sd, path, meta)
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
+    if preview is not None:
+        shutil.copyfile(preview, lib / f".{cfg.name}.png.tmp")
+        os.replace(lib / f".{cfg.name}.png.tmp", lib / f"{cfg.name}.png")
+    write_text_atomic(lib / f"{cfg.name}.toml", cfg.to_toml())
+    write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
+    return path
+
+
+def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
+    cfg = tr.cfg
+    prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
+    return (
+        f"# {cfg.name}\n\n"
+        f"LoRA adapter trained with LoRA Studio.\n\n"
+        f"- Trigger word: `{cfg.trigger}`\n"
+        f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
+        f"hash {meta['lora_studio.base_hash']}\n"
+        f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
+        f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n\n"
+        f"## Use\n\n"
+        f"    lora-studio generate --lora {cfg.name}:0.8 --prompt \"{tr.sample_prompts()[0]}\"\n\n"
+        f"In AUTOMATIC1111 or ComfyUI: export it with `lora-studio loras export {cfg.name} --format kohya`, "
+        f"or load the file as it is in diffusers: `pipe.load_lora_weights(path)`.\n\n"
+        f"Sample prompts:\n{prompts}\n"
+    )

@@ -1,0 +1,90 @@
+"""Attach LoRA (via peft) to a pipeline's UNet and text encoder(s); read and write its weights.
+
+Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.weight`,
+`text_encoder.<module>.lora_B.weight` (SDXL: also `text_encoder_2.`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pipelines.errors import IncompatibleAdapterError
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                      init_lora_weights=True)
+
+
+def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
+           dropout: float = 0.0) -> dict[str, object]:
+    """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen."""
+    from peft import inject_adapter_in_model
+
+    configs: dict[str, object] = {}
+    pipe.unet.requires_grad_(False)
+    cfg = lora_config(rank, alpha, unet_targets, dropout)
+    pipe.unet.add_adapter(cfg)
+    configs["unet"] = cfg
+    for name in TEXT_ENCODERS:
+        te = getattr(pipe, name, None)
+        if te is None:
+            continue
+        te.requires_grad_(False)
+        if text_targets:
+            tcfg = lora_config(rank, alpha, text_targets, dropout)
+            inject_adapter_in_model(tcfg, te, adapter_name="default")
+            configs[name] = tcfg
+    pipe.vae.requires_grad_(False)
+    return configs
+
+
+def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter weights of the given components, with their prefixes."""
+    from peft import get_peft_model_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    for comp in components:
+        sd = get_peft_model_state_dict(getattr(pipe, comp), adapter_name="default")
+        out.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()})
+    return out
+
+
+def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: list[str], source: str) -> None:
+    """Put saved adapter weights back into attached LoRA layers (resume, train-more)."""
+    from peft import set_peft_model_state_dict
+
+    for comp in components:
+        prefix = comp + "."
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not sd:
+            raise IncompatibleAdapterError(f"{source}: has no '{comp}' LoRA weights to continue from")
+        module = getattr(pipe, comp)
+        res = set_peft_model_state_dict(module, sd, adapter_name="default")
+        unexpected = getattr(res, "unexpected_keys", []) or []
+        if unexpected:
+            raise IncompatibleAdapterError(
+                f"{source}: {len(unexpected)} '{comp}' key(s) do not fit this model, e.g. {unexpected[0]}"
+            )
+
+
+def diffusers_adapter_metadata(configs: dict[str, object]) -> str:
+    """The `lora_adapter_metadata` value diffusers reads to restore rank/alpha per component."""
+    packed: dict[str, object] = {}
+    for prefix, cfg in configs.items():
+        d = cfg.to_dict()
+        for k, v in d.items():
+            if isinstance(v, set):
+                v = sorted(v)
+            packed[f"{prefix}.{k}"] = v
+    return json.dumps(packed, sort_keys=True, default=str)

@@ -1,0 +1,473 @@
+"""The LoRA training loop: build -> step -> maybe checkpoint -> maybe sample -> export.
+
+Reproducibility: the batch order, noise and timesteps of step k depend only on (seed, k), so a run
+resumed from a checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.base_models import BaseModel, load_base
+from pipelines.errors import ConfigError, DatasetError, TrainingError
+
+from . import lora as lora_mod
+from .config import TrainConfig
+from .dataset import ScanResult, load_rgb, make_buckets, pick_bucket, resize_crop, scan_folder, to_tensor
+from .export import export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float | None = None
+    lr: float | None = None
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    samples: list[Path] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path | None
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    seconds: float
+    samples: list[Path]
+    scan: ScanResult
+    stopped: bool = False
+    checkpoint: Path | None = None
+
+
+@dataclass
+class Example:
+    latent: torch.Tensor  # (4, h, w), already scaled
+    caption: str
+    size: tuple[int, int]  # (width, height) in pixels
+    crop: tuple[int, int]  # (top, left)
+    prior: bool = False
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def _emit(cb: ProgressFn | None, p: Progress) -> None:
+    if cb is not None:
+        cb(p)
+
+
+# ----------------------------------------------------------------------------- building
+def run_dir_for(cfg: TrainConfig) -> Path:
+    return cfg.library_dir / "runs" / cfg.name
+
+
+def _latent_step(base: BaseModel) -> int:
+    return int(base.pipe.vae_scale_factor) * 2  # even latent sides
+
+
+@torch.no_grad()
+def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """VAE-encode (3, H, W) tensors in [-1, 1] to scaled latents (4, H/f, W/f); done once per run."""
+    vae = base.pipe.vae
+    sf = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    out = []
+    for img in images:
+        x = img.unsqueeze(0).to(base.device, dtype=vae.dtype)  # (1, 3, H, W)
+        lat = vae.encode(x).latent_dist.mean
+        out.append(((lat - shift) * sf)[0].float().cpu())
+    return out
+
+
+def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resolution: int,
+                   prior: bool = False) -> list[Example]:
+    step = _latent_step(base)
+    buckets = make_buckets(resolution, step=step) if cfg.buckets else [(resolution, resolution)]
+    rng = random.Random(cfg.seed)
+    variants = 4 if cfg.crop == "random" else 1
+    tensors, meta = [], []
+    for item in scan.items:
+        img = load_rgb(item.path)
+        size = pick_bucket(img.width, img.height, buckets)
+        for _ in range(variants):
+            crop_img, crop = resize_crop(img, size, cfg.crop, rng)
+            flips = [False, True] if cfg.random_flip else [False]
+            for flip in flips:
+                t = to_tensor(crop_img)
+                tensors.append(torch.flip(t, dims=[2]) if flip else t)
+                meta.append((item.caption, size, crop))
+    latents = encode_images(base, tensors)
+    return [Example(lat, cap, size, crop, prior) for lat, (cap, size, crop) in zip(latents, meta)]
+
+
+def class_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int) -> Path:
+    """The class images for prior preservation: the user's folder, or generated once and cached."""
+    if cfg.class_images:
+        return Path(cfg.class_images)
+    import hashlib
+
+    from pipelines.generation import GenerationRequest, generate, save_png
+
+    key = hashlib.sha256(f"{base.source}|{cfg.class_prompt}|{resolution}|{cfg.seed}".encode()).hexdigest()[:16]
+    folder = cfg.library_dir / ".cache" / "class_images" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(folder.glob("*.png"))
+    for i in range(len(have), cfg.num_class_images):
+        req = GenerationRequest(prompt=cfg.class_prompt or "", steps=cfg.sample_steps, seed=cfg.seed + 10_000 + i,
+                                width=resolution, height=resolution, guidance=7.0)
+        save_png(generate(base, req)[0], folder / f"class-{i:04d}.png")
+    return folder
+
+
+def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77, D) prompt embeddings, and SDXL's pooled embeddings (B, D2) (None otherwise)."""
+    pipe = base.pipe
+    if base.family == "sdxl":
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=base.device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+        return pe, pooled
+    pe, _ = pipe.encode_prompt(prompts, base.device, 1, False)
+    return pe, None
+
+
+class TextCache:
+    """Caches text embeddings while the text encoder is frozen; encodes live when it trains."""
+
+    def __init__(self, base: BaseModel, live: bool):
+        self.base, self.live = base, live
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.live:
+            return encode_text(self.base, prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with torch.no_grad():
+                pe, pooled = encode_text(self.base, missing)
+            for i, p in enumerate(missing):
+                self.cache[p] = (pe[i], None if pooled is None else pooled[i])
+        pe = torch.stack([self.cache[p][0] for p in prompts])
+        pooled = None if self.cache[prompts[0]][1] is None else torch.stack([self.cache[p][1] for p in prompts])
+        return pe, pooled
+
+
+class BatchSchedule:
+    """Which examples form micro-batch k: a pure function of (seed, k), bucket-homogeneous."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, repeats: int = 1):
+        self.batch_size, self.seed = batch_size, seed
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, ex in enumerate(examples):
+            self.by_bucket.setdefault(ex.size, []).extend([i] * repeats)
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            rng = random.Random(self.seed * 1_000_003 + e)
+            batches = []
+            for size in sorted(self.by_bucket):
+                idx = self.by_bucket[size][:]
+                rng.shuffle(idx)
+                for s in range(0, len(idx), self.batch_size):
+                    chunk = idx[s:s + self.batch_size]
+                    while len(chunk) < self.batch_size:  # top up a short last batch from its own bucket
+                        chunk.append(idx[rng.randrange(len(idx))])
+                    batches.append(chunk)
+            rng.shuffle(batches)
+            self._epochs = {e: batches}  # keep only the current epoch
+        return self._epochs[e]
+
+    @property
+    def per_epoch(self) -> int:
+        return sum(math.ceil(len(v) / self.batch_size) for v in self.by_bucket.values())
+
+    def __call__(self, k: int) -> list[int]:
+        e, i = divmod(k, self.per_epoch)
+        return self._epoch(e)[i]
+
+
+# ----------------------------------------------------------------------------- one step
+def sdxl_time_ids(examples: list[Example], device) -> torch.Tensor:
+    rows = [[ex.size[1], ex.size[0], ex.crop[0], ex.crop[1], ex.size[1], ex.size[0]] for ex in examples]
+    return torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 6)
+
+
+def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torch.Tensor,
+                   pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator,
+                   cfg: TrainConfig) -> torch.Tensor:
+    """Per-sample denoising loss (B,), with min-SNR weighting and noise offset."""
+    unet = base.pipe.unet
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)  # (B, 4, h, w)
+    pred_type = scheduler.config.prediction_type
+    target = scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
+    kwargs = {}
+    if pooled is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), **kwargs).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        ac = scheduler.alphas_cumprod.to(latents.device)[t]
+        snr = ac / (1 - ac)
+        w = torch.clamp(snr, max=cfg.min_snr_gamma)
+        w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
+        loss = loss * w
+    return loss
+
+
+# ----------------------------------------------------------------------------- the run
+class Trainer:
+    def __init__(self, cfg: TrainConfig, base: BaseModel | None = None, on_progress: ProgressFn | None = None,
+                 stop: StopFlag | None = None):
+        self.cfg, self.on_progress, self.stop = cfg, on_progress, stop
+        self.base = base
+        self.run_dir = run_dir_for(cfg)
+        self.samples: list[Path] = []
+
+    # build ---------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
+        _emit(self.on_progress, Progress(0, cfg.max_steps, message=self.scan.report()))
+        if self.base is None:
+            self.base = load_base(cfg.base, device=cfg.device)
+        base = self.base
+        if cfg.mixed_precision == "fp16" and base.device.type != "cuda":
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on this device")
+        if cfg.optimizer == "adamw8bit" and base.device.type != "cuda":
+            raise ConfigError("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use 'adamw' here")
+        self.resolution = cfg.resolution or base.native_resolution
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(cfg.to_toml())
+        if base.pipe.vae.dtype != torch.float32:
+            base.pipe.vae.to(dtype=torch.float32)  # encode latents once, in full precision
+        self.examples = build_examples(cfg, base, self.scan, self.resolution)
+        self.priors: list[Example] = []
+        if cfg.class_prompt and cfg.num_class_images > 0:
+            folder = class_images_folder(cfg, base, self.resolution)
+            cscan = scan_folder(folder, cfg.trigger, cfg.class_prompt, prefix_trigger=False)
+            for it in cscan.items:
+                it.caption = cfg.class_prompt if not (it.path.with_suffix(".txt")).exists() else it.caption
+            self.priors = build_examples(cfg.replace(random_flip=False, crop="center"), base, cscan, self.resolution,
+                                         prior=True)
+            for ex in self.priors:
+                ex.prior = True
+        self.schedule = BatchSchedule(self.examples, cfg.batch_size, cfg.seed, cfg.repeats)
+        self.prior_schedule = BatchSchedule(self.priors, cfg.batch_size, cfg.seed + 7) if self.priors else None
+        te_targets = cfg.text_targets if cfg.train_text_encoder else None
+        torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
+        self.lora_configs = lora_mod.attach(base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets,
+                                            cfg.dropout)
+        self.components = list(self.lora_configs)
+        self.text = TextCache(base, live=cfg.train_text_encoder)
+        self.noise_scheduler = self._noise_scheduler()
+        self._build_optimizer()
+        if cfg.gradient_checkpointing:
+            base.pipe.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for comp in self.components[1:]:
+                    getattr(base.pipe, comp).gradient_checkpointing_enable()
+
+    def _noise_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.base.pipe.scheduler.config)
+
+    def _build_optimizer(self) -> None:
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        cfg, pipe = self.cfg, self.base.pipe
+        groups = [{"params": lora_mod.trainable_params(pipe.unet), "lr": cfg.lr_unet}]
+        for comp in self.components[1:]:
+            groups.append({"params": lora_mod.trainable_params(getattr(pipe, comp)), "lr": cfg.lr_text})
+        if cfg.optimizer == "adamw8bit":
+            import bitsandbytes as bnb  # only reachable on CUDA
+
+            opt_cls = bnb.optim.AdamW8bit
+        else:
+            opt_cls = torch.optim.AdamW
+        self.optimizer = opt_cls(groups, lr=cfg.lr_unet, weight_decay=cfg.weight_decay)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                          num_training_steps=cfg.max_steps)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
+                                       cpu=self.base.device.type == "cpu")
+        self.params = [p for g in groups for p in g["params"]]
+
+    # state -----------------------------------------------------------------
+    def _restore(self) -> int:
+        cfg = self.cfg
+        if cfg.init_adapter:
+            from pipelines.weights_io import load_safetensors
+
+            sd, _ = load_safetensors(cfg.init_adapter, check_finite=True)
+            lora_mod.load_lora_state_dict(self.base.pipe, sd, self.components, cfg.init_adapter)
+        if not cfg.resume:
+            return 0
+        ckpt = find_checkpoint(self.run_dir, cfg.resume)
+        if ckpt is None:
+            raise TrainingError(f"resume: no checkpoint found for '{cfg.resume}' in {self.run_dir / 'checkpoints'}")
+        adapter, state = read_checkpoint(ckpt, cfg)
+        lora_mod.load_lora_state_dict(self.base.pipe, adapter, self.components, str(ckpt))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        _emit(self.on_progress, Progress(int(state["step"]), cfg.max_steps, message=f"resumed from {ckpt}"))
+        return int(state["step"])
+
+    def _checkpoint(self, step: int) -> Path:
+        sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
+        path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
+                                self.lr_scheduler.state_dict(), self.cfg)
+        prune_checkpoints(self.run_dir, self.cfg.checkpoints_keep)
+        return path
+
+    # step ------------------------------------------------------------------
+    def _micro_batch(self, k: int) -> tuple[list[Example], list[Example]]:
+        inst = [self.examples[i] for i in self.schedule(k)]
+        prior = [self.priors[i] for i in self.prior_schedule(k)] if self.prior_schedule else []
+        return inst, prior
+
+    def train_step(self, step: int) -> float:
+        cfg, base = self.cfg, self.base
+        device = base.device
+        torch.manual_seed(cfg.seed * 7919 + step)  # LoRA dropout
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            k = step * cfg.grad_accum + micro
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            inst, prior = self._micro_batch(k)
+            exs = inst + prior
+            latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
+            with self.accelerator.autocast():
+                cond, pooled = self.text([e.caption for e in exs])
+                tids = sdxl_time_ids(exs, device) if pooled is not None else None
+                per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, gen, cfg)
+            n = len(inst)
+            loss = per[:n].mean()
+            if prior:
+                loss = loss + cfg.prior_loss_weight * per[n:].mean()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step + 1}: training stopped, nothing non-finite was saved. "
+                    "Lower the learning rate (lr_unet/lr_text), or turn off mixed precision."
+                )
+            self.accelerator.backward(loss / cfg.grad_accum)
+            total += loss.item() / cfg.grad_accum
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # samples ----------------------------------------------------------------
+    def sample_prompts(self) -> list[str]:
+        return self.cfg.sample_prompts or [self.cfg.instance_template.format(trigger=self.cfg.trigger)]
+
+    def make_samples(self, step: int) -> list[Path]:
+        from pipelines.generation import GenerationRequest, generate, save_png
+
+        cfg, base = self.cfg, self.base
+        out = []
+        unet = base.pipe.unet
+        was_training = unet.training
+        unet.eval()
+        for i, prompt in enumerate(self.sample_prompts()):
+            req = GenerationRequest(prompt=prompt, steps=cfg.sample_steps, seed=cfg.sample_seed,
+                                    width=self.resolution, height=self.resolution)
+            img = generate(base, req, extra_parameters={"LoRA": cfg.name, "LoRA step": str(step)})[0]
+            out.append(save_png(img, self.run_dir / "samples" / f"step-{step:06d}-{i}.png"))
+        unet.train(was_training)
+        self.samples += out
+        return out
+
+    # run --------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t_start = time.time()
+        self.build()
+        cfg = self.cfg
+        start = self._restore()
+        self.base.pipe.unet.train()
+        log_path = self.run_dir / "log.csv"
+        new_log = start == 0 or not log_path.exists()
+        logf = open(log_path, "w" if new_log else "a", newline="")
+        writer = csv.writer(logf)
+        if new_log:
+            writer.writerow(["step", "loss", "lr", "elapsed_s"])
+        loss = None
+        ckpt = None
+        stopped = False
+        t0 = time.time()
+        step = start
+        try:
+            for step in range(start, cfg.max_steps):
+                if self.stop is not None and self.stop.is_set():
+                    stopped = True
+                    break
+                loss = self._guarded_step(step)
+                done = step + 1
+                lr = self.lr_scheduler.get_last_lr()[0]
+                elapsed = time.time() - t0
+                writer.writerow([done, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.2f}"])
+                samples: list[Path] = []
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                    ckpt = self._checkpoint(done)
+                if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.max_steps:
+                    samples = self.make_samples(done)
+                eta = elapsed / (done - start) * (cfg.max_steps - done)
+                _emit(self.on_progress, Progress(done, cfg.max_steps, loss, lr, elapsed, eta, samples))
+            else:
+                step = cfg.max_steps
+        finally:
+            logf.close()
+        if stopped:
+            if step > start:
+                ckpt = self._checkpoint(step)
+            _emit(self.on_progress, Progress(step, cfg.max_steps, loss, message=f"stopped; checkpoint {ckpt}"))
+            return TrainResult(None, self.run_dir, step, loss, time.time() - t_start, self.samples, self.scan,
+                               stopped=True, checkpoint=ckpt)
+        final = self.make_samples(cfg.max_steps)
+        path = export_adapter(self, final[0] if final else None)
+        _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, elapsed_s=time.time() - t0,
+                                         eta_s=0.0, samples=final, message=f"saved {path}"))
+        return TrainResult(path, self.run_dir, cfg.max_steps, loss, time.time() - t_start, self.samples, self.scan,
+                           checkpoint=ckpt)
+
+    def _guarded_step(self, step: int) -> float:
+        try:
+            return self.train_step(step)
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"out of memory at step {step + 1}; the last checkpoint is intact. Try a smaller batch_size or "
+                "resolution, gradient_checkpointing = true, or mixed_precision = 'bf16'/'fp16'."
+            ) from None
+
+
+def train(cfg: TrainConfig, on_progress: ProgressFn | None = None, stop: StopFlag | None = None,
+          base: BaseModel | None = None) -> TrainResult:
+    """Train one LoRA adapter as described by `cfg`; see `Trainer`."""
+    return Trainer(cfg, base=base, on_progress=on_progress, stop=stop).run()
+
+
+__all__ = ["train", "Trainer", "Progress", "TrainResult", "DatasetError"]
