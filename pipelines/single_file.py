@@ -41,8 +41,10 @@ ARCHITECTURES = {
     "sdxl": "stable-diffusion-xl-v1-base",
 }
 _IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-_CONFIG_FILE = re.compile(r"^(model_index\.json|[A-Za-z0-9_]+/(config|scheduler_config)\.json)$")
+_CONFIG_FILE = re.compile(r"model_index\.json|[A-Za-z0-9_]+/(config|scheduler_config)\.json")
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _ALLOWED_LIBRARIES = {"diffusers", "transformers", None}
+_SINGLE_FILE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 # ----------------------------------------------------------------------------------------------
 # UNet: diffusers -> LDM names
@@ -319,14 +321,15 @@ def to_single_file_state_dict(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
-def _family_of_pipe_for_spec(pipe, family: str) -> str:
+def _architecture(pipe, family: str) -> str:
+    """modelspec.architecture: SD 2.x v-prediction models are the '768-v' variant."""
     if family == "sd2" and pipe.scheduler.config.get("prediction_type") == "v_prediction":
-        return "sd2-v"
-    return family
+        return ARCHITECTURES["sd2-v"]
+    return ARCHITECTURES[family]
 
 
 def _component_config(component) -> dict | None:
-    """A component's config as saved by save_pretrained, or None for tokenizers / absent parts."""
+    """A model's or scheduler's config as save_pretrained writes it; None for anything else."""
     from diffusers import ModelMixin, SchedulerMixin
     from transformers import PreTrainedModel
 
@@ -348,12 +351,10 @@ def pipeline_configs(pipe) -> dict[str, dict]:
     index = {k: v for k, v in json.loads(pipe.to_json_string()).items() if not k.startswith("_name")}
     files: dict[str, dict] = {}
     for name, component in pipe.components.items():
-        if component is None:
-            continue
-        if _is_tokenizer(component):
+        if component is None or _is_tokenizer(component):
             continue
         cfg = _component_config(component)
-        if cfg is None or name not in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        if cfg is None or name not in _SINGLE_FILE_COMPONENTS:
             index[name] = [None, None]
             continue
         filename = "scheduler_config.json" if isinstance(component, SchedulerMixin) else "config.json"
@@ -372,7 +373,7 @@ def single_file_metadata(pipe, family: str, title: str) -> dict[str, str]:
     resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES[_family_of_pipe_for_spec(pipe, family)],
+        "modelspec.architecture": _architecture(pipe, family),
         "modelspec.implementation": _IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -443,15 +444,18 @@ def _embedded_configs(path: Path, meta: dict[str, str]) -> dict[str, dict] | Non
         raise ModelLoadError(f"{path}: embedded '{CONFIG_METADATA_KEY}' has no model_index.json")
     for rel, content in configs.items():
         # The names become files in a temporary folder: never let them escape it.
-        if not _CONFIG_FILE.match(rel) or not isinstance(content, dict):
+        if not _CONFIG_FILE.fullmatch(rel) or not isinstance(content, dict):
             raise ModelLoadError(f"{path}: embedded config has an invalid entry '{rel}'")
     for name, entry in configs["model_index.json"].items():
-        if isinstance(entry, list) and (len(entry) != 2 or entry[0] not in _ALLOWED_LIBRARIES):
-            raise ModelLoadError(f"{path}: embedded model_index.json names an unsupported library for '{name}'")
+        if not isinstance(entry, list):
+            continue  # a pipeline option such as requires_safety_checker
+        if not _COMPONENT_NAME.fullmatch(name) or len(entry) != 2 or entry[0] not in _ALLOWED_LIBRARIES:
+            raise ModelLoadError(f"{path}: embedded model_index.json has an invalid component '{name}'")
     return configs
 
 
 def _tokenizer_slots(index: dict) -> list[str]:
+    """Component names that model_index.json declares as transformers tokenizers."""
     return [k for k, v in index.items() if isinstance(v, list) and v[0] == "transformers" and "Tokenizer" in str(v[1])]
 
 
@@ -488,7 +492,8 @@ def _default_config_dir(path: Path, header: dict) -> str:
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items()}
     repo = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
     try:
-        return snapshot_download(repo, local_files_only=True, allow_patterns=["*.json", "**/*.json", "*.txt", "**/*.txt"])
+        patterns = ["*.json", "**/*.json", "*.txt", "**/*.txt"]
+        return snapshot_download(repo, local_files_only=True, allow_patterns=patterns)
     except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: not cached
         raise ModelLoadError(
             f"{path}: no config folder given, no configs embedded in the file, and the standard configs "
@@ -584,8 +589,12 @@ def load_single_file(
         except (CorruptWeightsError, ModelLoadError):
             raise
         except Exception as e:  # noqa: BLE001 - diffusers/transformers/safetensors raise many types
-            raise ModelLoadError(f"{path}: could not load as a {pipeline_cls.__name__} ({type(e).__name__}: {e})") from None
+            # diffusers builds models on the meta device; a weight absent from the file stays there.
+            why = "weights are missing from the file; " if "meta tensor" in str(e) else ""
+            raise ModelLoadError(
+                f"{path}: could not load as a {pipeline_cls.__name__} ({why}{type(e).__name__}: {e})"
+            ) from None
     missing = _meta_weights(pipe)
     if missing:
-        raise ModelLoadError(f"{path}: {len(missing)} weights missing from the file, e.g. {missing[:3]}")
+        raise ModelLoadError(f"{path}: {len(missing)} weights are missing from the file, e.g. {missing[:3]}")
     return pipe

@@ -162,7 +162,7 @@ def train_evaluator(
         opt.step()
         sched.step()
         if on_progress is not None and (step % 100 == 0 or step == steps):
-            on_progress(step, steps, float(loss))
+            on_progress(step, steps, float(loss.detach()))
     model.eval()
     return model
 

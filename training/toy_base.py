@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     ap.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, os.cpu_count() or 1))
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     vae = train_vae(args.work, args.vae_steps)

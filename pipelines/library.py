@@ -1,0 +1,259 @@
+"""The adapter library: a folder of LoRA `.safetensors` files with their previews, model cards and configs.
+
+The UI and the CLI pass adapter *names*; a name is resolved inside the library folder only. Names with
+path separators, `..`, absolute paths, NUL or control characters, and files (or symlinks) that would
+resolve outside the folder are refused with UnsafeNameError (ComfyUI's `folder_paths` does the same).
+Names are matched case-insensitively to an existing file, so 'Style' and 'style' can never be two
+different adapters (they could not be on Windows or macOS either).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
+from .errors import ConfigError, UnsafeNameError
+from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_safetensors, save_safetensors
+
+# files that belong to an adapter: same stem, one of these endings (A1111 / civitai helper conventions)
+SIDECAR_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".md", ".toml", ".json", ".txt",
+                    ".civitai.info")
+_BAD_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+MAX_NAME_LEN = 150
+
+
+def default_home() -> Path:
+    """$LORA_STUDIO_HOME, else the user's data folder (~/.local/share/lora-studio on Linux)."""
+    home = os.environ.get("LORA_STUDIO_HOME")
+    if home:
+        return Path(home).expanduser()
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "lora-studio"
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "lora-studio"
+
+
+def default_library_root() -> Path:
+    return default_home() / "loras"
+
+
+def check_name(name: str) -> str:
+    """Return the adapter name without a `.safetensors` suffix, or raise UnsafeNameError saying why."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafeNameError("adapter name: must be a non-empty text")
+    if name.lower().endswith(SAFETENSORS_SUFFIX):
+        name = name[: -len(SAFETENSORS_SUFFIX)]
+    if "\x00" in name:
+        raise UnsafeNameError(f"adapter name {name!r}: contains a NUL character")
+    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise UnsafeNameError(f"adapter name {name!r}: path separators are not allowed (names, not paths)")
+    if Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeNameError(f"adapter name {name!r}: absolute paths are not allowed")
+    if name in (".", "..") or ".." in name:
+        raise UnsafeNameError(f"adapter name {name!r}: '..' is not allowed")
+    if name.startswith(".") or name != name.strip():
+        raise UnsafeNameError(f"adapter name {name!r}: must not start with '.' or with/end in spaces")
+    m = _BAD_CHARS.search(name)
+    if m:
+        raise UnsafeNameError(f"adapter name {name!r}: the character {m.group()!r} is not allowed")
+    if len(name) > MAX_NAME_LEN:
+        raise UnsafeNameError(f"adapter name: longer than {MAX_NAME_LEN} characters")
+    return name
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AdapterLibrary:
+    """A folder of adapters. All names are resolved inside `root`."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, allow_pickle: bool = False) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_library_root()
+        self.allow_pickle = allow_pickle
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    # ---------------------------------------------------------------------------------- resolution
+    def _real_root(self) -> Path:
+        return self.root.resolve()
+
+    def _inside(self, p: Path) -> bool:
+        try:
+            p.resolve().relative_to(self._real_root())
+            return True
+        except ValueError:
+            return False
+
+    def _files(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if p.suffix.lower() == SAFETENSORS_SUFFIX and not p.name.startswith(".") and p.is_file())
+
+    def names(self) -> list[str]:
+        """Names of the adapters in the library (files that resolve outside it are left out)."""
+        return [p.stem for p in self._files() if self._inside(p)]
+
+    def _existing(self, name: str) -> Path | None:
+        """The file for `name`: the exact spelling if present, else the one equal up to case."""
+        exact = self.root / f"{name}{SAFETENSORS_SUFFIX}"
+        if exact.is_file() and not exact.name.startswith("."):
+            return exact
+        folded = name.casefold()
+        hits = [p for p in self._files() if p.stem.casefold() == folded]
+        return hits[0] if hits else None
+
+    def path_for(self, name: str) -> Path:
+        """The file of an existing adapter. UnsafeNameError for names or links that escape the library;
+        FileNotFoundError when there is no such adapter."""
+        name = check_name(name)
+        p = self._existing(name)
+        if p is None:
+            raise FileNotFoundError(f"no adapter named '{name}' in the library {self.root}")
+        if not self._inside(p):
+            raise UnsafeNameError(f"adapter '{name}': {p.name} links outside the library folder; refused")
+        return p
+
+    def _new_path(self, name: str, replacing: Path | None = None) -> Path:
+        """Where a new adapter called `name` goes; refuses a name already taken (up to case)."""
+        name = check_name(name)
+        existing = self._existing(name)
+        if existing is not None and (replacing is None or existing.resolve() != replacing.resolve()):
+            raise ConfigError(f"name: an adapter called '{existing.stem}' already exists in the library")
+        p = self.root / f"{name}{SAFETENSORS_SUFFIX}"
+        if p.is_symlink() or not self._inside(p.parent):
+            raise UnsafeNameError(f"adapter name '{name}': resolves outside the library folder; refused")
+        return p
+
+    def sidecars(self, name: str) -> list[Path]:
+        """Preview images, model card and config files that belong to adapter `name`."""
+        p = self.path_for(name)
+        return [q for s in SIDECAR_SUFFIXES if (q := p.with_name(p.stem + s)).is_file() and self._inside(q)]
+
+    # ---------------------------------------------------------------------------------- reading
+    def _hash(self, p: Path) -> str:
+        from .weights_io import addnet_hash
+
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = addnet_hash(p)
+        return self._hashes[key]
+
+    def info(self, name: str, *, check_tensors: bool = False) -> AdapterInfo:
+        p = self.path_for(name)
+        info = inspect_adapter(p, name=p.stem, check_tensors=check_tensors, compute_hash=False)
+        info.hash = self._hash(p)
+        return info
+
+    def list(self) -> list[AdapterInfo]:
+        """Every adapter with its name, family, trigger word, rank, size, preview and date.
+
+        Reads headers only (and kohya alpha scalars); a file that cannot be described is left out of the
+        list rather than failing the whole listing — `info(name)` says what is wrong with it.
+        """
+        from .errors import LoraStudioError
+
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.info(name))
+            except (LoraStudioError, OSError):
+                continue
+        return out
+
+    # ---------------------------------------------------------------------------------- changing
+    def import_file(self, src: str | os.PathLike, name: str | None = None, *, overwrite: bool = False,
+                    allow_pickle: bool | None = None) -> AdapterInfo:
+        """Copy an adapter file into the library after checking it is a loadable LoRA.
+
+        The copy is atomic; same-named previews, model cards and configs next to `src` come along. A
+        pickle (.pt/.bin/.ckpt) is refused unless allowed, and is then stored as .safetensors.
+        """
+        src = Path(src).expanduser()
+        allow = self.allow_pickle if allow_pickle is None else allow_pickle
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such file")
+        # full check: readable, finite, a LoRA in a supported format
+        inspect_adapter(src, allow_pickle=allow, check_tensors=True, compute_hash=False)
+        name = check_name(name if name is not None else src.stem)
+        self.root.mkdir(parents=True, exist_ok=True)
+        existing = self._existing(name)
+        if existing is not None:
+            if not overwrite:
+                raise ConfigError(f"name: an adapter called '{existing.stem}' already exists in the library")
+            dst = existing
+            if not self._inside(dst):
+                raise UnsafeNameError(f"adapter '{name}': {dst.name} links outside the library folder; refused")
+        else:
+            dst = self._new_path(name)
+        if src.suffix.lower() in PICKLE_SUFFIXES:
+            sd, meta = load_safetensors(src, allow_pickle=allow, check_finite=True)
+            save_safetensors(sd, dst, meta)
+        else:
+            _atomic_copy(src, dst)
+        for s in SIDECAR_SUFFIXES:
+            side = src.with_name(src.stem + s)
+            if side.is_file() and side.resolve() != src.resolve():
+                _atomic_copy(side, dst.with_name(dst.stem + s))
+        return self.info(dst.stem)
+
+    def rename(self, old: str, new: str) -> AdapterInfo:
+        """Rename an adapter and its sidecar files. A change of case only is allowed."""
+        src = self.path_for(old)
+        dst = self._new_path(new, replacing=src)
+        moves = [(src, dst)] + [(q, dst.with_name(dst.stem + q.name[len(src.stem):])) for q in self.sidecars(src.stem)]
+        for a, b in moves:
+            if a == b:
+                continue
+            if a.name.casefold() == b.name.casefold():  # case-only rename on a case-insensitive file system
+                tmp = a.with_name(f".{a.name}.rename")
+                os.replace(a, tmp)
+                os.replace(tmp, b)
+            else:
+                os.replace(a, b)
+        return self.info(dst.stem)
+
+    def delete(self, name: str) -> list[Path]:
+        """Delete an adapter and its sidecar files; returns what was removed."""
+        p = self.path_for(name)
+        gone = self.sidecars(p.stem) + [p]
+        for q in gone:
+            q.unlink()
+        return gone
+
+    def export(self, name: str, fmt: str = FORMAT_KOHYA, dst: str | os.PathLike | None = None, *,
+               base=None) -> Path:
+        """Write adapter `name` in format 'kohya' (A1111/ComfyUI) or 'peft' (diffusers) to `dst`.
+
+        `dst` may be a folder (the file is named after the adapter) or a file path; default:
+        <library>/exports/<name>.<fmt>.safetensors.
+        """
+        if fmt not in (FORMAT_KOHYA, FORMAT_PEFT):
+            raise ConfigError(f"format: unknown export format '{fmt}' (choose 'kohya' or 'peft')")
+        src = self.path_for(name)
+        if dst is None:
+            out = self.root / "exports" / f"{src.stem}.{fmt}{SAFETENSORS_SUFFIX}"
+        else:
+            out = Path(dst).expanduser()
+            if out.is_dir():
+                out = out / f"{src.stem}{SAFETENSORS_SUFFIX}"
+        if out.resolve() == src.resolve():
+            raise ConfigError("out: the export would overwrite the adapter itself")
+        return export_adapter(src, out, fmt, base=base, allow_pickle=False)
+
+
+__all__ = ["AdapterLibrary", "check_name", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]

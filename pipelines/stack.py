@@ -1,0 +1,594 @@
+"""Weighted, stacked LoRA adapters on a loaded base model: load once, re-weight freely, fuse, bake.
+
+Each adapter file is loaded once by diffusers under its own adapter name (cached by path, mtime and
+size); choosing adapters and weights afterwards only calls diffusers' `set_adapters`, so it never
+re-reads a file nor reloads the base. With no adapter active the LoRA layers are bypassed and the
+output is bit-for-bit the base model's.
+
+Prompts may carry AUTOMATIC1111 tags, `<lora:name:w>` or `<lora:name:te_w:unet_w>` (A1111 order:
+the text-encoder multiplier first, then the UNet one; also `te=`/`unet=`); images record
+`Lora hashes: "name: hash12, ..."` in their `parameters` text, as A1111 does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .adapters import (
+    COMPONENTS,
+    DIFFUSERS_METADATA_KEY,
+    TEXT_ENCODERS,
+    AdapterInfo,
+    _canon_module,
+    canonical_peft_keys,
+    describe,
+    lora_metadata,
+    save_adapter,
+)
+from .base_models import BaseModel
+from .errors import ConfigError, IncompatibleAdapterError
+from .generation import GeneratedImage, GenerationRequest, format_parameters, generate as _generate
+from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors
+
+WEIGHT_MIN, WEIGHT_MAX = -2.0, 2.0
+_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------------------------------
+# what to stack
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One adapter in a stack: UNet weight and text-encoder weight (ComfyUI's strength_model / _clip)."""
+
+    name: str
+    weight: float = 1.0
+    te_weight: float | None = None  # None: same as weight
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError("lora: an adapter name is required")
+        for fname in ("weight", "te_weight"):
+            v = getattr(self, fname)
+            if v is None:
+                continue
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not WEIGHT_MIN <= v <= WEIGHT_MAX:
+                raise ConfigError(f"lora {self.name!r} {fname}: must be a number between {WEIGHT_MIN:g} and "
+                                  f"{WEIGHT_MAX:g}, got {v!r}")
+            object.__setattr__(self, fname, float(v))
+
+    @property
+    def text_weight(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
+
+    def tag(self) -> str:
+        """The A1111 prompt tag for this entry (te multiplier first when they differ)."""
+        if self.te_weight is None or self.te_weight == self.weight:
+            return f"<lora:{self.name}:{self.weight:g}>"
+        return f"<lora:{self.name}:{self.te_weight:g}:{self.weight:g}>"
+
+
+def _num(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"lora {what}: '{text}' is not a number") from None
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[StackEntry]]:
+    """Strip A1111 `<lora:...>` tags from a prompt; return (clean prompt, entries in order).
+
+    `<lora:name>` weight 1; `<lora:name:w>` both weights w; `<lora:name:te:unet>` as A1111 (text
+    encoder first); named `te=`/`unet=` also accepted.
+    """
+    entries: list[StackEntry] = []
+    for m in _TAG.finditer(prompt):
+        parts = [p.strip() for p in m.group(1).split(":")]
+        name, rest = parts[0], parts[1:]
+        positional = [p for p in rest if "=" not in p]
+        named = dict(p.split("=", 1) for p in rest if "=" in p)
+        te = _num(positional[0], f"{name!r} weight") if positional else 1.0
+        te = _num(named["te"], f"{name!r} te") if "te" in named else te
+        unet = _num(positional[1], f"{name!r} unet weight") if len(positional) > 1 else te
+        unet = _num(named["unet"], f"{name!r} unet") if "unet" in named else unet
+        entries.append(StackEntry(name, unet, te))
+    clean = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
+    clean = re.sub(r"\s+,", ",", clean).strip(" ,")
+    return clean, entries
+
+
+def parse_lora_arg(text: str) -> StackEntry:
+    """CLI form NAME[:W[:TE_W]] (UNet weight, then text-encoder weight)."""
+    parts = text.split(":")
+    nums: list[float] = []
+    while len(parts) > 1 and len(nums) < 2 and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", parts[-1]):
+        nums.insert(0, float(parts.pop()))
+    name = ":".join(parts)
+    if len(nums) == 2:
+        return StackEntry(name, nums[0], nums[1])
+    if len(nums) == 1:
+        return StackEntry(name, nums[0])
+    return StackEntry(name)
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """A1111's `Lora hashes` value ('a: 0123456789ab, b: ...') -> {name: hash}."""
+    out = {}
+    for item in value.split(","):
+        if ":" in item:
+            k, v = item.rsplit(":", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _coerce(entries: Iterable[StackEntry | tuple | str]) -> list[StackEntry]:
+    out: list[StackEntry] = []
+    for e in entries:
+        if isinstance(e, StackEntry):
+            out.append(e)
+        elif isinstance(e, str):
+            out.append(parse_lora_arg(e))
+        else:
+            out.append(StackEntry(*e))
+    seen = set()
+    for e in out:
+        if e.name.casefold() in seen:
+            raise ConfigError(f"lora: '{e.name}' is in the stack twice")
+        seen.add(e.name.casefold())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# interference report
+
+
+@dataclass
+class PairInterference:
+    a: str
+    b: str
+    layers: dict[str, float]  # module -> cosine similarity of the two weighted ΔW
+    threshold: float
+    share_threshold: float
+
+    @property
+    def shared(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mean_cos(self) -> float:
+        return sum(self.layers.values()) / len(self.layers) if self.layers else 0.0
+
+    @property
+    def share_aligned(self) -> float:
+        return sum(c > self.threshold for c in self.layers.values()) / max(1, len(self.layers))
+
+    @property
+    def share_opposed(self) -> float:
+        return sum(c < -self.threshold for c in self.layers.values()) / max(1, len(self.layers))
+
+    @property
+    def warning(self) -> str | None:
+        if not self.layers or self.share_aligned + self.share_opposed < self.share_threshold:
+            return None
+        if self.share_opposed >= self.share_aligned:
+            return (f"'{self.a}' and '{self.b}' fight: their weight updates point in opposite directions "
+                    f"(cos < -{self.threshold:g}) on {self.share_opposed:.0%} of {self.shared} shared layers "
+                    f"(mean cos {self.mean_cos:+.2f}); they partly cancel — lower one weight or drop one")
+        return (f"'{self.a}' and '{self.b}' overlap strongly: cos > {self.threshold:g} on {self.share_aligned:.0%} "
+                f"of {self.shared} shared layers (mean cos {self.mean_cos:+.2f}); their effects add up — "
+                "consider lowering their weights")
+
+
+@dataclass
+class InterferenceReport:
+    pairs: list[PairInterference] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for p in self.pairs if (w := p.warning)]
+
+    def summary(self) -> str:
+        lines = [f"{p.a} × {p.b}: {p.shared} shared layers, mean cos {p.mean_cos:+.2f}, "
+                 f"aligned {p.share_aligned:.0%}, opposed {p.share_opposed:.0%}" for p in self.pairs]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def _gram_inner(a1, b1, a2, b2) -> float:
+    """<B1 A1, B2 A2>_F without forming either product: sum((B1ᵀ B2) ⊙ (A1 A2ᵀ))."""
+    return float(((b1.T @ b2) * (a1 @ a2.T)).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# the stack
+
+
+@dataclass
+class _Loaded:
+    name: str
+    adapter: str  # diffusers/peft adapter name
+    path: Path
+    key: tuple[str, int, int]  # resolved path, mtime_ns, size
+    info: AdapterInfo
+    components: list[str]
+
+
+def _lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            yield name, mod
+
+
+class AdapterStack:
+    """Adapters loaded into one base model, and the weighted selection currently applied.
+
+    Thread safety: every method takes `self.lock`; `generate` holds it across applying its stack and
+    running the pipeline, so concurrent requests with different stacks never see each other's weights.
+    """
+
+    def __init__(self, model: BaseModel, library=None, *, allow_pickle: bool = False) -> None:
+        self.model = model
+        self.library = library
+        self.allow_pickle = allow_pickle
+        self.lock = threading.RLock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._stack: tuple[StackEntry, ...] = ()
+        self._fused: tuple[StackEntry, ...] | None = None
+        self._snapshot: dict[int, torch.Tensor] = {}
+        self._counter = 0
+        self.reads = 0  # adapter files read so far (a cache check for tests and benchmarks)
+
+    # ------------------------------------------------------------------------------ loading
+    @property
+    def pipe(self):
+        return self.model.pipe
+
+    @property
+    def loaded(self) -> dict[str, AdapterInfo]:
+        return {n: l.info for n, l in self._loaded.items()}
+
+    @property
+    def stack(self) -> tuple[StackEntry, ...]:
+        return self._stack
+
+    @property
+    def fused(self) -> bool:
+        return self._fused is not None
+
+    def _resolve(self, name: str, path: str | os.PathLike | None) -> Path:
+        if path is not None:
+            return Path(path).expanduser()
+        if self.library is None:
+            raise ConfigError(f"lora: no adapter library to find '{name}' in")
+        return self.library.path_for(name)
+
+    def _key_of(self, name: str) -> str | None:
+        folded = name.casefold()
+        return next((k for k in self._loaded if k.casefold() == folded), None)
+
+    def load(self, name: str, path: str | os.PathLike | None = None) -> AdapterInfo:
+        """Load adapter `name` (from the library, or from `path`) unless the same file is already loaded.
+
+        The file is checked before anything touches the model (format, family, matching keys, finite
+        values); on any error the model is left exactly as it was.
+        """
+        with self.lock:
+            p = self._resolve(name, path)
+            st = p.stat()
+            key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+            known = self._key_of(name)
+            if known is not None and self._loaded[known].key == key:
+                return self._loaded[known].info
+            sd, meta = load_safetensors(p, allow_pickle=self.allow_pickle, check_finite=True)
+            self.reads += 1
+            shapes = {k: tuple(v.shape) for k, v in sd.items()}
+            alphas = {k: float(v.float().reshape(-1)[0]) for k, v in sd.items() if k.endswith(".alpha") and v.numel()}
+            fhash = addnet_hash(p) if p.suffix.lower() not in PICKLE_SUFFIXES else ""
+            info, _, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash)
+            if self._fused is not None:
+                self.unfuse()
+            if known is not None:
+                self._delete(self._loaded.pop(known))
+            self._counter += 1
+            adapter = f"lora{self._counter}_" + re.sub(r"\W", "_", name)[:40]
+            self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
+            self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components)
+            self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
+            return info
+
+    def _load_into_pipe(self, sd, meta, adapter: str, components: list[str], path: Path) -> None:
+        """What `pipe.load_lora_weights` does, from the tensors already read, for the matching components."""
+        pipe = self.pipe
+        try:
+            state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
+            raw = meta.get(DIFFUSERS_METADATA_KEY)
+            lora_meta = json.loads(raw) if raw and not network_alphas else None
+
+            def meta_for(comp: str):
+                return lora_meta if lora_meta and any(k.startswith(comp + ".") for k in lora_meta) else None
+
+            state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] in components}
+            if "unet" in components:
+                pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
+                                         adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
+            for comp in TEXT_ENCODERS:
+                if comp in components and getattr(pipe, comp, None) is not None:
+                    pipe.load_lora_into_text_encoder(
+                        state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
+                        lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))
+        except Exception as e:  # noqa: BLE001 - undo a half-done load whatever failed, then say which file
+            self._delete_adapter(adapter)
+            if isinstance(e, IncompatibleAdapterError):
+                raise
+            raise IncompatibleAdapterError(f"{path.name}: could not be loaded into the base model "
+                                           f"({type(e).__name__}: {e})") from e
+
+    def _delete_adapter(self, adapter: str) -> None:
+        """Remove one diffusers/peft adapter from every component that has it."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            if model is None:
+                continue
+            cfg = getattr(model, "peft_config", None) or {}
+            if adapter not in cfg and not any(adapter in m.lora_A for _, m in _lora_layers(model)):
+                continue
+            if comp == "unet":
+                model.delete_adapters([adapter])
+            else:  # the pipeline's delete_adapters leaves the text encoder's peft_config entry behind
+                delete_adapter_layers(model, adapter)
+                cfg.pop(adapter, None)
+
+    def _delete(self, loaded: _Loaded) -> None:
+        self._delete_adapter(loaded.adapter)
+
+    def unload(self, names: Sequence[str] | None = None) -> None:
+        """Remove adapters from the model (all when `names` is None: the base model is exactly restored)."""
+        with self.lock:
+            if self._fused is not None:
+                self.unfuse()
+            if names is None:
+                if self._loaded:
+                    self.pipe.unload_lora_weights()
+                self._loaded.clear()
+                self._stack = ()
+                return
+            for n in names:
+                k = self._key_of(n)
+                if k is not None:
+                    self._delete(self._loaded.pop(k))
+            self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
+
+    # ------------------------------------------------------------------------------ weights
+    def set_stack(self, entries: Iterable[StackEntry | tuple | str]) -> None:
+        """Select adapters and weights: [(name, unet_weight[, te_weight]), ...] or StackEntry objects.
+
+        Adapters not loaded yet are loaded (once); an empty list bypasses every LoRA layer.
+        """
+        entries = tuple(_coerce(entries))
+        with self.lock:
+            for e in entries:
+                if self._key_of(e.name) is None:
+                    self.load(e.name)
+            entries = tuple(replace(e, name=self._key_of(e.name)) for e in entries)
+            if self._fused is not None and entries != self._fused:
+                self.unfuse()
+            self._apply(entries)
+
+    def clear(self) -> None:
+        """No adapter active: the model computes exactly what the base model does."""
+        self.set_stack(())
+
+    def _apply(self, entries: tuple[StackEntry, ...]) -> None:
+        pipe = self.pipe
+        self._stack = entries
+        if not self._loaded:
+            return
+        if not entries:
+            pipe.disable_lora()  # LoRA layers bypassed: base_layer(x) only, bit for bit the base model
+            return
+        names = [self._loaded[e.name].adapter for e in entries]
+        # per-component weights; only for components the adapter has (diffusers warns about the others)
+        weights = [{c: (e.weight if c == "unet" else e.text_weight) for c in self._loaded[e.name].components}
+                   for e in entries]
+        pipe.enable_lora()
+        pipe.set_adapters(names, weights)
+
+    # ------------------------------------------------------------------------------ fuse
+    def fuse(self) -> None:
+        """Merge the current weighted stack into the base weights (fastest generation).
+
+        The base weights are kept (on the CPU) so that `unfuse` restores them exactly.
+        """
+        with self.lock:
+            if self._fused is not None or not self._stack:
+                return
+            active = [self._loaded[e.name].adapter for e in self._stack]
+            self._snapshot = {}
+            for comp in COMPONENTS:
+                model = getattr(self.pipe, comp, None)
+                if model is None:
+                    continue
+                for _, layer in _lora_layers(model):
+                    if any(a in layer.lora_A for a in active):
+                        w = layer.get_base_layer().weight
+                        self._snapshot[id(w)] = w.detach().to("cpu", copy=True)
+            comps = [c for c in COMPONENTS if getattr(self.pipe, c, None) is not None
+                     and any(True for _ in _lora_layers(getattr(self.pipe, c)))]
+            self.pipe.fuse_lora(components=comps, lora_scale=1.0, adapter_names=active)
+            self._fused = self._stack
+
+    def unfuse(self) -> None:
+        """Undo `fuse`: the base weights come back bit for bit; the stack stays selected (unfused)."""
+        with self.lock:
+            if self._fused is None:
+                return
+            comps = [c for c in COMPONENTS if getattr(self.pipe, c, None) is not None
+                     and any(True for _ in _lora_layers(getattr(self.pipe, c)))]
+            self.pipe.unfuse_lora(components=comps)
+            for comp in comps:
+                for _, layer in _lora_layers(getattr(self.pipe, comp)):
+                    w = layer.get_base_layer().weight
+                    saved = self._snapshot.get(id(w))
+                    if saved is not None:
+                        with torch.no_grad():
+                            w.copy_(saved.to(w.device))
+            self._snapshot = {}
+            self._fused = None
+
+    # ------------------------------------------------------------------------------ bake
+    def _factors(self, entries: Sequence[StackEntry]) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
+        """{our module key: {entry index: (A, B, scale incl. the entry's weight)}}, read from the loaded model."""
+        out: dict[str, dict[int, tuple]] = {}
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            if model is None:
+                continue
+            for mname, layer in _lora_layers(model):
+                for idx, e in enumerate(entries):
+                    a = self._loaded[e.name].adapter
+                    if a not in layer.lora_A:
+                        continue
+                    if layer.use_dora.get(a):
+                        raise IncompatibleAdapterError(f"{e.name}: DoRA layers are not supported here")
+                    w = e.weight if comp == "unet" else e.text_weight
+                    r = math.sqrt(layer.r[a]) if layer.use_rslora.get(a) else layer.r[a]
+                    out.setdefault(f"{comp}.{mname}", {})[idx] = (
+                        layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), w * layer.lora_alpha[a] / r)
+        return out
+
+    def bake(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+             entries: Iterable[StackEntry | tuple | str] | None = None) -> Path:
+        """Write the weighted stack as ONE adapter file (our format) that reproduces it exactly.
+
+        Per module, the factors are concatenated with the weights folded into B:
+        ΔW = Σ sᵢ Bᵢ Aᵢ = [s₁B₁ … sₙBₙ] @ [A₁; …; Aₙ]; rank = Σ rᵢ and alpha = rank (scale 1).
+        """
+        with self.lock:
+            ents = tuple(_coerce(entries)) if entries is not None else self._stack
+            if not ents:
+                raise ConfigError("lora: the stack is empty; nothing to bake")
+            for e in ents:
+                if self._key_of(e.name) is None:
+                    self.load(e.name)
+            ents = tuple(replace(e, name=self._key_of(e.name)) for e in ents)
+            sd: dict[str, torch.Tensor] = {}
+            alphas: dict[str, float] = {}
+            for module, per_entry in self._factors(ents).items():
+                parts = [p for _, p in sorted(per_entry.items()) if p[2] != 0.0]
+                if not parts:
+                    continue
+                a = torch.cat([p[0].float() for p in parts], dim=0)  # (Σr, in[, k, k])
+                b = torch.cat([p[1].float() * p[2] for p in parts], dim=1)  # (out, Σr[, 1, 1])
+                sd[f"{module}.lora_A.weight"] = a
+                sd[f"{module}.lora_B.weight"] = b
+                alphas[_canon_module(module)] = float(a.shape[0])
+            if not sd:
+                raise ConfigError("lora: every weight in the stack is 0; nothing to bake")
+            sd = canonical_peft_keys(sd)
+            infos = [self._loaded[e.name].info for e in ents]
+            ranks = sorted({int(v.shape[0]) for k, v in sd.items() if ".lora_A." in k})
+            triggers = ", ".join(i.trigger_word for i in infos if i.trigger_word)
+            meta = lora_metadata(
+                family=self.model.family, rank=ranks[-1], alpha=ranks[-1], name=Path(path).stem,
+                base_model=self.model.name, trigger_word=triggers,
+                modules=sorted({m for i in infos for m in i.modules}),
+                components=[c for c in COMPONENTS if any(k.startswith(c + ".") for k in sd)],
+                comment="baked from " + " ".join(e.tag() for e in ents),
+                extra={"lora_studio.baked_from": json.dumps(
+                    [{"name": e.name, "weight": e.weight, "te_weight": e.text_weight, "hash": i.short_hash}
+                     for e, i in zip(ents, infos)])},
+            )
+            meta.update(metadata or {})
+            return save_adapter(sd, path, meta, alpha=alphas)
+
+    # ------------------------------------------------------------------------------ interference
+    def interference(self, names: Sequence[str] | None = None, *, threshold: float = 0.5,
+                     share: float = 0.25) -> InterferenceReport:
+        """Per-layer cosine similarity of the weighted ΔW = s·B@A of every pair of adapters.
+
+        Default: the adapters of the current stack (with their weights), else all loaded ones at weight 1.
+        A pair gets a warning when |cos| > `threshold` on at least `share` of the layers both adapt:
+        mostly negative means they fight (cancel), mostly positive that they pile up on the same thing.
+        """
+        with self.lock:
+            if names is None:
+                ents = list(self._stack) if len(self._stack) >= 2 else [StackEntry(n) for n in self._loaded]
+            else:
+                by_name = {e.name.casefold(): e for e in self._stack}
+                ents = []
+                for n in names:
+                    k = self._key_of(n)
+                    if k is None:
+                        self.load(n)
+                        k = self._key_of(n)
+                    ents.append(by_name.get(k.casefold(), StackEntry(k)))
+            factors = self._factors(ents)
+            report = InterferenceReport()
+            for i in range(len(ents)):
+                for j in range(i + 1, len(ents)):
+                    layers: dict[str, float] = {}
+                    for module, have in factors.items():
+                        if i not in have or j not in have:
+                            continue
+                        (a1, b1, s1), (a2, b2, s2) = have[i], have[j]
+                        a1, b1, a2, b2 = (t.double().flatten(1) for t in (a1, b1, a2, b2))
+                        n1 = math.sqrt(max(_gram_inner(a1, b1, a1, b1), 0.0)) * abs(s1)
+                        n2 = math.sqrt(max(_gram_inner(a2, b2, a2, b2), 0.0)) * abs(s2)
+                        if n1 == 0.0 or n2 == 0.0:
+                            continue
+                        layers[module] = _gram_inner(a1, b1, a2, b2) * s1 * s2 / (n1 * n2)
+                    report.pairs.append(PairInterference(ents[i].name, ents[j].name, layers, threshold, share))
+            return report
+
+    # ------------------------------------------------------------------------------ generate
+    def lora_hashes(self, entries: Sequence[StackEntry]) -> str:
+        """A1111's `Lora hashes` value: 'name: hash12, ...' (':' and ',' dropped from names)."""
+        return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {self._loaded[self._key_of(e.name)].info.short_hash}"
+                         for e in entries)
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        loras: Iterable[StackEntry | tuple | str] = (),
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Generate with `loras` plus any `<lora:...>` tags in the prompt applied (and nothing else).
+
+        The recorded `parameters` keep the prompt's tags (tags for `loras` given outside the prompt are
+        appended, so the image can be reproduced from its PNG) and add `Lora hashes`.
+        """
+        clean, tagged = parse_lora_tags(req.prompt)
+        explicit = _coerce(loras)
+        entries = _coerce(list(explicit) + tagged)
+        with self.lock:
+            self.set_stack(entries)
+            applied = self._stack
+            extra = {"Lora hashes": self.lora_hashes(applied)} if applied else None
+            run_req = replace(req, prompt=clean)
+            images = _generate(self.model, run_req, on_progress=on_progress, extra_parameters=extra)
+        recorded = " ".join([req.prompt] + [e.tag() for e in explicit]).strip() if explicit else req.prompt
+        rec_req = replace(req, prompt=recorded)
+        for img in images:
+            w, h = img.image.size
+            img.parameters = format_parameters(rec_req, img.seed, w, h, self.model, extra)
+            img.image.info["parameters"] = img.parameters
+        return images
+
+
+__all__ = [
+    "AdapterStack", "StackEntry", "InterferenceReport", "PairInterference", "parse_lora_tags", "parse_lora_arg",
+    "parse_lora_hashes", "WEIGHT_MIN", "WEIGHT_MAX",
+]
