@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default="DPM++ 2M Karras",
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]]",
+                   help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
+                        "text-encoder weight TE_W (default 1; range -2..2); repeatable. The prompt may also "
+                        "carry AUTOMATIC1111 tags: <lora:NAME:W> or <lora:NAME:TE_W:UNET_W>")
+    _add_library_arg(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a LoRA adapter from a folder of images",
@@ -86,7 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-prompt", dest="sample_prompts", action="append", help="repeatable")
     t.add_argument("--device")
     t.set_defaults(func=cmd_train)
+
+    lo = sub.add_parser("loras", help="the adapter library: list, import, export, rename, rm")
+    _add_library_arg(lo)
+    lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION", required=True)
+    p = lsub.add_parser("list", help="list the adapters in the library")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_list)
+    p = lsub.add_parser("import", help="copy a .safetensors LoRA into the library (checked first)")
+    p.add_argument("file")
+    p.add_argument("--name", default=None, help="library name (default: the file name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .pt/.bin/.ckpt (they can run code when loaded: only for files you trust)")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_import)
+    p = lsub.add_parser("export", help="write an adapter in another format")
+    p.add_argument("name")
+    p.add_argument("--format", default="kohya", choices=["kohya", "peft"],
+                   help="kohya: AUTOMATIC1111/ComfyUI/kohya_ss keys; peft: diffusers keys")
+    p.add_argument("--out", default=None, help="output file or folder (default: <library>/exports/)")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_export)
+    p = lsub.add_parser("rename", help="rename an adapter (its preview and model card follow)")
+    p.add_argument("old")
+    p.add_argument("new")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_rename)
+    p = lsub.add_parser("rm", help="delete an adapter and its preview, model card and config")
+    p.add_argument("name")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_rm)
     return ap
+
+
+def _add_library_arg(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    # on `loras ACTION` parsers too (SUPPRESS: absent there, the value given before ACTION stays)
+    p.add_argument("--library", default=argparse.SUPPRESS if suppress else None,
+                   help="adapter library folder (default: $LORA_STUDIO_HOME/loras, ~/.local/share/lora-studio/loras)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,15 +140,91 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler,
     )
+    loras = [_lora_entry(x) for x in args.lora]
     t0 = time.time()
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
     t1 = time.time()
-    images = generate(base, req)
+    if loras or "<lora:" in req.prompt.lower():
+        from pipelines.library import AdapterLibrary
+        from pipelines.stack import AdapterStack
+
+        stack = AdapterStack(base, AdapterLibrary(args.library), allow_pickle=args.allow_pickle)
+        for entry, path in loras:
+            if path is not None:
+                stack.load(entry.name, path)
+        images = stack.generate(req, [e for e, _ in loras])
+        for line in stack.interference().warnings:
+            print(f"warning: {line}")
+    else:
+        images = generate(base, req)
     t2 = time.time()
     for img, path in zip(images, output_paths(args.out, len(images))):
         save_png(img, path)
         print(f"wrote {path} (seed {img.seed})")
     print(f"{base.name} ({base.family}) loaded in {t1 - t0:.1f}s; {len(images)} image(s) in {t2 - t1:.1f}s")
+    return 0
+
+
+def _lora_entry(text: str):
+    """--lora NAME[:W[:TE_W]]; NAME may be a .safetensors path (then named after the file)."""
+    from pipelines.stack import StackEntry, parse_lora_arg
+
+    e = parse_lora_arg(text)
+    p = Path(e.name).expanduser()
+    if p.suffix.lower() == ".safetensors" or p.parent != Path("."):
+        return StackEntry(p.stem, e.weight, e.te_weight), p
+    return e, None
+
+
+def _library(args: argparse.Namespace):
+    from pipelines.library import AdapterLibrary
+
+    return AdapterLibrary(args.library, allow_pickle=getattr(args, "allow_pickle", False))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_loras_list(args: argparse.Namespace) -> int:
+    lib = _library(args)
+    infos = lib.list()
+    if not infos:
+        print(f"no adapters in {lib.root}")
+        return 0
+    print(f"{'NAME':<28} {'FAMILY':<7} {'RANK':>4} {'SIZE':>9}  {'HASH':<12}  TRIGGER")
+    for i in infos:
+        extra = "  [preview]" if i.preview else ""
+        print(f"{i.name:<28} {i.family or '?':<7} {i.rank:>4} {_human(i.size):>9}  {i.short_hash:<12}  "
+              f"{i.trigger_word}{extra}")
+    return 0
+
+
+def cmd_loras_import(args: argparse.Namespace) -> int:
+    info = _library(args).import_file(args.file, args.name, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    print(f"imported {info.name} ({info.format}, {info.family or 'unknown family'}, rank {info.rank}) -> {info.path}")
+    return 0
+
+
+def cmd_loras_export(args: argparse.Namespace) -> int:
+    out = _library(args).export(args.name, args.format, args.out)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def cmd_loras_rename(args: argparse.Namespace) -> int:
+    info = _library(args).rename(args.old, args.new)
+    print(f"renamed {args.old} -> {info.name}")
+    return 0
+
+
+def cmd_loras_rm(args: argparse.Namespace) -> int:
+    gone = _library(args).delete(args.name)
+    print(f"deleted {', '.join(p.name for p in gone)}")
     return 0
 
 

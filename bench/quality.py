@@ -3,11 +3,17 @@
     python bench/quality.py base [--base PATH] [--images-per-prompt 2] [--steps 20] [--guidance 7]
                                  [--scheduler "DPM++ 2M Karras"] [--prompts 48]
 
-Modes (one function each in MODES; `concept` and `style` are still to be written):
+Modes (one function each in MODES):
   base     the base model on prompts from the world it was trained on (solid circles, squares,
            triangles); reports the share of images whose colour, shape and background match.
-
-The last line printed is always `color=0.xx shape=0.xx background=0.xx`. A contact sheet of the
+           Last line: `color=0.xx shape=0.xx background=0.xx`.
+  concept  trains a LoRA on sample_data/concept-star (a star, never seen by the base) with the
+  style    default preset (style: sample_data/style-outline, outlined shapes), then reports
+           fidelity (share of trigger-prompt images that show the star / the outline style),
+           preservation_drop (largest drop of the base-prompt scores with the adapter loaded at
+           weight 1.0, measured against the same base in the same run) and training minutes.
+           Last line: `fidelity=0.xx preservation_drop=0.xx minutes=x.x`.
+ A contact sheet of the
 generated images, their prompts and what the evaluator saw is written to bench/out/.
 """
 
@@ -17,6 +23,7 @@ import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,7 +40,7 @@ if str(ROOT) not in sys.path:
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from training import toy_world as tw  # noqa: E402
-from training.evaluator import PROMPT_FIELDS, load_evaluator, score  # noqa: E402
+from training.evaluator import PROMPT_FIELDS, classify, load_evaluator, score  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
 FIELDS = PROMPT_FIELDS  # color, shape, background
@@ -195,17 +202,68 @@ def run_base(args: argparse.Namespace) -> dict:
     return result
 
 
-def not_implemented(name: str) -> Callable[[argparse.Namespace], dict]:
-    def run(args: argparse.Namespace) -> dict:
-        raise SystemExit(f"bench/quality.py {name}: not implemented yet (only 'base' is available)")
+LORA_SETS = {
+    # mode: (training set folder, trigger, preset, prompt for colour c / shape s / background b, field, value)
+    "concept": ("concept-star", "sks", "concept", "a {c} sks on a {b} background", "shape", tw.CONCEPT_SHAPE),
+    "style": ("style-outline", "ohwx", "style", "a {c} {s} on a {b} background in ohwx style", "style",
+              tw.STYLE_STYLE),
+}
 
-    return run
+
+def trigger_prompts(template: str, n: int, seed: int) -> list[str]:
+    """n distinct prompts with the trigger, over colours, base shapes and backgrounds."""
+    combos = [template.format(c=c, s=s, b=b) for c in tw.FG_COLORS for s in tw.BASE_SHAPES for b in tw.BG_COLORS
+              if b != c]
+    return pick_prompts(list(dict.fromkeys(combos)), n, seed=seed)
+
+
+def run_lora(mode: str, args: argparse.Namespace) -> dict:
+    """Train on a shipped set with the default preset, then score fidelity and preservation."""
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    folder, trigger, preset, template, field, value = LORA_SETS[mode]
+    _quiet_loading()
+    base = load_base(args.base or DEFAULT_BASE)
+    evaluator = load_evaluator()
+    prompts = pick_prompts(tw.all_base_prompts(), args.prompts, seed=args.seed)
+    print(f"{mode}: base prompts without the adapter ({len(prompts)} x {args.images_per_prompt})", flush=True)
+    imgs, ip = generate_for_prompts(base, prompts, args)
+    before = score(evaluator, imgs, ip)
+    with tempfile.TemporaryDirectory() as lib:
+        cfg = TrainConfig.from_dict({"images": str(ROOT / "sample_data" / folder), "trigger": trigger,
+                                     "preset": preset, "name": f"bench-{mode}", "output_dir": lib,
+                                     "base": str(args.base or DEFAULT_BASE)})
+        print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}", flush=True)
+        t0 = time.time()
+        train(cfg, base=base)  # the LoRA stays attached to `base` at weight 1.0 afterwards
+        minutes = (time.time() - t0) / 60
+    base.pipe.unet.eval()
+    print("with the adapter: trigger prompts (fidelity)", flush=True)
+    tprompts = trigger_prompts(template, 16, args.seed)
+    timgs, tip = generate_for_prompts(base, tprompts, args)
+    preds = classify(evaluator, timgs)
+    fidelity = sum(p[field] == value for p in preds) / len(preds)
+    print("with the adapter: base prompts (preservation)", flush=True)
+    imgs2, ip2 = generate_for_prompts(base, prompts, args)
+    after = score(evaluator, imgs2, ip2)
+    drops = {k: before[k] - after[k] for k in FIELDS}
+    drop = max(0.0, max(drops.values()))
+    contact_sheet(timgs, tip, preds, args.out_dir / f"quality_{mode}_fidelity.png",
+                  f"{mode} fidelity={fidelity:.2f}")
+    print(f"base without adapter: {summary_line(before)}")
+    print(f"base with adapter:    {summary_line(after)}")
+    print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))
+    print(f"fidelity ({field} = {value} on {len(preds)} trigger images): {fidelity:.2f}")
+    print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
+    return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes}
 
 
 MODES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "base": run_base,
-    "concept": not_implemented("concept"),
-    "style": not_implemented("style"),
+    "concept": lambda args: run_lora("concept", args),
+    "style": lambda args: run_lora("style", args),
 }
 
 

@@ -280,12 +280,8 @@ def _unet_config_stub(layers_per_block: int | None):
 
 
 def _convert_component_to_peft(comp: str, sd: dict[str, object]) -> dict[str, object]:
-    """diffusers' own per-component conversion, as its loaders apply it."""
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+    """diffusers' own per-component conversion, as its loaders apply it (see `text_encoder_to_peft`)."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     if not sd:
         return {}
@@ -293,6 +289,26 @@ def _convert_component_to_peft(comp: str, sd: dict[str, object]) -> dict[str, ob
         return sd
     if comp == "unet":
         return convert_unet_state_dict_to_peft(sd)
+    return text_encoder_to_peft(sd)
+
+
+def text_encoder_to_peft(sd: dict[str, object]) -> dict[str, object]:
+    """Text-encoder LoRA keys in diffusers' older namings -> peft keys.
+
+    diffusers recognises its old `to_q_lora.down` naming only when an `out_proj` (`to_out_lora`) key is
+    present, so a kohya file adapting e.g. only q/k/v of the text encoder fails to load there; naming the
+    source type explicitly avoids that.
+    """
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+    )
+
+    if all(".lora_A." in k or ".lora_B." in k for k in sd):
+        return sd
+    if any("_lora.down." in k or "_lora.up." in k for k in sd):
+        return convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS_OLD)
     return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
 
 

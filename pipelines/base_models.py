@@ -144,6 +144,16 @@ def _load_file(path: Path, allow_pickle: bool, dtype: torch.dtype, config: str |
     return pipe, family
 
 
+def _tokenizer_dir_for(config: str | None) -> Path | None:
+    """Tokenizer for single files that embed their own configs: the config folder's, else the toy model's.
+
+    The embedded toy model's tokenizer is the one every file exported from it was trained with.
+    """
+    if config and (Path(config) / "tokenizer").is_dir():
+        return Path(config)
+    return DEFAULT_BASE if (DEFAULT_BASE / "tokenizer").is_dir() else None
+
+
 def load_base(
     source: str | os.PathLike | None = None,
     *,

@@ -542,10 +542,12 @@ def _meta_weights(pipe) -> list[str]:
 
 
 def _from_single_file(path: Path, pipeline_cls, config_dir: str, dtype: torch.dtype | None):
+    """diffusers' from_single_file with a local config folder: no hub access at all."""
     kwargs: dict = {"config": str(config_dir), "local_files_only": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    if "text_encoder_2" in pipeline_cls.load_config(str(config_dir)):
+    index = pipeline_cls.load_config(str(config_dir))
+    if (index.get("text_encoder_2") or [None])[0] is not None:
         kwargs["text_encoder_2"] = _load_sdxl_text_encoder_2(path, str(config_dir), dtype)
     return pipeline_cls.from_single_file(str(path), **kwargs)
 

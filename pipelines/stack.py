@@ -33,6 +33,7 @@ from .adapters import (
     describe,
     lora_metadata,
     save_adapter,
+    text_encoder_to_peft,
 )
 from .base_models import BaseModel
 from .errors import ConfigError, IncompatibleAdapterError
@@ -295,7 +296,11 @@ class AdapterStack:
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
             alphas = {k: float(v.float().reshape(-1)[0]) for k, v in sd.items() if k.endswith(".alpha") and v.numel()}
             fhash = addnet_hash(p) if p.suffix.lower() not in PICKLE_SUFFIXES else ""
-            info, _, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash)
+            info, layers, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash)
+            for module in report.missing:  # partly matching file: load only what fits (no peft warnings)
+                layer = layers[module]
+                for k in (layer.a_key, layer.b_key, layer.a_key.split(".")[0] + ".alpha"):
+                    sd.pop(k, None)
             if self._fused is not None:
                 self.unfuse()
             if known is not None:
@@ -319,6 +324,11 @@ class AdapterStack:
                 return lora_meta if lora_meta and any(k.startswith(comp + ".") for k in lora_meta) else None
 
             state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] in components}
+            for comp in TEXT_ENCODERS:
+                part = {k[len(comp) + 1:]: v for k, v in state_dict.items() if k.split(".")[0] == comp}
+                if part:
+                    state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] != comp}
+                    state_dict.update({f"{comp}.{k}": v for k, v in text_encoder_to_peft(part).items()})
             if "unet" in components:
                 pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
                                          adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)

@@ -110,3 +110,27 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 def test_model_index_is_json(toy_base_dir):
     idx = json.loads((toy_base_dir / "model_index.json").read_text())
     assert idx["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_single_file_export_of_toy_model_loads_and_draws_the_same(toy_base, tmp_path):
+    import numpy as np
+
+    from pipelines.generation import GenerationRequest, generate
+    from pipelines.single_file import save_single_file
+
+    path = save_single_file(toy_base.pipe, tmp_path / "toy.safetensors")
+    single = load_base(path, device="cpu")
+    assert single.family == "sd1"
+    req = dict(prompt="a red circle on a white background", steps=4, seed=1)
+    a = np.asarray(generate(toy_base, GenerationRequest(**req))[0].image, dtype=np.int16)
+    b = np.asarray(generate(single, GenerationRequest(**req))[0].image, dtype=np.int16)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_single_file_sdxl_fixture_loads_with_config(tiny_sdxl_dir, tmp_path):
+    from pipelines.single_file import save_single_file
+
+    base = load_base(tiny_sdxl_dir, device="cpu")
+    path = save_single_file(base.pipe, tmp_path / "xl.safetensors")
+    again = load_base(path, device="cpu", config=str(tiny_sdxl_dir))
+    assert again.family == "sdxl"

@@ -28,11 +28,9 @@ CROPS = ("center", "random")
 
 
 def default_library_dir() -> Path:
-    home = os.environ.get("LORA_STUDIO_HOME")
-    if home:
-        return Path(home) / "loras"
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "lora-studio" / "loras"
+    from pipelines.library import default_library_root
+
+    return default_library_root()
 
 
 @dataclass
@@ -95,8 +93,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{self.preset}'")
-        if not str(self.name).strip() or any(c in str(self.name) for c in "/\\\0") or str(self.name).startswith("."):
-            raise ConfigError(f"name: '{self.name}' is not a valid adapter name (no slashes, not starting with '.')")
+        from pipelines.errors import UnsafeNameError
+        from pipelines.library import check_name
+
+        try:
+            self.name = check_name(self.name)
+        except UnsafeNameError as e:
+            raise ConfigError(f"name: {e}") from None
         if not str(self.trigger).strip():
             raise ConfigError("trigger: must not be empty")
         self._check_int("rank", 1, 1024)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
 DEFAULT_WORK = ROOT / ".work" / "toy_base"
 
-VAE_STEPS, VAE_BATCH = 1200, 16
+VAE_STEPS, VAE_BATCH = 2200, 16
 UNET_STEPS, UNET_BATCH = 2400, 32
 N_LATENTS = 24000
 CKPT_EVERY = 100
@@ -45,7 +45,7 @@ def make_vae():
         block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=4,  # 4+ channels per group: one channel per group would normalise colour away
         sample_size=64,
     )
 

@@ -1,0 +1,174 @@
+"""The adapter library: names stay inside the folder; import, list, rename, delete and export keep sidecars."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from app.cli import main
+from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.errors import ConfigError, CorruptWeightsError, PickleRefusedError, UnsafeNameError
+from pipelines.library import AdapterLibrary, check_name, default_library_root
+from pipelines.weights_io import load_safetensors
+
+MODULES = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+           "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+
+
+def _lora(path, rank=4, alpha=2.0, family="sd1", trigger="sks", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for m in MODULES:
+        sd[f"unet.{m}.lora_A.weight"] = torch.randn(rank, 32, generator=g)
+        sd[f"unet.{m}.lora_B.weight"] = torch.randn(32, rank, generator=g)
+    sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.randn(rank, 32, generator=g)
+    sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(32, rank, generator=g)
+    return save_adapter(sd, path, lora_metadata(family=family, rank=rank, alpha=alpha, name=path.stem,
+                                                trigger_word=trigger))
+
+
+@pytest.fixture
+def lib(tmp_path):
+    return AdapterLibrary(tmp_path / "loras")
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = tmp_path / "downloads"
+    d.mkdir()
+    p = _lora(d / "My Style.safetensors")
+    Image.new("RGB", (8, 8), "red").save(d / "My Style.png")
+    (d / "My Style.md").write_text("# card")
+    return p
+
+
+def test_import_list_info_with_preview(lib, src):
+    info = lib.import_file(src)
+    assert info.name == "My Style" and info.path.parent == lib.root
+    assert (lib.root / "My Style.png").is_file() and (lib.root / "My Style.md").is_file()
+    [row] = lib.list()
+    assert (row.name, row.family, row.trigger_word, row.rank, row.alpha) == ("My Style", "sd1", "sks", 4, 2.0)
+    assert row.size == src.stat().st_size and row.preview == lib.root / "My Style.png" and row.date
+    assert len(row.short_hash) == 12
+    assert lib.import_file(src, name="second").name == "second"
+    assert lib.names() == ["My Style", "second"]
+
+
+def test_import_refuses_bad_files_and_leaves_nothing_behind(lib, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(256))
+    with pytest.raises(CorruptWeightsError, match="junk.safetensors"):
+        lib.import_file(junk)
+    torch.save({"unet.a.lora_A.weight": torch.ones(1)}, tmp_path / "evil.pt")
+    with pytest.raises(PickleRefusedError):
+        lib.import_file(tmp_path / "evil.pt")
+    assert not lib.root.exists() or list(lib.root.iterdir()) == []
+
+
+def test_allowed_pickle_is_stored_as_safetensors(lib, tmp_path):
+    sd, _ = load_safetensors(_lora(tmp_path / "p.safetensors"))
+    torch.save(sd, tmp_path / "old.pt")
+    info = lib.import_file(tmp_path / "old.pt", allow_pickle=True)
+    assert info.path.suffix == ".safetensors" and info.rank == 4
+
+
+@pytest.mark.parametrize("bad", ["..", "../outside", "a/b", "a\\b", "/etc/passwd", "C:evil", "x\x00y", ".hidden",
+                                 "", " pad", "a<b", "a:b"])
+def test_unsafe_names_are_refused(lib, src, bad):
+    lib.import_file(src, name="ok")
+    with pytest.raises(UnsafeNameError):
+        lib.path_for(bad)
+    with pytest.raises(UnsafeNameError):
+        lib.import_file(src, name=bad)
+    with pytest.raises(UnsafeNameError):
+        lib.rename("ok", bad)
+
+
+def test_symlink_out_of_the_library_is_refused_and_not_listed(lib, src, tmp_path):
+    outside = _lora(tmp_path / "secret.safetensors")
+    lib.root.mkdir(parents=True)
+    (lib.root / "sneaky.safetensors").symlink_to(outside)
+    with pytest.raises(UnsafeNameError, match="outside"):
+        lib.path_for("sneaky")
+    assert "sneaky" not in lib.names() and lib.list() == []
+    with pytest.raises(UnsafeNameError):
+        lib.delete("sneaky")
+    assert outside.is_file()
+    # a dangling link cannot be used to write outside either
+    (lib.root / "dangling.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UnsafeNameError):
+        lib.import_file(src, name="dangling")
+    assert not (tmp_path / "elsewhere.safetensors").exists()
+
+
+def test_names_resolve_consistently_up_to_case(lib, src):
+    lib.import_file(src, name="Style")
+    assert lib.path_for("style") == lib.path_for("STYLE") == lib.root / "Style.safetensors"
+    assert lib.path_for("Style.safetensors") == lib.root / "Style.safetensors"
+    with pytest.raises(ConfigError, match="already exists"):
+        lib.import_file(src, name="STYLE")
+    assert lib.rename("style", "STYLE").name == "STYLE"  # a case-only rename is allowed
+    assert lib.names() == ["STYLE"]
+    with pytest.raises(FileNotFoundError):
+        lib.path_for("nope")
+
+
+def test_rename_and_delete_carry_sidecars(lib, src):
+    lib.import_file(src, name="a")
+    (lib.root / "a.toml").write_text("rank = 4")
+    lib.import_file(src, name="b")
+    with pytest.raises(ConfigError):
+        lib.rename("a", "b")
+    lib.rename("a", "c")
+    assert sorted(p.name for p in lib.root.iterdir()) == ["b.md", "b.png", "b.safetensors", "c.md", "c.png",
+                                                           "c.safetensors", "c.toml"]
+    gone = lib.delete("c")
+    assert {p.name for p in gone} == {"c.md", "c.png", "c.safetensors", "c.toml"}
+    assert sorted(p.name for p in lib.root.iterdir()) == ["b.md", "b.png", "b.safetensors"]
+
+
+def test_export_kohya_keeps_metadata(lib, src, tmp_path):
+    lib.import_file(src, name="s")
+    out = lib.export("s", "kohya", tmp_path)
+    sd, meta = load_safetensors(out)
+    assert out == tmp_path / "s.safetensors"
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in sd
+    assert float(sd["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == 2.0
+    assert meta["modelspec.trigger_phrase"] == "sks" and meta["ss_network_dim"] == "4"
+    back = lib.export("s", "peft")
+    assert back.parent == lib.root / "exports"
+    assert set(load_safetensors(back)[0]) == set(load_safetensors(lib.path_for("s"))[0])
+
+
+def test_default_root_follows_lora_studio_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
+    assert default_library_root() == tmp_path / "home" / "loras"
+    assert AdapterLibrary().root == tmp_path / "home" / "loras"
+    monkeypatch.delenv("LORA_STUDIO_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_library_root() == tmp_path / "xdg" / "lora-studio" / "loras"
+
+
+def test_check_name_strips_the_suffix():
+    assert check_name("style.safetensors") == "style"
+    assert check_name("Über style (v2)") == "Über style (v2)"
+
+
+def test_cli_loras_commands(src, tmp_path, capsys):
+    lib = str(tmp_path / "cli-lib")
+    assert main(["loras", "--library", lib, "import", str(src), "--name", "mine"]) == 0
+    assert main(["loras", "list", "--library", lib]) == 0
+    out = capsys.readouterr().out
+    assert "mine" in out and "sd1" in out and "sks" in out
+    assert main(["loras", "--library", lib, "export", "mine", "--format", "kohya", "--out",
+                 str(tmp_path / "k.safetensors")]) == 0
+    assert any(k.startswith("lora_unet_") for k in load_safetensors(tmp_path / "k.safetensors")[0])
+    assert main(["loras", "--library", lib, "rename", "mine", "yours"]) == 0
+    assert main(["loras", "--library", lib, "rm", "../yours"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert main(["loras", "--library", lib, "rm", "yours"]) == 0
+    assert main(["loras", "--library", lib, "list"]) == 0
+    assert "no adapters" in capsys.readouterr().out

@@ -1,0 +1,242 @@
+"""Stacking adapters: weights, exact unload, fuse/unfuse, bake, interference, A1111 tags and PNG metadata."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from lora_helpers import latents, make_lora
+
+from app.cli import main
+from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.base_models import load_base
+from pipelines.errors import ConfigError
+from pipelines.generation import (
+    GenerationRequest,
+    parse_parameters,
+    read_png_parameters,
+    request_from_parameters,
+    save_png,
+)
+from pipelines.library import AdapterLibrary
+from pipelines.stack import AdapterStack, StackEntry, parse_lora_arg, parse_lora_hashes, parse_lora_tags
+from pipelines.weights_io import addnet_hash, load_safetensors
+
+LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+TE_LAYER = "encoder.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_dir):
+    return load_base(tiny_sd1_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def base_out(sd1):
+    return latents(sd1.pipe)
+
+
+@pytest.fixture(scope="module")
+def lib(sd1, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack_lib")
+    a = make_lora(sd1.pipe, rank=4, seed=1)
+    save_adapter(a, root / "a.safetensors", lora_metadata(family="sd1", rank=4, alpha=8, name="a", trigger_word="sks"))
+    save_adapter(a, root / "a_copy.safetensors", lora_metadata(family="sd1", rank=4, alpha=8))
+    neg = {k: (-v if ".lora_B." in k else v) for k, v in a.items()}
+    save_adapter(neg, root / "a_neg.safetensors", lora_metadata(family="sd1", rank=4, alpha=8))
+    save_adapter(make_lora(sd1.pipe, rank=2, seed=2), root / "b.safetensors",
+                 lora_metadata(family="sd1", rank=2, alpha=2))
+    return AdapterLibrary(root)
+
+
+@pytest.fixture
+def stack(sd1, lib):
+    st = AdapterStack(sd1, lib)
+    yield st
+    st.unload()
+
+
+def test_parse_a1111_tags():
+    assert parse_lora_tags("<lora:style:0.7> a cat") == ("a cat", [StackEntry("style", 0.7, 0.7)])
+    clean, [e] = parse_lora_tags("a cat, <lora:style:0.7:0.5>")  # A1111: text encoder first, then UNet
+    assert clean == "a cat" and (e.te_weight, e.weight) == (0.7, 0.5)
+    _, [e1, e2] = parse_lora_tags("<lora:x> and <lora:y:te=0.2:unet=0.9>, z")
+    assert (e1.weight, e1.text_weight) == (1.0, 1.0) and (e2.te_weight, e2.weight) == (0.2, 0.9)
+    assert parse_lora_tags("no tags here") == ("no tags here", [])
+    with pytest.raises(ConfigError, match="between -2 and 2"):
+        parse_lora_tags("<lora:x:3>")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_lora_tags("<lora:x:lots>")
+
+
+def test_parse_cli_lora_args():
+    assert parse_lora_arg("style") == StackEntry("style")
+    assert parse_lora_arg("style:0.8") == StackEntry("style", 0.8)
+    e = parse_lora_arg("style:0.8:-0.5")  # ours: UNet weight, then text-encoder weight
+    assert (e.weight, e.text_weight) == (0.8, -0.5)
+    assert parse_lora_arg("v2:style:1").name == "v2:style"
+    assert parse_lora_hashes("a: 0123456789ab, b c: ba9876543210") == {"a": "0123456789ab", "b c": "ba9876543210"}
+    with pytest.raises(ConfigError, match="weight"):
+        StackEntry("x", float("nan"))
+
+
+def test_two_adapters_add_their_weighted_updates_on_a_layer(sd1, lib, stack):
+    stack.set_stack([("a", 0.7, 0.3), ("b", -0.5)])
+    fa, _ = load_safetensors(lib.path_for("a"))
+    fb, _ = load_safetensors(lib.path_for("b"))
+
+    def dw(f, comp, name, scale):
+        return scale * f[f"{comp}.{name}.lora_B.weight"] @ f[f"{comp}.{name}.lora_A.weight"]
+
+    layer = sd1.pipe.unet.get_submodule(LAYER)
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        delta = layer(x) - layer.get_base_layer()(x)
+    expected = x @ (dw(fa, "unet", LAYER, 0.7 * 8 / 4) + dw(fb, "unet", LAYER, -0.5 * 2 / 2)).T
+    assert torch.allclose(delta, expected, atol=1e-5)
+    te = sd1.pipe.text_encoder.get_submodule(TE_LAYER)
+    with torch.no_grad():
+        delta = te(x) - te.get_base_layer()(x)
+    tname = "text_model." + TE_LAYER
+    expected = x @ (dw(fa, "text_encoder", tname, 0.3 * 8 / 4) + dw(fb, "text_encoder", tname, -0.5 * 2 / 2)).T
+    assert torch.allclose(delta, expected, atol=1e-5)
+
+
+def test_reweighting_never_rereads_and_clear_or_unload_give_the_base_exactly(sd1, lib, stack, base_out):
+    unet_before = {k: v.clone() for k, v in sd1.pipe.unet.state_dict().items()}
+    stack.set_stack([("a", 1.0), ("b", 1.0)])
+    assert stack.reads == 2
+    one = latents(sd1.pipe)
+    for w in (0.2, -1.5, 2.0, 0.7):
+        stack.set_stack([("a", w), ("B", w / 2, 0.0)])  # names match the library up to case
+    stack.set_stack([("a", 1.0), ("b", 1.0)])
+    assert stack.reads == 2 and torch.equal(latents(sd1.pipe), one)
+    assert (one - base_out).abs().max() > 1e-3
+    stack.clear()
+    assert torch.equal(latents(sd1.pipe), base_out)
+    stack.set_stack([("a", 1.0)])
+    stack.unload()
+    assert torch.equal(latents(sd1.pipe), base_out)
+    after = sd1.pipe.unet.state_dict()
+    assert after.keys() == unet_before.keys() and all(torch.equal(after[k], v) for k, v in unet_before.items())
+
+
+def test_a_changed_file_is_read_again(sd1, lib, stack):
+    p = lib.root / "changing.safetensors"
+    save_adapter(make_lora(sd1.pipe, seed=5), p, lora_metadata(family="sd1", rank=4, alpha=4))
+    stack.set_stack([("changing", 1.0)])
+    first = latents(sd1.pipe)
+    save_adapter(make_lora(sd1.pipe, seed=6), p, lora_metadata(family="sd1", rank=4, alpha=4))
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
+    stack.set_stack([("changing", 1.0)])
+    assert stack.reads == 2 and not torch.equal(latents(sd1.pipe), first)
+    stack.unload()
+    p.unlink()
+
+
+def test_fuse_matches_the_stack_and_unfuse_restores_exactly(sd1, stack, base_out):
+    stack.set_stack([("a", 0.8, 0.4), ("b", -0.6)])
+    unfused = latents(sd1.pipe)
+    stack.fuse()
+    assert stack.fused
+    fused = latents(sd1.pipe)
+    assert torch.allclose(fused, unfused, atol=1e-4, rtol=0) and not torch.equal(fused, base_out)
+    stack.unfuse()
+    assert torch.equal(latents(sd1.pipe), unfused)
+    stack.fuse()
+    stack.set_stack([("a", 0.5)])  # a different stack unfuses first
+    assert not stack.fused
+    stack.set_stack([("a", 0.8, 0.4), ("b", -0.6)])
+    assert torch.equal(latents(sd1.pipe), unfused)
+    stack.fuse()
+    stack.unload()  # unload of a fused stack gives the base back bit for bit
+    assert torch.equal(latents(sd1.pipe), base_out)
+
+
+def test_bake_writes_one_file_that_reproduces_the_stack(sd1, stack, tmp_path):
+    stack.set_stack([("a", 0.8, 0.4), ("b", -0.6)])
+    want = latents(sd1.pipe)
+    path = stack.bake(tmp_path / "baked.safetensors")
+    stack.unload()
+    sd, meta = load_safetensors(path)
+    assert sd[f"unet.{LAYER}.lora_A.weight"].shape[0] == 4 + 2  # rank = sum of ranks: exact, not an SVD
+    assert "a" in meta["lora_studio.baked_from"] and meta["lora_studio.base_family"] == "sd1"
+    sd1.pipe.load_lora_weights(str(path), adapter_name="baked")  # a plain diffusers load
+    try:
+        assert torch.allclose(latents(sd1.pipe), want, atol=1e-4, rtol=0)
+    finally:
+        sd1.pipe.unload_lora_weights()
+
+
+def test_interference_flags_overlap_and_fights(stack):
+    report = stack.interference(["a", "a_copy", "a_neg", "b"])
+    by = {(p.a, p.b): p for p in report.pairs}
+    assert len(by) == 6 and by[("a", "b")].shared == 40
+    assert by[("a", "a_copy")].mean_cos == pytest.approx(1.0) and "overlap" in by[("a", "a_copy")].warning
+    assert by[("a", "a_neg")].mean_cos == pytest.approx(-1.0) and "fight" in by[("a", "a_neg")].warning
+    assert abs(by[("a", "b")].mean_cos) < 0.3 and by[("a", "b")].warning is None
+    assert len(report.warnings) == 3 and "a × b" in report.summary()
+    stack.set_stack([("a", 1.0), ("a_copy", -1.0)])  # a negative weight turns overlap into a fight
+    [pair] = stack.interference().pairs
+    assert pair.mean_cos == pytest.approx(-1.0) and "fight" in pair.warning
+
+
+def test_generate_records_tags_and_lora_hashes_and_reproduces_from_png(sd1, lib, stack, tmp_path):
+    req = GenerationRequest(prompt="<lora:a:0.8> a red circle", steps=2, seed=3, scheduler="DDIM")
+    img = stack.generate(req, loras=[("b", 0.5)])[0]
+    p = parse_parameters(img.parameters)
+    assert p["Prompt"] == "<lora:a:0.8> a red circle <lora:b:0.5>"
+    hashes = parse_lora_hashes(p["Lora hashes"])
+    assert hashes == {"b": addnet_hash(lib.path_for("b"))[:12], "a": addnet_hash(lib.path_for("a"))[:12]}
+    base_img = stack.generate(GenerationRequest(prompt="a red circle", steps=2, seed=3, scheduler="DDIM"))[0]
+    assert "Lora hashes" not in base_img.parameters
+    assert not np.array_equal(np.asarray(img.image), np.asarray(base_img.image))
+    path = save_png(img, tmp_path / "x.png")
+    again = stack.generate(request_from_parameters(read_png_parameters(path)))[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(img.image))
+    assert again.parameters == img.parameters
+
+
+def test_concurrent_requests_with_different_stacks_do_not_cross_talk(stack):
+    reqs = {"a": GenerationRequest(prompt="<lora:a:1> a blue square", steps=2, seed=1, scheduler="DDIM"),
+            "b": GenerationRequest(prompt="<lora:b:-1.5> a blue square", steps=2, seed=1, scheduler="DDIM")}
+    alone = {k: np.asarray(stack.generate(r)[0].image) for k, r in reqs.items()}
+    got: dict[str, list] = {"a": [], "b": []}
+
+    def run(k):
+        for _ in range(3):
+            got[k].append(np.asarray(stack.generate(reqs[k])[0].image))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not np.array_equal(alone["a"], alone["b"])
+    assert all(np.array_equal(x, alone[k]) for k in got for x in got[k])
+
+
+def test_unknown_names_and_bad_weights(stack):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        stack.set_stack([("nope", 1.0)])
+    with pytest.raises(ConfigError, match="between -2 and 2"):
+        stack.set_stack([("a", 2.5)])
+    with pytest.raises(ConfigError, match="twice"):
+        stack.set_stack([("a", 1.0), ("A", 0.5)])
+
+
+def test_cli_generate_with_loras(tiny_sd1_dir, lib, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    rc = main(["generate", "--base", str(tiny_sd1_dir), "--prompt", "<lora:a:0.5> a circle", "--lora", "b:0.7:0.2",
+               "--library", str(lib.root), "--steps", "2", "--seed", "4", "--scheduler", "ddim", "--out", str(out),
+               "--device", "cpu"])
+    assert rc == 0
+    p = parse_parameters(read_png_parameters(out))
+    assert p["Prompt"] == "<lora:a:0.5> a circle <lora:b:0.2:0.7>"
+    assert set(parse_lora_hashes(p["Lora hashes"])) == {"a", "b"}
+    assert main(["generate", "--base", str(tiny_sd1_dir), "--prompt", "x", "--lora", "../a", "--library",
+                 str(lib.root), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert "not allowed" in capsys.readouterr().err
