@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.set_defaults(func=cmd_train)
 
+    u = sub.add_parser("ui", help="start the browser app (what `lora-studio` with no command does)",
+                       description="Start the LoRA Studio browser app (Train, Generate, Library).")
+    u.add_argument("--base", default=None, help="base model (default: the embedded toy model); more models can be "
+                   "put in $LORA_STUDIO_HOME/models")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this computer only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--share", action="store_true", help="also publish on a public gradio.live URL (needs --auth)")
+    u.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    u.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt/.pt/.bin files (they can run code when loaded: only for files you trust)")
+    u.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_library_arg(u)
+    u.set_defaults(func=cmd_ui)
+
     lo = sub.add_parser("loras", help="the adapter library: list, import, export, rename, rm")
     _add_library_arg(lo)
     lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION", required=True)
@@ -165,13 +179,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from app.options import check_launch_options
+
+    check_launch_options(args.share, args.auth)  # refused before anything heavy is loaded
+    from app.ui import main_ui
+
+    return main_ui(base=args.base, host=args.host, port=args.port, share=args.share, auth=args.auth,
+                   library=args.library, allow_pickle=args.allow_pickle, device=args.device)
+
+
 def _lora_entry(text: str):
-    """--lora NAME[:W[:TE_W]]; NAME may be a .safetensors path (then named after the file)."""
+    """--lora NAME[:W[:TE_W]]; NAME may be a path to a .safetensors file (then named after the file)."""
     from pipelines.stack import StackEntry, parse_lora_arg
 
     e = parse_lora_arg(text)
     p = Path(e.name).expanduser()
-    if p.suffix.lower() == ".safetensors" or p.parent != Path("."):
+    if p.suffix.lower() == ".safetensors" and (p.parent != Path(".") or p.is_file()):
         return StackEntry(p.stem, e.weight, e.te_weight), p
     return e, None
 
@@ -333,9 +357,8 @@ def _usage(msg: str) -> _UsageError:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.command is None:
-        ap.print_help()
-        return 0
+    if args.command is None:  # no command: start the browser app with its defaults
+        args = ap.parse_args(["ui"])
     quiet_libraries()
     try:
         return args.func(args)

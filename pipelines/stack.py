@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -314,35 +315,42 @@ class AdapterStack:
 
     def _load_into_pipe(self, sd, meta, adapter: str, components: list[str], path: Path) -> None:
         """What `pipe.load_lora_weights` does, from the tensors already read, for the matching components."""
-        pipe = self.pipe
         try:
-            state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
-            raw = meta.get(DIFFUSERS_METADATA_KEY)
-            lora_meta = json.loads(raw) if raw and not network_alphas else None
-
-            def meta_for(comp: str):
-                return lora_meta if lora_meta and any(k.startswith(comp + ".") for k in lora_meta) else None
-
-            state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] in components}
-            for comp in TEXT_ENCODERS:
-                part = {k[len(comp) + 1:]: v for k, v in state_dict.items() if k.split(".")[0] == comp}
-                if part:
-                    state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] != comp}
-                    state_dict.update({f"{comp}.{k}": v for k, v in text_encoder_to_peft(part).items()})
-            if "unet" in components:
-                pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
-                                         adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
-            for comp in TEXT_ENCODERS:
-                if comp in components and getattr(pipe, comp, None) is not None:
-                    pipe.load_lora_into_text_encoder(
-                        state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
-                        lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))
+            with warnings.catch_warnings():  # peft warns on every second adapter of a model: that is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self._load_components(sd, meta, adapter, components)
         except Exception as e:  # noqa: BLE001 - undo a half-done load whatever failed, then say which file
             self._delete_adapter(adapter)
             if isinstance(e, IncompatibleAdapterError):
                 raise
             raise IncompatibleAdapterError(f"{path.name}: could not be loaded into the base model "
                                            f"({type(e).__name__}: {e})") from e
+
+    def _load_components(self, sd, meta, adapter: str, components: list[str]) -> None:
+        pipe = self.pipe
+        # diffusers' own conversion (kohya names, SDXL input/middle/output_blocks, old processor keys)
+        state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
+        raw = meta.get(DIFFUSERS_METADATA_KEY)
+        lora_meta = json.loads(raw) if raw and not network_alphas else None
+
+        def meta_for(comp: str):
+            # diffusers passes {} for a component missing from the metadata, and LoraConfig() then fails
+            return lora_meta if lora_meta and any(k.startswith(comp + ".") for k in lora_meta) else None
+
+        state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] in components}
+        for comp in TEXT_ENCODERS:
+            part = {k[len(comp) + 1:]: v for k, v in state_dict.items() if k.split(".")[0] == comp}
+            if part:
+                state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] != comp}
+                state_dict.update({f"{comp}.{k}": v for k, v in text_encoder_to_peft(part).items()})
+        if "unet" in components:
+            pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
+                                     adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
+        for comp in TEXT_ENCODERS:
+            if comp in components and getattr(pipe, comp, None) is not None:
+                pipe.load_lora_into_text_encoder(
+                    state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
+                    lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))
 
     def _delete_adapter(self, adapter: str) -> None:
         """Remove one diffusers/peft adapter from every component that has it."""
@@ -390,8 +398,11 @@ class AdapterStack:
         entries = tuple(_coerce(entries))
         with self.lock:
             for e in entries:
-                if self._key_of(e.name) is None:
+                known = self._key_of(e.name)
+                if known is None:
                     self.load(e.name)
+                elif self._loaded[known].path.exists():  # re-read only a file changed since (mtime/size)
+                    self.load(known, self._loaded[known].path)
             entries = tuple(replace(e, name=self._key_of(e.name)) for e in entries)
             if self._fused is not None and entries != self._fused:
                 self.unfuse()
@@ -582,7 +593,7 @@ class AdapterStack:
         """
         clean, tagged = parse_lora_tags(req.prompt)
         explicit = _coerce(loras)
-        entries = _coerce(list(explicit) + tagged)
+        entries = _coerce(tagged + list(explicit))  # the order of the recorded prompt: sums are order-exact
         with self.lock:
             self.set_stack(entries)
             applied = self._stack

@@ -71,6 +71,20 @@ def files(sd1, sdxl, tmp_path_factory):
     f["kohya_noalpha"] = save_safetensors({n: v for n, v in k.items() if not n.endswith(".alpha")},
                                           d / "kohya_noalpha.safetensors", meta)
     f["diffusers_old"] = save_safetensors(_old_diffusers(sd), d / "old.safetensors")
+    # written by diffusers' own save_lora_weights (text-encoder keys as transformers 5 names them), alpha 6
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    StableDiffusionPipeline.save_lora_weights(
+        d, weight_name="diffusers_saved.safetensors",
+        unet_lora_layers={k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")},
+        text_encoder_lora_layers={k[len("text_encoder.text_model."):]: v for k, v in sd.items()
+                                  if k.startswith("text_encoder.")},
+        unet_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+                                              ).to_dict(),
+        text_encoder_lora_adapter_metadata=LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj",
+                                                                                         "v_proj", "out_proj"]).to_dict())
+    f["diffusers_saved"] = d / "diffusers_saved.safetensors"
     sdx = make_lora(sdxl.pipe, rank=2, seed=3, components=("unet", "text_encoder", "text_encoder_2"))
     f["xl_ours"] = save_adapter(sdx, d / "xl_ours.safetensors", lora_metadata(family="sdxl", rank=2, alpha=3))
     f["xl_kohya"] = export_kohya(f["xl_ours"], d / "xl_kohya.safetensors", base=sdxl)
@@ -98,7 +112,8 @@ def _ours(base, path):
         st.unload()
 
 
-@pytest.mark.parametrize("key,fmt", [("ours", "peft"), ("plain_peft", "peft"), ("kohya", "kohya"),
+@pytest.mark.parametrize("key,fmt", [("ours", "peft"), ("plain_peft", "peft"), ("diffusers_saved", "peft"),
+                                     ("kohya", "kohya"),
                                      ("kohya_noalpha", "kohya"), ("diffusers_old", "diffusers_old")])
 def test_sd1_formats_load_as_diffusers_loads_them(sd1, sd1_ref, files, key, fmt):
     path = files[key]
@@ -110,6 +125,7 @@ def test_sd1_formats_load_as_diffusers_loads_them(sd1, sd1_ref, files, key, fmt)
     assert torch.equal(latents(sd1.pipe), sd1_ref)  # and unloading restored the base exactly
     info = inspect_adapter(path, sd1)
     assert (info.matched, info.total) == (40, 40) and info.format == fmt
+    assert info.alpha == {"ours": 8, "kohya": 8, "diffusers_saved": 6}.get(key, 4)
 
 
 @pytest.mark.parametrize("key", ["xl_ours", "xl_kohya", "xl_kohya_dnames"])

@@ -190,7 +190,8 @@ def test_generate_records_tags_and_lora_hashes_and_reproduces_from_png(sd1, lib,
     p = parse_parameters(img.parameters)
     assert p["Prompt"] == "<lora:a:0.8> a red circle <lora:b:0.5>"
     hashes = parse_lora_hashes(p["Lora hashes"])
-    assert hashes == {"b": addnet_hash(lib.path_for("b"))[:12], "a": addnet_hash(lib.path_for("a"))[:12]}
+    assert hashes == {"a": addnet_hash(lib.path_for("a"))[:12], "b": addnet_hash(lib.path_for("b"))[:12]}
+    assert list(hashes) == ["a", "b"]
     base_img = stack.generate(GenerationRequest(prompt="a red circle", steps=2, seed=3, scheduler="DDIM"))[0]
     assert "Lora hashes" not in base_img.parameters
     assert not np.array_equal(np.asarray(img.image), np.asarray(base_img.image))

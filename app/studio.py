@@ -1,0 +1,411 @@
+"""The app's server-side state: folders, the training queue, loaded base models and their adapter stacks.
+
+No Gradio here. The browser sends names (adapter, base model, sample set, dataset, image file); each is
+resolved inside one of the app's own folders and refused if it would leave it.
+
+    $LORA_STUDIO_HOME/
+        loras/      the adapter library (and loras/runs/<name>/ with samples, checkpoints, log)
+        outputs/    generated images and comparison grids
+        datasets/   training images staged from uploads or sample sets, one folder per upload
+        models/     extra base models: diffusers folders and single-file .safetensors checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_configs, load_base
+from pipelines.errors import ConfigError, UnsafeNameError
+from pipelines.generation import GeneratedImage, GenerationRequest, save_png
+from pipelines.library import AdapterLibrary, check_name, default_home
+from pipelines.stack import AdapterStack, StackEntry, parse_lora_tags
+from training.config import PRESETS, TrainConfig
+from training.dataset import ScanResult, scan_folder
+from training.jobs import Job, JobQueue
+
+SAMPLE_DATA = ROOT / "sample_data"
+SAMPLE_SET_TRIGGERS = {"concept-star": ("sks", "concept"), "style-outline": ("ohwx", "style")}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+_UNSAFE_FILE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+
+_QUEUE: JobQueue | None = None
+_QUEUE_LOCK = threading.Lock()
+
+
+def job_queue() -> JobQueue:
+    """The process-wide training queue: one worker, so never two trainings on the device at once.
+
+    It lives as long as the server process, not a browser tab: closing the tab does not stop a job,
+    and a reopened page finds it again.
+    """
+    global _QUEUE
+    with _QUEUE_LOCK:
+        if _QUEUE is None:
+            _QUEUE = JobQueue()
+        return _QUEUE
+
+
+def safe_file_name(name: str) -> str:
+    """A browser-supplied file name reduced to a plain name (no folders, no control characters)."""
+    name = Path(str(name).replace("\\", "/")).name
+    name = _UNSAFE_FILE_CHARS.sub("_", name).strip()
+    if name in ("", ".", ".."):
+        name = "file"
+    return name[:150]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def folder_family(folder: Path) -> str | None:
+    """sd1 / sd2 / sdxl of a diffusers folder from its configs, without loading weights (None: unknown)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        te_path = folder / "text_encoder" / "config.json"
+        te = json.loads(te_path.read_text()) if te_path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return family_from_configs(unet, te, (folder / "text_encoder_2").is_dir())
+
+
+@dataclass
+class Loaded:
+    """One loaded base model and the adapter stack that lives on it."""
+
+    name: str
+    base: BaseModel
+    stack: AdapterStack
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    paths: list[Path]
+    warnings: list[str]
+    entries: tuple[StackEntry, ...]
+
+
+class Studio:
+    """Everything the UI handlers call into; one per server process (tests make their own)."""
+
+    def __init__(self, home: str | Path | None = None, base: str | None = None, library: str | Path | None = None,
+                 *, queue: JobQueue | None = None, allow_pickle: bool = False, device: str | None = None,
+                 max_loaded: int = 2) -> None:
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.library = AdapterLibrary(library if library is not None else self.home / "loras",
+                                      allow_pickle=allow_pickle)
+        self.outputs = self.home / "outputs"
+        self.datasets = self.home / "datasets"
+        self.models_dir = self.home / "models"
+        for d in (self.library.root, self.outputs, self.datasets, self.models_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.default_base = str(base) if base else str(DEFAULT_BASE)
+        self.allow_pickle = allow_pickle
+        self.device = device
+        self._queue = queue
+        self.max_loaded = max_loaded
+        self._loaded: dict[str, Loaded] = {}
+        self._models_lock = threading.Lock()
+        self._out_lock = threading.Lock()
+
+    @property
+    def queue(self) -> JobQueue:
+        return self._queue if self._queue is not None else job_queue()
+
+    def served_paths(self) -> list[str]:
+        """The only folders the web server may serve files from (besides Gradio's own upload cache)."""
+        return [str(p.resolve()) for p in (self.outputs, self.library.root, self.datasets)]
+
+    # ------------------------------------------------------------------------------------------ base models
+    @property
+    def default_base_name(self) -> str:
+        p = Path(self.default_base)
+        if p.resolve() == Path(DEFAULT_BASE).resolve():
+            return f"{p.name} (embedded toy model)"
+        return p.name or self.default_base
+
+    def base_choices(self) -> dict[str, str]:
+        """Base model names shown in the picker -> where each is loaded from.
+
+        The default base (the embedded toy model or `--base`) first, then diffusers folders and
+        .safetensors checkpoints found in the models folder (links leaving it are ignored).
+        """
+        out = {self.default_base_name: self.default_base}
+        if self.models_dir.is_dir():
+            for p in sorted(self.models_dir.iterdir()):
+                if p.name.startswith(".") or not _inside(p, self.models_dir):
+                    continue
+                if p.is_dir() and (p / "model_index.json").is_file():
+                    out.setdefault(p.name, str(p))
+                elif p.is_file() and p.suffix.lower() == ".safetensors":
+                    out.setdefault(p.name, str(p))
+        return out
+
+    def base_source(self, name: str | None) -> str:
+        """Resolve a picker name; anything not in the list (a path typed by hand, `..`) is refused."""
+        if not name:
+            return self.default_base
+        choices = self.base_choices()
+        if name not in choices:
+            raise UnsafeNameError(f"base model: '{name}' is not one of the available models "
+                                  f"(put models in {self.models_dir})")
+        return choices[name]
+
+    def base_family(self, name: str | None) -> str | None:
+        """The family of a base model by name: from the loaded model, else from its configs (None: unknown)."""
+        name = name or self.default_base_name
+        with self._models_lock:
+            if name in self._loaded:
+                return self._loaded[name].base.family
+        try:
+            src = Path(self.base_source(name))
+        except UnsafeNameError:
+            return None
+        return folder_family(src) if src.is_dir() else None
+
+    def model(self, name: str | None) -> Loaded:
+        """The loaded base model `name` with its adapter stack, loading it on first use (one copy each)."""
+        name = name or self.default_base_name
+        src = self.base_source(name)
+        with self._models_lock:
+            hit = self._loaded.get(name)
+            if hit is not None:
+                return hit
+            base = load_base(src, allow_pickle=self.allow_pickle, device=self.device)
+            loaded = Loaded(name, base, AdapterStack(base, self.library, allow_pickle=self.allow_pickle))
+            while len(self._loaded) >= self.max_loaded:  # keep memory bounded: drop the oldest
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[name] = loaded
+            return loaded
+
+    def loaded_models(self) -> list[Loaded]:
+        with self._models_lock:
+            return list(self._loaded.values())
+
+    def forget_adapter(self, name: str) -> None:
+        """After a rename or delete: drop the adapter from every loaded stack."""
+        for m in self.loaded_models():
+            if any(n.casefold() == name.casefold() for n in m.stack.loaded):
+                m.stack.unload([name])
+
+    # ------------------------------------------------------------------------------------------ datasets
+    def sample_sets(self) -> list[str]:
+        return [n for n in SAMPLE_SET_TRIGGERS if (SAMPLE_DATA / n).is_dir()]
+
+    def _new_dataset(self, hint: str) -> tuple[str, Path]:
+        ds_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{re.sub(r'[^A-Za-z0-9-]', '', hint)[:30] or 'upload'}-" \
+                f"{secrets.token_hex(3)}"
+        folder = self.datasets / ds_id
+        folder.mkdir(parents=True)
+        return ds_id, folder
+
+    def dataset_folder(self, ds_id: str) -> Path:
+        if not isinstance(ds_id, str) or not _ID.match(ds_id) or ".." in ds_id:
+            raise UnsafeNameError(f"dataset: '{ds_id}' is not a dataset name")
+        folder = self.datasets / ds_id
+        if not folder.is_dir() or not _inside(folder, self.datasets):
+            raise ConfigError("images: no training images yet; upload some or pick a sample set")
+        return folder
+
+    def stage_files(self, files: Iterable[str | Path], names: Iterable[str] | None = None) -> str:
+        """Copy uploaded files (Gradio's temporary copies) into a new dataset folder; returns its name.
+
+        `names` are the browser's original file names; only their last component is kept.
+        """
+        files = [Path(f) for f in files]
+        names = list(names) if names is not None else [f.name for f in files]
+        if not files:
+            raise ConfigError("images: no files uploaded")
+        ds_id, folder = self._new_dataset("upload")
+        for src, name in zip(files, names):
+            dst = folder / safe_file_name(name)
+            stem, suffix, k = dst.stem, dst.suffix, 1
+            while dst.exists():
+                dst = folder / f"{stem}-{k}{suffix}"
+                k += 1
+            shutil.copyfile(src, dst)
+        return ds_id
+
+    def stage_sample_set(self, name: str) -> str:
+        if name not in self.sample_sets():
+            raise UnsafeNameError(f"sample set: '{name}' is not one of {', '.join(self.sample_sets())}")
+        ds_id, folder = self._new_dataset(name)
+        for p in sorted((SAMPLE_DATA / name).iterdir()):
+            if p.is_file() and p.suffix.lower() != ".md":
+                shutil.copyfile(p, folder / p.name)
+        return ds_id
+
+    def discard_dataset(self, ds_id: str | None) -> None:
+        if not ds_id:
+            return
+        try:
+            folder = self.dataset_folder(ds_id)
+        except (UnsafeNameError, ConfigError):
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def scan(self, ds_id: str, trigger: str, preset: str = "custom") -> ScanResult:
+        template = PRESETS.get(preset, {}).get("instance_template", TrainConfig.instance_template)
+        return scan_folder(self.dataset_folder(ds_id), trigger or "sks", template)
+
+    def save_captions(self, ds_id: str, rows: Sequence[tuple[str, str]]) -> None:
+        """Write the captions shown in the UI next to their images (file names only, inside the dataset)."""
+        folder = self.dataset_folder(ds_id)
+        for name, caption in rows:
+            if not name:
+                continue
+            if safe_file_name(name) != name or name.startswith("."):
+                raise UnsafeNameError(f"caption: '{name}' is not a file name of this dataset")
+            img = folder / name
+            if not img.is_file() or not _inside(img, folder):
+                raise UnsafeNameError(f"caption: no image '{name}' in this dataset")
+            txt = img.with_suffix(".txt")
+            tmp = txt.with_name(f".{txt.name}.tmp")
+            tmp.write_text(str(caption or "").strip() + "\n", encoding="utf-8")
+            tmp.replace(txt)
+
+    # ------------------------------------------------------------------------------------------ training
+    def check_new_adapter_name(self, name: str) -> str:
+        name = check_name(name)
+        if any(n.casefold() == name.casefold() for n in self.library.names()):
+            raise ConfigError(f"name: an adapter called '{name}' is already in the library; pick another name "
+                              "or delete it in the Library tab")
+        for job in self.queue.jobs():
+            if job.active and job.config.name.casefold() == name.casefold():
+                raise ConfigError(f"name: a training called '{name}' is already queued or running")
+        return name
+
+    def submit(self, cfg: TrainConfig) -> Job:
+        return self.queue.submit(cfg)
+
+    def job(self, job_id: int | None) -> Job | None:
+        if job_id is None:
+            return None
+        try:
+            return self.queue.get(int(job_id))
+        except (TypeError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _out_paths(self, n: int, stem: str = "") -> list[Path]:
+        day = self.outputs / time.strftime("%Y-%m-%d")
+        day.mkdir(parents=True, exist_ok=True)
+        with self._out_lock:
+            nums = [int(m.group(1)) for p in day.glob("*.png") if (m := re.match(r"(\d{5})", p.name))]
+            start = max(nums, default=-1) + 1
+            paths = [day / f"{start + i:05d}{stem}.png" for i in range(n)]
+            for p in paths:  # reserve the names before the slow part
+                p.touch()
+        return paths
+
+    def generate(self, base_name: str | None, req: GenerationRequest, entries: Sequence[StackEntry] = (),
+                 fuse: bool = False) -> GenerateResult:
+        """Generate with the given stack (plus `<lora:...>` tags in the prompt); save PNGs with parameters.
+
+        The stack's lock is held from choosing the adapters to the last denoising step, so two requests
+        with different stacks never see each other's weights.
+        """
+        m = self.model(base_name)
+        stack = m.stack
+        _, tagged = parse_lora_tags(req.prompt)
+        combined = list(entries) + tagged
+        with stack.lock:
+            stack.set_stack(combined)
+            if fuse and combined:
+                stack.fuse()
+            elif stack.fused:
+                stack.unfuse()
+            images = stack.generate(req, entries)
+            warnings = stack.interference().warnings if len(combined) >= 2 else []
+            applied = stack.stack
+        paths = self._out_paths(len(images), f"-{req.seed}")
+        for img, p in zip(images, paths):
+            save_png(img, p)
+        return GenerateResult(images, paths, warnings, applied)
+
+    def compare_weights(self, base_name: str | None, req: GenerationRequest, adapter: str, weights: Sequence[float],
+                        others: Sequence[StackEntry] = ()) -> tuple[Path, list[str]]:
+        """One prompt and seed across weights of one adapter (other adapters fixed): a labelled grid PNG."""
+        from pipelines.grid import image_grid
+
+        adapter = check_name(adapter)
+        if not weights:
+            raise ConfigError("weights: give at least one weight, e.g. 0, 0.5, 1")
+        others = [e for e in others if e.name.casefold() != adapter.casefold()]
+        columns: list[list[GeneratedImage]] = []
+        for w in weights:
+            columns.append(self.generate(base_name, req, list(others) + [StackEntry(adapter, float(w))]).images)
+        rows = [[col[i].image for col in columns] for i in range(len(columns[0]))]
+        labels = [f"{adapter} {w:g}" for w in weights]
+        row_labels = [f"seed {img.seed}" for img in columns[0]] if len(rows) > 1 else []
+        grid = image_grid(rows, labels, row_labels, title=_short(req.prompt))
+        path = self._out_paths(1, "-grid")[0]
+        params = columns[0][0].parameters + f", Grid: {adapter} weights {', '.join(f'{w:g}' for w in weights)}"
+        save_png(grid, path, params)
+        return path, [str(c[0].seed) for c in columns]
+
+    def runs(self) -> list[str]:
+        """Training runs that have checkpoints (for comparing checkpoints)."""
+        d = self.library.root / "runs"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "checkpoints").is_dir() and _inside(p, d))
+
+    def compare_checkpoints(self, base_name: str | None, req: GenerationRequest, run: str, weight: float = 1.0
+                            ) -> Path:
+        """One prompt and seed across the checkpoints of a run (and its finished adapter): a grid PNG."""
+        from pipelines.grid import image_grid
+        from training.export import list_checkpoints
+
+        run = check_name(run)
+        run_dir = self.library.root / "runs" / run
+        if not run_dir.is_dir() or not _inside(run_dir, self.library.root):
+            raise ConfigError(f"run: no training run called '{run}'")
+        ckpts = list_checkpoints(run_dir)
+        m = self.model(base_name)
+        cols: list[tuple[str, str]] = []
+        for c in ckpts:
+            key = f"{run}@{c.name}"
+            m.stack.load(key, c / "adapter.safetensors")
+            cols.append((key, f"step {int(c.name.split('-')[-1])}"))
+        if run in self.library.names():
+            cols.append((run, "final"))
+        if not cols:
+            raise ConfigError(f"run '{run}': no checkpoints or finished adapter to compare")
+        columns = [self.generate(base_name, req, [StackEntry(k, weight)]).images for k, _ in cols]
+        rows = [[col[i].image for col in columns] for i in range(len(columns[0]))]
+        grid = image_grid(rows, [lbl for _, lbl in cols], title=_short(req.prompt))
+        path = self._out_paths(1, "-grid")[0]
+        save_png(grid, path, columns[0][0].parameters + f", Grid: checkpoints of {run}")
+        return path
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def entries_from_rows(rows: Iterable[tuple]) -> list[StackEntry]:
+    """UI adapter rows (name, enabled, weight, separate_te, te_weight) -> stack entries."""
+    out = []
+    for name, enabled, weight, sep_te, te_weight in rows:
+        if not enabled or not name:
+            continue
+        out.append(StackEntry(check_name(name), float(weight), float(te_weight) if sep_te else None))
+    return out
+
+
+__all__ = ["Studio", "job_queue", "entries_from_rows", "safe_file_name", "GenerateResult"]

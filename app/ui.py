@@ -1,0 +1,813 @@
+"""The browser app: Train, Generate and Library tabs (Gradio). Widgets and event wiring only.
+
+Each handler builds a config or request, calls one function of `training/`, `pipelines/` or the app's
+`Studio` (app/studio.py), and turns a domain error into a readable `gr.Error`, never a traceback.
+The browser only ever sends names (adapter, base model, sample set, image file); `Studio` resolves them.
+
+    lora-studio                       # http://127.0.0.1:7860 on the embedded toy model
+    lora-studio ui --base /path/to/sd15 --port 7861
+    lora-studio ui --share --auth user:password
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.errors import ConfigError, LoraStudioError
+from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
+from training.config import PRESETS, TrainConfig
+from training.jobs import Job
+
+from .options import check_launch_options, parse_auth
+from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows
+
+log = logging.getLogger("lora_studio.ui")
+
+MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
+SLOTS = 4  # adapter rows on the Generate tab
+POLL_S = 1.0  # training progress refresh
+NO_SAMPLE_SET = "(upload your own images)"
+PRESET_FIELDS = ("rank", "max_steps", "lr_unet", "lr_text", "train_text_encoder")
+CAPTION_COLUMNS = ["image", "caption"]
+LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
+
+CSS = """
+.ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
+.ls-bar {height: 100%; background: var(--color-accent); transition: width .4s}
+.ls-status {font-size: 0.95em}
+.ls-warn {color: #b45309}
+#ls-header h1 {margin-bottom: 0}
+"""
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def ui_errors(fn: Callable) -> Callable:
+    """Domain errors become a readable message in the browser; anything else too, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (LoraStudioError, FileNotFoundError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - a bug: log it on the server, show one line in the browser
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Unexpected error ({type(e).__name__}): {e}", print_exception=False) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def _df(rows: Sequence[Sequence[Any]], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame([list(r) for r in rows], columns=columns)
+
+
+def _rows(df: Any) -> list[list[Any]]:
+    if df is None:
+        return []
+    if isinstance(df, pd.DataFrame):
+        return [list(r) for r in df.itertuples(index=False, name=None)]
+    if isinstance(df, dict) and "data" in df:
+        return [list(r) for r in df["data"]]
+    return [list(r) for r in df]
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _replace_trigger(caption: str, old: str, new: str) -> str:
+    """Swap the trigger word in one caption (whole words only); add it in front when it is missing."""
+    caption = str(caption or "").strip()
+    if old and old != new:
+        caption = re.sub(rf"(?<![\w]){re.escape(old)}(?![\w])", new, caption)
+    if new and not re.search(rf"(?<![\w]){re.escape(new)}(?![\w])", caption):
+        caption = f"{new}, {caption}" if caption else new
+    return caption
+
+
+def _num(v: Any, what: str, cast=float):
+    try:
+        return cast(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: '{v}' is not a number") from None
+
+
+def _weights(text: str) -> list[float]:
+    vals = [w for w in re.split(r"[,\s;]+", str(text or "").strip()) if w]
+    out = [_num(w, "weights") for w in vals]
+    for w in out:
+        if not WEIGHT_MIN <= w <= WEIGHT_MAX:
+            raise ConfigError(f"weights: {w:g} is outside {WEIGHT_MIN:g}..{WEIGHT_MAX:g}")
+    if not out:
+        raise ConfigError("weights: give at least one weight, e.g. 0, 0.5, 1")
+    if len(out) > 8:
+        raise ConfigError("weights: at most 8 columns")
+    return out
+
+
+class StudioUI:
+    """The Gradio Blocks app over one `Studio`. Handlers are plain methods, callable from tests."""
+
+    def __init__(self, studio: Studio | None = None) -> None:
+        self.studio = studio or Studio()
+
+    # ============================================================================================ Train tab
+    def _dataset_view(self, ds_id: str, trigger: str, preset: str):
+        scan = self.studio.scan(ds_id, trigger, preset)
+        thumbs = [(str(it.path), it.path.name) for it in scan.items]
+        caps = _df([(it.path.name, it.caption) for it in scan.items], CAPTION_COLUMNS)
+        return thumbs, self._skipped_md(scan), caps
+
+    @staticmethod
+    def _skipped_md(scan) -> str:
+        head = f"**{len(scan.items)} image(s) will be trained on.**"
+        if not scan.skipped:
+            return head + " No file was skipped."
+        lines = [head, f"**{len(scan.skipped)} file(s) skipped:**"]
+        lines += [f"- `{html.escape(p.name)}`: {html.escape(why)}" for p, why in scan.skipped]
+        return "\n".join(lines)
+
+    @ui_errors
+    def stage_upload(self, files, trigger: str, preset: str, old_ds: str | None):
+        """Uploaded files -> a new dataset folder; thumbnails, skipped files with reasons, captions."""
+        files = [files] if isinstance(files, str) else list(files or [])
+        if not files:
+            return None, [], "", _df([], CAPTION_COLUMNS), trigger
+        paths = [Path(getattr(f, "name", f)) for f in files]
+        ds_id = self.studio.stage_files(paths, [p.name for p in paths])
+        self.studio.discard_dataset(old_ds)
+        try:
+            thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
+        except LoraStudioError as e:  # nothing usable: still list what was skipped
+            self.studio.discard_dataset(ds_id)
+            raise gr.Error(str(e).replace(str(self.studio.datasets) + "/", ""), print_exception=False) from None
+        return ds_id, thumbs, skipped, caps, trigger
+
+    @ui_errors
+    def pick_sample_set(self, name: str, old_ds: str | None):
+        """A shipped sample set -> staged like an upload; trigger word, preset and a name filled in."""
+        if not name or name == NO_SAMPLE_SET:
+            return (gr.skip(),) * 8
+        trigger, preset = SAMPLE_SET_TRIGGERS[name] if name in SAMPLE_SET_TRIGGERS else ("sks", "custom")
+        ds_id = self.studio.stage_sample_set(name)
+        self.studio.discard_dataset(old_ds)
+        thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
+        adapter_name = self._free_name(f"{name}-lora")
+        return ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name
+
+    def _free_name(self, stem: str) -> str:
+        taken = {n.casefold() for n in self.studio.library.names()}
+        taken |= {j.config.name.casefold() for j in self.studio.queue.jobs() if j.active}
+        name, k = stem, 2
+        while name.casefold() in taken:
+            name, k = f"{stem}-{k}", k + 1
+        return name
+
+    @staticmethod
+    def retrigger(captions, old: str, new: str):
+        """The trigger word changed: swap it in every caption (user edits kept)."""
+        new = (new or "").strip()
+        if not new:
+            return gr.skip(), old
+        rows = [[r[0], _replace_trigger(r[1], old, new)] for r in _rows(captions) if r and r[0]]
+        return _df(rows, CAPTION_COLUMNS), new
+
+    @staticmethod
+    def preset_defaults(preset: str):
+        """The preset's defaults for rank, steps, learning rates and text-encoder training."""
+        vals = PRESETS.get(preset, {})
+        if not vals:
+            return (gr.skip(),) * len(PRESET_FIELDS)
+        return tuple(vals.get(f, gr.skip()) for f in PRESET_FIELDS)
+
+    def train_config(self, ds_id: str | None, captions, last_trigger: str, name: str, trigger: str, preset: str,
+                     rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
+                     num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
+                     sample_steps, checkpoint_every, base_name: str | None) -> TrainConfig:
+        """The form -> a TrainConfig (captions written next to the staged images first)."""
+        if not ds_id:
+            raise ConfigError("images: upload some images or pick a sample set first")
+        name = self.studio.check_new_adapter_name((name or "").strip())
+        trigger = (trigger or "").strip()
+        rows = [[r[0], _replace_trigger(r[1], last_trigger, trigger)] for r in _rows(captions) if r and r[0]]
+        self.studio.save_captions(ds_id, rows)
+        prompts = [p.strip() for p in str(sample_prompts or "").splitlines() if p.strip()]
+        res = _num(resolution or 0, "resolution", int)
+        data = dict(
+            images=str(self.studio.dataset_folder(ds_id)), name=name, trigger=trigger, preset=preset,
+            base=self.studio.base_source(base_name), output_dir=str(self.studio.library.root),
+            rank=_num(rank, "rank", int), alpha=(_num(alpha, "alpha") or None) if alpha else None,
+            max_steps=_num(max_steps, "max_steps", int), lr_unet=_num(lr_unet, "lr_unet"),
+            lr_text=_num(lr_text, "lr_text"), train_text_encoder=bool(train_te),
+            class_prompt=(class_prompt or "").strip() or None if prior else None,
+            num_class_images=_num(num_class_images, "num_class_images", int),
+            resolution=res or None, seed=_num(seed, "seed", int), sample_prompts=prompts,
+            batch_size=_num(batch_size, "batch_size", int), sample_every=_num(sample_every, "sample_every", int),
+            sample_steps=_num(sample_steps, "sample_steps", int),
+            checkpoint_every=_num(checkpoint_every, "checkpoint_every", int), device=self.studio.device,
+        )
+        if prior and not data["class_prompt"]:
+            raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
+        return TrainConfig.from_dict(data, source="form")
+
+    @ui_errors
+    def start_training(self, *form):
+        """Start: queue the job (one trains at a time); returns its id and first status."""
+        cfg = self.train_config(*form)
+        job = self.studio.submit(cfg)
+        return job.id, self.status_html(job)
+
+    @ui_errors
+    def stop_training(self, job_id):
+        job = self.studio.job(job_id)
+        if job is None or not job.active:
+            raise gr.Error("No training is running.", print_exception=False)
+        self.studio.queue.stop(job.id)
+        gr.Info(f"Stopping '{job.config.name}' after the current step; a checkpoint is kept.")
+        return self.status_html(job)
+
+    def status_html(self, job: Job | None) -> str:
+        if job is None:
+            return "<div class='ls-status'>No training yet. Pick images, then press <b>Start training</b>.</div>"
+        name = html.escape(job.config.name)
+        p = job.progress
+        total = p.total if p else job.config.max_steps
+        step = p.step if p else 0
+        pct = 100.0 * step / max(1, total)
+        bar = f"<div class='ls-progress'><div class='ls-bar' style='width:{pct:.1f}%'></div></div>"
+        if job.state == "queued":
+            pos = self.studio.queue.position(job)
+            return (f"<div class='ls-status'>⏳ <b>{name}</b> is waiting in the queue: position {pos} "
+                    f"({pos} job(s) ahead; one training runs at a time).</div>")
+        if job.state == "running":
+            if p is None or (p.loss is None and step == 0):
+                return (f"<div class='ls-status'>⚙️ <b>{name}</b>: preparing (loading the base model, checking and "
+                        f"encoding the images)…</div>{bar}")
+            loss = f"{p.loss:.4f}" if p.loss is not None else "–"
+            return (f"<div class='ls-status'>🏋️ <b>{name}</b>: step {step}/{total} · loss {loss} · "
+                    f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left</div>{bar}")
+        if job.state == "done" and job.result is not None:
+            r = job.result
+            loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"
+            return (f"<div class='ls-status'>✅ <b>{name}</b> is ready: {r.steps} steps in {_duration(r.seconds)}, "
+                    f"final loss {loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
+                    f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).</div>"
+                    "<div class='ls-progress'><div class='ls-bar' style='width:100%'></div></div>")
+        if job.state == "stopped":
+            return (f"<div class='ls-status'>⏹ <b>{name}</b> stopped at step {step}/{total}; its checkpoint is kept "
+                    f"in the run folder.</div>{bar}")
+        return f"<div class='ls-status ls-warn'>❌ <b>{name}</b> failed: {html.escape(job.error or 'unknown error')}</div>"
+
+    def poll(self, job_id, seen: dict | None):
+        """Timer tick: status, loss plot and samples of the session's job; only what changed is sent."""
+        job = self.studio.job(job_id)
+        seen = dict(seen or {})
+        status = self.status_html(job)
+        plot = samples = done = gr.skip()
+        nl = ns = finished = None
+        if job is not None:
+            same = seen.get("job") == job.id
+            nl, ns = len(job.losses), len(job.samples)
+            if not same or seen.get("nloss") != nl:
+                plot = _df(list(job.losses), ["step", "loss"])
+            if not same or seen.get("nsamples") != ns:
+                samples = [(str(s), s.stem.replace("step-", "step ")) for s in list(job.samples)]
+            finished = None if job.active else f"{job.id}:{job.state}"
+            if finished and seen.get("finished") != finished:
+                done = finished
+        now = {"job": job.id if job else None, "nloss": nl, "nsamples": ns, "status": status,
+               "finished": finished or seen.get("finished")}
+        return (status if seen.get("status") != status else gr.skip(), plot, samples,
+                now if now != seen else gr.skip(), done)
+
+    def latest_job_id(self):
+        job = self.studio.queue.latest()
+        return job.id if job is not None else None
+
+    # ============================================================================================ adapters view
+    def adapter_names(self) -> list[str]:
+        return self.studio.library.names()
+
+    def library_view(self, base_name: str | None):
+        """Cards (preview + name) and the details table; a badge where an adapter does not fit the base."""
+        base_fam = self.studio.base_family(base_name)
+        cards, rows = [], []
+        placeholder = self._placeholder()
+        for info in self.studio.library.list():
+            fam = info.family_label
+            if info.family and base_fam and info.family != base_fam:
+                from pipelines.adapters import FAMILY_LABELS
+
+                fam = f"{fam} ⚠ not for the selected base ({FAMILY_LABELS.get(base_fam, base_fam)})"
+            preview = str(info.preview) if info.preview else placeholder
+            trig = info.trigger_word or "–"
+            cards.append((preview, f"{info.name} · {trig}"))
+            rows.append([info.name, trig, fam, info.rank, _human_size(info.size), info.date[:16].replace("T", " "),
+                         info.format])
+        return cards, _df(rows, LIBRARY_COLUMNS)
+
+    def _placeholder(self) -> str:
+        p = self.studio.outputs / ".no-preview.png"
+        if not p.is_file():
+            from PIL import Image, ImageDraw
+
+            img = Image.new("RGB", (128, 128), (226, 232, 240))
+            ImageDraw.Draw(img).text((24, 58), "no preview", fill=(100, 116, 139))
+            img.save(p)
+        return str(p)
+
+    @ui_errors
+    def refresh_adapters(self, base_name, lib_sel, cmp_adapter, cmp_run, *slot_names):
+        """Everything that lists adapters: library cards/table/picker, the Generate tab's pickers."""
+        names = self.adapter_names()
+        keep = lambda v: v if v in names else None  # noqa: E731
+        cards, table = self.library_view(base_name)
+        runs = self.studio.runs()
+        slots = [gr.update(choices=names, value=keep(v)) for v in slot_names]
+        return (cards, table, gr.update(choices=names, value=keep(lib_sel)),
+                gr.update(choices=names, value=keep(cmp_adapter)),
+                gr.update(choices=runs, value=cmp_run if cmp_run in runs else None), *slots)
+
+    # ============================================================================================ Generate tab
+    def base_names(self) -> list[str]:
+        return list(self.studio.base_choices())
+
+    def refresh_bases(self, current):
+        names = self.base_names()
+        return gr.update(choices=names, value=current if current in names else names[0])
+
+    @ui_errors
+    def trigger_choices(self, *slot_values):
+        """Trigger words of the enabled adapters (click one to insert it into the prompt)."""
+        choices = []
+        for i in range(0, len(slot_values), 2):
+            name, enabled = slot_values[i], slot_values[i + 1]
+            if not name or not enabled:
+                continue
+            try:
+                trig = self.studio.library.info(name).trigger_word
+            except (LoraStudioError, FileNotFoundError):
+                continue
+            for t in [t.strip() for t in trig.split(",") if t.strip()]:
+                if t not in [c[1] for c in choices]:
+                    choices.append((f"{t}  ({name})", t))
+        return gr.update(choices=choices, value=None)
+
+    @staticmethod
+    def insert_trigger(prompt: str, evt: gr.SelectData):
+        trig = evt.value if isinstance(evt.value, str) else str(evt.value)
+        trig = re.sub(r"\s+\(.*\)$", "", trig).strip()
+        prompt = prompt or ""
+        if trig and not re.search(rf"(?<![\w]){re.escape(trig)}(?![\w])", prompt):
+            prompt = f"{prompt.rstrip()}, {trig}" if prompt.strip() else trig
+        return prompt, gr.update(value=None)
+
+    @staticmethod
+    def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler) -> GenerationRequest:
+        if not (prompt or "").strip():
+            raise ConfigError("prompt: write what you want to see (the trigger word brings in the adapter)")
+        w, h = _num(width or 0, "width", int), _num(height or 0, "height", int)
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=negative or "", steps=_num(steps, "steps", int),
+            guidance=_num(guidance, "guidance"), seed=_num(seed if seed not in (None, "") else -1, "seed", int),
+            width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler)
+
+    @staticmethod
+    def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
+        return [tuple(slot_values[i:i + 5]) for i in range(0, len(slot_values), 5)]
+
+    @ui_errors
+    def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
+                 fuse, *slot_values):
+        """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        entries = entries_from_rows(self._slot_rows(slot_values))
+        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
+        gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
+        warn = ""
+        if res.warnings:
+            warn = "\n".join(f"⚠️ **Interference:** {html.escape(w)}" for w in res.warnings)
+            gr.Warning(res.warnings[0])
+        used = ", ".join(e.tag() for e in res.entries) or "no adapter"
+        info = f"{len(res.images)} image(s) with {used}" + (" (fused)" if fuse and res.entries else "")
+        return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
+                [str(p) for p in res.paths], warn, info)
+
+    @staticmethod
+    def show_parameters(paths, evt: gr.SelectData):
+        try:
+            return read_png_parameters(paths[evt.index]) or ""
+        except (IndexError, TypeError, OSError):
+            return gr.skip()
+
+    @ui_errors
+    def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
+                cmp_adapter, cmp_weights, cmp_run, *slot_values):
+        """Comparison grid: one prompt and seed across an adapter's weights, or across a run's checkpoints."""
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        if mode == "checkpoints of a run":
+            if not cmp_run:
+                raise ConfigError("run: pick a training run to compare its checkpoints")
+            path = self.studio.compare_checkpoints(base_name, req, cmp_run)
+        else:
+            if not cmp_adapter:
+                raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
+            others = entries_from_rows(self._slot_rows(slot_values))
+            path, _ = self.studio.compare_weights(base_name, req, cmp_adapter, _weights(cmp_weights), others)
+        return str(path), str(path), req.seed
+
+    # ============================================================================================ Library tab
+    @ui_errors
+    def import_adapter(self, file, name: str):
+        if not file:
+            raise ConfigError("file: choose a .safetensors LoRA file to import")
+        src = Path(getattr(file, "name", file))
+        info = self.studio.library.import_file(src, (name or "").strip() or None)
+        fam = info.family_label
+        gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank}).")
+        return (f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank}).",
+                gr.update(value=info.name, choices=self.adapter_names()), None, "")
+
+    @ui_errors
+    def select_card(self, evt: gr.SelectData):
+        names = [i.name for i in self.studio.library.list()]
+        if evt.index is None or not 0 <= int(evt.index) < len(names):
+            return gr.skip()
+        return gr.update(value=names[int(evt.index)], choices=self.adapter_names())
+
+    @ui_errors
+    def adapter_details(self, name: str):
+        """The selected adapter's model card (or its metadata), shown under the table."""
+        if not name:
+            return ""
+        lib = self.studio.library
+        p = lib.path_for(name)
+        card = p.with_suffix(".md")
+        if card.is_file():
+            return card.read_text(encoding="utf-8", errors="replace")
+        info = lib.info(name)
+        return (f"### {html.escape(info.name)}\n\n- format: {info.format}\n- base: {info.family_label}\n"
+                f"- trigger word: `{info.trigger_word or '–'}`\n- rank {info.rank}, alpha {info.alpha:g}\n"
+                f"- modules: {', '.join(info.modules)}\n- hash: `{info.short_hash}`")
+
+    @ui_errors
+    def rename_adapter(self, old: str, new: str):
+        if not old:
+            raise ConfigError("adapter: pick the adapter to rename")
+        info = self.studio.library.rename(old, (new or "").strip())
+        self.studio.forget_adapter(old)
+        gr.Info(f"Renamed '{old}' to '{info.name}'.")
+        return f"Renamed **{html.escape(old)}** to **{html.escape(info.name)}**.", \
+            gr.update(value=info.name, choices=self.adapter_names()), ""
+
+    @ui_errors
+    def ask_delete(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to delete")
+        self.studio.library.path_for(name)  # exists and is inside the library
+        msg = (f"Delete **{html.escape(name)}** and its preview, model card and config from the library? "
+               "This cannot be undone.")
+        return gr.update(visible=True), msg
+
+    @ui_errors
+    def confirm_delete(self, name: str):
+        gone = self.studio.library.delete(name)
+        self.studio.forget_adapter(name)
+        gr.Info(f"Deleted '{name}'.")
+        return (f"Deleted **{html.escape(name)}** ({', '.join(html.escape(p.name) for p in gone)}).",
+                gr.update(visible=False), gr.update(value=None, choices=self.adapter_names()))
+
+    @staticmethod
+    def cancel_delete():
+        return gr.update(visible=False), "Nothing deleted."
+
+    @ui_errors
+    def export_kohya(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to export")
+        out = self.studio.library.export(name, "kohya")
+        return str(out), f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss)."
+
+    @ui_errors
+    def download_adapter(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to download")
+        return str(self.studio.library.path_for(name)), ""
+
+    # ============================================================================================ layout
+    def build(self) -> gr.Blocks:
+        st = self.studio
+        bases = self.base_names()
+        names = self.adapter_names()
+        with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+            gr.Markdown(
+                "# LoRA Studio\nTrain a LoRA adapter on a few images, then generate with it. "
+                f"Base model: **{html.escape(bases[0])}** · adapters in `{html.escape(str(st.library.root))}`",
+                elem_id="ls-header")
+            job_id = gr.State(None)
+            seen = gr.State({})
+            done_marker = gr.State(None)
+            ds_id = gr.State(None)
+            last_trigger = gr.State("sks")
+            gen_paths = gr.State([])
+            last_seed = gr.State(None)
+
+            # ---------------------------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in same-named "
+                                    "`.txt` files are read), or start from a shipped sample set.")
+                        sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
+                                                 label="Sample set", elem_id="sample-set")
+                        uploads = gr.File(file_count="multiple", label="Upload images (and .txt captions)",
+                                          elem_id="train-upload", height=140)
+                        thumbs = gr.Gallery(label="Will be trained on", columns=6, height=230,
+                                            object_fit="contain", elem_id="train-thumbs", allow_preview=True)
+                        skipped = gr.Markdown("", elem_id="train-skipped")
+                        captions = gr.Dataframe(headers=CAPTION_COLUMNS, value=_df([], CAPTION_COLUMNS),
+                                                label="Captions (editable; the trigger word is inserted)",
+                                                interactive=True, static_columns=[0], wrap=True, max_height=260,
+                                                column_widths=["22%", "78%"], elem_id="train-captions")
+                    with gr.Column(scale=2):
+                        gr.Markdown("**2. Adapter**")
+                        with gr.Row():
+                            name = gr.Textbox("my-lora", label="Name", elem_id="train-name")
+                            trigger = gr.Textbox("sks", label="Trigger word", elem_id="train-trigger",
+                                                 info="a rare word that will mean your concept/style")
+                        preset = gr.Radio(list(PRESETS), value="concept", label="Preset", elem_id="train-preset",
+                                          info="concept: a thing (trains the text encoder too) · style: a look")
+                        with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                            with gr.Row():
+                                rank = gr.Number(PRESETS["concept"]["rank"], label="Rank", precision=0, minimum=1,
+                                                 elem_id="adv-rank")
+                                alpha = gr.Number(0, label="Alpha (0 = rank)", minimum=0, elem_id="adv-alpha")
+                                max_steps = gr.Number(PRESETS["concept"]["max_steps"], label="Steps", precision=0,
+                                                      minimum=1, elem_id="adv-steps")
+                            with gr.Row():
+                                lr_unet = gr.Number(PRESETS["concept"]["lr_unet"], label="Learning rate (UNet)",
+                                                    minimum=0, step=1e-4, elem_id="adv-lr-unet")
+                                lr_text = gr.Number(PRESETS["concept"]["lr_text"], label="Learning rate (text encoder)",
+                                                    minimum=0, step=1e-5, elem_id="adv-lr-text")
+                            train_te = gr.Checkbox(PRESETS["concept"]["train_text_encoder"],
+                                                   label="Train the text encoder too", elem_id="adv-te")
+                            with gr.Row():
+                                batch_size = gr.Number(TrainConfig.batch_size, label="Batch size", precision=0,
+                                                       minimum=1, elem_id="adv-batch")
+                                resolution = gr.Number(0, label="Resolution (0 = the model's)", precision=0,
+                                                       minimum=0, step=8, elem_id="adv-res")
+                                seed_t = gr.Number(TrainConfig.seed, label="Seed", precision=0, elem_id="adv-seed")
+                            prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
+                                                elem_id="adv-prior")
+                            with gr.Row():
+                                class_prompt = gr.Textbox("", label="Class prompt", placeholder="e.g. a shape",
+                                                          elem_id="adv-class-prompt")
+                                num_class = gr.Number(TrainConfig.num_class_images, label="Class images",
+                                                      precision=0, minimum=0, elem_id="adv-num-class")
+                            sample_prompts = gr.Textbox("", lines=2, label="Sample prompts (one per line; "
+                                                        "empty: the trigger's default)", elem_id="adv-samples")
+                            with gr.Row():
+                                sample_every = gr.Number(0, label="Sample every N steps (0 = at the end)",
+                                                         precision=0, minimum=0, elem_id="adv-sample-every")
+                                sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps",
+                                                         precision=0, minimum=1, elem_id="adv-sample-steps")
+                                ckpt_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps",
+                                                       precision=0, minimum=0, elem_id="adv-ckpt-every")
+                            train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="adv-base")
+                        with gr.Row():
+                            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                            stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        status = gr.HTML(self.status_html(None), elem_id="train-status")
+                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss",
+                                                height=200, elem_id="train-loss")
+                        samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
+                                             elem_id="train-samples")
+                timer = gr.Timer(POLL_S)
+
+            # ---------------------------------------------------------------------------------- Generate
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            base = gr.Dropdown(bases, value=bases[0], label="Base model", scale=4, elem_id="gen-base")
+                            refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", elem_id="gen-refresh")
+                        gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
+                                    "weight. `<lora:name:w>` in the prompt works too.")
+                        slot_widgets: list[gr.components.Component] = []
+                        name_dds, enable_cbs = [], []
+                        for i in range(SLOTS):
+                            with gr.Row(equal_height=True):
+                                dd = gr.Dropdown(names, value=None, label=f"Adapter {i + 1}", scale=3,
+                                                 elem_id=f"slot-{i}-name")
+                                en = gr.Checkbox(True, label="on", scale=0, min_width=60, elem_id=f"slot-{i}-on")
+                                wt = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05, label="weight", scale=3,
+                                               elem_id=f"slot-{i}-weight")
+                                sep = gr.Checkbox(False, label="TE", scale=0, min_width=60, elem_id=f"slot-{i}-sep")
+                                tw = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05,
+                                               label="text-encoder weight", scale=3, visible=False,
+                                               elem_id=f"slot-{i}-te")
+                            sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
+                            slot_widgets += [dd, en, wt, sep, tw]
+                            name_dds.append(dd)
+                            enable_cbs.append(en)
+                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)",
+                                            elem_id="gen-triggers")
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
+                                            placeholder="a red sks on a white background   <lora:name:0.8> works too")
+                        negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+                        with gr.Row():
+                            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
+                            guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)",
+                                                 elem_id="gen-guidance")
+                            scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M Karras", label="Sampler",
+                                                    elem_id="gen-scheduler")
+                        with gr.Row(equal_height=True):
+                            seed = gr.Number(-1, label="Seed (−1 = random)", precision=0, elem_id="gen-seed")
+                            reuse = gr.Button("♻ Reuse last seed", size="sm", elem_id="gen-reuse-seed")
+                            rand = gr.Button("🎲 Random", size="sm", elem_id="gen-random-seed")
+                        with gr.Row():
+                            width = gr.Number(0, label="Width (0 = model's)", precision=0, step=8, minimum=0,
+                                              elem_id="gen-width")
+                            height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
+                                               elem_id="gen-height")
+                            num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
+                            fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
+                        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                    with gr.Column(scale=2):
+                        gallery = gr.Gallery(label="Results", columns=2, height=360, object_fit="contain",
+                                             format="png", elem_id="gen-gallery")
+                        gen_info = gr.Markdown("", elem_id="gen-info")
+                        warn = gr.Markdown("", elem_id="gen-warning")
+                        downloads = gr.File(label="Download PNGs (with their generation parameters)",
+                                            file_count="multiple", interactive=False, elem_id="gen-files")
+                        params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=False,
+                                            buttons=["copy"], elem_id="gen-params")
+                with gr.Accordion("Compare: one prompt across adapter weights or checkpoints (grid)", open=False,
+                                  elem_id="gen-compare"):
+                    with gr.Row():
+                        cmp_mode = gr.Radio(["adapter weights", "checkpoints of a run"], value="adapter weights",
+                                            label="Across", elem_id="cmp-mode")
+                        cmp_adapter = gr.Dropdown(names, value=None, label="Adapter", elem_id="cmp-adapter")
+                        cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
+                        cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
+                    cmp_go = gr.Button("Make grid", elem_id="cmp-go")
+                    with gr.Row():
+                        cmp_image = gr.Image(label="Grid", type="filepath", interactive=False, format="png",
+                                             elem_id="cmp-image")
+                        cmp_file = gr.File(label="Download grid", interactive=False, elem_id="cmp-file")
+
+            # ---------------------------------------------------------------------------------- Library
+            with gr.Tab("Library", id="library"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        cards = gr.Gallery(label="Adapters", columns=4, height=300, object_fit="contain",
+                                           allow_preview=False, elem_id="lib-cards")
+                        table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=_df([], LIBRARY_COLUMNS),
+                                             interactive=False, wrap=True, elem_id="lib-table")
+                        details = gr.Markdown("", elem_id="lib-details")
+                    with gr.Column(scale=2):
+                        lib_pick = gr.Dropdown(names, value=None, label="Selected adapter", elem_id="lib-pick")
+                        with gr.Row(equal_height=True):
+                            new_name = gr.Textbox(label="New name", scale=3, elem_id="lib-new-name")
+                            rename_btn = gr.Button("Rename", scale=1, elem_id="lib-rename")
+                        with gr.Row():
+                            export_btn = gr.Button("Export to kohya format", elem_id="lib-export")
+                            download_btn = gr.Button("Download", elem_id="lib-download")
+                            delete_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
+                        with gr.Group(visible=False, elem_id="lib-confirm") as confirm_box:
+                            confirm_md = gr.Markdown("")
+                            with gr.Row():
+                                confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
+                                confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
+                        lib_file = gr.File(label="File", interactive=False, elem_id="lib-file")
+                        lib_status = gr.Markdown("", elem_id="lib-status")
+                        gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
+                                    "diffusers): `.safetensors`, checked before it is added.")
+                        import_file = gr.File(label="LoRA file", file_types=[".safetensors", ".pt", ".bin", ".ckpt"],
+                                              elem_id="lib-import-file")
+                        with gr.Row(equal_height=True):
+                            import_name = gr.Textbox(label="Name (default: the file name)", scale=3,
+                                                     elem_id="lib-import-name")
+                            import_btn = gr.Button("Import", variant="primary", scale=1, elem_id="lib-import")
+
+            # ---------------------------------------------------------------------------------- wiring
+            refresh_inputs = [base, lib_pick, cmp_adapter, cmp_run, *name_dds]
+            refresh_outputs = [cards, table, lib_pick, cmp_adapter, cmp_run, *name_dds]
+            quiet = dict(show_progress="hidden")
+
+            # train
+            ds_outputs = [ds_id, thumbs, skipped, captions]
+            uploads.upload(self.stage_upload, [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger])
+            sample_set.input(self.pick_sample_set, [sample_set, ds_id],
+                             ds_outputs + [last_trigger, trigger, preset, name])
+            trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
+            trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
+            preset.change(self.preset_defaults, preset, [rank, max_steps, lr_unet, lr_text, train_te], **quiet)
+            form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
+                    train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
+                    sample_every, sample_steps, ckpt_every, train_base]
+            start.click(self.start_training, form, [job_id, status])
+            stop.click(self.stop_training, job_id, status)
+            timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)
+            done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+
+            # generate
+            trig_inputs = [w for i in range(SLOTS) for w in (name_dds[i], enable_cbs[i])]
+            for w in trig_inputs:
+                w.change(self.trigger_choices, trig_inputs, triggers, **quiet)
+            triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
+            base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
+                self.refresh_bases, base, base, **quiet)
+            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler]
+            go.click(self.generate, [base, *req_inputs, fuse, *slot_widgets],
+                     [gallery, downloads, params, last_seed, gen_paths, warn, gen_info])
+            prompt.submit(self.generate, [base, *req_inputs, fuse, *slot_widgets],
+                          [gallery, downloads, params, last_seed, gen_paths, warn, gen_info])
+            gallery.select(self.show_parameters, gen_paths, params, **quiet)
+            reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
+            rand.click(lambda: -1, None, seed, **quiet)
+            cmp_go.click(self.compare, [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run,
+                                        *slot_widgets], [cmp_image, cmp_file, last_seed])
+
+            # library
+            lib_pick.change(self.adapter_details, lib_pick, details, **quiet)
+            cards.select(self.select_card, None, lib_pick, **quiet)
+            import_btn.click(self.import_adapter, [import_file, import_name],
+                             [lib_status, lib_pick, import_file, import_name]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            rename_btn.click(self.rename_adapter, [lib_pick, new_name], [lib_status, lib_pick, new_name]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            delete_btn.click(self.ask_delete, lib_pick, [confirm_box, confirm_md], **quiet)
+            confirm_yes.click(self.confirm_delete, lib_pick, [lib_status, confirm_box, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
+            export_btn.click(self.export_kohya, lib_pick, [lib_file, lib_status])
+            download_btn.click(self.download_adapter, lib_pick, [lib_file, lib_status])
+
+            # a reopened page shows the latest job and the current library
+            demo.load(self.latest_job_id, None, job_id, **quiet).then(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+        self.demo = demo
+        return demo
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def theme():
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the app works offline
+    return gr.themes.Soft(font=system, font_mono=["ui-monospace", "monospace"])
+
+
+def launch(studio: Studio | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           auth: str | None = None, max_file_size: str | int = MAX_UPLOAD, prevent_thread_lock: bool = False,
+           quiet: bool = False, inbrowser: bool = False):
+    """Build and serve the app. Only the app's own output, library and dataset folders are served."""
+    creds = check_launch_options(share, auth)
+    studio = studio or Studio()
+    demo = StudioUI(studio).build()
+    demo.queue(default_concurrency_limit=2)
+    if host not in ("127.0.0.1", "localhost", "::1") and creds is None:
+        log.warning("serving on %s without --auth: anyone on the network can use this app", host)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, auth=creds, max_file_size=max_file_size,
+        allowed_paths=studio.served_paths(), show_error=False, ssr_mode=False, prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet, inbrowser=inbrowser, theme=theme(), css=CSS, footer_links=["gradio"],
+    )
+
+
+def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+            auth: str | None = None, library: str | None = None, allow_pickle: bool = False,
+            device: str | None = None) -> int:
+    """`lora-studio ui ...` (and `lora-studio` with no arguments)."""
+    check_launch_options(share, auth)  # refuse before loading anything
+    studio = Studio(base=base, library=library, allow_pickle=allow_pickle, device=device)
+    print(f"LoRA Studio: base model {studio.default_base_name}; adapters in {studio.library.root}; "
+          f"outputs in {studio.outputs}")
+    launch(studio, host=host, port=port, share=share, auth=auth)
+    return 0
+
+
+__all__ = ["StudioUI", "launch", "main_ui", "check_launch_options", "parse_auth", "ui_errors", "MAX_UPLOAD"]
