@@ -217,6 +217,8 @@ def _human(n: int) -> str:
 def cmd_loras_list(args: argparse.Namespace) -> int:
     lib = _library(args)
     infos = lib.list()
+    for name, problem in lib.problems.items():
+        print(f"warning: {name}: {problem}", file=sys.stderr)
     if not infos:
         print(f"no adapters in {lib.root}")
         return 0

@@ -45,6 +45,9 @@ CSS = """
 .ls-bar {height: 100%; background: var(--color-accent); transition: width .4s}
 .ls-status {font-size: 0.95em}
 .ls-warn {color: #b45309}
+.ls-badge {display: inline-block; padding: 0 8px; border-radius: 9px; font-size: .85em; font-weight: 600; color: white}
+.ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
+.ls-stopped {background: #a16207} .ls-failed {background: #dc2626}
 #ls-header h1 {margin-bottom: 0}
 """
 
@@ -260,26 +263,26 @@ class StudioUI:
         bar = f"<div class='ls-progress'><div class='ls-bar' style='width:{pct:.1f}%'></div></div>"
         if job.state == "queued":
             pos = self.studio.queue.position(job)
-            return (f"<div class='ls-status'>⏳ <b>{name}</b> is waiting in the queue: position {pos} "
+            return (f"<div class='ls-status'><span class='ls-badge ls-queued'>queued</span> <b>{name}</b> is waiting in the queue: position {pos} "
                     f"({pos} job(s) ahead; one training runs at a time).</div>")
         if job.state == "running":
             if p is None or (p.loss is None and step == 0):
-                return (f"<div class='ls-status'>⚙️ <b>{name}</b>: preparing (loading the base model, checking and "
-                        f"encoding the images)…</div>{bar}")
+                return (f"<div class='ls-status'><span class='ls-badge ls-running'>preparing</span> <b>{name}</b>: "
+                        f"loading the base model, checking and encoding the images…</div>{bar}")
             loss = f"{p.loss:.4f}" if p.loss is not None else "–"
-            return (f"<div class='ls-status'>🏋️ <b>{name}</b>: step {step}/{total} · loss {loss} · "
+            return (f"<div class='ls-status'><span class='ls-badge ls-running'>training</span> <b>{name}</b>: step {step}/{total} · loss {loss} · "
                     f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left</div>{bar}")
         if job.state == "done" and job.result is not None:
             r = job.result
             loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"
-            return (f"<div class='ls-status'>✅ <b>{name}</b> is ready: {r.steps} steps in {_duration(r.seconds)}, "
+            return (f"<div class='ls-status'><span class='ls-badge ls-done'>done</span> <b>{name}</b> is ready: {r.steps} steps in {_duration(r.seconds)}, "
                     f"final loss {loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
                     f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).</div>"
                     "<div class='ls-progress'><div class='ls-bar' style='width:100%'></div></div>")
         if job.state == "stopped":
-            return (f"<div class='ls-status'>⏹ <b>{name}</b> stopped at step {step}/{total}; its checkpoint is kept "
+            return (f"<div class='ls-status'><span class='ls-badge ls-stopped'>stopped</span> <b>{name}</b> stopped at step {step}/{total}; its checkpoint is kept "
                     f"in the run folder.</div>{bar}")
-        return f"<div class='ls-status ls-warn'>❌ <b>{name}</b> failed: {html.escape(job.error or 'unknown error')}</div>"
+        return f"<div class='ls-status ls-warn'><span class='ls-badge ls-failed'>failed</span> <b>{name}</b> failed: {html.escape(job.error or 'unknown error')}</div>"
 
     def poll(self, job_id, seen: dict | None):
         """Timer tick: status, loss plot and samples of the session's job; only what changed is sent."""
@@ -347,7 +350,9 @@ class StudioUI:
         cards, table = self.library_view(base_name)
         runs = self.studio.runs()
         slots = [gr.update(choices=names, value=keep(v)) for v in slot_names]
-        return (cards, table, gr.update(choices=names, value=keep(lib_sel)),
+        hint = (f"{len(names)} adapter(s) in the library." if names else
+                "No adapters yet: train one on the **Train** tab, or import a `.safetensors` file below.")
+        return (cards, table, hint, gr.update(choices=names, value=keep(lib_sel)),
                 gr.update(choices=names, value=keep(cmp_adapter)),
                 gr.update(choices=runs, value=cmp_run if cmp_run in runs else None), *slots)
 
@@ -409,9 +414,9 @@ class StudioUI:
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
         warn = ""
         if res.warnings:
-            warn = "\n".join(f"⚠️ **Interference:** {html.escape(w)}" for w in res.warnings)
+            warn = "\n".join(f"⚠ **Interference:** {html.escape(w)}" for w in res.warnings)
             gr.Warning(res.warnings[0])
-        used = ", ".join(e.tag() for e in res.entries) or "no adapter"
+        used = ", ".join(f"`{e.tag()}`" for e in res.entries) or "no adapter"
         info = f"{len(res.images)} image(s) with {used}" + (" (fused)" if fuse and res.entries else "")
         return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
                 [str(p) for p in res.paths], warn, info)
@@ -509,13 +514,13 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to export")
         out = self.studio.library.export(name, "kohya")
-        return str(out), f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss)."
+        return gr.update(value=str(out), visible=True), f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss)."
 
     @ui_errors
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
-        return str(self.studio.library.path_for(name)), ""
+        return gr.update(value=str(self.studio.library.path_for(name)), visible=True), ""
 
     # ============================================================================================ layout
     def build(self) -> gr.Blocks:
@@ -601,7 +606,7 @@ class StudioUI:
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                         status = gr.HTML(self.status_html(None), elem_id="train-status")
-                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss",
+                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss", x_axis_format="d",
                                                 height=200, elem_id="train-loss")
                         samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
                                              elem_id="train-samples")
@@ -633,7 +638,7 @@ class StudioUI:
                             slot_widgets += [dd, en, wt, sep, tw]
                             name_dds.append(dd)
                             enable_cbs.append(en)
-                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)",
+                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)", interactive=True,
                                             elem_id="gen-triggers")
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                             placeholder="a red sks on a white background   <lora:name:0.8> works too")
@@ -644,10 +649,11 @@ class StudioUI:
                                                  elem_id="gen-guidance")
                             scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M Karras", label="Sampler",
                                                     elem_id="gen-scheduler")
-                        with gr.Row(equal_height=True):
-                            seed = gr.Number(-1, label="Seed (−1 = random)", precision=0, elem_id="gen-seed")
-                            reuse = gr.Button("♻ Reuse last seed", size="sm", elem_id="gen-reuse-seed")
-                            rand = gr.Button("🎲 Random", size="sm", elem_id="gen-random-seed")
+                        with gr.Row():
+                            seed = gr.Number(-1, label="Seed (−1 = random)", precision=0, scale=2, elem_id="gen-seed")
+                            with gr.Column(scale=1, min_width=120):
+                                reuse = gr.Button("♻ Reuse last seed", size="sm", elem_id="gen-reuse-seed")
+                                rand = gr.Button("Random seed", size="sm", elem_id="gen-random-seed")
                         with gr.Row():
                             width = gr.Number(0, label="Width (0 = model's)", precision=0, step=8, minimum=0,
                                               elem_id="gen-width")
@@ -683,8 +689,10 @@ class StudioUI:
             with gr.Tab("Library", id="library"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        cards = gr.Gallery(label="Adapters", columns=4, height=300, object_fit="contain",
-                                           allow_preview=False, elem_id="lib-cards")
+                        lib_hint = gr.Markdown("", elem_id="lib-hint")
+                        cards = gr.Gallery(label="Adapters (click a card to select it)", columns=5, height="auto",
+                                           object_fit="contain", allow_preview=False, fit_columns=False,
+                                           elem_id="lib-cards")
                         table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=_df([], LIBRARY_COLUMNS),
                                              interactive=False, wrap=True, elem_id="lib-table")
                         details = gr.Markdown("", elem_id="lib-details")
@@ -702,12 +710,12 @@ class StudioUI:
                             with gr.Row():
                                 confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
                                 confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
-                        lib_file = gr.File(label="File", interactive=False, elem_id="lib-file")
+                        lib_file = gr.File(label="File", interactive=False, visible=False, elem_id="lib-file")
                         lib_status = gr.Markdown("", elem_id="lib-status")
                         gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
                                     "diffusers): `.safetensors`, checked before it is added.")
                         import_file = gr.File(label="LoRA file", file_types=[".safetensors", ".pt", ".bin", ".ckpt"],
-                                              elem_id="lib-import-file")
+                                              height=120, elem_id="lib-import-file")
                         with gr.Row(equal_height=True):
                             import_name = gr.Textbox(label="Name (default: the file name)", scale=3,
                                                      elem_id="lib-import-name")
@@ -715,7 +723,7 @@ class StudioUI:
 
             # ---------------------------------------------------------------------------------- wiring
             refresh_inputs = [base, lib_pick, cmp_adapter, cmp_run, *name_dds]
-            refresh_outputs = [cards, table, lib_pick, cmp_adapter, cmp_run, *name_dds]
+            refresh_outputs = [cards, table, lib_hint, lib_pick, cmp_adapter, cmp_run, *name_dds]
             quiet = dict(show_progress="hidden")
 
             # train
@@ -783,7 +791,7 @@ def theme():
 
 def launch(studio: Studio | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            auth: str | None = None, max_file_size: str | int = MAX_UPLOAD, prevent_thread_lock: bool = False,
-           quiet: bool = False, inbrowser: bool = False):
+           quiet: bool = False, inbrowser: bool = False) -> gr.Blocks:
     """Build and serve the app. Only the app's own output, library and dataset folders are served."""
     creds = check_launch_options(share, auth)
     studio = studio or Studio()
@@ -791,11 +799,12 @@ def launch(studio: Studio | None = None, *, host: str = "127.0.0.1", port: int |
     demo.queue(default_concurrency_limit=2)
     if host not in ("127.0.0.1", "localhost", "::1") and creds is None:
         log.warning("serving on %s without --auth: anyone on the network can use this app", host)
-    return demo.launch(
+    demo.launch(
         server_name=host, server_port=port, share=share, auth=creds, max_file_size=max_file_size,
         allowed_paths=studio.served_paths(), show_error=False, ssr_mode=False, prevent_thread_lock=prevent_thread_lock,
         quiet=quiet, inbrowser=inbrowser, theme=theme(), css=CSS, footer_links=["gradio"],
     )
+    return demo  # with prevent_thread_lock: demo.local_url, demo.close()
 
 
 def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

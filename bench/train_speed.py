@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,15 +40,15 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
 
 
 def ours_cmd(steps: int, work: Path) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "train", "--images", str(IMAGES), "--trigger", "sks",
+    return [sys.executable, "-m", "app.cli", "train", "--images", str(work / "images"), "--trigger", "sks",
             "--name", f"speed{steps}", "--library", str(work / "lib"), "--base", str(BASE), "--steps", str(steps),
             "--rank", str(RANK), "--alpha", str(RANK), "--batch-size", str(BATCH), "--resolution", str(RES),
             "--lr-unet", str(LR), "--no-train-text-encoder", "--checkpoint-every", "0", "--sample-every", "0",
             "--device", "cpu", "--seed", "0", "--no-buckets"]
 
 
-def peer_cmd(peer: Path, steps: int, work: Path) -> list[str]:
-    return [sys.executable, str(peer), f"--pretrained_model_name_or_path={BASE}", f"--instance_data_dir={IMAGES}",
+def peer_cmd(python: str, peer: Path, steps: int, work: Path) -> list[str]:
+    return [python, str(peer), f"--pretrained_model_name_or_path={BASE}", f"--instance_data_dir={work / 'images'}",
             "--instance_prompt=a photo of sks", f"--resolution={RES}", f"--train_batch_size={BATCH}",
             f"--max_train_steps={steps}", f"--rank={RANK}", f"--learning_rate={LR}", "--lr_scheduler=constant",
             "--lr_warmup_steps=0", f"--output_dir={work / f'peer{steps}'}", "--seed=0", "--center_crop",
@@ -65,6 +66,8 @@ def measure(name: str, make, steps: tuple[int, int], env: dict) -> tuple[float, 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", type=Path, default=os.environ.get("DREAMBOOTH_LORA_SCRIPT"))
+    ap.add_argument("--peer-python", default=sys.executable,
+                    help="interpreter for the peer (it needs torchvision, which this project does not)")
     ap.add_argument("--steps", type=int, nargs=2, default=(20, 80))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 is steadiest here)")
     args = ap.parse_args(argv)
@@ -73,9 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"toy model, {RES}px, batch {BATCH}, rank {RANK}, UNet LoRA, {args.threads} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        (work / "images").mkdir()
+        for png in sorted(IMAGES.glob("*.png")):  # the peer reads every file in the folder as an image
+            shutil.copy(png, work / "images" / png.name)
         sps, rss = measure("lora-studio", lambda n: ours_cmd(n, work), tuple(args.steps), env)
         if args.peer and Path(args.peer).is_file():
-            psps, prss = measure("diffusers", lambda n: peer_cmd(Path(args.peer), n, work), tuple(args.steps), env)
+            psps, prss = measure("diffusers", lambda n: peer_cmd(args.peer_python, Path(args.peer), n, work), tuple(args.steps), env)
             print(f"speed ratio (ours / diffusers) = {sps / psps:.2f}x; memory ratio = {rss / prss:.2f}")
         else:
             print("peer not measured: pass --peer PATH/TO/train_dreambooth_lora.py")

@@ -200,6 +200,7 @@ def diffusers_adapter_config(
             module, _ = _split_module(k)
             comp, _, path = module.partition(".")
             ranks.setdefault(comp, {})[path] = int(v.shape[0])
+    amap = {_strip_text_model(k): float(v) for k, v in alpha.items()} if isinstance(alpha, Mapping) else None
     packed: dict[str, object] = {}
     for comp, per_module in ranks.items():
         # target paths without `text_model.` match both transformers 4 and 5 layouts (peft matches suffixes)
@@ -209,9 +210,8 @@ def diffusers_adapter_config(
         for target, (p, rk) in norm.items():
             if alpha is None:
                 alphas[target] = float(rk)
-            elif isinstance(alpha, Mapping):
-                a = alpha.get(f"{comp}.{p}", alpha.get(_strip_text_model(f"{comp}.{p}")))
-                alphas[target] = float(rk if a is None else a)
+            elif amap is not None:
+                alphas[target] = amap.get(_strip_text_model(f"{comp}.{p}"), float(rk))
             else:
                 alphas[target] = float(alpha)
         a0 = Counter(alphas.values()).most_common(1)[0][0]
@@ -849,6 +849,7 @@ def to_kohya(
     if use_sgm and unet_names and all(_sgm_name(n, sdxl_layers_per_block) for n in unet_names):
         for n in unet_names:
             renames[n] = _sgm_name(n, sdxl_layers_per_block)
+    amap = {_strip_text_model(k): v for k, v in alphas.items()} if isinstance(alphas, Mapping) else {}
     result: dict[str, torch.Tensor] = {}
     for key, val in out.items():
         name, _, tail = key.partition(".")
@@ -860,7 +861,7 @@ def to_kohya(
             if alphas is None:
                 a = float(sd[f"{module}.lora_A.weight"].shape[0])
             elif isinstance(alphas, Mapping):
-                a = alphas.get(module, alphas.get(_strip_text_model(module)))
+                a = amap.get(_strip_text_model(module))
                 a = float(sd[f"{module}.lora_A.weight"].shape[0]) if a is None else float(a)
             else:
                 a = float(alphas)

@@ -85,6 +85,7 @@ class AdapterLibrary:
         self.root = Path(root).expanduser() if root is not None else default_library_root()
         self.allow_pickle = allow_pickle
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self.problems: dict[str, str] = {}  # files the last list() could not describe, with the reason
 
     # ---------------------------------------------------------------------------------- resolution
     def _real_root(self) -> Path:
@@ -162,17 +163,18 @@ class AdapterLibrary:
     def list(self) -> list[AdapterInfo]:
         """Every adapter with its name, family, trigger word, rank, size, preview and date.
 
-        Reads headers only (and kohya alpha scalars); a file that cannot be described is left out of the
-        list rather than failing the whole listing — `info(name)` says what is wrong with it.
+        Reads headers only (and kohya alpha scalars). A file that cannot be described does not fail the
+        whole listing: it is left out and its problem recorded in `self.problems` ({name: message}).
         """
         from .errors import LoraStudioError
 
         out = []
+        self.problems = {}
         for name in self.names():
             try:
                 out.append(self.info(name))
-            except (LoraStudioError, OSError):
-                continue
+            except (LoraStudioError, OSError) as e:
+                self.problems[name] = str(e)
         return out
 
     # ---------------------------------------------------------------------------------- changing

@@ -28,13 +28,17 @@ from .adapters import (
     COMPONENTS,
     DIFFUSERS_METADATA_KEY,
     TEXT_ENCODERS,
+    FORMAT_PEFT,
     AdapterInfo,
     _canon_module,
     canonical_peft_keys,
     describe,
+    detect_format,
+    diffusers_adapter_config,
     lora_metadata,
     save_adapter,
     text_encoder_to_peft,
+    to_peft,
 )
 from .base_models import BaseModel
 from .errors import ConfigError, IncompatibleAdapterError
@@ -308,9 +312,11 @@ class AdapterStack:
                 self._delete(self._loaded.pop(known))
             self._counter += 1
             adapter = f"lora{self._counter}_" + re.sub(r"\W", "_", name)[:40]
-            self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
-            self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components)
-            self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
+            try:
+                self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
+                self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components)
+            finally:  # re-apply the selection (without this adapter if its new version failed to load)
+                self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
             return info
 
     def _load_into_pipe(self, sd, meta, adapter: str, components: list[str], path: Path) -> None:
@@ -328,10 +334,17 @@ class AdapterStack:
 
     def _load_components(self, sd, meta, adapter: str, components: list[str]) -> None:
         pipe = self.pipe
-        # diffusers' own conversion (kohya names, SDXL input/middle/output_blocks, old processor keys)
-        state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
-        raw = meta.get(DIFFUSERS_METADATA_KEY)
-        lora_meta = json.loads(raw) if raw and not network_alphas else None
+        if detect_format(sd) == FORMAT_PEFT:
+            state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
+            raw = meta.get(DIFFUSERS_METADATA_KEY)
+            lora_meta = json.loads(raw) if raw and not network_alphas else None
+        else:
+            # kohya / older diffusers keys, mapped by diffusers' own conversion (kohya names, SDXL
+            # input/middle/output_blocks, processor keys); rank and alpha go in as a LoraConfig per module,
+            # because diffusers' `network_alphas` path applies only the most common alpha to every module
+            lpb = pipe.unet.config.layers_per_block
+            state_dict, alphas = to_peft(sd, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
+            network_alphas, lora_meta = None, diffusers_adapter_config(state_dict, alphas)
 
         def meta_for(comp: str):
             # diffusers passes {} for a component missing from the metadata, and LoraConfig() then fails
@@ -387,6 +400,8 @@ class AdapterStack:
                 k = self._key_of(n)
                 if k is not None:
                     self._delete(self._loaded.pop(k))
+            if not self._loaded:
+                self.pipe.unload_lora_weights()  # drop the empty LoRA wrappers too
             self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
 
     # ------------------------------------------------------------------------------ weights
@@ -404,7 +419,7 @@ class AdapterStack:
                 elif self._loaded[known].path.exists():  # re-read only a file changed since (mtime/size)
                     self.load(known, self._loaded[known].path)
             entries = tuple(replace(e, name=self._key_of(e.name)) for e in entries)
-            if self._fused is not None and entries != self._fused:
+            if self._fused is not None and set(entries) != set(self._fused):  # same stack reordered: stays fused
                 self.unfuse()
             self._apply(entries)
 

@@ -332,3 +332,29 @@ def test_detect_format():
     assert detect_format(["unet.a.processor.to_q_lora.down.weight"]) == "diffusers_old"
     assert detect_format(["lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b"]) == "lycoris"
     assert detect_format(["model.diffusion_model.x.weight"]) == "unknown"
+
+
+def test_kohya_alphas_that_differ_per_module_are_honoured(sd1, tmp_path):
+    """diffusers 0.42's own kohya loading applies the most common alpha to every module; we apply each one."""
+    g = torch.Generator().manual_seed(0)
+    sd, want = {}, {}
+    for prefix, mod, projs in [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_", "unet",
+                                ("to_q", "to_k", "to_v")),
+                               ("lora_te_text_model_encoder_layers_0_self_attn_", "te", ("q_proj", "k_proj", "v_proj"))]:
+        for proj, alpha in zip(projs, (1.0, 4.0, 4.0)):
+            name = prefix + proj
+            sd[f"{name}.lora_down.weight"] = torch.randn(2, 32, generator=g)
+            sd[f"{name}.lora_up.weight"] = torch.randn(32, 2, generator=g)
+            sd[f"{name}.alpha"] = torch.tensor(alpha)
+            want[(mod, proj)] = alpha / 2
+    p = save_safetensors(sd, tmp_path / "mixed_alpha.safetensors")
+    st = AdapterStack(sd1)
+    st.load("m", p)
+    try:
+        attn = sd1.pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
+        te = sd1.pipe.text_encoder.get_submodule("encoder.layers.0.self_attn")
+        for (mod, proj), scale in want.items():
+            layer = (attn if mod == "unet" else te).get_submodule(proj)
+            assert next(iter(layer.scaling.values())) == pytest.approx(scale), (mod, proj)
+    finally:
+        st.unload()

@@ -55,6 +55,8 @@ def test_import_list_info_with_preview(lib, src):
     assert len(row.short_hash) == 12
     assert lib.import_file(src, name="second").name == "second"
     assert lib.names() == ["My Style", "second"]
+    (lib.root / "broken.safetensors").write_bytes(b"not a weights file")
+    assert [i.name for i in lib.list()] == ["My Style", "second"] and "broken" in lib.problems
 
 
 def test_import_refuses_bad_files_and_leaves_nothing_behind(lib, tmp_path):

@@ -147,6 +147,8 @@ def test_fuse_matches_the_stack_and_unfuse_restores_exactly(sd1, stack, base_out
     stack.unfuse()
     assert torch.equal(latents(sd1.pipe), unfused)
     stack.fuse()
+    stack.set_stack([("b", -0.6), ("a", 0.8, 0.4)])  # the same stack in another order stays fused
+    assert stack.fused and torch.equal(latents(sd1.pipe), fused)
     stack.set_stack([("a", 0.5)])  # a different stack unfuses first
     assert not stack.fused
     stack.set_stack([("a", 0.8, 0.4), ("b", -0.6)])

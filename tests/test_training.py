@@ -137,9 +137,9 @@ def test_prior_preservation_generates_and_caches_class_images(star_images, tiny_
 
 
 def test_train_more_from_finished_adapter(star_images, tiny_sd1_dir, tmp_path):
-    first = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="m1", max_steps=2))
+    first = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="m1", max_steps=2, train_text_encoder=True))
     more = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="m2", max_steps=1, init_adapter=str(first.adapter_path),
-                      lr_unet=1e-9, warmup_steps=0, lr_scheduler="constant"))
+                      lr_unet=1e-9, lr_text=1e-9, warmup_steps=0, lr_scheduler="constant", train_text_encoder=True))
     a, _ = load_safetensors(first.adapter_path)
     b, _ = load_safetensors(more.adapter_path)
     for k in a:

@@ -21,9 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "train_text_encoder", "unet_targets", "text_targets", "resolution")
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
 def _ckpt_dir(run_dir: Path) -> Path:
@@ -94,51 +91,28 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
 
 
 def adapter_metadata(tr: "Trainer") -> dict[str, str]:
-    from .lora import diffusers_adapter_metadata
+    """Metadata of a finished adapter: ours, kohya's ss_* and modelspec.* (see pipelines.adapters)."""
+    from pipelines.adapters import lora_metadata
 
     cfg, base = tr.cfg, tr.base
     modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    return {
-        "lora_adapter_metadata": diffusers_adapter_metadata(tr.lora_configs),
-        "lora_studio.name": cfg.name,
-        "lora_studio.base_model": base.name,
-        "lora_studio.base_family": base.family,
-        "lora_studio.base_hash": base_hash(base),
-        "lora_studio.trigger": cfg.trigger,
-        "lora_studio.rank": str(cfg.rank),
-        "lora_studio.alpha": f"{cfg.lora_alpha:g}",
-        "lora_studio.modules": ",".join(modules),
-        "lora_studio.components": ",".join(tr.components),
-        "lora_studio.steps": str(cfg.max_steps),
-        "lora_studio.resolution": str(tr.resolution),
-        "lora_studio.num_images": str(len(tr.scan.items)),
-        "lora_studio.train_config": cfg.to_json(),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": f"{cfg.lora_alpha:g}",
-        "ss_base_model_version": BASE_MODEL_VERSION[base.family],
-        "ss_sd_model_name": base.name,
-        "ss_output_name": cfg.name,
-        "ss_resolution": f"({tr.resolution}, {tr.resolution})",
-        "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
-        "ss_max_train_steps": str(cfg.max_steps),
-        "ss_learning_rate": f"{cfg.lr_unet:g}",
-        "ss_unet_lr": f"{cfg.lr_unet:g}",
-        "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
-        "ss_network_dropout": f"{cfg.dropout:g}",
-        "ss_seed": str(cfg.seed),
-        "ss_training_comment": f"trained with LoRA Studio; trigger: {cfg.trigger}",
-        "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[base.family],
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": cfg.name,
-        "modelspec.trigger_phrase": cfg.trigger,
-        "modelspec.resolution": f"{tr.resolution}x{tr.resolution}",
-        "modelspec.date": now,
-        "modelspec.description": f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
-    }
+    return lora_metadata(
+        family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, name=cfg.name, base_model=base.name,
+        base_hash=base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
+        steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
+        training_config=cfg.to_json(),
+        description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
+        prediction_type=base.pipe.scheduler.config.get("prediction_type"),
+        extra={
+            "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
+            "ss_learning_rate": f"{cfg.lr_unet:g}",
+            "ss_unet_lr": f"{cfg.lr_unet:g}",
+            "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
+            "ss_network_dropout": f"{cfg.dropout:g}",
+            "ss_seed": str(cfg.seed),
+            "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
+        },
+    )
 
 
 def base_hash(base) -> str:
@@ -172,10 +146,12 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     lib = cfg.library_dir
     lib.mkdir(parents=True, exist_ok=True)
     path = lib / f"{cfg.name}.safetensors"
+    from pipelines.adapters import save_adapter
+
     sd = lora_state_dict(tr.base.pipe, tr.components)
     meta = adapter_metadata(tr)
     try:
-        save_safetensors(sd, path, meta)
+        save_adapter(sd, path, meta, alpha=cfg.lora_alpha)
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:

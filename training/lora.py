@@ -6,8 +6,6 @@ Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.wei
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from pipelines.errors import IncompatibleAdapterError
@@ -70,21 +68,11 @@ def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: 
         if not sd:
             raise IncompatibleAdapterError(f"{source}: has no '{comp}' LoRA weights to continue from")
         module = getattr(pipe, comp)
+        if not hasattr(module, "text_model"):  # transformers 5 CLIPTextModel: no `text_model.` level
+            sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
         res = set_peft_model_state_dict(module, sd, adapter_name="default")
         unexpected = getattr(res, "unexpected_keys", []) or []
         if unexpected:
             raise IncompatibleAdapterError(
                 f"{source}: {len(unexpected)} '{comp}' key(s) do not fit this model, e.g. {unexpected[0]}"
             )
-
-
-def diffusers_adapter_metadata(configs: dict[str, object]) -> str:
-    """The `lora_adapter_metadata` value diffusers reads to restore rank/alpha per component."""
-    packed: dict[str, object] = {}
-    for prefix, cfg in configs.items():
-        d = cfg.to_dict()
-        for k, v in d.items():
-            if isinstance(v, set):
-                v = sorted(v)
-            packed[f"{prefix}.{k}"] = v
-    return json.dumps(packed, sort_keys=True, default=str)

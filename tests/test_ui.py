@@ -1,0 +1,373 @@
+"""The browser app's handlers, without a browser: build the Blocks app, call the handler methods directly.
+
+Covers issue 6 rows 1 (names, never paths), 2 (upload over the size limit), 16 (a second training waits
+in the queue and sees its position), 17 (concurrent generate requests with different stacks) and 19
+(`--share` without `--auth`).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from PIL import Image
+
+from app.options import check_launch_options
+from app.studio import Studio
+from app.ui import StudioUI, launch
+from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.errors import ConfigError
+from pipelines.generation import GenerationRequest, read_png_parameters
+from pipelines.stack import StackEntry
+from pipelines.weights_io import read_header
+from training.jobs import JobQueue
+from training.trainer import Progress, TrainResult
+
+from lora_helpers import make_lora
+
+SHIPPED = Path(__file__).resolve().parent.parent / "sample_data" / "concept-star"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+class _Gate:
+    """A fake trainer: each job blocks until released, so a second one must wait in the queue."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started: list[str] = []
+
+    def __call__(self, cfg, on_progress=None, stop=None):
+        self.started.append(cfg.name)
+        on_progress(Progress(1, cfg.max_steps, loss=0.5, elapsed_s=1.0, eta_s=3.0))
+        self.release.wait(20)
+        on_progress(Progress(cfg.max_steps, cfg.max_steps, loss=0.25, elapsed_s=2.0, eta_s=0.0))
+        return TrainResult(None, Path(cfg.images), cfg.max_steps, 0.25, 2.0, [], None)
+
+
+@pytest.fixture()
+def gate():
+    g = _Gate()
+    yield g
+    g.release.set()
+
+
+@pytest.fixture()
+def ui(tmp_path, tiny_sd1_dir, gate):
+    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(runner=gate), device="cpu")
+    u = StudioUI(studio)
+    u.build()
+    return u
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory, tiny_sd1_dir):
+    """Two different LoRA files for the tiny SD1 base, as another tool would hand them over."""
+    from pipelines.base_models import load_base
+
+    d = tmp_path_factory.mktemp("loras")
+    pipe = load_base(tiny_sd1_dir, device="cpu").pipe
+    out = {}
+    for name, seed, trig in (("alpha-style", 1, "ohwx"), ("beta-thing", 2, "sks")):
+        sd = make_lora(pipe, rank=4, seed=seed, std=2.0)
+        meta = lora_metadata(family="sd1", rank=4, alpha=4, name=name, trigger_word=trig)
+        out[name] = save_adapter(sd, d / f"{name}.safetensors", meta)
+    return out
+
+
+def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
+    """The Train tab's form values in the order `start_training` takes them."""
+    v = dict(ds_id=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
+             rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
+             num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
+             sample_steps=2, checkpoint_every=0, base_name=None)
+    v.update(kw)
+    return list(v.values())
+
+
+def _import(ui: StudioUI, path: Path, name: str = ""):
+    return ui.import_adapter(str(path), name)
+
+
+# ------------------------------------------------------------------------------------------------ launch options
+def test_share_without_auth_is_refused(capsys):
+    from app.cli import main
+
+    assert main(["ui", "--share"]) == 2
+    err = capsys.readouterr().err
+    assert "--share" in err and "--auth user:password" in err
+    with pytest.raises(ConfigError, match="--auth"):
+        launch(Studio.__new__(Studio), share=True)  # refused before the app is built or served
+    with pytest.raises(ConfigError, match="user:password"):
+        check_launch_options(True, "no-colon")
+    assert check_launch_options(True, "me:pa:ss") == ("me", "pa:ss")
+    assert check_launch_options(False, None) is None
+
+
+def test_no_arguments_starts_the_ui_on_localhost(monkeypatch):
+    import app.ui
+    from app.cli import main
+
+    seen = {}
+    monkeypatch.setattr(app.ui, "main_ui", lambda **kw: seen.update(kw) or 0)
+    assert main([]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 7860 and seen["share"] is False and seen["base"] is None
+
+
+# ------------------------------------------------------------------------------------------------ Train tab
+def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp_path):
+    up = tmp_path / "up"
+    up.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(up / f"img{i}.png")
+    (up / "img0.txt").write_text("a blue square")
+    (up / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    (up / "empty.jpg").write_bytes(b"")
+    (up / ".DS_Store").write_bytes(b"\0\1")
+    files = sorted(str(p) for p in up.iterdir())
+    ds_id, thumbs, skipped, caps, last = ui.stage_upload(files, "zkx", "concept", None)
+    assert [c for _, c in thumbs] == ["img0.png", "img1.png", "img2.png"]
+    assert "3 image(s)" in skipped and "broken.png" in skipped and "empty.jpg" in skipped and ".DS_Store" in skipped
+    assert "empty file" in skipped
+    rows = dict(zip(caps["image"], caps["caption"]))
+    assert rows["img0.png"] == "zkx, a blue square" and rows["img1.png"] == "a photo of zkx"
+    assert last == "zkx"
+    # changing the trigger word swaps it in every caption, keeping the user's edits
+    caps.loc[caps["image"] == "img1.png", "caption"] = "a photo of zkx, my edit"
+    new_caps, last = ui.retrigger(caps, "zkx", "qwv")
+    rows = dict(zip(new_caps["image"], new_caps["caption"]))
+    assert rows["img0.png"] == "qwv, a blue square" and rows["img1.png"] == "a photo of qwv, my edit"
+    # nothing usable: a readable error, not a traceback, and nothing staged is left behind
+    before = set(ui.studio.datasets.iterdir())
+    with pytest.raises(gr.Error, match="no usable training images"):
+        ui.stage_upload([str(up / "broken.png")], "zkx", "concept", None)
+    assert set(ui.studio.datasets.iterdir()) == before
+
+
+def test_sample_set_fills_trigger_preset_and_name(ui):
+    ds_id, thumbs, skipped, caps, last, trig, preset, name = ui.pick_sample_set("concept-star", None)
+    assert len(thumbs) == 12 and trig == last == "sks" and preset == "concept" and name == "concept-star-lora"
+    assert all("sks" in c for c in caps["caption"])
+    assert ui.preset_defaults("style")[-1] is False  # style: UNet only
+    assert all(isinstance(v, dict) for v in ui.preset_defaults("custom"))  # custom: leave the fields alone
+
+
+def test_second_job_waits_and_reports_queue_position(ui, gate):
+    ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    id1, status1 = ui.start_training(*_form(ui, ds_id, caps, "first"))
+    for _ in range(200):
+        if gate.started:
+            break
+        time.sleep(0.02)
+    id2, status2 = ui.start_training(*_form(ui, ds_id, caps, "second"))
+    assert "waiting in the queue" in status2 and "position 1" in status2
+    status, plot, samples, seen, done = ui.poll(id1, {})
+    assert "step 1/3" in status and "loss 0.5000" in status and list(plot["loss"]) == [0.5]
+    assert isinstance(done, dict)  # still running: the library is not refreshed yet
+    # the same name twice, or a name already in the library, is refused with a clear message
+    with pytest.raises(gr.Error, match="already queued or running"):
+        ui.start_training(*_form(ui, ds_id, caps, "first"))
+    gate.release.set()
+    q = ui.studio.queue
+    q.wait(q.get(id2), timeout=10)
+    assert gate.started == ["first", "second"] and q.max_concurrent_seen == 1
+    status, plot, samples, seen, done = ui.poll(id2, seen)
+    assert "is ready" in status and done == f"{id2}:done"
+    assert ui.latest_job_id() == id2  # a reopened page shows the latest job
+
+
+def test_bad_form_values_name_the_field(ui):
+    ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    with pytest.raises(gr.Error, match="rank"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", rank=0))
+    with pytest.raises(gr.Error, match="resolution"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", resolution=60))
+    with pytest.raises(gr.Error, match="upload some images"):
+        ui.start_training(*_form(ui, None, caps, "x"))
+    with pytest.raises(gr.Error, match="class prompt"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", prior=True))
+
+
+# ------------------------------------------------------------------------------------------------ names, never paths
+@pytest.mark.parametrize("bad", ["../outside", "/etc/passwd", "a/../../b", "..", "sub/dir", "x\x00y"])
+def test_names_from_the_browser_never_reach_outside(ui, tmp_path, bad):
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"keep me")
+    for handler in (ui.download_adapter, ui.export_kohya, ui.ask_delete, ui.confirm_delete, ui.adapter_details):
+        with pytest.raises(gr.Error):
+            handler(bad)
+    with pytest.raises(gr.Error):
+        ui.rename_adapter(bad, "new")
+    with pytest.raises(gr.Error):
+        ui.pick_sample_set(bad, None)
+    with pytest.raises(gr.Error):  # a base model is picked by name from the list, never opened as a path
+        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", False, *([None, False, 1.0, False, 1.0] * 4))
+    ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    caps.loc[0, "image"] = bad if bad else "x"
+    with pytest.raises(gr.Error):  # a caption row naming a file outside the dataset
+        ui.start_training(*_form(ui, ds_id, caps, "n1"))
+    assert outside.read_bytes() == b"keep me"
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_symlink_out_of_the_library_is_refused(ui, tmp_path, lora_files):
+    target = tmp_path / "elsewhere.safetensors"
+    target.write_bytes(Path(lora_files["alpha-style"]).read_bytes())
+    (ui.studio.library.root / "sneaky.safetensors").symlink_to(target)
+    for handler in (ui.download_adapter, ui.export_kohya, ui.confirm_delete):
+        with pytest.raises(gr.Error, match="outside"):
+            handler("sneaky")
+    assert target.is_file()
+    assert "sneaky" not in ui.adapter_names()
+
+
+# ------------------------------------------------------------------------------------------------ Library tab
+def test_import_rename_export_delete_round_trip(ui, lora_files):
+    msg, pick, cleared_file, cleared_name = _import(ui, lora_files["alpha-style"])
+    assert "alpha-style" in msg and pick["value"] == "alpha-style"
+    base = ui.base_names()[0]
+    cards, table, hint, *_ = ui.refresh_adapters(base, None, None, None, None, None, None, None)
+    assert list(table["name"]) == ["alpha-style"] and list(table["trigger"]) == ["ohwx"]
+    assert "SD 1.x" in table["base"][0] and "⚠" not in table["base"][0]
+    assert "1 adapter" in hint and len(cards) == 1
+    # the same name again is refused; a new name works
+    with pytest.raises(gr.Error, match="already exists"):
+        _import(ui, lora_files["alpha-style"])
+    _import(ui, lora_files["alpha-style"], "copy")
+    msg, pick, _ = ui.rename_adapter("copy", "renamed")
+    assert pick["value"] == "renamed" and set(ui.adapter_names()) == {"alpha-style", "renamed"}
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.rename_adapter("renamed", "alpha-style")
+    out = ui.export_kohya("renamed")[0]["value"]
+    keys = [k for k in read_header(out)[0] if k != "__metadata__"]
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    path = ui.download_adapter("renamed")[0]["value"]
+    assert Path(path) == ui.studio.library.root / "renamed.safetensors"
+    box, question = ui.ask_delete("renamed")
+    assert box["visible"] is True and "cannot be undone" in question
+    assert ui.cancel_delete()[0]["visible"] is False and "renamed" in ui.adapter_names()
+    msg, box, pick = ui.confirm_delete("renamed")
+    assert box["visible"] is False and ui.adapter_names() == ["alpha-style"]
+    # not a LoRA at all: a clear message naming the file
+    junk = Path(path).with_name("junk.safetensors")
+    junk.write_bytes(b"\0" * 64)
+    with pytest.raises(gr.Error, match="junk.safetensors"):
+        _import(ui, junk)
+
+
+def test_badge_when_adapter_does_not_fit_the_base(ui, tmp_path, tiny_sd2_dir, lora_files):
+    _import(ui, lora_files["beta-thing"])
+    (ui.studio.models_dir / "sd2-model").symlink_to(tiny_sd2_dir, target_is_directory=True)
+    assert "sd2-model" not in ui.base_names()  # a link out of the models folder is not offered
+    import shutil
+
+    shutil.copytree(tiny_sd2_dir, ui.studio.models_dir / "sd2-copy")
+    assert "sd2-copy" in ui.base_names()
+    _, table, *_ = ui.refresh_adapters("sd2-copy", None, None, None, None, None, None, None)
+    assert "⚠" in table["base"][0] and "SD 2.x" in table["base"][0]
+
+
+# ------------------------------------------------------------------------------------------------ Generate tab
+def _slots(*entries):
+    vals = []
+    for i in range(4):
+        if i < len(entries):
+            name, w = entries[i]
+            vals += [name, True, w, False, 1.0]
+        else:
+            vals += [None, True, 1.0, False, 1.0]
+    return vals
+
+
+def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
+    _import(ui, lora_files["alpha-style"])
+    _import(ui, lora_files["beta-thing"])
+    base = ui.base_names()[0]
+    choices = ui.trigger_choices("alpha-style", True, "beta-thing", True, None, True, None, True)["choices"]
+    assert [v for _, v in choices] == ["ohwx", "sks"]
+
+    class Sel:
+        value = "ohwx  (alpha-style)"
+
+    assert ui.insert_trigger("a red circle", Sel())[0] == "a red circle, ohwx"
+    gallery, files, params, seed, paths, warn, info = ui.generate(
+        base, "a red circle <lora:beta-thing:0.5>", "", 2, 3.0, 7, 0, 0, 2, "Euler", False,
+        *_slots(("alpha-style", 0.8)))
+    assert len(gallery) == 2 and seed == 7
+    p = Path(files[0])
+    assert p.is_file() and p.is_relative_to(ui.studio.outputs)
+    text = read_png_parameters(p)
+    assert "Seed: 7" in text and "<lora:alpha-style:0.8>" in text and "<lora:beta-thing:0.5>" in text
+    assert "Lora hashes" in text and "alpha-style" in info
+    assert isinstance(warn, str)
+    # comparison grid: one column per weight, labelled
+    grid, grid_file, _ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                                    "alpha-style", "0, 1", None, *_slots())
+    with Image.open(grid) as im:
+        assert im.width >= 2 * 128 and "Grid: alpha-style weights 0, 1" in im.info["parameters"]
+    with pytest.raises(gr.Error, match="weights"):
+        ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", "alpha-style", "0, 5", None,
+                   *_slots())
+
+
+def test_concurrent_generate_requests_do_not_cross_talk(ui, lora_files):
+    """Issue 6 row 17: two requests with different stacks at once each get what their stack gives alone."""
+    import numpy as np
+
+    _import(ui, lora_files["alpha-style"])
+    _import(ui, lora_files["beta-thing"])
+    st = ui.studio
+    req = GenerationRequest(prompt="a red circle", steps=3, guidance=3.0, seed=11, scheduler="Euler")
+    stacks = {"a": [StackEntry("alpha-style", 1.0)], "b": [StackEntry("beta-thing", -1.0)]}
+    alone = {k: np.asarray(st.generate(None, req, v).images[0].image) for k, v in stacks.items()}
+    assert not np.array_equal(alone["a"], alone["b"])
+    got: dict[str, list] = {"a": [], "b": []}
+
+    def run(k):
+        for _ in range(3):
+            got[k].append(np.asarray(st.generate(None, req, stacks[k]).images[0].image))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for k in stacks:
+        assert len(got[k]) == 3 and all(np.array_equal(x, alone[k]) for x in got[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ upload size limit
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_upload_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path, tiny_sd1_dir, gate):
+    """Issue 6 row 2: the server refuses an upload over the limit (HTTP 413) and keeps no partial file."""
+    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(runner=gate), device="cpu")
+    port = _free_port()
+    app = launch(studio, port=port, max_file_size="4kb", prevent_thread_lock=True, quiet=True)
+    url = app.local_url
+    try:
+        upload_dir = Path(app.server_app.uploaded_file_dir)
+        before = set(upload_dir.rglob("*")) if upload_dir.exists() else set()
+        r = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("big.png", b"\0" * 20_000)},
+                       timeout=30)
+        assert r.status_code == 413 and "maximum allowed size" in r.text
+        after = set(upload_dir.rglob("*")) if upload_dir.exists() else set()
+        assert after == before
+        ok = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("small.png", b"\0" * 100)},
+                        timeout=30)
+        assert ok.status_code == 200
+        # only the app's own folders are served: a file elsewhere is not
+        secret = tmp_path / "secret.txt"
+        secret.write_text("no")
+        r = httpx.get(f"{url.rstrip('/')}/gradio_api/file={secret}", timeout=30)
+        assert r.status_code in (403, 404)
+    finally:
+        app.close()
