@@ -48,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_arg(g)
     g.set_defaults(func=cmd_generate)
 
+    gr = sub.add_parser("grid", help="one prompt and seed across adapter weights, adapters or checkpoints: one labelled image",
+                        description="An AUTOMATIC1111-style X/Y plot: the same prompt and seed generated once per "
+                                    "column, composed into one labelled PNG (its `parameters` describe the grid).")
+    _add_base_args(gr)
+    _add_request_args(gr, default_out="grid.png")
+    mode = gr.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--lora", metavar="NAME", help="the adapter whose weight varies across the columns (see --weights)")
+    mode.add_argument("--loras", metavar="A,B,C", help="compare these adapters, one per column, at --weight")
+    mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
+                      "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
+    gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
+                    help="weights for --lora (default 0,0.25,0.5,0.75,1; range -2..2)")
+    gr.add_argument("--weight", type=float, default=1.0, help="the weight for --loras and --checkpoints (default 1)")
+    _add_library_arg(gr)
+    gr.set_defaults(func=cmd_grid)
+
     t = sub.add_parser("train", help="train a LoRA adapter from a folder of images",
                        description="Train a LoRA adapter. Options given here override those of --config.")
     t.add_argument("--config", default=None, help="a TOML file with TrainConfig keys (top level or a [train] table)")
@@ -127,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file or folder (default: <library>/exports/)")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_export)
+    p = lsub.add_parser("bake", help="merge a weighted stack of adapters into one adapter file (or a full checkpoint)",
+                        description="Bake adapters at their weights into ONE adapter file that reproduces the stack "
+                                    "exactly, or with --checkpoint into a full single-file base model checkpoint "
+                                    "(loads in AUTOMATIC1111/ComfyUI and as --base here).")
+    _add_base_args(p)
+    p.add_argument("--lora", action="append", required=True, metavar="NAME[:W[:TE_W]]",
+                   help="an adapter from the library (or a .safetensors path) with UNet weight W and text-encoder "
+                        "weight TE_W (default 1); repeatable")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="write the base model with the stack merged in (a full single-file checkpoint)")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_bake)
     p = lsub.add_parser("rename", help="rename an adapter (its preview and model card follow)")
     p.add_argument("old")
     p.add_argument("new")
@@ -137,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_rm)
     return ap
+
+
+def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The GenerationRequest options (as `generate` has them)."""
+    p.add_argument("--prompt", required=True, help="may carry AUTOMATIC1111 tags <lora:NAME:W> applied to every tile")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
+    p.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (the same for every tile; recorded)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1, help="several: one row per seed")
+    p.add_argument("--scheduler", default="DPM++ 2M Karras",
+                   help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
+    p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
 def _add_library_arg(p: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -176,6 +220,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_png(img, path)
         print(f"wrote {path} (seed {img.seed})")
     print(f"{base.name} ({base.family}) loaded in {t1 - t0:.1f}s; {len(images)} image(s) in {t2 - t1:.1f}s")
+    return 0
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise _usage(f"grid: --weights must be numbers separated by commas, got '{text}'") from None
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from pipelines.generation import GenerationRequest, output_paths, save_png
+    from pipelines.grid import adapter_columns, checkpoint_columns, make_grid, weight_columns
+
+    req = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
+        scheduler=args.scheduler,
+    )
+    weights = _weights(args.weights) if args.lora else []
+    t0 = time.time()
+    stack = _stack_for(args)
+    t1 = time.time()
+    if args.lora:
+        [entry] = _entries_into(stack, [args.lora])
+        columns, axis = weight_columns(entry.name, weights), f"{entry.name} weight"
+    elif args.loras:
+        entries = _entries_into(stack, [n.strip() for n in args.loras.split(",") if n.strip()])
+        columns, axis = adapter_columns([e.name for e in entries], args.weight), f"LoRA at {args.weight:g}"
+    else:
+        columns, axis = checkpoint_columns(stack, args.checkpoints, args.weight), f"{args.checkpoints} checkpoint"
+    result = make_grid(stack, req, columns, axis=axis)
+    [path] = output_paths(args.out, 1)
+    save_png(result.image, path, result.parameters)
+    t2 = time.time()
+    labels = ", ".join(c.label for c in result.columns)
+    print(f"wrote {path}: {len(result.columns)} tiles ({labels}), seed {req.seed}")
+    print(f"{stack.model.name} ({stack.model.family}) loaded in {t1 - t0:.1f}s; grid in {t2 - t1:.1f}s")
     return 0
 
 
@@ -239,6 +321,46 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 def cmd_loras_export(args: argparse.Namespace) -> int:
     out = _library(args).export(args.name, args.format, args.out)
     print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def _stack_for(args: argparse.Namespace):
+    """Load the base model and an adapter stack on it; --lora values that are paths are loaded from there."""
+    from pipelines.base_models import load_base
+    from pipelines.stack import AdapterStack
+
+    base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
+    return AdapterStack(base, _library(args), allow_pickle=args.allow_pickle)
+
+
+def _entries_into(stack, texts: list[str]):
+    entries = []
+    for text in texts:
+        entry, path = _lora_entry(text)
+        if path is not None:
+            stack.load(entry.name, path)
+        entries.append(entry)
+    return entries
+
+
+def cmd_loras_bake(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() != ".safetensors":
+        raise _usage(f"bake: --out must be a .safetensors file, got '{out}'")
+    stack = _stack_for(args)
+    entries = _entries_into(stack, args.lora)
+    t0 = time.time()
+    stack.set_stack(entries)
+    if args.checkpoint:
+        path = stack.bake_checkpoint(out)
+        what = f"full {stack.model.family} checkpoint"
+    else:
+        path = stack.bake(out)
+        what = "adapter"
+    for line in stack.interference().warnings if len(entries) > 1 else []:
+        print(f"warning: {line}")
+    tags = " ".join(e.tag() for e in entries)
+    print(f"wrote {path} ({what}, {tags}) in {time.time() - t0:.1f}s")
     return 0
 
 

@@ -249,11 +249,14 @@ class Studio:
         return ds_id
 
     def discard_dataset(self, ds_id: str | None) -> None:
+        """Remove a staged folder the user replaced, unless a training job uses it (runs keep their images)."""
         if not ds_id:
             return
         try:
             folder = self.dataset_folder(ds_id)
         except (UnsafeNameError, ConfigError):
+            return
+        if any(Path(j.config.images).resolve() == folder.resolve() for j in self.queue.jobs()):
             return
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -150,7 +150,7 @@ class StudioUI:
         if not scan.skipped:
             return head + " No file was skipped."
         lines = [head, f"**{len(scan.skipped)} file(s) skipped:**"]
-        lines += [f"- `{html.escape(p.name)}`: {html.escape(why)}" for p, why in scan.skipped]
+        lines += [f"- `{p.name.replace('`', chr(39))}`: {why}" for p, why in scan.skipped]
         return "\n".join(lines)
 
     @ui_errors
@@ -158,7 +158,7 @@ class StudioUI:
         """Uploaded files -> a new dataset folder; thumbnails, skipped files with reasons, captions."""
         files = [files] if isinstance(files, str) else list(files or [])
         if not files:
-            return None, [], "", _df([], CAPTION_COLUMNS), trigger
+            return None, [], "", _df([], CAPTION_COLUMNS), trigger, gr.skip()
         paths = [Path(getattr(f, "name", f)) for f in files]
         ds_id = self.studio.stage_files(paths, [p.name for p in paths])
         self.studio.discard_dataset(old_ds)
@@ -167,19 +167,19 @@ class StudioUI:
         except LoraStudioError as e:  # nothing usable: still list what was skipped
             self.studio.discard_dataset(ds_id)
             raise gr.Error(str(e).replace(str(self.studio.datasets) + "/", ""), print_exception=False) from None
-        return ds_id, thumbs, skipped, caps, trigger
+        return ds_id, thumbs, skipped, caps, trigger, NO_SAMPLE_SET
 
     @ui_errors
     def pick_sample_set(self, name: str, old_ds: str | None):
         """A shipped sample set -> staged like an upload; trigger word, preset and a name filled in."""
         if not name or name == NO_SAMPLE_SET:
-            return (gr.skip(),) * 8
+            return (gr.skip(),) * 9
         trigger, preset = SAMPLE_SET_TRIGGERS[name] if name in SAMPLE_SET_TRIGGERS else ("sks", "custom")
         ds_id = self.studio.stage_sample_set(name)
         self.studio.discard_dataset(old_ds)
         thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
         adapter_name = self._free_name(f"{name}-lora")
-        return ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name
+        return ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name, None
 
     def _free_name(self, stem: str) -> str:
         taken = {n.casefold() for n in self.studio.library.names()}
@@ -248,41 +248,52 @@ class StudioUI:
         job = self.studio.job(job_id)
         if job is None or not job.active:
             raise gr.Error("No training is running.", print_exception=False)
+        queued = job.state == "queued"
         self.studio.queue.stop(job.id)
-        gr.Info(f"Stopping '{job.config.name}' after the current step; a checkpoint is kept.")
+        gr.Info(f"Took '{job.config.name}' out of the queue." if queued else
+                f"Stopping '{job.config.name}' after the current step; a checkpoint is kept.")
         return self.status_html(job)
 
     def status_html(self, job: Job | None) -> str:
+        """One line of status (with a badge) and a progress bar for a training job."""
         if job is None:
             return "<div class='ls-status'>No training yet. Pick images, then press <b>Start training</b>.</div>"
-        name = html.escape(job.config.name)
+
+        def line(kind: str, badge: str, body: str, pct: float | None = None) -> str:
+            out = f"<div class='ls-status'><span class='ls-badge ls-{kind}'>{badge}</span> {body}</div>"
+            if pct is not None:
+                out += f"<div class='ls-progress'><div class='ls-bar' style='width:{pct:.1f}%'></div></div>"
+            return out
+
+        name = f"<b>{html.escape(job.config.name)}</b>"
         p = job.progress
         total = p.total if p else job.config.max_steps
         step = p.step if p else 0
         pct = 100.0 * step / max(1, total)
-        bar = f"<div class='ls-progress'><div class='ls-bar' style='width:{pct:.1f}%'></div></div>"
         if job.state == "queued":
             pos = self.studio.queue.position(job)
-            return (f"<div class='ls-status'><span class='ls-badge ls-queued'>queued</span> <b>{name}</b> is waiting in the queue: position {pos} "
-                    f"({pos} job(s) ahead; one training runs at a time).</div>")
+            return line("queued", "queued", f"{name} is waiting in the queue: position {pos} ({pos} job(s) ahead; "
+                                            "one training runs at a time).")
         if job.state == "running":
             if p is None or (p.loss is None and step == 0):
-                return (f"<div class='ls-status'><span class='ls-badge ls-running'>preparing</span> <b>{name}</b>: "
-                        f"loading the base model, checking and encoding the images…</div>{bar}")
+                return line("running", "preparing", f"{name}: loading the base model, checking and encoding the "
+                                                    "images…", pct)
             loss = f"{p.loss:.4f}" if p.loss is not None else "–"
-            return (f"<div class='ls-status'><span class='ls-badge ls-running'>training</span> <b>{name}</b>: step {step}/{total} · loss {loss} · "
-                    f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left</div>{bar}")
+            left = f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
+            return line("running", "training", f"{name}: step {step}/{total} · loss {loss} · {left}", pct)
         if job.state == "done" and job.result is not None:
             r = job.result
             loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"
-            return (f"<div class='ls-status'><span class='ls-badge ls-done'>done</span> <b>{name}</b> is ready: {r.steps} steps in {_duration(r.seconds)}, "
-                    f"final loss {loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
-                    f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).</div>"
-                    "<div class='ls-progress'><div class='ls-bar' style='width:100%'></div></div>")
+            return line("done", "done", f"{name} is ready: {r.steps} steps in {_duration(r.seconds)}, final loss "
+                                        f"{loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
+                                        f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).", 100.0)
+        if job.state == "stopped" and job.started is None:
+            return line("stopped", "stopped", f"{name} was taken out of the queue before it started.")
         if job.state == "stopped":
-            return (f"<div class='ls-status'><span class='ls-badge ls-stopped'>stopped</span> <b>{name}</b> stopped at step {step}/{total}; its checkpoint is kept "
-                    f"in the run folder.</div>{bar}")
-        return f"<div class='ls-status ls-warn'><span class='ls-badge ls-failed'>failed</span> <b>{name}</b> failed: {html.escape(job.error or 'unknown error')}</div>"
+            kept = ("its checkpoint is kept in the run folder" if job.result is not None and job.result.checkpoint
+                    else "no checkpoint had been written yet")
+            return line("stopped", "stopped", f"{name} stopped at step {step}/{total}; {kept}.", pct)
+        return line("failed", "failed", f"{name} failed: {html.escape(job.error or 'unknown error')}")
 
     def poll(self, job_id, seen: dict | None):
         """Timer tick: status, loss plot and samples of the session's job; only what changed is sent."""
@@ -327,7 +338,7 @@ class StudioUI:
                 fam = f"{fam} ⚠ not for the selected base ({FAMILY_LABELS.get(base_fam, base_fam)})"
             preview = str(info.preview) if info.preview else placeholder
             trig = info.trigger_word or "–"
-            cards.append((preview, f"{info.name} · {trig}"))
+            cards.append((preview, info.name))
             rows.append([info.name, trig, fam, info.rank, _human_size(info.size), info.date[:16].replace("T", " "),
                          info.format])
         return cards, _df(rows, LIBRARY_COLUMNS)
@@ -514,7 +525,8 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to export")
         out = self.studio.library.export(name, "kohya")
-        return gr.update(value=str(out), visible=True), f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss)."
+        return (gr.update(value=str(out), visible=True),
+                f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
 
     @ui_errors
     def download_adapter(self, name: str):
@@ -544,8 +556,8 @@ class StudioUI:
             with gr.Tab("Train", id="train"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in same-named "
-                                    "`.txt` files are read), or start from a shipped sample set.")
+                        gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in "
+                                    "same-named `.txt` files are read), or start from a shipped sample set.")
                         sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
                                                  label="Sample set", elem_id="sample-set")
                         uploads = gr.File(file_count="multiple", label="Upload images (and .txt captions)",
@@ -606,7 +618,8 @@ class StudioUI:
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                         status = gr.HTML(self.status_html(None), elem_id="train-status")
-                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss", x_axis_format="d",
+                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss",
+                                                x_axis_format="d",
                                                 height=200, elem_id="train-loss")
                         samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
                                              elem_id="train-samples")
@@ -638,7 +651,8 @@ class StudioUI:
                             slot_widgets += [dd, en, wt, sep, tw]
                             name_dds.append(dd)
                             enable_cbs.append(en)
-                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)", interactive=True,
+                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)",
+                                            interactive=True,
                                             elem_id="gen-triggers")
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                             placeholder="a red sks on a white background   <lora:name:0.8> works too")
@@ -690,7 +704,7 @@ class StudioUI:
                 with gr.Row():
                     with gr.Column(scale=3):
                         lib_hint = gr.Markdown("", elem_id="lib-hint")
-                        cards = gr.Gallery(label="Adapters (click a card to select it)", columns=5, height="auto",
+                        cards = gr.Gallery(label="Adapters (click a card to select it)", columns=5, height=240,
                                            object_fit="contain", allow_preview=False, fit_columns=False,
                                            elem_id="lib-cards")
                         table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=_df([], LIBRARY_COLUMNS),
@@ -728,9 +742,10 @@ class StudioUI:
 
             # train
             ds_outputs = [ds_id, thumbs, skipped, captions]
-            uploads.upload(self.stage_upload, [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger])
+            uploads.upload(self.stage_upload, [uploads, trigger, preset, ds_id],
+                           ds_outputs + [last_trigger, sample_set])
             sample_set.input(self.pick_sample_set, [sample_set, ds_id],
-                             ds_outputs + [last_trigger, trigger, preset, name])
+                             ds_outputs + [last_trigger, trigger, preset, name, uploads])
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             preset.change(self.preset_defaults, preset, [rank, max_steps, lr_unet, lr_text, train_te], **quiet)
@@ -815,7 +830,10 @@ def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, 
     studio = Studio(base=base, library=library, allow_pickle=allow_pickle, device=device)
     print(f"LoRA Studio: base model {studio.default_base_name}; adapters in {studio.library.root}; "
           f"outputs in {studio.outputs}")
-    launch(studio, host=host, port=port, share=share, auth=auth)
+    try:
+        launch(studio, host=host, port=port, share=share, auth=auth)
+    except OSError as e:  # e.g. the port is taken
+        raise ConfigError(f"could not serve on {host}:{port} ({e}); pick another --port") from None
     return 0
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .errors import ConfigError, UnsafeNameError
+from .generation import GeneratedImage, GenerationRequest, format_parameters
+from .library import check_name
+from .stack import AdapterStack, StackEntry, _coerce, parse_lora_tags
 
 MIN_CELL = 128  # small images (the toy model's 64 px) are enlarged so the grid stays readable
 
@@ -65,4 +74,158 @@ def image_grid(
     return grid
 
 
-__all__ = ["image_grid"]
+# --------------------------------------------------------------------------------------------------
+# comparison grids: one request across several stacks
+
+
+@dataclass(frozen=True)
+class GridColumn:
+    """One column of a comparison grid: its label and the adapters applied (on top of the prompt's tags)."""
+
+    label: str
+    entries: tuple[StackEntry, ...] = ()
+
+
+@dataclass
+class GridResult:
+    image: Image.Image  # the labelled grid (carries `parameters` in .info)
+    parameters: str  # A1111-style text describing the whole grid
+    columns: list[GridColumn]
+    tiles: list[list[GeneratedImage]]  # [column][image]: the tiles at full resolution, each with its own parameters
+
+
+def _columns(columns: Sequence[GridColumn | tuple]) -> list[GridColumn]:
+    out = []
+    for c in columns:
+        if not isinstance(c, GridColumn):
+            label, entries = c
+            c = GridColumn(str(label), tuple(entries))
+        out.append(GridColumn(c.label, tuple(_coerce(c.entries))))
+    if not out:
+        raise ConfigError("grid: nothing to compare (no columns)")
+    return out
+
+
+def _quote_free(text: str) -> str:
+    return text.replace('"', "'").replace("|", "/")
+
+
+def make_grid(
+    stack: AdapterStack,
+    req: GenerationRequest,
+    columns: Sequence[GridColumn | tuple[str, Sequence[StackEntry | tuple | str]]],
+    *,
+    axis: str = "LoRA",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GridResult:
+    """Generate `req` (same prompt, same seed) once per column and compose ONE labelled image.
+
+    Each column applies its entries plus the prompt's own `<lora:...>` tags (a column's entry wins over
+    a tag of the same adapter). With several images per request, rows are seeds. The grid's
+    `parameters` text is the request's, plus `Lora hashes` of every adapter used and `Grid`/`Grid stacks`
+    (the column labels and each column's tags, ' | '-separated) so every tile can be reproduced.
+    """
+    cols = _columns(columns)
+    clean, tagged = parse_lora_tags(req.prompt)
+    run_req = replace(req, prompt=clean)
+    total = req.steps * len(cols)
+    tiles: list[list[GeneratedImage]] = []
+    stacks: list[tuple[StackEntry, ...]] = []
+    for i, col in enumerate(cols):
+        names = {e.name.casefold() for e in col.entries}
+        entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
+
+        def progress(step: int, _total: int, offset: int = i * req.steps) -> None:
+            if on_progress is not None:
+                on_progress(offset + step, total)
+
+        tiles.append(stack.generate(run_req, entries, on_progress=progress))
+        stacks.append(entries)
+    rows = [[col[r].image for col in tiles] for r in range(len(tiles[0]))]
+    labels = [c.label for c in cols]
+    row_labels = [f"seed {img.seed}" for img in tiles[0]] if len(rows) > 1 else []
+    grid = image_grid(rows, labels, row_labels)
+
+    used: dict[str, StackEntry] = {}
+    for entries in stacks:
+        for e in entries:
+            used.setdefault(e.name.casefold(), e)
+    extra = {}
+    if used:
+        extra["Lora hashes"] = stack.lora_hashes(list(used.values()))
+    extra["Grid"] = f"{_quote_free(axis)}: " + " | ".join(_quote_free(lbl) for lbl in labels)
+    extra["Grid stacks"] = " | ".join(" ".join(e.tag() for e in entries) or "none" for entries in stacks)
+    w, h = tiles[0][0].image.size
+    params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
+    grid.info["parameters"] = params
+    return GridResult(grid, params, cols, tiles)
+
+
+def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """One adapter across weights (other adapters fixed): columns labelled 'name w'."""
+    if not weights:
+        raise ConfigError("weights: give at least one weight, e.g. 0,0.5,1")
+    others = tuple(e for e in _coerce(others) if e.name.casefold() != name.casefold())
+    return [GridColumn(f"{name} {float(w):g}", others + (StackEntry(name, float(w)),)) for w in weights]
+
+
+def adapter_columns(names: Sequence[str], weight: float = 1.0, others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """Several adapters, one at a time at the same weight: columns labelled by adapter name."""
+    if not names:
+        raise ConfigError("loras: give at least one adapter name")
+    others = tuple(_coerce(others))
+    out = []
+    for n in names:
+        rest = tuple(e for e in others if e.name.casefold() != n.casefold())
+        out.append(GridColumn(n, rest + (StackEntry(n, float(weight)),)))
+    return out
+
+
+def run_checkpoints(library_root: str | os.PathLike, run: str) -> list[tuple[int, Path]]:
+    """(step, adapter file) of every saved checkpoint of training run `run`, oldest first.
+
+    Checkpoints live in <library>/runs/<run>/checkpoints/step-N/adapter.safetensors; the run name is
+    checked like an adapter name, so it cannot escape the library.
+    """
+    run = check_name(run)
+    root = Path(library_root).expanduser()
+    run_dir = root / "runs" / run
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no training run called '{run}' in {root / 'runs'}")
+    try:
+        run_dir.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise UnsafeNameError(f"run '{run}': links outside the library folder; refused") from None
+    found = []
+    for d in (run_dir / "checkpoints").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / "adapter.safetensors").is_file():
+            found.append((int(m.group(1)), d / "adapter.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"run '{run}': no saved checkpoints in {run_dir / 'checkpoints'}")
+    return sorted(found)
+
+
+def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, include_final: bool = True,
+                       others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """The checkpoints of a training run (and its finished adapter, if in the library), loaded into `stack`.
+
+    Each checkpoint is loaded under the name 'run@step-N' (once; a rewritten file is read again).
+    """
+    if stack.library is None:
+        raise ConfigError("checkpoints: no adapter library to find runs in")
+    others = tuple(_coerce(others))
+    cols = []
+    for step, path in run_checkpoints(stack.library.root, run):
+        key = f"{run}@step-{step}"
+        stack.load(key, path)
+        cols.append(GridColumn(f"step {step}", others + (StackEntry(key, float(weight)),)))
+    if include_final and run.casefold() in {n.casefold() for n in stack.library.names()}:
+        cols.append(GridColumn("final", others + (StackEntry(run, float(weight)),)))
+    return cols
+
+
+__all__ = [
+    "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "adapter_columns", "run_checkpoints",
+    "checkpoint_columns",
+]

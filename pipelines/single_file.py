@@ -134,11 +134,14 @@ def _unknown_key(component: str, key: str) -> ModelLoadError:
     return ModelLoadError(f"cannot export to a single file: {component} weight '{key}' has no LDM name{hint}")
 
 
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    """UNet2DConditionModel weights under their LDM names (without the `model.diffusion_model.` prefix)."""
+def unet_to_ldm(unet, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel weights under their LDM names (without the `model.diffusion_model.` prefix).
+
+    `state_dict` replaces the module's own weights (e.g. with LoRA merged in); `unet` gives the layout.
+    """
     blocks = _unet_block_prefixes(unet)
     out: dict[str, torch.Tensor] = {}
-    for key, value in unet.state_dict().items():
+    for key, value in (unet.state_dict() if state_dict is None else state_dict).items():
         module, param = key.rsplit(".", 1)
         if module in _UNET_FIXED:
             _put(out, f"{_UNET_FIXED[module]}.{param}", value, "UNet")
@@ -197,11 +200,11 @@ def _vae_block_key(m: re.Match, n_up: int) -> str:
     return f"{side}.{stage}.{level}.{sampler}.{rest}"
 
 
-def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+def vae_to_ldm(vae, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """AutoencoderKL weights under their LDM names (without the `first_stage_model.` prefix)."""
     n_up = len(vae.decoder.up_blocks)
     out: dict[str, torch.Tensor] = {}
-    for key, value in vae.state_dict().items():
+    for key, value in (vae.state_dict() if state_dict is None else state_dict).items():
         module, param = key.rsplit(".", 1)
         m = _VAE_KEY.match(key)
         if module in _VAE_FIXED:
@@ -221,14 +224,14 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def clip_text_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+def clip_text_state_dict(text_encoder, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A CLIP text encoder's weights named `text_model.*` (+ `text_projection.weight`).
 
     transformers >= 5.6 flattened `CLIPTextModel` (no `text_model.` prefix) while
     `CLIPTextModelWithProjection` still wraps it; single files always use the wrapped names.
     """
     out = {}
-    for key, value in text_encoder.state_dict().items():
+    for key, value in (text_encoder.state_dict() if state_dict is None else state_dict).items():
         if not key.startswith(("text_model.", "text_projection.")):
             key = "text_model." + key
         out[key] = value
@@ -252,7 +255,7 @@ _QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v
 _CLIP_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(text_encoder, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A CLIP text encoder in OpenCLIP's layout: fused q/k/v `in_proj`, `resblocks`, `ln_final`.
 
     `text_projection` is stored as OpenCLIP's (hidden, projection) matrix, the transpose of the
@@ -260,7 +263,7 @@ def open_clip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in clip_text_state_dict(text_encoder).items():
+    for key, value in clip_text_state_dict(text_encoder, state_dict).items():
         if key in _OPENCLIP_FIXED:
             out[_OPENCLIP_FIXED[key]] = value
         elif key == "text_projection.weight":
@@ -296,28 +299,36 @@ def _pipeline_family(pipe) -> str:
     return detect_family(pipe)
 
 
-def _text_encoder_state_dict(pipe, family: str) -> dict[str, torch.Tensor]:
+def _text_encoder_state_dict(pipe, family: str, sds: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    te, te2 = sds.get("text_encoder"), sds.get("text_encoder_2")
     if family == "sdxl":
         return {
-            **_prefixed(SDXL_TEXT_PREFIX, clip_text_state_dict(pipe.text_encoder)),
-            **_prefixed(SDXL_TEXT2_PREFIX, open_clip_state_dict(pipe.text_encoder_2)),
+            **_prefixed(SDXL_TEXT_PREFIX, clip_text_state_dict(pipe.text_encoder, te)),
+            **_prefixed(SDXL_TEXT2_PREFIX, open_clip_state_dict(pipe.text_encoder_2, te2)),
         }
     if family == "sd2":
-        return _prefixed(SD2_TEXT_PREFIX, open_clip_state_dict(pipe.text_encoder))
-    return _prefixed(SD1_TEXT_PREFIX, clip_text_state_dict(pipe.text_encoder))
+        return _prefixed(SD2_TEXT_PREFIX, open_clip_state_dict(pipe.text_encoder, te))
+    return _prefixed(SD1_TEXT_PREFIX, clip_text_state_dict(pipe.text_encoder, te))
 
 
-def to_single_file_state_dict(pipe) -> dict[str, torch.Tensor]:
+def to_single_file_state_dict(pipe, state_dicts: dict[str, dict[str, torch.Tensor]] | None = None
+                              ) -> dict[str, torch.Tensor]:
     """All weights of an SD 1.x / 2.x / XL pipeline under their original single-file names.
 
     The tensors are the pipeline's own (no copy) except the fused OpenCLIP q/k/v projections.
+    `state_dicts` ({component: diffusers-named state dict}) replaces the weights of those components,
+    e.g. with a LoRA stack merged in (see `pipelines.stack.AdapterStack.bake_checkpoint`).
     """
+    sds = state_dicts or {}
+    unknown = set(sds) - {"unet", "vae", "text_encoder", "text_encoder_2"}
+    if unknown:
+        raise ValueError(f"to_single_file_state_dict: no such component(s) {sorted(unknown)}")
     family = _pipeline_family(pipe)
     out = {
-        **_prefixed(UNET_PREFIX, unet_to_ldm(pipe.unet)),
-        **_prefixed(VAE_PREFIX, vae_to_ldm(pipe.vae)),
+        **_prefixed(UNET_PREFIX, unet_to_ldm(pipe.unet, sds.get("unet"))),
+        **_prefixed(VAE_PREFIX, vae_to_ldm(pipe.vae, sds.get("vae"))),
     }
-    out.update(_text_encoder_state_dict(pipe, family))  # distinct prefixes: no collision possible
+    out.update(_text_encoder_state_dict(pipe, family, sds))  # distinct prefixes: no collision possible
     return out
 
 
@@ -381,16 +392,18 @@ def single_file_metadata(pipe, family: str, title: str) -> dict[str, str]:
     }
 
 
-def save_single_file(pipe, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_single_file(pipe, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                     state_dicts: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the pipeline as one original-layout `.safetensors` checkpoint (atomically).
 
-    `metadata` adds to (and may override the modelspec keys of) the embedded metadata.
+    `metadata` adds to (and may override the modelspec keys of) the embedded metadata;
+    `state_dicts` replaces components' weights (see `to_single_file_state_dict`).
     """
     path = Path(path)
     family = _pipeline_family(pipe)
     meta = single_file_metadata(pipe, family, title=path.stem)
     meta.update({k: v for k, v in (metadata or {}).items() if k != CONFIG_METADATA_KEY})
-    return save_safetensors(to_single_file_state_dict(pipe), path, metadata=meta)
+    return save_safetensors(to_single_file_state_dict(pipe, state_dicts), path, metadata=meta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -236,6 +236,29 @@ def _lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
             yield name, mod
 
 
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the names they have without LoRA wrappers.
+
+    For each peft-wrapped module, `X.base_layer.weight` becomes `X.weight` (whatever is in the base
+    layer now: the base weights, or base + ΔW while fused) and its LoRA factors are dropped.
+    Tensors are the model's own, not copies.
+    """
+    wrapped = {name for name, _ in _lora_layers(model)}
+    sd = model.state_dict()
+    if not wrapped:
+        return sd
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        cut = next((i for i in range(1, len(parts)) if ".".join(parts[:i]) in wrapped), None)
+        if cut is None:
+            out[key] = value
+        elif parts[cut] == "base_layer":
+            out[".".join(parts[:cut] + parts[cut + 1:])] = value
+        # else: lora_A / lora_B / magnitude tensors of the wrapper: not part of the base model
+    return out
+
+
 class AdapterStack:
     """Adapters loaded into one base model, and the weighted selection currently applied.
 
@@ -550,6 +573,51 @@ class AdapterStack:
             meta.update(metadata or {})
             return save_adapter(sd, path, meta, alpha=alphas)
 
+    def bake_checkpoint(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                        entries: Iterable[StackEntry | tuple | str] | None = None) -> Path:
+        """Write the base model with the weighted stack merged in as ONE single-file checkpoint.
+
+        The file uses the original (LDM) names that AUTOMATIC1111 and ComfyUI load, and loads back
+        with `load_base`. The stack is fused for the write and unfused after (unless it was fused
+        already), so the live model computes exactly what it did before.
+        """
+        from .single_file import save_single_file
+
+        with self.lock:
+            before, was_fused = self._stack, self._fused is not None
+            ents = tuple(_coerce(entries)) if entries is not None else before
+            if not ents:
+                raise ConfigError("lora: the stack is empty; nothing to bake (export the base model instead)")
+            changed = entries is not None and set(ents) != set(before)
+            try:
+                if changed:
+                    self.set_stack(ents)
+                ents = self._stack
+                if self._fused is None:
+                    self.fuse()  # base_layer weights now hold W + Σ wᵢ ΔWᵢ (peft's own merge)
+                infos = [self._loaded[e.name].info for e in ents]
+                meta = {
+                    "modelspec.description": "base model with LoRA baked in: " + " ".join(e.tag() for e in ents),
+                    "lora_studio.base_model": self.model.name,
+                    "lora_studio.baked_from": json.dumps(
+                        [{"name": e.name, "weight": e.weight, "te_weight": e.text_weight, "hash": i.short_hash}
+                         for e, i in zip(ents, infos)]),
+                }
+                triggers = ", ".join(i.trigger_word for i in infos if i.trigger_word)
+                if triggers:
+                    meta["modelspec.trigger_phrase"] = triggers
+                meta.update(metadata or {})
+                sds = {c: plain_state_dict(getattr(self.pipe, c)) for c in COMPONENTS
+                       if getattr(self.pipe, c, None) is not None}
+                return save_single_file(self.pipe, path, meta, state_dicts=sds)
+            finally:
+                if changed:
+                    self.set_stack(before)  # unfuses (a different stack), then the old selection
+                    if was_fused and before:
+                        self.fuse()
+                elif not was_fused:
+                    self.unfuse()
+
     # ------------------------------------------------------------------------------ interference
     def interference(self, names: Sequence[str] | None = None, *, threshold: float = 0.5,
                      share: float = 0.25) -> InterferenceReport:
@@ -625,6 +693,6 @@ class AdapterStack:
 
 
 __all__ = [
-    "AdapterStack", "StackEntry", "InterferenceReport", "PairInterference", "parse_lora_tags", "parse_lora_arg",
+    "AdapterStack", "StackEntry", "InterferenceReport", "plain_state_dict", "PairInterference", "parse_lora_tags", "parse_lora_arg",
     "parse_lora_hashes", "WEIGHT_MIN", "WEIGHT_MAX",
 ]

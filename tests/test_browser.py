@@ -98,6 +98,11 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#train-status")).to_contain_text("No training yet")
     _shot(page, "1-train-first-view")
 
+    # a shipped sample set fills the trigger word, preset and name
+    _pick(page, "sample-set", "concept-star")
+    expect(page.locator("#train-thumbs img")).to_have_count(12, timeout=30_000)
+    expect(page.locator("#train-name").get_by_role("textbox")).to_have_value("concept-star-lora")
+
     # 1. upload 4 images; thumbnails and the list of what will be trained on
     images = sorted(SHIPPED.glob("*.png"))[:4]
     page.locator("#train-upload input[type=file]").set_input_files([str(p) for p in images])
@@ -149,6 +154,12 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#gen-params textarea")).to_have_value(re.compile(rf"<lora:{NAME}:0\.8>.*Seed: 42", re.S))
     expect(page.locator("#gen-files")).to_contain_text(".png")
     _shot(page, "4-generate")
+    page.locator("#gen-compare").get_by_text("Compare:").click()
+    _pick(page, "cmp-adapter", NAME)
+    page.locator("#cmp-weights").get_by_role("textbox").fill("0, 0.8")
+    page.locator("#cmp-go").click()
+    expect(page.locator("#cmp-image img")).to_be_visible(timeout=90_000)
+    _shot(page, "4b-generate-compare")
 
     # 4. library: the trained adapter's card; import (kohya format, as other tools write), rename, delete
     _tab(page, "Library")

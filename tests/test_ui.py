@@ -30,9 +30,6 @@ from training.trainer import Progress, TrainResult
 
 from lora_helpers import make_lora
 
-SHIPPED = Path(__file__).resolve().parent.parent / "sample_data" / "concept-star"
-
-
 # ------------------------------------------------------------------------------------------------ fixtures
 class _Gate:
     """A fake trainer: each job blocks until released, so a second one must wait in the queue."""
@@ -129,7 +126,7 @@ def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp
     (up / "empty.jpg").write_bytes(b"")
     (up / ".DS_Store").write_bytes(b"\0\1")
     files = sorted(str(p) for p in up.iterdir())
-    ds_id, thumbs, skipped, caps, last = ui.stage_upload(files, "zkx", "concept", None)
+    ds_id, thumbs, skipped, caps, last, sample_set = ui.stage_upload(files, "zkx", "concept", None)
     assert [c for _, c in thumbs] == ["img0.png", "img1.png", "img2.png"]
     assert "3 image(s)" in skipped and "broken.png" in skipped and "empty.jpg" in skipped and ".DS_Store" in skipped
     assert "empty file" in skipped
@@ -149,7 +146,7 @@ def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp
 
 
 def test_sample_set_fills_trigger_preset_and_name(ui):
-    ds_id, thumbs, skipped, caps, last, trig, preset, name = ui.pick_sample_set("concept-star", None)
+    ds_id, thumbs, skipped, caps, last, trig, preset, name, uploads = ui.pick_sample_set("concept-star", None)
     assert len(thumbs) == 12 and trig == last == "sks" and preset == "concept" and name == "concept-star-lora"
     assert all("sks" in c for c in caps["caption"])
     assert ui.preset_defaults("style")[-1] is False  # style: UNet only
@@ -171,13 +168,16 @@ def test_second_job_waits_and_reports_queue_position(ui, gate):
     # the same name twice, or a name already in the library, is refused with a clear message
     with pytest.raises(gr.Error, match="already queued or running"):
         ui.start_training(*_form(ui, ds_id, caps, "first"))
+    id3, _ = ui.start_training(*_form(ui, ds_id, caps, "third"))
+    assert "position 2" in ui.status_html(ui.studio.job(id3))
+    assert "stopped" in ui.stop_training(id3)  # a queued job can be taken out of the queue
     gate.release.set()
     q = ui.studio.queue
     q.wait(q.get(id2), timeout=10)
     assert gate.started == ["first", "second"] and q.max_concurrent_seen == 1
     status, plot, samples, seen, done = ui.poll(id2, seen)
     assert "is ready" in status and done == f"{id2}:done"
-    assert ui.latest_job_id() == id2  # a reopened page shows the latest job
+    assert ui.latest_job_id() == id3  # a reopened page shows the latest job
 
 
 def test_bad_form_values_name_the_field(ui):
@@ -304,6 +304,18 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert "Seed: 7" in text and "<lora:alpha-style:0.8>" in text and "<lora:beta-thing:0.5>" in text
     assert "Lora hashes" in text and "alpha-style" in info
     assert isinstance(warn, str)
+    # fused: the same stack merged into the weights; unfusing restores the exact unfused result
+    args = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler")
+    plain = Image.open(ui.generate(*args, False, *_slots(("alpha-style", 0.8)))[1][0])
+    fused = ui.generate(*args, True, *_slots(("alpha-style", 0.8)))
+    assert "(fused)" in fused[-1]
+    again = Image.open(ui.generate(*args, False, *_slots(("alpha-style", 0.8)))[1][0])
+    assert plain.tobytes() == again.tobytes()
+    # two adapters that cancel each other: the interference warning is shown
+    _import(ui, lora_files["alpha-style"], "alpha-copy")
+    with pytest.warns(UserWarning, match="fight"):  # the toast (outside a request: a Python warning)
+        warn = ui.generate(*args, False, *_slots(("alpha-style", 1.0), ("alpha-copy", -1.0)))[5]
+    assert "Interference" in warn and "fight" in warn
     # comparison grid: one column per weight, labelled
     grid, grid_file, _ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
                                     "alpha-style", "0, 1", None, *_slots())
@@ -367,7 +379,11 @@ def test_upload_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path, tiny
         # only the app's own folders are served: a file elsewhere is not
         secret = tmp_path / "secret.txt"
         secret.write_text("no")
-        r = httpx.get(f"{url.rstrip('/')}/gradio_api/file={secret}", timeout=30)
-        assert r.status_code in (403, 404)
+        for p in (secret, Path.cwd() / "pyproject.toml", studio.models_dir / "x.safetensors"):
+            r = httpx.get(f"{url.rstrip('/')}/gradio_api/file={p}", timeout=30)
+            assert r.status_code in (403, 404), p
+        out = studio.outputs / "served.txt"
+        out.write_text("yes")
+        assert httpx.get(f"{url.rstrip('/')}/gradio_api/file={out.resolve()}", timeout=30).status_code == 200
     finally:
         app.close()
