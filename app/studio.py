@@ -339,27 +339,6 @@ class Studio:
             save_png(img, p)
         return GenerateResult(images, paths, warnings, applied)
 
-    def compare_weights(self, base_name: str | None, req: GenerationRequest, adapter: str, weights: Sequence[float],
-                        others: Sequence[StackEntry] = ()) -> tuple[Path, list[str]]:
-        """One prompt and seed across weights of one adapter (other adapters fixed): a labelled grid PNG."""
-        from pipelines.grid import image_grid
-
-        adapter = check_name(adapter)
-        if not weights:
-            raise ConfigError("weights: give at least one weight, e.g. 0, 0.5, 1")
-        others = [e for e in others if e.name.casefold() != adapter.casefold()]
-        columns: list[list[GeneratedImage]] = []
-        for w in weights:
-            columns.append(self.generate(base_name, req, list(others) + [StackEntry(adapter, float(w))]).images)
-        rows = [[col[i].image for col in columns] for i in range(len(columns[0]))]
-        labels = [f"{adapter} {w:g}" for w in weights]
-        row_labels = [f"seed {img.seed}" for img in columns[0]] if len(rows) > 1 else []
-        grid = image_grid(rows, labels, row_labels, title=_short(req.prompt))
-        path = self._out_paths(1, "-grid")[0]
-        params = columns[0][0].parameters + f", Grid: {adapter} weights {', '.join(f'{w:g}' for w in weights)}"
-        save_png(grid, path, params)
-        return path, [str(c[0].seed) for c in columns]
-
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""
         d = self.library.root / "runs"
@@ -367,38 +346,35 @@ class Studio:
             return []
         return sorted(p.name for p in d.iterdir() if (p / "checkpoints").is_dir() and _inside(p, d))
 
-    def compare_checkpoints(self, base_name: str | None, req: GenerationRequest, run: str, weight: float = 1.0
-                            ) -> Path:
-        """One prompt and seed across the checkpoints of a run (and its finished adapter): a grid PNG."""
-        from pipelines.grid import image_grid
-        from training.export import list_checkpoints
+    def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
+                weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = ()) -> Path:
+        """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
+        checkpoints of training `run` ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
+        from pipelines.grid import GridColumn, checkpoint_columns, make_grid, weight_columns
 
-        run = check_name(run)
-        run_dir = self.library.root / "runs" / run
-        if not run_dir.is_dir() or not _inside(run_dir, self.library.root):
-            raise ConfigError(f"run: no training run called '{run}'")
-        ckpts = list_checkpoints(run_dir)
         m = self.model(base_name)
-        cols: list[tuple[str, str]] = []
-        for c in ckpts:
-            key = f"{run}@{c.name}"
-            m.stack.load(key, c / "adapter.safetensors")
-            cols.append((key, f"step {int(c.name.split('-')[-1])}"))
-        if run in self.library.names():
-            cols.append((run, "final"))
-        if not cols:
-            raise ConfigError(f"run '{run}': no checkpoints or finished adapter to compare")
-        columns = [self.generate(base_name, req, [StackEntry(k, weight)]).images for k, _ in cols]
-        rows = [[col[i].image for col in columns] for i in range(len(columns[0]))]
-        grid = image_grid(rows, [lbl for _, lbl in cols], title=_short(req.prompt))
+        with m.stack.lock:  # the whole grid on one consistent model; other requests wait
+            if mode == "weights":
+                if not adapter:
+                    raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
+                adapter = check_name(adapter)
+                cols, axis = weight_columns(adapter, weights, others), f"{adapter} weight"
+            elif mode == "checkpoints":
+                if not run:
+                    raise ConfigError("run: pick a training run to compare its checkpoints")
+                cols, axis = checkpoint_columns(m.stack, check_name(run), others=others), f"{run} checkpoint"
+            elif mode == "adapters":
+                if not others:
+                    raise ConfigError("adapters: enable at least one adapter to compare")
+                cols, axis = [GridColumn(f"{e.name} {e.weight:g}", (e,)) for e in others], "LoRA"
+            else:
+                raise ConfigError(f"mode: unknown comparison '{mode}'")
+            if m.stack.fused:
+                m.stack.unfuse()
+            result = make_grid(m.stack, req, cols, axis=axis)
         path = self._out_paths(1, "-grid")[0]
-        save_png(grid, path, columns[0][0].parameters + f", Grid: checkpoints of {run}")
+        save_png(result.image, path, result.parameters)
         return path
-
-
-def _short(text: str, n: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def entries_from_rows(rows: Iterable[tuple]) -> list[StackEntry]:

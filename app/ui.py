@@ -39,6 +39,8 @@ NO_SAMPLE_SET = "(upload your own images)"
 PRESET_FIELDS = ("rank", "max_steps", "lr_unet", "lr_text", "train_text_encoder")
 CAPTION_COLUMNS = ["image", "caption"]
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
+COMPARE_MODES = {"adapter weights": "weights", "checkpoints of a run": "checkpoints",
+                 "enabled adapters, one at a time": "adapters"}
 
 CSS = """
 .ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
@@ -215,8 +217,6 @@ class StudioUI:
             raise ConfigError("images: upload some images or pick a sample set first")
         name = self.studio.check_new_adapter_name((name or "").strip())
         trigger = (trigger or "").strip()
-        rows = [[r[0], _replace_trigger(r[1], last_trigger, trigger)] for r in _rows(captions) if r and r[0]]
-        self.studio.save_captions(ds_id, rows)
         prompts = [p.strip() for p in str(sample_prompts or "").splitlines() if p.strip()]
         res = _num(resolution or 0, "resolution", int)
         data = dict(
@@ -234,7 +234,10 @@ class StudioUI:
         )
         if prior and not data["class_prompt"]:
             raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
-        return TrainConfig.from_dict(data, source="form")
+        cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
+        rows = [[r[0], _replace_trigger(r[1], last_trigger, trigger)] for r in _rows(captions) if r and r[0]]
+        self.studio.save_captions(ds_id, rows)
+        return cfg
 
     @ui_errors
     def start_training(self, *form):
@@ -371,9 +374,11 @@ class StudioUI:
     def base_names(self) -> list[str]:
         return list(self.studio.base_choices())
 
-    def refresh_bases(self, current):
+    def refresh_bases(self, current, current_train):
+        """Base model pickers (Generate and Train tabs): the default model and what is in the models folder."""
         names = self.base_names()
-        return gr.update(choices=names, value=current if current in names else names[0])
+        return (gr.update(choices=names, value=current if current in names else names[0]),
+                gr.update(choices=names, value=current_train if current_train in names else names[0]))
 
     @ui_errors
     def trigger_choices(self, *slot_values):
@@ -442,17 +447,16 @@ class StudioUI:
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                 cmp_adapter, cmp_weights, cmp_run, *slot_values):
-        """Comparison grid: one prompt and seed across an adapter's weights, or across a run's checkpoints."""
+        """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
+        enabled adapters one at a time."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
-        if mode == "checkpoints of a run":
-            if not cmp_run:
-                raise ConfigError("run: pick a training run to compare its checkpoints")
-            path = self.studio.compare_checkpoints(base_name, req, cmp_run)
-        else:
-            if not cmp_adapter:
-                raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
-            others = entries_from_rows(self._slot_rows(slot_values))
-            path, _ = self.studio.compare_weights(base_name, req, cmp_adapter, _weights(cmp_weights), others)
+        enabled = entries_from_rows(self._slot_rows(slot_values))
+        kind = COMPARE_MODES.get(mode)
+        if kind is None:
+            raise ConfigError(f"mode: unknown comparison '{mode}'")
+        weights = _weights(cmp_weights) if kind == "weights" else ()
+        path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
+                                   others=enabled)
         return str(path), str(path), req.seed
 
     # ============================================================================================ Library tab
@@ -607,7 +611,7 @@ class StudioUI:
                             sample_prompts = gr.Textbox("", lines=2, label="Sample prompts (one per line; "
                                                         "empty: the trigger's default)", elem_id="adv-samples")
                             with gr.Row():
-                                sample_every = gr.Number(0, label="Sample every N steps (0 = at the end)",
+                                sample_every = gr.Number(50, label="Sample every N steps (0 = at the end)",
                                                          precision=0, minimum=0, elem_id="adv-sample-every")
                                 sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps",
                                                          precision=0, minimum=1, elem_id="adv-sample-steps")
@@ -688,8 +692,8 @@ class StudioUI:
                 with gr.Accordion("Compare: one prompt across adapter weights or checkpoints (grid)", open=False,
                                   elem_id="gen-compare"):
                     with gr.Row():
-                        cmp_mode = gr.Radio(["adapter weights", "checkpoints of a run"], value="adapter weights",
-                                            label="Across", elem_id="cmp-mode")
+                        cmp_mode = gr.Radio(list(COMPARE_MODES), value="adapter weights", label="Across",
+                                            elem_id="cmp-mode")
                         cmp_adapter = gr.Dropdown(names, value=None, label="Adapter", elem_id="cmp-adapter")
                         cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
                         cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
@@ -764,7 +768,7 @@ class StudioUI:
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
-                self.refresh_bases, base, base, **quiet)
+                self.refresh_bases, [base, train_base], [base, train_base], **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler]
             go.click(self.generate, [base, *req_inputs, fuse, *slot_widgets],
                      [gallery, downloads, params, last_seed, gen_paths, warn, gen_info])

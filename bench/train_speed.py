@@ -39,16 +39,16 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0
 
 
-def ours_cmd(steps: int, work: Path) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "train", "--images", str(work / "images"), "--trigger", "sks",
-            "--name", f"speed{steps}", "--library", str(work / "lib"), "--base", str(BASE), "--steps", str(steps),
+def ours_cmd(python: str, steps: int, work: Path, base: Path = BASE) -> list[str]:
+    return [python, "-m", "app.cli", "train", "--images", str(work / "images"), "--trigger", "sks",
+            "--name", f"speed{steps}", "--library", str(work / "lib"), "--base", str(base), "--steps", str(steps),
             "--rank", str(RANK), "--alpha", str(RANK), "--batch-size", str(BATCH), "--resolution", str(RES),
             "--lr-unet", str(LR), "--no-train-text-encoder", "--checkpoint-every", "0", "--sample-every", "0",
             "--device", "cpu", "--seed", "0", "--no-buckets"]
 
 
-def peer_cmd(python: str, peer: Path, steps: int, work: Path) -> list[str]:
-    return [python, str(peer), f"--pretrained_model_name_or_path={BASE}", f"--instance_data_dir={work / 'images'}",
+def peer_cmd(python: str, peer: Path, steps: int, work: Path, base: Path = BASE) -> list[str]:
+    return [python, str(peer), f"--pretrained_model_name_or_path={base}", f"--instance_data_dir={work / 'images'}",
             "--instance_prompt=a photo of sks", f"--resolution={RES}", f"--train_batch_size={BATCH}",
             f"--max_train_steps={steps}", f"--rank={RANK}", f"--learning_rate={LR}", "--lr_scheduler=constant",
             "--lr_warmup_steps=0", f"--output_dir={work / f'peer{steps}'}", "--seed=0", "--center_crop",
@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peer", type=Path, default=os.environ.get("DREAMBOOTH_LORA_SCRIPT"))
     ap.add_argument("--peer-python", default=sys.executable,
                     help="interpreter for the peer (it needs torchvision, which this project does not)")
+    ap.add_argument("--ours-python", default=sys.executable,
+                    help="interpreter for LoRA Studio (give both the same one to compare on equal torch builds)")
     ap.add_argument("--steps", type=int, nargs=2, default=(20, 80))
+    ap.add_argument("--base", type=Path, default=BASE, help="base model folder (default: the toy model)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 is steadiest here)")
     args = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -79,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         (work / "images").mkdir()
         for png in sorted(IMAGES.glob("*.png")):  # the peer reads every file in the folder as an image
             shutil.copy(png, work / "images" / png.name)
-        sps, rss = measure("lora-studio", lambda n: ours_cmd(n, work), tuple(args.steps), env)
+        sps, rss = measure("lora-studio", lambda n: ours_cmd(args.ours_python, n, work, args.base), tuple(args.steps), env)
         if args.peer and Path(args.peer).is_file():
-            psps, prss = measure("diffusers", lambda n: peer_cmd(args.peer_python, Path(args.peer), n, work), tuple(args.steps), env)
+            psps, prss = measure("diffusers", lambda n: peer_cmd(args.peer_python, Path(args.peer), n, work, args.base), tuple(args.steps), env)
             print(f"speed ratio (ours / diffusers) = {sps / psps:.2f}x; memory ratio = {rss / prss:.2f}")
         else:
             print("peer not measured: pass --peer PATH/TO/train_dreambooth_lora.py")

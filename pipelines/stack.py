@@ -12,6 +12,7 @@ the text-encoder multiplier first, then the UNet one; also `te=`/`unet=`); image
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -236,6 +237,46 @@ def _lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
             yield name, mod
 
 
+# The per-layer adapter slot that holds a whole weighted stack: ΔW = Σ sᵢ Bᵢ Aᵢ = [s₁B₁ … sₙBₙ] @ [A₁; …; Aₙ].
+# peft runs every active adapter of a layer as its own cast/dropout/A/B/scale/add sequence; with n adapters
+# that is n times the small-op overhead per layer (and per GPU kernel launch). One concatenated slot costs
+# the same FLOPs but a single pair of matmuls, whatever n is.
+COMBINED_ADAPTER = "lora_studio_stack"
+_COMBINED_KEY = "_lora_studio_combined"  # attribute on a layer: the adapters its slot currently holds
+
+
+def _combinable(layer, adapters: Sequence[str]) -> bool:
+    """Plain peft LoRA Linear layers only: no DoRA / other variants, no LoRA bias, no transposed weights."""
+    from peft.tuners.lora.layer import Linear
+
+    return (type(layer) is Linear and not getattr(layer, "fan_in_fan_out", False)
+            and all(a not in layer.lora_variant and not layer.lora_bias.get(a, False) for a in adapters))
+
+
+def _combine_layer(layer, adapters: Sequence[str], activate: bool = True) -> None:
+    """Fill the layer's combined slot from its adapters at their current scaling (and make it the only active one).
+
+    Only B is re-copied when the slot already holds these adapters (a change of weights).
+    """
+    key = tuple(adapters)
+    rank = sum(int(layer.r[a]) for a in adapters)
+    rebuild = (getattr(layer, _COMBINED_KEY, None) != key or COMBINED_ADAPTER not in layer.lora_A
+               or layer.r.get(COMBINED_ADAPTER) != rank)
+    if rebuild:
+        from peft import LoraConfig
+
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False, inference_mode=True)
+        layer.update_layer(COMBINED_ADAPTER, rank, rank, cfg)  # scaling = alpha / r = 1
+        setattr(layer, _COMBINED_KEY, key)
+    with torch.no_grad():
+        if rebuild:
+            layer.lora_A[COMBINED_ADAPTER].weight.copy_(torch.cat([layer.lora_A[a].weight for a in adapters], 0))  # (Σr, in)
+        layer.lora_B[COMBINED_ADAPTER].weight.copy_(  # (out, Σr); the weights live here, so a re-weight is one copy
+            torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], 1))
+    if activate or rebuild:
+        layer.set_adapter([COMBINED_ADAPTER], inference_mode=True)
+
+
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the names they have without LoRA wrappers.
 
@@ -275,6 +316,11 @@ class AdapterStack:
         self._stack: tuple[StackEntry, ...] = ()
         self._fused: tuple[StackEntry, ...] | None = None
         self._snapshot: dict[int, torch.Tensor] = {}
+        # what the model's LoRA layers are set to: None unknown (after a load/unload), () all bypassed, else the
+        # adapter names activated in that order; with the layers they adapt: (layer, component, names, combined)
+        self._applied: tuple[str, ...] | None = None
+        self._layer_cache: list[tuple[torch.nn.Module, str, list[str], bool]] = []
+        self._detached: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []  # while fused: (parent, name, wrapper)
         self._counter = 0
         self.reads = 0  # adapter files read so far (a cache check for tests and benchmarks)
 
@@ -344,6 +390,7 @@ class AdapterStack:
 
     def _load_into_pipe(self, sd, meta, adapter: str, components: list[str], path: Path) -> None:
         """What `pipe.load_lora_weights` does, from the tensors already read, for the matching components."""
+        self._applied = None
         try:
             with warnings.catch_warnings():  # peft warns on every second adapter of a model: that is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -392,6 +439,7 @@ class AdapterStack:
         """Remove one diffusers/peft adapter from every component that has it."""
         from diffusers.utils.peft_utils import delete_adapter_layers
 
+        self._applied = None
         for comp in COMPONENTS:
             model = getattr(self.pipe, comp, None)
             if model is None:
@@ -418,6 +466,7 @@ class AdapterStack:
                     self.pipe.unload_lora_weights()
                 self._loaded.clear()
                 self._stack = ()
+                self._applied, self._layer_cache = None, []
                 return
             for n in names:
                 k = self._key_of(n)
@@ -425,6 +474,7 @@ class AdapterStack:
                     self._delete(self._loaded.pop(k))
             if not self._loaded:
                 self.pipe.unload_lora_weights()  # drop the empty LoRA wrappers too
+                self._applied, self._layer_cache = None, []
             self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
 
     # ------------------------------------------------------------------------------ weights
@@ -442,6 +492,8 @@ class AdapterStack:
                 elif self._loaded[known].path.exists():  # re-read only a file changed since (mtime/size)
                     self.load(known, self._loaded[known].path)
             entries = tuple(replace(e, name=self._key_of(e.name)) for e in entries)
+            if entries == self._stack and self._applied is not None:
+                return  # already applied (and fused or not, as it was): nothing to do
             if self._fused is not None and set(entries) != set(self._fused):  # same stack reordered: stays fused
                 self.unfuse()
             self._apply(entries)
@@ -455,15 +507,55 @@ class AdapterStack:
         self._stack = entries
         if not self._loaded:
             return
-        if not entries:
-            pipe.disable_lora()  # LoRA layers bypassed: base_layer(x) only, bit for bit the base model
+        if self._detached:  # fused (the same stack, reordered): applied for real when unfused
+            self._applied = None
             return
-        names = [self._loaded[e.name].adapter for e in entries]
+        if not entries:
+            if self._applied != ():
+                pipe.disable_lora()  # LoRA layers bypassed: base_layer(x) only, bit for bit the base model
+                self._applied = ()
+            return
+        names = tuple(self._loaded[e.name].adapter for e in entries)
         # per-component weights; only for components the adapter has (diffusers warns about the others)
         weights = [{c: (e.weight if c == "unet" else e.text_weight) for c in self._loaded[e.name].components}
                    for e in entries]
-        pipe.enable_lora()
-        pipe.set_adapters(names, weights)
+        if names == self._applied:  # the same adapters in the same order: only their weights change
+            self._rescale(dict(zip(names, weights)))
+            return
+        if self._applied is None or self._applied == ():
+            pipe.enable_lora()
+        pipe.set_adapters(list(names), weights)
+        self._applied = names
+        self._combine(names)
+
+    def _combine(self, names: Sequence[str]) -> None:
+        """Where two or more of `names` adapt a layer, run them as one concatenated adapter (same sum, fewer ops).
+
+        `set_adapters` has just set every adapter's scaling (weight · alpha / r) and activated `names`
+        everywhere; layers that cannot be combined keep peft's own per-adapter path. Also records which
+        layers hold which of `names`, for `_rescale`.
+        """
+        self._layer_cache = []
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            if model is None:
+                continue
+            for _, layer in _lora_layers(model):
+                present = [a for a in names if a in layer.lora_A]
+                if not present:
+                    continue
+                combined = len(present) >= 2 and _combinable(layer, present)
+                if combined:
+                    _combine_layer(layer, present)
+                self._layer_cache.append((layer, comp, present, combined))
+
+    def _rescale(self, weights: dict[str, dict[str, float]]) -> None:
+        """New weights for the adapters already active: what `set_adapters` would set, without walking the models."""
+        for layer, comp, present, combined in self._layer_cache:
+            for a in present:
+                layer.set_scale(a, weights[a][comp])  # peft: scaling = weight · alpha / r (rsLoRA aware)
+            if combined:
+                _combine_layer(layer, present, activate=False)
 
     # ------------------------------------------------------------------------------ fuse
     def fuse(self) -> None:
@@ -488,12 +580,44 @@ class AdapterStack:
                      and any(True for _ in _lora_layers(getattr(self.pipe, c)))]
             self.pipe.fuse_lora(components=comps, lora_scale=1.0, adapter_names=active)
             self._fused = self._stack
+            self._detach_wrappers()
+
+    def _detach_wrappers(self) -> None:
+        """While fused, put each (merged) base layer back in place of its LoRA wrapper: the model then runs
+        exactly the base model's modules, with none of peft's per-layer forward overhead."""
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            if model is None:
+                continue
+            for name, layer in list(_lora_layers(model)):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, layer.get_base_layer())
+                self._detached.append((parent, child, layer))
+
+    def _attach_wrappers(self) -> None:
+        for parent, child, layer in reversed(self._detached):
+            setattr(parent, child, layer)
+        self._detached = []
+
+    @contextlib.contextmanager
+    def _wrappers_attached(self):
+        """The LoRA wrappers in place for reading their factors, even while fused."""
+        detached = bool(self._detached)
+        if detached:
+            self._attach_wrappers()
+        try:
+            yield
+        finally:
+            if detached:
+                self._detach_wrappers()
 
     def unfuse(self) -> None:
         """Undo `fuse`: the base weights come back bit for bit; the stack stays selected (unfused)."""
         with self.lock:
             if self._fused is None:
                 return
+            self._attach_wrappers()
             comps = [c for c in COMPONENTS if getattr(self.pipe, c, None) is not None
                      and any(True for _ in _lora_layers(getattr(self.pipe, c)))]
             self.pipe.unfuse_lora(components=comps)
@@ -506,26 +630,30 @@ class AdapterStack:
                             w.copy_(saved.to(w.device))
             self._snapshot = {}
             self._fused = None
+            if self._applied is None:  # the stack was reordered while fused
+                self._apply(self._stack)
 
     # ------------------------------------------------------------------------------ bake
     def _factors(self, entries: Sequence[StackEntry]) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
         """{our module key: {entry index: (A, B, scale incl. the entry's weight)}}, read from the loaded model."""
         out: dict[str, dict[int, tuple]] = {}
-        for comp in COMPONENTS:
-            model = getattr(self.pipe, comp, None)
-            if model is None:
-                continue
-            for mname, layer in _lora_layers(model):
-                for idx, e in enumerate(entries):
-                    a = self._loaded[e.name].adapter
-                    if a not in layer.lora_A:
-                        continue
-                    if layer.use_dora.get(a):
-                        raise IncompatibleAdapterError(f"{e.name}: DoRA layers are not supported here")
-                    w = e.weight if comp == "unet" else e.text_weight
-                    r = math.sqrt(layer.r[a]) if layer.use_rslora.get(a) else layer.r[a]
-                    out.setdefault(f"{comp}.{mname}", {})[idx] = (
-                        layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), w * layer.lora_alpha[a] / r)
+        with self._wrappers_attached():
+            for comp in COMPONENTS:
+                model = getattr(self.pipe, comp, None)
+                if model is None:
+                    continue
+                for mname, layer in _lora_layers(model):
+                    for idx, e in enumerate(entries):
+                        a = self._loaded[e.name].adapter
+                        if a not in layer.lora_A:
+                            continue
+                        if layer.use_dora.get(a):
+                            raise IncompatibleAdapterError(f"{e.name}: DoRA layers are not supported here")
+                        w = e.weight if comp == "unet" else e.text_weight
+                        r = math.sqrt(layer.r[a]) if layer.use_rslora.get(a) else layer.r[a]
+                        out.setdefault(f"{comp}.{mname}", {})[idx] = (
+                            layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(),
+                            w * layer.lora_alpha[a] / r)
         return out
 
     def bake(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,

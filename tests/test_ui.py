@@ -7,6 +7,7 @@ in the queue and sees its position), 17 (concurrent generate requests with diffe
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -263,8 +264,6 @@ def test_badge_when_adapter_does_not_fit_the_base(ui, tmp_path, tiny_sd2_dir, lo
     _import(ui, lora_files["beta-thing"])
     (ui.studio.models_dir / "sd2-model").symlink_to(tiny_sd2_dir, target_is_directory=True)
     assert "sd2-model" not in ui.base_names()  # a link out of the models folder is not offered
-    import shutil
-
     shutil.copytree(tiny_sd2_dir, ui.studio.models_dir / "sd2-copy")
     assert "sd2-copy" in ui.base_names()
     _, table, *_ = ui.refresh_adapters("sd2-copy", None, None, None, None, None, None, None)
@@ -320,7 +319,20 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     grid, grid_file, _ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
                                     "alpha-style", "0, 1", None, *_slots())
     with Image.open(grid) as im:
-        assert im.width >= 2 * 128 and "Grid: alpha-style weights 0, 1" in im.info["parameters"]
+        assert im.width >= 2 * 128 and "alpha-style 0 | alpha-style 1" in im.info["parameters"]
+    grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                          None, "", None, *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
+    assert "alpha-style 0.8 | beta-thing 0.5" in read_png_parameters(grid)
+    ck = ui.studio.library.root / "runs" / "myrun" / "checkpoints" / "step-2"
+    ck.mkdir(parents=True)
+    shutil.copyfile(lora_files["beta-thing"], ck / "adapter.safetensors")
+    (ck / "state.pt").write_bytes(b"")
+    assert ui.studio.runs() == ["myrun"]
+    grid, *_ = ui.compare("checkpoints of a run", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", None, "",
+                          "myrun", *_slots())
+    assert "step 2" in read_png_parameters(grid)
+    with pytest.raises(gr.Error, match="no training run"):
+        ui.compare("checkpoints of a run", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", None, "", "nope", *_slots())
     with pytest.raises(gr.Error, match="weights"):
         ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", "alpha-style", "0, 5", None,
                    *_slots())

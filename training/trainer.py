@@ -210,9 +210,13 @@ def sdxl_time_ids(examples: list[Example], device) -> torch.Tensor:
 
 def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torch.Tensor,
                    pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator,
-                   cfg: TrainConfig) -> torch.Tensor:
-    """Per-sample denoising loss (B,), with min-SNR weighting and noise offset."""
+                   cfg: TrainConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sample denoising loss (B,), with min-SNR weighting and noise offset.
+
+    `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter).
+    """
     unet = base.pipe.unet
+    dtype = dtype or unet.dtype
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     if cfg.noise_offset:
@@ -224,7 +228,7 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     kwargs = {}
     if pooled is not None:
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype), **kwargs).sample
+    pred = unet(noisy.to(dtype), t, cond.to(dtype), **kwargs).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.min_snr_gamma:
         ac = scheduler.alphas_cumprod.to(latents.device)[t]
@@ -281,6 +285,7 @@ class Trainer:
         self.components = list(self.lora_configs)
         self.text = TextCache(base, live=cfg.train_text_encoder)
         self.noise_scheduler = self._noise_scheduler()
+        self.unet_dtype = base.pipe.unet.dtype
         self._build_optimizer()
         if cfg.gradient_checkpointing:
             base.pipe.unet.enable_gradient_checkpointing()
@@ -361,7 +366,8 @@ class Trainer:
             with self.accelerator.autocast():
                 cond, pooled = self.text([e.caption for e in exs])
                 tids = sdxl_time_ids(exs, device) if pooled is not None else None
-                per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, gen, cfg)
+                per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, gen, cfg,
+                                     self.unet_dtype)
             n = len(inst)
             loss = per[:n].mean()
             if prior:

@@ -1,0 +1,180 @@
+"""Generation speed with stacked adapters, measured side by side in one run on the toy base model.
+
+    python bench/generate_speed.py [--base sample_data/toy-sd] [--repeats 7] [--steps 20] [--size 64]
+
+Prints the latency of one generation (fixed prompt, seed, steps and size; one image) for: the base
+model alone (no adapter ever loaded), the same model with 1 and with 3 adapters active (unfused),
+and with the 3 fused; then the time to change the weights of the loaded 3-adapter stack and the time
+to load one adapter file. The adapters are made on the fly (random rank-8 LoRA on the UNet and text
+encoder attention projections, written with `pipelines.adapters.save_adapter` into a temporary
+library). Configurations are interleaved (a rotating order in every round) and medians reported, so
+background load on a small machine spreads over all of them alike. Goals (issue 4): fused within 3%
+of base, 3 unfused at most 1.25x base, weight change < 50 ms, load < 200 ms.
+Last line: `fused_ratio=x.xx unfused3_ratio=x.xx weight_change_ms=x load_ms=x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pipelines.adapters import lora_metadata, save_adapter  # noqa: E402
+from pipelines.base_models import DEFAULT_BASE, load_base  # noqa: E402
+from pipelines.generation import GenerationRequest, generate  # noqa: E402
+from pipelines.library import AdapterLibrary  # noqa: E402
+from pipelines.stack import AdapterStack  # noqa: E402
+
+RANK = 8
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+PROMPT = "a red circle on a blue background"
+
+
+def random_lora(pipe, seed: int, rank: int = RANK, std: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random LoRA factors (our key format) for every attention projection of the UNet and text encoder."""
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for comp, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+        for name, mod in getattr(pipe, comp).named_modules():
+            if not isinstance(mod, torch.nn.Linear) or not name.endswith(targets):
+                continue
+            key = f"unet.{name}" if comp == "unet" else f"text_encoder.text_model.{name.removeprefix('text_model.')}"
+            sd[f"{key}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * std / mod.in_features ** 0.5
+            sd[f"{key}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * std / rank ** 0.5
+    return sd
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def timed2(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): with one torch thread, CPU time is what the run would take
+    on an idle machine, whatever else shares the cores."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default=str(DEFAULT_BASE), help="base model folder (default: the embedded toy model)")
+    ap.add_argument("--repeats", type=int, default=7, help="rounds of generation per configuration")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what the ratios on the last line use: wall time (default), or process CPU time, steadier "
+                         "on a shared machine when torch runs one thread (OMP_NUM_THREADS=1)")
+    ap.add_argument("--per-adapter", action="store_true",
+                    help="for comparison: run stacks through peft's per-adapter path (no combined slot)")
+    args = ap.parse_args(argv)
+    if args.per_adapter:
+        AdapterStack._combine = lambda self, names: None
+    if not (Path(args.base) / "model_index.json").is_file():
+        sys.exit(f"no base model at {args.base} (train it with `python -m training.toy_base`, or pass --base)")
+
+    req = GenerationRequest(prompt=PROMPT, steps=args.steps, seed=1, width=args.size, height=args.size,
+                            num_images=1, scheduler="DPM++ 2M Karras")
+    plain = load_base(args.base, device=args.device)  # never gets an adapter: the true base
+    model = load_base(args.base, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="genspeed_") as tmp:
+        lib = AdapterLibrary(Path(tmp) / "loras")
+        lib.root.mkdir()
+        for i, name in enumerate(("a", "b", "c")):
+            save_adapter(random_lora(model.pipe, seed=i), lib.root / f"{name}.safetensors",
+                         lora_metadata(family=model.family, rank=RANK, alpha=RANK, name=name))
+        stack = AdapterStack(model, lib)
+        three = [("a", 0.8), ("b", 0.5), ("c", -0.4)]
+        stack.set_stack(three)  # loads the three files once
+
+        def setup(cfg: str) -> None:
+            if cfg == "1 unfused":
+                stack.set_stack([("a", 0.8)])
+            elif cfg == "3 unfused":
+                stack.set_stack(three)
+                stack.unfuse()
+            elif cfg == "3 fused":
+                stack.set_stack(three)
+                stack.fuse()
+
+        def run(cfg: str) -> tuple[float, float]:
+            if cfg == "base":
+                return timed2(lambda: generate(plain, req))
+            return timed2(lambda: stack.generate(req, stack.stack))
+
+        configs = ["base", "1 unfused", "3 unfused", "3 fused"]
+        for cfg in configs:  # warm-up (allocator, scheduler set-up, first-call costs)
+            setup(cfg)
+            run(cfg)
+        times: dict[str, list[float]] = {c: [] for c in configs}
+        cpu: dict[str, list[float]] = {c: [] for c in configs}
+        for r in range(args.repeats):
+            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            for cfg in order:
+                setup(cfg)
+                wall, used = run(cfg)
+                times[cfg].append(wall)
+                cpu[cfg].append(used)
+        med_wall = {c: statistics.median(v) for c, v in times.items()}
+        med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
+        med = med_cpu if args.clock == "cpu" else med_wall
+
+        # weight changes of the loaded, unfused 3-adapter stack (no file read, no base reload)
+        stack.unfuse()
+        reads = stack.reads
+        change = []
+        for i in range(max(20, args.repeats)):
+            w = 0.1 + (i % 10) / 10
+            change.append(timed(lambda: stack.set_stack([("a", w), ("b", -w / 2), ("c", 1 - w)])))
+        assert stack.reads == reads, "changing weights re-read an adapter file"
+
+        # loading one adapter file into the model (which already holds the three)
+        load = []
+        path = lib.path_for("a")
+        for i in range(max(5, args.repeats)):
+            load.append(timed(lambda: stack.load(f"extra{i}", path)))
+            stack.unload([f"extra{i}"])
+        size_mb = path.stat().st_size / 1e6
+        stack.unload()
+
+    base = med["base"]
+    print(f"base model {Path(args.base).name} ({model.family}), {args.steps} steps, {args.size}x{args.size}, 1 image, "
+          f"median of {args.repeats} interleaved rounds; torch threads {torch.get_num_threads()}; ratios use {args.clock}")
+    for cfg in configs:
+        spread = f"wall min {min(times[cfg]) * 1e3:.0f} / max {max(times[cfg]) * 1e3:.0f}"
+        print(f"  {cfg:<10} wall {med_wall[cfg] * 1e3:7.1f} ms x{med_wall[cfg] / med_wall['base']:.3f}   "
+              f"cpu {med_cpu[cfg] * 1e3:7.1f} ms x{med_cpu[cfg] / med_cpu['base']:.3f}   ({spread})")
+    weight_ms = statistics.median(change) * 1e3
+    load_ms = statistics.median(load) * 1e3
+    print(f"  change the weights of the 3-adapter stack: {weight_ms:.1f} ms (median of {len(change)})")
+    print(f"  load one adapter file ({size_mb:.2f} MB): {load_ms:.1f} ms (median of {len(load)})")
+    goals = {
+        "fused within 3% of base": med["3 fused"] / base <= 1.03,
+        "3 unfused <= 1.25x base": med["3 unfused"] / base <= 1.25,
+        "weight change < 50 ms": weight_ms < 50,
+        "load < 200 ms": load_ms < 200,
+    }
+    print("  goals: " + ", ".join(f"{k}: {'met' if ok else 'MISSED'}" for k, ok in goals.items()))
+    print(f"fused_ratio={med['3 fused'] / base:.2f} unfused3_ratio={med['3 unfused'] / base:.2f} "
+          f"weight_change_ms={weight_ms:.0f} load_ms={load_ms:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Comparison grids: one prompt and seed across weights, adapters or a run's checkpoints, as one labelled PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lora_helpers import make_lora
+from PIL import Image
+
+from app.cli import main
+from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.base_models import load_base
+from pipelines.errors import ConfigError, UnsafeNameError
+from pipelines.generation import GenerationRequest, parse_parameters, read_png_parameters
+from pipelines.grid import (
+    adapter_columns,
+    checkpoint_columns,
+    make_grid,
+    run_checkpoints,
+    weight_columns,
+)
+from pipelines.library import AdapterLibrary
+from pipelines.stack import AdapterStack, parse_lora_hashes
+from pipelines.weights_io import save_safetensors
+
+WEIGHTS = [0, 0.5, 1.0]
+STEPS = (5, 10, 200)  # numeric order differs from the names' text order (step-10 < step-200 < step-5)
+
+
+def _req(**kw) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": "a red circle", "steps": 2, "seed": 11, "scheduler": "DDIM", **kw})
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_dir):
+    return load_base(tiny_sd1_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lib(sd1, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid_lib")
+    save_adapter(make_lora(sd1.pipe, rank=4, seed=1, std=1.0), root / "a.safetensors",
+                 lora_metadata(family="sd1", rank=4, alpha=4))
+    save_adapter(make_lora(sd1.pipe, rank=4, seed=2, std=1.0), root / "b.safetensors",
+                 lora_metadata(family="sd1", rank=4, alpha=4))
+    # a training run as the trainer leaves it: checkpoints/step-N/adapter.safetensors (+ state.pt)
+    ck = root / "runs" / "myrun" / "checkpoints"
+    for i, step in enumerate(STEPS):
+        d = ck / f"step-{step}"
+        d.mkdir(parents=True)
+        save_safetensors(make_lora(sd1.pipe, rank=4, seed=10 + i, std=0.5 + i), d / "adapter.safetensors",
+                         {"step": str(step)})
+        (d / "state.pt").write_bytes(b"")
+    (ck / "step-7").mkdir()  # an incomplete checkpoint (no adapter file): skipped
+    (ck / ".step-300.tmp").mkdir()  # a half-written one: skipped
+    return AdapterLibrary(root)
+
+
+@pytest.fixture
+def stack(sd1, lib):
+    st = AdapterStack(sd1, lib)
+    yield st
+    st.unload()
+
+
+def _crop_tiles(result, n_rows: int = 1) -> list[list[np.ndarray]]:
+    """Cut the grid's bottom-right block back into cells (labels sit above the columns)."""
+    img = np.asarray(result.image)
+    ncols = len(result.columns)
+    cw = result.image.width // ncols  # no row labels with one row
+    ch = cw * result.tiles[0][0].image.height // result.tiles[0][0].image.width
+    top = result.image.height - n_rows * ch
+    return [[img[top + r * ch: top + (r + 1) * ch, c * cw:(c + 1) * cw] for c in range(ncols)] for r in range(n_rows)]
+
+
+def test_weight_grid_tiles_labels_and_weight_zero_is_the_base(stack):
+    result = make_grid(stack, _req(), weight_columns("a", WEIGHTS), axis="a weight")
+    assert [c.label for c in result.columns] == ["a 0", "a 0.5", "a 1"]
+    assert len(result.tiles) == 3 and all(len(col) == 1 for col in result.tiles)
+    tile = result.tiles[0][0].image
+    assert all(col[0].image.size == tile.size == (32, 32) for col in result.tiles)
+    # one image: tiles side by side (enlarged to stay readable), with a label band on top
+    scale = result.image.width // (3 * tile.width)
+    assert scale >= 1 and result.image.width == 3 * tile.width * scale
+    assert result.image.height > tile.height * scale
+    base = stack.generate(_req())[0].image
+    assert np.array_equal(np.asarray(result.tiles[0][0].image), np.asarray(base))  # weight 0 == no adapter
+    assert not np.array_equal(np.asarray(result.tiles[2][0].image), np.asarray(base))
+    cells = _crop_tiles(result)[0]
+    enlarged = np.asarray(base.resize((tile.width * scale, tile.height * scale), Image.NEAREST))
+    assert np.array_equal(cells[0], enlarged)  # the grid shows the tiles themselves, in column order
+    label_band = np.asarray(result.image)[: result.image.height - tile.height * scale]
+    assert (label_band < 128).any()  # dark label text drawn on the white band
+    # the PNG parameters describe the grid, and each tile carries its own reproducible parameters
+    p = parse_parameters(result.parameters)
+    assert p["Prompt"] == "a red circle" and p["Seed"] == "11" and p["Size"] == "32x32"
+    assert p["Grid"] == "a weight: a 0 | a 0.5 | a 1"
+    assert p["Grid stacks"] == "<lora:a:0> | <lora:a:0.5> | <lora:a:1>"
+    assert set(parse_lora_hashes(p["Lora hashes"])) == {"a"}
+    assert parse_parameters(result.tiles[1][0].parameters)["Prompt"] == "a red circle <lora:a:0.5>"
+    assert stack.reads == 1  # one file read for the whole grid
+
+
+def test_adapters_grid_with_prompt_tags_and_several_seeds(stack):
+    req = _req(prompt="<lora:b:0.3> a red circle", num_images=2)
+    result = make_grid(stack, req, adapter_columns(["a", "b"], 0.8))
+    assert [c.label for c in result.columns] == ["a", "b"]
+    assert [len(col) for col in result.tiles] == [2, 2] and result.tiles[0][1].seed == 12
+    p = parse_parameters(result.parameters)
+    # the prompt's tag applies to every column, except where the column sets that adapter itself
+    assert p["Grid stacks"] == "<lora:b:0.3> <lora:a:0.8> | <lora:b:0.8>"
+    assert set(parse_lora_hashes(p["Lora hashes"])) == {"a", "b"}
+    tile = result.tiles[0][0].image
+    assert result.image.height > 2 * tile.height and result.image.width > 2 * tile.width  # row labels too
+
+
+def test_checkpoints_are_found_in_step_order(stack, lib):
+    found = run_checkpoints(lib.root, "myrun")
+    assert [s for s, _ in found] == sorted(STEPS)
+    assert all(p.name == "adapter.safetensors" and p.parent.name == f"step-{s}" for s, p in found)
+    cols = checkpoint_columns(stack, "myrun", 0.9)
+    assert [c.label for c in cols] == ["step 5", "step 10", "step 200"]  # no finished adapter in the library
+    assert [c.entries[0].name for c in cols] == ["myrun@step-5", "myrun@step-10", "myrun@step-200"]
+    assert all(c.entries[0].weight == 0.9 for c in cols)
+    result = make_grid(stack, _req(), cols, axis="myrun checkpoint")
+    imgs = [np.asarray(col[0].image) for col in result.tiles]
+    assert len(imgs) == 3 and not np.array_equal(imgs[0], imgs[2])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        run_checkpoints(lib.root, "nope")
+    with pytest.raises(UnsafeNameError):
+        run_checkpoints(lib.root, "../runs")
+
+
+def test_bad_requests(stack):
+    with pytest.raises(ConfigError, match="weight"):
+        weight_columns("a", [])
+    with pytest.raises(ConfigError, match="between -2 and 2"):
+        weight_columns("a", [0, 3])
+    with pytest.raises(ConfigError, match="no columns"):
+        make_grid(stack, _req(), [])
+
+
+def test_cli_grid_modes(tiny_sd1_dir, lib, tmp_path, capsys):
+    common = ["grid", "--base", str(tiny_sd1_dir), "--device", "cpu", "--library", str(lib.root), "--prompt",
+              "a blue square", "--steps", "1", "--seed", "3", "--scheduler", "ddim"]
+    out = tmp_path / "w.png"
+    assert main(common + ["--lora", "a", "--weights", "0,1", "--out", str(out)]) == 0
+    p = parse_parameters(read_png_parameters(out))
+    assert p["Grid stacks"] == "<lora:a:0> | <lora:a:1>" and p["Seed"] == "3"
+    assert "2 tiles" in capsys.readouterr().out
+    out = tmp_path / "l.png"
+    assert main(common + ["--loras", "a,b", "--weight", "0.5", "--out", str(out)]) == 0
+    assert parse_parameters(read_png_parameters(out))["Grid stacks"] == "<lora:a:0.5> | <lora:b:0.5>"
+    out = tmp_path / "c.png"
+    assert main(common + ["--checkpoints", "myrun", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.width % 3 == 0 and im.height > im.width // 3  # three square tiles under a label band
+    assert "step 5 | step 10 | step 200" in parse_parameters(read_png_parameters(out))["Grid"]
+    assert main(common + ["--lora", "a", "--weights", "0,x", "--out", str(out)]) == 2
+    assert "--weights" in capsys.readouterr().err
