@@ -48,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_arg(g)
     g.set_defaults(func=cmd_generate)
 
-    gr = sub.add_parser("grid", help="one prompt and seed across adapter weights, adapters or checkpoints: one labelled image",
+    gr = sub.add_parser("grid", help="one prompt and seed across adapter weights, adapters or checkpoints: "
+                                     "one labelled image",
                         description="An AUTOMATIC1111-style X/Y plot: the same prompt and seed generated once per "
                                     "column, composed into one labelled PNG (its `parameters` describe the grid).")
     _add_base_args(gr)
     _add_request_args(gr, default_out="grid.png")
     mode = gr.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--lora", metavar="NAME", help="the adapter whose weight varies across the columns (see --weights)")
+    mode.add_argument("--lora", metavar="NAME",
+                      help="the adapter whose weight varies across the columns (see --weights)")
     mode.add_argument("--loras", metavar="A,B,C", help="compare these adapters, one per column, at --weight")
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")

@@ -256,24 +256,37 @@ def _combinable(layer, adapters: Sequence[str]) -> bool:
 def _combine_layer(layer, adapters: Sequence[str], activate: bool = True) -> None:
     """Fill the layer's combined slot from its adapters at their current scaling (and make it the only active one).
 
-    Only B is re-copied when the slot already holds these adapters (a change of weights).
+    The slot is created once by peft (`update_layer`, scaling alpha / r = 1); a stack of another total rank
+    resizes its two Linear weights in place. Only B is re-copied when the slot already holds these adapters
+    (a change of weights).
     """
     key = tuple(adapters)
     rank = sum(int(layer.r[a]) for a in adapters)
-    rebuild = (getattr(layer, _COMBINED_KEY, None) != key or COMBINED_ADAPTER not in layer.lora_A
-               or layer.r.get(COMBINED_ADAPTER) != rank)
-    if rebuild:
+    if COMBINED_ADAPTER not in layer.lora_A:
         from peft import LoraConfig
 
         cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, init_lora_weights=False, inference_mode=True)
-        layer.update_layer(COMBINED_ADAPTER, rank, rank, cfg)  # scaling = alpha / r = 1
-        setattr(layer, _COMBINED_KEY, key)
+        layer.update_layer(COMBINED_ADAPTER, rank, rank, cfg)
+        setattr(layer, _COMBINED_KEY, None)
+    rebuild = getattr(layer, _COMBINED_KEY, None) != key
+    lin_a, lin_b = layer.lora_A[COMBINED_ADAPTER], layer.lora_B[COMBINED_ADAPTER]
     with torch.no_grad():
+        # (out, Σr): the weights live here, so a change of weights is this one copy
+        b_cat = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], 1)
         if rebuild:
-            layer.lora_A[COMBINED_ADAPTER].weight.copy_(torch.cat([layer.lora_A[a].weight for a in adapters], 0))  # (Σr, in)
-        layer.lora_B[COMBINED_ADAPTER].weight.copy_(  # (out, Σr); the weights live here, so a re-weight is one copy
-            torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], 1))
-    if activate or rebuild:
+            a_cat = torch.cat([layer.lora_A[a].weight for a in adapters], 0)  # (Σr, in)
+            if lin_a.weight.shape != a_cat.shape:  # another total rank: new tensors in the same modules
+                lin_a.weight = torch.nn.Parameter(a_cat, requires_grad=False)
+                lin_b.weight = torch.nn.Parameter(b_cat, requires_grad=False)
+                lin_a.out_features = lin_b.in_features = rank
+                layer.r[COMBINED_ADAPTER] = layer.lora_alpha[COMBINED_ADAPTER] = rank  # scaling stays 1
+            else:
+                lin_a.weight.copy_(a_cat)
+                lin_b.weight.copy_(b_cat)
+            setattr(layer, _COMBINED_KEY, key)
+        else:
+            lin_b.weight.copy_(b_cat)
+    if activate:
         layer.set_adapter([COMBINED_ADAPTER], inference_mode=True)
 
 
@@ -516,24 +529,23 @@ class AdapterStack:
                 self._applied = ()
             return
         names = tuple(self._loaded[e.name].adapter for e in entries)
-        # per-component weights; only for components the adapter has (diffusers warns about the others)
+        # per-component weights, for the components the adapter has
         weights = [{c: (e.weight if c == "unet" else e.text_weight) for c in self._loaded[e.name].components}
                    for e in entries]
+        by_adapter = dict(zip(names, weights))
         if names == self._applied:  # the same adapters in the same order: only their weights change
-            self._rescale(dict(zip(names, weights)))
-            return
-        if self._applied is None or self._applied == ():
-            pipe.enable_lora()
-        pipe.set_adapters(list(names), weights)
-        self._applied = names
-        self._combine(names)
+            self._rescale(by_adapter)
+        else:
+            self._activate(names, by_adapter)
+            self._applied = names
 
-    def _combine(self, names: Sequence[str]) -> None:
-        """Where two or more of `names` adapt a layer, run them as one concatenated adapter (same sum, fewer ops).
+    def _activate(self, names: tuple[str, ...], weights: dict[str, dict[str, float]]) -> None:
+        """Activate `names` at `weights` in every LoRA layer, in one pass.
 
-        `set_adapters` has just set every adapter's scaling (weight · alpha / r) and activated `names`
-        everywhere; layers that cannot be combined keep peft's own per-adapter path. Also records which
-        layers hold which of `names`, for `_rescale`.
+        Per layer this is what diffusers' `set_adapters` does for plain float weights (peft's `set_scale`:
+        weight · alpha / r, and `set_adapter`), without gradients; and where two or more of `names` adapt
+        a layer they run as one concatenated adapter (same sum, fewer ops). Layers that cannot be combined
+        keep peft's own per-adapter path. Records which layers hold which adapters, for `_rescale`.
         """
         self._layer_cache = []
         for comp in COMPONENTS:
@@ -541,13 +553,18 @@ class AdapterStack:
             if model is None:
                 continue
             for _, layer in _lora_layers(model):
+                if layer.disable_adapters:  # after `clear` (diffusers' disable_lora)
+                    layer.enable_adapters(True)
                 present = [a for a in names if a in layer.lora_A]
-                if not present:
-                    continue
+                for a in present:
+                    layer.set_scale(a, weights[a][comp])
                 combined = len(present) >= 2 and _combinable(layer, present)
                 if combined:
                     _combine_layer(layer, present)
-                self._layer_cache.append((layer, comp, present, combined))
+                else:
+                    layer.set_adapter(list(names), inference_mode=True)
+                if present:
+                    self._layer_cache.append((layer, comp, present, combined))
 
     def _rescale(self, weights: dict[str, dict[str, float]]) -> None:
         """New weights for the adapters already active: what `set_adapters` would set, without walking the models."""

@@ -28,7 +28,8 @@ def case(request, tmp_path_factory):
     fam = request.param
     save_adapter(make_lora(base.pipe, rank=4, seed=1), root / "a.safetensors",
                  lora_metadata(family=fam, rank=4, alpha=8, trigger_word="sks"))
-    save_adapter(make_lora(base.pipe, rank=2, seed=2), root / "b.safetensors", lora_metadata(family=fam, rank=2, alpha=2))
+    save_adapter(make_lora(base.pipe, rank=2, seed=2), root / "b.safetensors",
+                 lora_metadata(family=fam, rank=2, alpha=2))
     return folder, base, AdapterLibrary(root)
 
 

@@ -25,8 +25,10 @@ def sd1(tiny_sd1_dir):
 @pytest.fixture(scope="module")
 def lib(sd1, tmp_path_factory):
     root = tmp_path_factory.mktemp("combined_lib")
-    save_adapter(make_lora(sd1.pipe, rank=4, seed=1), root / "a.safetensors", lora_metadata(family="sd1", rank=4, alpha=8))
-    save_adapter(make_lora(sd1.pipe, rank=2, seed=2), root / "b.safetensors", lora_metadata(family="sd1", rank=2, alpha=2))
+    save_adapter(make_lora(sd1.pipe, rank=4, seed=1), root / "a.safetensors",
+                 lora_metadata(family="sd1", rank=4, alpha=8))
+    save_adapter(make_lora(sd1.pipe, rank=2, seed=2), root / "b.safetensors",
+                 lora_metadata(family="sd1", rank=2, alpha=2))
     save_adapter(make_lora(sd1.pipe, rank=4, seed=3, only="attn2", components=("unet",)), root / "c.safetensors",
                  lora_metadata(family="sd1", rank=4, alpha=4))
     return AdapterLibrary(root)

@@ -98,6 +98,12 @@ def test_resume_with_different_rank_is_refused(star_images, tiny_sd1_dir, tmp_pa
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, rank=8, resume="latest"))
 
 
+def test_resume_with_different_base_is_refused(star_images, tiny_sd1_dir, tiny_sd2_dir, tmp_path):
+    train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="y", max_steps=2, checkpoint_every=1))
+    with pytest.raises(TrainingError, match="base: checkpoint .*tiny_sd1.* vs now .*tiny_sd2"):
+        train(_cfg(star_images, tiny_sd2_dir, tmp_path, name="y", max_steps=4, resume="latest"))
+
+
 def test_checkpoint_retention(star_images, tiny_sd1_dir, tmp_path):
     res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, max_steps=6, checkpoint_every=1, checkpoints_keep=2))
     names = sorted(p.name for p in (res.run_dir / "checkpoints").iterdir())
