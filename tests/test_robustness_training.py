@@ -62,9 +62,9 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(images, tiny_sd1
 
 
 def test_disk_full_while_checkpointing_is_clear_and_keeps_older(images, tiny_sd1_dir, tmp_path, monkeypatch):
-    import training.export as ex
+    import pipelines.adapters as ad
 
-    real = ex.save_safetensors
+    real = ad.save_safetensors
     calls = {"n": 0}
 
     def fill_up(sd, path, meta=None):
@@ -73,7 +73,7 @@ def test_disk_full_while_checkpointing_is_clear_and_keeps_older(images, tiny_sd1
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(sd, path, meta)
 
-    monkeypatch.setattr(ex, "save_safetensors", fill_up)
+    monkeypatch.setattr(ad, "save_safetensors", fill_up)
     with pytest.raises(TrainingError, match="No space left on device.*older checkpoints are kept"):
         train(_cfg(images, tiny_sd1_dir, tmp_path))
     ck = tmp_path / "runs" / "k" / "checkpoints"

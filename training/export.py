@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelines.errors import TrainingError
-from pipelines.weights_io import save_safetensors
 
 from .config import TrainConfig
 
@@ -35,7 +34,12 @@ def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_safetensors(adapter, tmp / "adapter.safetensors", {"step": str(step), "config": cfg.to_json()})
+        from pipelines.adapters import save_adapter
+
+        # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
+        save_adapter(adapter, tmp / "adapter.safetensors", {"step": str(step), "config": cfg.to_json(),
+                                                            "lora_studio.trigger": cfg.trigger},
+                     alpha=cfg.lora_alpha)
         state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
                  "config": cfg.to_json()}
         torch.save(state, tmp / "state.pt")
