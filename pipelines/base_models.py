@@ -140,7 +140,8 @@ def _load_file(path: Path, allow_pickle: bool, dtype: torch.dtype, config: str |
     from .single_file import detect_family_from_single_file_keys, load_single_file
 
     family = detect_family_from_single_file_keys(keys, path)
-    pipe = load_single_file(path, _pipeline_class(family), config_dir=config, dtype=dtype)
+    pipe = load_single_file(path, _pipeline_class(family), config_dir=config, dtype=dtype,
+                            tokenizer_dir=_tokenizer_dir_for(config), allow_pickle=allow_pickle)
     return pipe, family
 
 

@@ -322,6 +322,7 @@ def export(vae, unet, te, tok, scale: float, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_tokenizer(tmp / "tokenizer")  # transformers 5 saves only tokenizer.json: keep vocab.json + merges.txt
     (tmp / "README.md").write_text(
         "# toy-sd\n\nLoRA Studio's embedded toy Stable Diffusion 1.x base model, trained from scratch "
         "by `python -m training.toy_base` on procedurally drawn 64x64 images captioned like "
