@@ -78,6 +78,12 @@ def _df(rows: Sequence[Sequence[Any]], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame([list(r) for r in rows], columns=columns)
 
 
+def _loss_df(losses: Sequence[tuple[int, float]]) -> pd.DataFrame:
+    """(step, loss) pairs as numeric columns, also when empty (an untyped empty frame plots as categories)."""
+    return pd.DataFrame({"step": pd.Series([int(s) for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([float(v) for _, v in losses], dtype="float64")})
+
+
 def _rows(df: Any) -> list[list[Any]]:
     if df is None:
         return []
@@ -309,7 +315,7 @@ class StudioUI:
             same = seen.get("job") == job.id
             nl, ns = len(job.losses), len(job.samples)
             if not same or seen.get("nloss") != nl:
-                plot = _df(list(job.losses), ["step", "loss"])
+                plot = _loss_df(list(job.losses))
             if not same or seen.get("nsamples") != ns:
                 samples = [(str(s), s.stem.replace("step-", "step ")) for s in list(job.samples)]
             finished = None if job.active else f"{job.id}:{job.state}"
@@ -622,7 +628,7 @@ class StudioUI:
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                         status = gr.HTML(self.status_html(None), elem_id="train-status")
-                        loss_plot = gr.LinePlot(_df([], ["step", "loss"]), x="step", y="loss", title="Loss",
+                        loss_plot = gr.LinePlot(_loss_df([]), x="step", y="loss", title="Loss",
                                                 x_axis_format="d",
                                                 height=200, elem_id="train-loss")
                         samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
