@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +13,7 @@ from PIL import Image, PngImagePlugin
 
 from .base_models import BaseModel
 from .errors import ConfigError
+from .weights_io import atomic_write
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
 SCHEDULERS: dict[str, tuple[str, dict]] = {
@@ -211,14 +211,7 @@ def save_png(img: GeneratedImage | Image.Image, path: str | os.PathLike, paramet
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))
     return path
 
 

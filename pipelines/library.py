@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
 from .errors import ConfigError, UnsafeNameError
-from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_safetensors, save_safetensors
+from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, save_safetensors
 
 # files that belong to an adapter: same stem, one of these endings (A1111 / civitai helper conventions)
 SIDECAR_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".md", ".toml", ".json", ".txt",
@@ -66,16 +65,7 @@ def check_name(name: str) -> str:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class AdapterLibrary:

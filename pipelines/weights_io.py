@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -139,12 +140,22 @@ def save_safetensors(
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CorruptWeightsError(f"{path}: refusing to save, tensor '{k}' contains NaN or infinite values")
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Run `write(tmp)` on a temporary file beside `path`, fsync it, then os.replace it into place.
+
+    A crash at any point leaves either the old file or the new one under `path`, never a mix, and
+    no temporary file is left behind by an error.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

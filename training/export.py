@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from pipelines.errors import TrainingError
+from pipelines.weights_io import atomic_write
 
 from .config import TrainConfig
 
@@ -137,9 +137,7 @@ def base_hash(base) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
@@ -159,8 +157,7 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:
-        shutil.copyfile(preview, lib / f".{cfg.name}.png.tmp")
-        os.replace(lib / f".{cfg.name}.png.tmp", lib / f"{cfg.name}.png")
+        atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
     write_text_atomic(lib / f"{cfg.name}.toml", cfg.to_toml())
     write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
     return path
