@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-adapter", help="continue training from a finished adapter file (train N more steps)")
     t.add_argument("--sample-every", type=int)
     t.add_argument("--sample-prompt", dest="sample_prompts", action="append", help="repeatable")
+    t.add_argument("--sample-steps", type=int, help="sampler steps for sample images")
     t.add_argument("--device")
+    t.add_argument("--quantize-base", choices=["nf4", "int8"],
+                   help="QLoRA: train on a quantized frozen base; nf4 = bitsandbytes 4-bit (CUDA), "
+                        "int8 = torchao int8 weight-only (any device, also the CPU)")
+    t.add_argument("--num-processes", type=int, default=None,
+                   help="train with N processes (one per GPU; on a CPU, N gloo processes) through "
+                        "`accelerate launch`; --batch-size is per process")
     t.set_defaults(func=cmd_train)
 
     u = sub.add_parser("ui", help="start the browser app (what `lora-studio` with no command does)",
@@ -396,7 +404,7 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
-_TRAIN_ARG_EXCLUDE = {"command", "func", "config"}
+_TRAIN_ARG_EXCLUDE = {"command", "func", "config", "num_processes"}
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -423,6 +431,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     if not cfg.images:
         raise _usage("train: --images (or images = ... in --config) is required")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise _usage(f"train: --num-processes must be 1 or more, got {args.num_processes}")
+    if (args.num_processes or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(cfg, args.num_processes)
+    main_process = os.environ.get("RANK", "0") == "0"
     stop = threading.Event()
 
     def _on_sigint(signum, frame):
@@ -438,6 +451,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, old)
         bar.close()
+    if not main_process:
+        return 0
     if res.stopped:
         print(f"stopped at step {res.steps}; resume with: lora-studio train ... --name {cfg.name} --resume latest"
               f" (checkpoint: {res.checkpoint})")
@@ -445,6 +460,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {res.adapter_path} in {res.seconds / 60:.1f} min; final loss {res.final_loss:.4f}")
     print(f"run folder (samples, log.csv, checkpoints): {res.run_dir}")
     return 0
+
+
+def launch_processes(cfg, n: int) -> int:
+    """Run this training as n processes with `accelerate launch` (torchrun underneath).
+
+    The resolved configuration travels as a TOML file in the run folder, so every process trains
+    exactly what this command line asked for. One process per GPU where there are several; on a
+    CPU the processes talk over gloo.
+    """
+    import socket
+    import subprocess
+
+    from training.trainer import run_dir_for
+
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch_cfg = run_dir / "launch.toml"
+    launch_cfg.write_text(cfg.to_toml())
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "app.cli", "train", "--config", str(launch_cfg)]
+    print(f"launching {n} processes: {' '.join(cmd[2:])}", file=sys.stderr)
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.call(cmd, env=env)
 
 
 class _ProgressBar:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError
+from pipelines.quantize import QUANTIZATIONS
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a thing (object, character, face): trigger word as the subject, text encoder trained too
@@ -76,6 +77,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    quantize_base: str | None = None  # QLoRA: "nf4" (bitsandbytes, CUDA) or "int8" (torchao, any device)
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
     seed: int = 42
@@ -135,6 +137,9 @@ class TrainConfig:
                             ("lr_scheduler", LR_SCHEDULERS), ("crop", CROPS)):
             if getattr(self, f_) not in allowed:
                 raise ConfigError(f"{f_}: must be one of {', '.join(allowed)}, got '{getattr(self, f_)}'")
+        if self.quantize_base is not None and self.quantize_base not in QUANTIZATIONS:
+            raise ConfigError(f"quantize_base: must be one of {', '.join(QUANTIZATIONS)} (or unset), "
+                              f"got '{self.quantize_base}'")
         if "{trigger}" not in self.instance_template:
             raise ConfigError("instance_template: must contain '{trigger}'")
         if not self.unet_targets:

@@ -102,7 +102,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
     return lora_metadata(
         family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, name=cfg.name, base_model=base.name,
-        base_hash=base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
+        base_hash=getattr(tr, "base_fingerprint", None) or base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
         steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
         training_config=cfg.to_json(),
         description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",

@@ -31,7 +31,10 @@ DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
 DEFAULT_WORK = ROOT / ".work" / "toy_base"
 
 VAE_STEPS, VAE_BATCH = 1000, 16
-UNET_STEPS, UNET_BATCH = 1800, 32
+UNET_STEPS, UNET_BATCH = 4000, 32
+UNET_LR = 1e-3
+PREDICTION_TYPE = "v_prediction"
+EVAL_EVERY = 250
 N_LATENTS = 24000
 NOISE_OFFSET = 0.1
 CKPT_EVERY = 50
@@ -97,7 +100,7 @@ def make_scheduler():
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=PREDICTION_TYPE,
         steps_offset=1,
     )
 
@@ -221,7 +224,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
     ema_u.load_state_dict(unet.state_dict())
     ema_t.load_state_dict(te.state_dict())
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
     sched = make_scheduler()
     ck = work / "unet.pt"
     step = 0
@@ -236,13 +239,11 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
         _log(f"unet: resumed at step {step}")
     rng = random.Random(5000 + step)
     gen = torch.Generator().manual_seed(5000 + step)
-    alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
     ema_pairs = list(zip(list(ema_u.parameters()) + list(ema_t.parameters()), params))
     t0 = time.time()
     while step < steps:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 5e-4)
+            g["lr"] = lr_at(step, steps, UNET_LR)
         idx = [rng.randrange(len(latents)) for _ in range(UNET_BATCH)]
         x0 = latents[idx] * scale  # (B, 4, 16, 16)
         caps = [caption_for(specs[i], rng) for i in idx]
@@ -256,9 +257,12 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
         xt = sched.add_noise(x0, noise, t)
         cond = te(ids)[0]  # (B, 77, 128)
         pred = unet(xt, t, cond).sample
-        w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting for epsilon targets
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * w).mean()
+        # v-prediction, unweighted (as SD 2.x): near t=999 the v target is -x0, so the loss makes the
+        # model say what the image is from the prompt alone. With epsilon targets the loss there is
+        # nearly indifferent to the prompt (predicting eps ~ x_t is almost optimal), and the first
+        # version of this model (epsilon, min-SNR) learned to take colours from the starting noise.
+        target = sched.get_velocity(x0, noise, t) if PREDICTION_TYPE == "v_prediction" else noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,7 +287,35 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
                 },
                 ck,
             )
+        if step % EVAL_EVERY == 0 or step == steps:
+            _log(f"unet step {step}: {quick_eval(vae, unet, te, tok, scale)} (raw weights), "
+                 f"{quick_eval(vae, ema_u, ema_t, tok, scale)} (EMA)")
     return ema_u, ema_t, tok, scale
+
+
+def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
+    """Colour/shape/background match on n_prompts base prompts, one image each (DDIM, 15 steps)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .evaluator import load_evaluator, score
+    from .toy_world import all_base_prompts
+
+    prompts = random.Random(11).sample(all_base_prompts(), n_prompts)
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler.from_config(make_scheduler().config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training, te.training
+    unet.eval(), te.eval()
+    with torch.no_grad():
+        images = pipe(prompts, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
+                      generator=torch.Generator().manual_seed(0)).images
+    unet.train(was_training[0]), te.train(was_training[1])
+    r = score(load_evaluator(), images, prompts)
+    return " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
 
 
 def load_checkpoints(work: Path):

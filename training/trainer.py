@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pipelines.errors import ConfigError, DatasetError, TrainingError
 from . import lora as lora_mod
 from .config import TrainConfig
 from .dataset import ScanResult, load_rgb, make_buckets, pick_bucket, resize_crop, scan_folder, to_tensor
-from .export import export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
+from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
 class StopFlag(Protocol):
@@ -208,20 +209,30 @@ def sdxl_time_ids(examples: list[Example], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 6)
 
 
+def draw_noise(shape: tuple[int, ...], gen: torch.Generator, cfg: TrainConfig,
+               num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (with the configured offset) and timesteps for a batch of `shape`, from `gen` alone."""
+    noise = torch.randn(shape, generator=gen)
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
+    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=gen)
+    return noise, t
+
+
 def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torch.Tensor,
-                   pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator,
-                   cfg: TrainConfig, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator | None,
+                   cfg: TrainConfig, dtype: torch.dtype | None = None,
+                   noise_t: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-sample denoising loss (B,), with min-SNR weighting and noise offset.
 
-    `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter).
+    `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter). `noise_t`:
+    noise and timesteps drawn beforehand (see `draw_noise`); otherwise they are drawn from `gen`.
     """
     unet = base.pipe.unet
     dtype = dtype or unet.dtype
-    b = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen).to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(latents.device)
+    if noise_t is None:
+        noise_t = draw_noise(tuple(latents.shape), gen, cfg, scheduler.config.num_train_timesteps)
+    noise, t = noise_t[0].to(latents.device), noise_t[1].to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)  # (B, 4, h, w)
     pred_type = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
@@ -252,22 +263,32 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
+        self._make_accelerator()
+        if not self.is_main:
+            self.on_progress = None  # one progress report, from the main process
         _emit(self.on_progress, Progress(0, cfg.max_steps, message=self.scan.report()))
-        if self.base is None:
-            self.base = load_base(cfg.base, device=cfg.device)
+        if self.base is None or cfg.quantize_base:  # quantizing changes the base: never a caller's copy
+            source = cfg.base if self.base is None else self.base.source
+            self.base = load_base(source, device=self.device)
         base = self.base
-        if cfg.mixed_precision == "fp16" and base.device.type != "cuda":
-            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on this device")
-        if cfg.optimizer == "adamw8bit" and base.device.type != "cuda":
-            raise ConfigError("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use 'adamw' here")
+        self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
+        if cfg.quantize_base:
+            from pipelines.quantize import quantize_frozen
+
+            frozen = ("unet",) if cfg.train_text_encoder else ("unet", *lora_mod.TEXT_ENCODERS)
+            self.quantized = quantize_frozen(base.pipe, cfg.quantize_base, frozen)
         self.resolution = cfg.resolution or base.native_resolution
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(cfg.to_toml())
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
         if base.pipe.vae.dtype != torch.float32:
             base.pipe.vae.to(dtype=torch.float32)  # encode latents once, in full precision
         self.examples = build_examples(cfg, base, self.scan, self.resolution)
         self.priors: list[Example] = []
         if cfg.class_prompt and cfg.num_class_images > 0:
+            if self.is_main:  # the main process generates missing class images; the others wait, then read
+                class_images_folder(cfg, base, self.resolution)
+            self.accelerator.wait_for_everyone()
             folder = class_images_folder(cfg, base, self.resolution)
             cscan = scan_folder(folder, cfg.trigger, cfg.class_prompt, prefix_trigger=False)
             for it in cscan.items:
@@ -276,8 +297,10 @@ class Trainer:
                                          prior=True)
             for ex in self.priors:
                 ex.prior = True
-        self.schedule = BatchSchedule(self.examples, cfg.batch_size, cfg.seed, cfg.repeats)
-        self.prior_schedule = BatchSchedule(self.priors, cfg.batch_size, cfg.seed + 7) if self.priors else None
+        # one global batch of batch_size x processes per step; process r trains on its r-th slice
+        global_batch = cfg.batch_size * self.world
+        self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
+        self.prior_schedule = BatchSchedule(self.priors, global_batch, cfg.seed + 7) if self.priors else None
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
         self.lora_configs = lora_mod.attach(base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets,
@@ -298,8 +321,37 @@ class Trainer:
 
         return DDPMScheduler.from_config(self.base.pipe.scheduler.config)
 
-    def _build_optimizer(self) -> None:
+    def _make_accelerator(self) -> None:
+        """accelerate's view of this process: one of N when started by `accelerate launch`/torchrun."""
         from accelerate import Accelerator
+
+        from pipelines.base_models import default_device
+
+        cfg = self.cfg
+        wanted = torch.device(cfg.device) if cfg.device else default_device()
+        if cfg.mixed_precision == "fp16" and wanted.type != "cuda":
+            raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on this device")
+        if cfg.optimizer == "adamw8bit" and wanted.type != "cuda":
+            raise ConfigError("optimizer: adamw8bit (bitsandbytes) needs a CUDA GPU; use 'adamw' here")
+        if "WORLD_SIZE" not in os.environ:
+            # one process (CLI, UI, tests): each run may choose its own mixed precision, but accelerate
+            # keeps one state per process; start it afresh for this run
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
+                                       cpu=wanted.type == "cpu")
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        # several processes: each takes the device accelerate assigned to it (cuda:<local rank>, or cpu)
+        self.device = self.accelerator.device if self.world > 1 else wanted
+        if cfg.quantize_base:
+            from pipelines.quantize import check_available
+
+            check_available(cfg.quantize_base, self.device)
+
+    def _build_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
 
         cfg, pipe = self.cfg, self.base.pipe
@@ -315,8 +367,6 @@ class Trainer:
         self.optimizer = opt_cls(groups, lr=cfg.lr_unet, weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                           num_training_steps=cfg.max_steps)
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                                       cpu=self.base.device.type == "cpu")
         self.params = [p for g in groups for p in g["params"]]
 
     # state -----------------------------------------------------------------
@@ -339,7 +389,9 @@ class Trainer:
         _emit(self.on_progress, Progress(int(state["step"]), cfg.max_steps, message=f"resumed from {ckpt}"))
         return int(state["step"])
 
-    def _checkpoint(self, step: int) -> Path:
+    def _checkpoint(self, step: int) -> Path | None:
+        if not self.is_main:  # all processes hold the same weights: the main one writes them
+            return None
         sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
         path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
                                 self.lr_scheduler.state_dict(), self.cfg)
@@ -348,9 +400,46 @@ class Trainer:
 
     # step ------------------------------------------------------------------
     def _micro_batch(self, k: int) -> tuple[list[Example], list[Example]]:
+        """The global micro-batch k (batch_size x processes instance examples, as many priors)."""
         inst = [self.examples[i] for i in self.schedule(k)]
         prior = [self.priors[i] for i in self.prior_schedule(k)] if self.prior_schedule else []
         return inst, prior
+
+    def _shard(self, inst: list[Example], prior: list[Example], gen: torch.Generator):
+        """This process's slice of a global micro-batch, and its slice of noise and timesteps.
+
+        Noise is drawn for the whole global batch, so N processes with batch b see exactly the
+        samples, noise and timesteps of one process with batch N*b.
+        """
+        shape = (len(inst) + len(prior), *inst[0].latent.shape)
+        noise, t = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
+        b, r = self.cfg.batch_size, self.rank
+        rows = list(range(r * b, (r + 1) * b))
+        if prior:
+            rows += [len(inst) + i for i in range(r * b, (r + 1) * b)]
+        return inst[r * b:(r + 1) * b], prior[r * b:(r + 1) * b], (noise[rows], t[rows])
+
+    def _sync_gradients(self, loss: float) -> float:
+        """Average the LoRA gradients (and the loss) over processes, with accelerate's all-reduce."""
+        if self.world == 1:
+            return loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        i = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[i:i + n].view_as(p).to(p.dtype)
+            i += n
+        return float(flat[-1])
+
+    def _stop_requested(self) -> bool:
+        """The stop flag; with several processes, any one's request stops all at the same step."""
+        want = self.stop is not None and self.stop.is_set()
+        if self.world == 1:
+            return want
+        flag = torch.tensor([1.0 if want else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def train_step(self, step: int) -> float:
         cfg, base = self.cfg, self.base
@@ -360,14 +449,14 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-            inst, prior = self._micro_batch(k)
+            inst, prior, noise_t = self._shard(*self._micro_batch(k), gen)
             exs = inst + prior
             latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
             with self.accelerator.autocast():
                 cond, pooled = self.text([e.caption for e in exs])
                 tids = sdxl_time_ids(exs, device) if pooled is not None else None
-                per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, gen, cfg,
-                                     self.unet_dtype)
+                per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, None, cfg,
+                                     self.unet_dtype, noise_t)
             n = len(inst)
             loss = per[:n].mean()
             if prior:
@@ -379,6 +468,7 @@ class Trainer:
                 )
             self.accelerator.backward(loss / cfg.grad_accum)
             total += loss.item() / cfg.grad_accum
+        total = self._sync_gradients(total)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -393,6 +483,8 @@ class Trainer:
     def make_samples(self, step: int) -> list[Path]:
         from pipelines.generation import GenerationRequest, generate, save_png
 
+        if not self.is_main:
+            return []
         cfg, base = self.cfg, self.base
         out = []
         unet = base.pipe.unet
@@ -414,7 +506,7 @@ class Trainer:
         cfg = self.cfg
         start = self._restore()
         self.base.pipe.unet.train()
-        log_path = self.run_dir / "log.csv"
+        log_path = self.run_dir / "log.csv" if self.is_main else Path(os.devnull)
         new_log = start == 0 or not log_path.exists()
         logf = open(log_path, "w" if new_log else "a", newline="")
         writer = csv.writer(logf)
@@ -427,7 +519,7 @@ class Trainer:
         step = start
         try:
             for step in range(start, cfg.max_steps):
-                if self.stop is not None and self.stop.is_set():
+                if self._stop_requested():
                     stopped = True
                     break
                 loss = self._guarded_step(step)
@@ -453,7 +545,8 @@ class Trainer:
             return TrainResult(None, self.run_dir, step, loss, time.time() - t_start, self.samples, self.scan,
                                stopped=True, checkpoint=ckpt)
         final = self.make_samples(cfg.max_steps)
-        path = export_adapter(self, final[0] if final else None)
+        path = export_adapter(self, final[0] if final else None) if self.is_main else None
+        self.accelerator.wait_for_everyone()
         _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, elapsed_s=time.time() - t0,
                                          eta_s=0.0, samples=final, message=f"saved {path}"))
         return TrainResult(path, self.run_dir, cfg.max_steps, loss, time.time() - t_start, self.samples, self.scan,

@@ -1,0 +1,86 @@
+"""Multi-process training with accelerate (2 gloo processes on the CPU) equals one process."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.weights_io import load_safetensors
+from training.config import TrainConfig
+from training.toy_world import draw, sample_spec
+from training.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stars")
+    rng = random.Random(1)
+    for i in range(4):
+        s = sample_spec(rng, shapes=["star"])
+        draw(s, resolution=32).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
+    return d
+
+
+COMMON = dict(max_steps=4, checkpoint_every=2, rank=4, seed=3, device="cpu", name="dist", sample_steps=2,
+              train_text_encoder=True, lr_unet=2e-3, lr_text=1e-3)
+
+
+def _launch(images, base, lib, *extra):
+    cmd = [sys.executable, "-m", "app.cli", "train", "--images", str(images), "--base", str(base),
+           "--output-dir", str(lib), "--num-processes", "2", "--batch-size", "1", "--steps", "4",
+           "--checkpoint-every", "2", "--rank", "4", "--seed", "3", "--device", "cpu", "--name", "dist",
+           "--sample-steps", "2", "--train-text-encoder", "--lr-unet", "2e-3", "--lr-text", "1e-3", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _assert_same(a_path, b_path):
+    a, _ = load_safetensors(a_path)
+    b, _ = load_safetensors(b_path)
+    assert a.keys() == b.keys()
+    assert any("text_encoder." in k for k in a) and any(k.startswith("unet.") for k in a)
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        moved += bool("lora_B" in k and a[k].abs().max() > 0)
+    assert moved > 0  # the runs trained something, so agreeing means something
+
+
+def test_two_processes_with_batch_1_equal_one_process_with_batch_2(images, tiny_sd1_dir, tmp_path):
+    ref = train(TrainConfig(images=str(images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "one"),
+                            batch_size=2, **COMMON))
+    lib = tmp_path / "two"
+    _launch(images, tiny_sd1_dir, lib)
+    _assert_same(ref.adapter_path, lib / "dist.safetensors")
+    run = lib / "runs" / "dist"
+    # only the main process writes: one log line per step, one checkpoint, one final sample set
+    assert (run / "log.csv").read_text().count("\n") == 1 + 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert len(list((run / "samples").glob("*.png"))) == 1
+    assert sorted(p.name for p in lib.glob("dist*")) == ["dist.md", "dist.png", "dist.safetensors", "dist.toml"]
+
+    # resume works the same with two processes: from the step-2 checkpoint to the same end
+    (lib / "dist.safetensors").unlink()
+    _launch(images, tiny_sd1_dir, lib, "--resume", "latest")
+    _assert_same(ref.adapter_path, lib / "dist.safetensors")
+
+
+def test_num_processes_must_be_positive(images, tiny_sd1_dir, tmp_path, capsys):
+    from app.cli import main
+
+    rc = main(["train", "--images", str(images), "--base", str(tiny_sd1_dir), "--num-processes", "0",
+               "--output-dir", str(tmp_path)])
+    assert rc != 0
+    assert "--num-processes" in capsys.readouterr().err
