@@ -234,11 +234,14 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as lib:
         cfg = TrainConfig.from_dict({"images": str(ROOT / "sample_data" / folder), "trigger": trigger,
                                      "preset": preset, "name": f"bench-{mode}", "output_dir": lib,
-                                     "base": str(args.base or DEFAULT_BASE)})
-        print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}", flush=True)
+                                     "base": str(args.base or DEFAULT_BASE), "quantize_base": args.quantize_base})
+        print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}"
+              + (f", on a {args.quantize_base} base" if args.quantize_base else ""), flush=True)
         t0 = time.time()
-        train(cfg, base=base)  # the LoRA stays attached to `base` at weight 1.0 afterwards
+        res = train(cfg, base=base)  # the LoRA stays attached to `base` at weight 1.0 afterwards
         minutes = (time.time() - t0) / 60
+        if args.quantize_base:  # trained on a private quantized copy: load its file on the full base
+            base.pipe.load_lora_weights(str(res.adapter_path))
     base.pipe.unet.eval()
     print("with the adapter: trigger prompts (fidelity)", flush=True)
     tprompts = trigger_prompts(template, 16, args.seed)
@@ -284,6 +287,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=48, help="how many prompts (a seeded sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    p.add_argument("--quantize-base", choices=["int8", "nf4"], default=None,
+                   help="concept/style: train on a quantized base (QLoRA), score on the full-precision one")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.images_per_prompt < 1:
         p.error("--prompts and --images-per-prompt must be at least 1")

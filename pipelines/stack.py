@@ -290,6 +290,14 @@ def _combine_layer(layer, adapters: Sequence[str], activate: bool = True) -> Non
         layer.set_adapter([COMBINED_ADAPTER], inference_mode=True)
 
 
+def _set_enabled(layer, on: bool) -> None:
+    """peft's `enable_adapters(on)` for inference: the switch alone, without touching requires_grad."""
+    if hasattr(layer, "_disable_adapters"):
+        layer._disable_adapters = not on
+    else:
+        layer.enable_adapters(on)
+
+
 def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under the names they have without LoRA wrappers.
 
@@ -441,12 +449,14 @@ class AdapterStack:
                 state_dict.update({f"{comp}.{k}": v for k, v in text_encoder_to_peft(part).items()})
         if "unet" in components:
             pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
-                                     adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
+                                     adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe,
+                                     low_cpu_mem_usage=True)  # no random init of weights about to be replaced
         for comp in TEXT_ENCODERS:
             if comp in components and getattr(pipe, comp, None) is not None:
                 pipe.load_lora_into_text_encoder(
                     state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
-                    lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))
+                    lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp),
+                    low_cpu_mem_usage=True)
 
     def _delete_adapter(self, adapter: str) -> None:
         """Remove one diffusers/peft adapter from every component that has it."""
@@ -525,7 +535,11 @@ class AdapterStack:
             return
         if not entries:
             if self._applied != ():
-                pipe.disable_lora()  # LoRA layers bypassed: base_layer(x) only, bit for bit the base model
+                # LoRA layers bypassed: base_layer(x) only, bit for bit the base model
+                for comp in COMPONENTS:
+                    model = getattr(pipe, comp, None)
+                    for _, layer in _lora_layers(model) if model is not None else ():
+                        _set_enabled(layer, False)
                 self._applied = ()
             return
         names = tuple(self._loaded[e.name].adapter for e in entries)
@@ -553,8 +567,8 @@ class AdapterStack:
             if model is None:
                 continue
             for _, layer in _lora_layers(model):
-                if layer.disable_adapters:  # after `clear` (diffusers' disable_lora)
-                    layer.enable_adapters(True)
+                if layer.disable_adapters:  # after `clear`
+                    _set_enabled(layer, True)
                 present = [a for a in names if a in layer.lora_A]
                 for a in present:
                     layer.set_scale(a, weights[a][comp])
