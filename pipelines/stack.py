@@ -13,6 +13,7 @@ the text-encoder multiplier first, then the UNet one; also `te=`/`unet=`); image
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import (
     COMPONENTS,
@@ -290,6 +292,34 @@ def _combine_layer(layer, adapters: Sequence[str], activate: bool = True) -> Non
         layer.set_adapter([COMBINED_ADAPTER], inference_mode=True)
 
 
+def _fast_forward(layer, x, *args, **kwargs):
+    """Inference forward of a plain LoRA Linear with one active slot: base(x) + B(A(x))·s in a few ops.
+
+    peft's own forward is general (dropout, mixed adapter batches, variants, dtype juggling per adapter)
+    and on small layers its Python work costs more than the matmuls. This takes its place only where
+    it computes the same thing: no gradients, adapters on, not merged, exactly one active plain slot;
+    everything else goes to peft's forward.
+    """
+    if args or kwargs or layer._disable_adapters or layer.merged_adapters or torch.is_grad_enabled():
+        return type(layer).forward(layer, x, *args, **kwargs)
+    active = layer._active_adapter
+    a = active[0] if isinstance(active, (list, tuple)) and len(active) == 1 else active
+    lin_a = layer.lora_A[a] if isinstance(a, str) and a in layer.lora_A else None
+    if lin_a is None or a in layer.lora_variant or (layer.training and
+                                                     not isinstance(layer.lora_dropout[a], torch.nn.Identity)):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    w_a = lin_a.weight
+    delta = F.linear(F.linear(x.to(w_a.dtype), w_a), layer.lora_B[a].weight)
+    return result + (delta * layer.scaling[a]).to(result.dtype)  # peft's order of operations: same bits
+
+
+def _install_fast_forward(model) -> None:
+    for _, layer in _lora_layers(model):
+        if "forward" not in layer.__dict__ and _combinable(layer, ()):
+            layer.forward = functools.partial(_fast_forward, layer)
+
+
 def _set_enabled(layer, on: bool) -> None:
     """peft's `enable_adapters(on)` for inference: the switch alone, without touching requires_grad."""
     if hasattr(layer, "_disable_adapters"):
@@ -447,6 +477,15 @@ class AdapterStack:
             if part:
                 state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] != comp}
                 state_dict.update({f"{comp}.{k}": v for k, v in text_encoder_to_peft(part).items()})
+        try:
+            self._load_peft(pipe, state_dict, network_alphas, adapter, components, meta_for)
+        finally:
+            for comp in COMPONENTS:
+                if getattr(pipe, comp, None) is not None:
+                    _install_fast_forward(getattr(pipe, comp))
+
+    @staticmethod
+    def _load_peft(pipe, state_dict, network_alphas, adapter: str, components: list[str], meta_for) -> None:
         if "unet" in components:
             pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
                                      adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe,
