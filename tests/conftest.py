@@ -128,3 +128,19 @@ def toy_base(toy_base_dir):
     from pipelines.base_models import load_base
 
     return load_base(toy_base_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def star_images(tmp_path_factory) -> Path:
+    """Four 32px star drawings, captioned with the trigger 'sks' (a concept the tiny models never saw)."""
+    import random
+
+    from training.toy_world import draw, sample_spec
+
+    d = tmp_path_factory.mktemp("stars")
+    rng = random.Random(0)
+    for i in range(4):
+        s = sample_spec(rng, shapes=["star"])
+        draw(s, resolution=32).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
+    return d

@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from pipelines.weights_io import load_safetensors
 from training.config import TrainConfig
-from training.toy_world import draw, sample_spec
 from training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stars")
-    rng = random.Random(1)
-    for i in range(4):
-        s = sample_spec(rng, shapes=["star"])
-        draw(s, resolution=32).save(d / f"{i}.png")
-        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
-    return d
 
 
 COMMON = dict(max_steps=4, checkpoint_every=2, rank=4, seed=3, device="cpu", name="dist", sample_steps=2,
               train_text_encoder=True, lr_unet=2e-3, lr_text=1e-3)
 
 
-def _launch(images, base, lib, *extra):
-    cmd = [sys.executable, "-m", "app.cli", "train", "--images", str(images), "--base", str(base),
+def _launch(star_images, base, lib, *extra):
+    cmd = [sys.executable, "-m", "app.cli", "train", "--images", str(star_images), "--base", str(base),
            "--output-dir", str(lib), "--num-processes", "2", "--batch-size", "1", "--steps", "4",
            "--checkpoint-every", "2", "--rank", "4", "--seed", "3", "--device", "cpu", "--name", "dist",
            "--sample-steps", "2", "--train-text-encoder", "--lr-unet", "2e-3", "--lr-text", "1e-3", *extra]
@@ -58,11 +44,11 @@ def _assert_same(a_path, b_path):
     assert moved > 0  # the runs trained something, so agreeing means something
 
 
-def test_two_processes_with_batch_1_equal_one_process_with_batch_2(images, tiny_sd1_dir, tmp_path):
-    ref = train(TrainConfig(images=str(images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "one"),
+def test_two_processes_with_batch_1_equal_one_process_with_batch_2(star_images, tiny_sd1_dir, tmp_path):
+    ref = train(TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "one"),
                             batch_size=2, **COMMON))
     lib = tmp_path / "two"
-    _launch(images, tiny_sd1_dir, lib)
+    _launch(star_images, tiny_sd1_dir, lib)
     _assert_same(ref.adapter_path, lib / "dist.safetensors")
     run = lib / "runs" / "dist"
     # only the main process writes: one log line per step, one checkpoint, one final sample set
@@ -73,14 +59,14 @@ def test_two_processes_with_batch_1_equal_one_process_with_batch_2(images, tiny_
 
     # resume works the same with two processes: from the step-2 checkpoint to the same end
     (lib / "dist.safetensors").unlink()
-    _launch(images, tiny_sd1_dir, lib, "--resume", "latest")
+    _launch(star_images, tiny_sd1_dir, lib, "--resume", "latest")
     _assert_same(ref.adapter_path, lib / "dist.safetensors")
 
 
-def test_num_processes_must_be_positive(images, tiny_sd1_dir, tmp_path, capsys):
+def test_num_processes_must_be_positive(star_images, tiny_sd1_dir, tmp_path, capsys):
     from app.cli import main
 
-    rc = main(["train", "--images", str(images), "--base", str(tiny_sd1_dir), "--num-processes", "0",
+    rc = main(["train", "--images", str(star_images), "--base", str(tiny_sd1_dir), "--num-processes", "0",
                "--output-dir", str(tmp_path)])
     assert rc != 0
     assert "--num-processes" in capsys.readouterr().err

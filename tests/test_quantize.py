@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -10,35 +9,23 @@ import torch
 from pipelines.errors import ConfigError
 from pipelines.weights_io import load_safetensors
 from training.config import TrainConfig
-from training.toy_world import draw, sample_spec
 from training.trainer import Trainer
 
 pytest.importorskip("torchao")
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stars")
-    rng = random.Random(2)
-    for i in range(4):
-        s = sample_spec(rng, shapes=["star"])
-        draw(s, resolution=32).save(d / f"{i}.png")
-        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
-    return d
-
-
-def _cfg(images, base, tmp_path, **kw):
-    return TrainConfig(**{**dict(images=str(images), base=str(base), output_dir=str(tmp_path / "lib"), max_steps=3,
+def _cfg(star_images, base, tmp_path, **kw):
+    return TrainConfig(**{**dict(images=str(star_images), base=str(base), output_dir=str(tmp_path / "lib"), max_steps=3,
                                  batch_size=2, rank=4, seed=5, device="cpu", name="q", sample_steps=2,
                                  checkpoint_every=0, lr_unet=5e-3), **kw})
 
 
-def test_int8_base_trains_an_adapter_that_loads_on_the_full_precision_base(images, tiny_sd1_dir, tmp_path):
+def test_int8_base_trains_an_adapter_that_loads_on_the_full_precision_base(star_images, tiny_sd1_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from pipelines.quantize import quantized_bytes
 
-    trainer = Trainer(_cfg(images, tiny_sd1_dir, tmp_path, quantize_base="int8"))
+    trainer = Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path, quantize_base="int8"))
     res = trainer.run()
     unet = trainer.base.pipe.unet
     # the frozen base really was quantized under the LoRA layers, and is smaller for it
@@ -63,10 +50,10 @@ def test_int8_base_trains_an_adapter_that_loads_on_the_full_precision_base(image
     assert abs(after - before).max() > 1e-4
 
 
-def test_int8_run_tracks_the_full_precision_run(images, tiny_sd1_dir, tmp_path):
+def test_int8_run_tracks_the_full_precision_run(star_images, tiny_sd1_dir, tmp_path):
     """Same seed and data: the LoRA trained on the int8 base stays close to the one on fp32 weights."""
-    full = Trainer(_cfg(images, tiny_sd1_dir, tmp_path / "f")).run()
-    quant = Trainer(_cfg(images, tiny_sd1_dir, tmp_path / "q", quantize_base="int8")).run()
+    full = Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path / "f")).run()
+    quant = Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path / "q", quantize_base="int8")).run()
     a, _ = load_safetensors(full.adapter_path)
     b, _ = load_safetensors(quant.adapter_path)
     num = sum(float((a[k] - b[k]).norm()) for k in a if "lora_B" in k)
@@ -74,16 +61,16 @@ def test_int8_run_tracks_the_full_precision_run(images, tiny_sd1_dir, tmp_path):
     assert den > 0 and num / den < 0.2
 
 
-def test_quantize_base_is_validated(images, tiny_sd1_dir, tmp_path):
+def test_quantize_base_is_validated(star_images, tiny_sd1_dir, tmp_path):
     with pytest.raises(ConfigError, match="quantize_base: must be one of nf4, int8"):
-        _cfg(images, tiny_sd1_dir, tmp_path, quantize_base="int3")
+        _cfg(star_images, tiny_sd1_dir, tmp_path, quantize_base="int3")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="quantize_base: 'nf4' .* needs a CUDA GPU"):
-            Trainer(_cfg(images, tiny_sd1_dir, tmp_path, quantize_base="nf4")).run()
+            Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path, quantize_base="nf4")).run()
 
 
-def test_cli_accepts_quantize_base(images, tiny_sd1_dir, tmp_path):
+def test_cli_accepts_quantize_base(star_images, tiny_sd1_dir, tmp_path):
     from app.cli import parse_train_args
 
-    cfg = parse_train_args(["--images", str(images), "--quantize-base", "int8"])
+    cfg = parse_train_args(["--images", str(star_images), "--quantize-base", "int8"])
     assert cfg.quantize_base == "int8"

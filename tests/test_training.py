@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
@@ -11,23 +10,11 @@ import torch
 from pipelines.errors import ConfigError, TrainingError
 from pipelines.weights_io import load_safetensors
 from training.config import TrainConfig
-from training.toy_world import draw, sample_spec
 from training.trainer import train
 
 
-@pytest.fixture(scope="module")
-def star_images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stars")
-    rng = random.Random(0)
-    for i in range(4):
-        s = sample_spec(rng, shapes=["star"])
-        draw(s, resolution=32).save(d / f"{i}.png")
-        (d / f"{i}.txt").write_text(s.caption().replace("star", "sks"))
-    return d
-
-
-def _cfg(images, base, tmp_path, **kw):
-    base_kw = dict(images=str(images), base=str(base), output_dir=str(tmp_path / "lib"), max_steps=4, batch_size=2,
+def _cfg(star_images, base, tmp_path, **kw):
+    base_kw = dict(images=str(star_images), base=str(base), output_dir=str(tmp_path / "lib"), max_steps=4, batch_size=2,
                    checkpoint_every=2, device="cpu", sample_steps=2, name="t", rank=4, seed=3)
     base_kw.update(kw)
     return TrainConfig(**base_kw)
