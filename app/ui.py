@@ -139,6 +139,9 @@ def _weights(text: str) -> list[float]:
     return out
 
 
+QUANTIZE_CHOICES = ["none (full precision)", "int8", "nf4"]
+
+
 class StudioUI:
     """The Gradio Blocks app over one `Studio`. Handlers are plain methods, callable from tests."""
 
@@ -217,7 +220,8 @@ class StudioUI:
     def train_config(self, ds_id: str | None, captions, last_trigger: str, name: str, trigger: str, preset: str,
                      rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
                      num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
-                     sample_steps, checkpoint_every, base_name: str | None) -> TrainConfig:
+                     sample_steps, checkpoint_every, base_name: str | None,
+                     quantize: str | None = None) -> TrainConfig:
         """The form -> a TrainConfig (captions written next to the staged images first)."""
         if not ds_id:
             raise ConfigError("images: upload some images or pick a sample set first")
@@ -237,10 +241,16 @@ class StudioUI:
             batch_size=_num(batch_size, "batch_size", int), sample_every=_num(sample_every, "sample_every", int),
             sample_steps=_num(sample_steps, "sample_steps", int),
             checkpoint_every=_num(checkpoint_every, "checkpoint_every", int), device=self.studio.device,
+            quantize_base=None if quantize in (None, "", QUANTIZE_CHOICES[0]) else quantize,
         )
         if prior and not data["class_prompt"]:
             raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
         cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
+        if cfg.quantize_base:  # fail here, not minutes later in the job: nf4 needs CUDA, int8 torchao
+            from pipelines.base_models import default_device
+            from pipelines.quantize import check_available
+
+            check_available(cfg.quantize_base, cfg.device or default_device())
         rows = [[r[0], _replace_trigger(r[1], last_trigger, trigger)] for r in _rows(captions) if r and r[0]]
         self.studio.save_captions(ds_id, rows)
         return cfg
@@ -623,7 +633,12 @@ class StudioUI:
                                                          precision=0, minimum=1, elem_id="adv-sample-steps")
                                 ckpt_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps",
                                                        precision=0, minimum=0, elem_id="adv-ckpt-every")
-                            train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="adv-base")
+                            with gr.Row():
+                                train_base = gr.Dropdown(bases, value=bases[0], label="Base model",
+                                                         elem_id="adv-base")
+                                quantize = gr.Dropdown(QUANTIZE_CHOICES, value=QUANTIZE_CHOICES[0],
+                                                       label="Quantized base (QLoRA)", elem_id="adv-quantize",
+                                                       info="int8: any device · nf4: CUDA GPU (bitsandbytes)")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -761,7 +776,7 @@ class StudioUI:
             preset.change(self.preset_defaults, preset, [rank, max_steps, lr_unet, lr_text, train_te], **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
-                    sample_every, sample_steps, ckpt_every, train_base]
+                    sample_every, sample_steps, ckpt_every, train_base, quantize]
             start.click(self.start_training, form, [job_id, status])
             stop.click(self.stop_training, job_id, status)
             timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 from app.options import check_launch_options
@@ -82,7 +83,7 @@ def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
     v = dict(ds_id=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
              rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
              num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
-             sample_steps=2, checkpoint_every=0, base_name=None)
+             sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)")
     v.update(kw)
     return list(v.values())
 
@@ -191,6 +192,17 @@ def test_bad_form_values_name_the_field(ui):
         ui.start_training(*_form(ui, None, caps, "x"))
     with pytest.raises(gr.Error, match="class prompt"):
         ui.start_training(*_form(ui, ds_id, caps, "x", prior=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(gr.Error, match="quantize_base: 'nf4' .* needs a CUDA GPU"):
+            ui.start_training(*_form(ui, ds_id, caps, "x", quantize="nf4"))
+
+
+def test_quantized_base_choice_reaches_the_config(ui):
+    pytest.importorskip("torchao")
+    ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    form = _form(ui, ds_id, caps, "q", quantize="int8")
+    assert ui.train_config(*form).quantize_base == "int8"
+    assert ui.train_config(*_form(ui, ds_id, caps, "q")).quantize_base is None
 
 
 # ------------------------------------------------------------------------------------------------ names, never paths
