@@ -488,14 +488,12 @@ class AdapterStack:
     def _load_peft(pipe, state_dict, network_alphas, adapter: str, components: list[str], meta_for) -> None:
         if "unet" in components:
             pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
-                                     adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe,
-                                     low_cpu_mem_usage=True)  # no random init of weights about to be replaced
+                                     adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
         for comp in TEXT_ENCODERS:
             if comp in components and getattr(pipe, comp, None) is not None:
                 pipe.load_lora_into_text_encoder(
                     state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
-                    lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp),
-                    low_cpu_mem_usage=True)
+                    lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))
 
     def _delete_adapter(self, adapter: str) -> None:
         """Remove one diffusers/peft adapter from every component that has it."""
