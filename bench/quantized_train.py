@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_speed import BASE, IMAGES, run  # noqa: E402
+from train_speed import BASE, IMAGES, measure  # noqa: E402
 
 RES, BATCH, RANK = 64, 4, 8
 
@@ -36,14 +36,6 @@ def cmd(steps: int, work: Path, quant: str | None) -> list[str]:
          "--rank", str(RANK), "--batch-size", str(BATCH), "--resolution", str(RES), "--train-text-encoder",
          "--checkpoint-every", "0", "--sample-every", "0", "--device", "cpu", "--seed", "0", "--no-buckets"]
     return c + (["--quantize-base", quant] if quant else [])
-
-
-def measure(name: str, work: Path, steps: tuple[int, int], quant: str | None, env: dict) -> tuple[float, float]:
-    (t1, m1), (t2, m2) = run(cmd(steps[0], work, quant), env), run(cmd(steps[1], work, quant), env)
-    sps = (steps[1] - steps[0]) / max(1e-9, t2 - t1)
-    print(f"{name:>10}: {steps[0]} steps {t1:.1f}s, {steps[1]} steps {t2:.1f}s -> {sps:.2f} steps/s, "
-          f"peak RSS {max(m1, m2):.0f} MB", flush=True)
-    return sps, max(m1, m2)
 
 
 def linear_bytes(quant: str) -> tuple[int, int]:
@@ -80,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         for f in sorted(IMAGES.iterdir()):
             if f.suffix in (".png", ".txt"):
                 shutil.copy(f, work / "images" / f.name)
-        full_sps, full_rss = measure("fp32 base", work, tuple(args.steps), None, env)
-        q_sps, q_rss = measure(f"{args.quantize} base", work, tuple(args.steps), args.quantize, env)
+        full_sps, full_rss = measure("fp32 base", lambda n: cmd(n, work, None), tuple(args.steps), env)
+        q_sps, q_rss = measure(f"{args.quantize} base", lambda n: cmd(n, work, args.quantize), tuple(args.steps), env)
     now, full = linear_bytes(args.quantize)
     print(f"UNet Linear weights: {full / 1e6:.2f} MB in fp32 -> {now / 1e6:.2f} MB in {args.quantize}")
     if args.quality:

@@ -102,7 +102,7 @@ def quantized_bytes(module: torch.nn.Module) -> tuple[int, int]:
     now = full = 0
     for m in module.modules():
         w = getattr(m, "weight", None)
-        if w is None or not isinstance(m, torch.nn.Linear) and type(m).__name__ != "Linear4bit":
+        if w is None or not isinstance(m, torch.nn.Linear):  # bitsandbytes' Linear4bit is an nn.Linear too
             continue
         if type(w).__name__ == "Params4bit":
             now += w.numel() * w.element_size()  # packed uint8, two weights a byte
