@@ -180,19 +180,33 @@ def train_vae(work: Path, steps: int = VAE_STEPS):
     return vae
 
 
-def cache_latents(vae, work: Path) -> tuple[torch.Tensor, list]:
-    path = work / "latents.pt"
+def _draw_array(spec) -> np.ndarray:
+    return np.asarray(draw(spec))
+
+
+def cache_latents(vae, work: Path, n: int = N_LATENTS, device: str = "cpu") -> tuple[torch.Tensor, list]:
+    """n encoded base-world drawings (posterior means) and their specs, cached in the work folder."""
+    path = work / ("latents.pt" if n == N_LATENTS else f"latents_{n}.pt")
     if path.exists():
         st = torch.load(path, weights_only=False)
         return st["latents"], st["specs"]
     rng = random.Random(2024)
-    specs = [sample_spec(rng, shapes=BASE_SHAPES) for _ in range(N_LATENTS)]
+    specs = [sample_spec(rng, shapes=BASE_SHAPES) for _ in range(n)]
+    workers = min(16, os.cpu_count() or 1)
+    if workers > 2:  # drawing is ~1.3 ms an image: spread it over the cores (same images, same order)
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            arrays = pool.map(_draw_array, specs, chunksize=256)
+    else:
+        arrays = [_draw_array(s) for s in specs]
     out = []
+    vae = vae.to(device)
     with torch.no_grad():
-        for i in range(0, N_LATENTS, 256):
-            arr = np.stack([np.asarray(draw(s)) for s in specs[i : i + 256]])
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            out.append(vae.encode(x).latent_dist.mean)  # (b, 4, 16, 16)
+        for i in range(0, n, 256):
+            x = torch.from_numpy(np.stack(arrays[i : i + 256])).to(device).permute(0, 3, 1, 2).float()
+            out.append(vae.encode(x / 127.5 - 1.0).latent_dist.mean.cpu())  # (b, 4, 16, 16)
+    vae.to("cpu")
     lat = torch.cat(out)
     _atomic_save({"latents": lat, "specs": specs}, path)
     _log(f"cached {len(lat)} latents, std {lat.std().item():.3f}")
@@ -210,50 +224,80 @@ def caption_for(spec, r: random.Random) -> str:
     return spec.caption()
 
 
-def train_unet(vae, work: Path, steps: int = UNET_STEPS):
+def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
+               device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
+               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY):
+    """Train the UNet and text encoder jointly; returns the EMA copies.
+
+    With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
+    at the measured speed (rounded down to 500) and stored in the checkpoint, so a resumed run
+    keeps the same schedule; `--unet-steps N` with that N repeats the run.
+    """
     from transformers import CLIPTokenizer
 
     tok_dir = work / "tokenizer"
     write_tokenizer(tok_dir)
     tok = CLIPTokenizer.from_pretrained(tok_dir)
-    latents, specs = cache_latents(vae, work)
+    latents, specs = cache_latents(vae, work, n_latents, device)
     scale = 1.0 / latents.std().item()
+    latents = (latents * scale).to(device)
     torch.manual_seed(0)
     unet, te = make_unet(), make_text_encoder()
     ema_u, ema_t = make_unet(), make_text_encoder()
     ema_u.load_state_dict(unet.state_dict())
     ema_t.load_state_dict(te.state_dict())
+    for m in (unet, te, ema_u, ema_t):
+        m.to(device)
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=UNET_LR, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     sched = make_scheduler()
     ck = work / "unet.pt"
     step = 0
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=False, map_location=device)
         unet.load_state_dict(st["unet"])
         te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"])
         ema_t.load_state_dict(st["ema_t"])
         opt.load_state_dict(st["opt"])
         step = st["step"]
-        _log(f"unet: resumed at step {step}")
+        steps = st.get("steps", steps) if minutes else steps
+        _log(f"unet: resumed at step {step} of {steps}")
     rng = random.Random(5000 + step)
-    gen = torch.Generator().manual_seed(5000 + step)
-    ema_pairs = list(zip(list(ema_u.parameters()) + list(ema_t.parameters()), params))
+    gen = torch.Generator(device).manual_seed(5000 + step)
+    ema_live = list(ema_u.parameters()) + list(ema_t.parameters())
+    token_ids: dict[str, torch.Tensor] = {}  # the captions are few: tokenize each once
+
+    def ids_for(caps: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(caps) if c not in token_ids]
+        if new:
+            rows = tok(new, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            token_ids.update(zip(new, rows))
+        return torch.stack([token_ids[c] for c in caps]).to(device)
+
+    budget_fixed = minutes is None or step > 0
+    t_start = time.time()
     t0 = time.time()
     while step < steps:
+        if not budget_fixed and step == 100:  # warm-up done: size the run to the time budget
+            per_step = (time.time() - t_probe) / 80
+            left = minutes * 60 - (time.time() - t_start)
+            steps = max(500, int(left / per_step) // 500 * 500)
+            budget_fixed = True
+            _log(f"unet: {per_step * 1000:.0f} ms/step, {minutes} min budget -> {steps} steps")
+        if step == 20:
+            t_probe = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, UNET_LR)
-        idx = [rng.randrange(len(latents)) for _ in range(UNET_BATCH)]
-        x0 = latents[idx] * scale  # (B, 4, 16, 16)
-        caps = [caption_for(specs[i], rng) for i in idx]
-        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            g["lr"] = lr_at(step, steps, lr)
+        idx = [rng.randrange(len(latents)) for _ in range(batch)]
+        x0 = latents[torch.tensor(idx, device=device)]  # (B, 4, 16, 16)
+        ids = ids_for([caption_for(specs[i], rng) for i in idx])
         # offset noise: the scaled-linear schedule leaves ~7% of the signal at t=999, and for flat
         # colour images the model then reads the image's colours out of the sampler's starting noise
         # instead of the prompt; a per-channel offset teaches it to take colour from the text
-        noise = torch.randn(x0.shape, generator=gen)
-        noise = noise + NOISE_OFFSET * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
-        t = torch.randint(0, 1000, (UNET_BATCH,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        noise = noise + NOISE_OFFSET * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen, device=device)
+        t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
         xt = sched.add_noise(x0, noise, t)
         cond = te(ids)[0]  # (B, 77, 128)
         pred = unet(xt, t, cond).sample
@@ -270,12 +314,11 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
         step += 1
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in ema_pairs:
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_live, params, 1 - decay)
         if step % 50 == 0:
-            _log(f"unet step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.2f}s/step)")
+            _log(f"unet step {step}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / 50:.3f}s/step)")
             t0 = time.time()
-        if step % CKPT_EVERY == 0 or step == steps:
+        if step % ckpt_every == 0 or step == steps:
             _atomic_save(
                 {
                     "unet": unet.state_dict(),
@@ -284,13 +327,14 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS):
                     "ema_t": ema_t.state_dict(),
                     "opt": opt.state_dict(),
                     "step": step,
+                    "steps": steps,
                 },
                 ck,
             )
-        if step % EVAL_EVERY == 0 or step == steps:
+        if step % eval_every == 0 or step == steps:
             _log(f"unet step {step}: {quick_eval(vae, unet, te, tok, scale)} (raw weights), "
                  f"{quick_eval(vae, ema_u, ema_t, tok, scale)} (EMA)")
-    return ema_u, ema_t, tok, scale
+    return ema_u.cpu(), ema_t.cpu(), tok, scale
 
 
 def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
@@ -310,15 +354,17 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training, te.training
     unet.eval(), te.eval()
+    pipe.to(unet.device)
     with torch.no_grad():
         images = pipe(prompts, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
                       generator=torch.Generator().manual_seed(0)).images
+    vae.to("cpu")
     unet.train(was_training[0]), te.train(was_training[1])
     r = score(load_evaluator(), images, prompts)
     return " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
 
 
-def load_checkpoints(work: Path):
+def load_checkpoints(work: Path, n_latents: int = N_LATENTS):
     """The VAE and the EMA UNet/text encoder from the work folder's latest checkpoints."""
     from transformers import CLIPTokenizer
 
@@ -329,7 +375,7 @@ def load_checkpoints(work: Path):
     unet, te = make_unet(), make_text_encoder()
     unet.load_state_dict(st["ema_u"])
     te.load_state_dict(st["ema_t"])
-    latents, _ = cache_latents(vae, work)
+    latents, _ = cache_latents(vae, work, n_latents)
     _log(f"exporting from the checkpoint at UNet step {st['step']}")
     return vae, unet, te, CLIPTokenizer.from_pretrained(work / "tokenizer"), 1.0 / latents.std().item()
 
@@ -370,23 +416,49 @@ def export(vae, unet, te, tok, scale: float, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def load_vae(folder: Path):
+    """The VAE of an exported toy pipeline folder (to retrain only the UNet on the same latents)."""
+    from safetensors.torch import load_file
+
+    vae = make_vae()
+    vae.load_state_dict(load_file(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    return vae.eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="take the VAE from this exported pipeline folder instead of training one")
     ap.add_argument("--unet-steps", type=int, default=UNET_STEPS)
+    ap.add_argument("--unet-batch", type=int, default=UNET_BATCH)
+    ap.add_argument("--unet-lr", type=float, default=UNET_LR)
+    ap.add_argument("--n-latents", type=int, default=N_LATENTS, help="training images drawn and encoded")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="size the UNet stage to this time budget (its step count is logged and kept)")
+    ap.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    ap.add_argument("--ckpt-every", type=int, default=CKPT_EVERY)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     ap.add_argument("--export-only", action="store_true",
                     help="write the pipeline folder from the latest checkpoints without training further")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, os.cpu_count() or 1))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.export_only:
-        vae, unet, te, tok, scale = load_checkpoints(args.work)
+        vae, unet, te, tok, scale = load_checkpoints(args.work, args.n_latents)
     else:
-        vae = train_vae(args.work, args.vae_steps)
-        unet, te, tok, scale = train_unet(vae, args.work, args.unet_steps)
+        vae = load_vae(args.vae_from) if args.vae_from else train_vae(args.work, args.vae_steps)
+        unet, te, tok, scale = train_unet(
+            vae, args.work, args.unet_steps, args.unet_batch, args.unet_lr, device, args.n_latents,
+            args.minutes, args.eval_every, args.ckpt_every,
+        )
     export(vae, unet, te, tok, scale, args.out)
     mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
     _log(f"done in {(time.time() - t0) / 60:.1f} min (this invocation); {args.out} is {mb:.1f} MB")
