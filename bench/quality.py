@@ -234,7 +234,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as lib:
         cfg = TrainConfig.from_dict({"images": str(ROOT / "sample_data" / folder), "trigger": trigger,
                                      "preset": preset, "name": f"bench-{mode}", "output_dir": lib,
-                                     "base": str(args.base or DEFAULT_BASE), "quantize_base": args.quantize_base})
+                                     "base": str(args.base or DEFAULT_BASE), "quantize_base": args.quantize_base,
+                                     **dict(args.set)})
         print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}"
               + (f", on a {args.quantize_base} base" if args.quantize_base else ""), flush=True)
         t0 = time.time()
@@ -273,6 +274,20 @@ MODES: dict[str, Callable[[argparse.Namespace], dict]] = {
 # ---------------------------------------------------------------- CLI
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """'key=value' with a TOML value (bare words are strings): ('max_steps', 400)."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python bench/quality.py", description=__doc__.split("\n\n")[0],
@@ -289,6 +304,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     p.add_argument("--quantize-base", choices=["int8", "nf4"], default=None,
                    help="concept/style: train on a quantized base (QLoRA), score on the full-precision one")
+    p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                   help="concept/style: override a training setting of the preset (TOML value), e.g. "
+                        "--set max_steps=400 --set min_snr_gamma=0; repeatable")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.images_per_prompt < 1:
         p.error("--prompts and --images-per-prompt must be at least 1")

@@ -165,7 +165,8 @@ def test_mixed_size_images_use_buckets(tiny_sd1_dir, tmp_path):
 
 @pytest.mark.parametrize("kw,field", [({"rank": 0}, "rank"), ({"resolution": 30}, "resolution"),
                                       ({"mixed_precision": "fp8"}, "mixed_precision"), ({"dropout": 1.5}, "dropout"),
-                                      ({"name": "../evil"}, "name"), ({"lr_unet": -1.0}, "lr_unet")])
+                                      ({"name": "../evil"}, "name"), ({"lr_unet": -1.0}, "lr_unet"),
+                                      ({"min_snr_gamma": -1.0}, "min_snr_gamma")])
 def test_invalid_config_names_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kw)
@@ -182,6 +183,14 @@ def test_toml_unknown_key_and_round_trip(tmp_path):
     p.write_text("[train]\nrank = 0\n")
     with pytest.raises(ConfigError, match="rank"):
         TrainConfig.from_toml(p)
+
+
+def test_min_snr_gamma_zero_turns_weighting_off_in_toml(tmp_path):
+    # TOML has no null: a preset's min-SNR default must still be switchable off from a config file
+    p = tmp_path / "run.toml"
+    p.write_text('images = "x"\npreset = "concept"\nmin_snr_gamma = 0\n')
+    assert TrainConfig.from_toml(p).min_snr_gamma is None
+    assert TrainConfig.from_dict({"preset": "concept"}).min_snr_gamma == 5.0
 
 
 def test_preset_defaults_and_overrides():

@@ -131,8 +131,10 @@ class TrainConfig:
             raise ConfigError(f"lr_unet: must be > 0, got {self.lr_unet}")
         if self.train_text_encoder and self.lr_text <= 0:
             raise ConfigError("lr_text: must be > 0 when train_text_encoder is on")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ConfigError(f"min_snr_gamma: must be > 0 (or unset), got {self.min_snr_gamma}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
+            raise ConfigError(f"min_snr_gamma: must be > 0, or 0 for no min-SNR weighting; got {self.min_snr_gamma}")
+        if self.min_snr_gamma == 0:
+            self.min_snr_gamma = None
         for f_, allowed in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
                             ("lr_scheduler", LR_SCHEDULERS), ("crop", CROPS)):
             if getattr(self, f_) not in allowed:
