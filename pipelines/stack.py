@@ -314,6 +314,77 @@ def _fast_forward(layer, x, *args, **kwargs):
     return result + (delta * layer.scaling[a]).to(result.dtype)  # peft's order of operations: same bits
 
 
+def _add_to_lora_layers(model, prefix: str, state_dict: dict, network_alphas: dict | None, metadata: dict | None,
+                        adapter: str) -> bool:
+    """Add `adapter` to a model whose target modules all carry peft LoRA layers already (from adapters
+    loaded before): the same LoraConfig as diffusers builds, the same per-module rank and alpha as peft's
+    injection gives, the same weights; without peft walking the whole model for every module, which is
+    most of a load's time. False (nothing changed) for anything else: the caller then loads the general way.
+    """
+    from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from peft.tuners.lora import Conv2d as LoraConv2d
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import get_pattern_key
+
+    if not getattr(model, "peft_config", None) or adapter in model.peft_config:
+        return False
+    sd = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    if not sd:
+        return False
+    if prefix == "unet":
+        if "lora_A" not in next(iter(sd)):
+            sd = convert_unet_state_dict_to_peft(sd)
+        rank = {f"^{k}": v.shape[1] for k, v in sd.items() if "lora_B" in k and v.ndim > 1}
+    else:
+        if hasattr(model, "text_model"):
+            return False  # older transformers layout: leave its key handling to diffusers
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+        rank = {k: v.shape[1] for k, v in sd.items() if k.endswith(".lora_B.weight")
+                and k.split(".lora_B.")[0].endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        mod, sep, rest = k.rpartition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight"):
+            return False  # biases, DoRA magnitudes, ...
+        pairs.setdefault(mod, {})[rest[0]] = v
+    if not rank or any(len(ab) != 2 for ab in pairs.values()):
+        return False
+    alphas = None
+    if network_alphas:
+        alphas = {k[len(prefix) + 1:]: v for k, v in network_alphas.items() if k.startswith(prefix + ".")}
+    meta = None
+    if metadata is not None:
+        meta = {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
+    config = _create_lora_config(sd, alphas, meta, rank, is_unet=prefix == "unet")
+    if config.use_dora or config.lora_bias or config.use_rslora:
+        return False
+    plan = []
+    for mod, ab in pairs.items():
+        try:
+            layer = model.get_submodule(mod)
+        except AttributeError:
+            return False
+        if type(layer) not in (LoraLinear, LoraConv2d) or adapter in layer.lora_A:
+            return False
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), mod), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), mod), config.lora_alpha)
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            return False
+        plan.append((mod, layer, r, alpha, ab))
+    for mod, layer, r, alpha, ab in plan:
+        layer.update_layer(adapter, r, lora_alpha=alpha, target_name=mod, config=config)
+        with torch.no_grad():
+            for part, src in (("A", ab["A"]), ("B", ab["B"])):
+                w = getattr(layer, f"lora_{part}")[adapter].weight
+                if w.shape != src.shape:
+                    raise IncompatibleAdapterError(f"{mod}: LoRA {part} has shape {tuple(src.shape)}, "
+                                                   f"the layer needs {tuple(w.shape)}")
+                w.copy_(src)
+    model.peft_config[adapter] = config
+    return True
+
+
 def _install_fast_forward(model) -> None:
     for _, layer in _lora_layers(model):
         if "forward" not in layer.__dict__ and _combinable(layer, ()):
@@ -486,11 +557,15 @@ class AdapterStack:
 
     @staticmethod
     def _load_peft(pipe, state_dict, network_alphas, adapter: str, components: list[str], meta_for) -> None:
-        if "unet" in components:
+        if "unet" in components and not _add_to_lora_layers(pipe.unet, "unet", state_dict, network_alphas,
+                                                             meta_for("unet"), adapter):
             pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet,
                                      adapter_name=adapter, metadata=meta_for("unet"), _pipeline=pipe)
         for comp in TEXT_ENCODERS:
             if comp in components and getattr(pipe, comp, None) is not None:
+                if pipe.lora_scale == 1.0 and _add_to_lora_layers(getattr(pipe, comp), comp, state_dict,
+                                                                  network_alphas, meta_for(comp), adapter):
+                    continue
                 pipe.load_lora_into_text_encoder(
                     state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, comp), prefix=comp,
                     lora_scale=pipe.lora_scale, adapter_name=adapter, _pipeline=pipe, metadata=meta_for(comp))

@@ -23,7 +23,7 @@ from pipelines.generation import (
 )
 from pipelines.library import AdapterLibrary
 from pipelines.stack import AdapterStack, StackEntry, parse_lora_arg, parse_lora_hashes, parse_lora_tags
-from pipelines.weights_io import addnet_hash, load_safetensors
+from pipelines.weights_io import addnet_hash, load_safetensors, save_safetensors
 
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TE_LAYER = "encoder.layers.0.self_attn.q_proj"
@@ -243,3 +243,65 @@ def test_cli_generate_with_loras(tiny_sd1_dir, lib, tmp_path, capsys):
     assert main(["generate", "--base", str(tiny_sd1_dir), "--prompt", "x", "--lora", "../a", "--library",
                  str(lib.root), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert "not allowed" in capsys.readouterr().err
+
+
+def _layer_state(pipe, adapter: str) -> dict[str, tuple]:
+    """Per LoRA layer: rank, alpha, scaling and both weights of `adapter`."""
+    from pipelines.stack import COMPONENTS, _lora_layers
+
+    out = {}
+    for comp in COMPONENTS:
+        model = getattr(pipe, comp, None)
+        for name, layer in _lora_layers(model) if model is not None else ():
+            if adapter in layer.lora_A:
+                out[f"{comp}.{name}"] = (layer.r[adapter], layer.lora_alpha[adapter], layer.scaling[adapter],
+                                         layer.lora_A[adapter].weight.detach().clone(),
+                                         layer.lora_B[adapter].weight.detach().clone())
+    return out
+
+
+def test_adding_to_existing_lora_layers_equals_a_fresh_load(sd1, tmp_path, monkeypatch):
+    # A second adapter on layers that already carry LoRA skips peft's injection (the slow part of a
+    # load): it must end exactly as the general path leaves it, for per-module alphas and mixed ranks.
+    import pipelines.stack as stack_mod
+    from pipelines.adapters import to_kohya
+
+    first = make_lora(sd1.pipe, rank=4, seed=5)
+    second = make_lora(sd1.pipe, rank=3, seed=6)
+    second.update({k: v[:2] if ".lora_A." in k else v[:, :2]  # two modules of rank 2: a rank pattern
+                   for k, v in list(second.items())[:4]})
+    alphas = {k.rsplit(".lora_", 1)[0]: (1.5 if i % 3 else 6.0) for i, k in enumerate(second) if ".lora_A." in k}
+    save_adapter(first, tmp_path / "first.safetensors", lora_metadata(family="sd1", rank=4, alpha=4))
+    save_safetensors(to_kohya(second, alphas, family="sd1"), tmp_path / "second.safetensors",
+                     {"ss_network_dim": "3"})
+    save_adapter(second, tmp_path / "second_ours.safetensors", lora_metadata(family="sd1", rank=3, alpha=3))
+    used = []
+    real = stack_mod._add_to_lora_layers
+    monkeypatch.setattr(stack_mod, "_add_to_lora_layers", lambda *a: used.append(real(*a)) or used[-1])
+    lib = AdapterLibrary(tmp_path)
+    for second_name in ("second", "second_ours"):
+        fresh = AdapterStack(sd1, lib)
+        fresh.set_stack([(second_name, 0.8)])
+        assert not any(used), "a model without LoRA layers takes the general path"
+        want = _layer_state(sd1.pipe, fresh._loaded[second_name].adapter)
+        want_out = latents(sd1.pipe)
+        fresh.unload()
+        used.clear()
+
+        st = AdapterStack(sd1, lib)
+        st.set_stack([("first", 1.0)])
+        st.set_stack([(second_name, 0.8)])
+        assert used[-2:] == [True, True], "unet and text encoder both take the fast path"
+        got = _layer_state(sd1.pipe, st._loaded[second_name].adapter)
+        assert got.keys() == want.keys() and len(got) > 0
+        for k in want:
+            assert got[k][:3] == want[k][:3], k
+            assert torch.equal(got[k][3], want[k][3]) and torch.equal(got[k][4], want[k][4]), k
+        assert torch.allclose(latents(sd1.pipe), want_out, atol=1e-5)
+        st.unload([second_name])  # the fast-added adapter deletes cleanly
+        st.set_stack([("first", 1.0)])
+        assert all(st._loaded["first"].adapter in layer.lora_A
+                   for _, layer in stack_mod._lora_layers(sd1.pipe.unet))
+        assert not any(a.startswith("lora") and second_name in a for a in sd1.pipe.unet.peft_config)
+        st.unload()
+        used.clear()
