@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--class-images", help="folder of class images (default: generated with the base model)")
     t.add_argument("--num-class-images", type=int)
     t.add_argument("--prior-loss-weight", type=float)
+    t.add_argument("--preserve-weight", type=float,
+                   help="base preservation: keep the base model's own predictions on prompts without the trigger "
+                        "(the captions minus the trigger word, the class prompt, the empty prompt); 0 turns it off")
+    t.add_argument("--preserve-prompt", dest="preserve_prompts", action="append",
+                   help="another prompt whose images the adapter must not change (repeatable)")
     t.add_argument("--rank", type=int)
     t.add_argument("--alpha", type=float)
     t.add_argument("--dropout", type=float)

@@ -221,7 +221,7 @@ class StudioUI:
                      rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
                      num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
                      sample_steps, checkpoint_every, base_name: str | None,
-                     quantize: str | None = None) -> TrainConfig:
+                     quantize: str | None = None, preserve_weight=0.0) -> TrainConfig:
         """The form -> a TrainConfig (captions written next to the staged images first)."""
         if not ds_id:
             raise ConfigError("images: upload some images or pick a sample set first")
@@ -242,6 +242,7 @@ class StudioUI:
             sample_steps=_num(sample_steps, "sample_steps", int),
             checkpoint_every=_num(checkpoint_every, "checkpoint_every", int), device=self.studio.device,
             quantize_base=None if quantize in (None, "", QUANTIZE_CHOICES[0]) else quantize,
+            preserve_weight=_num(preserve_weight or 0, "preserve_weight"),
         )
         if prior and not data["class_prompt"]:
             raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
@@ -624,6 +625,9 @@ class StudioUI:
                                                           elem_id="adv-class-prompt")
                                 num_class = gr.Number(TrainConfig.num_class_images, label="Class images",
                                                       precision=0, minimum=0, elem_id="adv-num-class")
+                            preserve_w = gr.Number(0, label="Base preservation weight (0 = off): keep the base "
+                                                   "model's own output on prompts without the trigger",
+                                                   minimum=0, elem_id="adv-preserve")
                             sample_prompts = gr.Textbox("", lines=2, label="Sample prompts (one per line; "
                                                         "empty: the trigger's default)", elem_id="adv-samples")
                             with gr.Row():
@@ -776,7 +780,7 @@ class StudioUI:
             preset.change(self.preset_defaults, preset, [rank, max_steps, lr_unet, lr_text, train_te], **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
-                    sample_every, sample_steps, ckpt_every, train_base, quantize]
+                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w]
             start.click(self.start_training, form, [job_id, status])
             stop.click(self.stop_training, job_id, status)
             timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)

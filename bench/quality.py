@@ -256,6 +256,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     drop = max(0.0, max(drops.values()))
     contact_sheet(timgs, tip, preds, args.out_dir / f"quality_{mode}_fidelity.png",
                   f"{mode} fidelity={fidelity:.2f}")
+    contact_sheet(imgs2, ip2, after["predictions"], args.out_dir / f"quality_{mode}_preservation.png",
+                  f"{mode}: base prompts with the adapter | " + summary_line(after))
     print(f"base without adapter: {summary_line(before)}")
     print(f"base with adapter:    {summary_line(after)}")
     print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))

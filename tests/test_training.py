@@ -207,6 +207,11 @@ def test_cli_builds_the_same_config(tmp_path):
     assert cfg == TrainConfig(images="pics", rank=8, trigger="ohwx", name="n", train_text_encoder=False)
     with pytest.raises(ConfigError, match="rank"):
         parse_train_args(["--images", "x", "--rank", "0"])
+    cfg = parse_train_args(["--images", "x", "--preserve-weight", "3", "--preserve-prompt", "a cat",
+                            "--preserve-prompt", "a dog"])
+    assert cfg.preserve_weight == 3.0 and cfg.preserve_prompts == ["a cat", "a dog"]
+    with pytest.raises(ConfigError, match="preserve_weight"):
+        parse_train_args(["--images", "x", "--preserve-weight", "-1"])
 
 
 def test_fp16_on_cpu_is_refused_clearly(star_images, tiny_sd1_dir, tmp_path):

@@ -83,7 +83,8 @@ def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
     v = dict(ds_id=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
              rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
              num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
-             sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)")
+             sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)",
+             preserve_weight=0)
     v.update(kw)
     return list(v.values())
 
@@ -192,6 +193,9 @@ def test_bad_form_values_name_the_field(ui):
         ui.start_training(*_form(ui, None, caps, "x"))
     with pytest.raises(gr.Error, match="class prompt"):
         ui.start_training(*_form(ui, ds_id, caps, "x", prior=True))
+    with pytest.raises(gr.Error, match="preserve_weight"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", preserve_weight=-1))
+    assert ui.train_config(*_form(ui, ds_id, caps, "y", preserve_weight=2.5)).preserve_weight == 2.5
     if not torch.cuda.is_available():
         with pytest.raises(gr.Error, match="quantize_base: 'nf4' .* needs a CUDA GPU"):
             ui.start_training(*_form(ui, ds_id, caps, "x", quantize="nf4"))

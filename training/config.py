@@ -57,6 +57,12 @@ class TrainConfig:
     class_images: str | None = None  # folder; None: generated with the base model and cached
     num_class_images: int = 8
     prior_loss_weight: float = 1.0
+    # base preservation (self-distillation): on prompts without the trigger (every caption with the trigger
+    # word taken out, the class prompt, the empty prompt that classifier-free guidance uses, and
+    # preserve_prompts), the LoRA model's prediction is pulled towards the base model's own; 0 turns it off
+    preserve_weight: float = 0.0
+    preserve_prompts: list[str] = field(default_factory=list)
+    preserve_images: int = 16  # base-model images of those prompts (generated once, cached) to compare on
     # LoRA
     rank: int = 8
     alpha: float | None = None  # None: alpha = rank
@@ -114,6 +120,7 @@ class TrainConfig:
         self._check_int("checkpoints_keep", 1, 1000)
         self._check_int("sample_every", 0, 10_000_000)
         self._check_int("num_class_images", 0, 100_000)
+        self._check_int("preserve_images", 0, 100_000)
         self._check_int("sample_steps", 1, 500)
         if self.resolution is not None:
             self._check_int("resolution", 8, 4096)
@@ -123,7 +130,7 @@ class TrainConfig:
             raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "noise_offset", "max_grad_norm"):
+        for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "preserve_weight", "noise_offset", "max_grad_norm"):
             v = getattr(self, f_)
             if not isinstance(v, (int, float)) or v < 0 or v != v:
                 raise ConfigError(f"{f_}: must be a number >= 0, got {v!r}")
@@ -146,8 +153,10 @@ class TrainConfig:
             raise ConfigError("instance_template: must contain '{trigger}'")
         if not self.unet_targets:
             raise ConfigError("unet_targets: must name at least one module")
-        if not isinstance(self.sample_prompts, list):
-            raise ConfigError("sample_prompts: must be a list of prompts")
+        for f_ in ("sample_prompts", "preserve_prompts"):
+            v = getattr(self, f_)
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{f_}: must be a list of prompts")
 
     def _check_int(self, name: str, lo: int, hi: int) -> None:
         v = getattr(self, name)

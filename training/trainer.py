@@ -7,6 +7,7 @@ resumed from a checkpoint ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -136,6 +137,29 @@ def class_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int) -> P
     return folder
 
 
+def preserve_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int, prompts: list[str]) -> Path:
+    """Base-model images of the preservation prompts (one per prompt, in turn), generated once and cached.
+
+    Their noised latents are where base preservation compares the adapter with the base: the states
+    that sampling a trigger-free prompt passes through.
+    """
+    import hashlib
+
+    from pipelines.generation import GenerationRequest, generate, save_png
+
+    key = hashlib.sha256(json.dumps([base.source, prompts, resolution, cfg.seed]).encode()).hexdigest()[:16]
+    folder = cfg.library_dir / ".cache" / "preserve_images" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(cfg.preserve_images):
+        path = folder / f"base-{i:04d}.png"
+        if path.exists():
+            continue
+        req = GenerationRequest(prompt=prompts[i % len(prompts)], steps=cfg.sample_steps, seed=cfg.seed + 20_000 + i,
+                                width=resolution, height=resolution, guidance=7.0)
+        save_png(generate(base, req)[0], path)
+    return folder
+
+
 def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, 77, D) prompt embeddings, and SDXL's pooled embeddings (B, D2) (None otherwise)."""
     pipe = base.pipe
@@ -166,6 +190,58 @@ class TextCache:
         pe = torch.stack([self.cache[p][0] for p in prompts])
         pooled = None if self.cache[prompts[0]][1] is None else torch.stack([self.cache[p][1] for p in prompts])
         return pe, pooled
+
+
+def preservation_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
+    """The trigger-free prompts on which base preservation keeps the base model's behaviour.
+
+    From each caption: the trigger word taken out, the whole trigger phrase taken out ("in the style
+    of sks", "in sks style", "by sks"), and the trigger replaced by the class noun (the class prompt's
+    last word: "a photo of sks" -> "a photo of dog"). Then the class prompt, `preserve_prompts`, and ""
+    (the unconditional prompt that classifier-free guidance subtracts: an adapter that moves it moves
+    every image).
+    """
+    import re
+
+    trig = re.escape(cfg.trigger.strip())
+    word = re.compile(rf"(?<![\w-]){trig}(?![\w-])", re.IGNORECASE)
+    phrase = re.compile(rf"(?:\b(?:in the style of|in the manner of|in|by|of)\s+)?(?<![\w-]){trig}(?![\w-])"
+                        rf"(?:\s+(?:style|art style|art)\b)?", re.IGNORECASE)
+    noun = (cfg.class_prompt or "").strip().split()[-1:]
+
+    def tidy(text: str) -> str:
+        text = re.sub(r"\s+", " ", text).strip()
+        text = re.sub(r"\s+([,.])", r"\1", text)
+        text = re.sub(r"^(?:,\s*)+|(?:,\s*)+$", "", text)
+        return re.sub(r"\b(a|an) (?=a |an )", "", text).strip()
+
+    out = [""]
+    for cap in [*captions, cfg.class_prompt or "", *cfg.preserve_prompts]:
+        if not word.search(cap):
+            out.append(tidy(cap))
+            continue
+        out += [tidy(word.sub(" ", cap)), tidy(phrase.sub(" ", cap))]
+        if noun:
+            out.append(tidy(word.sub(noun[0], cap)))
+    return list(dict.fromkeys(out))
+
+
+class AdaptersOff:
+    """`with AdaptersOff(modules):` runs the modules as the base model (every LoRA layer bypassed)."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for mod in modules for m in mod.modules() if isinstance(m, BaseTunerLayer)]
+
+    def __enter__(self) -> "AdaptersOff":
+        for layer in self.layers:
+            layer.enable_adapters(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.enable_adapters(True)
 
 
 class BatchSchedule:
@@ -219,14 +295,20 @@ def draw_noise(shape: tuple[int, ...], gen: torch.Generator, cfg: TrainConfig,
     return noise, t
 
 
+PRESERVE_MAX_WEIGHT = 100.0  # cap of the clean-image weight 1/SNR of preservation rows (t near T)
+
+
 def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torch.Tensor,
                    pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator | None,
                    cfg: TrainConfig, dtype: torch.dtype | None = None,
-                   noise_t: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   noise_t: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   tail_target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample denoising loss (B,), with min-SNR weighting and noise offset.
 
     `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter). `noise_t`:
     noise and timesteps drawn beforehand (see `draw_noise`); otherwise they are drawn from `gen`.
+    `tail_target`: the targets of the last len(tail_target) rows (base preservation: the base model's
+    own prediction) instead of the noise (or velocity).
     """
     unet = base.pipe.unet
     dtype = dtype or unet.dtype
@@ -236,18 +318,25 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     noisy = scheduler.add_noise(latents, noise, t)  # (B, 4, h, w)
     pred_type = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
+    if tail_target is not None and len(tail_target):
+        target = torch.cat([target[:len(target) - len(tail_target)], tail_target.to(target)])
     kwargs = {}
     if pooled is not None:
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy.to(dtype), t, cond.to(dtype), **kwargs).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    ac = scheduler.alphas_cumprod.to(latents.device)[t]
+    snr = ac / (1 - ac)
+    w = torch.ones_like(loss)
     if cfg.min_snr_gamma:
-        ac = scheduler.alphas_cumprod.to(latents.device)[t]
-        snr = ac / (1 - ac)
         w = torch.clamp(snr, max=cfg.min_snr_gamma)
         w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
-        loss = loss * w
-    return loss
+    if tail_target is not None and len(tail_target):
+        # preservation rows are weighted as errors of the predicted clean image: at high noise a small
+        # change of the noise prediction is a large change of the picture (its composition, colours)
+        x0w = 1 / (snr + 1) if pred_type == "v_prediction" else 1 / snr
+        w = torch.cat([w[:len(w) - len(tail_target)], torch.clamp(x0w, max=PRESERVE_MAX_WEIGHT)[len(w) - len(tail_target):]])
+    return loss * w
 
 
 # ----------------------------------------------------------------------------- the run
@@ -297,6 +386,18 @@ class Trainer:
                                          prior=True)
             for ex in self.priors:
                 ex.prior = True
+        self.preserve: list[str] = []
+        base_images: list[Example] = []
+        if cfg.preserve_weight > 0:
+            self.preserve = preservation_prompts(cfg, [it.caption for it in self.scan.items])
+            if cfg.preserve_images:
+                if self.is_main:
+                    preserve_images_folder(cfg, base, self.resolution, self.preserve)
+                self.accelerator.wait_for_everyone()
+                pscan = scan_folder(preserve_images_folder(cfg, base, self.resolution, self.preserve), cfg.trigger,
+                                    "", prefix_trigger=False)
+                base_images = build_examples(cfg.replace(random_flip=False, crop="center"), base, pscan,
+                                             self.resolution)
         # one global batch of batch_size x processes per step; process r trains on its r-th slice
         global_batch = cfg.batch_size * self.world
         self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
@@ -309,6 +410,14 @@ class Trainer:
         self.text = TextCache(base, live=cfg.train_text_encoder)
         self.noise_scheduler = self._noise_scheduler()
         self.unet_dtype = base.pipe.unet.dtype
+        if self.preserve:
+            self.adapters_off = AdaptersOff([getattr(base.pipe, c) for c in self.components])
+            with self.adapters_off, torch.no_grad():  # the base model's embeddings, fixed for the run
+                self.preserve_cond = encode_text(base, self.preserve)
+            self.preserve_inputs = self.examples + self.priors + base_images
+            self.preserve_by_size: dict[tuple[int, int], list[int]] = {}
+            for i, ex in enumerate(self.preserve_inputs):
+                self.preserve_by_size.setdefault(ex.size, []).append(i)
         self._build_optimizer()
         if cfg.gradient_checkpointing:
             base.pipe.unet.enable_gradient_checkpointing()
@@ -419,6 +528,42 @@ class Trainer:
             rows += [len(inst) + i for i in range(r * b, (r + 1) * b)]
         return inst[r * b:(r + 1) * b], prior[r * b:(r + 1) * b], (noise[rows], t[rows])
 
+    def _preservation_rows(self, gen: torch.Generator, size: tuple[int, int]):
+        """This process's base-preservation rows: (examples, trigger-free prompts, (noise, timesteps)).
+
+        Drawn from `gen` after the instance batch, for the whole global batch like `_shard`, so the
+        rows of step k depend only on (seed, k).
+        """
+        if not self.preserve:
+            return None
+        gb, b, r = self.cfg.batch_size * self.world, self.cfg.batch_size, self.rank
+        idx = torch.randint(len(self.preserve_inputs), (gb,), generator=gen).tolist()
+        pidx = torch.randint(len(self.preserve), (gb,), generator=gen).tolist()
+        # latents of the instance batch's bucket (the rows are stacked into one batch)
+        same = self.preserve_by_size.get(size) or self.preserve_by_size[next(iter(self.preserve_by_size))]
+        idx = [same[i % len(same)] for i in idx]
+        shape = (gb, *self.preserve_inputs[idx[0]].latent.shape)
+        noise, t = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
+        rows = slice(r * b, (r + 1) * b)
+        self._pres_pidx = pidx[rows]
+        return [self.preserve_inputs[i] for i in idx[rows]], [self.preserve[i] for i in pidx[rows]], \
+            (noise[rows], t[rows])
+
+    @torch.no_grad()
+    def _base_prediction(self, latents: torch.Tensor, noise_t, pres, tids) -> torch.Tensor:
+        """The base model's prediction (every LoRA layer bypassed) on the preservation rows."""
+        n = len(pres[0])
+        noise, t = noise_t[0][-n:].to(latents.device), noise_t[1][-n:].to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents[-n:], noise, t)
+        pe, pooled = self.preserve_cond
+        cond = pe[self._pres_pidx].to(latents.device)
+        kwargs = {}
+        if pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[self._pres_pidx], "time_ids": tids[-n:]}
+        with self.adapters_off:
+            pred = self.base.pipe.unet(noisy.to(self.unet_dtype), t, cond.to(self.unet_dtype), **kwargs).sample
+        return pred.float()
+
     def _sync_gradients(self, loss: float) -> float:
         """Average the LoRA gradients (and the loss) over processes, with accelerate's all-reduce."""
         if self.world == 1:
@@ -450,17 +595,24 @@ class Trainer:
             k = step * cfg.grad_accum + micro
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
             inst, prior, noise_t = self._shard(*self._micro_batch(k), gen)
-            exs = inst + prior
+            pres = self._preservation_rows(gen, inst[0].size)
+            exs = inst + prior + (pres[0] if pres else [])
+            captions = [e.caption for e in inst + prior] + (pres[1] if pres else [])
+            if pres:
+                noise_t = (torch.cat([noise_t[0], pres[2][0]]), torch.cat([noise_t[1], pres[2][1]]))
             latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
             with self.accelerator.autocast():
-                cond, pooled = self.text([e.caption for e in exs])
+                cond, pooled = self.text(captions)
                 tids = sdxl_time_ids(exs, device) if pooled is not None else None
+                tail = self._base_prediction(latents, noise_t, pres, tids) if pres else None
                 per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, None, cfg,
-                                     self.unet_dtype, noise_t)
-            n = len(inst)
+                                     self.unet_dtype, noise_t, tail_target=tail)
+            n, m = len(inst), len(prior)
             loss = per[:n].mean()
             if prior:
-                loss = loss + cfg.prior_loss_weight * per[n:].mean()
+                loss = loss + cfg.prior_loss_weight * per[n:n + m].mean()
+            if pres:
+                loss = loss + cfg.preserve_weight * per[n + m:].mean()
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at step {step + 1}: training stopped, nothing non-finite was saved. "
