@@ -392,6 +392,9 @@ class Trainer:
             self.preserve = preservation_prompts(cfg, [it.caption for it in self.scan.items])
             if cfg.preserve_images:
                 if self.is_main:
+                    _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+                        f"base preservation: {len(self.preserve)} trigger-free prompts; base images "
+                        f"({cfg.preserve_images}, cached after the first run)")))
                     preserve_images_folder(cfg, base, self.resolution, self.preserve)
                 self.accelerator.wait_for_everyone()
                 pscan = scan_folder(preserve_images_folder(cfg, base, self.resolution, self.preserve), cfg.trigger,
