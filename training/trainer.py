@@ -118,23 +118,33 @@ def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resoluti
     return [Example(lat, cap, size, crop, prior) for lat, (cap, size, crop) in zip(latents, meta)]
 
 
-def class_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int) -> Path:
-    """The class images for prior preservation: the user's folder, or generated once and cached."""
-    if cfg.class_images:
-        return Path(cfg.class_images)
+def _cached_base_images(cfg: TrainConfig, base: BaseModel, resolution: int, kind: str, key: str,
+                        prompts: list[str], count: int, seed_offset: int, stem: str) -> Path:
+    """<library>/.cache/<kind>/<hash of key>/: `count` base-model images of `prompts` (in turn), each
+    generated once; later runs with the same key reuse them."""
     import hashlib
 
     from pipelines.generation import GenerationRequest, generate, save_png
 
-    key = hashlib.sha256(f"{base.source}|{cfg.class_prompt}|{resolution}|{cfg.seed}".encode()).hexdigest()[:16]
-    folder = cfg.library_dir / ".cache" / "class_images" / key
+    folder = cfg.library_dir / ".cache" / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    have = sorted(folder.glob("*.png"))
-    for i in range(len(have), cfg.num_class_images):
-        req = GenerationRequest(prompt=cfg.class_prompt or "", steps=cfg.sample_steps, seed=cfg.seed + 10_000 + i,
-                                width=resolution, height=resolution, guidance=7.0)
-        save_png(generate(base, req)[0], folder / f"class-{i:04d}.png")
+    for i in range(count):
+        path = folder / f"{stem}-{i:04d}.png"
+        if path.exists():
+            continue
+        req = GenerationRequest(prompt=prompts[i % len(prompts)], steps=cfg.sample_steps,
+                                seed=cfg.seed + seed_offset + i, width=resolution, height=resolution, guidance=7.0)
+        save_png(generate(base, req)[0], path)
     return folder
+
+
+def class_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int) -> Path:
+    """The class images for prior preservation: the user's folder, or generated once and cached."""
+    if cfg.class_images:
+        return Path(cfg.class_images)
+    return _cached_base_images(cfg, base, resolution, "class_images",
+                               f"{base.source}|{cfg.class_prompt}|{resolution}|{cfg.seed}", [cfg.class_prompt or ""],
+                               cfg.num_class_images, 10_000, "class")
 
 
 def preserve_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int, prompts: list[str]) -> Path:
@@ -143,21 +153,9 @@ def preserve_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int, p
     Their noised latents are where base preservation compares the adapter with the base: the states
     that sampling a trigger-free prompt passes through.
     """
-    import hashlib
-
-    from pipelines.generation import GenerationRequest, generate, save_png
-
-    key = hashlib.sha256(json.dumps([base.source, prompts, resolution, cfg.seed]).encode()).hexdigest()[:16]
-    folder = cfg.library_dir / ".cache" / "preserve_images" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(cfg.preserve_images):
-        path = folder / f"base-{i:04d}.png"
-        if path.exists():
-            continue
-        req = GenerationRequest(prompt=prompts[i % len(prompts)], steps=cfg.sample_steps, seed=cfg.seed + 20_000 + i,
-                                width=resolution, height=resolution, guidance=7.0)
-        save_png(generate(base, req)[0], path)
-    return folder
+    return _cached_base_images(cfg, base, resolution, "preserve_images",
+                               json.dumps([base.source, prompts, resolution, cfg.seed]), prompts,
+                               cfg.preserve_images, 20_000, "base")
 
 
 def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -532,7 +530,8 @@ class Trainer:
         return inst[r * b:(r + 1) * b], prior[r * b:(r + 1) * b], (noise[rows], t[rows])
 
     def _preservation_rows(self, gen: torch.Generator, size: tuple[int, int]):
-        """This process's base-preservation rows: (examples, trigger-free prompts, (noise, timesteps)).
+        """This process's base-preservation rows: (examples, indices into the trigger-free prompts,
+        (noise, timesteps)).
 
         Drawn from `gen` after the instance batch, for the whole global batch like `_shard`, so the
         rows of step k depend only on (seed, k).
@@ -542,15 +541,14 @@ class Trainer:
         gb, b, r = self.cfg.batch_size * self.world, self.cfg.batch_size, self.rank
         idx = torch.randint(len(self.preserve_inputs), (gb,), generator=gen).tolist()
         pidx = torch.randint(len(self.preserve), (gb,), generator=gen).tolist()
-        # latents of the instance batch's bucket (the rows are stacked into one batch)
-        same = self.preserve_by_size.get(size) or self.preserve_by_size[next(iter(self.preserve_by_size))]
+        # latents of the instance batch's bucket (the rows are stacked into one batch); the instance
+        # examples are among the inputs, so every bucket has some
+        same = self.preserve_by_size[size]
         idx = [same[i % len(same)] for i in idx]
         shape = (gb, *self.preserve_inputs[idx[0]].latent.shape)
         noise, t = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
         rows = slice(r * b, (r + 1) * b)
-        self._pres_pidx = pidx[rows]
-        return [self.preserve_inputs[i] for i in idx[rows]], [self.preserve[i] for i in pidx[rows]], \
-            (noise[rows], t[rows])
+        return [self.preserve_inputs[i] for i in idx[rows]], pidx[rows], (noise[rows], t[rows])
 
     @torch.no_grad()
     def _base_prediction(self, latents: torch.Tensor, noise_t, pres, tids) -> torch.Tensor:
@@ -559,10 +557,10 @@ class Trainer:
         noise, t = noise_t[0][-n:].to(latents.device), noise_t[1][-n:].to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents[-n:], noise, t)
         pe, pooled = self.preserve_cond
-        cond = pe[self._pres_pidx].to(latents.device)
+        cond = pe[pres[1]].to(latents.device)
         kwargs = {}
         if pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[self._pres_pidx], "time_ids": tids[-n:]}
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled[pres[1]], "time_ids": tids[-n:]}
         with self.adapters_off:
             pred = self.base.pipe.unet(noisy.to(self.unet_dtype), t, cond.to(self.unet_dtype), **kwargs).sample
         return pred.float()
@@ -600,7 +598,7 @@ class Trainer:
             inst, prior, noise_t = self._shard(*self._micro_batch(k), gen)
             pres = self._preservation_rows(gen, inst[0].size)
             exs = inst + prior + (pres[0] if pres else [])
-            captions = [e.caption for e in inst + prior] + (pres[1] if pres else [])
+            captions = [e.caption for e in inst + prior] + ([self.preserve[i] for i in pres[1]] if pres else [])
             if pres:
                 noise_t = (torch.cat([noise_t[0], pres[2][0]]), torch.cat([noise_t[1], pres[2][1]]))
             latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
