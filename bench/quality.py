@@ -13,6 +13,8 @@ Modes (one function each in MODES):
            preservation_drop (largest drop of the base-prompt scores with the adapter loaded at
            weight 1.0, measured against the same base in the same run) and training minutes.
            Last line: `fidelity=0.xx preservation_drop=0.xx minutes=x.x`.
+           `--full-unet LR` trains every UNet weight instead of a LoRA, on the same data, loss and
+           steps: the ceiling of what any adapter on this base could reach in that many steps.
  A contact sheet of the
 generated images, their prompts and what the evaluator saw is written to bench/out/.
 """
@@ -217,6 +219,41 @@ def trigger_prompts(template: str, n: int, seed: int) -> list[str]:
     return pick_prompts(list(dict.fromkeys(combos)), n, seed=seed)
 
 
+def train_full_unet(cfg, base, lr: float) -> None:
+    """The ceiling of any adapter: fine-tune every UNet weight on the same examples, captions, noise
+    draws and loss (min-SNR weighting) as the LoRA trainer, with AdamW at `lr` and the preset's steps."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from training import trainer as tr
+    from training.dataset import scan_folder
+
+    if base.family == "sdxl":
+        raise SystemExit("--full-unet: SD 1.x/2.x bases only (SDXL needs its extra conditioning)")
+    scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
+    examples = tr.build_examples(cfg, base, scan, cfg.resolution or base.native_resolution)
+    text = tr.TextCache(base, live=False)
+    scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+    unet = base.pipe.unet
+    unet.requires_grad_(True).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    schedule = tr.BatchSchedule(examples, cfg.batch_size, cfg.seed, cfg.repeats)
+    for step in range(cfg.max_steps):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = [examples[i] for i in schedule(step)]
+        latents = torch.stack([e.latent for e in batch])  # (B, 4, h, w)
+        noise_t = tr.draw_noise(tuple(latents.shape), gen, cfg, scheduler.config.num_train_timesteps)
+        cond, _ = text([e.caption for e in batch])
+        loss = tr.diffusion_loss(base, scheduler, latents, cond, None, None, None, cfg, noise_t=noise_t).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0:
+            print(f"  step {step + 1}/{cfg.max_steps} loss {loss.item():.4f}", file=sys.stderr, flush=True)
+    unet.requires_grad_(False).eval()
+
+
 def run_lora(mode: str, args: argparse.Namespace) -> dict:
     """Train on a shipped set with the default preset, then score fidelity and preservation."""
     from pipelines.base_models import DEFAULT_BASE, load_base
@@ -239,9 +276,13 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
         print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}"
               + (f", on a {args.quantize_base} base" if args.quantize_base else ""), flush=True)
         t0 = time.time()
-        res = train(cfg, base=base)  # the LoRA stays attached to `base` at weight 1.0 afterwards
+        if args.full_unet:
+            print(f"  ceiling: every UNet weight trained (not a LoRA), lr {args.full_unet}", flush=True)
+            train_full_unet(cfg, base, args.full_unet)
+        else:
+            res = train(cfg, base=base)  # the LoRA stays attached to `base` at weight 1.0 afterwards
         minutes = (time.time() - t0) / 60
-        if args.quantize_base:  # trained on a private quantized copy: load its file on the full base
+        if args.quantize_base and not args.full_unet:  # trained on a quantized copy: load it on the full base
             base.pipe.load_lora_weights(str(res.adapter_path))
     base.pipe.unet.eval()
     print("with the adapter: trigger prompts (fidelity)", flush=True)
@@ -306,6 +347,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     p.add_argument("--quantize-base", choices=["int8", "nf4"], default=None,
                    help="concept/style: train on a quantized base (QLoRA), score on the full-precision one")
+    p.add_argument("--full-unet", type=float, default=None, metavar="LR",
+                   help="concept/style: fine-tune every UNet weight at this learning rate instead of training a "
+                        "LoRA (same data, loss and steps): the ceiling of what any adapter could reach")
     p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                    help="concept/style: override a training setting of the preset (TOML value), e.g. "
                         "--set max_steps=400 --set min_snr_gamma=0; repeatable")

@@ -1,6 +1,6 @@
 """QLoRA on the CPU: training on an int8-quantized frozen base against the full-precision base.
 
-    python bench/quantized_train.py [--steps 20 60] [--quantize int8] [--quality]
+    python bench/quantized_train.py [--steps 20 60] [--repeats 2] [--quantize int8] [--quality]
 
 Both runs train the same UNet + text-encoder LoRA (the concept preset's targets) on the toy model
 and sample_data/concept-star, as subprocesses (fresh processes, so peak RSS is the run's own).
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, nargs=2, default=(20, 60))
     ap.add_argument("--quantize", default="int8", choices=["int8", "nf4"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each length per base; the fastest counts")
     ap.add_argument("--quality", action="store_true", help="also run bench/quality.py concept on both bases")
     args = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         for f in sorted(IMAGES.iterdir()):
             if f.suffix in (".png", ".txt"):
                 shutil.copy(f, work / "images" / f.name)
-        full_sps, full_rss = measure("fp32 base", lambda n: cmd(n, work, None), tuple(args.steps), env)
-        q_sps, q_rss = measure(f"{args.quantize} base", lambda n: cmd(n, work, args.quantize), tuple(args.steps), env)
+        res = measure({"fp32 base": lambda n: cmd(n, work, None),
+                       f"{args.quantize} base": lambda n: cmd(n, work, args.quantize)},
+                      tuple(args.steps), args.repeats, env)
+        (full_sps, full_rss), (q_sps, q_rss) = res["fp32 base"], res[f"{args.quantize} base"]
     now, full = linear_bytes(args.quantize)
     print(f"UNet Linear weights: {full / 1e6:.2f} MB in fp32 -> {now / 1e6:.2f} MB in {args.quantize}")
     if args.quality:

@@ -1,6 +1,6 @@
 """Training speed and peak memory of LoRA Studio, side by side with diffusers' DreamBooth LoRA script.
 
-    python bench/train_speed.py [--peer PATH/TO/train_dreambooth_lora.py] [--steps 20 60]
+    python bench/train_speed.py [--peer PATH/TO/train_dreambooth_lora.py] [--steps 20 120] [--repeats 2] [--floor]
 
 Both trainers run as subprocesses on the same toy model, images (sample_data/concept-star),
 resolution, batch size and rank, UNet-only LoRA. Steps/s comes from the difference between a short
@@ -55,12 +55,68 @@ def peer_cmd(python: str, peer: Path, steps: int, work: Path, base: Path = BASE)
             "--checkpointing_steps=100000", "--report_to=tensorboard", "--mixed_precision=no"]
 
 
-def measure(name: str, make, steps: tuple[int, int], env: dict) -> tuple[float, float]:
-    (t1, m1), (t2, m2) = run(make(steps[0]), env), run(make(steps[1]), env)
-    sps = (steps[1] - steps[0]) / max(1e-9, t2 - t1)
-    print(f"{name:>12}: {steps[0]} steps {t1:.1f}s, {steps[1]} steps {t2:.1f}s -> {sps:.2f} steps/s, "
-          f"peak RSS {max(m1, m2):.0f} MB")
-    return sps, max(m1, m2)
+def measure(runners: dict[str, object], steps: tuple[int, int], repeats: int, env: dict) -> dict[str, tuple[float, float]]:
+    """{name: (steps/s, peak RSS MB)}. Each trainer runs `steps[0]` and `steps[1]` steps, `repeats` times,
+    the trainers interleaved; the fastest wall time of each length is kept (start-up and interference
+    only ever add time), and steps/s is the step difference over the time difference."""
+    walls: dict[str, dict[int, list[float]]] = {n: {s: [] for s in steps} for n in runners}
+    peaks: dict[str, float] = {n: 0.0 for n in runners}
+    for _ in range(repeats):
+        for name, make in runners.items():
+            for n in steps:
+                wall, rss = run(make(n), env)
+                walls[name][n].append(wall)
+                peaks[name] = max(peaks[name], rss)
+    out = {}
+    for name in runners:
+        t1, t2 = min(walls[name][steps[0]]), min(walls[name][steps[1]])
+        sps = (steps[1] - steps[0]) / max(1e-9, t2 - t1)
+        print(f"{name:>12}: {steps[0]} steps {t1:.1f}s, {steps[1]} steps {t2:.1f}s (best of {repeats}) -> "
+              f"{sps:.2f} steps/s, peak RSS {peaks[name]:.0f} MB")
+        out[name] = (sps, peaks[name])
+    return out
+
+
+def unet_step_floor(base: Path, threads: int, chunks: int = 6) -> float:
+    """Steps/s of the bare UNet LoRA step (forward, loss, backward, AdamW) on fixed tensors in this
+    process: no data loading, no VAE or text encoding, no logging. No trainer that does the same UNet
+    math (same model, batch, resolution, rank) can run faster than this."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.base_models import load_base
+    from training import lora
+
+    torch.set_num_threads(threads)
+    b = load_base(str(base), device="cpu")
+    pipe = b.pipe
+    lora.attach(pipe, RANK, RANK, ["to_q", "to_k", "to_v", "to_out.0"], None)
+    params = lora.trainable_params(pipe.unet)
+    opt = torch.optim.AdamW(params, lr=LR)
+    g = torch.Generator().manual_seed(0)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latents = torch.randn(BATCH, pipe.unet.config.in_channels, RES // f, RES // f, generator=g)  # (B, 4, h, w)
+    with torch.no_grad():
+        cond = pipe.encode_prompt(["a photo of sks"] * BATCH, "cpu", 1, False)[0]  # (B, 77, D)
+    pipe.unet.train()
+
+    def step() -> None:
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (BATCH,), generator=g)
+        pred = pipe.unet(latents + noise, t, cond).sample
+        F.mse_loss(pred, noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):  # warm-up
+        step()
+    best = float("inf")
+    for _ in range(chunks):  # the fastest chunk counts, as with the trainers' runs
+        t0 = time.perf_counter()
+        for _ in range(10):
+            step()
+        best = min(best, time.perf_counter() - t0)
+    return 10 / best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,9 +126,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="interpreter for the peer (it needs torchvision, which this project does not)")
     ap.add_argument("--ours-python", default=sys.executable,
                     help="interpreter for LoRA Studio (give both the same one to compare on equal torch builds)")
-    ap.add_argument("--steps", type=int, nargs=2, default=(20, 80))
+    ap.add_argument("--steps", type=int, nargs=2, default=(20, 120))
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each length per trainer; the fastest counts")
     ap.add_argument("--base", type=Path, default=BASE, help="base model folder (default: the toy model)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both (1 is steadiest here)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the bare UNet LoRA step in this process: the bound for any trainer doing the same math")
     args = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
@@ -82,12 +141,32 @@ def main(argv: list[str] | None = None) -> None:
         (work / "images").mkdir()
         for png in sorted(IMAGES.glob("*.png")):  # the peer reads every file in the folder as an image
             shutil.copy(png, work / "images" / png.name)
-        sps, rss = measure("lora-studio", lambda n: ours_cmd(args.ours_python, n, work, args.base), tuple(args.steps), env)
+        runners = {"lora-studio": lambda n: ours_cmd(args.ours_python, n, work, args.base)}
         if args.peer and Path(args.peer).is_file():
-            psps, prss = measure("diffusers", lambda n: peer_cmd(args.peer_python, Path(args.peer), n, work, args.base), tuple(args.steps), env)
+            runners["diffusers"] = lambda n: peer_cmd(args.peer_python, Path(args.peer), n, work, args.base)
+        res = measure(runners, tuple(args.steps), args.repeats, env)
+        sps, rss = res["lora-studio"]
+        psps = None
+        if "diffusers" in res:
+            psps, prss = res["diffusers"]
             print(f"speed ratio (ours / diffusers) = {sps / psps:.2f}x; memory ratio = {rss / prss:.2f}")
         else:
             print("peer not measured: pass --peer PATH/TO/train_dreambooth_lora.py")
+    if args.floor:
+        # in a child on the same interpreter as ours, so both figures come from the same torch build
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench.train_speed import unet_step_floor; "
+                "from pathlib import Path; print(unet_step_floor(Path(sys.argv[2]), int(sys.argv[3])))")
+        floor = 0.0
+        for _ in range(args.repeats):  # separate processes: the speed of one process varies from the next
+            out = subprocess.run([args.ours_python, "-c", code, str(ROOT), str(args.base), str(args.threads)],
+                                 env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"floor measurement failed:\n{out.stderr[-3000:]}")
+            floor = max(floor, float(out.stdout.strip().splitlines()[-1]))
+        line = f"{'floor':>12}: bare UNet LoRA step {floor:.2f} steps/s (best of {args.repeats}); ours runs at {sps / floor:.0%} of it"
+        if psps:
+            line += f"; the most any trainer doing the same UNet math could reach is {floor / psps:.2f}x the peer"
+        print(line)
     print(f"steps_per_s={sps:.2f} peak_rss_mb={rss:.0f}")
 
 
