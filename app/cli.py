@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float)
     t.add_argument("--dropout", type=float)
     t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--unet-targets", type=_module_list, metavar="M1,M2,...",
+                   help="UNet modules that get LoRA (default to_q,to_k,to_v,to_out.0; the concept preset adds "
+                        "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2)")
+    t.add_argument("--text-targets", type=_module_list, metavar="M1,M2,...",
+                   help="text-encoder modules that get LoRA (default q_proj,k_proj,v_proj,out_proj)")
     t.add_argument("--steps", dest="max_steps", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--grad-accum", type=int)
@@ -410,6 +415,14 @@ def quiet_libraries() -> None:
 
 
 _TRAIN_ARG_EXCLUDE = {"command", "func", "config", "num_processes"}
+
+
+def _module_list(text: str) -> list[str]:
+    """'to_q, to_k,conv1' -> ['to_q', 'to_k', 'conv1']."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected module names separated by commas, e.g. to_q,to_k,to_v,to_out.0")
+    return names
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -132,6 +132,9 @@ def lora_metadata(
     }
     if base_hash:
         meta["ss_new_sd_model_hash"] = base_hash
+    if any(m.rsplit(".", 1)[-1].startswith("conv") for m in modules):
+        # kohya's networks.lora names LoRA on 3x3 ResNet convolutions (LoCon) with these network args
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(int(rank)), "conv_alpha": f"{float(alpha):g}"})
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
     if description:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -212,8 +213,74 @@ def test_cli_builds_the_same_config(tmp_path):
     assert cfg.preserve_weight == 3.0 and cfg.preserve_prompts == ["a cat", "a dog"]
     with pytest.raises(ConfigError, match="preserve_weight"):
         parse_train_args(["--images", "x", "--preserve-weight", "-1"])
+    # module lists: the concept preset's wide UNet targets, replaced from the command line
+    assert "conv1" in parse_train_args(["--images", "x", "--preset", "concept"]).unet_targets
+    cfg = parse_train_args(["--images", "x", "--preset", "concept", "--unet-targets", "to_k, to_v",
+                            "--text-targets", "q_proj,v_proj"])
+    assert cfg.unet_targets == ["to_k", "to_v"] and cfg.text_targets == ["q_proj", "v_proj"]
+    assert "conv1" in TrainConfig.from_dict({"preset": "concept"}).unet_targets  # the preset was not changed
 
 
 def test_fp16_on_cpu_is_refused_clearly(star_images, tiny_sd1_dir, tmp_path):
     with pytest.raises(ConfigError, match="mixed_precision"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, mixed_precision="fp16"))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, star_images, tiny_sd1_dir,
+                                                                        tiny_sdxl_dir, tmp_path):
+    """The concept preset also trains the ResNet convolutions, the transformer blocks' projections and
+    feed-forward layers: diffusers (our file and the kohya export) and our own stack must load all of
+    them and reproduce the UNet of the finished run exactly."""
+    from pipelines.adapters import export_kohya
+    from pipelines.base_models import load_base
+    from pipelines.stack import AdapterStack
+    from training.config import PRESETS
+
+    base_dir = tiny_sd1_dir if family == "sd1" else tiny_sdxl_dir
+    targets = PRESETS["concept"]["unet_targets"]
+    assert {"conv1", "conv2", "ff.net.2"} <= set(targets)
+    base = load_base(str(base_dir), device="cpu")
+    cfg = _cfg(star_images, base_dir, tmp_path, unet_targets=targets, max_steps=2, lr_unet=0.05, buckets=False,
+               checkpoint_every=0)
+    res = train(cfg, base=base)
+    sd, meta = load_safetensors(res.adapter_path)
+    assert any(".resnets." in k and k.endswith("conv1.lora_A.weight") for k in sd)
+    assert any(k.endswith("ff.net.0.proj.lora_B.weight") for k in sd)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}  # kohya's LoCon args
+
+    g = torch.Generator().manual_seed(0)
+    unet = base.pipe.unet
+    x = torch.randn(2, unet.config.in_channels, 4, 4, generator=g)
+    cond = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    extra = {}
+    if family == "sdxl":
+        pooled_dim = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled_dim, generator=g),
+                                       "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}}
+
+    def out(pipe_unet):
+        with torch.no_grad():
+            return pipe_unet(x, torch.tensor([500, 50]), cond, **extra).sample
+
+    trained = out(unet)
+    fresh = load_base(str(base_dir), device="cpu")
+    assert (out(fresh.pipe.unet) - trained).abs().max() > 1e-3  # the run changed the UNet
+    kohya = export_kohya(res.adapter_path, tmp_path / "k.safetensors")
+    for path in (res.adapter_path, kohya):
+        other = load_base(str(base_dir), device="cpu")
+        other.pipe.load_lora_weights(str(path))
+        torch.testing.assert_close(out(other.pipe.unet), trained, atol=1e-5, rtol=1e-4)
+        mine = load_base(str(base_dir), device="cpu")
+        stack = AdapterStack(mine)
+        stack.load("a", str(path))
+        stack.set_stack([("a", 1.0)])
+        torch.testing.assert_close(out(mine.pipe.unet), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_a_target_module_that_matches_nothing_is_refused(star_images, tiny_sd1_dir, tmp_path):
+    with pytest.raises(ConfigError, match="unet_targets: 'to_qq'"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, unet_targets=["to_q", "to_qq"]))
+    with pytest.raises(ConfigError, match="text_targets: 'qproj'"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True, text_targets=["qproj"]))
+    assert not (tmp_path / "lib" / "t.safetensors").exists()

@@ -13,10 +13,15 @@ from typing import Any
 from pipelines.errors import ConfigError
 from pipelines.quantize import QUANTIZATIONS
 
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# LoCon-style: besides attention, the transformer blocks' in/out projections and feed-forward layers and the
+# ResNet convolutions. A new object needs them: on the toy model, attention-only LoRA drew the shipped star
+# in 6% of trigger images after 300 steps, these modules (rank 16, 600 steps) in 59% (bench/quality.py concept)
+WIDE_UNET_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 PRESETS: dict[str, dict[str, Any]] = {
     # a thing (object, character, face): trigger word as the subject, text encoder trained too
-    "concept": {"rank": 8, "max_steps": 300, "lr_unet": 1e-3, "lr_text": 2e-4, "train_text_encoder": True,
-                "instance_template": "a photo of {trigger}"},
+    "concept": {"rank": 16, "max_steps": 600, "lr_unet": 1e-3, "lr_text": 2e-4, "train_text_encoder": True,
+                "instance_template": "a photo of {trigger}", "unet_targets": WIDE_UNET_TARGETS},
     # a way of drawing: trigger phrase as a style, UNet only
     "style": {"rank": 8, "max_steps": 300, "lr_unet": 1e-3, "lr_text": 0.0, "train_text_encoder": False,
               "instance_template": "in the style of {trigger}"},
@@ -68,7 +73,7 @@ class TrainConfig:
     alpha: float | None = None  # None: alpha = rank
     dropout: float = 0.0
     train_text_encoder: bool = False
-    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    unet_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     # optimisation
     max_steps: int = 300
@@ -181,7 +186,8 @@ class TrainConfig:
         preset = data.get("preset", "custom")
         if preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{preset}'")
-        merged = {**PRESETS[preset], **data}
+        defaults = {k: list(v) if isinstance(v, list) else v for k, v in PRESETS[preset].items()}  # never shared
+        merged = {**defaults, **data}
         try:
             return cls(**merged)
         except TypeError as e:

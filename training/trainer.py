@@ -358,6 +358,7 @@ class Trainer:
             source = cfg.base if self.base is None else self.base.source
             self.base = load_base(source, device=self.device)
         base = self.base
+        lora_mod.check_targets(base.pipe.unet, cfg.unet_targets, "unet_targets")  # before minutes of encoding
         self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
         if cfg.quantize_base:
             from pipelines.quantize import quantize_frozen
