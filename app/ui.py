@@ -597,7 +597,7 @@ class StudioUI:
                             trigger = gr.Textbox("sks", label="Trigger word", elem_id="train-trigger",
                                                  info="a rare word that will mean your concept/style")
                         preset = gr.Radio(list(PRESETS), value="concept", label="Preset", elem_id="train-preset",
-                                          info="concept: a thing (trains the text encoder too) · style: a look")
+                                          info="concept: a thing (text encoder and UNet convolutions too) · style: a look (attention only)")
                         with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                             with gr.Row():
                                 rank = gr.Number(PRESETS["concept"]["rank"], label="Rank", precision=0, minimum=1,
