@@ -20,9 +20,7 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
                       init_lora_weights=True)
 
 
-def check_targets(model: torch.nn.Module, targets: list[str], field: str) -> None:
-    """Every target must name some Linear/Conv2d module (peft's suffix match): a typo must not quietly
-    train fewer layers."""
+def _check_module_targets(model: torch.nn.Module, targets: list[str], field: str) -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
@@ -31,15 +29,20 @@ def check_targets(model: torch.nn.Module, targets: list[str], field: str) -> Non
                               f"(layer names end in e.g. {', '.join(leaves[:12])})")
 
 
+def check_targets(pipe, unet_targets: list[str], text_targets: list[str] | None) -> None:
+    """Every target must name some Linear/Conv2d layer (peft's suffix match) of the UNet and of each text
+    encoder that gets LoRA: a typo must not quietly train fewer layers. Cheap; call it before slow work."""
+    _check_module_targets(pipe.unet, unet_targets, "unet_targets")
+    for name in TEXT_ENCODERS:
+        if text_targets and getattr(pipe, name, None) is not None:
+            _check_module_targets(getattr(pipe, name), text_targets, "text_targets")
+
+
 def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
            dropout: float = 0.0) -> dict[str, object]:
     """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen."""
     from peft import inject_adapter_in_model
 
-    check_targets(pipe.unet, unet_targets, "unet_targets")
-    for name in TEXT_ENCODERS:
-        if text_targets and getattr(pipe, name, None) is not None:
-            check_targets(getattr(pipe, name), text_targets, "text_targets")
     configs: dict[str, object] = {}
     pipe.unet.requires_grad_(False)
     cfg = lora_config(rank, alpha, unet_targets, dropout)

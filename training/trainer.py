@@ -358,7 +358,8 @@ class Trainer:
             source = cfg.base if self.base is None else self.base.source
             self.base = load_base(source, device=self.device)
         base = self.base
-        lora_mod.check_targets(base.pipe.unet, cfg.unet_targets, "unet_targets")  # before minutes of encoding
+        te_targets = cfg.text_targets if cfg.train_text_encoder else None
+        lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
         self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
         if cfg.quantize_base:
             from pipelines.quantize import quantize_frozen
@@ -404,7 +405,6 @@ class Trainer:
         global_batch = cfg.batch_size * self.world
         self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
         self.prior_schedule = BatchSchedule(self.priors, global_batch, cfg.seed + 7) if self.priors else None
-        te_targets = cfg.text_targets if cfg.train_text_encoder else None
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
         self.lora_configs = lora_mod.attach(base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets,
                                             cfg.dropout)
