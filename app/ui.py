@@ -184,13 +184,16 @@ class StudioUI:
     def pick_sample_set(self, name: str, old_ds: str | None):
         """A shipped sample set -> staged like an upload; trigger word, preset and a name filled in."""
         if not name or name == NO_SAMPLE_SET:
-            return (gr.skip(),) * 9
+            return (gr.skip(),) * (9 + len(PRESET_FIELDS))
         trigger, preset = SAMPLE_SET_TRIGGERS[name] if name in SAMPLE_SET_TRIGGERS else ("sks", "custom")
         ds_id = self.studio.stage_sample_set(name)
         self.studio.discard_dataset(old_ds)
         thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
         adapter_name = self._free_name(f"{name}-lora")
-        return ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name, None
+        # the preset's defaults come in this same response: a second event chained on the preset's change
+        # could land after the user has started typing in the Advanced fields and overwrite them
+        return (ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name, None,
+                *self.preset_defaults(preset))
 
     def _free_name(self, stem: str) -> str:
         taken = {n.casefold() for n in self.studio.library.names()}
@@ -773,11 +776,12 @@ class StudioUI:
             ds_outputs = [ds_id, thumbs, skipped, captions]
             uploads.upload(self.stage_upload, [uploads, trigger, preset, ds_id],
                            ds_outputs + [last_trigger, sample_set])
+            preset_fields = [rank, max_steps, lr_unet, lr_text, train_te]
             sample_set.input(self.pick_sample_set, [sample_set, ds_id],
-                             ds_outputs + [last_trigger, trigger, preset, name, uploads])
+                             ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields])
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
-            preset.change(self.preset_defaults, preset, [rank, max_steps, lr_unet, lr_text, train_te], **quiet)
+            preset.input(self.preset_defaults, preset, preset_fields, **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
                     sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w]

@@ -113,12 +113,16 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     # 2. name, tiny settings, start
     page.locator("#train-name").get_by_role("textbox").fill(NAME)
     page.locator("#train-advanced").get_by_text("Advanced").click()
-    # the sample set's preset filled its defaults (an event chain); wait for them, or they could land
-    # on top of the values typed below
+    # the sample set's preset filled its defaults; a click on another preset swaps them, and back
     from training.config import PRESETS
 
     steps_box = page.locator("#adv-steps input[type=number]").first
+    rank_box = page.locator("#adv-rank input[type=number]").first
     expect(steps_box).to_have_value(str(PRESETS["concept"]["max_steps"]), timeout=30_000)
+    for preset in ("style", "concept"):
+        page.locator("#train-preset").get_by_label(preset, exact=True).check()
+        expect(steps_box).to_have_value(str(PRESETS[preset]["max_steps"]), timeout=30_000)
+        expect(rank_box).to_have_value(str(PRESETS[preset]["rank"]))
     for elem, v in (("adv-steps", 4), ("adv-rank", 4), ("adv-batch", 2), ("adv-sample-steps", 4)):
         _fill_number(page, elem, v)
     for elem, v in (("adv-steps", 4), ("adv-rank", 4), ("adv-batch", 2), ("adv-sample-steps", 4)):

@@ -21,12 +21,13 @@ from PIL import Image
 
 from app.options import check_launch_options
 from app.studio import Studio
-from app.ui import StudioUI, launch
+from app.ui import PRESET_FIELDS, StudioUI, launch
 from pipelines.adapters import lora_metadata, save_adapter
 from pipelines.errors import ConfigError
 from pipelines.generation import GenerationRequest, read_png_parameters
 from pipelines.stack import StackEntry
 from pipelines.weights_io import read_header
+from training.config import PRESETS
 from training.jobs import JobQueue
 from training.trainer import Progress, TrainResult
 
@@ -149,8 +150,12 @@ def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp
 
 
 def test_sample_set_fills_trigger_preset_and_name(ui):
-    ds_id, thumbs, skipped, caps, last, trig, preset, name, uploads = ui.pick_sample_set("concept-star", None)
+    ds_id, thumbs, skipped, caps, last, trig, preset, name, uploads, *fields = ui.pick_sample_set("concept-star", None)
     assert len(thumbs) == 12 and trig == last == "sks" and preset == "concept" and name == "concept-star-lora"
+    # the preset's defaults arrive in the same response (no chained event that could overwrite typed values)
+    assert dict(zip(PRESET_FIELDS, fields)) == {f: PRESETS["concept"][f] for f in PRESET_FIELDS}
+    style = dict(zip(PRESET_FIELDS, ui.pick_sample_set("style-outline", ds_id)[9:]))
+    assert style == {f: PRESETS["style"][f] for f in PRESET_FIELDS}
     assert all("sks" in c for c in caps["caption"])
     assert ui.preset_defaults("style")[-1] is False  # style: UNet only
     assert all(isinstance(v, dict) for v in ui.preset_defaults("custom"))  # custom: leave the fields alone
