@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int)
     t.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    t.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the adapter file (default fp32); fp16 halves its size, loads everywhere")
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (default 5; 0 turns it off)")
     t.add_argument("--noise-offset", type=float)

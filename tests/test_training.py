@@ -140,6 +140,37 @@ def test_train_more_from_finished_adapter(star_images, tiny_sd1_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-6)
 
 
+def test_fp16_adapter_file_is_half_the_size_and_loads_with_the_same_output(star_images, tiny_sd1_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    full = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="f32", train_text_encoder=True))
+    half = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="f16", train_text_encoder=True, save_precision="fp16"))
+    a, _ = load_safetensors(full.adapter_path)
+    b, meta = load_safetensors(half.adapter_path)
+    assert a.keys() == b.keys() and all(v.dtype == torch.float16 for v in b.values())
+    assert all(torch.equal(a[k].half(), b[k]) for k in a)  # the same run, rounded once at the end
+    # the weights take half the bytes (the header and metadata, most of a tiny file, are the same)
+    saved = full.adapter_path.stat().st_size - half.adapter_path.stat().st_size
+    assert saved == pytest.approx(sum(v.numel() * 2 for v in b.values()), rel=0.02)
+    assert json.loads(meta["lora_studio.train_config"])["save_precision"] == "fp16"
+    # checkpoints stay fp32, so resuming is exact
+    ckpt, _ = load_safetensors(half.checkpoint / "adapter.safetensors")
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+
+    outs = []
+    for path in (full.adapter_path, half.adapter_path):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(path))
+        outs.append(pipe(prompt="a red sks", num_inference_steps=2, output_type="np", height=32, width=32,
+                         generator=torch.Generator().manual_seed(0)).images)
+    assert abs(outs[0] - outs[1]).max() < 2e-3
+    # and it can be trained further
+    more = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="f16b", max_steps=1, train_text_encoder=True,
+                      init_adapter=str(half.adapter_path)))
+    assert more.adapter_path.is_file()
+
+
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -167,7 +198,8 @@ def test_mixed_size_images_use_buckets(tiny_sd1_dir, tmp_path):
 @pytest.mark.parametrize("kw,field", [({"rank": 0}, "rank"), ({"resolution": 30}, "resolution"),
                                       ({"mixed_precision": "fp8"}, "mixed_precision"), ({"dropout": 1.5}, "dropout"),
                                       ({"name": "../evil"}, "name"), ({"lr_unet": -1.0}, "lr_unet"),
-                                      ({"min_snr_gamma": -1.0}, "min_snr_gamma")])
+                                      ({"min_snr_gamma": -1.0}, "min_snr_gamma"),
+                                      ({"save_precision": "fp8"}, "save_precision")])
 def test_invalid_config_names_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kw)

@@ -28,6 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "custom": {},
 }
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -87,6 +88,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    # dtype of the finished adapter file: fp16 halves it (kohya's --save_precision); checkpoints stay fp32
+    save_precision: str = "fp32"
     gradient_checkpointing: bool = False
     quantize_base: str | None = None  # QLoRA: "nf4" (bitsandbytes, CUDA) or "int8" (torchao, any device)
     min_snr_gamma: float | None = 5.0
@@ -147,7 +150,8 @@ class TrainConfig:
             raise ConfigError(f"min_snr_gamma: must be > 0, or 0 for no min-SNR weighting; got {self.min_snr_gamma}")
         if self.min_snr_gamma == 0:
             self.min_snr_gamma = None
-        for f_, allowed in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS),
+        for f_, allowed in (("mixed_precision", MIXED_PRECISION), ("save_precision", SAVE_PRECISIONS),
+                            ("optimizer", OPTIMIZERS),
                             ("lr_scheduler", LR_SCHEDULERS), ("crop", CROPS)):
             if getattr(self, f_) not in allowed:
                 raise ConfigError(f"{f_}: must be one of {', '.join(allowed)}, got '{getattr(self, f_)}'")

@@ -151,6 +151,9 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     from pipelines.adapters import save_adapter
 
     sd = lora_state_dict(tr.base.pipe, tr.components)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
     meta = adapter_metadata(tr)
     try:
         save_adapter(sd, path, meta, alpha=cfg.lora_alpha)
