@@ -617,7 +617,10 @@ def preview_for(path: Path) -> Path | None:
 
 
 def _short_module(module: str) -> str:
+    """'…attn1.to_q' -> 'to_q', '…to_out.0' -> 'to_out.0', '…ff.net.0.proj' -> 'ff.net.0.proj' (as in unet_targets)."""
     parts = module.split(".")
+    if "ff" in parts[:-1]:
+        return ".".join(parts[parts.index("ff"):])
     return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 

@@ -280,6 +280,10 @@ def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, 
     assert any(".resnets." in k and k.endswith("conv1.lora_A.weight") for k in sd)
     assert any(k.endswith("ff.net.0.proj.lora_B.weight") for k in sd)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}  # kohya's LoCon args
+    # the library lists the modules by the names the preset uses
+    from pipelines.adapters import inspect_adapter
+
+    assert set(inspect_adapter(res.adapter_path).modules) == set(targets)
 
     g = torch.Generator().manual_seed(0)
     unet = base.pipe.unet
@@ -299,6 +303,7 @@ def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, 
     fresh = load_base(str(base_dir), device="cpu")
     assert (out(fresh.pipe.unet) - trained).abs().max() > 1e-3  # the run changed the UNet
     kohya = export_kohya(res.adapter_path, tmp_path / "k.safetensors")
+    assert set(inspect_adapter(kohya).modules) == set(targets)
     for path in (res.adapter_path, kohya):
         other = load_base(str(base_dir), device="cpu")
         other.pipe.load_lora_weights(str(path))
