@@ -24,7 +24,7 @@ import pandas as pd
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
-from training.config import PRESETS, TrainConfig
+from training.config import PRESETS, SAVE_PRECISIONS, TrainConfig
 from training.jobs import Job
 
 from .options import check_launch_options, parse_auth
@@ -224,7 +224,7 @@ class StudioUI:
                      rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
                      num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
                      sample_steps, checkpoint_every, base_name: str | None,
-                     quantize: str | None = None, preserve_weight=0.0) -> TrainConfig:
+                     quantize: str | None = None, preserve_weight=0.0, save_precision="fp32") -> TrainConfig:
         """The form -> a TrainConfig (captions written next to the staged images first)."""
         if not ds_id:
             raise ConfigError("images: upload some images or pick a sample set first")
@@ -246,6 +246,7 @@ class StudioUI:
             checkpoint_every=_num(checkpoint_every, "checkpoint_every", int), device=self.studio.device,
             quantize_base=None if quantize in (None, "", QUANTIZE_CHOICES[0]) else quantize,
             preserve_weight=_num(preserve_weight or 0, "preserve_weight"),
+            save_precision=save_precision or "fp32",
         )
         if prior and not data["class_prompt"]:
             raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
@@ -640,6 +641,9 @@ class StudioUI:
                                                          precision=0, minimum=1, elem_id="adv-sample-steps")
                                 ckpt_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps",
                                                        precision=0, minimum=0, elem_id="adv-ckpt-every")
+                                save_prec = gr.Dropdown(list(SAVE_PRECISIONS), value=TrainConfig.save_precision,
+                                                        label="Save adapter as", elem_id="adv-save-precision",
+                                                        info="fp16: half the file size, loads everywhere")
                             with gr.Row():
                                 train_base = gr.Dropdown(bases, value=bases[0], label="Base model",
                                                          elem_id="adv-base")
@@ -784,7 +788,7 @@ class StudioUI:
             preset.input(self.preset_defaults, preset, preset_fields, **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
-                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w]
+                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w, save_prec]
             start.click(self.start_training, form, [job_id, status])
             stop.click(self.stop_training, job_id, status)
             timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.base_models import DEFAULT_BASE
 
@@ -127,6 +128,7 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
         _fill_number(page, elem, v)
     for elem, v in (("adv-steps", 4), ("adv-rank", 4), ("adv-batch", 2), ("adv-sample-steps", 4)):
         expect(page.locator(f"#{elem} input[type=number]").first).to_have_value(str(v))
+    _pick(page, "adv-save-precision", "fp16")  # a half-size file
     t_start = time.time()
     page.locator("#train-start").click()
     status = page.locator("#train-status")
@@ -147,7 +149,10 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#train-samples img").first).to_be_visible(timeout=15_000)
     expect(page.locator("#train-loss")).not_to_contain_text("No data", timeout=10_000)
     _shot(page, "3-train-done")
-    assert (studio.library.root / f"{NAME}.safetensors").is_file()
+    from pipelines.weights_io import load_safetensors
+
+    sd, _ = load_safetensors(studio.library.root / f"{NAME}.safetensors")
+    assert {v.dtype for v in sd.values()} == {torch.float16}
 
     # 3. the adapter is in the Generate tab's picker at once: generate with it at weight 0.8
     _tab(page, "Generate")

@@ -85,7 +85,7 @@ def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
              rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
              num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
              sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)",
-             preserve_weight=0)
+             preserve_weight=0, save_precision="fp32")
     v.update(kw)
     return list(v.values())
 
@@ -201,6 +201,9 @@ def test_bad_form_values_name_the_field(ui):
     with pytest.raises(gr.Error, match="preserve_weight"):
         ui.start_training(*_form(ui, ds_id, caps, "x", preserve_weight=-1))
     assert ui.train_config(*_form(ui, ds_id, caps, "y", preserve_weight=2.5)).preserve_weight == 2.5
+    assert ui.train_config(*_form(ui, ds_id, caps, "y", save_precision="fp16")).save_precision == "fp16"
+    with pytest.raises(gr.Error, match="save_precision"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", save_precision="fp8"))
     if not torch.cuda.is_available():
         with pytest.raises(gr.Error, match="quantize_base: 'nf4' .* needs a CUDA GPU"):
             ui.start_training(*_form(ui, ds_id, caps, "x", quantize="nf4"))
