@@ -171,6 +171,28 @@ def test_fp16_adapter_file_is_half_the_size_and_loads_with_the_same_output(star_
     assert more.adapter_path.is_file()
 
 
+def test_weights_too_large_for_fp16_are_not_saved_as_inf_and_are_kept(star_images, tiny_sd1_dir, tmp_path,
+                                                                      monkeypatch):
+    from training import lora
+
+    real = lora.lora_state_dict
+
+    def huge(pipe, comps):  # a weight beyond fp16's 65504
+        sd = real(pipe, comps)
+        k = next(iter(sd))
+        return {**sd, k: sd[k] * 0 + 1e6}
+
+    monkeypatch.setattr(lora, "lora_state_dict", huge)
+    with pytest.raises(TrainingError, match="save_precision: .* does not fit in fp16.*step-000004"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="big", save_precision="fp16", checkpoint_every=0))
+    assert not (tmp_path / "lib" / "big.safetensors").exists()
+    monkeypatch.setattr(lora, "lora_state_dict", real)
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="big", save_precision="bf16", checkpoint_every=0,
+                     resume="latest"))
+    sd, _ = load_safetensors(res.adapter_path)
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+
+
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

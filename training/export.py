@@ -154,6 +154,12 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
+        bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:  # fp16 tops out at 65504: never write an inf into the file; keep the weights
+            ckpt = tr._checkpoint(cfg.max_steps)
+            raise TrainingError(f"save_precision: '{bad}' does not fit in {cfg.save_precision}; the trained "
+                                f"weights are in {ckpt}: run again with save_precision 'bf16' or 'fp32' and "
+                                "resume 'latest' to write the adapter")
     meta = adapter_metadata(tr)
     try:
         save_adapter(sd, path, meta, alpha=cfg.lora_alpha)
