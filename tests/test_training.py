@@ -343,3 +343,27 @@ def test_a_target_module_that_matches_nothing_is_refused(star_images, tiny_sd1_d
     with pytest.raises(ConfigError, match="text_targets: 'qproj'"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True, text_targets=["qproj"]))
     assert not (tmp_path / "lib" / "t.safetensors").exists()
+
+
+@pytest.mark.parametrize("preset", ["style", "concept"])
+def test_adapter_size_bench_counts_what_peft_builds(preset, tiny_sd1_dir):
+    """bench/adapter_size.py (the README's file sizes for SD 1.5/2.x/SDXL) counts LoRA weights by formula;
+    on a real UNet it must match the layers peft actually creates."""
+    import importlib.util
+    from pathlib import Path
+
+    from pipelines.base_models import load_base
+    from training import lora
+    from training.config import ATTENTION_TARGETS, PRESETS
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "adapter_size.py"
+    spec = importlib.util.spec_from_file_location("adapter_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    targets, rank = PRESETS[preset].get("unet_targets", ATTENTION_TARGETS), PRESETS[preset]["rank"]
+    base = load_base(str(tiny_sd1_dir), device="cpu")
+    counted, layers = bench.unet_lora_params(base.pipe.unet, targets, rank)
+    lora.attach(base.pipe, rank, rank, targets, None)
+    built = [n for n, _ in base.pipe.unet.named_modules() if n.endswith(".lora_A.default")]
+    assert layers == len(built)
+    assert counted == sum(p.numel() for n, p in base.pipe.unet.named_parameters() if "lora_" in n)
