@@ -116,7 +116,9 @@ def test_two_jobs_queue_and_never_run_together(images, tiny_sd1_dir, tmp_path):
     q = JobQueue(runner=runner)
     a = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="a", max_steps=3))
     b = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="b", max_steps=3))
-    time.sleep(0.2)
+    deadline = time.time() + 60  # the worker thread picks a up; a slow machine may take a moment
+    while a.state == "queued" and time.time() < deadline:
+        time.sleep(0.01)
     assert a.state == "running" and b.state == "queued" and q.position(b) == 1
     q.wait(a, timeout=120)
     q.wait(b, timeout=120)

@@ -42,9 +42,9 @@ class _Gate:
         self.started: list[str] = []
 
     def __call__(self, cfg, on_progress=None, stop=None):
-        self.started.append(cfg.name)
         on_progress(Progress(1, cfg.max_steps, loss=0.5, elapsed_s=1.0, eta_s=3.0))
-        self.release.wait(20)
+        self.started.append(cfg.name)  # after its first progress report, which the test reads next
+        self.release.wait(120)
         on_progress(Progress(cfg.max_steps, cfg.max_steps, loss=0.25, elapsed_s=2.0, eta_s=0.0))
         return TrainResult(None, Path(cfg.images), cfg.max_steps, 0.25, 2.0, [], None)
 
@@ -164,10 +164,10 @@ def test_sample_set_fills_trigger_preset_and_name(ui):
 def test_second_job_waits_and_reports_queue_position(ui, gate):
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     id1, status1 = ui.start_training(*_form(ui, ds_id, caps, "first"))
-    for _ in range(200):
-        if gate.started:
-            break
+    deadline = time.time() + 60  # a slow machine may take a while to start the first job
+    while not gate.started and time.time() < deadline:
         time.sleep(0.02)
+    assert gate.started == ["first"]
     id2, status2 = ui.start_training(*_form(ui, ds_id, caps, "second"))
     assert "waiting in the queue" in status2 and "position 1" in status2
     status, plot, samples, seen, done = ui.poll(id1, {})
@@ -181,7 +181,7 @@ def test_second_job_waits_and_reports_queue_position(ui, gate):
     assert "stopped" in ui.stop_training(id3)  # a queued job can be taken out of the queue
     gate.release.set()
     q = ui.studio.queue
-    q.wait(q.get(id2), timeout=10)
+    q.wait(q.get(id2), timeout=60)
     assert gate.started == ["first", "second"] and q.max_concurrent_seen == 1
     status, plot, samples, seen, done = ui.poll(id2, seen)
     assert "is ready" in status and done == f"{id2}:done"
