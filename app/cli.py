@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_arg(u)
     u.set_defaults(func=cmd_ui)
 
-    lo = sub.add_parser("loras", help="the adapter library: list, import, export, rename, rm")
+    lo = sub.add_parser("loras", help="the adapter library: list (the default), import, export, rename, rm")
     _add_library_arg(lo)
-    lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION", required=True)
+    lo.set_defaults(func=cmd_loras_list)  # `lora-studio loras` alone lists them
+    lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION")
     p = lsub.add_parser("list", help="list the adapters in the library")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_list)
@@ -400,9 +401,14 @@ def cmd_loras_rm(args: argparse.Namespace) -> int:
 
 def quiet_libraries() -> None:
     """Silence library progress bars and advisory warnings; our own output says what happened."""
+    import logging
     import os
     import warnings
 
+    # diffusers imports torchao (when installed) at start-up; it announces each optional CUDA kernel it
+    # cannot load, and torch's pytree a deprecation of torchao's: before any import, or they print
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

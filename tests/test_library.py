@@ -165,6 +165,8 @@ def test_cli_loras_commands(src, tmp_path, capsys):
     assert main(["loras", "list", "--library", lib]) == 0
     out = capsys.readouterr().out
     assert "mine" in out and "sd1" in out and "sks" in out
+    assert main(["loras", "--library", lib]) == 0  # no action: the list
+    assert out.endswith(capsys.readouterr().out) and "NAME" in out
     assert main(["loras", "--library", lib, "export", "mine", "--format", "kohya", "--out",
                  str(tmp_path / "k.safetensors")]) == 0
     assert any(k.startswith("lora_unet_") for k in load_safetensors(tmp_path / "k.safetensors")[0])
