@@ -552,6 +552,9 @@ def _usage(msg: str) -> _UsageError:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["ui", *argv]  # `lora-studio --port 8000`: options of the app that `lora-studio` alone starts
     args = ap.parse_args(argv)
     if args.command is None:  # no command: start the browser app with its defaults
         args = ap.parse_args(["ui"])

@@ -117,6 +117,9 @@ def test_no_arguments_starts_the_ui_on_localhost(monkeypatch):
     monkeypatch.setattr(app.ui, "main_ui", lambda **kw: seen.update(kw) or 0)
     assert main([]) == 0
     assert seen["host"] == "127.0.0.1" and seen["port"] == 7860 and seen["share"] is False and seen["base"] is None
+    # the app's options work without naming the `ui` command too
+    assert main(["--port", "8001", "--host", "0.0.0.0"]) == 0
+    assert seen["port"] == 8001 and seen["host"] == "0.0.0.0"
 
 
 # ------------------------------------------------------------------------------------------------ Train tab
