@@ -868,9 +868,17 @@ def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, 
     print(f"LoRA Studio: base model {studio.default_base_name}; adapters in {studio.library.root}; "
           f"outputs in {studio.outputs}")
     try:
-        launch(studio, host=host, port=port, share=share, auth=auth)
+        # quiet: gradio's own banner tells the user to edit `launch()`; ours names the command-line options
+        demo = launch(studio, host=host, port=port, share=share, auth=auth, prevent_thread_lock=True, quiet=True)
     except OSError as e:  # e.g. the port is taken
         raise ConfigError(f"could not serve on {host}:{port} ({e}); pick another --port") from None
+    print(f"Open {demo.local_url} in a browser (Ctrl-C stops the app)")
+    if share:
+        print(f"Public link: {demo.share_url}")
+    elif host in ("127.0.0.1", "localhost", "::1"):
+        print("Only this computer can reach it: --host 0.0.0.0 --auth user:password serves your network, "
+              "--share --auth user:password a public link")
+    demo.block_thread()
     return 0
 
 

@@ -426,3 +426,37 @@ def test_upload_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path, tiny
         assert httpx.get(f"{url.rstrip('/')}/gradio_api/file={out.resolve()}", timeout=30).status_code == 200
     finally:
         app.close()
+
+
+def test_the_command_serves_the_app_and_says_where(tmp_path, tiny_sd1_dir):
+    """`lora-studio --port N` as a user runs it: the app answers at the printed address; Ctrl-C stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--port", str(port), "--base", str(tiny_sd1_dir),
+                             "--device", "cpu"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Open "):
+                break
+        assert lines and lines[-1].startswith(f"Open http://127.0.0.1:{port}"), (lines, proc.poll())
+        url = lines[-1].split()[1]
+        assert httpx.get(url, timeout=30).status_code == 200
+        assert "--share --auth" in proc.stdout.readline()  # how to reach it from elsewhere
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "share=True" not in proc.stdout.read() + proc.stderr.read()  # not gradio's advice to edit code
