@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unet-targets", type=_module_list, metavar="M1,M2,...",
                    help="UNet modules that get LoRA (default to_q,to_k,to_v,to_out.0; the concept preset adds "
                         "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2)")
+    t.add_argument("--conv-rank", type=int,
+                   help="rank of the UNet's 3x3 convolutions when they are trained (kohya's conv_dim; default: --rank)")
+    t.add_argument("--conv-alpha", type=float, help="their alpha (default: the same alpha/rank scale as the rest)")
     t.add_argument("--text-targets", type=_module_list, metavar="M1,M2,...",
                    help="text-encoder modules that get LoRA (default q_proj,k_proj,v_proj,out_proj)")
     t.add_argument("--steps", dest="max_steps", type=int)

@@ -74,6 +74,8 @@ def lora_metadata(
     family: str,
     rank: int,
     alpha: float,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
     name: str = "",
     base_model: str = "",
     base_hash: str = "",
@@ -134,7 +136,8 @@ def lora_metadata(
         meta["ss_new_sd_model_hash"] = base_hash
     if any(m.rsplit(".", 1)[-1].startswith("conv") for m in modules):
         # kohya's networks.lora names LoRA on 3x3 ResNet convolutions (LoCon) with these network args
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(int(rank)), "conv_alpha": f"{float(alpha):g}"})
+        cr, ca = conv_rank or rank, conv_alpha if conv_alpha is not None else alpha
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(int(cr)), "conv_alpha": f"{float(ca):g}"})
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
     if description:

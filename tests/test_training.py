@@ -84,6 +84,8 @@ def test_resume_with_different_rank_is_refused(star_images, tiny_sd1_dir, tmp_pa
     train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=2, checkpoint_every=1))
     with pytest.raises(TrainingError, match="rank: checkpoint 4 vs now 8"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, rank=8, resume="latest"))
+    with pytest.raises(TrainingError, match="conv_rank: checkpoint None vs now 2"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, conv_rank=2, resume="latest"))
 
 
 def test_resume_with_different_base_is_refused(star_images, tiny_sd1_dir, tiny_sd2_dir, tmp_path):
@@ -221,7 +223,8 @@ def test_mixed_size_images_use_buckets(tiny_sd1_dir, tmp_path):
                                       ({"mixed_precision": "fp8"}, "mixed_precision"), ({"dropout": 1.5}, "dropout"),
                                       ({"name": "../evil"}, "name"), ({"lr_unet": -1.0}, "lr_unet"),
                                       ({"min_snr_gamma": -1.0}, "min_snr_gamma"),
-                                      ({"save_precision": "fp8"}, "save_precision")])
+                                      ({"save_precision": "fp8"}, "save_precision"), ({"conv_rank": 0}, "conv_rank"),
+                                      ({"conv_alpha": -1.0}, "conv_alpha")])
 def test_invalid_config_names_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**kw)
@@ -273,6 +276,10 @@ def test_cli_builds_the_same_config(tmp_path):
                             "--text-targets", "q_proj,v_proj"])
     assert cfg.unet_targets == ["to_k", "to_v"] and cfg.text_targets == ["q_proj", "v_proj"]
     assert "conv1" in TrainConfig.from_dict({"preset": "concept"}).unet_targets  # the preset was not changed
+    cfg = parse_train_args(["--images", "x", "--rank", "16", "--alpha", "8", "--conv-rank", "4"])
+    assert (cfg.lora_conv_rank, cfg.lora_conv_alpha) == (4, 2.0)  # the same alpha/rank scale by default
+    cfg = parse_train_args(["--images", "x", "--save-precision", "fp16", "--conv-alpha", "1"])
+    assert cfg.save_precision == "fp16" and (cfg.lora_conv_rank, cfg.lora_conv_alpha) == (8, 1.0)
 
 
 def test_fp16_on_cpu_is_refused_clearly(star_images, tiny_sd1_dir, tmp_path):
@@ -280,12 +287,13 @@ def test_fp16_on_cpu_is_refused_clearly(star_images, tiny_sd1_dir, tmp_path):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, mixed_precision="fp16"))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, star_images, tiny_sd1_dir,
+@pytest.mark.parametrize("family,conv", [("sd1", None), ("sdxl", None), ("sd1", (2, 1.0)), ("sdxl", (2, 6.0))])
+def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, conv, star_images, tiny_sd1_dir,
                                                                         tiny_sdxl_dir, tmp_path):
     """The concept preset also trains the ResNet convolutions, the transformer blocks' projections and
     feed-forward layers: diffusers (our file and the kohya export) and our own stack must load all of
-    them and reproduce the UNet of the finished run exactly."""
+    them and reproduce the UNet of the finished run exactly. Also with the 3x3 convolutions at their own
+    rank and alpha (kohya's conv_dim / conv_alpha), so the file carries two ranks and two alpha/rank scales."""
     from pipelines.adapters import export_kohya
     from pipelines.base_models import load_base
     from pipelines.stack import AdapterStack
@@ -295,13 +303,16 @@ def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, 
     targets = PRESETS["concept"]["unet_targets"]
     assert {"conv1", "conv2", "ff.net.2"} <= set(targets)
     base = load_base(str(base_dir), device="cpu")
+    conv_kw = {"conv_rank": conv[0], "conv_alpha": conv[1]} if conv else {}
     cfg = _cfg(star_images, base_dir, tmp_path, unet_targets=targets, max_steps=2, lr_unet=0.05, buckets=False,
-               checkpoint_every=0)
+               checkpoint_every=0, **conv_kw)
     res = train(cfg, base=base)
     sd, meta = load_safetensors(res.adapter_path)
-    assert any(".resnets." in k and k.endswith("conv1.lora_A.weight") for k in sd)
-    assert any(k.endswith("ff.net.0.proj.lora_B.weight") for k in sd)
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4"}  # kohya's LoCon args
+    conv_a = [v for k, v in sd.items() if ".resnets." in k and k.endswith("conv1.lora_A.weight")]
+    assert conv_a and all(v.shape[0] == (conv[0] if conv else 4) and v.shape[2:] == (3, 3) for v in conv_a)
+    assert all(v.shape[0] == 4 for k, v in sd.items() if k.endswith("ff.net.0.proj.lora_A.weight"))
+    assert json.loads(meta["ss_network_args"]) == (  # kohya's LoCon args
+        {"conv_dim": str(conv[0]), "conv_alpha": f"{conv[1]:g}"} if conv else {"conv_dim": "4", "conv_alpha": "4"})
     # the library lists the modules by the names the preset uses
     from pipelines.adapters import inspect_adapter
 

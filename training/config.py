@@ -72,6 +72,9 @@ class TrainConfig:
     # LoRA
     rank: int = 8
     alpha: float | None = None  # None: alpha = rank
+    # 3x3 convolutions (LoCon; kohya's conv_dim / conv_alpha): None = rank, and the same alpha/rank scale
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
     dropout: float = 0.0
     train_text_encoder: bool = False
     unet_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
@@ -136,6 +139,10 @@ class TrainConfig:
                 raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
+        if self.conv_rank is not None:
+            self._check_int("conv_rank", 1, 1024)
+        if self.conv_alpha is not None and not self.conv_alpha > 0:
+            raise ConfigError(f"conv_alpha: must be > 0, got {self.conv_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "preserve_weight", "noise_offset", "max_grad_norm"):
@@ -175,6 +182,16 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def lora_conv_rank(self) -> int:
+        return self.conv_rank or self.rank
+
+    @property
+    def lora_conv_alpha(self) -> float:
+        if self.conv_alpha is not None:
+            return float(self.conv_alpha)
+        return self.lora_alpha * self.lora_conv_rank / self.rank  # the same scale as the other layers
 
     @property
     def library_dir(self) -> Path:

@@ -19,7 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
 
 # options whose change makes a checkpoint unusable for resuming
-RESUME_KEYS = ("base", "rank", "alpha", "train_text_encoder", "unet_targets", "text_targets", "resolution")
+RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
+               "resolution")
+
+
+def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor]) -> float | dict[str, float]:
+    """The alpha to save with the adapter: one value, or per module when the 3x3 convolutions have their own."""
+    if cfg.lora_conv_alpha == cfg.lora_alpha:
+        return cfg.lora_alpha
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".lora_A.weight"):
+            spatial = v.ndim == 4 and tuple(v.shape[2:]) != (1, 1)
+            out[k[: -len(".lora_A.weight")]] = cfg.lora_conv_alpha if spatial else cfg.lora_alpha
+    return out
 
 
 def _ckpt_dir(run_dir: Path) -> Path:
@@ -39,7 +52,7 @@ def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor],
         # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
         save_adapter(adapter, tmp / "adapter.safetensors", {"step": str(step), "config": cfg.to_json(),
                                                             "lora_studio.trigger": cfg.trigger},
-                     alpha=cfg.lora_alpha)
+                     alpha=adapter_alphas(cfg, adapter))
         state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
                  "config": cfg.to_json()}
         torch.save(state, tmp / "state.pt")
@@ -101,7 +114,8 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     cfg, base = tr.cfg, tr.base
     modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
     return lora_metadata(
-        family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, name=cfg.name, base_model=base.name,
+        family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, conv_rank=cfg.lora_conv_rank,
+        conv_alpha=cfg.lora_conv_alpha, name=cfg.name, base_model=base.name,
         base_hash=getattr(tr, "base_fingerprint", None) or base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
         steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
         training_config=cfg.to_json(),
@@ -162,7 +176,7 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
                                 "resume 'latest' to write the adapter")
     meta = adapter_metadata(tr)
     try:
-        save_adapter(sd, path, meta, alpha=cfg.lora_alpha)
+        save_adapter(sd, path, meta, alpha=adapter_alphas(cfg, sd))
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:

@@ -13,11 +13,21 @@ from pipelines.errors import ConfigError, IncompatibleAdapterError
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float,
+                rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                      init_lora_weights=True)
+                      init_lora_weights=True, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}))
+
+
+def spatial_convs(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Names of the targeted Conv2d layers with a kernel larger than 1x1 (the ResNet 3x3 convolutions: kohya's
+    LoCon `conv_dim` layers; 1x1 convolutions such as SD 1.x's proj_in count as linear layers)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+            and any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def _check_module_targets(model: torch.nn.Module, targets: list[str], field: str) -> None:
@@ -39,13 +49,18 @@ def check_targets(pipe, unet_targets: list[str], text_targets: list[str] | None)
 
 
 def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
-           dropout: float = 0.0) -> dict[str, object]:
-    """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen."""
+           dropout: float = 0.0, conv_rank: int | None = None, conv_alpha: float | None = None) -> dict[str, object]:
+    """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen.
+    `conv_rank`/`conv_alpha`: the UNet's 3x3 convolutions get these instead (None: rank and alpha)."""
     from peft import inject_adapter_in_model
 
     configs: dict[str, object] = {}
     pipe.unet.requires_grad_(False)
-    cfg = lora_config(rank, alpha, unet_targets, dropout)
+    convs = spatial_convs(pipe.unet, unet_targets) if conv_rank or conv_alpha else []
+    # peft matches pattern keys as name suffixes: full module names pick exactly these layers
+    cfg = lora_config(rank, alpha, unet_targets, dropout,
+                      rank_pattern={n: conv_rank for n in convs} if conv_rank else None,
+                      alpha_pattern={n: conv_alpha for n in convs} if conv_alpha else None)
     pipe.unet.add_adapter(cfg)
     configs["unet"] = cfg
     for name in TEXT_ENCODERS:

@@ -406,8 +406,10 @@ class Trainer:
         self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
         self.prior_schedule = BatchSchedule(self.priors, global_batch, cfg.seed + 7) if self.priors else None
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
-        self.lora_configs = lora_mod.attach(base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets,
-                                            cfg.dropout)
+        self.lora_configs = lora_mod.attach(
+            base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
+            conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
+            conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None)
         self.components = list(self.lora_configs)
         self.text = TextCache(base, live=cfg.train_text_encoder)
         self.noise_scheduler = self._noise_scheduler()
