@@ -46,8 +46,10 @@ TEXT = {"sd15": [(768, 12)], "sd2": [(1024, 23)], "sdxl": [(768, 12), (1280, 32)
 NAMES = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-def unet_lora_params(unet: torch.nn.Module, targets: list[str], rank: int) -> tuple[int, int]:
-    """(LoRA parameters, layers) for the modules whose name ends with a target (peft's suffix match)."""
+def unet_lora_params(unet: torch.nn.Module, targets: list[str], rank: int,
+                     conv_rank: int | None = None) -> tuple[int, int]:
+    """(LoRA parameters, layers) for the modules whose name ends with a target (peft's suffix match);
+    3x3 convolutions at `conv_rank` (default: rank)."""
     total = layers = 0
     for name, mod in unet.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
@@ -56,7 +58,8 @@ def unet_lora_params(unet: torch.nn.Module, targets: list[str], rank: int) -> tu
             total += rank * (mod.in_features + mod.out_features)
         elif isinstance(mod, torch.nn.Conv2d):
             kh, kw = mod.kernel_size
-            total += rank * mod.in_channels * kh * kw + mod.out_channels * rank
+            r = (conv_rank or rank) if (kh, kw) != (1, 1) else rank
+            total += r * mod.in_channels * kh * kw + mod.out_channels * r
         else:
             continue
         layers += 1
@@ -76,6 +79,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python bench/adapter_size.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=None, help="one rank for every preset (default: the preset's)")
+    p.add_argument("--conv-rank", type=int, default=None,
+                   help="rank of the 3x3 convolutions (default: the preset's conv_rank, else its rank)")
     args = p.parse_args(argv)
     text_targets = TrainConfig().text_targets
     print(f"{'base':7} {'preset':8} {'rank':>4} {'UNet layers':>11} {'UNet params':>12} {'TE params':>10} "
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
             vals = PRESETS[preset]
             rank = args.rank or vals["rank"]
             targets = vals.get("unet_targets", ATTENTION_TARGETS)
-            n_unet, layers = unet_lora_params(unet, targets, rank)
+            n_unet, layers = unet_lora_params(unet, targets, rank, args.conv_rank or vals.get("conv_rank"))
             n_text = text_lora_params(family, text_targets, rank) if vals["train_text_encoder"] else 0
             n = n_unet + n_text
             print(f"{NAMES[family]:7} {preset:8} {rank:>4} {layers:>11} {n_unet:>12,} {n_text:>10,} "

@@ -356,8 +356,8 @@ def test_a_target_module_that_matches_nothing_is_refused(star_images, tiny_sd1_d
     assert not (tmp_path / "lib" / "t.safetensors").exists()
 
 
-@pytest.mark.parametrize("preset", ["style", "concept"])
-def test_adapter_size_bench_counts_what_peft_builds(preset, tiny_sd1_dir):
+@pytest.mark.parametrize("preset,conv_rank", [("style", None), ("concept", None), ("concept", 2)])
+def test_adapter_size_bench_counts_what_peft_builds(preset, conv_rank, tiny_sd1_dir):
     """bench/adapter_size.py (the README's file sizes for SD 1.5/2.x/SDXL) counts LoRA weights by formula;
     on a real UNet it must match the layers peft actually creates."""
     import importlib.util
@@ -373,8 +373,8 @@ def test_adapter_size_bench_counts_what_peft_builds(preset, tiny_sd1_dir):
     spec.loader.exec_module(bench)
     targets, rank = PRESETS[preset].get("unet_targets", ATTENTION_TARGETS), PRESETS[preset]["rank"]
     base = load_base(str(tiny_sd1_dir), device="cpu")
-    counted, layers = bench.unet_lora_params(base.pipe.unet, targets, rank)
-    lora.attach(base.pipe, rank, rank, targets, None)
+    counted, layers = bench.unet_lora_params(base.pipe.unet, targets, rank, conv_rank)
+    lora.attach(base.pipe, rank, rank, targets, None, conv_rank=conv_rank)
     built = [n for n, _ in base.pipe.unet.named_modules() if n.endswith(".lora_A.default")]
     assert layers == len(built)
     assert counted == sum(p.numel() for n, p in base.pipe.unet.named_parameters() if "lora_" in n)
