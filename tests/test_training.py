@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from pipelines.errors import ConfigError, TrainingError
+from pipelines.errors import ConfigError, IncompatibleAdapterError, TrainingError
 from pipelines.weights_io import load_safetensors
 from training.config import TrainConfig
 from training.trainer import train
@@ -193,6 +193,14 @@ def test_weights_too_large_for_fp16_are_not_saved_as_inf_and_are_kept(star_image
                      resume="latest"))
     sd, _ = load_safetensors(res.adapter_path)
     assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+
+
+def test_train_more_with_other_ranks_than_the_adapter_is_refused(star_images, tiny_sd1_dir, tmp_path):
+    first = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="c1", max_steps=1, unet_targets=["to_q", "conv1"],
+                       conv_rank=2))
+    with pytest.raises(IncompatibleAdapterError, match="c1.safetensors: its LoRA ranks differ .*conv1"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="c2", max_steps=1, unet_targets=["to_q", "conv1"],
+                   init_adapter=str(first.adapter_path)))
 
 
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):

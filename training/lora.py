@@ -103,7 +103,15 @@ def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: 
         module = getattr(pipe, comp)
         if not hasattr(module, "text_model"):  # transformers 5 CLIPTextModel: no `text_model.` level
             sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-        res = set_peft_model_state_dict(module, sd, adapter_name="default")
+        try:
+            res = set_peft_model_state_dict(module, sd, adapter_name="default")
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            first = str(e).split("size mismatch for ", 1)[1].split(":", 1)[0]
+            raise IncompatibleAdapterError(
+                f"{source}: its LoRA ranks differ from this run's ({comp} layer {first}); continue it with the "
+                "rank (and conv_rank) it was trained with") from None
         unexpected = getattr(res, "unexpected_keys", []) or []
         if unexpected:
             raise IncompatibleAdapterError(
