@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int)
     t.add_argument("--repeats", type=int)
     t.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--shuffle-tags", action=argparse.BooleanOptionalAction, default=None,
+                   help="shuffle the comma-separated tags of each caption every step (kohya's shuffle_caption)")
+    t.add_argument("--keep-tokens", type=int,
+                   help="with --shuffle-tags: this many leading tags stay in place (default 1: the trigger)")
+    t.add_argument("--caption-dropout", type=float,
+                   help="probability of training a row on the empty caption (kohya's caption_dropout_rate)")
     t.add_argument("--crop", choices=["center", "random"])
     t.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--seed", type=int)

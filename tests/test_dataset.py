@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.errors import DatasetError
-from training.dataset import load_rgb, make_buckets, pick_bucket, scan_folder
+from training.dataset import load_rgb, make_buckets, pick_bucket, scan_folder, vary_caption
 
 
 def _png_header_only(path, w, h):
@@ -121,3 +121,30 @@ def test_buckets_cover_aspect_ratios():
     assert pick_bucket(100, 100, buckets) == (64, 64)
     w, h = pick_bucket(200, 100, buckets)
     assert w > h and abs(w * h - 64 * 64) / (64 * 64) < 0.3
+
+
+def test_tag_shuffling_keeps_the_leading_tags_and_every_tag():
+    import random
+
+    cap = "sks, red, circle, white background, photo"
+    seen = set()
+    for k in range(40):
+        out = vary_caption(cap, random.Random(f"1:{k}:0"), shuffle=True, keep_tokens=1)
+        tags = out.split(", ")
+        assert tags[0] == "sks" and sorted(tags) == sorted(cap.split(", "))
+        seen.add(out)
+    assert len(seen) > 10  # the order really changes from step to step
+    # the same (seed, step, row) gives the same caption: a resumed run sees what the first one did
+    assert vary_caption(cap, random.Random("1:7:0"), True, 1) == vary_caption(cap, random.Random("1:7:0"), True, 1)
+    assert vary_caption(cap, random.Random("x"), shuffle=True, keep_tokens=9) == cap  # all kept
+    assert vary_caption(cap, random.Random("x"), shuffle=False) == cap
+    assert vary_caption("a photo of sks", random.Random("x"), shuffle=True, keep_tokens=0) == "a photo of sks"
+
+
+def test_caption_dropout_rate():
+    import random
+
+    rng = random.Random(0)
+    outs = [vary_caption("sks, red", rng, dropout=0.25) for _ in range(4000)]
+    assert abs(outs.count("") / len(outs) - 0.25) < 0.03
+    assert set(outs) == {"", "sks, red"}

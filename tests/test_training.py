@@ -60,18 +60,22 @@ def test_trained_adapter_loads_in_diffusers_and_changes_output(star_images, tiny
 
 
 def test_resume_gives_same_weights_as_uninterrupted(star_images, tiny_sd1_dir, tmp_path):
-    full = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "a", name="r", max_steps=6, dropout=0.1))
+    # LoRA dropout and caption dropout / tag shuffling draw random numbers every step: all must resume exactly
+    def cfg(*a, **kw):
+        return _cfg(*a, **kw, caption_dropout=0.3, shuffle_tags=True, keep_tokens=0)
+
+    full = train(cfg(star_images, tiny_sd1_dir, tmp_path / "a", name="r", max_steps=6, dropout=0.1))
     stop = threading.Event()
 
     def halt_at_3(p):
         if p.step == 3 and p.loss is not None:
             stop.set()
 
-    part = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1),
+    part = train(cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1),
                  on_progress=halt_at_3, stop=stop)
     assert part.stopped and part.steps == 3 and part.adapter_path is None
     assert part.checkpoint.name == "step-000003"
-    resumed = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1,
+    resumed = train(cfg(star_images, tiny_sd1_dir, tmp_path / "b", name="r", max_steps=6, dropout=0.1,
                          resume="latest"))
     a, _ = load_safetensors(full.adapter_path)
     b, _ = load_safetensors(resumed.adapter_path)
@@ -201,6 +205,28 @@ def test_train_more_with_other_ranks_than_the_adapter_is_refused(star_images, ti
     with pytest.raises(IncompatibleAdapterError, match="c1.safetensors: its LoRA ranks differ .*conv1"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="c2", max_steps=1, unet_targets=["to_q", "conv1"],
                    init_adapter=str(first.adapter_path)))
+
+
+def test_training_sees_shuffled_tags_and_dropped_captions(tiny_sd1_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from training import trainer as tr
+
+    d = tmp_path / "tagged"
+    d.mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), color).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"sks, {color}, square, flat, simple")
+    seen: list[str] = []
+    real = tr.encode_text
+    monkeypatch.setattr(tr, "encode_text", lambda base, prompts: seen.extend(prompts) or real(base, prompts))
+    train(_cfg(d, tiny_sd1_dir, tmp_path, max_steps=12, shuffle_tags=True, keep_tokens=1, caption_dropout=0.2,
+               checkpoint_every=0, sample_every=0))
+    rows = [p for p in seen if p.startswith("sks, ")]
+    assert rows and all(sorted(p.split(", ")[1:]) in (sorted(["red", "square", "flat", "simple"]),
+                                                      sorted(["blue", "square", "flat", "simple"])) for p in rows)
+    assert len(set(rows)) > 4  # new orders, not the file's one
+    assert "" in seen  # some rows trained on the empty caption
 
 
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):

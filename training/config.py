@@ -53,6 +53,11 @@ class TrainConfig:
     instance_template: str = "a photo of {trigger}"  # prompt for images without a caption file
     caption_ext: str = ".txt"
     caption_prefix_trigger: bool = True  # put the trigger word in front of captions that lack it
+    # per step and row (kohya's caption_dropout_rate / shuffle_caption / keep_tokens): an empty caption with
+    # this probability; comma-separated tags shuffled, the first keep_tokens (e.g. the trigger) in place
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
     repeats: int = 1
     resolution: int | None = None  # None: the base model's native resolution
     random_flip: bool = False
@@ -145,6 +150,10 @@ class TrainConfig:
             raise ConfigError(f"conv_alpha: must be > 0, got {self.conv_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if isinstance(self.caption_dropout, bool) or not isinstance(self.caption_dropout, (int, float)) \
+                or not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout!r}")
+        self._check_int("keep_tokens", 0, 1000)
         for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "preserve_weight", "noise_offset", "max_grad_norm"):
             v = getattr(self, f_)
             if not isinstance(v, (int, float)) or v < 0 or v != v:

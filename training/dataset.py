@@ -139,6 +139,24 @@ def build_caption(caption: str | None, trigger: str, template: str, prefix_trigg
     return caption
 
 
+def vary_caption(caption: str, rng, shuffle: bool = False, keep_tokens: int = 0, dropout: float = 0.0) -> str:
+    """The caption one training row sees this step (kohya's caption_dropout_rate, shuffle_caption, keep_tokens).
+
+    With probability `dropout` the empty caption (so the adapter also learns the unconditional prediction
+    that classifier-free guidance uses); with `shuffle`, the comma-separated tags after the first
+    `keep_tokens` in a new order, so no tag's meaning depends on its position. `rng`: a random.Random.
+    """
+    drop = rng.random() < dropout
+    if drop:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
 def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a photo of {trigger}",
                 prefix_trigger: bool = True) -> ScanResult:
     folder = Path(folder)

@@ -123,6 +123,9 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         prediction_type=base.pipe.scheduler.config.get("prediction_type"),
         extra={
             "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
+            "ss_shuffle_caption": str(cfg.shuffle_tags),
+            "ss_keep_tokens": str(cfg.keep_tokens),
+            "ss_caption_dropout_rate": f"{cfg.caption_dropout:g}",
             "ss_learning_rate": f"{cfg.lr_unet:g}",
             "ss_unet_lr": f"{cfg.lr_unet:g}",
             "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",

@@ -24,7 +24,8 @@ from pipelines.errors import ConfigError, DatasetError, TrainingError
 
 from . import lora as lora_mod
 from .config import TrainConfig
-from .dataset import ScanResult, load_rgb, make_buckets, pick_bucket, resize_crop, scan_folder, to_tensor
+from .dataset import (ScanResult, load_rgb, make_buckets, pick_bucket, resize_crop, scan_folder, to_tensor,
+                      vary_caption)
 from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
@@ -170,15 +171,19 @@ def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torc
 
 
 class TextCache:
-    """Caches text embeddings while the text encoder is frozen; encodes live when it trains."""
+    """Caches text embeddings while the text encoder is frozen; encodes live when it trains.
+    `keep=False` (shuffled tags: a new caption nearly every step) encodes every time, without gradients."""
 
-    def __init__(self, base: BaseModel, live: bool):
-        self.base, self.live = base, live
+    def __init__(self, base: BaseModel, live: bool, keep: bool = True):
+        self.base, self.live, self.keep = base, live, keep
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.live:
             return encode_text(self.base, prompts)
+        if not self.keep:
+            with torch.no_grad():
+                return encode_text(self.base, prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
@@ -411,7 +416,7 @@ class Trainer:
             conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
             conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None)
         self.components = list(self.lora_configs)
-        self.text = TextCache(base, live=cfg.train_text_encoder)
+        self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags)
         self.noise_scheduler = self._noise_scheduler()
         self.unet_dtype = base.pipe.unet.dtype
         if self.preserve:
@@ -518,6 +523,17 @@ class Trainer:
         prior = [self.priors[i] for i in self.prior_schedule(k)] if self.prior_schedule else []
         return inst, prior
 
+    def _row_caption(self, caption: str, k: int, row: int) -> str:
+        """Instance row `row` (of the global micro-batch k)'s caption: tags shuffled / dropped as configured,
+        the same for (seed, k, row) whatever the number of processes, and after a resume."""
+        cfg = self.cfg
+        if not (cfg.shuffle_tags or cfg.caption_dropout):
+            return caption
+        import random
+
+        rng = random.Random(f"{cfg.seed}:{k}:{row}")
+        return vary_caption(caption, rng, cfg.shuffle_tags, cfg.keep_tokens, cfg.caption_dropout)
+
     def _shard(self, inst: list[Example], prior: list[Example], gen: torch.Generator):
         """This process's slice of a global micro-batch, and its slice of noise and timesteps.
 
@@ -601,7 +617,8 @@ class Trainer:
             inst, prior, noise_t = self._shard(*self._micro_batch(k), gen)
             pres = self._preservation_rows(gen, inst[0].size)
             exs = inst + prior + (pres[0] if pres else [])
-            captions = [e.caption for e in inst + prior] + ([self.preserve[i] for i in pres[1]] if pres else [])
+            captions = ([self._row_caption(e.caption, k, self.rank * cfg.batch_size + i) for i, e in enumerate(inst)]
+                        + [e.caption for e in prior] + ([self.preserve[i] for i in pres[1]] if pres else []))
             if pres:
                 noise_t = (torch.cat([noise_t[0], pres[2][0]]), torch.cat([noise_t[1], pres[2][1]]))
             latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
