@@ -224,7 +224,8 @@ class StudioUI:
                      rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
                      num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
                      sample_steps, checkpoint_every, base_name: str | None,
-                     quantize: str | None = None, preserve_weight=0.0, save_precision="fp32") -> TrainConfig:
+                     quantize: str | None = None, preserve_weight=0.0, save_precision="fp32",
+                     shuffle_tags: bool = False, caption_dropout=0.0) -> TrainConfig:
         """The form -> a TrainConfig (captions written next to the staged images first)."""
         if not ds_id:
             raise ConfigError("images: upload some images or pick a sample set first")
@@ -247,6 +248,7 @@ class StudioUI:
             quantize_base=None if quantize in (None, "", QUANTIZE_CHOICES[0]) else quantize,
             preserve_weight=_num(preserve_weight or 0, "preserve_weight"),
             save_precision=save_precision or "fp32",
+            shuffle_tags=bool(shuffle_tags), caption_dropout=_num(caption_dropout or 0, "caption_dropout"),
         )
         if prior and not data["class_prompt"]:
             raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
@@ -622,6 +624,12 @@ class StudioUI:
                                 resolution = gr.Number(0, label="Resolution (0 = the model's)", precision=0,
                                                        minimum=0, step=8, elem_id="adv-res")
                                 seed_t = gr.Number(TrainConfig.seed, label="Seed", precision=0, elem_id="adv-seed")
+                            with gr.Row():
+                                shuffle = gr.Checkbox(False, label="Shuffle caption tags every step (the first tag, "
+                                                      "the trigger, stays first)", elem_id="adv-shuffle")
+                                cap_drop = gr.Number(0, label="Caption dropout (share of steps on an empty "
+                                                     "caption)", minimum=0, maximum=0.99, step=0.05,
+                                                     elem_id="adv-caption-dropout")
                             prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
                                                 elem_id="adv-prior")
                             with gr.Row():
@@ -788,7 +796,8 @@ class StudioUI:
             preset.input(self.preset_defaults, preset, preset_fields, **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
-                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w, save_prec]
+                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w, save_prec, shuffle,
+                    cap_drop]
             start.click(self.start_training, form, [job_id, status])
             stop.click(self.stop_training, job_id, status)
             timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)

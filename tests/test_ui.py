@@ -85,7 +85,7 @@ def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
              rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
              num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
              sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)",
-             preserve_weight=0, save_precision="fp32")
+             preserve_weight=0, save_precision="fp32", shuffle_tags=False, caption_dropout=0)
     v.update(kw)
     return list(v.values())
 
@@ -205,6 +205,10 @@ def test_bad_form_values_name_the_field(ui):
         ui.start_training(*_form(ui, ds_id, caps, "x", preserve_weight=-1))
     assert ui.train_config(*_form(ui, ds_id, caps, "y", preserve_weight=2.5)).preserve_weight == 2.5
     assert ui.train_config(*_form(ui, ds_id, caps, "y", save_precision="fp16")).save_precision == "fp16"
+    tagged = ui.train_config(*_form(ui, ds_id, caps, "y", shuffle_tags=True, caption_dropout=0.1))
+    assert tagged.shuffle_tags and tagged.keep_tokens == 1 and tagged.caption_dropout == 0.1
+    with pytest.raises(gr.Error, match="caption_dropout"):
+        ui.start_training(*_form(ui, ds_id, caps, "x", caption_dropout=1.5))
     with pytest.raises(gr.Error, match="save_precision"):
         ui.start_training(*_form(ui, ds_id, caps, "x", save_precision="fp8"))
     if not torch.cuda.is_available():
