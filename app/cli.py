@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="kohya", choices=["kohya", "peft"],
                    help="kohya: AUTOMATIC1111/ComfyUI/kohya_ss keys; peft: diffusers keys")
     p.add_argument("--out", default=None, help="output file or folder (default: <library>/exports/)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="cast the weights (fp16: half the size); default: as they are")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_export)
     p = lsub.add_parser("bake", help="merge a weighted stack of adapters into one adapter file (or a full checkpoint)",
@@ -351,8 +353,8 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 
 
 def cmd_loras_export(args: argparse.Namespace) -> int:
-    out = _library(args).export(args.name, args.format, args.out)
-    print(f"wrote {out} ({args.format})")
+    out = _library(args).export(args.name, args.format, args.out, precision=args.precision)
+    print(f"wrote {out} ({args.format}{', ' + args.precision if args.precision else ''})")
     return 0
 
 

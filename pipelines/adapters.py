@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import CorruptWeightsError, IncompatibleAdapterError
+from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError
 from .weights_io import (
     PICKLE_SUFFIXES,
     addnet_hash,
@@ -905,18 +905,28 @@ def export_adapter(
     base: "BaseModel | None" = None,
     sdxl_layers_per_block: int | None = None,
     allow_pickle: bool = False,
+    precision: str | None = None,
 ) -> Path:
     """Convert an adapter file to 'kohya' (A1111/ComfyUI) or 'peft' (diffusers, ours), keeping its metadata.
 
     For SDXL kohya names the UNet's layers_per_block matters: taken from `base` if given, else 2 (SDXL).
+    `precision` 'fp32' / 'fp16' / 'bf16' casts the weights (fp16 halves the file); None keeps their dtype.
     """
     src, dst = Path(src), Path(dst)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision is not None and precision not in dtypes:
+        raise ConfigError(f"precision: must be one of {', '.join(dtypes)}, got '{precision}'")
     sd, meta = load_safetensors(src, allow_pickle=allow_pickle, check_finite=True)
     lpb = sdxl_layers_per_block or (base.pipe.unet.config.layers_per_block if base is not None else None) or 2
     try:
         peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=lpb)
     except (IncompatibleAdapterError, CorruptWeightsError) as e:
         raise type(e)(f"{src}: {e}") from None
+    if precision is not None:
+        peft_sd = {k: v.to(dtypes[precision]) for k, v in peft_sd.items()}
+        bad = next((k for k, v in peft_sd.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
     family = family_from_metadata(meta) or family_from_layers(
         parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
     ranks = Counter(int(v.shape[0]) for k, v in peft_sd.items() if ".lora_A." in k)

@@ -228,7 +228,7 @@ class AdapterLibrary:
         return gone
 
     def export(self, name: str, fmt: str = FORMAT_KOHYA, dst: str | os.PathLike | None = None, *,
-               base=None) -> Path:
+               base=None, precision: str | None = None) -> Path:
         """Write adapter `name` in format 'kohya' (A1111/ComfyUI) or 'peft' (diffusers) to `dst`.
 
         `dst` may be a folder (the file is named after the adapter) or a file path; default:
@@ -245,7 +245,7 @@ class AdapterLibrary:
                 out = out / f"{src.stem}{SAFETENSORS_SUFFIX}"
         if out.resolve() == src.resolve():
             raise ConfigError("out: the export would overwrite the adapter itself")
-        return export_adapter(src, out, fmt, base=base, allow_pickle=False)
+        return export_adapter(src, out, fmt, base=base, allow_pickle=False, precision=precision)
 
 
 __all__ = ["AdapterLibrary", "check_name", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]

@@ -170,6 +170,17 @@ def test_cli_loras_commands(src, tmp_path, capsys):
     assert main(["loras", "--library", lib, "export", "mine", "--format", "kohya", "--out",
                  str(tmp_path / "k.safetensors")]) == 0
     assert any(k.startswith("lora_unet_") for k in load_safetensors(tmp_path / "k.safetensors")[0])
+    # a half-size copy, in either format, with the same weights rounded to fp16
+    ref, _ = load_safetensors(tmp_path / "k.safetensors")
+    for fmt in ("kohya", "peft"):
+        assert main(["loras", "--library", lib, "export", "mine", "--format", fmt, "--precision", "fp16",
+                     "--out", str(tmp_path / f"{fmt}16.safetensors")]) == 0
+        half, _ = load_safetensors(tmp_path / f"{fmt}16.safetensors")
+        assert {v.dtype for k, v in half.items() if not k.endswith(".alpha")} == {torch.float16}
+    half, _ = load_safetensors(tmp_path / "kohya16.safetensors")
+    assert half.keys() == ref.keys()
+    assert all(torch.equal(ref[k].half(), half[k]) for k in ref if not k.endswith(".alpha"))
+    assert all(torch.equal(ref[k], half[k]) for k in ref if k.endswith(".alpha"))  # the scale is untouched
     assert main(["loras", "--library", lib, "rename", "mine", "yours"]) == 0
     assert main(["loras", "--library", lib, "rm", "../yours"]) == 2
     assert "not allowed" in capsys.readouterr().err
