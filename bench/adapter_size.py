@@ -22,6 +22,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from training.lora import targeted  # noqa: E402  (peft's suffix match, as training applies it)
+
 # The UNet configs of the released models (their unet/config.json), as far as they change the layer shapes.
 _SD_BLOCKS = {
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -52,7 +54,7 @@ def unet_lora_params(unet: torch.nn.Module, targets: list[str], rank: int,
     3x3 convolutions at `conv_rank` (default: rank)."""
     total = layers = 0
     for name, mod in unet.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        if not targeted(name, targets):
             continue
         if isinstance(mod, torch.nn.Linear):
             total += rank * (mod.in_features + mod.out_features)

@@ -27,7 +27,9 @@ import torch
 from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError
 from .weights_io import (
     PICKLE_SUFFIXES,
+    PRECISIONS,
     addnet_hash,
+    cast_weights,
     load_safetensors,
     read_header,
     refuse_pickle,
@@ -913,9 +915,8 @@ def export_adapter(
     `precision` 'fp32' / 'fp16' / 'bf16' casts the weights (fp16 halves the file); None keeps their dtype.
     """
     src, dst = Path(src), Path(dst)
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision is not None and precision not in dtypes:
-        raise ConfigError(f"precision: must be one of {', '.join(dtypes)}, got '{precision}'")
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     sd, meta = load_safetensors(src, allow_pickle=allow_pickle, check_finite=True)
     lpb = sdxl_layers_per_block or (base.pipe.unet.config.layers_per_block if base is not None else None) or 2
     try:
@@ -923,8 +924,7 @@ def export_adapter(
     except (IncompatibleAdapterError, CorruptWeightsError) as e:
         raise type(e)(f"{src}: {e}") from None
     if precision is not None:
-        peft_sd = {k: v.to(dtypes[precision]) for k, v in peft_sd.items()}
-        bad = next((k for k, v in peft_sd.items() if not torch.isfinite(v).all()), None)
+        peft_sd, bad = cast_weights(peft_sd, precision)
         if bad is not None:
             raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
     family = family_from_metadata(meta) or family_from_layers(

@@ -27,6 +27,17 @@ _DTYPE_SIZES = {
 }
 
 
+# dtypes an adapter file can be written in (`save_precision`, `loras export --precision`)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cast_weights(sd: dict[str, torch.Tensor], precision: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """`sd` cast to `precision` (a PRECISIONS key), and the first tensor that does not fit in it (it became
+    inf or NaN: fp16 tops out at 65504), else None. The caller decides what to do with a misfit."""
+    out = {k: v.to(PRECISIONS[precision]) for k, v in sd.items()}
+    return out, next((k for k, v in out.items() if not torch.isfinite(v).all()), None)
+
+
 def refuse_pickle(path: Path, allow_pickle: bool) -> None:
     """Raise PickleRefusedError for a pickle-format file unless explicitly allowed."""
     if Path(path).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:

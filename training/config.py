@@ -12,6 +12,7 @@ from typing import Any
 
 from pipelines.errors import ConfigError
 from pipelines.quantize import QUANTIZATIONS
+from pipelines.weights_io import PRECISIONS
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # LoCon-style: besides attention, the transformer blocks' in/out projections and feed-forward layers and the
@@ -28,7 +29,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "custom": {},
 }
 MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+SAVE_PRECISIONS = tuple(PRECISIONS)
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelines.errors import TrainingError
-from pipelines.weights_io import atomic_write
+from pipelines.weights_io import atomic_write, cast_weights
 
 from .config import TrainConfig
 
@@ -168,11 +168,9 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     from pipelines.adapters import save_adapter
 
     sd = lora_state_dict(tr.base.pipe, tr.components)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-        bad = next((k for k, v in sd.items() if not torch.isfinite(v).all()), None)
-        if bad is not None:  # fp16 tops out at 65504: never write an inf into the file; keep the weights
+    if cfg.save_precision != "fp32":  # the weights train in fp32
+        sd, bad = cast_weights(sd, cfg.save_precision)
+        if bad is not None:  # never write an inf into the file; keep the weights
             ckpt = tr._checkpoint(cfg.max_steps)
             raise TrainingError(f"save_precision: '{bad}' does not fit in {cfg.save_precision}; the trained "
                                 f"weights are in {ckpt}: run again with save_precision 'bf16' or 'fp32' and "

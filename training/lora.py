@@ -22,18 +22,23 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float,
                       alpha_pattern=dict(alpha_pattern or {}))
 
 
+def targeted(name: str, targets: list[str]) -> bool:
+    """peft's rule: a target names a module by its full name or a dotted suffix of it."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def spatial_convs(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """Names of the targeted Conv2d layers with a kernel larger than 1x1 (the ResNet 3x3 convolutions: kohya's
     LoCon `conv_dim` layers; 1x1 convolutions such as SD 1.x's proj_in count as linear layers)."""
     return [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
-            and any(n == t or n.endswith("." + t) for t in targets)]
+            and targeted(n, targets)]
 
 
 def _check_module_targets(model: torch.nn.Module, targets: list[str], field: str) -> None:
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in names):
+        if not any(targeted(n, [t]) for n in names):
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise ConfigError(f"{field}: '{t}' names no Linear or Conv2d layer of the {model.__class__.__name__} "
                               f"(layer names end in e.g. {', '.join(leaves[:12])})")

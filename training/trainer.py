@@ -529,8 +529,6 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.shuffle_tags or cfg.caption_dropout):
             return caption
-        import random
-
         rng = random.Random(f"{cfg.seed}:{k}:{row}")
         return vary_caption(caption, rng, cfg.shuffle_tags, cfg.keep_tokens, cfg.caption_dropout)
 
