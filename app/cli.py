@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", help="folder of training images (subfolders too; captions in same-named .txt files)")
     t.add_argument("--trigger", help="trigger word, e.g. sks")
     t.add_argument("--name", help="adapter name (the file will be NAME.safetensors in the library)")
+    t.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an adapter of the same name in the library (otherwise a name in use is refused)")
     t.add_argument("--preset", choices=["concept", "style", "custom"])
     t.add_argument("--base", help="base model (default: the embedded toy model)")
     t.add_argument("--output-dir", "--library", dest="output_dir", help="adapter library folder")

@@ -64,6 +64,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
@@ -106,6 +113,24 @@ class AdapterLibrary:
         folded = name.casefold()
         hits = [p for p in self._files() if p.stem.casefold() == folded]
         return hits[0] if hits else None
+
+    def find(self, name: str) -> Path | None:
+        """The file of the adapter called `name` (up to case), or None: is the name in use?"""
+        return self._existing(check_name(name))
+
+    def in_the_way(self, name: str, keep: tuple[Path, ...] = ()) -> Path | None:
+        """A file that a new adapter `name` would overwrite or adopt although it is no adapter's:
+        `name.md`, `name.png`, ... (SIDECAR_SUFFIXES) left without `name.safetensors`. Files in `keep`
+        (an adapter being renamed, and its own sidecars) do not count."""
+        name = check_name(name)
+        for s in SIDECAR_SUFFIXES:
+            q = self.root / f"{name}{s}"
+            if not (q.exists() or q.is_symlink()):
+                continue
+            if any(_same_file(q, k) for k in keep):
+                continue
+            return q
+        return None
 
     def path_for(self, name: str) -> Path:
         """The file of an existing adapter. UnsafeNameError for names or links that escape the library;

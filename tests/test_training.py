@@ -87,15 +87,17 @@ def test_resume_gives_same_weights_as_uninterrupted(star_images, tiny_sd1_dir, t
 def test_resume_with_different_rank_is_refused(star_images, tiny_sd1_dir, tmp_path):
     train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=2, checkpoint_every=1))
     with pytest.raises(TrainingError, match="rank: checkpoint 4 vs now 8"):
-        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, rank=8, resume="latest"))
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, rank=8, resume="latest",
+                    overwrite=True))
     with pytest.raises(TrainingError, match="conv_rank: checkpoint None vs now 2"):
-        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, conv_rank=2, resume="latest"))
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="x", max_steps=4, conv_rank=2, resume="latest",
+                    overwrite=True))
 
 
 def test_resume_with_different_base_is_refused(star_images, tiny_sd1_dir, tiny_sd2_dir, tmp_path):
     train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="y", max_steps=2, checkpoint_every=1))
     with pytest.raises(TrainingError, match="base: checkpoint .*tiny_sd1.* vs now .*tiny_sd2"):
-        train(_cfg(star_images, tiny_sd2_dir, tmp_path, name="y", max_steps=4, resume="latest"))
+        train(_cfg(star_images, tiny_sd2_dir, tmp_path, name="y", max_steps=4, resume="latest", overwrite=True))
 
 
 def test_checkpoint_retention(star_images, tiny_sd1_dir, tmp_path):

@@ -50,6 +50,7 @@ class TrainConfig:
     name: str = "my-lora"
     base: str | None = None  # None: the embedded toy model
     output_dir: str | None = None  # None: the adapter library folder
+    overwrite: bool = False  # replace an adapter of the same name (up to case) already in the library
     preset: str = "custom"
     instance_template: str = "a photo of {trigger}"  # prompt for images without a caption file
     caption_ext: str = ".txt"

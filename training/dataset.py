@@ -8,7 +8,9 @@ CMYK/palette/LA converted, the first frame of an animation.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +159,21 @@ def vary_caption(caption: str, rng, shuffle: bool = False, keep_tokens: int = 0,
     return ", ".join(head + tail)
 
 
+def _broken_link(p: Path) -> str | None:
+    """Why a symlink cannot be followed (a loop, a missing target), or None when it leads to a file."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (the link leads back to itself)"
+        try:
+            target = os.readlink(p)
+        except OSError:
+            target = "?"
+        return f"broken symlink (its target {target} does not exist)"
+    return None
+
+
 def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a photo of {trigger}",
                 prefix_trigger: bool = True) -> ScanResult:
     folder = Path(folder)
@@ -169,15 +186,22 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
         ext = p.suffix.lower()
         if ext in CAPTION_EXTS or ext in SIDE_FILES:
             continue
+        if p.is_symlink() and (why := _broken_link(p)):
+            res.skipped.append((p, why))
+            continue
         if p.name.startswith(".") or ext not in IMAGE_EXTS:
             res.skipped.append((p, "not an image file"))
             continue
         try:
             w, h = check_image(p)
+            caption = read_caption(p)
         except ValueError as e:
             res.skipped.append((p, str(e)))
             continue
-        cap = build_caption(read_caption(p), trigger, template, prefix_trigger)
+        except OSError as e:  # unreadable (permissions, a caption that is a broken link, I/O error)
+            res.skipped.append((p, f"cannot be read ({e.strerror or e})"))
+            continue
+        cap = build_caption(caption, trigger, template, prefix_trigger)
         res.items.append(ImageItem(p, cap, w, h))
     if not res.items:
         detail = f"; skipped: {', '.join(f'{p.name} ({why})' for p, why in res.skipped[:10])}" if res.skipped else ""

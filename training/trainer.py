@@ -80,6 +80,27 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     return cfg.library_dir / "runs" / cfg.name
 
 
+def check_name_free(cfg: TrainConfig) -> None:
+    """Refuse, before any work, a run whose finished adapter would replace one already in the library.
+
+    A name counts as in use when an adapter of that name up to case exists ('Style' and 'style' are one
+    adapter). With `overwrite` the adapter (under its own spelling), its card, preview and config are
+    replaced. Resuming a stopped run is not blocked: it has no finished adapter yet. (A card or preview
+    left without its adapter, e.g. after the .safetensors was deleted by hand, is the run's own: replaced.)
+    """
+    from pipelines.library import AdapterLibrary
+
+    lib = AdapterLibrary(cfg.library_dir)
+    existing = lib.find(cfg.name)
+    if existing is not None:
+        if not cfg.overwrite:
+            raise ConfigError(f"name: an adapter called '{existing.stem}' already exists in the library {lib.root}; "
+                              "pass --overwrite (overwrite = true) to replace it, or pick another name")
+        if existing.stem != cfg.name:  # the export would write a second file differing only in case
+            raise ConfigError(f"name: --overwrite replaces '{existing.stem}' under its own spelling: train with "
+                              f"--name {existing.stem}, or rename it first (lora-studio loras rename)")
+
+
 def _latent_step(base: BaseModel) -> int:
     return int(base.pipe.vae_scale_factor) * 2  # even latent sides
 
@@ -354,6 +375,7 @@ class Trainer:
     # build ---------------------------------------------------------------
     def build(self) -> None:
         cfg = self.cfg
+        check_name_free(cfg)  # before any work: never silently replace a finished adapter
         self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
         self._make_accelerator()
         if not self.is_main:

@@ -1,0 +1,104 @@
+"""Inputs that never surprise (issue 16): names in use, odd names, links, logs and leftovers, broken pickles."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from app.cli import main
+from pipelines.errors import ConfigError
+from training.config import TrainConfig
+from training.toy_world import draw, sample_spec
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = random.Random(1)
+    for i in range(2):
+        draw(sample_spec(rng, shapes=["star"]), resolution=32).save(d / f"{i}.png")
+    return d
+
+
+def _cfg(images, base, lib, **kw):
+    d = dict(images=str(images), base=str(base), output_dir=str(lib), max_steps=2, batch_size=1, device="cpu",
+             sample_steps=1, name="k", rank=2, seed=5, checkpoint_every=1, checkpoints_keep=3)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+# ------------------------------------------------------------------------------------------------ 1. names in use
+def test_train_refuses_a_name_in_use_before_any_work(images, tmp_path, monkeypatch, capsys):
+    import training.trainer as tr
+
+    def no_work(*a, **kw):
+        raise AssertionError("training work started although the name is in use")
+
+    monkeypatch.setattr(tr, "scan_folder", no_work)
+    monkeypatch.setattr(tr, "load_base", no_work)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "Star.safetensors").write_bytes(b"the finished adapter")
+    (lib / "Star.md").write_text("its card")
+    for name in ("Star", "star", "STAR"):  # up to case, one adapter
+        with pytest.raises(ConfigError, match=r"'Star' already exists.*--overwrite.*another name"):
+            train(_cfg(images, "unused", lib, name=name))
+    # --overwrite replaces it only under its own spelling, never beside it as a second file
+    with pytest.raises(ConfigError, match=r"own spelling.*--name Star"):
+        train(_cfg(images, "unused", lib, name="star", overwrite=True))
+    assert (lib / "Star.safetensors").read_bytes() == b"the finished adapter"
+    assert (lib / "Star.md").read_text() == "its card"
+    assert not (lib / "runs").exists()
+    # the command line says the same, and has --overwrite
+    assert main(["train", "--images", str(images), "--name", "star", "--library", str(lib)]) == 2
+    err = capsys.readouterr().err
+    assert "'Star' already exists" in err and "--overwrite" in err
+    from app.cli import parse_train_args
+
+    assert parse_train_args(["--images", "x", "--overwrite"]).overwrite is True
+    assert parse_train_args(["--images", "x"]).overwrite is False
+
+
+def test_resume_of_a_stopped_run_is_not_blocked_but_a_finished_one_needs_overwrite(images, tiny_sd1_dir, tmp_path):
+    stop = threading.Event()
+
+    def stop_after_first(p):
+        if p.loss is not None:
+            stop.set()
+
+    first = train(_cfg(images, tiny_sd1_dir, tmp_path), on_progress=stop_after_first, stop=stop)
+    assert first.stopped and not (tmp_path / "k.safetensors").exists()
+    done = train(_cfg(images, tiny_sd1_dir, tmp_path, resume="latest"))  # no finished adapter yet: allowed
+    assert done.adapter_path == tmp_path / "k.safetensors"
+    before = done.adapter_path.read_bytes()
+    with pytest.raises(ConfigError, match="'k' already exists"):
+        train(_cfg(images, tiny_sd1_dir, tmp_path, resume="latest"))
+    assert done.adapter_path.read_bytes() == before
+    again = train(_cfg(images, tiny_sd1_dir, tmp_path, max_steps=3, resume="latest", overwrite=True))
+    assert again.adapter_path == done.adapter_path and again.adapter_path.read_bytes() != before
+
+
+# ------------------------------------------------------------------------------------------------ 4. links in the image folder
+def test_broken_and_looping_symlinks_in_the_image_folder_are_skipped_and_listed(images, tmp_path):
+    import os
+
+    from training.dataset import scan_folder
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for p in images.iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    os.symlink(tmp_path / "gone.png", d / "dangling.png")
+    os.symlink("loop-b.png", d / "loop-a.png")
+    os.symlink("loop-a.png", d / "loop-b.png")
+    os.symlink(d / "0.png", d / "linked.png")  # a link to a real image is still used
+    os.symlink(tmp_path / "gone.txt", d / "1.txt")  # a caption that is a broken link: no caption, not a crash
+    res = scan_folder(d)
+    assert sorted(p.name for p in (it.path for it in res.items)) == ["0.png", "1.png", "linked.png"]
+    why = {p.name: reason for p, reason in res.skipped}
+    assert why["dangling.png"].startswith("broken symlink") and "gone.png" in why["dangling.png"]
+    assert why["loop-a.png"].startswith("symlink loop") and why["loop-b.png"].startswith("symlink loop")
+    assert "dangling.png: broken symlink" in res.report()
