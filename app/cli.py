@@ -308,14 +308,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _lora_entry(text: str):
-    """--lora NAME[:W[:TE_W]]; NAME may be a path to a .safetensors file (then named after the file)."""
+    """--lora NAME[:W[:TE_W]]; NAME may be a path to a weights file (then named after the file): one with
+    a path separator or a weights ending (.safetensors; .ckpt/.pt/.bin with --allow-pickle)."""
     from pipelines.stack import StackEntry, parse_lora_arg
+    from pipelines.weights_io import PICKLE_SUFFIXES
 
     e = parse_lora_arg(text)
     p = Path(e.name).expanduser()
-    if p.suffix.lower() == ".safetensors" and (p.parent != Path(".") or p.is_file()):
-        return StackEntry(p.stem, e.weight, e.te_weight), p
-    return e, None
+    suffix = p.suffix.lower()
+    has_sep = "/" in e.name or os.sep in e.name or bool(os.altsep and os.altsep in e.name)
+    if suffix == ".safetensors" and not has_sep and not p.is_file():
+        return e, None  # 'style.safetensors': the library's 'style'
+    if suffix not in (".safetensors", *PICKLE_SUFFIXES) and not has_sep:
+        return e, None  # a library name
+    if not p.is_file():
+        kind = "a file path" if has_sep else f"a '{p.suffix}' file"
+        raise _usage(f"--lora {e.name}: no such file. That is {kind}, not a library name: a file must exist "
+                     "(.safetensors; .ckpt/.pt/.bin need --allow-pickle), a library adapter is given by its name "
+                     "as `lora-studio loras` lists it")
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise _usage(f"--lora {e.name}: not an adapter file (expected .safetensors, or .ckpt/.pt/.bin with "
+                     "--allow-pickle)")
+    return StackEntry(p.stem, e.weight, e.te_weight), p
 
 
 def _library(args: argparse.Namespace):

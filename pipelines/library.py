@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
@@ -22,7 +23,14 @@ from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_
 SIDECAR_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".md", ".toml", ".json", ".txt",
                     ".civitai.info")
 _BAD_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+_BAD_CHARS_SHOWN = '< > : " / \\ | ? *'
+# text-direction controls (Trojan Source, CVE-2021-42574): they reorder how a name is shown
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MAX_NAME_LEN = 150
+# file names are at most 255 bytes (ext4, APFS, NTFS in UTF-16 units); a name's longest file is its temporary
+# copy ".NAME.civitai.info.XXXXXXXX.tmp" (NAME + 27 bytes) or an export's ".NAME.kohya.safetensors.XXXXXXXX.tmp"
+# (NAME + 32 bytes): 200 bytes leave room for every ending the library and atomic_write add
+MAX_NAME_BYTES = 200
 
 
 def default_home() -> Path:
@@ -49,8 +57,9 @@ def check_name(name: str) -> str:
     if "\x00" in name:
         raise UnsafeNameError(f"adapter name {name!r}: contains a NUL character")
     if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        raise UnsafeNameError(f"adapter name {name!r}: path separators are not allowed (names, not paths)")
-    if Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeNameError(f"adapter name {name!r}: path separators are not allowed (an adapter is named as the "
+                              "library lists it, not by a file path)")
+    if Path(name).is_absolute():
         raise UnsafeNameError(f"adapter name {name!r}: absolute paths are not allowed")
     if name in (".", "..") or ".." in name:
         raise UnsafeNameError(f"adapter name {name!r}: '..' is not allowed")
@@ -58,9 +67,29 @@ def check_name(name: str) -> str:
         raise UnsafeNameError(f"adapter name {name!r}: must not start with '.' or with/end in spaces")
     m = _BAD_CHARS.search(name)
     if m:
-        raise UnsafeNameError(f"adapter name {name!r}: the character {m.group()!r} is not allowed")
+        c = m.group()
+        what = f"the character {c!r}" if c.isprintable() else f"the control character U+{ord(c):04X}"
+        raise UnsafeNameError(f"adapter name {name!r}: {what} is not allowed in file names; "
+                              f"not allowed: {_BAD_CHARS_SHOWN} and control characters")
+    for c in name:
+        cat = unicodedata.category(c)
+        if c in _BIDI_CONTROLS:
+            raise UnsafeNameError(f"adapter name {name!r}: contains the text-direction control U+{ord(c):04X} "
+                                  f"({unicodedata.name(c, 'bidi control')}), which makes a name display "
+                                  "differently from what it is; type the name without it")
+        if cat in ("Cf", "Cc", "Zl", "Zp"):
+            raise UnsafeNameError(f"adapter name {name!r}: contains the invisible character U+{ord(c):04X} "
+                                  f"({unicodedata.name(c, 'format or control character')}); type the name "
+                                  "without it")
+        if cat == "Cs":
+            raise UnsafeNameError(f"adapter name {name!r}: is not valid text (a lone surrogate U+{ord(c):04X})")
     if len(name) > MAX_NAME_LEN:
         raise UnsafeNameError(f"adapter name: longer than {MAX_NAME_LEN} characters")
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise UnsafeNameError(f"adapter name: {size} bytes in UTF-8, more than {MAX_NAME_BYTES} (file names are at "
+                              f"most 255 bytes, and the library adds endings like '.preview.png' and "
+                              f"'.safetensors'); use a shorter name")
     return name
 
 

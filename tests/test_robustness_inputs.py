@@ -102,3 +102,81 @@ def test_broken_and_looping_symlinks_in_the_image_folder_are_skipped_and_listed(
     assert why["dangling.png"].startswith("broken symlink") and "gone.png" in why["dangling.png"]
     assert why["loop-a.png"].startswith("symlink loop") and why["loop-b.png"].startswith("symlink loop")
     assert "dangling.png: broken symlink" in res.report()
+
+
+# ------------------------------------------------------------------------------------------------ 5. names
+def _adapter_file(path):
+    import torch
+
+    from pipelines.adapters import lora_metadata, save_adapter
+
+    m = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    sd = {f"unet.{m}.lora_A.weight": torch.randn(2, 32, generator=g),
+          f"unet.{m}.lora_B.weight": torch.randn(32, 2, generator=g)}
+    return save_adapter(sd, path, lora_metadata(family="sd1", rank=2, alpha=2, name=path.stem, trigger_word="sks"))
+
+
+def test_long_names_are_limited_in_utf8_bytes_with_room_for_every_ending(tmp_path):
+    from pipelines.errors import UnsafeNameError
+    from pipelines.library import MAX_NAME_BYTES, AdapterLibrary, check_name
+
+    with pytest.raises(UnsafeNameError, match=r"300 bytes in UTF-8, more than 200"):
+        check_name("é" * 150)  # 150 characters, but 300 bytes: 'File name too long' later
+    with pytest.raises(ConfigError, match=r"name: .*bytes in UTF-8"):
+        TrainConfig(name="é" * 150)
+    # the longest allowed name works with every file the library writes beside it
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    name = "é" * (MAX_NAME_BYTES // 2)
+    src = _adapter_file(src_dir / "a.safetensors")
+    for suffix in (".preview.png", ".civitai.info", ".md"):
+        (src_dir / f"a{suffix}").write_bytes(b"x")
+    lib = AdapterLibrary(tmp_path / "lib")
+    info = lib.import_file(src, name=name)
+    assert info.name == name and len(lib.sidecars(name)) == 3
+    assert lib.export(name, "kohya").is_file()
+    assert lib.rename(name, name.upper()).name == name.upper()
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("a\u200bb", r"invisible character U\+200B \(ZERO WIDTH SPACE\)"),
+    ("a\u200db", r"invisible character U\+200D \(ZERO WIDTH JOINER\)"),
+    ("soft\u00adhyphen", r"invisible character U\+00AD \(SOFT HYPHEN\)"),
+    ("\ufeffbom", r"invisible character U\+FEFF"),
+    ("a\u2060b", r"invisible character U\+2060 \(WORD JOINER\)"),
+    ("evil\u202egnp.safetensors", r"text-direction control U\+202E \(RIGHT-TO-LEFT OVERRIDE\)"),
+    ("a\u2067b", r"text-direction control U\+2067"),
+    ("a\u200fb", r"text-direction control U\+200F"),
+    ("a\x85b", r"invisible character U\+0085"),
+    ("a:b", r"the character ':' is not allowed"),
+    ("C:evil", r"the character ':' is not allowed"),
+    ("a|b", r"the character '\|' is not allowed"),
+    ("a\x01b", r"control character U\+0001 is not allowed"),
+])
+def test_invisible_bidi_and_reserved_characters_are_refused_naming_the_problem(bad, why):
+    from pipelines.errors import UnsafeNameError
+    from pipelines.library import check_name
+
+    with pytest.raises(UnsafeNameError, match=why):
+        check_name(bad)
+
+
+def test_names_people_use_still_pass():
+    from pipelines.library import check_name
+
+    for ok in ("Über style (v2)", "星のスタイル", "star 😀", "my-lora_v1.5", "é" * 100):
+        assert check_name(ok) == ok
+
+
+@pytest.mark.parametrize("arg, says", [
+    ("x.ckpt", "'.ckpt' file, not a library name"),
+    ("sub/x.ckpt:0.5", "a file path, not a library name"),
+    ("missing/nope.safetensors", "a file path, not a library name"),
+])
+def test_lora_option_with_a_file_that_is_not_there_says_so(tmp_path, monkeypatch, capsys, arg, says):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--prompt", "a sks", "--lora", arg, "--library", str(tmp_path / "lib")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no such file" in err and "--allow-pickle" in err
+    assert "path separators" not in err
