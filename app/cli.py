@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output file or folder (default: <library>/exports/)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="cast the weights (fp16: half the size); default: as they are")
+    p.add_argument("--base", default=None,
+                   help="the base model the adapter was trained on; needed only for an SDXL adapter whose file does "
+                        "not record its UNet layout (files trained here do)")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_export)
     p = lsub.add_parser("bake", help="merge a weighted stack of adapters into one adapter file (or a full checkpoint)",
@@ -369,7 +372,12 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 
 
 def cmd_loras_export(args: argparse.Namespace) -> int:
-    out = _library(args).export(args.name, args.format, args.out, precision=args.precision)
+    base = None
+    if args.base:
+        from pipelines.base_models import load_base
+
+        base = load_base(args.base, device="cpu")
+    out = _library(args).export(args.name, args.format, args.out, precision=args.precision, base=base)
     print(f"wrote {out} ({args.format}{', ' + args.precision if args.precision else ''})")
     return 0
 

@@ -195,6 +195,19 @@ class Studio:
         with self._models_lock:
             return list(self._loaded.values())
 
+    def base_for_adapter(self, name: str):
+        """A loaded base model of the adapter's family (its UNet layout names SDXL modules in kohya format),
+        or None; never loads one."""
+        fam = self.library.info(name).family
+        return next((m.base for m in self.loaded_models() if fam and m.base.family == fam), None)
+
+    def portable_file(self, name: str) -> Path:
+        """The adapter as a user takes it out of the app: the library file when it already has kohya's key
+        layout (everything trained here), else a kohya-layout copy in <library>/exports/."""
+        if self.library.info(name).format == "kohya":
+            return self.library.path_for(name)
+        return self.library.export(name, "kohya", base=self.base_for_adapter(name))
+
     def forget_adapter(self, name: str) -> None:
         """After a rename or delete: drop the adapter from every loaded stack."""
         for m in self.loaded_models():

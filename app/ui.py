@@ -120,9 +120,10 @@ def _replace_trigger(caption: str, old: str, new: str) -> str:
 
 
 def _num(v: Any, what: str, cast=float):
+    """A number widget's value as the field's type (Gradio gives floats, or None when emptied)."""
     try:
         return cast(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{what}: '{v}' is not a number") from None
 
 
@@ -551,7 +552,7 @@ class StudioUI:
     def export_kohya(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to export")
-        out = self.studio.library.export(name, "kohya")
+        out = self.studio.library.export(name, "kohya", base=self.studio.base_for_adapter(name))
         return (gr.update(value=str(out), visible=True),
                 f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
 
@@ -559,7 +560,8 @@ class StudioUI:
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
-        return gr.update(value=str(self.studio.library.path_for(name)), visible=True), ""
+        out = self.studio.portable_file(name)
+        return gr.update(value=str(out), visible=True), ""
 
     # ============================================================================================ layout
     def build(self) -> gr.Blocks:

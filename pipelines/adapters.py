@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError
+from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError, ModelLoadError
 from .weights_io import (
     PICKLE_SUFFIXES,
     PRECISIONS,
@@ -81,6 +81,7 @@ def lora_metadata(
     name: str = "",
     base_model: str = "",
     base_hash: str = "",
+    model_file_hash: str | None = None,
     trigger_word: str = "",
     modules: Sequence[str] = (),
     components: Sequence[str] = (),
@@ -134,8 +135,8 @@ def lora_metadata(
         "modelspec.title": name,
         "modelspec.date": date,
     }
-    if base_hash:
-        meta["ss_new_sd_model_hash"] = base_hash
+    if model_file_hash:  # kohya's key: the SHA-256 of the base checkpoint file (our base_hash is a fingerprint)
+        meta["ss_new_sd_model_hash"] = model_file_hash
     if any(m.rsplit(".", 1)[-1].startswith("conv") for m in modules):
         # kohya's networks.lora names LoRA on 3x3 ResNet convolutions (LoCon) with these network args
         cr, ca = conv_rank or rank, conv_alpha if conv_alpha is not None else alpha
@@ -801,25 +802,29 @@ def _canon_module(module: str) -> str:
     return module
 
 
-_SGM_PATTERNS = (
-    (re.compile(r"^lora_unet_down_blocks_(\d+)_attentions_(\d+)_(.+)$"), "input"),
-    (re.compile(r"^lora_unet_mid_block_attentions_0_(.+)$"), "middle"),
-    (re.compile(r"^lora_unet_up_blocks_(\d+)_attentions_(\d+)_(.+)$"), "output"),
-)
+UNET_LAYOUT_KEY = f"{OURS}unet_layout"  # JSON: pipelines.single_file.unet_layout of the base trained on
+_SGM_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
-def _sgm_name(name: str, layers_per_block: int) -> str | None:
-    """kohya's SDXL UNet naming (input/middle/output_blocks) for a diffusers-named attention LoRA module."""
-    for rx, kind in _SGM_PATTERNS:
-        m = rx.match(name)
-        if not m:
-            continue
-        if kind == "middle":
-            return f"lora_unet_middle_block_1_{m.group(1)}"
-        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        idx = 1 + i * (layers_per_block + 1) + j if kind == "input" else i * (layers_per_block + 1) + j
-        return f"lora_unet_{kind}_blocks_{idx}_1_{rest}"
+def layout_for(meta: Mapping[str, str], base: "BaseModel | None" = None) -> dict | None:
+    """The UNet block layout an adapter's module names refer to: from the file's metadata, else from the
+    base model at hand; None when neither says (never guessed)."""
+    from .single_file import check_unet_layout, unet_layout
+
+    raw = meta.get(UNET_LAYOUT_KEY)
+    if raw:
+        try:
+            return check_unet_layout(json.loads(raw))
+        except (ValueError, ModelLoadError) as e:  # bad JSON or a bad layout: say which key
+            raise CorruptWeightsError(f"metadata '{UNET_LAYOUT_KEY}': {e}") from None
+    if base is not None:
+        return unet_layout(base.pipe.unet)
     return None
+
+
+def has_sgm_names(keys: Iterable[str]) -> bool:
+    """kohya's SDXL UNet naming (LDM `input_blocks` / `middle_block` / `output_blocks`)."""
+    return any(k.startswith(_SGM_BLOCKS) for k in keys)
 
 
 def to_kohya(
@@ -827,16 +832,19 @@ def to_kohya(
     alphas: float | Mapping[str, float] | None = None,
     *,
     family: str | None = None,
-    sdxl_layers_per_block: int = 2,
-    sgm_names: bool | None = None,
+    layout: Mapping[str, list] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Our peft state dict -> kohya/A1111 keys with a `.alpha` per module.
 
-    Text encoder: `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_` (SDXL). SDXL UNet modules get kohya's
-    own `input_blocks/middle_block/output_blocks` names (sgm_names, default for SDXL) when every UNet module
-    is an attention-block module, else diffusers' `down_blocks` names (A1111 and ComfyUI read both).
+    Text encoder: `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_` (SDXL), named as in transformers'
+    CLIP (as kohya names them). UNet: SD 1.x/2.x keep diffusers' module names (`lora_unet_down_blocks_0_…`),
+    as kohya's SD 1.x networks do; SDXL modules get the LDM names kohya trains SDXL on
+    (`lora_unet_input_blocks_4_1_…`, `…_in_layers_2` for a ResNet's conv1), which depend on the UNet's
+    block layout: `layout` (`single_file.unet_layout`) is required for SDXL and never guessed.
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    from .single_file import unet_block_prefixes, unet_module_to_ldm
 
     sd = canonical_peft_keys(state_dict)
     is_sdxl = family == "sdxl" or any(k.startswith("text_encoder_2.") for k in sd)
@@ -855,11 +863,18 @@ def to_kohya(
         if not is_sdxl and name.startswith("lora_te1_"):
             new = "lora_te_" + name[len("lora_te1_"):]
         renames[name] = new
-    use_sgm = is_sdxl if sgm_names is None else sgm_names
     unet_names = [n for n in module_of if n.startswith("lora_unet_")]
-    if use_sgm and unet_names and all(_sgm_name(n, sdxl_layers_per_block) for n in unet_names):
+    if is_sdxl and unet_names:
+        if layout is None:
+            raise IncompatibleAdapterError(
+                "SDXL UNet module names in kohya format depend on the base model's block layout, which this "
+                "adapter's metadata does not record: give the base model it was trained on (--base)")
+        prefixes = unet_block_prefixes(dict(layout))
         for n in unet_names:
-            renames[n] = _sgm_name(n, sdxl_layers_per_block)
+            ldm = unet_module_to_ldm(module_of[n].partition(".")[2], prefixes)
+            if ldm is None:
+                raise IncompatibleAdapterError(f"UNet module '{module_of[n]}' has no LDM name in this layout")
+            renames[n] = "lora_unet_" + ldm.replace(".", "_")
     amap = {_strip_text_model(k): v for k, v in alphas.items()} if isinstance(alphas, Mapping) else {}
     result: dict[str, torch.Tensor] = {}
     for key, val in out.items():
@@ -899,49 +914,62 @@ def _kohya_metadata(meta: Mapping[str, str], family: str | None, rank: int, alph
     return out
 
 
+def kohya_metadata(meta: Mapping[str, str], state_dict: Mapping[str, torch.Tensor], family: str | None,
+                   alphas: float | Mapping[str, float] | None) -> dict[str, str]:
+    """The metadata of a kohya-layout file: ours and the ss_* / modelspec.* keys, without diffusers' peft config."""
+    ranks = Counter(int(v.shape[0]) for k, v in state_dict.items() if ".lora_A." in k or ".lora_down." in k)
+    rank = ranks.most_common(1)[0][0]
+    if isinstance(alphas, Mapping) and alphas:
+        alpha = Counter(float(a) for a in alphas.values()).most_common(1)[0][0]
+    else:
+        alpha = float(alphas) if alphas is not None else float(rank)
+    return _kohya_metadata(meta, family, rank, alpha, has_sgm_names(state_dict))
+
+
 def export_adapter(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     fmt: str = FORMAT_KOHYA,
     *,
     base: "BaseModel | None" = None,
-    sdxl_layers_per_block: int | None = None,
     allow_pickle: bool = False,
     precision: str | None = None,
 ) -> Path:
     """Convert an adapter file to 'kohya' (A1111/ComfyUI) or 'peft' (diffusers, ours), keeping its metadata.
 
-    For SDXL kohya names the UNet's layers_per_block matters: taken from `base` if given, else 2 (SDXL).
+    SDXL UNet names depend on the UNet's block layout: taken from the file's metadata, else from `base`;
+    without either an SDXL conversion is refused rather than guessed.
     `precision` 'fp32' / 'fp16' / 'bf16' casts the weights (fp16 halves the file); None keeps their dtype.
     """
     src, dst = Path(src), Path(dst)
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     sd, meta = load_safetensors(src, allow_pickle=allow_pickle, check_finite=True)
-    lpb = sdxl_layers_per_block or (base.pipe.unet.config.layers_per_block if base is not None else None) or 2
     try:
-        peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=lpb)
-    except (IncompatibleAdapterError, CorruptWeightsError) as e:
-        raise type(e)(f"{src}: {e}") from None
-    if precision is not None:
-        peft_sd, bad = cast_weights(peft_sd, precision)
-        if bad is not None:
-            raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
-    family = family_from_metadata(meta) or family_from_layers(
-        parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
-    ranks = Counter(int(v.shape[0]) for k, v in peft_sd.items() if ".lora_A." in k)
-    rank = ranks.most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(rank)
-    if fmt == FORMAT_KOHYA:
-        out = to_kohya(peft_sd, alphas, family=family, sdxl_layers_per_block=lpb)
-        sgm = any(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"))
-                  for k in out)
-        return save_safetensors(out, dst, _kohya_metadata(meta, family, rank, alpha, sgm))
-    if fmt == FORMAT_PEFT:
+        layout = layout_for(meta, base)
+        if layout is None and has_sgm_names(sd):
+            raise IncompatibleAdapterError("its SDXL UNet names (input_blocks/…) can only be read with the base "
+                                           "model's block layout, which its metadata does not record: give the "
+                                           "base model (--base)")
+        peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
+        family = family_from_metadata(meta) or family_from_layers(
+            parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
+        if precision is not None:
+            peft_sd, bad = cast_weights(peft_sd, precision)
+            if bad is not None:
+                raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
         keep = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
         if family and f"{OURS}base_family" not in keep:
             keep[f"{OURS}base_family"] = family
-        return save_adapter(peft_sd, dst, keep, alpha=alphas)
+        if layout is not None:
+            keep[UNET_LAYOUT_KEY] = json.dumps(layout)
+        if fmt == FORMAT_KOHYA:
+            out = to_kohya(peft_sd, alphas, family=family, layout=layout)
+            return save_safetensors(out, dst, kohya_metadata(keep, out, family, alphas))
+        if fmt == FORMAT_PEFT:
+            return save_adapter(peft_sd, dst, keep, alpha=alphas)
+    except (IncompatibleAdapterError, CorruptWeightsError) as e:
+        raise type(e)(f"{src}: {e}") from None
     raise ValueError(f"fmt: unknown export format '{fmt}' (choose 'kohya' or 'peft')")
 
 
@@ -954,5 +982,6 @@ __all__ = [
     "AdapterInfo", "LoraLayer", "MatchReport", "lora_metadata", "save_adapter", "diffusers_adapter_config",
     "detect_format", "peft_key_map", "parse_layers", "family_from_metadata", "family_from_layers",
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
+    "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY",
     "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS",
 ]

@@ -73,7 +73,37 @@ _UNET_RESNET_NAMES = {
 }
 
 
-def _unet_block_prefixes(unet) -> dict[str, tuple[str, bool]]:
+def unet_layout(unet) -> dict[str, list]:
+    """The block structure of a UNet2DConditionModel that its LDM / kohya module names depend on:
+    per down block [resnets, has attention, has downsampler], the mid block's [resnets, attentions],
+    per up block [resnets, has attention, has upsampler]. JSON-serialisable, so an adapter file can
+    carry it (`lora_studio.unet_layout`) and be named correctly without the base model at hand."""
+    mid = unet.mid_block
+    return {
+        "down": [[len(b.resnets), getattr(b, "attentions", None) is not None, b.downsamplers is not None]
+                 for b in unet.down_blocks],
+        "mid": [] if mid is None else [len(mid.resnets), len(getattr(mid, "attentions", None) or [])],
+        "up": [[len(b.resnets), getattr(b, "attentions", None) is not None, b.upsamplers is not None]
+               for b in unet.up_blocks],
+    }
+
+
+def check_unet_layout(layout: object) -> dict[str, list]:
+    """`layout` as `unet_layout` returns it, or ModelLoadError (it may come from a file's metadata)."""
+    def triples(v) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(t, list) and len(t) == 3 and isinstance(t[0], int) and not isinstance(t[0], bool)
+            and t[0] >= 0 and isinstance(t[1], bool) and isinstance(t[2], bool) for t in v)
+
+    ok = (isinstance(layout, dict) and triples(layout.get("down")) and triples(layout.get("up"))
+          and isinstance(layout.get("mid"), list) and len(layout["mid"]) in (0, 2)
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layout["mid"]))
+    if not ok:
+        raise ModelLoadError(f"invalid UNet layout {layout!r}")
+    return layout  # type: ignore[return-value]
+
+
+def unet_block_prefixes(layout: dict[str, list]) -> dict[str, tuple[str, bool]]:
     """Map each diffusers block module prefix to (LDM prefix, is_resnet), numbering as LDM does.
 
     LDM's `input_blocks` are numbered sequentially: conv_in is 0, then every resnet (with its
@@ -83,37 +113,54 @@ def _unet_block_prefixes(unet) -> dict[str, tuple[str, bool]]:
     """
     out: dict[str, tuple[str, bool]] = {}
     idx = 1
-    for b, block in enumerate(unet.down_blocks):
-        has_attn = getattr(block, "attentions", None) is not None
-        for layer in range(len(block.resnets)):
+    for b, (n, has_attn, has_down) in enumerate(layout["down"]):
+        for layer in range(n):
             out[f"down_blocks.{b}.resnets.{layer}."] = (f"input_blocks.{idx}.0.", True)
             if has_attn:
                 out[f"down_blocks.{b}.attentions.{layer}."] = (f"input_blocks.{idx}.1.", False)
             idx += 1
-        if block.downsamplers is not None:
+        if has_down:
             out[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{idx}.0.op.", False)
             idx += 1
 
-    mid = unet.mid_block
-    if mid is not None:
-        for k in range(len(mid.resnets)):
+    if layout["mid"]:
+        n_res, n_attn = layout["mid"]
+        for k in range(n_res):
             out[f"mid_block.resnets.{k}."] = (f"middle_block.{2 * k}.", True)
-        for k in range(len(getattr(mid, "attentions", None) or [])):
+        for k in range(n_attn):
             out[f"mid_block.attentions.{k}."] = (f"middle_block.{2 * k + 1}.", False)
 
     idx = 0
-    for b, block in enumerate(unet.up_blocks):
-        has_attn = getattr(block, "attentions", None) is not None
-        n = len(block.resnets)
+    for b, (n, has_attn, has_up) in enumerate(layout["up"]):
         for layer in range(n):
             out[f"up_blocks.{b}.resnets.{layer}."] = (f"output_blocks.{idx}.0.", True)
             if has_attn:
                 out[f"up_blocks.{b}.attentions.{layer}."] = (f"output_blocks.{idx}.1.", False)
-            if layer == n - 1 and block.upsamplers is not None:
+            if layer == n - 1 and has_up:
                 sub = 2 if has_attn else 1
                 out[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{idx}.{sub}.conv.", False)
             idx += 1
     return out
+
+
+def unet_module_to_ldm(module: str, prefixes: dict[str, tuple[str, bool]]) -> str | None:
+    """A diffusers UNet module path (`down_blocks.1.resnets.0.conv1`) -> its LDM path
+    (`input_blocks.4.0.in_layers.2`); None when it has no LDM name."""
+    if module in _UNET_FIXED:
+        return _UNET_FIXED[module]
+    key = module + "."
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    ldm_prefix, is_resnet = prefixes[prefix]
+    rest = key[len(prefix):].rstrip(".")  # '' for a prefix that is the module itself (a down/upsampler conv)
+    if is_resnet:
+        rest = _UNET_RESNET_NAMES.get(rest, rest)
+    return (ldm_prefix + rest).rstrip(".")
+
+
+def _unet_block_prefixes(unet) -> dict[str, tuple[str, bool]]:
+    return unet_block_prefixes(unet_layout(unet))
 
 
 def _rename_resnet(rest: str, names: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ import torch
 from lora_helpers import latents, make_lora
 
 from pipelines.adapters import (
+    canonical_peft_keys,
     DIFFUSERS_METADATA_KEY,
     detect_format,
     export_kohya,
@@ -88,8 +89,12 @@ def files(sd1, sdxl, tmp_path_factory):
     sdx = make_lora(sdxl.pipe, rank=2, seed=3, components=("unet", "text_encoder", "text_encoder_2"))
     f["xl_ours"] = save_adapter(sdx, d / "xl_ours.safetensors", lora_metadata(family="sdxl", rank=2, alpha=3))
     f["xl_kohya"] = export_kohya(f["xl_ours"], d / "xl_kohya.safetensors", base=sdxl)
-    f["xl_kohya_dnames"] = save_safetensors(to_kohya(sdx, 3.0, family="sdxl", sgm_names=False),
-                                            d / "xl_kohya_dnames.safetensors")
+    # kohya keys with diffusers' UNet names (down_blocks_…), as some tools write SDXL files
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    dnames = convert_state_dict_to_kohya(canonical_peft_keys(sdx))
+    dnames = {k: (torch.tensor(3.0) if k.endswith(".alpha") else v) for k, v in dnames.items()}
+    f["xl_kohya_dnames"] = save_safetensors(dnames, d / "xl_kohya_dnames.safetensors")
     return f
 
 

@@ -37,7 +37,7 @@ def test_int8_base_trains_an_adapter_that_loads_on_the_full_precision_base(star_
     assert set(trainer.quantized) == {"unet", "text_encoder"}  # the text encoder is frozen here: quantized too
 
     sd, meta = load_safetensors(res.adapter_path)
-    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in sd.items())
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in sd.items())
     assert '"quantize_base": "int8"' in meta["lora_studio.train_config"]
 
     # the adapter is an ordinary one: diffusers loads it on the unquantized base and it changes the output
@@ -56,8 +56,8 @@ def test_int8_run_tracks_the_full_precision_run(star_images, tiny_sd1_dir, tmp_p
     quant = Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path / "q", quantize_base="int8")).run()
     a, _ = load_safetensors(full.adapter_path)
     b, _ = load_safetensors(quant.adapter_path)
-    num = sum(float((a[k] - b[k]).norm()) for k in a if "lora_B" in k)
-    den = sum(float(a[k].norm()) for k in a if "lora_B" in k)
+    num = sum(float((a[k] - b[k]).norm()) for k in a if "lora_up" in k)
+    den = sum(float(a[k].norm()) for k in a if "lora_up" in k)
     assert den > 0 and num / den < 0.2
 
 

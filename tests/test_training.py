@@ -33,17 +33,28 @@ def test_trained_adapter_loads_in_diffusers_and_changes_output(star_images, tiny
     assert res.adapter_path.name == "t.safetensors"
     lib = res.adapter_path.parent
     assert (lib / "t.png").is_file() and (lib / "t.md").is_file() and (lib / "t.toml").is_file()
-    assert TrainConfig.from_toml(lib / "t.toml") == _cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True,
-                                                          alpha=8)
+    # the library's .toml is shared with the adapter: every option as trained, but no absolute local path
+    # (a folder outside the home keeps only its name)
+    want = _cfg(star_images, tiny_sd1_dir, tmp_path, train_text_encoder=True, alpha=8)
+    toml = (lib / "t.toml").read_text()
+    assert str(tmp_path) not in toml and str(star_images) not in toml and str(tiny_sd1_dir) not in toml
+    assert TrainConfig.from_toml(lib / "t.toml") == want.replace(images=star_images.name, base=tiny_sd1_dir.name,
+                                                                  output_dir="lib")
     steps = [p.step for p in progress if p.loss is not None and not p.message]
     assert steps == [1, 2, 3, 4] and all(p.eta_s is not None for p in progress if p.loss is not None)
     assert (res.run_dir / "log.csv").read_text().count("\n") == 5
     sd, meta = load_safetensors(res.adapter_path)
-    assert any(k.startswith("unet.") and k.endswith("to_q.lora_A.weight") for k in sd)
-    assert any(k.startswith("text_encoder.") and "q_proj.lora_B" in k for k in sd)
+    # the library file has kohya's key layout (what AUTOMATIC1111 and ComfyUI map completely), alpha per module
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
+    assert any(k.startswith("lora_unet_") and k.endswith("to_q.lora_down.weight") for k in sd)
+    assert any(k.startswith("lora_te_") and "q_proj.lora_up" in k for k in sd)
+    assert all(float(v) == 8.0 for k, v in sd.items() if k.endswith(".alpha"))
     for key in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.architecture",
-                "lora_studio.trigger", "lora_studio.base_hash", "lora_studio.train_config", "lora_adapter_metadata"):
+                "lora_studio.trigger", "lora_studio.base_hash", "lora_studio.train_config", "lora_studio.unet_layout"):
         assert key in meta, key
+    # no absolute local path in what is shared; the base is a folder: no file hash for kohya's model-hash key
+    assert not any(str(tmp_path) in v or str(star_images) in v or str(tiny_sd1_dir) in v for v in meta.values())
+    assert "ss_new_sd_model_hash" not in meta
     assert meta["ss_network_alpha"] == "8" and meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["lora_studio.num_images"] == "4"
 
@@ -207,6 +218,10 @@ def test_train_more_with_other_ranks_than_the_adapter_is_refused(star_images, ti
     with pytest.raises(IncompatibleAdapterError, match="c1.safetensors: its LoRA ranks differ .*conv1"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="c2", max_steps=1, unet_targets=["to_q", "conv1"],
                    init_adapter=str(first.adapter_path)))
+    # the same ranks under another alpha would train another scale: refused, naming the module
+    with pytest.raises(IncompatibleAdapterError, match=r"c1.safetensors: module unet\..* has alpha [24], this run uses [48];"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="c3", max_steps=1, unet_targets=["to_q", "conv1"],
+                   conv_rank=2, alpha=8, init_adapter=str(first.adapter_path)))
 
 
 def test_training_sees_shuffled_tags_and_dropped_captions(tiny_sd1_dir, tmp_path, monkeypatch):
@@ -237,7 +252,11 @@ def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):
     res = train(_cfg(star_images, tiny_sdxl_dir, tmp_path, train_text_encoder=True, max_steps=2, buckets=False))
     sd, meta = load_safetensors(res.adapter_path)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert any(k.startswith("text_encoder_2.") for k in sd)
+    # kohya's SDXL layout: te1/te2, and the UNet under the LDM block names kohya trains SDXL on
+    assert any(k.startswith("lora_te2_") for k in sd) and any(k.startswith("lora_te1_") for k in sd)
+    unet_keys = [k for k in sd if k.startswith("lora_unet_")]
+    assert unet_keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                           "lora_unet_output_blocks_")) for k in unet_keys)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.load_lora_weights(str(res.adapter_path))
     assert any("lora" in n for n, _ in pipe.text_encoder_2.named_modules())
@@ -330,7 +349,7 @@ def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, 
     feed-forward layers: diffusers (our file and the kohya export) and our own stack must load all of
     them and reproduce the UNet of the finished run exactly. Also with the 3x3 convolutions at their own
     rank and alpha (kohya's conv_dim / conv_alpha), so the file carries two ranks and two alpha/rank scales."""
-    from pipelines.adapters import export_kohya
+    from pipelines.adapters import export_kohya, to_peft
     from pipelines.base_models import load_base
     from pipelines.stack import AdapterStack
     from training.config import PRESETS
@@ -344,6 +363,8 @@ def test_concept_preset_modules_load_everywhere_with_the_trained_output(family, 
                checkpoint_every=0, **conv_kw)
     res = train(cfg, base=base)
     sd, meta = load_safetensors(res.adapter_path)
+    assert all(k.startswith(("lora_unet_", "lora_te")) for k in sd)  # the library file: kohya's layout
+    sd, _ = to_peft(sd, meta, unet_layers_per_block=base.pipe.unet.config.layers_per_block)
     conv_a = [v for k, v in sd.items() if ".resnets." in k and k.endswith("conv1.lora_A.weight")]
     assert conv_a and all(v.shape[0] == (conv[0] if conv else 4) and v.shape[2:] == (3, 3) for v in conv_a)
     assert all(v.shape[0] == 4 for k, v in sd.items() if k.endswith("ff.net.0.proj.lora_A.weight"))

@@ -277,8 +277,14 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     out = ui.export_kohya("renamed")[0]["value"]
     keys = [k for k in read_header(out)[0] if k != "__metadata__"]
     assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    # a download is always in kohya's layout (what AUTOMATIC1111 and ComfyUI map completely): an imported
+    # peft-format file comes as a converted copy, a kohya-layout library file as itself
     path = ui.download_adapter("renamed")[0]["value"]
-    assert Path(path) == ui.studio.library.root / "renamed.safetensors"
+    keys = [k for k in read_header(path)[0] if k != "__metadata__"]
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+    _import(ui, Path(out), "as-kohya")
+    assert Path(ui.download_adapter("as-kohya")[0]["value"]) == ui.studio.library.root / "as-kohya.safetensors"
+    ui.confirm_delete("as-kohya")
     box, question = ui.ask_delete("renamed")
     assert box["visible"] is True and "cannot be undone" in question
     assert ui.cancel_delete()[0]["visible"] is False and "renamed" in ui.adapter_names()

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelines.errors import TrainingError
-from pipelines.weights_io import atomic_write, cast_weights
+from pipelines.weights_io import PRECISIONS, atomic_write, cast_weights
 
-from .config import TrainConfig
+from .config import TrainConfig, _toml_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
@@ -107,18 +107,59 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
     return adapter, state
 
 
+# TrainConfig fields that hold local paths: shared files (the adapter's metadata, its library .toml) carry
+# them as `shareable_path` gives them, never as absolute paths of this machine
+PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter")
+
+
+def shareable_path(value: str | None) -> str | None:
+    """A path as a shared file may show it: '~/…' under the user's home, else only its last part
+    (a hub id such as 'org/model' or a name stays as it is). None stays None."""
+    if not value:
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        return str(value)
+    try:
+        return "~/" + p.resolve().relative_to(Path.home().resolve()).as_posix()
+    except (ValueError, OSError, RuntimeError):
+        return p.name
+
+
+def shareable_config(cfg: TrainConfig) -> dict:
+    """The run's options as the adapter file and its library .toml carry them: no absolute local paths."""
+    d = cfg.to_dict()
+    for k in PATH_FIELDS:
+        d[k] = shareable_path(d.get(k))
+    return d
+
+
+def base_file_hash(base) -> str | None:
+    """SHA-256 of the base model's single checkpoint file (what kohya writes as ss_new_sd_model_hash);
+    None for a diffusers folder or a hub id, which have no one file to hash."""
+    from pipelines.weights_io import sha256_file
+
+    src = Path(str(getattr(base, "source", "") or ""))
+    try:
+        return sha256_file(src) if src.is_file() else None
+    except OSError:
+        return None
+
+
 def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     """Metadata of a finished adapter: ours, kohya's ss_* and modelspec.* (see pipelines.adapters)."""
-    from pipelines.adapters import lora_metadata
+    from pipelines.adapters import UNET_LAYOUT_KEY, lora_metadata
+    from pipelines.single_file import unet_layout
 
     cfg, base = tr.cfg, tr.base
     modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
-    return lora_metadata(
+    meta = lora_metadata(
         family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, conv_rank=cfg.lora_conv_rank,
         conv_alpha=cfg.lora_conv_alpha, name=cfg.name, base_model=base.name,
         base_hash=getattr(tr, "base_fingerprint", None) or base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
         steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
-        training_config=cfg.to_json(),
+        training_config=json.dumps(shareable_config(cfg), sort_keys=True),
+        model_file_hash=base_file_hash(base),
         description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
         prediction_type=base.pipe.scheduler.config.get("prediction_type"),
         extra={
@@ -134,6 +175,8 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
         },
     )
+    meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
+    return meta
 
 
 def base_hash(base) -> str:
@@ -153,6 +196,11 @@ def base_hash(base) -> str:
     return h.hexdigest()[:16]
 
 
+def _toml_text(d: dict) -> str:
+    """TOML that `TrainConfig.from_toml` reads back (None values are left out)."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in d.items() if v is not None)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -165,7 +213,8 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     lib = cfg.library_dir
     lib.mkdir(parents=True, exist_ok=True)
     path = lib / f"{cfg.name}.safetensors"
-    from pipelines.adapters import save_adapter
+    from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, to_kohya
+    from pipelines.weights_io import save_safetensors
 
     sd = lora_state_dict(tr.base.pipe, tr.components)
     if cfg.save_precision != "fp32":  # the weights train in fp32
@@ -176,13 +225,19 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
                                 f"weights are in {ckpt}: run again with save_precision 'bf16' or 'fp32' and "
                                 "resume 'latest' to write the adapter")
     meta = adapter_metadata(tr)
+    # the library file is what users copy into AUTOMATIC1111 / ComfyUI: kohya's key layout, which both map
+    # completely (and diffusers' load_lora_weights reads as it is); per-module alphas as `.alpha` tensors
+    alphas = adapter_alphas(cfg, sd)
+    kohya = to_kohya(sd, alphas, family=tr.base.family, layout=json.loads(meta[UNET_LAYOUT_KEY]))
+    if cfg.save_precision != "fp32":  # every tensor in the one dtype, `.alpha` too, as kohya saves them
+        kohya = {k: v.to(PRECISIONS[cfg.save_precision]) for k, v in kohya.items()}
     try:
-        save_adapter(sd, path, meta, alpha=adapter_alphas(cfg, sd))
+        save_safetensors(kohya, path, kohya_metadata(meta, kohya, tr.base.family, alphas))
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:
         atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
-    write_text_atomic(lib / f"{cfg.name}.toml", cfg.to_toml())
+    write_text_atomic(lib / f"{cfg.name}.toml", _toml_text(shareable_config(cfg)))
     write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
     return path
 
@@ -200,7 +255,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n\n"
         f"## Use\n\n"
         f"    lora-studio generate --lora {cfg.name}:0.8 --prompt \"{tr.sample_prompts()[0]}\"\n\n"
-        f"In AUTOMATIC1111 or ComfyUI: export it with `lora-studio loras export {cfg.name} --format kohya`, "
-        f"or load the file as it is in diffusers: `pipe.load_lora_weights(path)`.\n\n"
+        f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
+        f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`.\n\n"
         f"Sample prompts:\n{prompts}\n"
     )

@@ -96,6 +96,28 @@ def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """An adapter file of any supported layout (ours: kohya keys; older files: peft keys) as a peft state
+    dict for this pipeline, with each module's alpha."""
+    from pipelines.adapters import to_peft
+
+    lpb = pipe.unet.config.layers_per_block
+    return to_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
+
+
+def check_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float], alpha: float, conv_alpha: float,
+                 source: str) -> None:
+    """Continuing an adapter needs its alphas: the same weights under another alpha would be another scale."""
+    for module, a in alphas.items():
+        w = state_dict[f"{module}.lora_A.weight"]
+        want = conv_alpha if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1) else alpha
+        if abs(float(a) - float(want)) > 1e-6 * max(1.0, abs(float(want))):
+            raise IncompatibleAdapterError(
+                f"{source}: module {module} has alpha {float(a):g}, this run uses {float(want):g}; continue it with "
+                "the alpha (and conv_alpha) it was trained with")
+
+
 def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: list[str], source: str) -> None:
     """Put saved adapter weights back into attached LoRA layers (resume, train-more)."""
     from peft import set_peft_model_state_dict
