@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from app.cli import main
@@ -44,3 +45,35 @@ def test_commands_print_no_library_noise(tmp_path):
                          env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("no adapters in")
     assert out.stderr == ""
+
+
+def _train_config_error(tmp_path, capsys, data: bytes | None, *extra: str) -> tuple[str, str]:
+    """`lora-studio train --config FILE ...` with a bad FILE: exit status 2 and the one line it prints."""
+    cfg = tmp_path / "run.toml"
+    if data is not None:
+        cfg.write_bytes(data)
+    rc = main(["train", "--config", str(cfg if data is not None else tmp_path), *extra])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return str(cfg if data is not None else tmp_path), err.strip()
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b'images = "x"\nrandom_flip = "no"\n', "random_flip: must be true or false, got 'no'"),
+    (b'images = "x"\nseed = "abc"\n', "seed: must be a whole number, got 'abc'"),
+    (b'images = "x"\nunet_targets = "to_q"\n', "unet_targets: must be a list of strings, got 'to_q'"),
+    (b'images = "x"\nlr_unet = inf\n', "lr_unet: must be a finite number, got inf"),
+    (b'images = "x"\ndevice = "tpu"\n', "device: 'tpu' is not a device name torch knows"),
+    (b"train = 5\n", "train: must be a [train] table of options, got 5"),
+    (b'images = "caf\xe9"\n', "not UTF-8 text"),
+    (None, "is a folder, not a config file"),
+])
+def test_train_config_errors_are_one_line_naming_file_and_field(data, msg, tmp_path, capsys):
+    path, line = _train_config_error(tmp_path, capsys, data)
+    assert line.startswith(f"error: {path}: {msg}"), line
+
+
+def test_train_option_error_is_not_blamed_on_the_config_file(tmp_path, capsys):
+    _, line = _train_config_error(tmp_path, capsys, b'images = "x"\n', "--rank", "0")
+    assert line == "error: rank: must be a whole number between 1 and 1024, got 0"

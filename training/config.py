@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -117,6 +121,11 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        # every field's type first, from its annotation (a new field is covered without a line here), so the
+        # checks below compare numbers with numbers and a TOML "no" is not read as a true bool
+        hints = _field_types(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), hints[f.name]))
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{self.preset}'")
         from pipelines.errors import UnsafeNameError
@@ -176,8 +185,10 @@ class TrainConfig:
         if self.quantize_base is not None and self.quantize_base not in QUANTIZATIONS:
             raise ConfigError(f"quantize_base: must be one of {', '.join(QUANTIZATIONS)} (or unset), "
                               f"got '{self.quantize_base}'")
-        if "{trigger}" not in self.instance_template:
-            raise ConfigError("instance_template: must contain '{trigger}'")
+        _check_template(self.instance_template)
+        _check_device(self.device)
+        self._check_int("seed", 0, 2**32 - 1)  # the trainer derives torch seeds from it: a TOML 2**62 overflows
+        self._check_int("sample_seed", 0, 2**32 - 1)
         if not self.unet_targets:
             raise ConfigError("unet_targets: must name at least one module")
         for f_ in ("sample_prompts", "preserve_prompts"):
@@ -216,8 +227,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
         preset = data.get("preset", "custom")
-        if preset not in PRESETS:
-            raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{preset}'")
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {_short(preset)}")
         defaults = {k: list(v) if isinstance(v, list) else v for k, v in PRESETS[preset].items()}  # never shared
         merged = {**defaults, **data}
         try:
@@ -227,15 +238,42 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """Build from a TOML file (top-level keys or one [train] table); overrides (the command line) win.
+
+        Every error names the file, and the field where there is one; a field given in overrides is
+        not blamed on the file.
+        """
         path = Path(path)
+        overrides = overrides or {}
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file")
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a BOM (Windows editors) is no key
+            data = tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
-        data = data.get("train", data)  # accept a [train] table or top-level keys
-        return cls.from_dict({**data, **(overrides or {})}, source=str(path))
+        if "train" in data:  # a [train] table holds every key, or there is none
+            table = data["train"]
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: train: must be a [train] table of options, got {_short(table)}")
+            outside = sorted(k for k in data if k != "train")
+            if outside:
+                raise ConfigError(f"{path}: {', '.join(outside)}: outside the [train] table; put every option "
+                                  "in it (or write them all at the top level)")
+            data = table
+        try:
+            return cls.from_dict({**data, **overrides}, source=str(path))
+        except ConfigError as e:
+            msg = str(e)
+            if msg.startswith(f"{path}:") or msg.split(":", 1)[0] in overrides:
+                raise
+            raise ConfigError(f"{path}: {msg}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -263,4 +301,98 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
+    # ensure_ascii=False: JSON writes a character beyond U+FFFF as two \\uD8xx escapes, which TOML refuses;
+    # DEL is the one control character JSON leaves raw and TOML does not allow in a string
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # the annotations as types (they are strings under `from __future__`)
+
+
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _checked_type(name: str, v: Any, tp: Any) -> Any:
+    """v if it has the annotated type tp (an int also passes as a float, and becomes one), else ConfigError.
+
+    Knows bool, int, float, str, list[str] and `X | None`; any other annotation is a programming error
+    here, so that a new field of a new kind gets a check instead of none.
+    """
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1 or len(args) == len(typing.get_args(tp)):
+            raise TypeError(f"TrainConfig.{name}: no type check for {tp}")
+        if v is None:
+            return None
+        optional, tp = True, args[0]
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        expected = f"a list of {_EXPECTED[item].removeprefix('a ')}s"
+        if isinstance(v, list) and all(_checked_item(x, item) for x in v):
+            return list(v)
+    elif tp in _EXPECTED:
+        expected = _EXPECTED[tp]
+        if _checked_item(v, tp):
+            return float(v) if tp is float else v
+    else:
+        raise TypeError(f"TrainConfig.{name}: no type check for {tp}")
+    if optional:
+        expected += " (or unset)"
+    raise ConfigError(f"{name}: must be {expected}, got {_short(v)}")
+
+
+def _checked_item(v: Any, tp: type) -> bool:
+    if tp is bool:
+        return isinstance(v, bool)
+    if isinstance(v, bool):  # True is an int to Python, not a number to a user
+        return False
+    if tp is float:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, tp)
+
+
+def _check_template(template: str) -> None:
+    """A caption template must format with only the trigger word, and must use it."""
+    mark = "\x00trigger\x00"
+    try:
+        text = template.format(trigger=mark)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(f"instance_template: {template!r} is not a template of {{trigger}} alone "
+                          f"({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}") from None
+    if mark not in text:
+        raise ConfigError("instance_template: must contain '{trigger}'")
+
+
+def _check_device(name: str | None) -> None:
+    """None (the best available), "cpu", or a device torch knows and this machine has ("cuda", "cuda:1", "mps")."""
+    if name is None:
+        return
+    import torch  # already loaded by pipelines.weights_io
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: '{name}' is not a device name torch knows; use cpu, cuda, cuda:1, mps, xpu "
+                          "(or leave it unset for the best available)") from None
+    if dev.type == "cpu":
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if backend is None or not callable(getattr(backend, "is_available", None)):
+        raise ConfigError(f"device: '{name}' is not a device LoRA Studio can train on; use cpu, cuda, cuda:1, mps "
+                          "or xpu")
+    if not backend.is_available():
+        why = " (torch.cuda.is_available() is false: no CUDA GPU, or a CPU-only torch build)" \
+            if dev.type == "cuda" else ""
+        raise ConfigError(f"device: '{name}' is not available on this machine{why}; use cpu, or leave it unset "
+                          "for the best available")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ConfigError(f"device: '{name}' does not exist; this machine has {count()} {dev.type} device(s)")
