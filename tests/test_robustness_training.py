@@ -62,7 +62,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(images, tiny_sd1
 
 
 def test_disk_full_while_checkpointing_is_clear_and_keeps_older(images, tiny_sd1_dir, tmp_path, monkeypatch):
-    import pipelines.adapters as ad
+    import pipelines.weights_io as ad  # every adapter and checkpoint file is written through it
 
     real = ad.save_safetensors
     calls = {"n": 0}

@@ -136,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(star_images, tiny_sd1_dir, tmp
     assert not (lib / "n.safetensors").exists()
     ck = lib / "runs" / "n" / "checkpoints" / "step-000002" / "adapter.safetensors"
     sd, _ = load_safetensors(ck, check_finite=True)
-    assert sd
+    assert sd and all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)  # usable in A1111/ComfyUI as it is
 
 
 def test_prior_preservation_generates_and_caches_class_images(star_images, tiny_sd1_dir, tmp_path):

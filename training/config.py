@@ -126,6 +126,10 @@ class TrainConfig:
         hints = _field_types(type(self))
         for f in fields(self):
             setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), hints[f.name]))
+        for f_ in ("images", "base", "output_dir", "class_images", "resume", "init_adapter"):
+            v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
+            if isinstance(v, str) and (v == "~" or v.startswith("~/")):
+                setattr(self, f_, os.path.expanduser(v))
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{self.preset}'")
         from pipelines.errors import UnsafeNameError

@@ -40,19 +40,30 @@ def _ckpt_dir(run_dir: Path) -> Path:
 
 
 def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
-                     scheduler_state: dict, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing."""
+                     scheduler_state: dict, cfg: TrainConfig, family: str | None = None,
+                     layout: dict | None = None) -> Path:
+    """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing.
+
+    With the base's `family` and UNet `layout` its adapter file has kohya's key layout like the finished
+    adapter (users copy a run's intermediate steps into AUTOMATIC1111 / ComfyUI too); else peft keys."""
     final = _ckpt_dir(run_dir) / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from pipelines.adapters import save_adapter
+        from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, save_adapter, to_kohya
+        from pipelines.weights_io import save_safetensors
 
         # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
-        save_adapter(adapter, tmp / "adapter.safetensors", {"step": str(step), "config": cfg.to_json(),
-                                                            "lora_studio.trigger": cfg.trigger},
-                     alpha=adapter_alphas(cfg, adapter))
+        alphas = adapter_alphas(cfg, adapter)
+        meta = {"step": str(step), "config": json.dumps(shareable_config(cfg), sort_keys=True),
+                "lora_studio.trigger": cfg.trigger, "ss_steps": str(step)}
+        if family is not None and layout is not None:
+            meta.update({"lora_studio.base_family": family, UNET_LAYOUT_KEY: json.dumps(layout)})
+            kohya = to_kohya(adapter, alphas, family=family, layout=layout)
+            save_safetensors(kohya, tmp / "adapter.safetensors", kohya_metadata(meta, kohya, family, alphas))
+        else:
+            save_adapter(adapter, tmp / "adapter.safetensors", meta, alpha=alphas)
         state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
                  "config": cfg.to_json()}
         torch.save(state, tmp / "state.pt")
@@ -103,7 +114,12 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
              if saved.get(k) != now.get(k)]
     if diffs:
         raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
-    adapter, _ = load_safetensors(path / "adapter.safetensors", check_finite=True)
+    adapter, meta = load_safetensors(path / "adapter.safetensors", check_finite=True)
+    from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, to_peft
+
+    if detect_format(adapter) != FORMAT_PEFT:  # kohya keys (checkpoints since the kohya layout): back to peft
+        layout = layout_for(meta)
+        adapter, _ = to_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
     return adapter, state
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pipelines.base_models import BaseModel, load_base
 from pipelines.errors import ConfigError, DatasetError, TrainingError
+from pipelines.single_file import unet_layout
 
 from . import lora as lora_mod
 from .config import TrainConfig
@@ -536,7 +537,8 @@ class Trainer:
             return None
         sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
         path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
-                                self.lr_scheduler.state_dict(), self.cfg)
+                                self.lr_scheduler.state_dict(), self.cfg, self.base.family,
+                                unet_layout(self.base.pipe.unet))
         prune_checkpoints(self.run_dir, self.cfg.checkpoints_keep)
         return path
 
