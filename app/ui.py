@@ -508,10 +508,9 @@ class StudioUI:
         if not name:
             return ""
         lib = self.studio.library
-        p = lib.path_for(name)
-        card = p.with_suffix(".md")
-        if card.is_file():
-            return card.read_text(encoding="utf-8", errors="replace")
+        card = lib.model_card(name)  # a regular file only: a symlinked card is never read
+        if card is not None:
+            return card
         info = lib.info(name)
         return (f"### {html.escape(info.name)}\n\n- format: {info.format}\n- base: {info.family_label}\n"
                 f"- trigger word: `{info.trigger_word or '–'}`\n- rank {info.rank}, alpha {info.alpha:g}\n"

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
 from .errors import ConfigError, UnsafeNameError
-from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, save_safetensors
+from .weights_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, save_safetensors,
+                         stale_temp_files)
 
 # files that belong to an adapter: same stem, one of these endings (A1111 / civitai helper conventions)
 SIDECAR_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".md", ".toml", ".json", ".txt",
                     ".civitai.info")
+PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".webp")  # in the order pipelines.adapters.preview_for takes them
 _BAD_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _BAD_CHARS_SHOWN = '< > : " / \\ | ? *'
 # text-direction controls (Trojan Source, CVE-2021-42574): they reorder how a name is shown
@@ -93,6 +95,11 @@ def check_name(name: str) -> str:
     return name
 
 
+def _plain_file(p: Path) -> bool:
+    """A regular file, not a symlink (to one)."""
+    return not p.is_symlink() and p.is_file()
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -132,7 +139,21 @@ class AdapterLibrary:
 
     def names(self) -> list[str]:
         """Names of the adapters in the library (files that resolve outside it are left out)."""
+        self.remove_stale_temp_files()
         return [p.stem for p in self._files() if self._inside(p)]
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete what a killed save left: atomic_write's hidden temporary files of adapters and sidecars
+        (`.NAME.safetensors.XXXXXXXX.tmp`) not written to for STALE_TEMP_SECONDS; returns them. A save in
+        progress keeps its temporary file fresh, so it is never touched."""
+        gone = []
+        for p in stale_temp_files(self.root, (SAFETENSORS_SUFFIX, *SIDECAR_SUFFIXES)):
+            try:
+                p.unlink()
+                gone.append(p)
+            except OSError:
+                pass
+        return gone
 
     def _existing(self, name: str) -> Path | None:
         """The file for `name`: the exact spelling if present, else the one equal up to case."""
@@ -156,10 +177,17 @@ class AdapterLibrary:
             q = self.root / f"{name}{s}"
             if not (q.exists() or q.is_symlink()):
                 continue
-            if any(_same_file(q, k) for k in keep):
+            if any(q == k or _same_file(q, k) for k in keep):
                 continue
             return q
         return None
+
+    def _refuse_orphans(self, name: str, keep: tuple[Path, ...] = ()) -> None:
+        blocker = self.in_the_way(name, keep)
+        if blocker is not None:
+            raise ConfigError(f"name: '{blocker.name}' is already in the library {self.root} without an adapter "
+                              f"'{name}'; it would be overwritten or taken for {name}'s. Move or delete it first, "
+                              "or pick another name")
 
     def path_for(self, name: str) -> Path:
         """The file of an existing adapter. UnsafeNameError for names or links that escape the library;
@@ -184,9 +212,27 @@ class AdapterLibrary:
         return p
 
     def sidecars(self, name: str) -> list[Path]:
-        """Preview images, model card and config files that belong to adapter `name`."""
+        """Preview images, model card and config files that belong to adapter `name`: regular files only.
+
+        A sidecar that is a symlink is ignored (never read, served or copied): a link could show any file
+        of the computer as a model card or preview in the browser."""
         p = self.path_for(name)
-        return [q for s in SIDECAR_SUFFIXES if (q := p.with_name(p.stem + s)).is_file() and self._inside(q)]
+        return [q for s in SIDECAR_SUFFIXES if _plain_file(q := p.with_name(p.stem + s))]
+
+    def _sidecar_links(self, p: Path) -> list[Path]:
+        """Sidecar names of adapter file `p` that are symlinks: never followed, but renamed and deleted with it."""
+        return [q for s in SIDECAR_SUFFIXES if (q := p.with_name(p.stem + s)).is_symlink()]
+
+    def preview(self, name: str) -> Path | None:
+        """The adapter's preview image (A1111: name.png or name.preview.png), a regular file, or None."""
+        p = self.path_for(name)
+        return next((q for s in PREVIEW_SUFFIXES if _plain_file(q := p.with_name(p.stem + s))), None)
+
+    def model_card(self, name: str) -> str | None:
+        """The text of the adapter's model card (name.md), a regular file, or None."""
+        p = self.path_for(name)
+        card = p.with_name(p.stem + ".md")
+        return card.read_text(encoding="utf-8", errors="replace") if _plain_file(card) else None
 
     # ---------------------------------------------------------------------------------- reading
     def _hash(self, p: Path) -> str:
@@ -202,6 +248,7 @@ class AdapterLibrary:
         p = self.path_for(name)
         info = inspect_adapter(p, name=p.stem, check_tensors=check_tensors, compute_hash=False)
         info.hash = self._hash(p)
+        info.preview = self.preview(p.stem)  # a symlinked preview is never shown
         return info
 
     def list(self) -> list[AdapterInfo]:
@@ -246,6 +293,8 @@ class AdapterLibrary:
                 raise UnsafeNameError(f"adapter '{name}': {dst.name} links outside the library folder; refused")
         else:
             dst = self._new_path(name)
+            if not overwrite:
+                self._refuse_orphans(dst.stem)
         if src.suffix.lower() in PICKLE_SUFFIXES:
             sd, meta = load_safetensors(src, allow_pickle=allow, check_finite=True)
             save_safetensors(sd, dst, meta)
@@ -253,7 +302,7 @@ class AdapterLibrary:
             _atomic_copy(src, dst)
         for s in SIDECAR_SUFFIXES:
             side = src.with_name(src.stem + s)
-            if side.is_file() and side.resolve() != src.resolve():
+            if _plain_file(side) and side.resolve() != src.resolve():  # a symlinked sidecar is not copied
                 _atomic_copy(side, dst.with_name(dst.stem + s))
         return self.info(dst.stem)
 
@@ -261,7 +310,9 @@ class AdapterLibrary:
         """Rename an adapter and its sidecar files. A change of case only is allowed."""
         src = self.path_for(old)
         dst = self._new_path(new, replacing=src)
-        moves = [(src, dst)] + [(q, dst.with_name(dst.stem + q.name[len(src.stem):])) for q in self.sidecars(src.stem)]
+        own = self.sidecars(src.stem) + self._sidecar_links(src)
+        self._refuse_orphans(dst.stem, keep=(src, *own))
+        moves = [(src, dst)] + [(q, dst.with_name(dst.stem + q.name[len(src.stem):])) for q in own]
         for a, b in moves:
             if a == b:
                 continue
@@ -276,7 +327,7 @@ class AdapterLibrary:
     def delete(self, name: str) -> list[Path]:
         """Delete an adapter and its sidecar files; returns what was removed."""
         p = self.path_for(name)
-        gone = self.sidecars(p.stem) + [p]
+        gone = self.sidecars(p.stem) + self._sidecar_links(p) + [p]  # a link is removed, never its target
         for q in gone:
             q.unlink()
         return gone

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -155,6 +158,37 @@ def save_safetensors(
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+# the temporary files atomic_write makes: ".<name>.<8 random characters of mkstemp>.tmp" beside <name>
+TEMP_FILE_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMP_SECONDS = 15 * 60
+
+
+def stale_temp_files(folder: str | os.PathLike, endings: tuple[str, ...],
+                     older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Temporary files of atomic_write in `folder` that a killed process left behind.
+
+    Only regular files named exactly as atomic_write names them, for a target ending in one of `endings`,
+    and not written to for `older_than` seconds: a write in progress keeps its file's mtime fresh (every
+    chunk written updates it), so a concurrent save is never taken for a leftover.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    out = []
+    for p in folder.iterdir():
+        m = TEMP_FILE_RE.match(p.name)
+        if not m or not m.group("target").lower().endswith(endings) or p.is_symlink():
+            continue
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+            out.append(p)
+    return sorted(out)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Run `write(tmp)` on a temporary file beside `path`, fsync it, then os.replace it into place.
 
@@ -163,7 +197,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # see TEMP_FILE_RE
     os.close(fd)
     try:
         write(tmp)

@@ -180,3 +180,115 @@ def test_lora_option_with_a_file_that_is_not_there_says_so(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert says in err and "no such file" in err and "--allow-pickle" in err
     assert "path separators" not in err
+
+
+# ------------------------------------------------------------------------------------------------ 6. symlinked sidecars
+def test_symlinked_sidecars_are_never_read_served_or_copied(tmp_path):
+    from PIL import Image
+
+    from pipelines.library import AdapterLibrary
+
+    secret = tmp_path / "private.txt"
+    secret.write_text("my private notes")
+    secret_png = tmp_path / "private.png"
+    Image.new("RGB", (8, 8), "red").save(secret_png)
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.root.mkdir()
+    _adapter_file(lib.root / "a.safetensors")
+    (lib.root / "a.md").symlink_to(secret)
+    (lib.root / "a.png").symlink_to(secret_png)
+    (lib.root / "a.txt").symlink_to(lib.root / "a.safetensors")  # even a link inside the library
+    assert lib.sidecars("a") == [] and lib.model_card("a") is None
+    assert lib.info("a").preview is None and lib.list()[0].preview is None
+    Image.new("RGB", (8, 8), "blue").save(lib.root / "a.preview.png")  # a real preview is still shown
+    assert lib.info("a").preview == lib.root / "a.preview.png"
+    (lib.root / "a.png").unlink()
+    (lib.root / "a.png").write_bytes(secret_png.read_bytes())
+    assert lib.info("a").preview == lib.root / "a.png"
+    # an import copies the regular sidecars only
+    src = tmp_path / "dl"
+    src.mkdir()
+    _adapter_file(src / "b.safetensors")
+    (src / "b.md").symlink_to(secret)
+    (src / "b.toml").write_text("rank = 2\n")
+    lib.import_file(src / "b.safetensors")
+    assert (lib.root / "b.toml").is_file() and not (lib.root / "b.md").exists()
+    # rename and delete carry or remove the links themselves, never touching what they point at
+    lib.rename("a", "c")
+    assert (lib.root / "c.md").is_symlink() and not (lib.root / "a.md").is_symlink()
+    lib.delete("c")
+    assert not any(p.name.startswith(("a.", "c.")) for p in lib.root.iterdir())
+    assert secret.read_text() == "my private notes" and secret_png.is_file()
+
+
+# ------------------------------------------------------------------------------------------------ 8. leftovers
+def test_temp_files_of_a_killed_save_are_removed_when_the_library_lists(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from pipelines.library import AdapterLibrary
+    from pipelines.weights_io import STALE_TEMP_SECONDS
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.root.mkdir()
+    _adapter_file(lib.root / "a.safetensors")
+    # a real kill -9 in the middle of the final write leaves atomic_write's temporary file
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from pipelines.weights_io import atomic_write
+
+        def slow(tmp):
+            open(tmp, "wb").write(b"half an adapter")
+            print("writing", flush=True)
+            time.sleep(60)
+
+        atomic_write({str(lib.root / "b.safetensors")!r}, slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    [left] = [p for p in lib.root.iterdir() if p.name.startswith(".b.safetensors.")]
+    assert lib.names() == ["a"] and left.exists()  # fresh: it could be a save in progress, kept
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(left, (old, old))
+    others = {  # same age, but not ours to remove
+        ".a.safetensors.tmp": "not atomic_write's pattern",
+        "a.safetensors.abcd1234.tmp": "not hidden",
+        ".notes.abcd1234.tmp": "not an adapter or sidecar",
+        ".a.safetensors.ABCD1234.tmp": "not mkstemp's characters",
+    }
+    for name in others:
+        (lib.root / name).write_bytes(b"x")
+        os.utime(lib.root / name, (old, old))
+    card_tmp = lib.root / ".a.md.x_9k2m0q.tmp"
+    card_tmp.write_text("half a card")
+    os.utime(card_tmp, (old, old))
+    assert [i.name for i in lib.list()] == ["a"]
+    assert not left.exists() and not card_tmp.exists()
+    assert all((lib.root / name).exists() for name in others)
+
+
+def test_rename_onto_orphan_sidecars_is_refused_naming_the_file(tmp_path):
+    from pipelines.library import AdapterLibrary
+
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.root.mkdir()
+    _adapter_file(lib.root / "old.safetensors")
+    (lib.root / "old.md").write_text("old's card")
+    (lib.root / "new.md").write_text("someone's notes, left without new.safetensors")
+    with pytest.raises(ConfigError, match=r"'new.md' is already in the library"):
+        lib.rename("old", "new")
+    assert (lib.root / "new.md").read_text().startswith("someone's notes") and lib.names() == ["old"]
+    (lib.root / "other.png").write_bytes(b"a preview that would become other's")
+    with pytest.raises(ConfigError, match=r"'other.png'"):
+        lib.rename("old", "other")
+    with pytest.raises(ConfigError, match=r"'other.png'"):  # an import under that name too
+        lib.import_file(lib.root / "old.safetensors", name="other")
+    # the adapter's own sidecars never count: a case-only rename works
+    assert lib.rename("old", "OLD").name == "OLD" and (lib.root / "OLD.md").read_text() == "old's card"

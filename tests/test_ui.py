@@ -257,6 +257,22 @@ def test_symlink_out_of_the_library_is_refused(ui, tmp_path, lora_files):
     assert "sneaky" not in ui.adapter_names()
 
 
+def test_symlinked_model_card_and_preview_are_never_shown(ui, tmp_path, lora_files):
+    secret = tmp_path / "private.md"
+    secret.write_text("my private notes")
+    picture = tmp_path / "private.png"
+    Image.new("RGB", (8, 8), "red").save(picture)
+    _import(ui, lora_files["alpha-style"])
+    root = ui.studio.library.root
+    (root / "alpha-style.md").symlink_to(secret)
+    (root / "alpha-style.png").symlink_to(picture)
+    assert "my private notes" not in ui.adapter_details("alpha-style")
+    assert "ohwx" in ui.adapter_details("alpha-style")  # the metadata summary instead
+    cards, *_ = ui.refresh_adapters(ui.base_names()[0], None, None, None, None, None, None, None)
+    assert [Path(p).name for p, _ in cards] != ["alpha-style.png"]
+    assert all(Path(p).resolve() != picture.resolve() for p, _ in cards)
+
+
 # ------------------------------------------------------------------------------------------------ Library tab
 def test_import_rename_export_delete_round_trip(ui, lora_files):
     msg, pick, cleared_file, cleared_name = _import(ui, lora_files["alpha-style"])
