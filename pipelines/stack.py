@@ -32,21 +32,25 @@ from .adapters import (
     DIFFUSERS_METADATA_KEY,
     TEXT_ENCODERS,
     FORMAT_PEFT,
+    UNET_LAYOUT_KEY,
     AdapterInfo,
     _canon_module,
     canonical_peft_keys,
     describe,
     detect_format,
     diffusers_adapter_config,
+    kohya_metadata,
     lora_metadata,
     save_adapter,
     text_encoder_to_peft,
+    to_kohya,
     to_peft,
 )
 from .base_models import BaseModel
 from .errors import ConfigError, IncompatibleAdapterError
 from .generation import GeneratedImage, GenerationRequest, format_parameters, generate as _generate
-from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors
+from .single_file import unet_layout
+from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors, save_safetensors
 
 WEIGHT_MIN, WEIGHT_MAX = -2.0, 2.0
 _TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
@@ -842,7 +846,11 @@ class AdapterStack:
                      for e, i in zip(ents, infos)])},
             )
             meta.update(metadata or {})
-            return save_adapter(sd, path, meta, alpha=alphas)
+            # a file users take out of the app: kohya's key layout, which AUTOMATIC1111 and ComfyUI map fully
+            layout = unet_layout(self.model.pipe.unet)
+            meta[UNET_LAYOUT_KEY] = json.dumps(layout)
+            kohya = to_kohya(sd, alphas, family=self.model.family, layout=layout)
+            return save_safetensors(kohya, path, kohya_metadata(meta, kohya, self.model.family, alphas))
 
     def bake_checkpoint(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                         entries: Iterable[StackEntry | tuple | str] | None = None) -> Path:

@@ -11,7 +11,7 @@ import torch
 from lora_helpers import latents, make_lora
 
 from app.cli import main
-from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.adapters import lora_metadata, save_adapter, to_peft
 from pipelines.base_models import load_base
 from pipelines.errors import ConfigError
 from pipelines.generation import (
@@ -164,6 +164,8 @@ def test_bake_writes_one_file_that_reproduces_the_stack(sd1, stack, tmp_path):
     path = stack.bake(tmp_path / "baked.safetensors")
     stack.unload()
     sd, meta = load_safetensors(path)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)  # kohya's layout, like every file we hand out
+    sd, _ = to_peft(sd, meta)
     assert sd[f"unet.{LAYER}.lora_A.weight"].shape[0] == 4 + 2  # rank = sum of ranks: exact, not an SVD
     assert "a" in meta["lora_studio.baked_from"] and meta["lora_studio.base_family"] == "sd1"
     sd1.pipe.load_lora_weights(str(path), adapter_name="baked")  # a plain diffusers load
