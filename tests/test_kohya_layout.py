@@ -144,3 +144,47 @@ def test_cli_export_of_an_sdxl_file_without_layout_needs_the_base(tiny_sdxl_dir,
                for n in k)
     sd, _ = to_peft(k, {}, unet_layers_per_block=1)
     assert sd.keys() == peft.keys()
+
+
+def test_real_sdxl_and_sd15_unets_get_the_names_kohya_files_carry():
+    """On the released architectures (built on the meta device from their published configs): the names
+    that kohya_ss writes and AUTOMATIC1111 / ComfyUI look up, written here from SDXL's original layout
+    (input block 3 and 6 are downsamplers, 4-5 and 7-8 carry attention; 10 transformer blocks at the
+    innermost level), independent of our converter."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from adapter_size import UNETS
+
+    from pipelines.single_file import unet_to_ldm
+
+    expected = {
+        "sdxl": ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+                 "lora_unet_middle_block_1_transformer_blocks_0_ff_net_2",
+                 "lora_unet_output_blocks_0_1_proj_in", "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_out_0",
+                 "lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_3_0_op",
+                 "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_8_0_out_layers_3",
+                 "lora_unet_output_blocks_3_0_skip_connection", "lora_unet_middle_block_2_emb_layers_1"],
+        "sd15": ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj",
+                 "lora_unet_mid_block_attentions_0_proj_out", "lora_unet_down_blocks_1_resnets_0_conv1",
+                 "lora_unet_up_blocks_0_upsamplers_0_conv"],
+    }
+    for arch, names in expected.items():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNETS[arch])
+        sd = {}
+        for n, m in unet.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                sd[f"unet.{n}.lora_A.weight"] = torch.zeros(2, 1)
+                sd[f"unet.{n}.lora_B.weight"] = torch.zeros(1, 2)
+        family = "sdxl" if arch == "sdxl" else "sd1"
+        modules = {k.split(".")[0] for k in to_kohya(sd, 2.0, family=family, layout=unet_layout(unet))}
+        assert set(names) <= modules, sorted(set(names) - modules)
+        if arch == "sdxl":  # every key is an LDM module name itself
+            ldm = {k.rsplit(".", 1)[0].replace(".", "_") for k in unet_to_ldm(unet)}
+            assert {m[len("lora_unet_"):] for m in modules} <= ldm
