@@ -137,3 +137,58 @@ def test_stopping_a_queued_job_never_runs_it(images, tiny_sd1_dir, tmp_path):
     time.sleep(0.3)
     assert b.state == "stopped" and b.started is None
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def _log_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_log_survives_sigkill_and_resume_keeps_one_row_per_step(images, tiny_sd1_dir, tmp_path):
+    lib = tmp_path / "lib"
+    cmd = [sys.executable, "-m", "app.cli", "train", "--images", str(images), "--base", str(tiny_sd1_dir),
+           "--library", str(lib), "--steps", "12", "--batch-size", "1", "--device", "cpu", "--name", "k",
+           "--rank", "2", "--seed", "5", "--checkpoint-every", "2", "--sample-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = lib / "runs" / "k" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (lib / "runs" / "k" / "checkpoints" / "step-000002").exists() and log.exists() \
+                and log.read_text().count("\n") >= 1 + 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rows = _log_rows(log)
+    assert rows[0] == ["step", "loss", "lr", "elapsed_s"]
+    killed_at = len(rows) - 1
+    assert killed_at >= 3 and [int(r[0]) for r in rows[1:]] == list(range(1, killed_at + 1))  # flushed as it went
+    assert not (lib / "k.safetensors").exists()
+    with open(log, "a") as f:
+        f.write("99,0.01")  # and a line cut short by the kill
+    resumed = train(_cfg(images, tiny_sd1_dir, lib, max_steps=12, batch_size=1, rank=2, checkpoint_every=2,
+                         sample_steps=1, resume="latest"))
+    assert resumed.adapter_path.is_file()
+    rows = _log_rows(log)
+    assert rows[0] == ["step", "loss", "lr", "elapsed_s"] and sum(r == rows[0] for r in rows) == 1
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 13))  # no gap, no step twice
+    elapsed = [float(r[3]) for r in rows[1:]]
+    assert elapsed == sorted(elapsed)  # the resumed rows continue the run's time
+
+
+def test_resumed_log_drops_rows_after_the_checkpoint(tmp_path):
+    from training.trainer import open_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("".join(f"{i},0.5,1e-3,{i / 10}\r\n" for i in range(1, 8)) + "3,0.4,1e-3,0.35\r\n8,0.")
+    f, offset = open_log(log, 5)  # a log without its header (written by an older version), a repeated step
+    f.close()
+    rows = _log_rows(log)
+    assert rows[0] == ["step", "loss", "lr", "elapsed_s"]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"] and rows[3][1] == "0.4" and offset == 0.5
+    f, offset = open_log(log, 0)  # a new run starts a new log
+    f.close()
+    assert _log_rows(log) == [["step", "loss", "lr", "elapsed_s"]] and offset == 0.0

@@ -7,6 +7,7 @@ resumed from a checkpoint ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -14,13 +15,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import IO, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from pipelines.base_models import BaseModel, load_base
 from pipelines.errors import ConfigError, DatasetError, TrainingError
+from pipelines.weights_io import atomic_write
 from pipelines.single_file import unet_layout
 
 from . import lora as lora_mod
@@ -365,6 +367,35 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
 
 
 # ----------------------------------------------------------------------------- the run
+LOG_HEADER = ["step", "loss", "lr", "elapsed_s"]
+
+
+def open_log(path: Path, start: int) -> tuple[IO[str], float]:
+    """The run's log.csv, open for appending the rows of steps start+1, start+2, ...
+
+    A new run (start 0) begins a new file with its header. A resumed run keeps the history up to `start`
+    (rows after it, from a run stopped or killed after its checkpoint, are redone and dropped; a torn last
+    line too), the header once. Also returns the elapsed_s of the last row kept, which the new rows continue.
+    """
+    by_step: dict[int, list[str]] = {}
+    if start > 0 and path.is_file():
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            for row in csv.reader(f):
+                try:
+                    step, _, _, elapsed = int(row[0]), float(row[1]), float(row[2]), float(row[3])
+                except (ValueError, IndexError):  # the header, or a line cut short by a kill
+                    continue
+                if len(row) == len(LOG_HEADER) and 1 <= step <= start and math.isfinite(elapsed):
+                    by_step[step] = row  # a step logged twice (an older resume): the last one counts
+    rows = [by_step[k] for k in sorted(by_step)]
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(LOG_HEADER)
+    w.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue(), encoding="utf-8", newline=""))
+    return open(path, "a", newline="", encoding="utf-8"), float(rows[-1][3]) if rows else 0.0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, base: BaseModel | None = None, on_progress: ProgressFn | None = None,
                  stop: StopFlag | None = None):
@@ -703,12 +734,11 @@ class Trainer:
         cfg = self.cfg
         start = self._restore()
         self.base.pipe.unet.train()
-        log_path = self.run_dir / "log.csv" if self.is_main else Path(os.devnull)
-        new_log = start == 0 or not log_path.exists()
-        logf = open(log_path, "w" if new_log else "a", newline="")
+        if self.is_main:
+            logf, logged = open_log(self.run_dir / "log.csv", start)
+        else:
+            logf, logged = open(os.devnull, "w"), 0.0
         writer = csv.writer(logf)
-        if new_log:
-            writer.writerow(["step", "loss", "lr", "elapsed_s"])
         loss = None
         ckpt = None
         stopped = False
@@ -723,7 +753,8 @@ class Trainer:
                 done = step + 1
                 lr = self.lr_scheduler.get_last_lr()[0]
                 elapsed = time.time() - t0
-                writer.writerow([done, f"{loss:.6f}", f"{lr:.3e}", f"{elapsed:.2f}"])
+                writer.writerow([done, f"{loss:.6f}", f"{lr:.3e}", f"{logged + elapsed:.2f}"])
+                logf.flush()  # a killed run keeps its log up to the last step
                 samples: list[Path] = []
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
                     ckpt = self._checkpoint(done)
