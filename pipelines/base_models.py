@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, read_header, refuse_pickle
+from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_pickle, read_header, refuse_pickle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE = Path(os.environ.get("LORA_STUDIO_BASE", ROOT / "sample_data" / "toy-sd"))
@@ -128,7 +128,7 @@ def _load_file(path: Path, allow_pickle: bool, dtype: torch.dtype, config: str |
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         refuse_pickle(path, allow_pickle)
-        keys = list(torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {}).keys())
+        keys = list(load_pickle(path))  # CorruptWeightsError naming the file for an empty/corrupt/foreign one
     elif suffix == SAFETENSORS_SUFFIX:
         try:
             header, _ = read_header(path)

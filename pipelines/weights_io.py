@@ -14,6 +14,7 @@ import stat
 import struct
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -104,6 +105,62 @@ def read_metadata(path: Path) -> dict[str, str]:
     return dict(header.get("__metadata__", {}) or {})
 
 
+def load_pickle(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The named tensors of a .ckpt/.pt/.pth/.bin file, unpickled weights-only (the caller has allowed pickles).
+
+    A checkpoint's {"state_dict": {...}} is unwrapped. An empty, truncated or corrupt file, one that holds
+    something other than a dict of tensors, or Python objects a weights-only load refuses, raises
+    CorruptWeightsError naming the file and what was wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptWeightsError(f"{path}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a damaged or foreign file to the user
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since 1.6: a zip archive
+        raise CorruptWeightsError(f"{path}: not a readable weights file: {_pickle_problem(e, size, zipped)}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CorruptWeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict (a dict of named tensors)")
+    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not sd:
+        keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
+        raise CorruptWeightsError(f"{path}: holds no tensors (a dict with keys {keys})")
+    return sd
+
+
+def _pickle_problem(e: BaseException, size: int, zipped: bool) -> str:
+    """What torch.load's error means to a user, in one line (its own messages run to paragraphs)."""
+    import pickle
+    import zipfile
+
+    text = str(e)
+    if isinstance(e, EOFError) or "Ran out of input" in text:
+        return f"it ends too early; truncated at {size} bytes?"
+    if zipped or "PytorchStreamReader" in text or isinstance(e, zipfile.BadZipFile):
+        return "a damaged zip archive; truncated, or not saved completely?"
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail and "WeightsUnpickler error:" in text else ""
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", detail):
+            return (f"it holds Python objects other than tensors ({m.group(1)}), which a weights-only load refuses "
+                    "because unpickling them can run code")
+        if detail.startswith("Unsupported operand"):
+            return f"its data is malformed ({detail.lower()}); damaged, or not a PyTorch weights file?"
+        return f"a weights-only load refused it ({detail or 'not a tensors-only pickle'})"
+    first = text.splitlines()[0] if text else ""
+    what = f"{type(e).__name__}: {first}" if first and not isinstance(e, pickle.UnpicklingError) else first
+    return f"its data is malformed ({what or type(e).__name__}); damaged, or not a PyTorch weights file?"
+
+
 def load_safetensors(
     path: str | os.PathLike, device: str = "cpu", allow_pickle: bool = False, check_finite: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -115,15 +172,7 @@ def load_safetensors(
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         refuse_pickle(path, allow_pickle)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        try:
-            sd = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
-            raise CorruptWeightsError(f"{path}: could not be read as a weights-only pickle ({e})") from None
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        sd = load_pickle(path, device)
         meta: dict[str, str] = {}
     else:
         header, _ = read_header(path)

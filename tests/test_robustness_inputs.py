@@ -292,3 +292,59 @@ def test_rename_onto_orphan_sidecars_is_refused_naming_the_file(tmp_path):
         lib.import_file(lib.root / "old.safetensors", name="other")
     # the adapter's own sidecars never count: a case-only rename works
     assert lib.rename("old", "OLD").name == "OLD" and (lib.root / "OLD.md").read_text() == "old's card"
+
+
+# ------------------------------------------------------------------------------------------------ 9. broken pickles
+def _broken_pickles(d):
+    import pickle
+
+    import torch
+
+    (d / "empty.ckpt").write_bytes(b"")
+    (d / "junk.pt").write_bytes(b"this is not a pickle at all " * 8)
+    torch.save({"state_dict": {"w": torch.ones(64, 64)}}, d / "whole.ckpt")
+    data = (d / "whole.ckpt").read_bytes()
+    (d / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    torch.save([torch.ones(2)], d / "list.pt")
+    torch.save(torch.ones(2), d / "tensor.bin")
+    torch.save({"epoch": 3, "note": "no weights"}, d / "notensors.pt")
+    (d / "cut.pt").write_bytes(pickle.dumps({"w": 1}, protocol=2)[:-4])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (d / "code.pt").write_bytes(pickle.dumps({"w": Evil()}, protocol=2))
+    return {
+        "empty.ckpt": r"the file is empty \(0 bytes\)",
+        "junk.pt": r"not a readable weights file: its data is malformed .*not a PyTorch weights file",
+        "truncated.ckpt": r"not a readable weights file: a damaged zip archive; truncated",
+        "list.pt": r"holds a list, not a state dict",
+        "tensor.bin": r"holds a Tensor, not a state dict",
+        "notensors.pt": r"holds no tensors \(a dict with keys 'epoch', 'note'\)",
+        "cut.pt": r"not a readable weights file: it ends too early",
+        "code.pt": r"not a readable weights file: it holds Python objects other than tensors \(print\).*can run code",
+    }
+
+
+def test_broken_pickles_are_corrupt_weights_errors_naming_the_file(tmp_path, capsys):
+    from pipelines.base_models import load_base
+    from pipelines.errors import CorruptWeightsError
+    from pipelines.library import AdapterLibrary
+    from pipelines.weights_io import load_safetensors
+
+    cases = _broken_pickles(tmp_path)
+    lib = AdapterLibrary(tmp_path / "lib", allow_pickle=True)
+    for name, why in cases.items():
+        path = tmp_path / name
+        with pytest.raises(CorruptWeightsError, match=rf"{name}: {why}"):  # an adapter
+            load_safetensors(path, allow_pickle=True)
+        with pytest.raises(CorruptWeightsError, match=rf"{name}: {why}"):
+            lib.import_file(path)
+        with pytest.raises(CorruptWeightsError, match=rf"{name}: {why}"):  # a base model
+            load_base(str(path), allow_pickle=True, device="cpu")
+    assert lib.names() == [] and "this must never run" not in capsys.readouterr().out
+    # the command line: one line naming the file, no traceback
+    assert main(["generate", "--base", str(tmp_path / "list.pt"), "--allow-pickle", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "list.pt: holds a list" in err and "Traceback" not in err
