@@ -495,6 +495,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.num_processes is not None and args.num_processes < 1:
         raise _usage(f"train: --num-processes must be 1 or more, got {args.num_processes}")
     if (args.num_processes or 1) > 1 and "WORLD_SIZE" not in os.environ:
+        from training.trainer import check_name_free
+
+        check_name_free(cfg)  # before the run folder and the processes: a name in use is refused here
         return launch_processes(cfg, args.num_processes)
     main_process = os.environ.get("RANK", "0") == "0"
     stop = threading.Event()

@@ -56,6 +56,8 @@ def test_train_refuses_a_name_in_use_before_any_work(images, tmp_path, monkeypat
     assert main(["train", "--images", str(images), "--name", "star", "--library", str(lib)]) == 2
     err = capsys.readouterr().err
     assert "'Star' already exists" in err and "--overwrite" in err
+    assert main(["train", "--images", str(images), "--name", "star", "--library", str(lib), "--num-processes", "2"]) == 2
+    assert "'Star' already exists" in capsys.readouterr().err and not (lib / "runs").exists()
     from app.cli import parse_train_args
 
     assert parse_train_args(["--images", "x", "--overwrite"]).overwrite is True
