@@ -38,6 +38,7 @@ POLL_S = 1.0  # training progress refresh
 NO_SAMPLE_SET = "(upload your own images)"
 PRESET_FIELDS = ("rank", "max_steps", "lr_unet", "lr_text", "train_text_encoder")
 CAPTION_COLUMNS = ["image", "caption"]
+MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
 COMPARE_MODES = {"adapter weights": "weights", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters"}
@@ -51,10 +52,18 @@ CSS = """
 .ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
 .ls-stopped {background: #a16207} .ls-failed {background: #dc2626}
 #ls-header h1 {margin-bottom: 0}
+.ls-error {color: #991b1b; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px; padding: 6px 10px;
+           margin: 4px 0}
 """
 
 
 # ------------------------------------------------------------------------------------------------ errors
+def error_html(message: str) -> str:
+    """An error that stays on the page (a toast vanishes; a bare red 'Error' over the panes says nothing)."""
+    return (f"<div class='ls-error' role='alert'><span class='ls-badge ls-failed'>error</span> "
+            f"{html.escape(message)}</div>")
+
+
 def ui_errors(fn: Callable) -> Callable:
     """Domain errors become a readable message in the browser; anything else too, without a traceback."""
 
@@ -69,6 +78,27 @@ def ui_errors(fn: Callable) -> Callable:
         except Exception as e:  # noqa: BLE001 - a bug: log it on the server, show one line in the browser
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(f"Unexpected error ({type(e).__name__}): {e}", print_exception=False) from None
+
+    return wrapper
+
+
+def shown_in(fn: Callable, outputs: Sequence[Any], message: Any) -> Callable:
+    """Wire a handler so that its error stays on the page: the message goes into the `message` output, every
+    other output keeps what it showed (nothing the user had is cleared, no bare red 'Error' over the panes),
+    and a toast says it too. The handler itself still raises gr.Error (its Python API is unchanged)."""
+    at = next(i for i, o in enumerate(outputs) if o is message)
+    n = len(outputs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as e:
+            msg = str(getattr(e, "message", e))
+        gr.Warning(msg)
+        out: list[Any] = [gr.skip()] * n
+        out[at] = error_html(msg)
+        return tuple(out)
 
     return wrapper
 
@@ -159,6 +189,13 @@ class StudioUI:
     @staticmethod
     def _skipped_md(scan) -> str:
         head = f"**{len(scan.items)} image(s) will be trained on.**"
+        if len(scan.items) < MIN_IMAGES:
+            head += (f"\n\n<span class='ls-warn'>⚠ Only {len(scan.items)} usable image(s): {MIN_IMAGES}–"
+                     f"{MAX_IMAGES} work best. With so few the adapter tends to copy them (same pose, colours, "
+                     "background) instead of learning the concept; add more varied images if you can.</span>")
+        elif len(scan.items) > MAX_IMAGES:
+            head += (f"\n\n<span class='ls-warn'>⚠ {len(scan.items)} images: more than the {MAX_IMAGES} a preset "
+                     "is tuned for; raise Steps so that each image is seen several times.</span>")
         if not scan.skipped:
             return head + " No file was skipped."
         lines = [head, f"**{len(scan.skipped)} file(s) skipped:**"]
@@ -203,6 +240,17 @@ class StudioUI:
         while name.casefold() in taken:
             name, k = f"{stem}-{k}", k + 1
         return name
+
+    @staticmethod
+    def recaption_for_preset(captions, preset: str, trigger: str):
+        """The preset changed: captions that are a preset's generated prompt ("a photo of sks") become the new
+        preset's ("in the style of sks"); captions from .txt files and the user's own edits are kept."""
+        trigger = (trigger or "").strip() or "sks"
+        templates = {v.get("instance_template", TrainConfig.instance_template) for v in PRESETS.values()}
+        generated = {t.format(trigger=trigger) for t in templates}
+        new = PRESETS.get(preset, {}).get("instance_template", TrainConfig.instance_template).format(trigger=trigger)
+        rows = [[r[0], new if str(r[1]).strip() in generated else r[1]] for r in _rows(captions) if r and r[0]]
+        return _df(rows, CAPTION_COLUMNS)
 
     @staticmethod
     def retrigger(captions, old: str, new: str):
@@ -483,6 +531,11 @@ class StudioUI:
                                    others=enabled)
         return str(path), str(path), req.seed
 
+    def compare_shown(self, *args):
+        """`compare` for the page: the grid, its file, the seed, and a status line (where an error stays)."""
+        grid, file, seed = self.compare(*args)
+        return grid, file, seed, ""
+
     # ============================================================================================ Library tab
     @ui_errors
     def import_adapter(self, file, name: str):
@@ -739,6 +792,7 @@ class StudioUI:
                         cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
                         cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
                     cmp_go = gr.Button("Make grid", elem_id="cmp-go")
+                    cmp_status = gr.Markdown("", elem_id="cmp-status")
                     with gr.Row():
                         cmp_image = gr.Image(label="Grid", type="filepath", interactive=False, format="png",
                                              elem_id="cmp-image")
@@ -787,14 +841,15 @@ class StudioUI:
 
             # train
             ds_outputs = [ds_id, thumbs, skipped, captions]
-            uploads.upload(self.stage_upload, [uploads, trigger, preset, ds_id],
-                           ds_outputs + [last_trigger, sample_set])
+            uploads.upload(shown_in(self.stage_upload, ds_outputs + [last_trigger, sample_set], skipped),
+                           [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger, sample_set])
             preset_fields = [rank, max_steps, lr_unet, lr_text, train_te]
             sample_set.input(self.pick_sample_set, [sample_set, ds_id],
                              ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields])
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             preset.input(self.preset_defaults, preset, preset_fields, **quiet)
+            preset.input(self.recaption_for_preset, [captions, preset, trigger], captions, **quiet)
             form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
                     train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
                     sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w, save_prec, shuffle,
@@ -813,30 +868,37 @@ class StudioUI:
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler]
-            go.click(self.generate, [base, *req_inputs, fuse, *slot_widgets],
-                     [gallery, downloads, params, last_seed, gen_paths, warn, gen_info])
-            prompt.submit(self.generate, [base, *req_inputs, fuse, *slot_widgets],
-                          [gallery, downloads, params, last_seed, gen_paths, warn, gen_info])
+            gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
+            go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
+                     gen_outputs)
+            prompt.submit(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
+                          gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
             rand.click(lambda: -1, None, seed, **quiet)
-            cmp_go.click(self.compare, [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run,
-                                        *slot_widgets], [cmp_image, cmp_file, last_seed])
+            cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]
+            cmp_go.click(shown_in(self.compare_shown, cmp_outputs, cmp_status),
+                         [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, *slot_widgets], cmp_outputs)
 
             # library
             lib_pick.change(self.adapter_details, lib_pick, details, **quiet)
             cards.select(self.select_card, None, lib_pick, **quiet)
-            import_btn.click(self.import_adapter, [import_file, import_name],
-                             [lib_status, lib_pick, import_file, import_name]).success(
+            import_outputs = [lib_status, lib_pick, import_file, import_name]
+            import_btn.click(shown_in(self.import_adapter, import_outputs, lib_status), [import_file, import_name],
+                             import_outputs).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
-            rename_btn.click(self.rename_adapter, [lib_pick, new_name], [lib_status, lib_pick, new_name]).success(
+            rename_btn.click(shown_in(self.rename_adapter, [lib_status, lib_pick, new_name], lib_status),
+                             [lib_pick, new_name], [lib_status, lib_pick, new_name]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             delete_btn.click(self.ask_delete, lib_pick, [confirm_box, confirm_md], **quiet)
-            confirm_yes.click(self.confirm_delete, lib_pick, [lib_status, confirm_box, lib_pick]).success(
+            confirm_yes.click(shown_in(self.confirm_delete, [lib_status, confirm_box, lib_pick], lib_status),
+                              lib_pick, [lib_status, confirm_box, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
-            export_btn.click(self.export_kohya, lib_pick, [lib_file, lib_status])
-            download_btn.click(self.download_adapter, lib_pick, [lib_file, lib_status])
+            export_btn.click(shown_in(self.export_kohya, [lib_file, lib_status], lib_status), lib_pick,
+                             [lib_file, lib_status])
+            download_btn.click(shown_in(self.download_adapter, [lib_file, lib_status], lib_status), lib_pick,
+                               [lib_file, lib_status])
 
             # a reopened page shows the latest job and the current library
             demo.load(self.latest_job_id, None, job_id, **quiet).then(

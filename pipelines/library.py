@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
 from .errors import ConfigError, UnsafeNameError
-from .weights_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, save_safetensors,
-                         stale_temp_files)
+from .weights_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, read_metadata,
+                         save_safetensors, stale_temp_files)
+
 
 # files that belong to an adapter: same stem, one of these endings (A1111 / civitai helper conventions)
 SIDECAR_SUFFIXES = (".preview.png", ".png", ".jpg", ".jpeg", ".webp", ".md", ".toml", ".json", ".txt",
@@ -307,12 +308,22 @@ class AdapterLibrary:
         return self.info(dst.stem)
 
     def rename(self, old: str, new: str) -> AdapterInfo:
-        """Rename an adapter and its sidecar files. A change of case only is allowed."""
+        """Rename an adapter and everything that carries its name: its sidecar files (preview, card, config),
+        the name in its metadata (`lora_studio.name`, kohya's `ss_output_name`, `modelspec.title`), in its
+        model card and config, and its training run folder (runs/<name>: checkpoints, samples, log).
+        A change of case only is allowed."""
         src = self.path_for(old)
         dst = self._new_path(new, replacing=src)
         own = self.sidecars(src.stem) + self._sidecar_links(src)
         self._refuse_orphans(dst.stem, keep=(src, *own))
+        run_src, run_dst = self.root / "runs" / src.stem, self.root / "runs" / dst.stem
+        move_run = run_src.is_dir() and not run_src.is_symlink() and run_src != run_dst
+        if move_run and run_dst.exists() and run_src.name.casefold() != run_dst.name.casefold():
+            raise ConfigError(f"name: a training run folder '{run_dst.name}' already exists in {run_dst.parent}; "
+                              "pick another name")
         moves = [(src, dst)] + [(q, dst.with_name(dst.stem + q.name[len(src.stem):])) for q in own]
+        if move_run:
+            moves.append((run_src, run_dst))
         for a, b in moves:
             if a == b:
                 continue
@@ -322,7 +333,29 @@ class AdapterLibrary:
                 os.replace(tmp, b)
             else:
                 os.replace(a, b)
+        if dst.stem != src.stem:
+            self._rename_inside(dst, src.stem)
         return self.info(dst.stem)
+
+    def _rename_inside(self, path: Path, old: str) -> None:
+        """The new name in the file's metadata, its model card's title and commands, and its config."""
+        new = path.stem
+        meta = read_metadata(path)
+        keys = [k for k in ("lora_studio.name", "ss_output_name", "modelspec.title") if meta.get(k) == old]
+        if keys:
+            sd, meta = load_safetensors(path)
+            save_safetensors(sd, path, {**meta, **{k: new for k in keys}})
+        card = path.with_name(new + ".md")
+        if card.is_file() and not card.is_symlink():
+            text = card.read_text(encoding="utf-8", errors="replace")
+            text = re.sub(rf"^# {re.escape(old)}$", f"# {new}", text, count=1, flags=re.M)
+            text = re.sub(rf"(--lora |loras export |<lora:){re.escape(old)}(?=[:\s`>])", rf"\g<1>{new}", text)
+            atomic_write(card, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        cfg = path.with_name(new + ".toml")
+        if cfg.is_file() and not cfg.is_symlink():
+            text = cfg.read_text(encoding="utf-8", errors="replace")
+            text = re.sub(rf'^name = "{re.escape(old)}"$', f'name = "{new}"', text, count=1, flags=re.M)
+            atomic_write(cfg, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def delete(self, name: str) -> list[Path]:
         """Delete an adapter and its sidecar files; returns what was removed."""
