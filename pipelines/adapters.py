@@ -614,10 +614,11 @@ class AdapterInfo:
 
 
 def preview_for(path: Path) -> Path | None:
-    """A same-named image next to the adapter (A1111: name.png or name.preview.png)."""
+    """A same-named image next to the adapter (A1111: name.png or name.preview.png); a symlink is never
+    taken (it could point anywhere, and the UI serves previews)."""
     for suffix in _PREVIEW_SUFFIXES:
         p = path.with_name(path.stem + suffix)
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
             return p
     return None
 

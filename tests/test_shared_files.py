@@ -53,3 +53,37 @@ def test_kohya_model_hash_is_the_base_file_hash_or_absent(tmp_path):
     assert "ss_new_sd_model_hash" not in lora_metadata(family="sd1", rank=4, alpha=4, base_hash="0123abcd")
     m = lora_metadata(family="sd1", rank=4, alpha=4, base_hash="0123abcd", model_file_hash=sha256_file(f))
     assert m["ss_new_sd_model_hash"] == sha256_file(f) and m["lora_studio.base_hash"] == "0123abcd"
+
+
+def test_shared_toml_never_carries_overwrite(star_images, tiny_sd1_dir, tmp_path):
+    cfg = TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "lib"), name="o",
+                      max_steps=1, batch_size=2, rank=2, device="cpu", sample_steps=2)
+    train(cfg)
+    res = train(cfg.replace(overwrite=True))  # retrained on purpose
+    toml = (tmp_path / "lib" / "o.toml").read_text()
+    assert "overwrite" not in toml and TrainConfig.from_toml(tmp_path / "lib" / "o.toml").overwrite is False
+    assert "overwrite" not in json.loads(load_safetensors(res.adapter_path)[1]["lora_studio.train_config"])
+
+
+def test_a_damaged_checkpoint_state_is_one_clear_error(star_images, tiny_sd1_dir, tmp_path):
+    import pytest
+
+    from pipelines.errors import TrainingError
+
+    cfg = TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "lib"), name="d",
+                      max_steps=3, batch_size=2, rank=2, device="cpu", sample_steps=2, checkpoint_every=1)
+    res = train(cfg)
+    (res.checkpoint / "state.pt").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(TrainingError, match=r"cannot resume from .*step-000002: its state.pt is damaged"):
+        train(cfg.replace(resume="latest", max_steps=4, overwrite=True))
+
+
+def test_a_symlinked_preview_beside_any_adapter_file_is_not_taken(tmp_path):
+    from pipelines.adapters import preview_for
+
+    secret = tmp_path / "private.png"
+    secret.write_bytes(b"\x89PNG")
+    (tmp_path / "a.png").symlink_to(secret)
+    assert preview_for(tmp_path / "a.safetensors") is None
+    (tmp_path / "a.preview.png").write_bytes(b"\x89PNG")
+    assert preview_for(tmp_path / "a.safetensors") == tmp_path / "a.preview.png"

@@ -107,7 +107,15 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
     """Load a checkpoint after checking it was made with compatible options."""
     from pipelines.weights_io import load_safetensors
 
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"optimizer", "lr_scheduler", "step", "config"} <= set(state):
+            raise ValueError("not a training state")
+    except FileNotFoundError:
+        raise TrainingError(f"cannot resume from {path}: its state.pt is missing") from None
+    except Exception as e:  # noqa: BLE001 - truncated, damaged or foreign: one line naming the checkpoint
+        raise TrainingError(f"cannot resume from {path}: its state.pt is damaged ({type(e).__name__}: {e}); "
+                            "resume from an older checkpoint (--resume checkpoints/step-N) instead") from None
     saved = json.loads(state["config"])
     now = cfg.to_dict()
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in RESUME_KEYS
@@ -147,6 +155,7 @@ def shareable_config(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     for k in PATH_FIELDS:
         d[k] = shareable_path(d.get(k))
+    d.pop("overwrite", None)  # a shared .toml run again must never replace an adapter silently
     return d
 
 
