@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-processes", type=int, default=None,
                    help="train with N processes (one per GPU; on a CPU, N gloo processes) through "
                         "`accelerate launch`; --batch-size is per process")
+    t.add_argument("--queue", action="store_true", default=None,
+                   help="add the run to the jobs queue instead of training now; the app's worker or "
+                        "`lora-studio jobs run` trains it (`lora-studio jobs` lists the queue)")
     t.set_defaults(func=cmd_train)
 
     u = sub.add_parser("ui", help="start the browser app (what `lora-studio` with no command does)",
@@ -154,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     _add_library_arg(u)
     u.set_defaults(func=cmd_ui)
+
+    j = sub.add_parser("jobs", help="the training queue and its history: list (the default), run, stop",
+                       description="Training jobs of the app's home ($LORA_STUDIO_HOME): queued with the app or "
+                                   "`lora-studio train --queue`, trained one at a time, each as its own process.")
+    _add_home_arg(j)
+    j.set_defaults(func=cmd_jobs_list)  # `lora-studio jobs` alone lists them
+    jsub = j.add_subparsers(dest="jobs_command", metavar="ACTION")
+    p = jsub.add_parser("list", help="id, name, state, step/total, started, finished of every job")
+    p.add_argument("--limit", type=int, default=None, help="only the last N jobs")
+    _add_home_arg(p, suppress=True)
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("run", help="train the queued jobs here, one at a time, without the app",
+                        description="Train the queued jobs in this terminal (headless), oldest first, each as its "
+                                    "own process; waits while the app trains one. Ctrl-C stops the job training "
+                                    "now after its step (a checkpoint is kept) and ends.")
+    p.add_argument("--wait", action="store_true", help="keep waiting for new jobs when the queue is empty")
+    _add_home_arg(p, suppress=True)
+    p.set_defaults(func=cmd_jobs_run)
+    p = jsub.add_parser("stop", help="take a queued job out of the queue, or stop a training one (checkpoint kept)")
+    p.add_argument("id", type=int)
+    _add_home_arg(p, suppress=True)
+    p.set_defaults(func=cmd_jobs_stop)
 
     lo = sub.add_parser("loras", help="the adapter library: list (the default), import, export, rename, rm")
     _add_library_arg(lo)
@@ -226,6 +251,77 @@ def _add_library_arg(p: argparse.ArgumentParser, suppress: bool = False) -> None
     # on `loras ACTION` parsers too (SUPPRESS: absent there, the value given before ACTION stays)
     p.add_argument("--library", default=argparse.SUPPRESS if suppress else None,
                    help="adapter library folder (default: $LORA_STUDIO_HOME/loras, ~/.local/share/lora-studio/loras)")
+
+
+def _add_home_arg(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    p.add_argument("--home", default=argparse.SUPPRESS if suppress else None,
+                   help="the app's home folder holding jobs.sqlite (default: $LORA_STUDIO_HOME, "
+                        "~/.local/share/lora-studio)")
+
+
+def _home(value: str | None) -> Path:
+    from pipelines.library import default_home
+
+    return Path(value).expanduser() if value else default_home()
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    from training.jobs import JobQueue
+
+    q = JobQueue(_home(args.home), worker=False)
+    jobs = q.jobs()
+    if getattr(args, "limit", None):
+        jobs = jobs[-args.limit:]
+    if not jobs:
+        print(f"no jobs in {q.store.path}")
+        return 0
+    print(f"{'ID':>4}  {'NAME':<28} {'STATE':<12} {'STEP':>11}  {'STARTED':<16}  FINISHED")
+    for job in jobs:
+        print(f"{job.id:>4}  {job.name:<28} {job.state:<12} {f'{job.step}/{job.total}':>11}  {_when(job.started):<16}  "
+              f"{_when(job.finished)}")
+        if job.error and job.state in ("failed", "interrupted"):
+            print(f"      {job.error.splitlines()[0][:300]}")
+    return 0
+
+
+def cmd_jobs_run(args: argparse.Namespace) -> int:
+    from training.jobs import JobQueue
+
+    q = JobQueue(_home(args.home), worker=False)
+    print(f"training the queued jobs of {q.store.path} (Ctrl-C stops the one training, keeping a checkpoint)")
+
+    def report(job, _phase: str) -> None:
+        what = {"done": f"wrote {job.result.adapter_path}" if job.result else "",
+                "stopped": f"checkpoint {job.result.checkpoint}" if job.result and job.result.checkpoint else ""}
+        detail = what.get(job.state, job.error or "")
+        print(f"job {job.id} '{job.name}': {job.state} at step {job.step}/{job.total}" + (f"; {detail}" if detail
+              else "") + f" (log: {job.log_path})", flush=True)
+
+    done = q.run_pending(wait=args.wait, on_job=report)
+    if not done:
+        print("no queued jobs")
+    return 1 if any(j.state == "failed" for j in done) else 0
+
+
+def cmd_jobs_stop(args: argparse.Namespace) -> int:
+    from training.jobs import JobQueue
+
+    q = JobQueue(_home(args.home), worker=False)
+    job = q.get(args.id)
+    if job is None:
+        raise _usage(f"jobs stop: no job {args.id} in {q.store.path}")
+    if not job.active:
+        print(f"job {job.id} '{job.name}' is already {job.state}")
+        return 0
+    was = job.state
+    q.stop(job.id)
+    print(f"took job {job.id} '{job.name}' out of the queue" if was == "queued" else
+          f"stopping job {job.id} '{job.name}' after its current step; a checkpoint is kept")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -457,7 +553,7 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
-_TRAIN_ARG_EXCLUDE = {"command", "func", "config", "num_processes"}
+_TRAIN_ARG_EXCLUDE = {"command", "func", "config", "num_processes", "queue"}
 
 
 def _module_list(text: str) -> list[str]:
@@ -487,7 +583,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from training.trainer import train
+    from training.jobstore import RunStatus
+    from training.trainer import run_dir_for, train
 
     cfg = train_config_from_args(args)
     if not cfg.images:
@@ -499,6 +596,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_name_free(cfg)  # before the run folder and the processes: a name in use is refused here
         return launch_processes(cfg, args.num_processes)
+    if args.queue:
+        return queue_training(cfg, args.num_processes)
     main_process = os.environ.get("RANK", "0") == "0"
     stop = threading.Event()
 
@@ -510,19 +609,51 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGINT, _on_sigint)
     bar = _ProgressBar()
+    # the run folder's progress.json: what a UI or `lora-studio jobs` shows of this run (one process writes it)
+    status = RunStatus(run_dir_for(cfg)) if main_process else None
     try:
-        res = train(cfg, on_progress=bar, stop=stop)
+        res = train(cfg, on_progress=bar if status is None else _Both(bar, status), stop=stop)
+    except BaseException as e:
+        if status is not None:
+            status.failed(e)
+        raise
     finally:
         signal.signal(signal.SIGINT, old)
         bar.close()
     if not main_process:
         return 0
+    status.finished(res)
     if res.stopped:
         print(f"stopped at step {res.steps}; resume with: lora-studio train ... --name {cfg.name} --resume latest"
               f" (checkpoint: {res.checkpoint})")
         return 130
     print(f"wrote {res.adapter_path} in {res.seconds / 60:.1f} min; final loss {res.final_loss:.4f}")
     print(f"run folder (samples, log.csv, checkpoints): {res.run_dir}")
+    return 0
+
+
+class _Both:
+    """Two progress callbacks as one."""
+
+    def __init__(self, *fns):
+        self.fns = fns
+
+    def __call__(self, p) -> None:
+        for fn in self.fns:
+            fn(p)
+
+
+def queue_training(cfg, num_processes: int | None) -> int:
+    """`train --queue`: a row in the home's jobs database; the app's worker or `lora-studio jobs run` trains it."""
+    from training.jobs import JobQueue
+    from training.trainer import check_name_free
+
+    check_name_free(cfg)  # now, not when the job comes up
+    q = JobQueue(_home(None), worker=False)
+    job = q.submit(cfg, num_processes=num_processes)
+    ahead = q.position(job)
+    print(f"queued job {job.id} '{cfg.name}' ({ahead} ahead of it) in {q.store.path}")
+    print("the app trains it when it is running; or train the queue here: lora-studio jobs run")
     return 0
 
 

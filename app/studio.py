@@ -36,21 +36,22 @@ SAMPLE_SET_TRIGGERS = {"concept-star": ("sks", "concept"), "style-outline": ("oh
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 _UNSAFE_FILE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 
-_QUEUE: JobQueue | None = None
+_QUEUES: dict[Path, JobQueue] = {}
 _QUEUE_LOCK = threading.Lock()
 
 
-def job_queue() -> JobQueue:
-    """The process-wide training queue: one worker, so never two trainings on the device at once.
+def job_queue(home: str | Path | None = None) -> JobQueue:
+    """The process-wide training queue of a home folder (its jobs.sqlite): one worker, so never two trainings
+    on the device at once.
 
-    It lives as long as the server process, not a browser tab: closing the tab does not stop a job,
-    and a reopened page finds it again.
+    Jobs run as their own processes and the queue is kept in the home folder: closing the tab does not stop
+    a job, a reopened page finds it again, and a restarted app lists the queue and the history.
     """
-    global _QUEUE
+    key = Path(home if home is not None else default_home()).expanduser().resolve()
     with _QUEUE_LOCK:
-        if _QUEUE is None:
-            _QUEUE = JobQueue()
-        return _QUEUE
+        if key not in _QUEUES:
+            _QUEUES[key] = JobQueue(key)
+        return _QUEUES[key]
 
 
 def safe_file_name(name: str) -> str:
@@ -91,6 +92,29 @@ class Loaded:
 
 
 @dataclass
+class RunState:
+    """What the app knows of a training run's name."""
+
+    name: str
+    in_library: bool  # a finished adapter of that name (up to case)
+    job: Job | None  # a queued or training job of that name
+    checkpoint: Path | None  # the run's latest checkpoint
+    step: int  # its step (0: no checkpoint)
+    total: int | None  # the run's max_steps, where its options are known
+    known: bool  # its options are known (a job of it, or job.toml in the run folder)
+
+    @property
+    def in_use(self) -> bool:
+        """A new training may not take this name."""
+        return self.in_library or self.job is not None
+
+    @property
+    def resumable(self) -> bool:
+        """Stopped or interrupted with a checkpoint: `Studio.resume(name)` continues it."""
+        return not self.in_use and self.checkpoint is not None and self.known
+
+
+@dataclass
 class GenerateResult:
     images: list[GeneratedImage]
     paths: list[Path]
@@ -115,7 +139,7 @@ class Studio:
         self.default_base = str(base) if base else str(DEFAULT_BASE)
         self.allow_pickle = allow_pickle
         self.device = device
-        self._queue = queue
+        self._queue = queue.bind(self.home) if queue is not None else None  # a queue without a home takes ours
         self.max_loaded = max_loaded
         self._loaded: dict[str, Loaded] = {}
         self._models_lock = threading.Lock()
@@ -123,7 +147,7 @@ class Studio:
 
     @property
     def queue(self) -> JobQueue:
-        return self._queue if self._queue is not None else job_queue()
+        return self._queue if self._queue is not None else job_queue(self.home)
 
     def served_paths(self) -> list[str]:
         """The only folders the web server may serve files from (besides Gradio's own upload cache)."""
@@ -304,8 +328,85 @@ class Studio:
                 raise ConfigError(f"name: a training called '{name}' is already queued or running")
         return name
 
-    def submit(self, cfg: TrainConfig) -> Job:
-        return self.queue.submit(cfg)
+    def submit(self, cfg: TrainConfig, num_processes: int | None = None) -> Job:
+        """Queue a training; it runs as its own process (`lora-studio train --config ...`) when its turn comes."""
+        return self.queue.submit(cfg, num_processes=num_processes)
+
+    def _run_config(self, name: str) -> tuple[TrainConfig, int | None] | None:
+        """The options a run of `name` in this library was trained with, and its process count: from its latest
+        job, else the run folder's job.toml / launch.toml, else the adapter's library .toml (when its image
+        folder is still there)."""
+        root = self.library.root.resolve()
+        for job in reversed(self.queue.jobs()):
+            if job.config.name.casefold() == name.casefold() and job.config.library_dir.resolve() == root:
+                return job.config, job.num_processes
+        run = self.library.root / "runs" / name
+        for f in (run / "job.toml", run / "launch.toml", self.library.root / f"{name}.toml"):
+            if f.is_file() and _inside(f, self.library.root):
+                try:
+                    cfg = TrainConfig.from_toml(f)
+                except ConfigError:
+                    continue
+                if Path(cfg.images).expanduser().is_dir():
+                    return cfg.replace(output_dir=str(self.library.root)), None
+        return None
+
+    def run_state(self, name: str) -> "RunState":
+        """Is `name` in use (a finished adapter, or a queued/training job), and can its run be resumed?"""
+        from training.export import list_checkpoints
+
+        name = check_name(name)
+        job = self.queue.active_with_name(name)
+        in_library = self.library.find(name) is not None
+        runs = self.library.root / "runs"
+        cks = list_checkpoints(runs / name) if _inside(runs / name, self.library.root) else []
+        ck = cks[-1] if cks else None
+        known = self._run_config(name) if ck is not None and not in_library and job is None else None
+        return RunState(name, in_library, job, ck, int(ck.name.split("-")[1]) if ck else 0,
+                        known[0].max_steps if known else None, known is not None)
+
+    def resume(self, name: str) -> Job:
+        """Queue the stopped or interrupted run `name` to continue from its latest checkpoint: it ends with the
+        weights an uninterrupted run would have had."""
+        st = self.run_state(name)
+        if st.job is not None:
+            raise ConfigError(f"resume: '{st.name}' is already {st.job.state} (job {st.job.id})")
+        if st.in_library:
+            raise ConfigError(f"resume: '{st.name}' already finished; train more steps from it instead")
+        if st.checkpoint is None:
+            raise ConfigError(f"resume: the run '{st.name}' has no checkpoint to continue from")
+        known = self._run_config(st.name)
+        if known is None:
+            raise ConfigError(f"resume: the options of run '{st.name}' are unknown (no job of it and no job.toml "
+                              "in its run folder), or its image folder is gone")
+        cfg, nproc = known
+        return self.queue.submit(cfg.replace(resume="latest"), num_processes=nproc, kind="resume")
+
+    def train_more(self, name: str, steps: int, new_name: str | None = None, config: TrainConfig | None = None,
+                   overwrite: bool = False) -> Job:
+        """Queue a new run that starts from the finished adapter `name` and trains `steps` more steps, under
+        `new_name` (default: a free '<name>-more'). Its options are the adapter's own run's unless `config`
+        gives others (the images, for an imported adapter). A name in use is refused unless `overwrite`."""
+        src = self.library.path_for(name)
+        steps = int(steps)
+        if steps < 1:
+            raise ConfigError(f"steps: train at least 1 more step, got {steps}")
+        if config is None:
+            known = self._run_config(src.stem)
+            if known is None:
+                raise ConfigError(f"train more: the options '{src.stem}' was trained with are unknown, or its "
+                                  "image folder is gone; give a config with the images to train on")
+            config = known[0]
+        if new_name is None:
+            new_name, k = f"{src.stem}-more", 2
+            while self.library.find(new_name) or self.queue.active_with_name(new_name) \
+                    or (self.library.root / "runs" / new_name).exists():
+                new_name, k = f"{src.stem}-more-{k}", k + 1
+        elif not overwrite:
+            new_name = self.check_new_adapter_name(new_name)
+        cfg = config.replace(name=check_name(new_name), init_adapter=str(src), max_steps=steps, resume=None,
+                             overwrite=overwrite, output_dir=str(self.library.root))
+        return self.queue.submit(cfg, kind="more")
 
     def job(self, job_id: int | None) -> Job | None:
         if job_id is None:
@@ -400,4 +501,4 @@ def entries_from_rows(rows: Iterable[tuple]) -> list[StackEntry]:
     return out
 
 
-__all__ = ["Studio", "job_queue", "entries_from_rows", "safe_file_name", "GenerateResult"]
+__all__ = ["Studio", "job_queue", "entries_from_rows", "safe_file_name", "GenerateResult", "RunState"]

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -100,42 +99,29 @@ def test_out_of_memory_stops_cleanly_with_advice(images, tiny_sd1_dir, tmp_path,
 
 
 def test_two_jobs_queue_and_never_run_together(images, tiny_sd1_dir, tmp_path):
-    overlap = {"now": 0, "max": 0}
-    lock = threading.Lock()
-
-    def runner(cfg, on_progress=None, stop=None):
-        with lock:
-            overlap["now"] += 1
-            overlap["max"] = max(overlap["max"], overlap["now"])
-        try:
-            return train(cfg, on_progress=on_progress, stop=stop)
-        finally:
-            with lock:
-                overlap["now"] -= 1
-
-    q = JobQueue(runner=runner)
+    q = JobQueue(tmp_path / "home")  # each job trains in its own process, one at a time
     a = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="a", max_steps=3))
     b = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="b", max_steps=3))
     deadline = time.time() + 60  # the worker thread picks a up; a slow machine may take a moment
-    while a.state == "queued" and time.time() < deadline:
+    while q.get(a.id).state == "queued" and time.time() < deadline:
         time.sleep(0.01)
-    assert a.state == "running" and b.state == "queued" and q.position(b) == 1
+    assert a.state == "running" and q.get(b.id).state == "queued" and q.position(b) == 1
     q.wait(a, timeout=120)
     q.wait(b, timeout=120)
     assert a.state == b.state == "done", (a.error, b.error)
-    assert overlap["max"] == 1
+    assert q.max_concurrent_seen == 1 and a.finished <= b.started and a.pid != b.pid
     assert (tmp_path / "a.safetensors").is_file() and (tmp_path / "b.safetensors").is_file()
     assert [s for s, _ in a.losses] == [1, 2, 3]
 
 
 def test_stopping_a_queued_job_never_runs_it(images, tiny_sd1_dir, tmp_path):
-    q = JobQueue()
+    q = JobQueue(tmp_path / "home")
     a = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="a", max_steps=2))
     b = q.submit(_cfg(images, tiny_sd1_dir, tmp_path, name="b", max_steps=2))
     q.stop(b.id)
     q.wait(a, timeout=120)
     time.sleep(0.3)
-    assert b.state == "stopped" and b.started is None
+    assert q.get(b.id).state == "stopped" and b.started is None
     assert not (tmp_path / "b.safetensors").exists()
 
 

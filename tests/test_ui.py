@@ -29,36 +29,23 @@ from pipelines.stack import StackEntry
 from pipelines.weights_io import read_header
 from training.config import PRESETS
 from training.jobs import JobQueue
-from training.trainer import Progress, TrainResult
 
+from jobs_helpers import FileGate
 from lora_helpers import make_lora
 
 # ------------------------------------------------------------------------------------------------ fixtures
-class _Gate:
-    """A fake trainer: each job blocks until released, so a second one must wait in the queue."""
-
-    def __init__(self):
-        self.release = threading.Event()
-        self.started: list[str] = []
-
-    def __call__(self, cfg, on_progress=None, stop=None):
-        on_progress(Progress(1, cfg.max_steps, loss=0.5, elapsed_s=1.0, eta_s=3.0))
-        self.started.append(cfg.name)  # after its first progress report, which the test reads next
-        self.release.wait(120)
-        on_progress(Progress(cfg.max_steps, cfg.max_steps, loss=0.25, elapsed_s=2.0, eta_s=0.0))
-        return TrainResult(None, Path(cfg.images), cfg.max_steps, 0.25, 2.0, [], None)
-
-
 @pytest.fixture()
-def gate():
-    g = _Gate()
+def gate(tmp_path):
+    """Each job's process is a fake trainer that reports step 1 and blocks until released, so a second job
+    must wait in the queue (jobs are processes: see tests/test_jobs.py for real ones)."""
+    g = FileGate(tmp_path / "gate")
     yield g
     g.release.set()
 
 
 @pytest.fixture()
 def ui(tmp_path, tiny_sd1_dir, gate):
-    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(runner=gate), device="cpu")
+    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(command=gate), device="cpu")
     u = StudioUI(studio)
     u.build()
     return u
@@ -426,7 +413,7 @@ def _free_port() -> int:
 
 def test_upload_over_the_size_limit_is_refused_and_leaves_no_file(tmp_path, tiny_sd1_dir, gate):
     """Issue 6 row 2: the server refuses an upload over the limit (HTTP 413) and keeps no partial file."""
-    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(runner=gate), device="cpu")
+    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), queue=JobQueue(command=gate), device="cpu")
     port = _free_port()
     app = launch(studio, port=port, max_file_size="4kb", prevent_thread_lock=True, quiet=True)
     url = app.local_url
