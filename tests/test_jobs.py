@@ -172,3 +172,55 @@ def test_jobs_command_lists_the_queue_and_train_queue_adds_to_it(home, star_imag
     assert main(["jobs", "list", "--home", str(home)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if " q1 " in ln)
     assert "done" in line and "2/2" in line and line.count(time.strftime("%Y-%m-%d")) == 2
+
+
+APP = r'''
+import json, sys, time
+from training.config import TrainConfig
+from training.jobs import JobQueue
+
+q = JobQueue(sys.argv[1])  # an app with its worker thread
+q.submit(TrainConfig.from_dict(json.loads(sys.argv[2])))
+time.sleep(600)
+'''
+
+
+def test_a_job_training_when_the_app_dies_is_interrupted_and_resumable(home, star_images, tiny_sd1_dir, tmp_path):
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    lib = tmp_path / "lib"
+    cfg = _cfg(star_images, tiny_sd1_dir, lib, max_steps=40, checkpoint_every=1, checkpoints_keep=3)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    app = subprocess.Popen([sys.executable, "-c", APP, str(home), cfg.to_json()], cwd=root, env=env)
+    try:
+        store = JobStore(home) if wait_for(lambda: (home / "jobs.sqlite").is_file(), 60) else None
+        assert store is not None
+        log = lib / "runs" / "k" / "log.csv"
+        assert wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 3, 120)
+    finally:
+        app.kill()  # the app dies (SIGKILL: no clean-up); its training process lives on, on its own
+        app.wait()
+    [row] = store.rows()
+    assert row["state"] == "running" and row["pid"] != app.pid
+    assert JobQueue(home, worker=False).get(row["id"]).state == "running"  # still training: not interrupted
+    os.killpg(row["pid"], signal.SIGKILL)  # and then the training process dies too
+    assert wait_for(lambda: not _alive(row["pid"]), 30)
+
+    studio = Studio(home=home, base=str(tiny_sd1_dir), device="cpu", library=lib)  # the app starts again
+    job = studio.job(row["id"])
+    assert job.state == "interrupted" and "resume" in job.error and not job.active
+    st = studio.run_state("k")
+    assert st.resumable and st.step >= 1
+    more = studio.resume("k")
+    studio.queue.wait(more, timeout=240)
+    assert more.state == "done", more.error
+    assert [s for s, _ in more.losses] == list(range(1, 41)) and (lib / "k.safetensors").is_file()
+
+
+def _alive(pid: int) -> bool:
+    from training.jobstore import process_token, token_alive
+
+    return token_alive(process_token(pid))

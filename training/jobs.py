@@ -271,44 +271,46 @@ class JobQueue:
 
     # refreshing Job objects from the database and the run folder ----------------------------------------
     def _sync(self, row: dict[str, Any]) -> Job:
-        with self._lock:
+        with self._lock:  # the worker and the UI's polls refresh the same Job objects
             job = self._jobs.get(row["id"])
             if job is None:
                 cfg = TrainConfig.from_dict(json.loads(row["config"]), source=f"job {row['id']}")
                 job = Job(row["id"], cfg, submitted=row["submitted"], kind=row["kind"],
                           num_processes=row["num_processes"], log_path=self.store.log_path(row["id"]))
                 self._jobs[row["id"]] = job
+            return self._refresh(job, row)
+
+    def _refresh(self, job: Job, row: dict[str, Any]) -> Job:
         if job._final:
             return job
-        job.state, job.error = row["state"], row["error"]
-        job.started, job.finished, job.pid = row["started"], row["finished"], row["pid"]
+        state = row["state"]
+        job.error, job.started, job.finished, job.pid = row["error"], row["started"], row["finished"], row["pid"]
         job.run_dir = Path(row["run_dir"]) if row["run_dir"] else None
-        if job.state == "queued":
-            return job
-        if job.state == "running":
-            status = read_status(job.run_dir)
-        else:
-            status = json.loads(row["summary"]) if row["summary"] else None
-        if status is not None and job.started and status.get("started", 0) < job.started - 5:
-            status = None  # an older run's progress.json in the same folder
-        if status is not None:
-            self._apply_status(job, status)
-        if job.run_dir is not None and job.started:
-            rows = job._loss_log.read(job.run_dir / "log.csv", job.started)
-            if rows is not None:
-                job.losses = rows
-        if not job.active:
-            job._final = True
+        if state != "queued":
+            if state == "running":
+                status = read_status(job.run_dir)
+            else:
+                status = json.loads(row["summary"]) if row["summary"] else None
+            if status is not None and job.started and status.get("started", 0) < job.started:
+                status = None  # an older run's progress.json in the same folder
+            if status is not None:
+                self._apply_status(job, status, state)
+            if job.run_dir is not None and job.started:
+                rows = job._loss_log.read(job.run_dir / "log.csv", job.started)
+                if rows is not None:
+                    job.losses = rows
+        job.state = state  # last: whoever sees a job finished finds its result and samples in place
+        job._final = not job.active
         return job
 
     @staticmethod
-    def _apply_status(job: Job, s: dict[str, Any]) -> None:
+    def _apply_status(job: Job, s: dict[str, Any], state: str) -> None:
         total = s.get("total") or job.config.max_steps
         job.progress = Progress(int(s.get("step") or 0), int(total), s.get("loss"), s.get("lr"),
                                 float(s.get("elapsed_s") or 0.0), s.get("eta_s"), [], s.get("message") or "")
         job.samples = [Path(p) for p in s.get("samples", [])]
         job.messages = list(s.get("messages", []))
-        if job.state in ("done", "stopped") and (s.get("adapter") or s.get("checkpoint")):
+        if state in ("done", "stopped") and (s.get("adapter") or s.get("checkpoint")):
             job.result = TrainResult(
                 Path(s["adapter"]) if s.get("adapter") else None, job.run_dir or run_dir_for(job.config),
                 int(s.get("step") or 0), s.get("final_loss"), float(s.get("seconds") or 0.0), list(job.samples),

@@ -229,7 +229,7 @@ def settle(row: dict[str, Any], rc: int | None, *, closing: bool = False,
     `rc` None: its exit status is unknown (its worker was gone). `closing`: the app stopped it on the way out.
     """
     status = read_status(row.get("run_dir"))
-    if status is not None and row.get("started") and status.get("started", 0) < row["started"] - 5:
+    if status is not None and row.get("started") and status.get("started", 0) < row["started"]:
         status = None  # an older run's file: this job's process never wrote one
     summary = json.dumps(status) if status is not None else row.get("summary")
     reported = (status or {}).get("state")
