@@ -70,72 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a LoRA adapter from a folder of images",
                        description="Train a LoRA adapter. Options given here override those of --config.")
     t.add_argument("--config", default=None, help="a TOML file with TrainConfig keys (top level or a [train] table)")
-    t.add_argument("--images", help="folder of training images (subfolders too; captions in same-named .txt files)")
-    t.add_argument("--trigger", help="trigger word, e.g. sks")
-    t.add_argument("--name", help="adapter name (the file will be NAME.safetensors in the library)")
-    t.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace an adapter of the same name in the library (otherwise a name in use is refused)")
-    t.add_argument("--preset", choices=["concept", "style", "custom"])
-    t.add_argument("--base", help="base model (default: the embedded toy model)")
-    t.add_argument("--output-dir", "--library", dest="output_dir", help="adapter library folder")
-    t.add_argument("--class-prompt", help="enables prior preservation with this class prompt")
-    t.add_argument("--class-images", help="folder of class images (default: generated with the base model)")
-    t.add_argument("--num-class-images", type=int)
-    t.add_argument("--prior-loss-weight", type=float)
-    t.add_argument("--preserve-weight", type=float,
-                   help="base preservation: keep the base model's own predictions on prompts without the trigger "
-                        "(the captions minus the trigger word, the class prompt, the empty prompt); 0 turns it off")
-    t.add_argument("--preserve-prompt", dest="preserve_prompts", action="append",
-                   help="another prompt whose images the adapter must not change (repeatable)")
-    t.add_argument("--rank", type=int)
-    t.add_argument("--alpha", type=float)
-    t.add_argument("--dropout", type=float)
-    t.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--unet-targets", type=_module_list, metavar="M1,M2,...",
-                   help="UNet modules that get LoRA (default to_q,to_k,to_v,to_out.0; the concept preset adds "
-                        "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2)")
-    t.add_argument("--conv-rank", type=int,
-                   help="rank of the UNet's 3x3 convolutions when they are trained (kohya's conv_dim; default: --rank)")
-    t.add_argument("--conv-alpha", type=float, help="their alpha (default: the same alpha/rank scale as the rest)")
-    t.add_argument("--text-targets", type=_module_list, metavar="M1,M2,...",
-                   help="text-encoder modules that get LoRA (default q_proj,k_proj,v_proj,out_proj)")
-    t.add_argument("--steps", dest="max_steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int)
-    t.add_argument("--lr-unet", type=float)
-    t.add_argument("--lr-text", type=float)
-    t.add_argument("--lr-scheduler")
-    t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
-    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    t.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of the adapter file (default fp32); fp16 halves its size, loads everywhere")
-    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting (default 5; 0 turns it off)")
-    t.add_argument("--noise-offset", type=float)
-    t.add_argument("--resolution", type=int)
-    t.add_argument("--repeats", type=int)
-    t.add_argument("--random-flip", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--shuffle-tags", action=argparse.BooleanOptionalAction, default=None,
-                   help="shuffle the comma-separated tags of each caption every step (kohya's shuffle_caption)")
-    t.add_argument("--keep-tokens", type=int,
-                   help="with --shuffle-tags: this many leading tags stay in place (default 1: the trigger)")
-    t.add_argument("--caption-dropout", type=float,
-                   help="probability of training a row on the empty caption (kohya's caption_dropout_rate)")
-    t.add_argument("--crop", choices=["center", "random"])
-    t.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--checkpoints-keep", type=int)
-    t.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
-    t.add_argument("--init-adapter", help="continue training from a finished adapter file (train N more steps)")
-    t.add_argument("--sample-every", type=int)
-    t.add_argument("--sample-prompt", dest="sample_prompts", action="append", help="repeatable")
-    t.add_argument("--sample-steps", type=int, help="sampler steps for sample images")
-    t.add_argument("--device")
-    t.add_argument("--quantize-base", choices=["nf4", "int8"],
-                   help="QLoRA: train on a quantized frozen base; nf4 = bitsandbytes 4-bit (CUDA), "
-                        "int8 = torchao int8 weight-only (any device, also the CPU)")
+    add_train_config_args(t)  # every TrainConfig field, from its metadata (training/config.py)
     t.add_argument("--num-processes", type=int, default=None,
                    help="train with N processes (one per GPU; on a CPU, N gloo processes) through "
                         "`accelerate launch`; --batch-size is per process")
@@ -564,6 +499,32 @@ def _module_list(text: str) -> list[str]:
     return names
 
 
+def add_train_config_args(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, generated from the field's metadata (training/config.py): a new
+    field is on the command line without a line here. Every default is None (= not given), so a --config
+    file's values and the presets are overridden only by what was typed."""
+    from training.config import train_options
+
+    for o in train_options():
+        help_ = o.help.replace("%", "%%")
+        if o.default not in (None, "", []) and o.kind is not bool:
+            shown = ",".join(o.default) if isinstance(o.default, list) else o.default
+            help_ += f" (default: {shown})" if "default" not in o.help else ""
+        kw: dict = {"dest": o.name, "default": None, "help": help_}
+        if o.kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction if o.negatable else "store_true"
+        elif o.kind is list:
+            if o.list_style == "lines":
+                kw.update(action="append", metavar="TEXT")
+            else:
+                kw.update(type=_module_list, metavar="M1,M2,...")
+        else:
+            kw["type"] = o.kind
+            if o.choices is not None:
+                kw["choices"] = list(o.choices)
+        p.add_argument(*o.flags, **kw)
+
+
 def train_config_from_args(args: argparse.Namespace):
     """argv -> TrainConfig; nothing reads the argparse namespace after this."""
     from training.config import TrainConfig
@@ -591,10 +552,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _usage("train: --images (or images = ... in --config) is required")
     if args.num_processes is not None and args.num_processes < 1:
         raise _usage(f"train: --num-processes must be 1 or more, got {args.num_processes}")
-    if (args.num_processes or 1) > 1 and "WORLD_SIZE" not in os.environ:
-        from training.trainer import check_name_free
+    from training.trainer import check_name_free
 
-        check_name_free(cfg)  # before the run folder and the processes: a name in use is refused here
+    check_name_free(cfg)  # before the run folder, its progress.json and any process: a name in use is refused here
+    if (args.num_processes or 1) > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(cfg, args.num_processes)
     if args.queue:
         return queue_training(cfg, args.num_processes)

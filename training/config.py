@@ -45,80 +45,251 @@ def default_library_dir() -> Path:
     return default_library_root()
 
 
+# the UI's Advanced section, in this order; "main" fields are the Train tab's own form, "Other" catches a field
+# added without a group
+GROUPS = ("main", "LoRA", "Optimisation", "Data & captions", "Preservation", "Checkpoints & samples",
+          "Precision & memory", "Other")
+_META_KEYS = {"help", "group", "label", "min", "max", "gt", "below", "step", "choices", "flags", "list", "ui",
+              "negatable", "ui_default"}
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, group: str, default_factory: Any = dataclasses.MISSING,
+           **meta: Any) -> Any:
+    """A TrainConfig field with its description (see TrainConfig's docstring for the keys)."""
+    unknown = set(meta) - _META_KEYS
+    if unknown:
+        raise TypeError(f"option(): unknown metadata {sorted(unknown)}")
+    if group not in GROUPS:
+        raise TypeError(f"option(): unknown group {group!r}")
+    md = {"help": help, "group": group, **meta}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One TrainConfig field as the CLI and the UI see it: its value kind and its metadata, resolved."""
+
+    name: str
+    kind: type  # bool, int, float, str or list (of str)
+    optional: bool  # None allowed (unset)
+    default: Any
+    help: str
+    group: str
+    label: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None  # exclusive minimum
+    below: float | None = None  # exclusive maximum
+    step: float | None = None
+    flags: tuple[str, ...] = ()
+    list_style: str | None = None  # "comma" (module names) or "lines" (prompts; repeatable flag)
+    ui: bool = True  # False: the browser app sets it itself (paths, device, overwrite)
+    negatable: bool = True  # a bool flag also has --no-…
+    ui_default: Any = None  # the form's first value when it differs from the default
+
+    @property
+    def on_main_form(self) -> bool:
+        return self.group == "main"
+
+
+@functools.cache
+def train_options() -> tuple[Option, ...]:
+    """Every TrainConfig field, described: the CLI's `train` options and the UI's Advanced section come from here."""
+    hints = _field_types(TrainConfig)
+    out = []
+    for f in fields(TrainConfig):
+        tp, optional = hints[f.name], False
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp, optional = [a for a in typing.get_args(tp) if a is not type(None)][0], True
+        kind = list if typing.get_origin(tp) is list else tp
+        m = dict(f.metadata)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = m.get("choices")
+        list_style = m.get("list", "comma" if kind is list else None)
+        flag = "--" + f.name.replace("_", "-")
+        out.append(Option(
+            name=f.name, kind=kind, optional=optional, default=default, help=m.get("help", ""),
+            group=m.get("group", "Other"), label=m.get("label", f.name.replace("_", " ").capitalize()),
+            choices=tuple(choices) if choices is not None else None, min=m.get("min"), max=m.get("max"),
+            gt=m.get("gt"), below=m.get("below"), step=m.get("step"), flags=tuple(m.get("flags", (flag,))),
+            list_style=list_style, ui=m.get("ui", True), negatable=m.get("negatable", True),
+            ui_default=m.get("ui_default", default)))
+    return tuple(out)
+
+
 @dataclass
 class TrainConfig:
-    """Everything that determines a LoRA training run."""
+    """Everything that determines a LoRA training run.
 
-    images: str = ""  # folder of training images (subfolders too); .txt captions beside them
-    trigger: str = "sks"
-    name: str = "my-lora"
-    base: str | None = None  # None: the embedded toy model
-    output_dir: str | None = None  # None: the adapter library folder
-    overwrite: bool = False  # replace an adapter of the same name (up to case) already in the library
-    preset: str = "custom"
-    instance_template: str = "a photo of {trigger}"  # prompt for images without a caption file
-    caption_ext: str = ".txt"
-    caption_prefix_trigger: bool = True  # put the trigger word in front of captions that lack it
+    Each field's metadata is its one description: `help`, `group` (the UI's Advanced section; "main" is the
+    Train tab's own form), `label`, a range (`min`/`max` inclusive, `gt` exclusive, `below` exclusive upper),
+    `choices`, `flags` (command-line names, when not --field-name), `list` ("comma" or "lines"), and
+    `ui=False` for what the browser app sets itself. The CLI's `train` options and the UI's Advanced section
+    are generated from it (see `train_options`), and `__post_init__` checks the ranges and choices.
+    """
+
+    # ---- the run (the Train tab's main form)
+    images: str = option("", group="main", label="Images",
+                         help="folder of training images (subfolders too); a same-named .txt file is an image's "
+                              "caption")
+    trigger: str = option("sks", group="main", label="Trigger word",
+                          help="a rare word that will mean your concept or style, e.g. sks")
+    name: str = option("my-lora", group="main", label="Name",
+                       help="adapter name (the file will be NAME.safetensors in the library)")
+    base: str | None = option(None, group="main", label="Base model",
+                              help="base model: a diffusers folder, a single-file .safetensors checkpoint or a hub "
+                                   "id (default: the embedded toy model)")
+    output_dir: str | None = option(None, group="main", ui=False, flags=("--output-dir", "--library"),
+                                    help="adapter library folder (default: $LORA_STUDIO_HOME/loras, "
+                                         "~/.local/share/lora-studio/loras)")
+    overwrite: bool = option(False, group="main", ui=False, negatable=False,
+                             help="replace an adapter of the same name (up to case) already in the library "
+                                  "(otherwise a name in use is refused)")
+    preset: str = option("custom", group="main", label="Preset", choices=tuple(PRESETS),
+                         help="concept: a thing (text encoder and UNet convolutions too); style: a look (attention "
+                              "only); custom: the defaults. Explicit options win over the preset's")
+    # ---- data and captions
+    instance_template: str = option("a photo of {trigger}", group="Data & captions", label="Caption template",
+                                    help="prompt for images without a caption file; {trigger} is the trigger word")
+    caption_ext: str = option(".txt", group="Data & captions", ui=False,
+                              help="ending of the caption files beside the images (the app writes .txt files)")
+    caption_prefix_trigger: bool = option(True, group="Data & captions", label="Put the trigger word first",
+                                          help="put the trigger word in front of captions that lack it")
     # per step and row (kohya's caption_dropout_rate / shuffle_caption / keep_tokens): an empty caption with
     # this probability; comma-separated tags shuffled, the first keep_tokens (e.g. the trigger) in place
-    caption_dropout: float = 0.0
-    shuffle_tags: bool = False
-    keep_tokens: int = 1
-    repeats: int = 1
-    resolution: int | None = None  # None: the base model's native resolution
-    random_flip: bool = False
-    crop: str = "center"
-    buckets: bool = True  # aspect-ratio buckets for images of mixed shapes
-    # prior preservation (DreamBooth)
-    class_prompt: str | None = None
-    class_images: str | None = None  # folder; None: generated with the base model and cached
-    num_class_images: int = 8
-    prior_loss_weight: float = 1.0
+    caption_dropout: float = option(0.0, group="Data & captions", label="Caption dropout", min=0.0, below=1.0,
+                                    step=0.05,
+                                    help="share of rows trained on the empty caption (kohya's caption_dropout_rate)")
+    shuffle_tags: bool = option(False, group="Data & captions", label="Shuffle caption tags",
+                                help="shuffle the comma-separated tags of each caption every step (kohya's "
+                                     "shuffle_caption); the first keep_tokens tags stay in place")
+    keep_tokens: int = option(1, group="Data & captions", label="Tags kept in place", min=0, max=1000,
+                              help="with shuffled tags: this many leading tags stay first (1: the trigger)")
+    repeats: int = option(1, group="Data & captions", label="Repeats", min=1, max=10000,
+                          help="each image counts this many times per epoch (kohya's folder repeats)")
+    resolution: int | None = option(None, group="Data & captions", label="Resolution", min=8, max=4096, step=8,
+                                    help="training size in pixels, a multiple of 8 (unset: the base model's native "
+                                         "resolution)")
+    random_flip: bool = option(False, group="Data & captions", label="Random horizontal flip",
+                               help="mirror images at random (not for text, logos or asymmetric subjects)")
+    crop: str = option("center", group="Data & captions", label="Crop", choices=CROPS,
+                       help="how an image is cut to the training size")
+    buckets: bool = option(True, group="Data & captions", label="Aspect-ratio buckets",
+                           help="aspect-ratio buckets for images of mixed shapes (otherwise every image is cropped "
+                                "square)")
+    # ---- prior preservation (DreamBooth)
+    class_prompt: str | None = option(None, group="Preservation", label="Class prompt",
+                                      help="prior preservation (DreamBooth): the class of the concept, e.g. 'a "
+                                           "shape'; its images keep the class as the base draws it (empty: off)")
+    class_images: str | None = option(None, group="Preservation", ui=False,
+                                      help="folder of class images (default: generated with the base model and "
+                                           "cached)")
+    num_class_images: int = option(8, group="Preservation", label="Class images", min=0, max=100_000,
+                                   help="how many class images to train on with the class prompt")
+    prior_loss_weight: float = option(1.0, group="Preservation", label="Prior loss weight", min=0.0,
+                                      help="weight of the class images' loss")
     # base preservation (self-distillation): on prompts without the trigger (every caption with the trigger
     # word taken out, the class prompt, the empty prompt that classifier-free guidance uses, and
     # preserve_prompts), the LoRA model's prediction is pulled towards the base model's own; 0 turns it off
-    preserve_weight: float = 0.0
-    preserve_prompts: list[str] = field(default_factory=list)
-    preserve_images: int = 16  # base-model images of those prompts (generated once, cached) to compare on
-    # LoRA
-    rank: int = 8
-    alpha: float | None = None  # None: alpha = rank
+    preserve_weight: float = option(0.0, group="Preservation", label="Base preservation weight", min=0.0,
+                                    help="keep the base model's own output on prompts without the trigger (the "
+                                         "captions minus the trigger word, the class prompt, the empty prompt); "
+                                         "0 turns it off")
+    preserve_prompts: list[str] = option(default_factory=list, group="Preservation", label="Preserve prompts",
+                                         list="lines", flags=("--preserve-prompt",),
+                                         help="more prompts whose images the adapter must not change (repeatable; "
+                                              "one per line)")
+    preserve_images: int = option(16, group="Preservation", label="Preservation images", min=0, max=100_000,
+                                  help="base-model images of those prompts (generated once, cached) to compare on")
+    # ---- LoRA
+    rank: int = option(8, group="LoRA", label="Rank", min=1, max=1024,
+                       help="LoRA rank: capacity (and file size) of the adapter")
+    alpha: float | None = option(None, group="LoRA", label="Alpha", gt=0.0,
+                                 help="LoRA alpha; the update is scaled by alpha/rank (unset: alpha = rank)")
     # 3x3 convolutions (LoCon; kohya's conv_dim / conv_alpha): None = rank, and the same alpha/rank scale
-    conv_rank: int | None = None
-    conv_alpha: float | None = None
-    dropout: float = 0.0
-    train_text_encoder: bool = False
-    unet_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
-    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    # optimisation
-    max_steps: int = 300
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr_unet: float = 1e-3
-    lr_text: float = 2e-4
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 10
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    conv_rank: int | None = option(None, group="LoRA", label="Conv rank", min=1, max=1024,
+                                   help="rank of the UNet's 3x3 convolutions when they are trained (kohya's "
+                                        "conv_dim; unset: the rank)")
+    conv_alpha: float | None = option(None, group="LoRA", label="Conv alpha", gt=0.0,
+                                      help="their alpha (unset: the same alpha/rank scale as the rest)")
+    dropout: float = option(0.0, group="LoRA", label="LoRA dropout", min=0.0, below=1.0, step=0.05,
+                            help="dropout on the LoRA layers' input")
+    train_text_encoder: bool = option(False, group="LoRA", label="Train the text encoder too",
+                                      help="LoRA on the text encoder too (a concept's word learns its meaning)")
+    unet_targets: list[str] = option(default_factory=lambda: list(ATTENTION_TARGETS), group="LoRA",
+                                     label="UNet modules", list="comma",
+                                     help="UNet modules that get LoRA (default to_q,to_k,to_v,to_out.0; the concept "
+                                          "preset adds proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2)")
+    text_targets: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                     group="LoRA", label="Text-encoder modules", list="comma",
+                                     help="text-encoder modules that get LoRA")
+    # ---- optimisation
+    max_steps: int = option(300, group="Optimisation", label="Steps", min=1, max=10_000_000, flags=("--steps",),
+                            help="training steps")
+    batch_size: int = option(4, group="Optimisation", label="Batch size", min=1, max=4096,
+                             help="images per step (per process with several processes)")
+    grad_accum: int = option(1, group="Optimisation", label="Gradient accumulation", min=1, max=4096,
+                             help="batches added up before each optimizer step")
+    lr_unet: float = option(1e-3, group="Optimisation", label="Learning rate (UNet)", gt=0.0, step=1e-4,
+                            help="learning rate of the UNet's LoRA")
+    lr_text: float = option(2e-4, group="Optimisation", label="Learning rate (text encoder)", min=0.0, step=1e-5,
+                            help="learning rate of the text encoder's LoRA")
+    lr_scheduler: str = option("constant_with_warmup", group="Optimisation", label="LR schedule",
+                               choices=LR_SCHEDULERS, help="how the learning rate changes over the steps")
+    warmup_steps: int = option(10, group="Optimisation", label="Warm-up steps", min=0, max=10_000_000,
+                               help="steps over which the learning rate rises from 0")
+    optimizer: str = option("adamw", group="Optimisation", label="Optimizer", choices=OPTIMIZERS,
+                            help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA), less memory")
+    weight_decay: float = option(1e-2, group="Optimisation", label="Weight decay", min=0.0, step=1e-3,
+                                 help="AdamW weight decay")
+    max_grad_norm: float = option(1.0, group="Optimisation", label="Gradient clipping", min=0.0, step=0.1,
+                                  help="clip the gradient norm to this (0: no clipping)")
+    min_snr_gamma: float | None = option(5.0, group="Optimisation", label="Min-SNR gamma", min=0.0, step=0.5,
+                                         help="min-SNR loss weighting (0 or unset: off)")
+    noise_offset: float = option(0.0, group="Optimisation", label="Noise offset", min=0.0, step=0.01,
+                                 help="offset noise (e.g. 0.05): lets the model learn darker and brighter images")
+    # 0..2^32-1: the trainer derives torch seeds from it (a TOML 2**62 would overflow)
+    seed: int = option(42, group="Optimisation", label="Seed", min=0, max=2**32 - 1,
+                       help="random seed of the run (the same seed and data give the same adapter)")
+    # ---- precision and memory
+    mixed_precision: str = option("no", group="Precision & memory", label="Mixed precision", choices=MIXED_PRECISION,
+                                  help="compute in fp16/bf16 (GPU); no: fp32")
     # dtype of the finished adapter file: fp16 halves it (kohya's --save_precision); checkpoints stay fp32
-    save_precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    quantize_base: str | None = None  # QLoRA: "nf4" (bitsandbytes, CUDA) or "int8" (torchao, any device)
-    min_snr_gamma: float | None = 5.0
-    noise_offset: float = 0.0
-    seed: int = 42
-    # checkpoints, samples, logs
-    checkpoint_every: int = 100
-    checkpoints_keep: int = 3
-    resume: str | None = None  # a checkpoint folder, or "latest"
-    init_adapter: str | None = None  # "train N more steps" from a finished adapter file
-    sample_every: int = 0  # 0: only at the end
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_seed: int = 1234
-    sample_steps: int = 20
-    device: str | None = None
+    save_precision: str = option("fp32", group="Precision & memory", label="Save adapter as",
+                                 choices=SAVE_PRECISIONS,
+                                 help="dtype of the adapter file; fp16 halves its size and loads everywhere "
+                                      "(checkpoints stay fp32)")
+    gradient_checkpointing: bool = option(False, group="Precision & memory", label="Gradient checkpointing",
+                                          help="less memory for about 30% more time per step")
+    quantize_base: str | None = option(None, group="Precision & memory", label="Quantized base (QLoRA)",
+                                       choices=QUANTIZATIONS,
+                                       help="QLoRA: train on a quantized frozen base; nf4 = bitsandbytes 4-bit "
+                                            "(CUDA), int8 = torchao int8 weight-only (any device, also the CPU)")
+    device: str | None = option(None, group="Precision & memory", ui=False,
+                                help="cpu, cuda, cuda:1, mps (default: the best available)")
+    # ---- checkpoints, samples, logs
+    checkpoint_every: int = option(100, group="Checkpoints & samples", label="Checkpoint every N steps", min=0,
+                                   max=10_000_000, help="save a resumable checkpoint every N steps (0: none)")
+    checkpoints_keep: int = option(3, group="Checkpoints & samples", label="Checkpoints kept", min=1, max=1000,
+                                   help="how many of the latest checkpoints are kept")
+    resume: str | None = option(None, group="Checkpoints & samples", ui=False,
+                                help="'latest' or a checkpoint folder of this run")
+    init_adapter: str | None = option(None, group="Checkpoints & samples", ui=False,
+                                      help="continue training from a finished adapter file (train N more steps)")
+    sample_every: int = option(0, group="Checkpoints & samples", label="Sample every N steps", min=0,
+                               max=10_000_000, ui_default=50,
+                               help="draw the sample prompts every N steps (0: only at the end)")
+    sample_prompts: list[str] = option(default_factory=list, group="Checkpoints & samples", label="Sample prompts",
+                                       list="lines", flags=("--sample-prompt",),
+                                       help="prompts of the sample images (repeatable; one per line; none: the "
+                                            "trigger's default prompt)")
+    sample_seed: int = option(1234, group="Checkpoints & samples", label="Sample seed", min=0, max=2**32 - 1,
+                              help="seed of the sample images (the same at every step, to compare)")
+    sample_steps: int = option(20, group="Checkpoints & samples", label="Sample denoising steps", min=1, max=500,
+                               help="sampler steps for sample images")
 
     def __post_init__(self) -> None:
         # every field's type first, from its annotation (a new field is covered without a line here), so the
@@ -130,8 +301,7 @@ class TrainConfig:
             v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
             if isinstance(v, str) and (v == "~" or v.startswith("~/")):
                 setattr(self, f_, os.path.expanduser(v))
-        if self.preset not in PRESETS:
-            raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got '{self.preset}'")
+        self._check_ranges_and_choices()  # from each field's metadata: a new field's range is checked too
         from pipelines.errors import UnsafeNameError
         from pipelines.library import check_name
 
@@ -141,64 +311,42 @@ class TrainConfig:
             raise ConfigError(f"name: {e}") from None
         if not str(self.trigger).strip():
             raise ConfigError("trigger: must not be empty")
-        self._check_int("rank", 1, 1024)
-        self._check_int("repeats", 1, 10000)
-        self._check_int("max_steps", 1, 10_000_000)
-        self._check_int("batch_size", 1, 4096)
-        self._check_int("grad_accum", 1, 4096)
-        self._check_int("warmup_steps", 0, 10_000_000)
-        self._check_int("checkpoint_every", 0, 10_000_000)
-        self._check_int("checkpoints_keep", 1, 1000)
-        self._check_int("sample_every", 0, 10_000_000)
-        self._check_int("num_class_images", 0, 100_000)
-        self._check_int("preserve_images", 0, 100_000)
-        self._check_int("sample_steps", 1, 500)
-        if self.resolution is not None:
-            self._check_int("resolution", 8, 4096)
-            if self.resolution % 8:
-                raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"alpha: must be > 0, got {self.alpha}")
-        if self.conv_rank is not None:
-            self._check_int("conv_rank", 1, 1024)
-        if self.conv_alpha is not None and not self.conv_alpha > 0:
-            raise ConfigError(f"conv_alpha: must be > 0, got {self.conv_alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if isinstance(self.caption_dropout, bool) or not isinstance(self.caption_dropout, (int, float)) \
-                or not 0.0 <= self.caption_dropout < 1.0:
-            raise ConfigError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout!r}")
-        self._check_int("keep_tokens", 0, 1000)
-        for f_ in ("lr_unet", "lr_text", "weight_decay", "prior_loss_weight", "preserve_weight", "noise_offset", "max_grad_norm"):
-            v = getattr(self, f_)
-            if not isinstance(v, (int, float)) or v < 0 or v != v:
-                raise ConfigError(f"{f_}: must be a number >= 0, got {v!r}")
-        if self.lr_unet <= 0:
-            raise ConfigError(f"lr_unet: must be > 0, got {self.lr_unet}")
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
         if self.train_text_encoder and self.lr_text <= 0:
             raise ConfigError("lr_text: must be > 0 when train_text_encoder is on")
-        if self.min_snr_gamma is not None and self.min_snr_gamma < 0:
-            raise ConfigError(f"min_snr_gamma: must be > 0, or 0 for no min-SNR weighting; got {self.min_snr_gamma}")
         if self.min_snr_gamma == 0:
             self.min_snr_gamma = None
-        for f_, allowed in (("mixed_precision", MIXED_PRECISION), ("save_precision", SAVE_PRECISIONS),
-                            ("optimizer", OPTIMIZERS),
-                            ("lr_scheduler", LR_SCHEDULERS), ("crop", CROPS)):
-            if getattr(self, f_) not in allowed:
-                raise ConfigError(f"{f_}: must be one of {', '.join(allowed)}, got '{getattr(self, f_)}'")
-        if self.quantize_base is not None and self.quantize_base not in QUANTIZATIONS:
-            raise ConfigError(f"quantize_base: must be one of {', '.join(QUANTIZATIONS)} (or unset), "
-                              f"got '{self.quantize_base}'")
         _check_template(self.instance_template)
         _check_device(self.device)
-        self._check_int("seed", 0, 2**32 - 1)  # the trainer derives torch seeds from it: a TOML 2**62 overflows
-        self._check_int("sample_seed", 0, 2**32 - 1)
         if not self.unet_targets:
             raise ConfigError("unet_targets: must name at least one module")
         for f_ in ("sample_prompts", "preserve_prompts"):
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
+
+    def _check_ranges_and_choices(self) -> None:
+        """Each set field against its metadata's choices and range (min/max inclusive, gt/below exclusive)."""
+        for o in train_options():
+            v = getattr(self, o.name)
+            if v is None:
+                continue
+            if o.choices is not None and v not in o.choices:
+                unset = " (or unset)" if o.optional else ""
+                raise ConfigError(f"{o.name}: must be one of {', '.join(o.choices)}{unset}, got '{v}'")
+            if o.kind is int and (o.min is not None or o.max is not None):
+                self._check_int(o.name, o.min if o.min is not None else -2**63, o.max if o.max is not None else 2**63)
+            elif o.kind is float:
+                lo = f"{o.min:g}" if o.min is not None else None
+                if o.below is not None and not ((o.min is None or o.min <= v) and v < o.below):
+                    raise ConfigError(f"{o.name}: must be in [{lo}, {o.below:g}), got {v!r}")
+                if o.gt is not None and not v > o.gt:
+                    raise ConfigError(f"{o.name}: must be > {o.gt:g}, got {v!r}")
+                if o.min is not None and v < o.min:
+                    raise ConfigError(f"{o.name}: must be a number >= {lo}, got {v!r}")
+                if o.max is not None and v > o.max:
+                    raise ConfigError(f"{o.name}: must be a number <= {o.max:g}, got {v!r}")
 
     def _check_int(self, name: str, lo: int, hi: int) -> None:
         v = getattr(self, name)
