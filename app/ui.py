@@ -52,6 +52,19 @@ CSS = """
 .ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
 .ls-stopped {background: #a16207} .ls-failed {background: #dc2626}
 #ls-header h1 {margin-bottom: 0}
+/* galleries: the label under the picture, never over it; small (64 px) pictures enlarged without blur */
+#gen-gallery .thumbnail-item, #train-samples .thumbnail-item, #train-thumbs .thumbnail-item,
+#lib-cards .thumbnail-item {display: flex; flex-direction: column; align-items: stretch; height: auto}
+#gen-gallery .thumbnail-item img, #train-samples .thumbnail-item img, #train-thumbs .thumbnail-item img,
+#lib-cards .thumbnail-item img {flex: 1 1 auto; min-height: 0}
+#gen-gallery .caption-label, #train-samples .caption-label, #train-thumbs .caption-label,
+#lib-cards .caption-label {position: static; transform: none; max-width: 100%; margin: 2px 0 0; padding: 0 2px;
+  background: none; border: none; box-shadow: none; white-space: normal; overflow-wrap: anywhere;
+  text-align: center; font-size: .8em; line-height: 1.2}
+#gen-gallery img, #train-samples img, #train-thumbs img, #lib-cards img, #cmp-image img {image-rendering: pixelated}
+/* tables: headers break between words only */
+#lib-table th, #lib-table th * , #train-captions th, #train-captions th * {word-break: keep-all;
+  overflow-wrap: normal; hyphens: none}
 .ls-error {color: #991b1b; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px; padding: 6px 10px;
            margin: 4px 0}
 """
@@ -727,23 +740,27 @@ class StudioUI:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        with gr.Row():
-                            base = gr.Dropdown(bases, value=bases[0], label="Base model", scale=4, elem_id="gen-base")
-                            refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", elem_id="gen-refresh")
+                        with gr.Row(equal_height=True):
+                            base = gr.Dropdown(bases, value=bases[0], label="Base model", scale=4, min_width=240,
+                                               elem_id="gen-base")
+                            refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", min_width=120,
+                                                    elem_id="gen-refresh")
                         gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
                                     "weight. `<lora:name:w>` in the prompt works too.")
                         slot_widgets: list[gr.components.Component] = []
                         name_dds, enable_cbs = [], []
                         for i in range(SLOTS):
                             with gr.Row(equal_height=True):
-                                dd = gr.Dropdown(names, value=None, label=f"Adapter {i + 1}", scale=3,
+                                # min widths make a narrow window wrap a row onto two lines instead of
+                                # clipping its controls
+                                dd = gr.Dropdown(names, value=None, label=f"Adapter {i + 1}", scale=3, min_width=180,
                                                  elem_id=f"slot-{i}-name")
-                                en = gr.Checkbox(True, label="on", scale=0, min_width=60, elem_id=f"slot-{i}-on")
+                                en = gr.Checkbox(True, label="on", scale=0, min_width=70, elem_id=f"slot-{i}-on")
                                 wt = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05, label="weight", scale=3,
-                                               elem_id=f"slot-{i}-weight")
-                                sep = gr.Checkbox(False, label="TE", scale=0, min_width=60, elem_id=f"slot-{i}-sep")
+                                               min_width=200, elem_id=f"slot-{i}-weight")
+                                sep = gr.Checkbox(False, label="TE", scale=0, min_width=70, elem_id=f"slot-{i}-sep")
                                 tw = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05,
-                                               label="text-encoder weight", scale=3, visible=False,
+                                               label="text-encoder weight", scale=3, min_width=200, visible=False,
                                                elem_id=f"slot-{i}-te")
                             sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
                             slot_widgets += [dd, en, wt, sep, tw]

@@ -30,6 +30,25 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
     return box[2] - box[0], box[3] - box[1]
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px: broken between words, and inside a word only when the word
+    alone is wider (names such as 'my-very-long-adapter@step-600')."""
+    lines: list[str] = []
+    for word in text.split():
+        cur = f"{lines[-1]} {word}" if lines else word
+        if lines and _text_size(draw, cur, font)[0] <= width:
+            lines[-1] = cur
+            continue
+        piece = ""
+        for ch in word:
+            if piece and _text_size(draw, piece + ch, font)[0] > width:
+                lines.append(piece)
+                piece = ""
+            piece += ch
+        lines.append(piece)
+    return lines or [""]
+
+
 def image_grid(
     images: Sequence[Sequence[Image.Image]],
     col_labels: Sequence[str] = (),
@@ -52,7 +71,10 @@ def image_grid(
     font = _font(max(12, min(cw, ch) // 9))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = 6
-    top = (max((_text_size(probe, t, font)[1] for t in col_labels), default=0) + 2 * pad) if col_labels else 0
+    # column titles wrap inside their own column (a long adapter name never runs into the next title)
+    wrapped = [_wrap(probe, t, font, cw - 2 * pad) for t in col_labels[:ncols]]
+    line_h = _text_size(probe, "Ag", font)[1] + 2
+    top = (max(len(w) for w in wrapped) * line_h + 2 * pad) if col_labels else 0
     title_h = (_text_size(probe, title, font)[1] + 2 * pad) if title else 0
     left = (max((_text_size(probe, t, font)[0] for t in row_labels), default=0) + 2 * pad) if row_labels else 0
     grid = Image.new("RGB", (left + ncols * cw, title_h + top + len(rows) * ch), "white")
@@ -60,9 +82,10 @@ def image_grid(
     if title:
         tw, _ = _text_size(draw, title, font)
         draw.text(((grid.width - tw) // 2, pad), title, fill="black", font=font)
-    for c, label in enumerate(col_labels[:ncols]):
-        tw, _ = _text_size(draw, label, font)
-        draw.text((left + c * cw + (cw - tw) // 2, title_h + pad), label, fill="black", font=font)
+    for c, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            tw, _ = _text_size(draw, line, font)
+            draw.text((left + c * cw + (cw - tw) // 2, title_h + pad + k * line_h), line, fill="black", font=font)
     for r, row in enumerate(rows):
         y = title_h + top + r * ch
         if r < len(row_labels):

@@ -158,3 +158,20 @@ def test_cli_grid_modes(tiny_sd1_dir, lib, tmp_path, capsys):
     assert "step 5 | step 10 | step 200" in parse_parameters(read_png_parameters(out))["Grid"]
     assert main(common + ["--lora", "a", "--weights", "0,x", "--out", str(out)]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def test_long_column_titles_wrap_inside_their_column():
+    from PIL import Image
+
+    from pipelines.grid import image_grid
+
+    cells = [[Image.new("RGB", (64, 64), "gray")] * 3]
+    labels = ["outline-style-v2@step-000600 weight 0.8", "a-very-long-adapter-name-without-spaces-at-all", "final"]
+    short = image_grid(cells, ["a", "b", "c"])
+    grid = image_grid(cells, labels)
+    cw = grid.width // 3
+    band = grid.height - 64 * (cw // 64)  # the title band above the images
+    assert band > short.height - 64 * (cw // 64)  # more than one line of title
+    px = grid.load()
+    for x in (cw - 1, cw, 2 * cw - 1, 2 * cw):  # the column boundaries stay clear: no title runs into the next
+        assert all(px[x, y] == (255, 255, 255) for y in range(band)), x
