@@ -382,6 +382,25 @@ class Studio:
         cfg, nproc = known
         return self.queue.submit(cfg.replace(resume="latest"), num_processes=nproc, kind="resume")
 
+    def start_over(self, name: str) -> None:
+        """Before a run that overwrites `name` from step 1: remove its old run folder (checkpoints, samples, log),
+        so the new run neither sits beside the old checkpoints nor is pruned in their favour. Refused while a job
+        of that name is queued or training."""
+        name = check_name(name)
+        job = self.queue.active_with_name(name)
+        if job is not None:
+            raise ConfigError(f"name: '{job.name}' is {job.state} (job {job.id}); stop it first")
+        runs = self.library.root / "runs"
+        if not runs.is_dir():
+            return
+        for p in runs.iterdir():
+            if p.name.casefold() != name.casefold():
+                continue
+            if p.is_symlink() or not p.is_dir():
+                p.unlink()  # the link itself, never what it points to
+            elif _inside(p, runs):
+                shutil.rmtree(p)
+
     def train_more(self, name: str, steps: int, new_name: str | None = None, config: TrainConfig | None = None,
                    overwrite: bool = False) -> Job:
         """Queue a new run that starts from the finished adapter `name` and trains `steps` more steps, under

@@ -24,7 +24,7 @@ import pandas as pd
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
-from training.config import PRESETS, SAVE_PRECISIONS, TrainConfig
+from training.config import GROUPS, PRESETS, Option, TrainConfig, train_options
 from training.jobs import Job
 
 from .options import check_launch_options, parse_auth
@@ -36,7 +36,14 @@ MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and re
 SLOTS = 4  # adapter rows on the Generate tab
 POLL_S = 1.0  # training progress refresh
 NO_SAMPLE_SET = "(upload your own images)"
-PRESET_FIELDS = ("rank", "max_steps", "lr_unet", "lr_text", "train_text_encoder")
+# the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
+ADVANCED = tuple(o for o in train_options() if o.ui and not o.on_main_form)
+# what a preset sets (rank, steps, learning rates, targets, caption template…): a preset change updates them all
+PRESET_FIELDS = tuple(o.name for o in ADVANCED if any(o.name in p for p in PRESETS.values()))
+FORM_EXTRAS = ("captions", "last_trigger", "prior")  # form values that are no TrainConfig field
+UNSET = "(unset)"  # a dropdown's choice for an optional field left unset
+UNSET_CHOICES = {"quantize_base": "none (full precision)"}
+OPEN_GROUPS = ("LoRA", "Optimisation")  # open when Advanced is opened; the others one click away
 CAPTION_COLUMNS = ["image", "caption"]
 MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
@@ -50,7 +57,8 @@ CSS = """
 .ls-warn {color: #b45309}
 .ls-badge {display: inline-block; padding: 0 8px; border-radius: 9px; font-size: .85em; font-weight: 600; color: white}
 .ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
-.ls-stopped {background: #a16207} .ls-failed {background: #dc2626}
+.ls-stopped {background: #a16207} .ls-failed {background: #dc2626} .ls-interrupted {background: #7c3aed}
+.ls-queue-line {margin-top: 4px}
 #ls-header h1 {margin-bottom: 0}
 /* galleries: the label under the picture, never over it; small (64 px) pictures enlarged without blur */
 #gen-gallery .thumbnail-item, #train-samples .thumbnail-item, #train-thumbs .thumbnail-item,
@@ -112,6 +120,17 @@ def shown_in(fn: Callable, outputs: Sequence[Any], message: Any) -> Callable:
         out: list[Any] = [gr.skip()] * n
         out[at] = error_html(msg)
         return tuple(out)
+
+    return wrapper
+
+
+def by_name(fn: Callable, widgets: dict[str, Any]) -> Callable:
+    """fn(form) wired with a set of components as its input: Gradio passes {component: value}; fn gets
+    {field name: value} (one dict, not a long argument list)."""
+
+    @functools.wraps(fn)
+    def wrapper(values: dict):
+        return fn({k: values[c] for k, c in widgets.items()})
 
     return wrapper
 
@@ -183,7 +202,101 @@ def _weights(text: str) -> list[float]:
     return out
 
 
-QUANTIZE_CHOICES = ["none (full precision)", "int8", "nf4"]
+# ------------------------------------------------------------------------------------------------ options <-> widgets
+def elem_id(o: Option) -> str:
+    return "adv-" + o.name.replace("_", "-")
+
+
+def unset_label(o: Option) -> str:
+    return UNSET_CHOICES.get(o.name, UNSET)
+
+
+def _range_text(o: Option) -> str:
+    lo = f"≥ {o.min:g}" if o.min is not None else (f"> {o.gt:g}" if o.gt is not None else "")
+    hi = f"≤ {o.max:g}" if o.max is not None else (f"< {o.below:g}" if o.below is not None else "")
+    if o.min is not None and o.max is not None:
+        return f"{o.min:g}–{o.max:g}"
+    return ", ".join(t for t in (lo, hi) if t)
+
+
+def widget_value(o: Option, v: Any) -> Any:
+    """A field's value as its widget shows it (lists as text, an unset choice as its label, unset numbers empty)."""
+    if o.kind is list:
+        return ("\n" if o.list_style == "lines" else ", ").join(v or [])
+    if v is None:
+        return unset_label(o) if o.choices is not None else (None if o.kind in (int, float) else "")
+    return v
+
+
+def field_value(o: Option, v: Any) -> Any:
+    """A widget's value as the field's type: an empty optional field is unset (None); TrainConfig checks the rest
+    (range, choices) and names the field."""
+    if o.kind is bool:
+        return bool(v)
+    if o.kind is list:
+        text = str(v or "")
+        parts = text.splitlines() if o.list_style == "lines" else re.split(r"[,\s]+", text)
+        return [p.strip() for p in parts if p.strip()]
+    if o.choices is not None:
+        return None if o.optional and v in (None, "", unset_label(o)) else v
+    if o.kind in (int, float):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            if o.optional:
+                return None
+            raise ConfigError(f"{o.name}: enter a number ({o.label})")
+        if o.kind is int and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        x = _num(v, o.name)
+        if o.kind is int:
+            if not x.is_integer():
+                raise ConfigError(f"{o.name}: must be a whole number, got {v}")
+            return int(x)
+        return x
+    text = "" if v is None else str(v)
+    return (text.strip() or None) if o.optional else text
+
+
+def _no_bounds_check(*_: Any) -> None:
+    """Gradio refuses a number outside minimum/maximum before the handler runs, with a message that names no
+    field and does not stay on the page; TrainConfig checks the range instead and names the field."""
+
+
+def option_widget(o: Option, value: Any) -> gr.components.Component:
+    """The widget of one TrainConfig field, from its description (kind, choices, range, list style, help)."""
+    rng = _range_text(o)
+    info = o.help + (f" ({rng})" if rng and o.kind in (int, float) else "")
+    common = dict(label=o.label, info=info, elem_id=elem_id(o))
+    value = widget_value(o, value)
+    if o.kind is bool:
+        return gr.Checkbox(bool(value), **common)
+    if o.choices is not None:
+        choices = ([unset_label(o)] if o.optional else []) + list(o.choices)
+        return gr.Dropdown(choices, value=value, **common)
+    if o.kind in (int, float):
+        lo = o.min if o.min is not None else o.gt
+        hi = o.max if o.max is not None else o.below
+        num = gr.Number(value, precision=0 if o.kind is int else None, minimum=lo, maximum=hi,
+                        step=o.step or (1 if o.kind is int else 0.1), min_width=150,
+                        placeholder="unset" if o.optional else None, **common)
+        num.raise_if_out_of_bounds = _no_bounds_check  # the range is checked (field named) by TrainConfig
+        return num
+    if o.kind is list:
+        lines = o.list_style == "lines"
+        label = o.label + (" (one per line)" if lines else " (comma-separated)")
+        return gr.Textbox(value, lines=3 if lines else 1, max_lines=12 if lines else 2,
+                          **{**common, "label": label})
+    return gr.Textbox(value, placeholder="unset" if o.optional else None, **common)
+
+
+def preset_value(preset: str, o: Option) -> Any:
+    """The value a preset gives a field (its own, else the field's form default)."""
+    vals = PRESETS.get(preset, {})
+    return vals[o.name] if o.name in vals else o.ui_default
+
+
+@functools.cache
+def _options() -> dict[str, Option]:
+    return {o.name: o for o in train_options()}
 
 
 class StudioUI:
@@ -247,8 +360,12 @@ class StudioUI:
                 *self.preset_defaults(preset))
 
     def _free_name(self, stem: str) -> str:
+        """`stem`, or `stem-2`, `stem-3`…: not in the library, not queued or training, no run folder of that name."""
         taken = {n.casefold() for n in self.studio.library.names()}
         taken |= {j.config.name.casefold() for j in self.studio.queue.jobs() if j.active}
+        runs = self.studio.library.root / "runs"
+        if runs.is_dir():
+            taken |= {p.name.casefold() for p in runs.iterdir()}
         name, k = stem, 2
         while name.casefold() in taken:
             name, k = f"{stem}-{k}", k + 1
@@ -276,72 +393,207 @@ class StudioUI:
 
     @staticmethod
     def preset_defaults(preset: str):
-        """The preset's defaults for rank, steps, learning rates and text-encoder training."""
-        vals = PRESETS.get(preset, {})
-        if not vals:
+        """Every field a preset sets (rank, steps, learning rates, text encoder, UNet modules, caption template…),
+        as its widget shows it: the preset's value, else the field's default, so nothing of the previous preset
+        stays behind. 'custom' leaves the fields as they are."""
+        if not PRESETS.get(preset):
             return (gr.skip(),) * len(PRESET_FIELDS)
-        return tuple(vals.get(f, gr.skip()) for f in PRESET_FIELDS)
+        opts = _options()
+        return tuple(widget_value(opts[f], preset_value(preset, opts[f])) for f in PRESET_FIELDS)
 
-    def train_config(self, ds_id: str | None, captions, last_trigger: str, name: str, trigger: str, preset: str,
-                     rank, alpha, max_steps, lr_unet, lr_text, train_te: bool, prior: bool, class_prompt: str,
-                     num_class_images, resolution, seed, sample_prompts: str, batch_size, sample_every,
-                     sample_steps, checkpoint_every, base_name: str | None,
-                     quantize: str | None = None, preserve_weight=0.0, save_precision="fp32",
-                     shuffle_tags: bool = False, caption_dropout=0.0) -> TrainConfig:
-        """The form -> a TrainConfig (captions written next to the staged images first)."""
+    def train_config(self, form: dict[str, Any], *, overwrite: bool = False) -> TrainConfig:
+        """The Train tab's form -> a TrainConfig (captions written next to the staged images first).
+
+        `form` maps field names to widget values ("images" is the staged dataset, "base" a base model's name),
+        plus the captions table, the last trigger word and the prior-preservation toggle (FORM_EXTRAS). A field
+        left out takes the preset's value or its default; every field is checked before anything is written.
+        """
+        opts = _options()
+        unknown = sorted(k for k in form if k not in FORM_EXTRAS and (k not in opts or not opts[k].ui))
+        if unknown:
+            raise ConfigError(f"form: unknown or app-set field(s) {', '.join(unknown)}")
+        ds_id = form.get("images")
         if not ds_id:
             raise ConfigError("images: upload some images or pick a sample set first")
-        name = self.studio.check_new_adapter_name((name or "").strip())
-        trigger = (trigger or "").strip()
-        prompts = [p.strip() for p in str(sample_prompts or "").splitlines() if p.strip()]
-        res = _num(resolution or 0, "resolution", int)
-        data = dict(
-            images=str(self.studio.dataset_folder(ds_id)), name=name, trigger=trigger, preset=preset,
-            base=self.studio.base_source(base_name), output_dir=str(self.studio.library.root),
-            rank=_num(rank, "rank", int), alpha=(_num(alpha, "alpha") or None) if alpha else None,
-            max_steps=_num(max_steps, "max_steps", int), lr_unet=_num(lr_unet, "lr_unet"),
-            lr_text=_num(lr_text, "lr_text"), train_text_encoder=bool(train_te),
-            class_prompt=(class_prompt or "").strip() or None if prior else None,
-            num_class_images=_num(num_class_images, "num_class_images", int),
-            resolution=res or None, seed=_num(seed, "seed", int), sample_prompts=prompts,
-            batch_size=_num(batch_size, "batch_size", int), sample_every=_num(sample_every, "sample_every", int),
-            sample_steps=_num(sample_steps, "sample_steps", int),
-            checkpoint_every=_num(checkpoint_every, "checkpoint_every", int), device=self.studio.device,
-            quantize_base=None if quantize in (None, "", QUANTIZE_CHOICES[0]) else quantize,
-            preserve_weight=_num(preserve_weight or 0, "preserve_weight"),
-            save_precision=save_precision or "fp32",
-            shuffle_tags=bool(shuffle_tags), caption_dropout=_num(caption_dropout or 0, "caption_dropout"),
-        )
-        if prior and not data["class_prompt"]:
-            raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
+        data = {k: field_value(opts[k], v) for k, v in form.items() if k in opts and k not in ("images", "base")}
+        for k in ("name", "trigger"):
+            if k in data:
+                data[k] = (data[k] or "").strip()
+        if "prior" in form:  # the toggle decides; the class prompt it had stays in its box
+            if not form["prior"]:
+                data["class_prompt"] = None
+            elif not data.get("class_prompt"):
+                raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
+        data.update(images=str(self.studio.dataset_folder(ds_id)), base=self.studio.base_source(form.get("base")),
+                    output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite)
         cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
         if cfg.quantize_base:  # fail here, not minutes later in the job: nf4 needs CUDA, int8 torchao
             from pipelines.base_models import default_device
             from pipelines.quantize import check_available
 
             check_available(cfg.quantize_base, cfg.device or default_device())
-        rows = [[r[0], _replace_trigger(r[1], last_trigger, trigger)] for r in _rows(captions) if r and r[0]]
-        self.studio.save_captions(ds_id, rows)
+        if "captions" in form:
+            last = (form.get("last_trigger") or "").strip() or cfg.trigger
+            rows = [[r[0], _replace_trigger(r[1], last, cfg.trigger)] for r in _rows(form["captions"]) if r and r[0]]
+            self.studio.save_captions(ds_id, rows)
         return cfg
 
-    @ui_errors
-    def start_training(self, *form):
-        """Start: queue the job (one trains at a time); returns its id and first status."""
-        cfg = self.train_config(*form)
-        job = self.studio.submit(cfg)
-        return job.id, self.status_html(job)
+    # ---------------------------------------------------------------------------------------- start, name in use
+    # every start handler answers [job id, status, message, choice box, choice text, its Resume button, its
+    # new-name button, the form waiting for the choice, the name box]
+    def _started(self, job: Job, name: Any = None) -> tuple:
+        return (job.id, self.status_for(job.id), "", gr.update(visible=False), "", gr.skip(), gr.skip(), None,
+                name if name is not None else gr.skip())
+
+    def _ask_about_name(self, st, form: dict[str, Any]) -> tuple:
+        free = self._free_name(st.name)
+        name = f"<b>{html.escape(st.name)}</b>"
+        if st.in_library:
+            what = f"An adapter called {name} is already in the library."
+            over = "Overwrite replaces it (and removes its old run folder)."
+        else:
+            at = f"step {st.step}/{st.total}" if st.total else f"step {st.step}"
+            what = f"A stopped run called {name} has a checkpoint at {at}."
+            over = "Overwrite starts it again from step 1 (its checkpoints are removed)."
+        resume = " Resume continues it from its checkpoint with its own options." if st.resumable else ""
+        msg = (f"<div class='ls-status' role='alert'><span class='ls-badge ls-stopped'>name in use</span> {what}"
+               f"{resume} {over} Or start this one as <b>{html.escape(free)}</b>.</div>")
+        return (gr.skip(), gr.skip(), "", gr.update(visible=True), msg, gr.update(visible=st.resumable),
+                gr.update(value=f"Start as '{free}'"), {"form": dict(form), "free": free}, gr.skip())
 
     @ui_errors
-    def stop_training(self, job_id):
-        job = self.studio.job(job_id)
+    def start_training(self, form: dict[str, Any]):
+        """Start: queue the job (one trains at a time). A name in use (a finished adapter, or a stopped run with a
+        checkpoint) is never silently overwritten: the choice box asks to resume, overwrite or take a free name."""
+        cfg = self.train_config(form)
+        st = self.studio.run_state(cfg.name)
+        if st.job is not None:
+            raise ConfigError(f"name: a training called '{st.job.name}' is already queued or running "
+                              f"(job {st.job.id}); pick another name")
+        if st.in_library or st.checkpoint is not None:
+            return self._ask_about_name(st, form)
+        return self._started(self.studio.submit(cfg))
+
+    @staticmethod
+    def _pending_form(pending: dict | None) -> dict[str, Any]:
+        if not pending or "form" not in pending:
+            raise ConfigError("nothing is waiting to start; press Start training again")
+        return dict(pending["form"])
+
+    @ui_errors
+    def choose_resume(self, pending: dict | None):
+        """Name in use -> Resume: the stopped run continues from its latest checkpoint."""
+        form = self._pending_form(pending)
+        return self._started(self.studio.resume(str(form.get("name") or "").strip()))
+
+    @ui_errors
+    def choose_overwrite(self, pending: dict | None):
+        """Name in use -> Overwrite: a new run from step 1 that replaces the adapter; the old run folder goes."""
+        cfg = self.train_config(self._pending_form(pending), overwrite=True)
+        self.studio.start_over(cfg.name)
+        return self._started(self.studio.submit(cfg))
+
+    @ui_errors
+    def choose_new_name(self, pending: dict | None):
+        """Name in use -> start under the free name offered (the name box follows)."""
+        form = {**self._pending_form(pending), "name": pending.get("free")}
+        cfg = self.train_config(form)
+        st = self.studio.run_state(cfg.name)
+        if st.in_use or st.checkpoint is not None:  # taken since it was offered
+            return self._ask_about_name(st, form)
+        return self._started(self.studio.submit(cfg), name=cfg.name)
+
+    @staticmethod
+    def cancel_choice():
+        return "", gr.update(visible=False), "", None
+
+    # ---------------------------------------------------------------------------------------- stop, continue
+    def _shown(self, job_id, seen: dict | None) -> Job | None:
+        """The job the page shows (the poll's), else the session's."""
+        shown = (seen or {}).get("job")
+        return self.studio.job(shown if shown is not None else job_id)
+
+    @ui_errors
+    def stop_training(self, job_id, seen: dict | None = None):
+        """Stop the job the page shows (the running one while the session's own waits)."""
+        job = self._shown(job_id, seen)
+        if job is None or not job.active:
+            job = self.studio.job(job_id)
         if job is None or not job.active:
             raise gr.Error("No training is running.", print_exception=False)
         queued = job.state == "queued"
         self.studio.queue.stop(job.id)
         gr.Info(f"Took '{job.config.name}' out of the queue." if queued else
                 f"Stopping '{job.config.name}' after the current step; a checkpoint is kept.")
-        return self.status_html(job)
+        return self.status_for(job_id), ""
 
+    @ui_errors
+    def resume_shown(self, job_id, seen: dict | None):
+        """The shown run stopped or was interrupted: continue it from its latest checkpoint."""
+        job = self._shown(job_id, seen)
+        if job is None:
+            raise ConfigError("resume: no run to resume")
+        new = self.studio.resume(job.name)
+        return new.id, self.status_for(new.id), "", *self._continue_buttons(None)
+
+    @ui_errors
+    def train_more_shown(self, job_id, seen: dict | None, steps):
+        """The shown run finished: train N more steps from its adapter (a new adapter '<name>-more')."""
+        job = self._shown(job_id, seen)
+        if job is None:
+            raise ConfigError("train more: no finished run to continue")
+        new = self.studio.train_more(job.name, _num(steps, "steps", int))
+        return new.id, self.status_for(new.id), "", *self._continue_buttons(None)
+
+    @staticmethod
+    def more_label(steps) -> str:
+        try:
+            return f"Train {int(steps)} more steps"
+        except (TypeError, ValueError, OverflowError):
+            return "Train N more steps"
+
+    def _continue_buttons(self, job: Job | None) -> tuple:
+        """Resume (a stopped or interrupted run with a checkpoint) and Train N more steps (a finished adapter)."""
+        resumable = more = False
+        if job is not None and not job.active:
+            try:
+                st = self.studio.run_state(job.name)
+                resumable, more = st.resumable, st.in_library
+            except LoraStudioError:
+                pass
+        return gr.update(visible=resumable), gr.update(visible=more), gr.update(visible=more)
+
+    # ---------------------------------------------------------------------------------------- the Advanced section
+    @staticmethod
+    def _advanced_widgets(preset: str) -> tuple[dict[str, gr.components.Component], gr.components.Component]:
+        """The Advanced section, generated from TrainConfig's field descriptions: a section per group (GROUPS
+        order), a widget per field the user sets (numbers, toggles and choices first, then text); the values are
+        the preset's, else the field's form default. Returns the widgets by field name and the prior-preservation
+        toggle (which decides whether the class prompt is used)."""
+        widgets: dict[str, gr.components.Component] = {}
+        prior = None
+        for group in GROUPS:
+            opts = [o for o in ADVANCED if o.group == group]
+            if not opts:
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", group.lower()).strip("-")
+            with gr.Accordion(group, open=group in OPEN_GROUPS, elem_id=f"adv-group-{slug}"):
+                if group == "Preservation":
+                    prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
+                                        info="also train on base-model images of the class prompt, so that the "
+                                             "class keeps its look", elem_id="adv-prior")
+                small = [o for o in opts if o.kind in (bool, int, float) or o.choices is not None]
+                with gr.Row(elem_classes=["ls-adv-row"]):
+                    for o in small:
+                        widgets[o.name] = option_widget(o, preset_value(preset, o))
+                for o in opts:
+                    if o not in small:
+                        widgets[o.name] = option_widget(o, preset_value(preset, o))
+        if prior is None:
+            prior = gr.Checkbox(False, visible=False, elem_id="adv-prior")
+        return widgets, prior
+
+    # ---------------------------------------------------------------------------------------- status
     def status_html(self, job: Job | None) -> str:
         """One line of status (with a badge) and a progress bar for a training job."""
         if job is None:
@@ -363,9 +615,10 @@ class StudioUI:
             return line("queued", "queued", f"{name} is waiting in the queue: position {pos} ({pos} job(s) ahead; "
                                             "one training runs at a time).")
         if job.state == "running":
-            if p is None or (p.loss is None and step == 0):
-                return line("running", "preparing", f"{name}: loading the base model, checking and encoding the "
-                                                    "images…", pct)
+            if p is None or (p.loss is None and step == 0) or (p.loss is None and "resumed" in (p.message or "")):
+                what = "resuming from its checkpoint" if job.kind == "resume" else \
+                    "loading the base model, checking and encoding the images"
+                return line("running", "preparing", f"{name}: {what}…", pct)
             loss = f"{p.loss:.4f}" if p.loss is not None else "–"
             left = f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
             return line("running", "training", f"{name}: step {step}/{total} · loss {loss} · {left}", pct)
@@ -378,32 +631,67 @@ class StudioUI:
         if job.state == "stopped" and job.started is None:
             return line("stopped", "stopped", f"{name} was taken out of the queue before it started.")
         if job.state == "stopped":
-            kept = ("its checkpoint is kept in the run folder" if job.result is not None and job.result.checkpoint
-                    else "no checkpoint had been written yet")
+            kept = ("its checkpoint is kept: <b>Resume</b> continues it" if job.result is not None
+                    and job.result.checkpoint else "no checkpoint had been written yet")
             return line("stopped", "stopped", f"{name} stopped at step {step}/{total}; {kept}.", pct)
+        if job.state == "interrupted":
+            at = f" at step {step}/{total}" if step else ""
+            return line("interrupted", "interrupted",
+                        f"{name} was interrupted{at} (the app or its training process ended before it finished). "
+                        "<b>Resume</b> continues it from its latest checkpoint, if it wrote one.", pct if step else None)
         return line("failed", "failed", f"{name} failed: {html.escape(job.error or 'unknown error')}")
 
+    def _view(self, job_id) -> tuple[Job | None, list[Job], list[Job]]:
+        """The job to show, the other queued jobs, and all jobs. The session's job is shown, except while it
+        waits in the queue (or was taken out before it ran): then the running job is, so that its progress, loss
+        and samples stay in view."""
+        jobs = self.studio.queue.jobs()
+        try:
+            want = int(job_id) if job_id is not None else None
+        except (TypeError, ValueError):
+            want = None
+        mine = next((j for j in jobs if j.id == want), None)
+        running = next((j for j in jobs if j.state == "running"), None)
+        waiting = mine is None or mine.state == "queued" or (mine.state == "stopped" and mine.started is None)
+        show = running if running is not None and waiting else mine
+        queued = [j for j in jobs if j.state == "queued" and j is not show]
+        return show, queued, jobs
+
+    def _status(self, show: Job | None, queued: Sequence[Job]) -> str:
+        head = self.status_html(show) if show is not None or not queued else ""
+        return head + "".join(f"<div class='ls-queue-line'>{self.status_html(q)}</div>" for q in queued)
+
+    def status_for(self, job_id) -> str:
+        """The status pane: the shown job, then a line per queued job with its position."""
+        show, queued, _ = self._view(job_id)
+        return self._status(show, queued)
+
     def poll(self, job_id, seen: dict | None):
-        """Timer tick: status, loss plot and samples of the session's job; only what changed is sent."""
-        job = self.studio.job(job_id)
+        """Timer tick: status, loss plot and samples of the shown job, a line per queued job, the Resume / Train
+        more buttons of a run that ended; only what changed is sent."""
+        show, queued, jobs = self._view(job_id)
         seen = dict(seen or {})
-        status = self.status_html(job)
+        status = self._status(show, queued)
         plot = samples = done = gr.skip()
-        nl = ns = finished = None
-        if job is not None:
-            same = seen.get("job") == job.id
-            nl, ns = len(job.losses), len(job.samples)
+        nl = ns = None
+        if show is not None:
+            same = seen.get("job") == show.id
+            nl, ns = len(show.losses), len(show.samples)
             if not same or seen.get("nloss") != nl:
-                plot = _loss_df(list(job.losses))
+                plot = _loss_df(list(show.losses))
             if not same or seen.get("nsamples") != ns:
-                samples = [(str(s), s.stem.replace("step-", "step ")) for s in list(job.samples)]
-            finished = None if job.active else f"{job.id}:{job.state}"
-            if finished and seen.get("finished") != finished:
-                done = finished
-        now = {"job": job.id if job else None, "nloss": nl, "nsamples": ns, "status": status,
-               "finished": finished or seen.get("finished")}
+                samples = [(str(s), s.stem.replace("step-", "step ")) for s in list(show.samples)]
+        ended = [j for j in jobs if not j.active]
+        last = max(ended, key=lambda j: (j.finished or 0.0, j.id), default=None)
+        finished = f"{last.id}:{last.state}" if last is not None else None
+        if finished and seen.get("finished") != finished:
+            done = finished  # a job ended: the library and the pickers are refreshed
+        cont_key = f"{show.id}:{show.state}" if show is not None else None
+        cont = self._continue_buttons(show) if cont_key != seen.get("cont", "") else (gr.skip(),) * 3
+        now = {"job": show.id if show else None, "nloss": nl, "nsamples": ns, "status": status,
+               "finished": finished or seen.get("finished"), "cont": cont_key}
         return (status if seen.get("status") != status else gr.skip(), plot, samples,
-                now if now != seen else gr.skip(), done)
+                now if now != seen else gr.skip(), done, *cont)
 
     def latest_job_id(self):
         job = self.studio.queue.latest()
@@ -642,6 +930,7 @@ class StudioUI:
             seen = gr.State({})
             done_marker = gr.State(None)
             ds_id = gr.State(None)
+            pending = gr.State(None)  # a form waiting for the name-in-use choice
             last_trigger = gr.State("sks")
             gen_paths = gr.State([])
             last_seed = gr.State(None)
@@ -670,65 +959,35 @@ class StudioUI:
                             trigger = gr.Textbox("sks", label="Trigger word", elem_id="train-trigger",
                                                  info="a rare word that will mean your concept/style")
                         preset = gr.Radio(list(PRESETS), value="concept", label="Preset", elem_id="train-preset",
-                                          info="concept: a thing (text encoder and UNet convolutions too) · style: a look (attention only)")
-                        with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
-                            with gr.Row():
-                                rank = gr.Number(PRESETS["concept"]["rank"], label="Rank", precision=0, minimum=1,
-                                                 elem_id="adv-rank")
-                                alpha = gr.Number(0, label="Alpha (0 = rank)", minimum=0, elem_id="adv-alpha")
-                                max_steps = gr.Number(PRESETS["concept"]["max_steps"], label="Steps", precision=0,
-                                                      minimum=1, elem_id="adv-steps")
-                            with gr.Row():
-                                lr_unet = gr.Number(PRESETS["concept"]["lr_unet"], label="Learning rate (UNet)",
-                                                    minimum=0, step=1e-4, elem_id="adv-lr-unet")
-                                lr_text = gr.Number(PRESETS["concept"]["lr_text"], label="Learning rate (text encoder)",
-                                                    minimum=0, step=1e-5, elem_id="adv-lr-text")
-                            train_te = gr.Checkbox(PRESETS["concept"]["train_text_encoder"],
-                                                   label="Train the text encoder too", elem_id="adv-te")
-                            with gr.Row():
-                                batch_size = gr.Number(TrainConfig.batch_size, label="Batch size", precision=0,
-                                                       minimum=1, elem_id="adv-batch")
-                                resolution = gr.Number(0, label="Resolution (0 = the model's)", precision=0,
-                                                       minimum=0, step=8, elem_id="adv-res")
-                                seed_t = gr.Number(TrainConfig.seed, label="Seed", precision=0, elem_id="adv-seed")
-                            with gr.Row():
-                                shuffle = gr.Checkbox(False, label="Shuffle caption tags every step (the first tag, "
-                                                      "the trigger, stays first)", elem_id="adv-shuffle")
-                                cap_drop = gr.Number(0, label="Caption dropout (share of steps on an empty "
-                                                     "caption)", minimum=0, maximum=0.99, step=0.05,
-                                                     elem_id="adv-caption-dropout")
-                            prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
-                                                elem_id="adv-prior")
-                            with gr.Row():
-                                class_prompt = gr.Textbox("", label="Class prompt", placeholder="e.g. a shape",
-                                                          elem_id="adv-class-prompt")
-                                num_class = gr.Number(TrainConfig.num_class_images, label="Class images",
-                                                      precision=0, minimum=0, elem_id="adv-num-class")
-                            preserve_w = gr.Number(0, label="Base preservation weight (0 = off): keep the base "
-                                                   "model's own output on prompts without the trigger",
-                                                   minimum=0, elem_id="adv-preserve")
-                            sample_prompts = gr.Textbox("", lines=2, label="Sample prompts (one per line; "
-                                                        "empty: the trigger's default)", elem_id="adv-samples")
-                            with gr.Row():
-                                sample_every = gr.Number(50, label="Sample every N steps (0 = at the end)",
-                                                         precision=0, minimum=0, elem_id="adv-sample-every")
-                                sample_steps = gr.Number(TrainConfig.sample_steps, label="Sample denoising steps",
-                                                         precision=0, minimum=1, elem_id="adv-sample-steps")
-                                ckpt_every = gr.Number(TrainConfig.checkpoint_every, label="Checkpoint every N steps",
-                                                       precision=0, minimum=0, elem_id="adv-ckpt-every")
-                                save_prec = gr.Dropdown(list(SAVE_PRECISIONS), value=TrainConfig.save_precision,
-                                                        label="Save adapter as", elem_id="adv-save-precision",
-                                                        info="fp16: half the file size, loads everywhere")
-                            with gr.Row():
-                                train_base = gr.Dropdown(bases, value=bases[0], label="Base model",
-                                                         elem_id="adv-base")
-                                quantize = gr.Dropdown(QUANTIZE_CHOICES, value=QUANTIZE_CHOICES[0],
-                                                       label="Quantized base (QLoRA)", elem_id="adv-quantize",
-                                                       info="int8: any device · nf4: CUDA GPU (bitsandbytes)")
+                                          info="concept: a thing (text encoder and UNet convolutions too) · "
+                                               "style: a look (attention only) · custom: your own values")
+                        train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="train-base")
+                        with gr.Accordion("Advanced: every training option", open=False, elem_id="train-advanced"):
+                            gr.Markdown("An empty number or box means *unset* (its help says what that means). "
+                                        "The preset fills the values it sets.", elem_id="adv-hint")
+                            adv, prior = self._advanced_widgets("concept")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        train_msg = gr.HTML("", elem_id="train-message")
+                        with gr.Group(visible=False, elem_id="train-name-choice") as choice_box:
+                            choice_md = gr.HTML("", elem_id="train-choice-text")
+                            with gr.Row():
+                                choice_resume = gr.Button("Resume it", variant="primary", min_width=100,
+                                                          elem_id="train-choice-resume")
+                                choice_over = gr.Button("Overwrite", variant="stop", min_width=100,
+                                                        elem_id="train-choice-overwrite")
+                                choice_new = gr.Button("Start under a new name", min_width=140,
+                                                       elem_id="train-choice-new")
+                                choice_cancel = gr.Button("Cancel", min_width=80, elem_id="train-choice-cancel")
                         status = gr.HTML(self.status_html(None), elem_id="train-status")
+                        with gr.Row(equal_height=True, elem_id="train-continue"):
+                            resume_btn = gr.Button("Resume", variant="primary", visible=False, min_width=100,
+                                                   elem_id="train-resume")
+                            more_steps = gr.Number(100, precision=0, label="More steps", visible=False, min_width=100,
+                                                   elem_id="train-more-steps")
+                            more_btn = gr.Button("Train 100 more steps", visible=False, min_width=160,
+                                                 elem_id="train-more")
                         loss_plot = gr.LinePlot(_loss_df([]), x="step", y="loss", title="Loss",
                                                 x_axis_format="d",
                                                 height=200, elem_id="train-loss")
@@ -860,20 +1119,34 @@ class StudioUI:
             ds_outputs = [ds_id, thumbs, skipped, captions]
             uploads.upload(shown_in(self.stage_upload, ds_outputs + [last_trigger, sample_set], skipped),
                            [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger, sample_set])
-            preset_fields = [rank, max_steps, lr_unet, lr_text, train_te]
-            sample_set.input(self.pick_sample_set, [sample_set, ds_id],
-                             ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields])
+            preset_fields = [adv[f] for f in PRESET_FIELDS]
+            sample_outputs = ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields]
+            sample_set.input(shown_in(self.pick_sample_set, sample_outputs, skipped), [sample_set, ds_id],
+                             sample_outputs)
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             preset.input(self.preset_defaults, preset, preset_fields, **quiet)
             preset.input(self.recaption_for_preset, [captions, preset, trigger], captions, **quiet)
-            form = [ds_id, captions, last_trigger, name, trigger, preset, rank, alpha, max_steps, lr_unet, lr_text,
-                    train_te, prior, class_prompt, num_class, resolution, seed_t, sample_prompts, batch_size,
-                    sample_every, sample_steps, ckpt_every, train_base, quantize, preserve_w, save_prec, shuffle,
-                    cap_drop]
-            start.click(self.start_training, form, [job_id, status])
-            stop.click(self.stop_training, job_id, status)
-            timer.tick(self.poll, [job_id, seen], [status, loss_plot, samples, seen, done_marker], **quiet)
+            # the whole form as one dict (a set of components: Gradio passes {component: value})
+            self.form_widgets = {"images": ds_id, "captions": captions, "last_trigger": last_trigger, "name": name,
+                                 "trigger": trigger, "preset": preset, "base": train_base, "prior": prior, **adv}
+            start_outputs = [job_id, status, train_msg, choice_box, choice_md, choice_resume, choice_new, pending,
+                             name]
+            start.click(shown_in(by_name(self.start_training, self.form_widgets), start_outputs, train_msg),
+                        set(self.form_widgets.values()), start_outputs)
+            for btn, handler in ((choice_resume, self.choose_resume), (choice_over, self.choose_overwrite),
+                                 (choice_new, self.choose_new_name)):
+                btn.click(shown_in(handler, start_outputs, train_msg), pending, start_outputs)
+            choice_cancel.click(self.cancel_choice, None, [train_msg, choice_box, choice_md, pending], **quiet)
+            stop.click(shown_in(self.stop_training, [status, train_msg], train_msg), [job_id, seen],
+                       [status, train_msg])
+            cont_outputs = [job_id, status, train_msg, resume_btn, more_steps, more_btn]
+            resume_btn.click(shown_in(self.resume_shown, cont_outputs, train_msg), [job_id, seen], cont_outputs)
+            more_btn.click(shown_in(self.train_more_shown, cont_outputs, train_msg), [job_id, seen, more_steps],
+                           cont_outputs)
+            more_steps.change(self.more_label, more_steps, more_btn, **quiet)
+            timer.tick(self.poll, [job_id, seen],
+                       [status, loss_plot, samples, seen, done_marker, resume_btn, more_steps, more_btn], **quiet)
             done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
 
             # generate

@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.options import check_launch_options
 from app.studio import Studio
-from app.ui import PRESET_FIELDS, StudioUI, launch
+from app.ui import ADVANCED, PRESET_FIELDS, StudioUI, field_value, launch
 from pipelines.adapters import lora_metadata, save_adapter
 from pipelines.errors import ConfigError
 from pipelines.generation import GenerationRequest, read_png_parameters
@@ -66,15 +66,15 @@ def lora_files(tmp_path_factory, tiny_sd1_dir):
     return out
 
 
-def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw):
-    """The Train tab's form values in the order `start_training` takes them."""
-    v = dict(ds_id=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
-             rank=4, alpha=0, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_te=False, prior=False, class_prompt="",
-             num_class_images=4, resolution=0, seed=1, sample_prompts="", batch_size=2, sample_every=0,
-             sample_steps=2, checkpoint_every=0, base_name=None, quantize="none (full precision)",
+def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw) -> dict:
+    """The Train tab's form as `start_training` takes it: one dict, field name -> widget value."""
+    v = dict(images=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
+             rank=4, alpha=None, max_steps=3, lr_unet=1e-3, lr_text=2e-4, train_text_encoder=False, prior=False,
+             class_prompt="", num_class_images=4, resolution=None, seed=1, sample_prompts="", batch_size=2,
+             sample_every=0, sample_steps=2, checkpoint_every=0, base=None, quantize_base="none (full precision)",
              preserve_weight=0, save_precision="fp32", shuffle_tags=False, caption_dropout=0)
     v.update(kw)
-    return list(v.values())
+    return v
 
 
 def _import(ui: StudioUI, path: Path, name: str = ""):
@@ -143,72 +143,88 @@ def test_sample_set_fills_trigger_preset_and_name(ui):
     ds_id, thumbs, skipped, caps, last, trig, preset, name, uploads, *fields = ui.pick_sample_set("concept-star", None)
     assert len(thumbs) == 12 and trig == last == "sks" and preset == "concept" and name == "concept-star-lora"
     # the preset's defaults arrive in the same response (no chained event that could overwrite typed values)
-    assert dict(zip(PRESET_FIELDS, fields)) == {f: PRESETS["concept"][f] for f in PRESET_FIELDS}
+    opts = {o.name: o for o in ADVANCED}
+    concept = {f: field_value(opts[f], v) for f, v in zip(PRESET_FIELDS, fields)}
+    assert {f: PRESETS["concept"][f] for f in PRESETS["concept"]} == {f: concept[f] for f in PRESETS["concept"]}
     style = dict(zip(PRESET_FIELDS, ui.pick_sample_set("style-outline", ds_id)[9:]))
-    assert style == {f: PRESETS["style"][f] for f in PRESET_FIELDS}
+    assert {f: style[f] for f in PRESETS["style"]} == PRESETS["style"]
+    # a field the concept preset set and the style preset does not goes back to its default, not concept's
+    assert style["unet_targets"] == "to_q, to_k, to_v, to_out.0"
     assert all("sks" in c for c in caps["caption"])
-    assert ui.preset_defaults("style")[-1] is False  # style: UNet only
+    style = dict(zip(PRESET_FIELDS, ui.preset_defaults("style")))
+    assert style["train_text_encoder"] is False  # style: UNet only
     assert all(isinstance(v, dict) for v in ui.preset_defaults("custom"))  # custom: leave the fields alone
+
+
+def _start(ui: StudioUI, form: dict):
+    """start_training -> (job id, status); the name-in-use choice is no start."""
+    job_id, status, msg, box, *_ = ui.start_training(form)
+    assert msg == "" and box.get("visible") is False, (msg, box)
+    return job_id, status
 
 
 def test_second_job_waits_and_reports_queue_position(ui, gate):
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
-    id1, status1 = ui.start_training(*_form(ui, ds_id, caps, "first"))
+    id1, status1 = _start(ui, _form(ui, ds_id, caps, "first"))
     deadline = time.time() + 60  # a slow machine may take a while to start the first job
     while not gate.started and time.time() < deadline:
         time.sleep(0.02)
     assert gate.started == ["first"]
-    id2, status2 = ui.start_training(*_form(ui, ds_id, caps, "second"))
-    assert "waiting in the queue" in status2 and "position 1" in status2
-    status, plot, samples, seen, done = ui.poll(id1, {})
-    assert "step 1/3" in status and "loss 0.5000" in status and list(plot["loss"]) == [0.5]
+    id2, status2 = _start(ui, _form(ui, ds_id, caps, "second"))
+    # the running job stays in view (its progress), the queued one is a line with its position
+    assert "first" in status2 and "second</b> is waiting in the queue" in status2 and "position 1" in status2
+    status, plot, samples, seen, done, *cont = ui.poll(id2, {})
+    assert "first</b>: step 1/3" in status and "loss 0.5000" in status and list(plot["loss"]) == [0.5]
+    assert "second</b> is waiting in the queue: position 1" in status and seen["job"] == id1
     assert isinstance(done, dict)  # still running: the library is not refreshed yet
     # the same name twice, or a name already in the library, is refused with a clear message
     with pytest.raises(gr.Error, match="already queued or running"):
-        ui.start_training(*_form(ui, ds_id, caps, "first"))
-    id3, _ = ui.start_training(*_form(ui, ds_id, caps, "third"))
+        ui.start_training(_form(ui, ds_id, caps, "first"))
+    id3, _ = _start(ui, _form(ui, ds_id, caps, "third"))
     assert "position 2" in ui.status_html(ui.studio.job(id3))
-    assert "stopped" in ui.stop_training(id3)  # a queued job can be taken out of the queue
+    status, *_ = ui.stop_training(id3)  # a queued job can be taken out of the queue
+    assert "third" not in status and "first</b>: step 1/3" in status
+    assert ui.studio.job(id3).state == "stopped"
     gate.release.set()
     q = ui.studio.queue
     q.wait(q.get(id2), timeout=60)
     assert gate.started == ["first", "second"] and q.max_concurrent_seen == 1
-    status, plot, samples, seen, done = ui.poll(id2, seen)
-    assert "is ready" in status and done == f"{id2}:done"
+    status, plot, samples, seen, done, *cont = ui.poll(id2, seen)
+    assert "second</b> is ready" in status and done == f"{id2}:done"
     assert ui.latest_job_id() == id3  # a reopened page shows the latest job
 
 
 def test_bad_form_values_name_the_field(ui):
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     with pytest.raises(gr.Error, match="rank"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", rank=0))
+        ui.start_training(_form(ui, ds_id, caps, "x", rank=0))
     with pytest.raises(gr.Error, match="resolution"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", resolution=60))
+        ui.start_training(_form(ui, ds_id, caps, "x", resolution=60))
     with pytest.raises(gr.Error, match="upload some images"):
-        ui.start_training(*_form(ui, None, caps, "x"))
+        ui.start_training(_form(ui, None, caps, "x"))
     with pytest.raises(gr.Error, match="class prompt"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", prior=True))
+        ui.start_training(_form(ui, ds_id, caps, "x", prior=True))
     with pytest.raises(gr.Error, match="preserve_weight"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", preserve_weight=-1))
-    assert ui.train_config(*_form(ui, ds_id, caps, "y", preserve_weight=2.5)).preserve_weight == 2.5
-    assert ui.train_config(*_form(ui, ds_id, caps, "y", save_precision="fp16")).save_precision == "fp16"
-    tagged = ui.train_config(*_form(ui, ds_id, caps, "y", shuffle_tags=True, caption_dropout=0.1))
+        ui.start_training(_form(ui, ds_id, caps, "x", preserve_weight=-1))
+    assert ui.train_config(_form(ui, ds_id, caps, "y", preserve_weight=2.5)).preserve_weight == 2.5
+    assert ui.train_config(_form(ui, ds_id, caps, "y", save_precision="fp16")).save_precision == "fp16"
+    tagged = ui.train_config(_form(ui, ds_id, caps, "y", shuffle_tags=True, caption_dropout=0.1))
     assert tagged.shuffle_tags and tagged.keep_tokens == 1 and tagged.caption_dropout == 0.1
     with pytest.raises(gr.Error, match="caption_dropout"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", caption_dropout=1.5))
+        ui.start_training(_form(ui, ds_id, caps, "x", caption_dropout=1.5))
     with pytest.raises(gr.Error, match="save_precision"):
-        ui.start_training(*_form(ui, ds_id, caps, "x", save_precision="fp8"))
+        ui.start_training(_form(ui, ds_id, caps, "x", save_precision="fp8"))
     if not torch.cuda.is_available():
         with pytest.raises(gr.Error, match="quantize_base: 'nf4' .* needs a CUDA GPU"):
-            ui.start_training(*_form(ui, ds_id, caps, "x", quantize="nf4"))
+            ui.start_training(_form(ui, ds_id, caps, "x", quantize_base="nf4"))
 
 
 def test_quantized_base_choice_reaches_the_config(ui):
     pytest.importorskip("torchao")
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
-    form = _form(ui, ds_id, caps, "q", quantize="int8")
-    assert ui.train_config(*form).quantize_base == "int8"
-    assert ui.train_config(*_form(ui, ds_id, caps, "q")).quantize_base is None
+    form = _form(ui, ds_id, caps, "q", quantize_base="int8")
+    assert ui.train_config(form).quantize_base == "int8"
+    assert ui.train_config(_form(ui, ds_id, caps, "q")).quantize_base is None
 
 
 # ------------------------------------------------------------------------------------------------ names, never paths
@@ -228,7 +244,7 @@ def test_names_from_the_browser_never_reach_outside(ui, tmp_path, bad):
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     caps.loc[0, "image"] = bad if bad else "x"
     with pytest.raises(gr.Error):  # a caption row naming a file outside the dataset
-        ui.start_training(*_form(ui, ds_id, caps, "n1"))
+        ui.start_training(_form(ui, ds_id, caps, "n1"))
     assert outside.read_bytes() == b"keep me"
     assert not (tmp_path / "outside.txt").exists()
 

@@ -1,0 +1,198 @@
+"""The Train tab's form, generated from TrainConfig's field descriptions (issue 15): every option has a widget
+or is set by the app, a value typed into any widget reaches the TrainConfig, the form is one dict; a run
+that stopped or finished can be continued, and a name in use asks (resume, overwrite, new name) instead of
+silently starting again beside the old checkpoints. Handlers called without a browser; jobs are queued, not
+run (tests/test_jobs.py runs real ones)."""
+
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+import pytest
+
+from app.studio import Studio
+from app.ui import ADVANCED, GROUPS, PRESET_FIELDS, StudioUI, elem_id, field_value, shown_in, unset_label
+from training.config import PRESETS, TrainConfig, train_options
+from training.jobs import Job, JobQueue
+from training.trainer import train
+
+
+@pytest.fixture()
+def ui(tmp_path, tiny_sd1_dir):
+    studio = Studio(home=tmp_path / "home", base=str(tiny_sd1_dir), device="cpu", queue=JobQueue(worker=False))
+    u = StudioUI(studio)
+    u.build()
+    return u
+
+
+def _form(ui: StudioUI, name: str = "form-test", **kw) -> dict:
+    ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    form = {"images": ds_id, "captions": caps, "last_trigger": "sks", "name": name, "trigger": "sks",
+            "preset": "concept", "base": None, "prior": False}
+    form.update(kw)
+    return form
+
+
+# ------------------------------------------------------------------------------------------------ generated form
+def test_every_option_has_a_widget_or_is_set_by_the_app(ui):
+    widgets = ui.form_widgets
+    for o in train_options():
+        assert (o.name in widgets) == o.ui, f"{o.name}: ui={o.ui} but {'a' if o.name in widgets else 'no'} widget"
+    assert {"captions", "last_trigger", "prior"} <= set(widgets)  # the form's own values, no field
+    for o in ADVANCED:  # the Advanced section's widgets carry adv-<field> ids, labels and help from the field
+        w = widgets[o.name]
+        assert w.elem_id == elem_id(o) == "adv-" + o.name.replace("_", "-")
+        assert o.label in w.label and w.info.startswith(o.help)
+    # a section per group, in GROUPS order
+    blocks = ui.demo.blocks.values()
+    sections = [b.elem_id for b in blocks if isinstance(b, gr.Accordion) and (b.elem_id or "").startswith("adv-group")]
+    expected = [g for g in GROUPS if any(o.group == g for o in ADVANCED)]
+    assert len(sections) == len(expected) and sorted(sections) == sorted(
+        "adv-group-" + "-".join("".join(c if c.isalnum() else " " for c in g.lower()).split()) for g in expected)
+
+
+def _typed(o, default):
+    """A value a user types into the option's widget (what the browser sends) and what the field should get."""
+    if o.kind is bool:
+        return (not default), (not default)
+    if o.choices is not None:
+        if o.name == "quantize_base":  # int8 needs torchao, nf4 CUDA: the unset choice here
+            return unset_label(o), None
+        other = next(c for c in reversed(o.choices) if c != default)
+        return other, other
+    if o.kind is list:
+        if o.list_style == "lines":
+            return "a red sks\n\n  in a box  ", ["a red sks", "in a box"]
+        return "to_q, to_v,to_k", ["to_q", "to_v", "to_k"]
+    if o.kind is int:
+        v = (o.min or 0) + 8 if o.max is None or o.max >= (o.min or 0) + 8 else o.max
+        v = 24 if o.name == "resolution" else v
+        return v, v
+    if o.kind is float:
+        v = 0.25 if o.below is not None else (default or 0.5) * 3
+        return v, v
+    v = "a drawing of {trigger}" if o.name == "instance_template" else "a shape"
+    return v, v
+
+
+@pytest.mark.parametrize("o", ADVANCED, ids=[o.name for o in ADVANCED])
+def test_a_value_typed_into_each_generated_widget_reaches_the_config(ui, o):
+    default = ui.form_widgets[o.name].value
+    default = field_value(o, default) if o.kind is not list else default
+    payload, want = _typed(o, default)
+    value = ui.form_widgets[o.name].preprocess(payload)  # as Gradio hands the browser's value to the handler
+    extra = {"prior": True} if o.name == "class_prompt" else {}
+    extra.update({"train_text_encoder": True} if o.name == "lr_text" else {})
+    cfg = ui.train_config(_form(ui, **extra, **{o.name: value}))
+    assert getattr(cfg, o.name) == want
+    if o.optional:  # emptied (a number box cleared, a text box emptied, the unset choice): unset
+        empty = unset_label(o) if o.choices is not None else ("" if o.kind is str else None)
+        cfg = ui.train_config(_form(ui, **{o.name: ui.form_widgets[o.name].preprocess(empty)}))
+        assert getattr(cfg, o.name) is None
+
+
+def test_the_form_is_one_dict_and_unknown_or_app_set_keys_are_refused(ui):
+    cfg = ui.train_config(_form(ui, rank=4, max_steps=7))
+    assert isinstance(cfg, TrainConfig) and cfg.rank == 4 and cfg.max_steps == 7
+    assert cfg.unet_targets == PRESETS["concept"]["unet_targets"]  # left out: the preset's value
+    assert cfg.output_dir == str(ui.studio.library.root) and cfg.device == "cpu"
+    for bad in ({"rnak": 4}, {"output_dir": "/tmp"}, {"device": "cuda"}, {"resume": "latest"}):
+        with pytest.raises(Exception, match="unknown or app-set"):
+            ui.train_config(_form(ui, **bad))
+    with pytest.raises(Exception, match="max_steps: enter a number"):
+        ui.train_config(_form(ui, max_steps=None))
+    with pytest.raises(Exception, match="rank: must be a whole number between 1 and 1024"):
+        ui.train_config(_form(ui, rank=0))  # Gradio's own bounds check (no field named) is off
+    assert ui.form_widgets["rank"].preprocess(0) == 0
+    # the prior toggle decides whether the class prompt is used
+    assert ui.train_config(_form(ui, class_prompt="a shape")).class_prompt is None
+    assert ui.train_config(_form(ui, class_prompt="a shape", prior=True)).class_prompt == "a shape"
+
+
+def test_a_preset_sets_every_field_it_names(ui):
+    style = dict(zip(PRESET_FIELDS, ui.preset_defaults("style")))
+    opts = {o.name: o for o in ADVANCED}
+    for f in PRESET_FIELDS:
+        want = PRESETS["style"].get(f, opts[f].ui_default)
+        assert field_value(opts[f], style[f]) == want, f
+    assert set(PRESETS["concept"]) <= set(PRESET_FIELDS)
+
+
+def test_start_errors_stay_on_the_page(ui):
+    outputs = ["job_id", "status", "msg", "box", "choice", "resume", "new", "pending", "name"]
+    out = shown_in(ui.start_training, outputs, "msg")(_form(ui, rank=0))
+    assert "rank: must be a whole number" in out[2] and "role='alert'" in out[2]
+    assert all(isinstance(o, dict) and o.get("__type__") == "update" for i, o in enumerate(out) if i != 2)
+
+
+# ------------------------------------------------------------------------------------------------ name in use, continue
+def _finished(ui: StudioUI, star_images, tiny_sd1_dir, name: str, stop_at: int | None = None) -> TrainConfig:
+    """A run trained here: finished (an adapter in the library) or stopped at step `stop_at` (a checkpoint)."""
+    cfg = TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(ui.studio.library.root),
+                      name=name, max_steps=4, batch_size=2, rank=2, device="cpu", sample_steps=1, checkpoint_every=1,
+                      resolution=32)
+    stop = threading.Event()
+    train(cfg, on_progress=lambda p: stop.set() if stop_at and p.step >= stop_at else None, stop=stop)
+    run = ui.studio.library.root / "runs" / name
+    (run / "job.toml").write_text(cfg.to_toml())  # what a job of the app leaves there
+    return cfg
+
+
+def test_start_with_a_finished_adapters_name_asks_and_never_overwrites(ui, star_images, tiny_sd1_dir):
+    _finished(ui, star_images, tiny_sd1_dir, "star")
+    form = _form(ui, "star", max_steps=2)
+    job_id, status, msg, box, choice, resume, new, pending, name = ui.start_training(form)
+    assert job_id == status == name == gr.skip()  # nothing started
+    assert box["visible"] is True and "already in the library" in choice and "star-2" in choice
+    assert resume["visible"] is False  # a finished adapter has nothing to resume
+    assert new["value"] == "Start as 'star-2'" and ui.studio.queue.jobs() == []
+    job_id, status, msg, box, *_, name = ui.choose_new_name(pending)
+    job = ui.studio.job(job_id)
+    assert job.name == "star-2" and name == "star-2" and box["visible"] is False and "star-2" in status
+    # overwrite: the adapter is replaced by a run from step 1, the old run folder goes
+    *_, pending, _ = ui.start_training(form)
+    job_id, *_ = ui.choose_overwrite(pending)
+    job = ui.studio.job(job_id)
+    assert job.name == "star" and job.config.overwrite and not (ui.studio.library.root / "runs" / "star").exists()
+
+
+def test_start_with_a_stopped_runs_name_offers_resume(ui, star_images, tiny_sd1_dir):
+    _finished(ui, star_images, tiny_sd1_dir, "half", stop_at=2)
+    st = ui.studio.run_state("half")
+    assert st.resumable and st.step == 2
+    job_id, status, msg, box, choice, resume, new, pending, name = ui.start_training(_form(ui, "half"))
+    assert box["visible"] is True and resume["visible"] is True and "checkpoint at step 2/4" in choice
+    job_id, status, *_ = ui.choose_resume(pending)
+    job = ui.studio.job(job_id)
+    assert job.kind == "resume" and job.config.resume == "latest" and job.config.max_steps == 4
+    assert "half</b> is waiting in the queue" in status
+    with pytest.raises(gr.Error, match="already queued or running"):  # and now the name is busy
+        ui.start_training(_form(ui, "half"))
+
+
+def test_a_stopped_or_finished_run_offers_resume_or_train_more(ui, star_images, tiny_sd1_dir):
+    half = _finished(ui, star_images, tiny_sd1_dir, "half", stop_at=2)
+    _finished(ui, star_images, tiny_sd1_dir, "done")
+    q = ui.studio.queue
+    stopped = q.submit(half)
+    q.stop(stopped.id)  # a job of the run, ended
+    status, plot, samples, seen, done, resume, more_steps, more = ui.poll(stopped.id, {})
+    assert resume["visible"] is True and more["visible"] is False
+    job_id, status, msg, *hide = ui.resume_shown(stopped.id, seen)
+    assert ui.studio.job(job_id).kind == "resume" and all(h["visible"] is False for h in hide)
+    # a finished adapter: train N more steps from it (a new adapter under a free name)
+    finished = q.submit(TrainConfig.from_toml(ui.studio.library.root / "runs" / "done" / "job.toml",
+                                              {"overwrite": True}))
+    q.stop(finished.id)
+    assert ui._continue_buttons(q.get(finished.id))[2]["visible"] is True  # 'done' is in the library
+    job_id, *_ = ui.train_more_shown(finished.id, None, 5)
+    job = ui.studio.job(job_id)
+    assert job.kind == "more" and job.name == "done-more" and job.config.max_steps == 5
+    assert ui.more_label(5) == "Train 5 more steps"
+
+
+def test_interrupted_runs_have_their_own_badge(ui):
+    cfg = TrainConfig(images=".", name="gone", max_steps=40)
+    job = Job(1, cfg, state="interrupted")
+    assert "ls-interrupted" in ui.status_html(job) and "Resume" in ui.status_html(job)
