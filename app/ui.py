@@ -59,6 +59,17 @@ CSS = """
 .ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
 .ls-stopped {background: #a16207} .ls-failed {background: #dc2626} .ls-interrupted {background: #7c3aed}
 .ls-queue-line {margin-top: 4px}
+/* Advanced: in a row of fields, each box sits at the bottom of its cell, whatever the length of the help above */
+.ls-fields .form {align-items: stretch}
+.ls-fields .form > .block {display: flex; flex-direction: column}
+.ls-fields .form > .block > .container {display: flex; flex-direction: column; flex: 1 1 auto}
+.ls-fields .form > .block > .container > input, .ls-fields .form > .block > .container > .wrap,
+.ls-fields .form > .block > .container > .input-container {margin-top: auto}
+/* galleries: the floating label above the first row of pictures, not over it; as many columns as fit */
+#gen-gallery .grid-container, #train-samples .grid-container, #train-thumbs .grid-container,
+#lib-cards .grid-container {padding-top: 40px}
+#train-samples .grid-container, #train-thumbs .grid-container, #lib-cards .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important}
 #ls-header h1 {margin-bottom: 0}
 /* galleries: the label under the picture, never over it; small (64 px) pictures enlarged without blur */
 #gen-gallery .thumbnail-item, #train-samples .thumbnail-item, #train-thumbs .thumbnail-item,
@@ -211,20 +222,37 @@ def unset_label(o: Option) -> str:
     return UNSET_CHOICES.get(o.name, UNSET)
 
 
+def _n(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+
 def _range_text(o: Option) -> str:
-    lo = f"≥ {o.min:g}" if o.min is not None else (f"> {o.gt:g}" if o.gt is not None else "")
-    hi = f"≤ {o.max:g}" if o.max is not None else (f"< {o.below:g}" if o.below is not None else "")
+    lo = f"≥ {_n(o.min)}" if o.min is not None else (f"> {_n(o.gt)}" if o.gt is not None else "")
+    hi = f"≤ {_n(o.max)}" if o.max is not None else (f"< {_n(o.below)}" if o.below is not None else "")
     if o.min is not None and o.max is not None:
-        return f"{o.min:g}–{o.max:g}"
+        return f"{_n(o.min)}–{_n(o.max)}"
     return ", ".join(t for t in (lo, hi) if t)
 
 
+def zero_is_unset(o: Option) -> bool:
+    """An optional number whose range excludes 0 (alpha, conv rank, resolution): 0 means unset. Gradio's number
+    box shows an unset value as 0 and sends 0 until it is cleared, so 0 has to mean what the empty box means."""
+    if not o.optional or o.kind not in (int, float):
+        return False
+    return (o.min is not None and o.min > 0) or (o.gt is not None and o.gt >= 0)
+
+
 def widget_value(o: Option, v: Any) -> Any:
-    """A field's value as its widget shows it (lists as text, an unset choice as its label, unset numbers empty)."""
+    """A field's value as its widget shows it (lists as text, an unset choice as its label, unset numbers 0 or
+    empty)."""
     if o.kind is list:
         return ("\n" if o.list_style == "lines" else ", ").join(v or [])
     if v is None:
-        return unset_label(o) if o.choices is not None else (None if o.kind in (int, float) else "")
+        if o.choices is not None:
+            return unset_label(o)
+        if o.kind in (int, float):
+            return 0 if zero_is_unset(o) else None
+        return ""
     return v
 
 
@@ -240,7 +268,7 @@ def field_value(o: Option, v: Any) -> Any:
     if o.choices is not None:
         return None if o.optional and v in (None, "", unset_label(o)) else v
     if o.kind in (int, float):
-        if v is None or (isinstance(v, str) and not v.strip()):
+        if v is None or (isinstance(v, str) and not v.strip()) or (v == 0 and zero_is_unset(o)):
             if o.optional:
                 return None
             raise ConfigError(f"{o.name}: enter a number ({o.label})")
@@ -264,19 +292,21 @@ def _no_bounds_check(*_: Any) -> None:
 def option_widget(o: Option, value: Any) -> gr.components.Component:
     """The widget of one TrainConfig field, from its description (kind, choices, range, list style, help)."""
     rng = _range_text(o)
+    if zero_is_unset(o):
+        rng = f"{rng}; 0: unset" if rng else "0: unset"
     info = o.help + (f" ({rng})" if rng and o.kind in (int, float) else "")
     common = dict(label=o.label, info=info, elem_id=elem_id(o))
     value = widget_value(o, value)
     if o.kind is bool:
-        return gr.Checkbox(bool(value), **common)
+        return gr.Checkbox(bool(value), min_width=240, **common)
     if o.choices is not None:
         choices = ([unset_label(o)] if o.optional else []) + list(o.choices)
-        return gr.Dropdown(choices, value=value, **common)
+        return gr.Dropdown(choices, value=value, min_width=200, **common)
     if o.kind in (int, float):
         lo = o.min if o.min is not None else o.gt
         hi = o.max if o.max is not None else o.below
         num = gr.Number(value, precision=0 if o.kind is int else None, minimum=lo, maximum=hi,
-                        step=o.step or (1 if o.kind is int else 0.1), min_width=150,
+                        step=o.step or (1 if o.kind is int else 0.1), min_width=200,
                         placeholder="unset" if o.optional else None, **common)
         num.raise_if_out_of_bounds = _no_bounds_check  # the range is checked (field named) by TrainConfig
         return num
@@ -582,13 +612,16 @@ class StudioUI:
                     prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
                                         info="also train on base-model images of the class prompt, so that the "
                                              "class keeps its look", elem_id="adv-prior")
-                small = [o for o in opts if o.kind in (bool, int, float) or o.choices is not None]
-                with gr.Row(elem_classes=["ls-adv-row"]):
-                    for o in small:
-                        widgets[o.name] = option_widget(o, preset_value(preset, o))
-                for o in opts:
-                    if o not in small:
-                        widgets[o.name] = option_widget(o, preset_value(preset, o))
+                fields = [o for o in opts if o.kind in (int, float) or o.choices is not None]
+                toggles = [o for o in opts if o.kind is bool]
+                texts = [o for o in opts if o not in fields and o not in toggles]
+                for row in (fields, toggles):
+                    if row:
+                        with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
+                            for o in row:
+                                widgets[o.name] = option_widget(o, preset_value(preset, o))
+                for o in texts:
+                    widgets[o.name] = option_widget(o, preset_value(preset, o))
         if prior is None:
             prior = gr.Checkbox(False, visible=False, elem_id="adv-prior")
         return widgets, prior
@@ -938,7 +971,7 @@ class StudioUI:
             # ---------------------------------------------------------------------------------- Train
             with gr.Tab("Train", id="train"):
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=3, min_width=420):
                         gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in "
                                     "same-named `.txt` files are read), or start from a shipped sample set.")
                         sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
@@ -952,9 +985,9 @@ class StudioUI:
                                                 label="Captions (editable; the trigger word is inserted)",
                                                 interactive=True, static_columns=[0], wrap=True, max_height=260,
                                                 column_widths=["22%", "78%"], elem_id="train-captions")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=2, min_width=360):
                         gr.Markdown("**2. Adapter**")
-                        with gr.Row():
+                        with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
                             name = gr.Textbox("my-lora", label="Name", elem_id="train-name")
                             trigger = gr.Textbox("sks", label="Trigger word", elem_id="train-trigger",
                                                  info="a rare word that will mean your concept/style")
@@ -962,10 +995,8 @@ class StudioUI:
                                           info="concept: a thing (text encoder and UNet convolutions too) · "
                                                "style: a look (attention only) · custom: your own values")
                         train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="train-base")
-                        with gr.Accordion("Advanced: every training option", open=False, elem_id="train-advanced"):
-                            gr.Markdown("An empty number or box means *unset* (its help says what that means). "
-                                        "The preset fills the values it sets.", elem_id="adv-hint")
-                            adv, prior = self._advanced_widgets("concept")
+                        gr.Markdown("Every other option is in **Advanced**, further down the page.",
+                                    elem_id="train-advanced-hint")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -993,6 +1024,12 @@ class StudioUI:
                                                 height=200, elem_id="train-loss")
                         samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
                                              elem_id="train-samples")
+                # the whole width: a section per group of options, several fields side by side
+                with gr.Accordion("Advanced: every training option", open=False, elem_id="train-advanced"):
+                    gr.Markdown("An empty box means *unset* (each field's help says what that means; for a number "
+                                "that cannot be 0, 0 means unset too). The preset fills the values it sets.",
+                                elem_id="adv-hint")
+                    adv, prior = self._advanced_widgets("concept")
                 timer = gr.Timer(POLL_S)
 
             # ---------------------------------------------------------------------------------- Generate
@@ -1077,7 +1114,7 @@ class StudioUI:
             # ---------------------------------------------------------------------------------- Library
             with gr.Tab("Library", id="library"):
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=3, min_width=520):
                         lib_hint = gr.Markdown("", elem_id="lib-hint")
                         cards = gr.Gallery(label="Adapters (click a card to select it)", columns=5, height=240,
                                            object_fit="contain", allow_preview=False, fit_columns=False,

@@ -105,6 +105,10 @@ def test_the_form_is_one_dict_and_unknown_or_app_set_keys_are_refused(ui):
     with pytest.raises(Exception, match="rank: must be a whole number between 1 and 1024"):
         ui.train_config(_form(ui, rank=0))  # Gradio's own bounds check (no field named) is off
     assert ui.form_widgets["rank"].preprocess(0) == 0
+    # Gradio shows an unset number as 0 and sends 0 until the box is cleared: where 0 is out of range, 0 is unset
+    cfg = ui.train_config(_form(ui, alpha=0, conv_rank=0, conv_alpha=0.0, resolution=0))
+    assert cfg.alpha is None and cfg.conv_rank is None and cfg.conv_alpha is None and cfg.resolution is None
+    assert ui.form_widgets["alpha"].value == 0 and "0: unset" in ui.form_widgets["alpha"].info
     # the prior toggle decides whether the class prompt is used
     assert ui.train_config(_form(ui, class_prompt="a shape")).class_prompt is None
     assert ui.train_config(_form(ui, class_prompt="a shape", prior=True)).class_prompt == "a shape"
