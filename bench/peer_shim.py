@@ -5,6 +5,9 @@ this machine's CPU build of torch. This puts a small stand-in module in its plac
 torchvision applies to PIL images: resize of the shorter side, centre/random crop, flip, to-tensor,
 normalize), tells transformers that torchvision is absent (so it does not import the rest of it), and
 runs the script as `__main__`. Nothing of the script is changed; step for step it does the same work.
+Where peft is older than transformers 5's `add_adapter` demands (PyPI's newest is), the text encoder's
+adapter goes in through peft's own `inject_adapter_in_model`, as `add_adapter` itself would do. With
+$LORA_STUDIO_BENCH_PEAK set, the peak RSS when training ends is written there (see record_peak_at_save).
 """
 
 from __future__ import annotations
@@ -112,11 +115,50 @@ class Normalize:
         return (t - mean) / std
 
 
+def record_peak_at_save() -> None:
+    """With $LORA_STUDIO_BENCH_PEAK set: write this process's peak RSS (kB) to that file when the script saves
+    its LoRA weights, i.e. when training ends (the examples then load a second pipeline for a final inference)."""
+    import os
+
+    path = os.environ.get("LORA_STUDIO_BENCH_PEAK")
+    if not path:
+        return
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    def peak_kb() -> str:
+        with open("/proc/self/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+
+    for cls in (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin):
+        original = cls.__dict__["save_lora_weights"].__func__
+
+        def save(c, *a, _original=original, **k):
+            if not os.path.exists(path) or not open(path).read().strip():
+                with open(path, "w") as f:
+                    f.write(peak_kb())
+            return _original(c, *a, **k)
+
+        cls.save_lora_weights = classmethod(save)
+
+
 def install() -> None:
     import diffusers  # noqa: F401  (its own check runs now, and finds no torchvision)
     import transformers.utils
     import transformers.utils.import_utils as iu
 
+    record_peak_at_save()
+    try:
+        import torchvision  # noqa: F401
+        has_torchvision = True
+    except Exception:  # noqa: BLE001 - absent, or PyPI's build that fails to import beside this torch
+        has_torchvision = False
+    if not has_torchvision:
+        _stand_in(iu)
+    _text_encoder_adapter()
+
+
+def _stand_in(iu) -> None:
+    """torchvision's place taken by the classes above; transformers told it is absent."""
     original = iu.is_torchvision_available
     for mod in list(sys.modules.values()):  # every module that imported the check by name
         if getattr(mod, "__name__", "").startswith("transformers") and getattr(mod, "is_torchvision_available", None) is original:
@@ -131,10 +173,18 @@ def install() -> None:
     tr.functional, tv.transforms, tv.__version__ = fn, tr, "0.0+lora-studio-bench-stand-in"
     sys.modules.update({"torchvision": tv, "torchvision.transforms": tr, "torchvision.transforms.functional": fn})
 
+
+def _text_encoder_adapter() -> None:
     # transformers 5's add_adapter insists on a peft newer than PyPI's newest (0.21): the text encoder's LoRA
     # goes in with peft's own injection instead, which is what add_adapter does once its version check passes
+    import peft
+    from packaging.version import Version
     from peft import inject_adapter_in_model
     from transformers import PreTrainedModel
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    if Version(peft.__version__) >= Version(MIN_PEFT_VERSION):
+        return
 
     def add_adapter(self, adapter_config, adapter_name="default"):
         inject_adapter_in_model(adapter_config, self, adapter_name=adapter_name)

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         res = measure({"fp32 base": lambda n: cmd(n, work, None),
                        f"{args.quantize} base": lambda n: cmd(n, work, args.quantize)},
                       tuple(args.steps), args.repeats, env)
-        (full_sps, full_rss), (q_sps, q_rss) = res["fp32 base"], res[f"{args.quantize} base"]
+        full, quant = res["fp32 base"], res[f"{args.quantize} base"]
+        (full_sps, full_rss), (q_sps, q_rss) = (full["sps"], full["rss"]), (quant["sps"], quant["rss"])
     now, full = linear_bytes(args.quantize)
     print(f"UNet Linear weights: {full / 1e6:.2f} MB in fp32 -> {now / 1e6:.2f} MB in {args.quantize}")
     if args.quality:
