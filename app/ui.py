@@ -84,6 +84,7 @@ CSS = """
 /* tables: headers break between words only */
 #lib-table th, #lib-table th * , #train-captions th, #train-captions th * {word-break: keep-all;
   overflow-wrap: normal; hyphens: none}
+#lib-details {overflow-wrap: anywhere}  /* a model card's long module list wraps instead of running off */
 .ls-error {color: #991b1b; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px; padding: 6px 10px;
            margin: 4px 0}
 """
@@ -483,7 +484,7 @@ class StudioUI:
             over = "Overwrite replaces it (and removes its old run folder)."
         else:
             at = f"step {st.step}/{st.total}" if st.total else f"step {st.step}"
-            what = f"A stopped run called {name} has a checkpoint at {at}."
+            what = f"A run called {name} stopped (or was interrupted) with a checkpoint at {at}."
             over = "Overwrite starts it again from step 1 (its checkpoints are removed)."
         resume = " Resume continues it from its checkpoint with its own options." if st.resumable else ""
         msg = (f"<div class='ls-status' role='alert'><span class='ls-badge ls-stopped'>name in use</span> {what}"

@@ -89,6 +89,17 @@ def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def _open_advanced(page) -> None:
+    """Open the Advanced section and each of its group sections that starts closed."""
+    from app.ui import ADVANCED, OPEN_GROUPS
+
+    page.locator("#train-advanced").get_by_text("Advanced: every training option").click()
+    groups = dict.fromkeys(o.group for o in ADVANCED if o.group not in OPEN_GROUPS)
+    for group in groups:
+        slug = "-".join("".join(c if c.isalnum() else " " for c in group.lower()).split())
+        page.locator(f"#adv-group-{slug}").get_by_text(group, exact=True).first.click()
+
+
 def test_train_generate_and_library_round_trip(server, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -113,20 +124,20 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
 
     # 2. name, tiny settings, start
     page.locator("#train-name").get_by_role("textbox").fill(NAME)
-    page.locator("#train-advanced").get_by_text("Advanced").click()
+    _open_advanced(page)
     # the sample set's preset filled its defaults; a click on another preset swaps them, and back
     from training.config import PRESETS
 
-    steps_box = page.locator("#adv-steps input[type=number]").first
+    steps_box = page.locator("#adv-max-steps input[type=number]").first
     rank_box = page.locator("#adv-rank input[type=number]").first
     expect(steps_box).to_have_value(str(PRESETS["concept"]["max_steps"]), timeout=30_000)
     for preset in ("style", "concept"):
         page.locator("#train-preset").get_by_label(preset, exact=True).check()
         expect(steps_box).to_have_value(str(PRESETS[preset]["max_steps"]), timeout=30_000)
         expect(rank_box).to_have_value(str(PRESETS[preset]["rank"]))
-    for elem, v in (("adv-steps", 4), ("adv-rank", 4), ("adv-batch", 2), ("adv-sample-steps", 4)):
+    for elem, v in (("adv-max-steps", 4), ("adv-rank", 4), ("adv-batch-size", 2), ("adv-sample-steps", 4)):
         _fill_number(page, elem, v)
-    for elem, v in (("adv-steps", 4), ("adv-rank", 4), ("adv-batch", 2), ("adv-sample-steps", 4)):
+    for elem, v in (("adv-max-steps", 4), ("adv-rank", 4), ("adv-batch-size", 2), ("adv-sample-steps", 4)):
         expect(page.locator(f"#{elem} input[type=number]").first).to_have_value(str(v))
     _pick(page, "adv-save-precision", "fp16")  # a half-size file
     t_start = time.time()
@@ -212,3 +223,164 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     (SHOTS / "timings.txt").write_text(timings + "\n")
     print(timings)
     assert saw_progress or (t_trained - t_start) < 5, "training progress (step/loss) was never shown"
+
+
+# ------------------------------------------------------------------------------------------------ the workbench
+STEPS = 60  # the stopped-and-resumed run: long enough for Stop to land before its end on a fast machine
+
+
+def _launch(home: Path, base_dir: Path):
+    from app.studio import Studio
+    from app.ui import launch
+    from training.jobs import JobQueue
+
+    studio = Studio(home=home, base=str(base_dir), device="cpu", queue=JobQueue())
+    demo = launch(studio, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True, quiet=True)
+    return demo, studio
+
+
+def _shut(demo, studio) -> None:
+    """The app goes away: its server, and its queue (a job training now gets SIGINT and ends 'interrupted')."""
+    demo.close()
+    studio.queue.close()
+
+
+def _set_run(page, name: str, steps: int) -> None:
+    page.locator("#train-name").get_by_role("textbox").fill(name)
+    _fill_number(page, "adv-max-steps", steps)
+
+
+def test_workbench_preset_options_error_queue_restart_resume_rename(tmp_path_factory, base_dir, page, tmp_path):
+    """Issue 15, done when: upload then preset (captions follow), every option reachable, an error that stays
+    readable, stop then Resume (the weights of an uninterrupted run), a queued second job while the first shows
+    progress, an app restart with a job queued (still there, and it runs), Start with a name in use asks, and a
+    rename (card and metadata follow)."""
+    from playwright.sync_api import expect
+
+    from app.ui import ADVANCED, elem_id
+    from pipelines.weights_io import load_safetensors, read_metadata
+    from training.jobs import JobQueue
+    from training.jobstore import JobStore
+    from training.trainer import train
+
+    home = tmp_path_factory.mktemp("workbench-home")
+    images = [str(p) for p in sorted(SHIPPED.glob("*.png"))[:4]]
+    status = page.locator("#train-status")
+    msg = page.locator("#train-message")
+    demo, studio = _launch(home, base_dir)
+    try:
+        page.goto(demo.local_url)
+        expect(page.locator("#train-start")).to_be_visible(timeout=60_000)
+
+        # upload, then pick a preset: the generated captions follow it
+        page.locator("#train-upload input[type=file]").set_input_files(images)
+        caps = page.locator("#train-captions")
+        expect(caps).to_contain_text("a photo of sks", timeout=60_000)
+        page.locator("#train-preset").get_by_label("style", exact=True).check()
+        expect(caps).to_contain_text("in the style of sks", timeout=30_000)
+        expect(caps).not_to_contain_text("a photo of sks")
+        page.locator("#train-preset").get_by_label("concept", exact=True).check()
+        expect(caps).to_contain_text("a photo of sks", timeout=30_000)
+
+        # every option is reachable: Advanced has a widget for each field the user sets
+        _open_advanced(page)
+        for o in ADVANCED:
+            expect(page.locator(f"#{elem_id(o)}")).to_be_visible()
+        expect(page.locator("#adv-prior")).to_be_visible()
+        _shot(page, "w1-advanced")
+
+        # an error stays on the page, readable (not a toast that vanishes, nor a bare red 'Error')
+        _fill_number(page, "adv-rank", 0)
+        page.locator("#train-start").click()
+        expect(msg).to_contain_text("rank: must be a whole number between 1 and 1024, got 0", timeout=30_000)
+        time.sleep(4)  # a toast would be gone by now
+        expect(msg.get_by_role("alert")).to_contain_text("rank: must be a whole number")
+        _shot(page, "w2-error")
+
+        # tiny runs: stop, then Resume from the run's checkpoint
+        for elem, v in (("adv-rank", 2), ("adv-batch-size", 1), ("adv-sample-steps", 1), ("adv-sample-every", 0),
+                        ("adv-checkpoint-every", 0), ("adv-resolution", 32)):
+            _fill_number(page, elem, v)
+        page.locator("#adv-train-text-encoder input[type=checkbox]").uncheck()
+        _set_run(page, "first", STEPS)
+        page.locator("#train-start").click()
+        expect(status).to_contain_text(re.compile(rf"first: step \d+/{STEPS}"), timeout=180_000)
+        expect(msg).to_have_text("")  # the error went with a good start
+        page.locator("#train-stop").click()
+        expect(status).to_contain_text(re.compile(rf"first stopped at step \d+/{STEPS}"), timeout=120_000)
+        stopped_at = int(re.search(r"stopped at step (\d+)/", status.inner_text()).group(1))
+        assert 1 <= stopped_at < STEPS
+        expect(page.locator("#train-resume")).to_be_visible(timeout=10_000)
+        _shot(page, "w3-stopped")
+        page.locator("#train-resume").click()
+        expect(status).to_contain_text("first is ready", timeout=300_000)
+        expect(status).to_contain_text(f"{STEPS} steps")
+        expect(page.locator("#train-more")).to_be_visible(timeout=10_000)  # finished: train N more steps
+
+        # a second job waits while the running one keeps showing its progress and loss
+        _set_run(page, "long", 5000)
+        page.locator("#train-start").click()
+        expect(status).to_contain_text(re.compile(r"long: step \d+/5000"), timeout=180_000)
+        _set_run(page, "second", 3)
+        page.locator("#train-start").click()
+        expect(status).to_contain_text("second is waiting in the queue: position 1", timeout=30_000)
+        expect(status).to_contain_text(re.compile(r"long: step \d+/5000"))
+        expect(page.locator("#train-loss")).not_to_contain_text("No data", timeout=10_000)
+        time.sleep(POLL_WAIT)  # a few more polls: the running job stays in view
+        expect(status).to_contain_text(re.compile(r"long: step \d+/5000"))
+        _shot(page, "w4-queued-while-training")
+    finally:
+        _shut(demo, studio)  # the app stops with 'second' in the queue
+
+    states = {r["name"]: r["state"] for r in JobStore(home).rows()}
+    assert states["long"] == "interrupted" and states["second"] == "queued", states
+    demo, studio = _launch(home, base_dir)  # the app starts again: the queued job is still there, and runs
+    try:
+        page.goto(demo.local_url)
+        expect(status).to_contain_text("second", timeout=60_000)
+        expect(status).to_contain_text("second is ready", timeout=240_000)
+        assert (studio.library.root / "second.safetensors").is_file()
+
+        # Start with the interrupted run's name: a choice, not a silent new run beside its checkpoint
+        page.locator("#train-upload input[type=file]").set_input_files(images)
+        expect(page.locator("#train-captions")).to_contain_text("a photo of sks", timeout=60_000)
+        page.locator("#train-name").get_by_role("textbox").fill("long")
+        page.locator("#train-start").click()
+        choice = page.locator("#train-choice-text")
+        expect(choice).to_contain_text("A run called long stopped (or was interrupted) with a checkpoint",
+                                       timeout=30_000)
+        expect(page.locator("#train-choice-resume")).to_be_visible()
+        expect(page.locator("#train-choice-new")).to_contain_text("Start as 'long-2'")
+        _shot(page, "w5-name-in-use")
+        page.locator("#train-choice-cancel").click()
+        expect(choice).to_be_hidden()
+        assert [j.name for j in studio.queue.jobs() if j.active] == []
+
+        # a rename: the model card and the file's metadata follow
+        _tab(page, "Library")
+        expect(page.locator("#lib-table")).to_contain_text("second", timeout=30_000)
+        _pick(page, "lib-pick", "second")
+        expect(page.locator("#lib-details")).to_contain_text("second", timeout=30_000)
+        page.locator("#lib-new-name").get_by_role("textbox").fill("second-renamed")
+        page.locator("#lib-rename").click()
+        expect(page.locator("#lib-status")).to_contain_text("Renamed second to second-renamed", timeout=30_000)
+        expect(page.locator("#lib-details")).to_contain_text("second-renamed", timeout=30_000)
+        _shot(page, "w6-renamed")
+        lib = studio.library.root
+        assert read_metadata(lib / "second-renamed.safetensors")["lora_studio.name"] == "second-renamed"
+        card = studio.library.model_card("second-renamed")
+        assert re.search(r"\bsecond\b(?!-renamed)", card) is None, card
+    finally:
+        _shut(demo, studio)
+
+    # stop then Resume ended with the weights an uninterrupted run of the same options has
+    cfg = next(j.config for j in JobQueue(home, worker=False).jobs() if j.name == "first" and j.kind == "train")
+    ref = train(cfg.replace(output_dir=str(tmp_path / "ref")))
+    a, _ = load_safetensors(ref.adapter_path)
+    b, _ = load_safetensors(studio.library.root / "first.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+POLL_WAIT = 2.5  # seconds: a few of the page's 1 s polls
