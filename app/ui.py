@@ -302,7 +302,8 @@ def option_widget(o: Option, value: Any) -> gr.components.Component:
         return gr.Checkbox(bool(value), min_width=240, **common)
     if o.choices is not None:
         choices = ([unset_label(o)] if o.optional else []) + list(o.choices)
-        return gr.Dropdown(choices, value=value, min_width=200, **common)
+        wide = max(len(str(c)) for c in choices)  # the longest choice fits beside the arrow
+        return gr.Dropdown(choices, value=value, min_width=max(200, 9 * wide + 70), **common)
     if o.kind in (int, float):
         lo = o.min if o.min is not None else o.gt
         hi = o.max if o.max is not None else o.below
