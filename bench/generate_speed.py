@@ -1,11 +1,17 @@
-"""Generation speed with stacked adapters, measured side by side in one run on the toy base model.
+"""Generation speed with stacked adapters, measured side by side in one run.
 
-    python bench/generate_speed.py [--base sample_data/toy-sd] [--repeats 7] [--steps 20] [--size 64]
+    python bench/generate_speed.py [--arch toy|sd15|sdxl | --base FOLDER] [--repeats 7] [--steps 20] [--size 64]
+                                   [--no-public]
 
 Prints the latency of one generation (fixed prompt, seed, steps and size; one image) for: the base
 model alone (no adapter ever loaded), the same model with 1 and with 3 adapters active (unfused),
 and with the 3 fused; then the time to change the weights of the loaded 3-adapter stack and the time
-to load one adapter file. The adapters are made on the fly (random rank-8 LoRA on the UNet and text
+to load one adapter file. `--arch sd15|sdxl` runs on a random-weight model of the released architecture
+(bench/real_models.py). Unless --no-public, the same is measured through diffusers' own public path on a
+second copy of the model (`load_lora_weights(adapter_name=...)`, `set_adapters`, `fuse_lora`), which is what
+LoRA Studio's stack would do without its own speed path (pipelines/stack.py: one combined slot per layer,
+a short inference forward, fused layers put back in place of their wrappers, and adding a file to existing
+LoRA layers). The adapters are made on the fly (random rank-8 LoRA on the UNet and text
 encoder attention projections, written with `pipelines.adapters.save_adapter` into a temporary
 library). Configurations are interleaved (a rotating order in every round); each ratio is the median over
 rounds of the configuration's time over the base's time in the same round, so background load on a small
@@ -33,10 +39,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pipelines.adapters import lora_metadata, save_adapter  # noqa: E402
-from pipelines.base_models import DEFAULT_BASE, load_base  # noqa: E402
+from pipelines.base_models import load_base  # noqa: E402
 from pipelines.generation import GenerationRequest, generate  # noqa: E402
 from pipelines.library import AdapterLibrary  # noqa: E402
 from pipelines.stack import AdapterStack  # noqa: E402
+from bench.real_models import ARCHS, model_folder  # noqa: E402
 
 RANK = 8
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -74,10 +81,13 @@ def timed2(fn) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default=str(DEFAULT_BASE), help="base model folder (default: the embedded toy model)")
+    ap.add_argument("--base", default=None, help="base model folder (default: the model of --arch)")
+    ap.add_argument("--arch", choices=ARCHS, default="toy",
+                    help="toy: the embedded toy model; sd15/sdxl: random weights, released architecture")
+    ap.add_argument("--no-public", action="store_true", help="skip diffusers' public set_adapters/fuse_lora path")
     ap.add_argument("--repeats", type=int, default=7, help="rounds of generation per configuration")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=None, help="image side (default: 64 toy, 256 otherwise)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="what the ratios on the last line use: wall time (default), or this process's CPU time "
@@ -85,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-adapter", action="store_true",
                     help="for comparison: run stacks through peft's per-adapter path (no combined slot)")
     args = ap.parse_args(argv)
+    args.base = args.base or str(model_folder(args.arch))
+    args.size = args.size or (64 if args.arch == "toy" else 256)
     if args.per_adapter:
         import pipelines.stack
 
@@ -105,6 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         stack = AdapterStack(model, lib)
         three = [("a", 0.8), ("b", 0.5), ("c", -0.4)]
         stack.set_stack(three)  # loads the three files once
+        pub = None if args.no_public else load_base(args.base, device=args.device)
+        names = [n for n, _ in three]
+        if pub is not None:  # diffusers' public API on its own copy of the model
+            for n in names:
+                pub.pipe.load_lora_weights(str(lib.path_for(n)), adapter_name=n)
+            pub.pipe.set_adapters(names, adapter_weights=[w for _, w in three])
+        pub_fused = [False]
+
+        def pub_setup(fused: bool) -> None:
+            if pub_fused[0] and not fused:
+                pub.pipe.unfuse_lora()
+            elif fused and not pub_fused[0]:
+                pub.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pub_fused[0] = fused
 
         def setup(cfg: str) -> None:
             if cfg == "1 unfused":
@@ -115,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             elif cfg == "3 fused":
                 stack.set_stack(three)
                 stack.fuse()
+            elif cfg.startswith("diffusers"):
+                pub_setup(cfg.endswith("fused") and "unfused" not in cfg)
 
         def run(cfg: str) -> tuple[float, float]:
             if cfg == "base":
                 return timed2(lambda: generate(plain, req))
+            if cfg.startswith("diffusers"):
+                return timed2(lambda: generate(pub, req))
             return timed2(lambda: stack.generate(req, stack.stack))
 
         configs = ["base", "1 unfused", "3 unfused", "3 fused"]
+        if pub is not None:
+            configs += ["diffusers 3 unfused", "diffusers 3 fused"]
         for cfg in configs:  # warm-up (allocator, scheduler set-up, first-call costs)
             setup(cfg)
             run(cfg)
@@ -161,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             stack.unload([f"extra{i}"])
         size_mb = path.stat().st_size / 1e6
         stack.unload()
+        pub_change, pub_load = [], []
+        if pub is not None:  # the same through diffusers' public API
+            pub_setup(False)
+            for i in range(max(20, args.repeats)):
+                w = 0.1 + (i % 10) / 10
+                pub_change.append(timed(lambda: pub.pipe.set_adapters(names, adapter_weights=[w, -w / 2, 1 - w])))
+            for i in range(max(5, args.repeats)):
+                pub_load.append(timed(lambda: pub.pipe.load_lora_weights(str(path), adapter_name=f"extra{i}")))
+                pub.pipe.delete_adapters([f"extra{i}"])
 
     print(f"base model {Path(args.base).name} ({model.family}), {args.steps} steps, {args.size}x{args.size}, 1 image, "
           f"median of {args.repeats} interleaved rounds; torch threads {torch.get_num_threads()}; "
@@ -175,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  change the selection (3 <-> 2 adapters): {statistics.median(select) * 1e3:.1f} ms "
           f"(median of {len(select)})")
     print(f"  load one adapter file ({size_mb:.2f} MB): {load_ms:.1f} ms (median of {len(load)})")
+    if pub_change:
+        print(f"  diffusers' public path: change the weights (set_adapters) {statistics.median(pub_change) * 1e3:.1f} ms, "
+              f"load one file (load_lora_weights) {statistics.median(pub_load) * 1e3:.1f} ms")
+        print(f"  ours against diffusers' public path (time ratio, below 1: ours faster): 3 unfused "
+              f"x{ratio['3 unfused'] / ratio['diffusers 3 unfused']:.3f}, 3 fused x{ratio['3 fused'] / ratio['diffusers 3 fused']:.3f}, "
+              f"weight change x{statistics.median(change) / statistics.median(pub_change):.3f}, "
+              f"load x{statistics.median(load) / statistics.median(pub_load):.3f}")
     goals = {
         "fused within 3% of base": ratio["3 fused"] <= 1.03,
         "3 unfused <= 1.25x base": ratio["3 unfused"] <= 1.25,

@@ -8,7 +8,8 @@ Modes (one function each in MODES):
            triangles); reports the share of images whose colour, shape and background match.
            Last line: `color=0.xx shape=0.xx background=0.xx`.
   concept  trains a LoRA on sample_data/concept-star (a star, never seen by the base) with the
-  style    default preset (style: sample_data/style-outline, outlined shapes), then reports
+  style    default preset (style: sample_data/style-outline, outlined shapes; or any folder:
+           --images DIR --trigger W --target VALUE), then reports
            fidelity (share of trigger-prompt images that show the star / the outline style),
            preservation_drop (largest drop of the base-prompt scores with the adapter loaded at
            weight 1.0, measured against the same base in the same run) and training minutes.
@@ -212,6 +213,26 @@ LORA_SETS = {
 }
 
 
+def lora_set(mode: str, args: argparse.Namespace) -> tuple[Path, str, str, str, str, str]:
+    """(training folder, trigger, preset, trigger-prompt template, field, value) of a run: a shipped set, or
+    `--images DIR --trigger W --target VALUE` (any folder of toy-world pictures, scored the same way; the
+    preset is the mode's unless --set preset=... says otherwise)."""
+    folder, trigger, preset, template, field, value = LORA_SETS[mode]
+    if args.images is None:
+        return ROOT / "sample_data" / folder, trigger, preset, template, field, value
+    images = Path(args.images).expanduser()
+    if not images.is_dir():
+        raise SystemExit(f"bench/quality.py: --images {images}: no such folder")
+    trig = (args.trigger or "").strip()
+    if not trig or len(trig.split()) != 1:
+        raise SystemExit("bench/quality.py: --images needs --trigger WORD (one word, the set's trigger)")
+    known = tw.SHAPES if field == "shape" else tw.STYLES
+    if args.target not in known:
+        raise SystemExit(f"bench/quality.py: --target must name the {field} the set shows, one of "
+                         f"{', '.join(known)}; got {args.target!r}")
+    return images, trig, preset, template.replace(trigger, trig), field, args.target
+
+
 def trigger_prompts(template: str, n: int, seed: int) -> list[str]:
     """n distinct prompts with the trigger, over colours, base shapes and backgrounds."""
     combos = [template.format(c=c, s=s, b=b) for c in tw.FG_COLORS for s in tw.BASE_SHAPES for b in tw.BG_COLORS
@@ -260,7 +281,7 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     from training.config import TrainConfig
     from training.trainer import train
 
-    folder, trigger, preset, template, field, value = LORA_SETS[mode]
+    folder, trigger, preset, template, field, value = lora_set(mode, args)
     _quiet_loading()
     base = load_base(args.base or DEFAULT_BASE)
     evaluator = load_evaluator()
@@ -269,7 +290,7 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     imgs, ip = generate_for_prompts(base, prompts, args)
     before = score(evaluator, imgs, ip)
     with tempfile.TemporaryDirectory() as lib:
-        cfg = TrainConfig.from_dict({"images": str(ROOT / "sample_data" / folder), "trigger": trigger,
+        cfg = TrainConfig.from_dict({"images": str(folder), "trigger": trigger,
                                      "preset": preset, "name": f"bench-{mode}", "output_dir": lib,
                                      "base": str(args.base or DEFAULT_BASE), "quantize_base": args.quantize_base,
                                      **dict(args.set)})
@@ -284,6 +305,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
         minutes = (time.time() - t0) / 60
         if args.quantize_base and not args.full_unet:  # trained on a quantized copy: load it on the full base
             base.pipe.load_lora_weights(str(res.adapter_path))
+        if args.sweep and not args.full_unet:
+            sweep = tradeoff(mode, args, lib, cfg.name, prompts, before, template, field, value, evaluator)
     base.pipe.unet.eval()
     print("with the adapter: trigger prompts (fidelity)", flush=True)
     tprompts = trigger_prompts(template, 16, args.seed)
@@ -303,8 +326,81 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     print(f"base with adapter:    {summary_line(after)}")
     print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))
     print(f"fidelity ({field} = {value} on {len(preds)} trigger images): {fidelity:.2f}")
+    if args.sweep and not args.full_unet:
+        print_tradeoff(sweep, args.out_dir / f"quality_{mode}_tradeoff.png", mode)
     print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
     return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes}
+
+
+def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: Sequence[str], before: dict,
+             template: str, field: str, value: str, evaluator) -> list[dict]:
+    """Fidelity and preservation drop of the finished adapter at each of `--weights`, and of each saved
+    checkpoint at weight 1.0, on a fresh copy of the base (the library's files, as a user loads them)."""
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from pipelines.grid import run_checkpoints
+    from pipelines.library import AdapterLibrary
+    from pipelines.stack import AdapterStack
+
+    stack = AdapterStack(load_base(args.base or DEFAULT_BASE), AdapterLibrary(lib))
+    points = [(None, w, name) for w in args.weights]
+    for step, path in run_checkpoints(lib, name):
+        stack.load(f"{name}@step-{step}", path)
+        points.append((step, 1.0, f"{name}@step-{step}"))
+    tprompts = trigger_prompts(template, 16, args.seed)
+    out = []
+    for step, w, key in points:
+        print(f"trade-off: {'final' if step is None else f'step {step}'} at weight {w}", flush=True)
+        stack.set_stack([(key, w)])
+        timgs, _ = generate_for_prompts(stack.model, tprompts, args)
+        fid = sum(p[field] == value for p in classify(evaluator, timgs)) / len(timgs)
+        imgs, ip = generate_for_prompts(stack.model, prompts, args)
+        after = score(evaluator, imgs, ip)
+        drops = {k: before[k] - after[k] for k in FIELDS}
+        out.append({"step": step, "weight": w, "fidelity": fid, "drop": max(0.0, max(drops.values())), **drops})
+    return out
+
+
+def print_tradeoff(rows: list[dict], path: Path, mode: str) -> None:
+    """The table, and a plot of fidelity (solid) and preservation drop (dashed) over weight and steps."""
+    print(f"\ntrade-off ({mode}): fidelity and preservation drop")
+    print(f"  {'adapter':>10} {'weight':>6} {'fidelity':>8} {'drop':>5} " + " ".join(f"{k:>10}" for k in FIELDS))
+    for r in rows:
+        label = "final" if r["step"] is None else f"step {r['step']}"
+        print(f"  {label:>10} {r['weight']:>6.2f} {r['fidelity']:>8.2f} {r['drop']:>5.2f} "
+              + " ".join(f"{r[k]:>+10.2f}" for k in FIELDS))
+    w, h, pad = 640, 280, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    panels = [("final adapter over weight", [r for r in rows if r["step"] is None], "weight"),
+              ("checkpoints at weight 1", [r for r in rows if r["step"] is not None], "step")]
+    pw = (w - 3 * pad) // 2
+    for i, (title, pts, xkey) in enumerate(panels):
+        x0 = pad + i * (pw + pad)
+        d.rectangle([x0, pad, x0 + pw, h - pad], outline=(160, 160, 160))
+        d.text((x0, 8), title, fill="black")
+        d.text((x0 - 30, pad - 6), "1.0", fill="gray")
+        d.text((x0 - 30, h - pad - 6), "0.0", fill="gray")
+        if not pts:
+            continue
+        xs = [p[xkey] for p in pts]
+        lo, hi = min(xs), max(xs)
+
+        def at(x, y):
+            fx = 0.5 if hi == lo else (x - lo) / (hi - lo)
+            return x0 + fx * pw, h - pad - y * (h - 2 * pad)
+
+        for key, colour in (("fidelity", (22, 101, 52)), ("drop", (185, 28, 28))):
+            line = [at(p[xkey], p[key]) for p in pts]
+            if len(line) > 1:
+                d.line(line, fill=colour, width=2)
+            for x, y in line:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.text((x0, h - pad + 4), f"{lo:g}", fill="gray")
+        d.text((x0 + pw - 30, h - pad + 4), f"{hi:g} ({xkey})", fill="gray")
+    d.text((pad, h - 16), "green: fidelity   red: preservation drop", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    print(f"trade-off plot: {path}")
 
 
 MODES: dict[str, Callable[[argparse.Namespace], dict]] = {
@@ -350,6 +446,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-unet", type=float, default=None, metavar="LR",
                    help="concept/style: fine-tune every UNet weight at this learning rate instead of training a "
                         "LoRA (same data, loss and steps): the ceiling of what any adapter could reach")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="concept/style: train on this folder instead of the shipped set (needs --trigger, --target)")
+    p.add_argument("--trigger", default=None, help="with --images: the set's trigger word")
+    p.add_argument("--target", default=None,
+                   help=f"with --images: the shape (concept: {', '.join(tw.SHAPES)}) or style (style: "
+                        f"{', '.join(tw.STYLES)}) the set shows; fidelity is the share of trigger images showing it")
+    p.add_argument("--sweep", action="store_true",
+                   help="concept/style: also score the adapter at each of --weights and every saved checkpoint "
+                        "at weight 1 (a table and bench/out/quality_MODE_tradeoff.png)")
+    p.add_argument("--weights", default="0.25,0.5,0.75,1", type=lambda t: [float(x) for x in t.split(",") if x],
+                   help="weights for --sweep (default 0.25,0.5,0.75,1)")
     p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                    help="concept/style: override a training setting of the preset (TOML value), e.g. "
                         "--set max_steps=400 --set min_snr_gamma=0; repeatable")
