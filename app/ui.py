@@ -24,7 +24,8 @@ import pandas as pd
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
-from training.config import GROUPS, PRESETS, Option, TrainConfig, train_options
+from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
+                             preset_values, train_options)
 from training.jobs import Job
 
 from .options import check_launch_options, parse_auth
@@ -39,7 +40,9 @@ NO_SAMPLE_SET = "(upload your own images)"
 # the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
 ADVANCED = tuple(o for o in train_options() if o.ui and not o.on_main_form)
 # what a preset sets (rank, steps, learning rates, targets, caption template…): a preset change updates them all
-PRESET_FIELDS = tuple(o.name for o in ADVANCED if any(o.name in p for p in PRESETS.values()))
+PRESET_FIELDS = tuple(o.name for o in ADVANCED
+                      if any(o.name in p for p in [*PRESETS.values(), *(v for f in FAMILY_PRESETS.values()
+                                                                          for v in f.values())]))
 FORM_EXTRAS = ("captions", "last_trigger", "prior")  # form values that are no TrainConfig field
 UNSET = "(unset)"  # a dropdown's choice for an optional field left unset
 UNSET_CHOICES = {"quantize_base": "none (full precision)"}
@@ -320,9 +323,9 @@ def option_widget(o: Option, value: Any) -> gr.components.Component:
     return gr.Textbox(value, placeholder="unset" if o.optional else None, **common)
 
 
-def preset_value(preset: str, o: Option) -> Any:
-    """The value a preset gives a field (its own, else the field's form default)."""
-    vals = PRESETS.get(preset, {})
+def preset_value(preset: str, o: Option, family: str = "toy") -> Any:
+    """The value a preset gives a field for a base of this family (its own, else the field's form default)."""
+    vals = preset_values(preset, family)
     return vals[o.name] if o.name in vals else o.ui_default
 
 
@@ -423,15 +426,22 @@ class StudioUI:
         rows = [[r[0], _replace_trigger(r[1], old, new)] for r in _rows(captions) if r and r[0]]
         return _df(rows, CAPTION_COLUMNS), new
 
-    @staticmethod
-    def preset_defaults(preset: str):
+    def preset_defaults(self, preset: str, base: str | None = None):
         """Every field a preset sets (rank, steps, learning rates, text encoder, UNet modules, caption template…),
-        as its widget shows it: the preset's value, else the field's default, so nothing of the previous preset
-        stays behind. 'custom' leaves the fields as they are."""
+        as its widget shows it: the preset's value for the chosen base's family (the toy's own, or published
+        SD 1.x/2.x/XL values), else the field's default, so nothing of the previous preset stays behind.
+        'custom' leaves the fields as they are."""
         if not PRESETS.get(preset):
             return (gr.skip(),) * len(PRESET_FIELDS)
         opts = _options()
-        return tuple(widget_value(opts[f], preset_value(preset, opts[f])) for f in PRESET_FIELDS)
+        family = self.base_preset_family(base)
+        return tuple(widget_value(opts[f], preset_value(preset, opts[f], family)) for f in PRESET_FIELDS)
+
+    def base_preset_family(self, base: str | None) -> str:
+        try:
+            return preset_family(self.studio.base_source(base))
+        except Exception:  # noqa: BLE001 - a name not in the list: its error comes on Start
+            return "sd1"
 
     def train_config(self, form: dict[str, Any], *, overwrite: bool = False) -> TrainConfig:
         """The Train tab's form -> a TrainConfig (captions written next to the staged images first).
@@ -597,7 +607,8 @@ class StudioUI:
 
     # ---------------------------------------------------------------------------------------- the Advanced section
     @staticmethod
-    def _advanced_widgets(preset: str) -> tuple[dict[str, gr.components.Component], gr.components.Component]:
+    def _advanced_widgets(preset: str, family: str = "toy") -> tuple[dict[str, gr.components.Component],
+                                                                     gr.components.Component]:
         """The Advanced section, generated from TrainConfig's field descriptions: a section per group (GROUPS
         order), a widget per field the user sets (numbers, toggles and choices first, then text); the values are
         the preset's, else the field's form default. Returns the widgets by field name and the prior-preservation
@@ -621,9 +632,9 @@ class StudioUI:
                     if row:
                         with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
                             for o in row:
-                                widgets[o.name] = option_widget(o, preset_value(preset, o))
+                                widgets[o.name] = option_widget(o, preset_value(preset, o, family))
                 for o in texts:
-                    widgets[o.name] = option_widget(o, preset_value(preset, o))
+                    widgets[o.name] = option_widget(o, preset_value(preset, o, family))
         if prior is None:
             prior = gr.Checkbox(False, visible=False, elem_id="adv-prior")
         return widgets, prior
@@ -1031,7 +1042,7 @@ class StudioUI:
                     gr.Markdown("An empty box means *unset* (each field's help says what that means; for a number "
                                 "that cannot be 0, 0 means unset too). The preset fills the values it sets.",
                                 elem_id="adv-hint")
-                    adv, prior = self._advanced_widgets("concept")
+                    adv, prior = self._advanced_widgets("concept", self.base_preset_family(None))
                 timer = gr.Timer(POLL_S)
 
             # ---------------------------------------------------------------------------------- Generate
@@ -1164,7 +1175,8 @@ class StudioUI:
                              sample_outputs)
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
-            preset.input(self.preset_defaults, preset, preset_fields, **quiet)
+            preset.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
+            train_base.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
             preset.input(self.recaption_for_preset, [captions, preset, trigger], captions, **quiet)
             # the whole form as one dict (a set of components: Gradio passes {component: value})
             self.form_widgets = {"images": ds_id, "captions": captions, "last_trigger": last_trigger, "name": name,

@@ -305,8 +305,13 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
         minutes = (time.time() - t0) / 60
         if args.quantize_base and not args.full_unet:  # trained on a quantized copy: load it on the full base
             base.pipe.load_lora_weights(str(res.adapter_path))
-        if args.sweep and not args.full_unet:
+        if (args.sweep or args.peer) and not args.full_unet:
             sweep = tradeoff(mode, args, lib, cfg.name, prompts, before, template, field, value, evaluator)
+    peers = []
+    if args.peer:
+        for prior in (False, True):
+            peers.append(run_peer(mode, args, Path(folder), trigger, prompts, before, template, field, value,
+                                  evaluator, prior))
     base.pipe.unet.eval()
     print("with the adapter: trigger prompts (fidelity)", flush=True)
     tprompts = trigger_prompts(template, 16, args.seed)
@@ -326,8 +331,10 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     print(f"base with adapter:    {summary_line(after)}")
     print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))
     print(f"fidelity ({field} = {value} on {len(preds)} trigger images): {fidelity:.2f}")
-    if args.sweep and not args.full_unet:
+    if (args.sweep or args.peer) and not args.full_unet:
         print_tradeoff(sweep, args.out_dir / f"quality_{mode}_tradeoff.png", mode)
+    if peers:
+        print_peer_table([r for r in sweep if r["step"] is None], peers, mode)
     print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
     return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes}
 
@@ -346,6 +353,11 @@ def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: 
     for step, path in run_checkpoints(lib, name):
         stack.load(f"{name}@step-{step}", path)
         points.append((step, 1.0, f"{name}@step-{step}"))
+    return score_points(stack, points, args, prompts, before, template, field, value, evaluator)
+
+
+def score_points(stack, points, args, prompts, before, template, field, value, evaluator) -> list[dict]:
+    """Fidelity and drops of each (step, weight, adapter key) point of the stack's loaded adapters."""
     tprompts = trigger_prompts(template, 16, args.seed)
     out = []
     for step, w, key in points:
@@ -358,6 +370,78 @@ def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: 
         drops = {k: before[k] - after[k] for k in FIELDS}
         out.append({"step": step, "weight": w, "fidelity": fid, "drop": max(0.0, max(drops.values())), **drops})
     return out
+
+
+# the diffusers example takes one prompt for every image: ours when a set has no caption files
+PEER_PROMPT = {"concept": "a photo of {trigger}", "style": "in the style of {trigger}"}
+PEER_CLASS_PROMPT = "a shape"  # its prior preservation: the class of the toy world's subjects
+
+
+def run_peer(mode: str, args: argparse.Namespace, folder: Path, trigger: str, prompts: Sequence[str],
+             before: dict, template: str, field: str, value: str, evaluator, prior: bool) -> list[dict]:
+    """diffusers' DreamBooth LoRA example (examples/dreambooth/train_dreambooth_lora.py, through
+    bench/peer_shim.py) trained on the same images and base with its documented defaults (README: lr 1e-4,
+    500 steps, batch 1, constant schedule, no warm-up; its own rank 4 and seed 0), optionally with its prior
+    preservation (class prompt PEER_CLASS_PROMPT, its default 100 class images, prior loss weight 1); then
+    scored like ours, at each of --weights."""
+    import shutil
+    import subprocess
+
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from pipelines.library import AdapterLibrary
+    from pipelines.stack import AdapterStack
+
+    base_path = str(args.base or DEFAULT_BASE)
+    with tempfile.TemporaryDirectory(prefix="quality-peer-") as work:
+        work = Path(work)
+        (work / "images").mkdir()
+        for png in sorted(folder.glob("*.png")):  # it reads every file of the folder as an image
+            shutil.copy(png, work / "images" / png.name)
+        base = load_base(base_path)
+        res = base.native_resolution
+        cmd = [sys.executable, str(ROOT / "bench" / "peer_shim.py"), str(args.peer),
+               f"--pretrained_model_name_or_path={base_path}", f"--instance_data_dir={work / 'images'}",
+               f"--instance_prompt={PEER_PROMPT[mode].format(trigger=trigger)}", f"--resolution={res}",
+               "--train_batch_size=1", "--max_train_steps=500", "--learning_rate=1e-4", "--lr_scheduler=constant",
+               "--lr_warmup_steps=0", "--seed=0", "--center_crop", "--checkpointing_steps=100000",
+               "--mixed_precision=no", f"--output_dir={work / 'out'}"]
+        if prior:
+            cmd += ["--with_prior_preservation", f"--class_prompt={PEER_CLASS_PROMPT}",
+                    f"--class_data_dir={work / 'class'}"]
+        label = "diffusers example" + (" + prior preservation" if prior else "")
+        print(f"{label}: training ({' '.join(cmd[3:])})", flush=True)
+        t0 = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        minutes = (time.time() - t0) / 60
+        weights = work / "out" / "pytorch_lora_weights.safetensors"
+        if out.returncode or not weights.is_file():
+            print(out.stdout[-3000:], out.stderr[-3000:])
+            raise SystemExit(f"bench/quality.py: the peer failed (exit {out.returncode})")
+        print(f"{label}: trained in {minutes:.1f} min", flush=True)
+        with tempfile.TemporaryDirectory() as lib:
+            stack = AdapterStack(base, AdapterLibrary(lib))
+            stack.load("peer", weights)
+            rows = score_points(stack, [(None, w, "peer") for w in args.weights], args, prompts, before,
+                                template, field, value, evaluator)
+    for r in rows:
+        r["who"], r["minutes"] = label, minutes
+    return rows
+
+
+def print_peer_table(ours: list[dict], peers: list[list[dict]], mode: str) -> None:
+    """Ours and each peer, side by side at every weight (same base, images, prompts, seeds, evaluator)."""
+    print(f"\nside by side ({mode}): fidelity / preservation drop at each weight")
+    who = ["LoRA Studio"] + [p[0]["who"] for p in peers if p]
+    print("  " + f"{'weight':>6} " + " ".join(f"{w:>34}" for w in who))
+    for i, r in enumerate(ours):
+        cells = [f"{r['fidelity']:.2f} / {r['drop']:.2f}"] + [f"{p[i]['fidelity']:.2f} / {p[i]['drop']:.2f}"
+                                                           for p in peers if p]
+        print("  " + f"{r['weight']:>6.2f} " + " ".join(f"{c:>34}" for c in cells))
+    for p in peers:
+        if p:
+            beats = all(o["fidelity"] >= q["fidelity"] and o["drop"] <= q["drop"] for o, q in zip(ours, p))
+            print(f"  ours beats {p[0]['who']} on both at every weight: {'yes' if beats else 'no'} "
+                  f"(its training: {p[0]['minutes']:.1f} min)")
 
 
 def print_tradeoff(rows: list[dict], path: Path, mode: str) -> None:
@@ -457,10 +541,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "at weight 1 (a table and bench/out/quality_MODE_tradeoff.png)")
     p.add_argument("--weights", default="0.25,0.5,0.75,1", type=lambda t: [float(x) for x in t.split(",") if x],
                    help="weights for --sweep (default 0.25,0.5,0.75,1)")
+    p.add_argument("--peer", type=Path, default=None, metavar="PATH",
+                   help="concept/style: also train diffusers' DreamBooth LoRA example (PATH: its "
+                        "train_dreambooth_lora.py) on the same set with its documented defaults, without and with "
+                        "its prior preservation, and print its fidelity/drop beside ours at each of --weights")
     p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                    help="concept/style: override a training setting of the preset (TOML value), e.g. "
                         "--set max_steps=400 --set min_snr_gamma=0; repeatable")
     args = p.parse_args(argv)
+    if args.peer is not None and not args.peer.is_file():
+        p.error(f"--peer {args.peer}: no such file (diffusers' examples/dreambooth/train_dreambooth_lora.py)")
     if args.prompts < 1 or args.images_per_prompt < 1:
         p.error("--prompts and --images-per-prompt must be at least 1")
     return args

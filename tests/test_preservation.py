@@ -100,3 +100,56 @@ def test_resume_with_preservation_gives_same_weights(star_images, tiny_sd1_dir, 
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
+
+
+def test_swap_words_fill_the_triggers_place_in_every_caption_with_it():
+    cfg = TrainConfig(images="x", trigger="sks")
+    caps = ["a blue sks on a gray background", "a red sks", "a green circle"]
+    got = preservation_prompts(cfg, caps, ["circle", "square"])
+    for cap in caps[:2]:
+        for w in ("circle", "square"):
+            assert cap.replace("sks", w) in got
+    assert "a green circle" in got and not any("sks" in p for p in got)
+
+
+def test_neighbour_words_are_the_known_words_nearest_the_trigger_in_context():
+    """On the toy base the trigger's place in 'a blue sks on a gray background' is the shape's: the
+    neighbours are the base shapes it learned, nearest first, never one of the tokens it never learned
+    ('star', 'photo', 'bad' sit even closer to 'sks' but mean nothing to it) or a word of the captions."""
+    from pipelines.base_models import DEFAULT_BASE
+    from training.trainer import trigger_neighbours
+    from training.toy_world import BASE_SHAPES, COLORS
+
+    base = load_base(str(DEFAULT_BASE), device="cpu")
+    caps = ["a blue sks on a gray background", "a red sks on a white background",
+            "a green sks on a yellow background", "a purple sks on a black background"]
+    four = trigger_neighbours(base, "sks", caps, 4)
+    assert sorted(four[:2]) == ["circle", "square"]  # the nearest: shapes the base draws
+    assert set(four) <= set(BASE_SHAPES) | set(COLORS)  # all words the toy base learned, none of the captions'
+    assert not set(four) & {"blue", "red", "green", "purple", "gray", "white", "yellow", "black", "background"}
+    assert trigger_neighbours(base, "sks", caps, 2) == four[:2]
+    assert trigger_neighbours(base, "sks", ["a photo"], 3) == []  # no caption with the trigger: nothing to rank
+    assert trigger_neighbours(base, "sks", caps, 0) == []
+
+
+def test_training_keeps_the_swapped_captions_and_says_which_words(star_images, tiny_sd1_dir, tmp_path):
+    msgs = []
+    cfg = _cfg(star_images, tiny_sd1_dir, tmp_path, preserve_weight=1.0, preserve_images=2,
+               preserve_swaps=["circle", "square"])
+    tr = Trainer(cfg, on_progress=lambda p: msgs.append(p.message or ""))
+    tr.build()
+    caps = [it.caption for it in tr.scan.items if "sks" in it.caption]
+    assert caps and all(c.replace("sks", "circle") in tr.preserve for c in caps)
+    assert any("circle, square" in m for m in msgs)
+    tr.train_step(0)  # the swapped prompts train like any other preservation prompt
+
+
+def test_swap_words_must_be_single_words():
+    import pytest
+
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="preserve_swaps"):
+        TrainConfig(images="x", preserve_swaps=["two words"])
+    with pytest.raises(ConfigError, match="preserve_neighbours"):
+        TrainConfig(images="x", preserve_neighbours=-1)

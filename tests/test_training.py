@@ -435,3 +435,34 @@ def test_adapter_size_bench_counts_what_peft_builds(preset, conv_rank, tiny_sd1_
     built = [n for n, _ in base.pipe.unet.named_modules() if n.endswith(".lora_A.default")]
     assert layers == len(built)
     assert counted == sum(p.numel() for n, p in base.pipe.unet.named_parameters() if "lora_" in n)
+
+
+def test_presets_follow_the_base_family_and_never_give_real_models_the_toy_values(tiny_sd1_dir, tmp_path):
+    """The toy's presets are tuned on the toy world; SD 1.x/2.x/XL bases get published values (lr 1e-4, 500
+    steps, ...), read from the base's configs without loading it. A tiny test model counts as toy-sized."""
+    import json
+    import shutil
+
+    from training.config import PRESETS, preset_family
+
+    assert preset_family(None) == "toy" and preset_family(str(tiny_sd1_dir)) == "toy"
+    toy = TrainConfig.from_dict({"preset": "concept"})
+    assert toy.lr_unet == PRESETS["concept"]["lr_unet"]
+    # the same folder with SD 1.5's widths reads as sd1 (only configs are read; no weights are needed)
+    real = tmp_path / "sd15"
+    shutil.copytree(tiny_sd1_dir, real)
+    for sub, key in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
+        cfg_path = real / sub / "config.json"
+        c = json.loads(cfg_path.read_text())
+        c[key] = 768
+        cfg_path.write_text(json.dumps(c))
+    assert preset_family(str(real)) == "sd1"
+    c = TrainConfig.from_dict({"preset": "concept", "base": str(real)})
+    assert (c.lr_unet, c.max_steps, c.rank, c.alpha, c.batch_size, c.lr_scheduler) == (1e-4, 500, 16, 8.0, 1,
+                                                                                      "constant")
+    assert c.lr_text < c.lr_unet and c.unet_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert TrainConfig.from_dict({"preset": "concept", "base": str(real), "lr_unet": 3e-4}).lr_unet == 3e-4
+    assert preset_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    xl = TrainConfig.from_dict({"preset": "style", "base": "stabilityai/stable-diffusion-xl-base-1.0"})
+    assert xl.grad_accum == 4 and not xl.train_text_encoder and xl.lr_unet == 1e-4
+    assert preset_family(str(tmp_path / "missing.safetensors")) == "sd1"  # unreadable: gentle values, not toy's

@@ -32,6 +32,71 @@ PRESETS: dict[str, dict[str, Any]] = {
               "instance_template": "in the style of {trigger}"},
     "custom": {},
 }
+# Real model families never get the toy's values (those are tuned on the toy world by bench/quality.py and
+# would be far too aggressive on SD): published recipes instead.
+#  - lr 1e-4, 500 steps, batch 1, constant schedule without warm-up: the diffusers DreamBooth LoRA examples
+#    (examples/dreambooth/README.md and README_sdxl.md); SDXL adds gradient accumulation 4 at 1024 px and
+#    trains without the text encoders ("decent results without fine-tuning the text encoders").
+#  - rank 16 with alpha about half of it, and a text-encoder lr below the UNet's (1e-5): kohya sd-scripts'
+#    docs/train_network.md ("--network_dim=16", "alpha ... about half the value of network_dim",
+#    "--text_encoder_lr=1e-5 ... A smaller value than that for U-Net is recommended").
+_REAL_CONCEPT = {"rank": 16, "alpha": 8.0, "max_steps": 500, "lr_unet": 1e-4, "lr_text": 1e-5,
+                 "train_text_encoder": True, "batch_size": 1, "lr_scheduler": "constant", "warmup_steps": 0,
+                 "instance_template": "a photo of {trigger}", "unet_targets": ATTENTION_TARGETS}
+_REAL_STYLE = {**_REAL_CONCEPT, "lr_text": 0.0, "train_text_encoder": False,
+               "instance_template": "in the style of {trigger}"}
+FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd1": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE},
+    "sd2": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE},
+    "sdxl": {"concept": {**_REAL_CONCEPT, "grad_accum": 4, "lr_text": 0.0, "train_text_encoder": False},
+             "style": {**_REAL_STYLE, "grad_accum": 4}},
+}
+
+
+def preset_family(base: str | None) -> str:
+    """Which presets a base gets: "toy" (the embedded model and any base this small: a cross-attention width
+    under 768, which no released SD model has), else "sd1", "sd2" or "sdxl". Read from the folder's configs
+    or the checkpoint's header, without loading weights; a base that cannot be read (yet) gets "sd1", the
+    gentlest published values, never the toy's."""
+    if not base:
+        return "toy"
+    try:
+        from pipelines.base_models import DEFAULT_BASE, _folder_family
+
+        path = Path(base).expanduser()
+        if path.resolve() == Path(DEFAULT_BASE).resolve():
+            return "toy"
+        if path.is_dir():
+            ucfg = json.loads((path / "unet" / "config.json").read_text())
+            width = ucfg.get("cross_attention_dim") or 0
+            width = max(width) if isinstance(width, (list, tuple)) else width
+            return "toy" if width < 768 else _folder_family(path)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            from pipelines.single_file import detect_family_from_single_file_keys
+
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+                family = detect_family_from_single_file_keys(keys, path)
+                k = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+                if k is not None and f.get_slice(k).get_shape()[-1] < 768:
+                    return "toy"
+            return family
+        if not path.exists() and "/" in str(base):  # a hub id
+            low = str(base).lower()
+            return "sdxl" if "xl" in low else "sd2" if "stable-diffusion-2" in low else "sd1"
+    except Exception:  # noqa: BLE001 - unreadable here; loading the base reports it properly later
+        pass
+    return "sd1"
+
+
+def preset_values(preset: str, family: str) -> dict[str, Any]:
+    """The fields a preset sets for a base of this family (a copy: lists are never shared)."""
+    vals = FAMILY_PRESETS.get(family, {}).get(preset, PRESETS.get(preset, {})) if preset != "custom" else {}
+    return {k: list(v) if isinstance(v, list) else v for k, v in vals.items()}
+
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = tuple(PRECISIONS)
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -202,6 +267,19 @@ class TrainConfig:
                                          list="lines", flags=("--preserve-prompt",),
                                          help="more prompts whose images the adapter must not change (repeatable; "
                                               "one per line)")
+    # contrastive preservation: the trigger's place in the captions filled with other words, whose images the
+    # adapter must leave as the base draws them; without these the cheapest way to learn "sks is a star" is
+    # "whatever fills this slot is a star", and every neighbouring word turns into the concept too
+    preserve_neighbours: int = option(0, group="Preservation", label="Neighbour words", min=0, max=256,
+                                      help="with base preservation: also keep the captions with the trigger "
+                                           "swapped for this many of the base model's own words nearest to it in "
+                                           "the text encoder's output (chosen at the start, listed in the log); "
+                                           "0: none")
+    preserve_swaps: list[str] = option(default_factory=list, group="Preservation", label="Swap words",
+                                       list="comma",
+                                       help="with base preservation: words put in the trigger's place in the "
+                                            "captions, things the adapter must keep drawing as before (e.g. for a "
+                                            "dog: cat, fox, bear)")
     preserve_images: int = option(16, group="Preservation", label="Preservation images", min=0, max=100_000,
                                   help="base-model images of those prompts (generated once, cached) to compare on")
     # ---- LoRA
@@ -288,6 +366,10 @@ class TrainConfig:
                                             "trigger's default prompt)")
     sample_seed: int = option(1234, group="Checkpoints & samples", label="Sample seed", min=0, max=2**32 - 1,
                               help="seed of the sample images (the same at every step, to compare)")
+    weight_check: bool = option(True, group="Checkpoints & samples", label="Check the weight range",
+                                help="at the end, draw a few prompts without the trigger with the base and with "
+                                     "the adapter at 0.25-1; the model card says up to which weight the base's "
+                                     "pictures stay as they were (toy base), or shows the pictures")
     sample_steps: int = option(20, group="Checkpoints & samples", label="Sample denoising steps", min=1, max=500,
                                help="sampler steps for sample images")
 
@@ -325,6 +407,8 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
+        if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in self.preserve_swaps):
+            raise ConfigError(f"preserve_swaps: must be a list of single words, got {self.preserve_swaps!r}")
 
     def _check_ranges_and_choices(self) -> None:
         """Each set field against its metadata's choices and range (min/max inclusive, gt/below exclusive)."""
@@ -381,7 +465,7 @@ class TrainConfig:
         preset = data.get("preset", "custom")
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {_short(preset)}")
-        defaults = {k: list(v) if isinstance(v, list) else v for k, v in PRESETS[preset].items()}  # never shared
+        defaults = preset_values(preset, preset_family(data.get("base") if isinstance(data.get("base"), str) else None))
         merged = {**defaults, **data}
         try:
             return cls(**merged)

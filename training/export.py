@@ -283,4 +283,5 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
         f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`.\n\n"
         f"Sample prompts:\n{prompts}\n"
+        + (f"\n{wc.card_text()}" if (wc := getattr(tr, "weight_check", None)) is not None else "")
     )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,14 +220,76 @@ class TextCache:
         return pe, pooled
 
 
-def preservation_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
+def _trigger_word_re(trigger: str):
+    import re
+
+    return re.compile(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", re.IGNORECASE)
+
+
+KNOWN_WORD_NORM = 1.25  # x the median input-embedding norm of the vocabulary's words: a word the encoder learned
+NEIGHBOUR_POOL = 256  # words encoded in context to rank the neighbours (closest input embeddings first)
+NEIGHBOUR_CAPTIONS = 4  # captions the distance is averaged over
+
+
+@torch.no_grad()
+def trigger_neighbours(base: BaseModel, trigger: str, captions: list[str], k: int) -> list[str]:
+    """The k words of the base model's vocabulary whose place in the captions the trigger takes most nearly:
+    the relative L2 distance between the (77, D) conditioning of a caption and of the same caption with
+    the trigger swapped for the word, averaged over a few captions, smallest first.
+
+    These are the words an adapter is most likely to drag along with the trigger (the UNet cannot tell
+    their prompts apart from the trigger's unless it is shown the difference), so base preservation keeps
+    their images as the base draws them. Candidates: whole words of the tokenizer (letters only, 3+
+    characters, not in any caption) that the text encoder has learned, i.e. whose input embedding norm is
+    clearly above the vocabulary's typical one (KNOWN_WORD_NORM x the median): in CLIP almost every word, in
+    the toy base the words it was captioned with (its other tokens are untouched initialisations that the
+    encoder cannot tell from the trigger either). The NEIGHBOUR_POOL candidates with the input embeddings
+    closest to the trigger's are ranked in context.
+    """
+    if k <= 0:
+        return []
+    word = _trigger_word_re(trigger)
+    with_trigger = [c for c in captions if word.search(c)][:NEIGHBOUR_CAPTIONS]
+    if not with_trigger:
+        return []
+    tok = base.pipe.tokenizer
+    emb = base.pipe.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    used = {w.lower() for c in captions for w in re.findall(r"[A-Za-z]+", c)} | {trigger.strip().lower()}
+    cands = [(t[:-4], i) for t, i in tok.get_vocab().items()
+             if t.endswith("</w>") and t[:-4].isascii() and t[:-4].isalpha() and len(t) >= 7
+             and t[:-4].lower() not in used and i < emb.shape[0]]
+    if not cands:
+        return []
+    ids = torch.tensor([i for _, i in cands])
+    norms = emb[ids].norm(dim=-1)
+    keep = norms >= KNOWN_WORD_NORM * norms.median()
+    cands = [c for c, kp in zip(cands, keep.tolist()) if kp]
+    if len(cands) > NEIGHBOUR_POOL:
+        trig_ids = tok(trigger.strip(), add_special_tokens=False).input_ids
+        t_emb = emb[trig_ids].mean(0)
+        sims = torch.nn.functional.cosine_similarity(emb[torch.tensor([i for _, i in cands])], t_emb[None], dim=-1)
+        cands = [cands[i] for i in sims.argsort(descending=True)[:NEIGHBOUR_POOL].tolist()]
+    ref, _ = encode_text(base, with_trigger)
+    ref = ref.float()
+    dist = torch.zeros(len(cands))
+    for j, cap in enumerate(with_trigger):
+        prompts = [word.sub(w, cap) for w, _ in cands]
+        for s in range(0, len(prompts), 64):
+            pe, _ = encode_text(base, prompts[s:s + 64])
+            d = (pe.float() - ref[j]).flatten(1).norm(dim=-1) / ref[j].norm()
+            dist[s:s + 64] += d.cpu() / len(with_trigger)
+    return [cands[i][0] for i in dist.argsort()[:k].tolist()]
+
+
+def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The trigger-free prompts on which base preservation keeps the base model's behaviour.
 
     From each caption: the trigger word taken out, the whole trigger phrase taken out ("in the style
     of sks", "in sks style", "by sks"), and the trigger replaced by the class noun (the class prompt's
     last word: "a photo of sks" -> "a photo of dog"). Then the class prompt, `preserve_prompts`, and ""
     (the unconditional prompt that classifier-free guidance subtracts: an adapter that moves it moves
-    every image).
+    every image). Last, each caption with the trigger swapped for each of `swaps` (other words whose images
+    must stay as they are: contrastive preservation).
     """
     import re
 
@@ -250,6 +313,9 @@ def preservation_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
         out += [tidy(word.sub(" ", cap)), tidy(phrase.sub(" ", cap))]
         if noun:
             out.append(tidy(word.sub(noun[0], cap)))
+    for cap in captions:
+        if word.search(cap):
+            out += [tidy(word.sub(w, cap)) for w in swaps]
     return list(dict.fromkeys(out))
 
 
@@ -403,6 +469,7 @@ class Trainer:
         self.base = base
         self.run_dir = run_dir_for(cfg)
         self.samples: list[Path] = []
+        self.weight_check = None  # training.weight_check.WeightCheck, at the end of a finished run
 
     # build ---------------------------------------------------------------
     def build(self) -> None:
@@ -448,7 +515,14 @@ class Trainer:
         self.preserve: list[str] = []
         base_images: list[Example] = []
         if cfg.preserve_weight > 0:
-            self.preserve = preservation_prompts(cfg, [it.caption for it in self.scan.items])
+            caps = [it.caption for it in self.scan.items]
+            swaps = list(dict.fromkeys([*cfg.preserve_swaps, *trigger_neighbours(base, cfg.trigger, caps,
+                                                                                   cfg.preserve_neighbours)]))
+            self.preserve_swaps = swaps
+            self.preserve = preservation_prompts(cfg, caps, swaps)
+            if swaps and self.is_main:
+                _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+                    f"base preservation: the trigger's place also filled with {', '.join(swaps)}")))
             if cfg.preserve_images:
                 if self.is_main:
                     _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
@@ -773,6 +847,16 @@ class Trainer:
             return TrainResult(None, self.run_dir, step, loss, time.time() - t_start, self.samples, self.scan,
                                stopped=True, checkpoint=ckpt)
         final = self.make_samples(cfg.max_steps)
+        if cfg.weight_check and self.is_main:
+            from .weight_check import check_weights
+
+            self.weight_check = check_weights(self)
+            if self.weight_check is not None:
+                wc = self.weight_check
+                msg = (f"weight check: keeps the base intact up to {wc.safe_up_to:g}" if wc.safe_up_to
+                       else "weight check: trigger-free pictures change already at 0.25" if wc.kept is not None
+                       else f"weight check: pictures in {wc.sheet}")
+                _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, message=msg))
         path = export_adapter(self, final[0] if final else None) if self.is_main else None
         self.accelerator.wait_for_everyone()
         _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, elapsed_s=time.time() - t0,
