@@ -221,8 +221,7 @@ class TextCache:
 
 
 def _trigger_word_re(trigger: str):
-    import re
-
+    """The trigger as a whole word (not inside another word or a hyphenated one), any case."""
     return re.compile(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", re.IGNORECASE)
 
 
@@ -291,10 +290,8 @@ def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str]
     every image). Last, each caption with the trigger swapped for each of `swaps` (other words whose images
     must stay as they are: contrastive preservation).
     """
-    import re
-
     trig = re.escape(cfg.trigger.strip())
-    word = re.compile(rf"(?<![\w-]){trig}(?![\w-])", re.IGNORECASE)
+    word = _trigger_word_re(cfg.trigger)
     phrase = re.compile(rf"(?:\b(?:in the style of|in the manner of|in|by|of)\s+)?(?<![\w-]){trig}(?![\w-])"
                         rf"(?:\s+(?:style|art style|art)\b)?", re.IGNORECASE)
     noun = (cfg.class_prompt or "").strip().split()[-1:]
@@ -518,7 +515,6 @@ class Trainer:
             caps = [it.caption for it in self.scan.items]
             swaps = list(dict.fromkeys([*cfg.preserve_swaps, *trigger_neighbours(base, cfg.trigger, caps,
                                                                                    cfg.preserve_neighbours)]))
-            self.preserve_swaps = swaps
             self.preserve = preservation_prompts(cfg, caps, swaps)
             if swaps and self.is_main:
                 _emit(self.on_progress, Progress(0, cfg.max_steps, message=(

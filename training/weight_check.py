@@ -12,6 +12,7 @@ taken out) are drawn with the base (weight 0) and with the new adapter at each o
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,10 +92,11 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
     images: dict[float, list] = {}
     try:
         for w in (0.0, *WEIGHTS):
-            for layer in layers:
-                layer.scale_layer(w) if w else None
+            if w:
+                for layer in layers:
+                    layer.scale_layer(w)
             try:
-                ctx = AdaptersOff([getattr(base.pipe, c) for c in tr.components]) if w == 0 else _Null()
+                ctx = AdaptersOff([getattr(base.pipe, c) for c in tr.components]) if w == 0 else nullcontext()
                 with ctx:
                     images[w] = [generate(base, GenerationRequest(prompt=p, steps=cfg.sample_steps,
                                                                   seed=cfg.sample_seed + i, width=tr.resolution,
@@ -130,14 +132,6 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
             res.safe_up_to = safe
     res.sheet = _sheet(images, prompts, tr.run_dir / "weight-check.png")
     return res
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _sheet(images: dict[float, list], prompts: list[str], path: Path) -> Path:
