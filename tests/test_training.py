@@ -466,3 +466,30 @@ def test_presets_follow_the_base_family_and_never_give_real_models_the_toy_value
     xl = TrainConfig.from_dict({"preset": "style", "base": "stabilityai/stable-diffusion-xl-base-1.0"})
     assert xl.grad_accum == 4 and not xl.train_text_encoder and xl.lr_unet == 1e-4
     assert preset_family(str(tmp_path / "missing.safetensors")) == "sd1"  # unreadable: gentle values, not toy's
+
+
+def test_bf16_mixed_precision_keeps_the_frozen_base_in_bf16_and_trains_fp32_lora(star_images, tiny_sd1_dir, tmp_path):
+    """mixed_precision = "bf16" stores the frozen weights in bf16 (half the memory, as the diffusers examples do)
+    while the LoRA weights and their optimizer stay fp32; a base passed in by the caller (the app's) is not changed."""
+    import math
+
+    from pipelines.base_models import load_base
+    from training.trainer import Trainer
+
+    caller = load_base(tiny_sd1_dir, device="cpu")
+    tr = Trainer(_cfg(star_images, tiny_sd1_dir, tmp_path, name="mp", mixed_precision="bf16", train_text_encoder=True,
+                      checkpoint_every=0), base=caller)
+    tr.build()
+    for comp in ("unet", "text_encoder"):
+        named = list(getattr(tr.base.pipe, comp).named_parameters())
+        assert {p.dtype for n, p in named if "lora_" not in n} == {torch.bfloat16}, comp
+        assert {p.dtype for n, p in named if "lora_" in n} == {torch.float32}, comp
+    assert caller.pipe.unet.dtype == torch.float32 and tr.base is not caller
+    before = {n: p.detach().clone() for n, p in tr.base.pipe.unet.named_parameters() if "lora_B" in n}
+    assert all(math.isfinite(tr.train_step(k)) for k in range(2))
+    after = dict(tr.base.pipe.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name="mp2", mixed_precision="bf16", checkpoint_every=0))
+    sd, _ = load_safetensors(res.adapter_path)
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_up" in k)

@@ -78,6 +78,12 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
             inject_adapter_in_model(tcfg, te, adapter_name="default")
             configs[name] = tcfg
     pipe.vae.requires_grad_(False)
+    # the LoRA weights train in fp32 whatever the base's dtype: diffusers' add_adapter creates them in the
+    # UNet's dtype (fp16 on a GPU, bf16 under bf16 mixed precision), where AdamW's small updates round away
+    # and fp16 gradients cannot be unscaled
+    for comp in configs:
+        for p in trainable_params(getattr(pipe, comp)):
+            p.data = p.data.float()
     return configs
 
 

@@ -116,10 +116,16 @@ def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Ten
     sf = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     out = []
-    for img in images:
-        x = img.unsqueeze(0).to(base.device, dtype=vae.dtype)  # (1, 3, H, W)
-        lat = vae.encode(x).latent_dist.mean
-        out.append(((lat - shift) * sf)[0].float().cpu())
+    # in full precision (SD's VAE overflows in fp16), then back to the dtype the pipeline draws with
+    dtype = vae.dtype
+    vae.to(dtype=torch.float32)
+    try:
+        for img in images:
+            x = img.unsqueeze(0).to(base.device, dtype=torch.float32)  # (1, 3, H, W)
+            lat = vae.encode(x).latent_dist.mean
+            out.append(((lat - shift) * sf)[0].float().cpu())
+    finally:
+        vae.to(dtype=dtype)
     return out
 
 
@@ -477,9 +483,13 @@ class Trainer:
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
         _emit(self.on_progress, Progress(0, cfg.max_steps, message=self.scan.report()))
-        if self.base is None or cfg.quantize_base:  # quantizing changes the base: never a caller's copy
+        # under mixed precision the frozen weights are stored in its dtype (as the diffusers examples do:
+        # half the memory, no per-step casts); the LoRA weights and the optimizer stay in fp32
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        if (self.base is None or cfg.quantize_base  # quantizing changes the base: never a caller's copy
+                or (weight_dtype is not None and self.base.pipe.unet.dtype != weight_dtype)):
             source = cfg.base if self.base is None else self.base.source
-            self.base = load_base(source, device=self.device)
+            self.base = load_base(source, device=self.device, dtype=weight_dtype)
         base = self.base
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
@@ -493,8 +503,6 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
-        if base.pipe.vae.dtype != torch.float32:
-            base.pipe.vae.to(dtype=torch.float32)  # encode latents once, in full precision
         self.examples = build_examples(cfg, base, self.scan, self.resolution)
         self.priors: list[Example] = []
         if cfg.class_prompt and cfg.num_class_images > 0:
