@@ -493,3 +493,28 @@ def test_bf16_mixed_precision_keeps_the_frozen_base_in_bf16_and_trains_fp32_lora
     sd, _ = load_safetensors(res.adapter_path)
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_up" in k)
+
+
+def test_compiled_unet_trains_the_same_adapter(star_images, tiny_sd1_dir, tmp_path, monkeypatch):
+    """compile_unet = true runs the training step through torch.compile: the same losses and the same adapter as
+    the eager step (to float tolerance), and the saved file has the UNet's own names (no compile wrapper's).
+    The graph is captured by dynamo and run by aot_eager here: inductor's code generation takes minutes on
+    a 2-core CPU (bench/step_speedups.py --variants compile measures the real thing)."""
+    from torch._dynamo.utils import counters
+
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(type(m).__name__) or real(m, backend="aot_eager"))
+    counters.clear()
+    progress = {True: [], False: []}
+    out = {}
+    for comp in (False, True):
+        res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, name=f"c{int(comp)}", compile_unet=comp, max_steps=3,
+                         checkpoint_every=0, weight_check=False), on_progress=progress[comp].append)
+        out[comp], _ = load_safetensors(res.adapter_path)
+    losses = {c: list({p.step: p.loss for p in progress[c] if p.loss is not None}.values()) for c in progress}
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert compiled == ["UNet2DConditionModel"] and counters["stats"]["unique_graphs"] >= 1  # the step ran compiled
+    assert out[True].keys() == out[False].keys() and not any("_orig_mod" in k for k in out[True])
+    for k in out[False]:
+        assert torch.allclose(out[True][k], out[False][k], atol=1e-5), k

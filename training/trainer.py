@@ -398,16 +398,17 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
                    pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator | None,
                    cfg: TrainConfig, dtype: torch.dtype | None = None,
                    noise_t: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   tail_target: torch.Tensor | None = None) -> torch.Tensor:
+                   tail_target: torch.Tensor | None = None, unet=None) -> torch.Tensor:
     """Per-sample denoising loss (B,), with min-SNR weighting and noise offset.
 
     `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter). `noise_t`:
     noise and timesteps drawn beforehand (see `draw_noise`); otherwise they are drawn from `gen`.
     `tail_target`: the targets of the last len(tail_target) rows (base preservation: the base model's
-    own prediction) instead of the noise (or velocity).
+    own prediction) instead of the noise (or velocity). `unet`: what to call instead of the base's UNet
+    (its compiled form).
     """
-    unet = base.pipe.unet
-    dtype = dtype or unet.dtype
+    dtype = dtype or base.pipe.unet.dtype
+    unet = base.pipe.unet if unet is None else unet
     if noise_t is None:
         noise_t = draw_noise(tuple(latents.shape), gen, cfg, scheduler.config.num_train_timesteps)
     noise, t = noise_t[0].to(latents.device), noise_t[1].to(latents.device)
@@ -560,6 +561,8 @@ class Trainer:
             for i, ex in enumerate(self.preserve_inputs):
                 self.preserve_by_size.setdefault(ex.size, []).append(i)
         self._build_optimizer()
+        # the training step's UNet: compiled on request (the pipeline's own stays as it is, for samples and saving)
+        self.unet = torch.compile(base.pipe.unet) if cfg.compile_unet else base.pipe.unet
         if cfg.gradient_checkpointing:
             base.pipe.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
@@ -714,7 +717,7 @@ class Trainer:
         if pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[pres[1]], "time_ids": tids[-n:]}
         with self.adapters_off:
-            pred = self.base.pipe.unet(noisy.to(self.unet_dtype), t, cond.to(self.unet_dtype), **kwargs).sample
+            pred = self.unet(noisy.to(self.unet_dtype), t, cond.to(self.unet_dtype), **kwargs).sample
         return pred.float()
 
     def _sync_gradients(self, loss: float) -> float:
@@ -760,7 +763,7 @@ class Trainer:
                 tids = sdxl_time_ids(exs, device) if pooled is not None else None
                 tail = self._base_prediction(latents, noise_t, pres, tids) if pres else None
                 per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, None, cfg,
-                                     self.unet_dtype, noise_t, tail_target=tail)
+                                     self.unet_dtype, noise_t, tail_target=tail, unet=self.unet)
             n, m = len(inst), len(prior)
             loss = per[:n].mean()
             if prior:
