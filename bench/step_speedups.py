@@ -134,6 +134,21 @@ class Bench:
             raise ValueError(name)
 
 
+def bf16_matmul_ratio(n: int = 1024, reps: int = 3) -> tuple[float, float]:
+    """(fp32, bf16) seconds of an n x n matmul on this CPU: whether it has bf16 units (AMX, AVX512-BF16) or
+    torch emulates bf16, which decides whether bf16 autocast can pay here at all."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = []
+    for dt in (torch.float32, torch.bfloat16):
+        x, y = a.to(dt), b.to(dt)
+        x @ y
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        out.append((time.perf_counter() - t0) / reps)
+    return out[0], out[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=ARCHS, default="toy")
@@ -157,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(names) - set(VARIANTS)
     if bad:
         sys.exit(f"unknown variants: {', '.join(sorted(bad))}")
+    f32, b16 = bf16_matmul_ratio()
+    print(f"this CPU: a 1024x1024 matmul takes {f32 * 1e3:.1f} ms in fp32, {b16 * 1e3:.1f} ms in bf16 "
+          f"(bf16 x{f32 / b16:.3f}{': emulated, no bf16 units' if b16 > 2 * f32 else ''})", flush=True)
     with tempfile.TemporaryDirectory(prefix="speedups_") as tmp:
         t0 = time.perf_counter()
         b = Bench(args.arch, res, batch, Path(tmp))
