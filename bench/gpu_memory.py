@@ -184,10 +184,14 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in comps.items())
           + f" GB; the VAE's fp32 encode at {res}px adds {vae_act:.2f} GB (measured)", flush=True)
     rows = []
+    counted: dict[tuple[bool, bool], dict[str, float]] = {}  # int8 changes the weights only: one count serves both
     for spec in specs:
         toks = _parse(spec)
         t0 = time.perf_counter()
-        s = fake_step(args.arch, res, bf16="fp32" not in toks, checkpointing="gc" in toks)
+        key = ("fp32" not in toks, "gc" in toks)
+        if key not in counted:
+            counted[key] = fake_step(args.arch, res, bf16=key[0], checkpointing=key[1])
+        s = counted[key]
         params = s["Parameter"]
         if "int8" in toks:  # int8 data instead of 16-bit for every Linear weight (scales: one per row, negligible)
             params -= s["linear_weights"] * 1 / GB
