@@ -145,7 +145,7 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     status = page.locator("#train-status")
     expect(status).to_contain_text(NAME, timeout=30_000)
     saw_progress = False
-    deadline = time.time() + 150
+    deadline = time.time() + 300  # the run ends with samples and the weight check: slow on a busy 2-core machine
     while time.time() < deadline:
         text = status.inner_text()
         if "step " in text and "/4" in text and "loss" in text and not saw_progress:
