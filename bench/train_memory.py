@@ -14,7 +14,9 @@ kernel's peak resident set (VmHWM, reset between phases through /proc/self/clear
 
 minus the process's own footprint before any model is loaded (Python, torch, diffusers: `libs`). The weights
 are copied into the process's memory as they load (a mapped file's pages would only count once touched), so
-the run briefly holds them twice: SDXL in fp32 does not fit this way in 24 GB. What a GPU needs is counted by
+the run briefly holds them twice: SDXL in fp32 does not fit this way in 24 GB. With int8 the quantized UNet is
+the process's own memory anyway and nothing is copied (the text encoders and VAE are counted once the trainer
+has used them, before the step). What a GPU needs is counted by
 bench/gpu_memory.py (which also checks its count against this measurement). Configurations are `+`-joined:
 
   fp32 | bf16    precision: fp32, or mixed_precision = "bf16" (bf16 frozen weights, fp32 LoRA and optimizer,
@@ -113,7 +115,8 @@ def child(arch: str, spec: str, resolution: int, batch: int, steps: int) -> dict
         gc.collect()
         return base
 
-    trainer_mod.load_base = load_base
+    if "int8" not in toks:  # quantizing copies the UNet into process memory anyway; the rest is touched while
+        trainer_mod.load_base = load_base  # the trainer encodes, and a copy of SDXL's fp32 UNet would not fit
     with tempfile.TemporaryDirectory(prefix="memory_") as tmp:
         images = Path(tmp) / "images"  # two images: the peaks don't depend on how many are cached
         images.mkdir()
