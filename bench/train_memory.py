@@ -156,11 +156,11 @@ def child(arch: str, spec: str, resolution: int, batch: int, steps: int) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=ARCHS, default="sdxl")
+    ap.add_argument("--arch", choices=ARCHS, default="sd15")
     ap.add_argument("--resolution", type=int, help="default: the model's native size (SDXL 1024, SD 1.5 512)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1, help="training steps per configuration (the peak repeats)")
-    ap.add_argument("--configs", default="fp32,bf16,bf16+gc,bf16+gc+int8",
+    ap.add_argument("--configs", default="fp32,fp32+gc,fp32+gc+int8",
                     help="comma-separated configurations (see the module's help)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
