@@ -5,8 +5,8 @@
 
 The UNet's training step (batch 1, UNet LoRA rank 16 on the attention projections, the SD presets; forward,
 loss, backward, AdamW step) runs on fake tensors under torch's MemTracker: every tensor is created with its
-real size, dtype and lifetime, nothing is computed, so an SDXL step at 1024 px is counted in minutes on a
-small CPU with no GPU and no 10 GB of RAM. The frozen weights are 16-bit (as the trainer keeps them on a GPU:
+real size, dtype and lifetime, nothing is computed, so no GPU and no model-sized RAM are needed (it is slow
+all the same: SD 1.5's step takes about 3 minutes on a 2-core CPU; SDXL's ran 45 minutes without finishing). The frozen weights are 16-bit (as the trainer keeps them on a GPU:
 fp16, or bf16 under bf16 mixed precision), LoRA weights and optimizer fp32, compute under bf16 autocast.
 Around that step the trainer also holds the text encoder(s) and the VAE in 16 bits (their parameter bytes,
 exact), and before it encodes the training images with the VAE in fp32 (its activations measured on this
@@ -17,8 +17,8 @@ of the two phases plus 0.5 GB of CUDA context. Tokens, `+`-joined:
   gc      gradient checkpointing
   int8    the UNet's Linear weights int8 with a per-row scale (quantize_base = "int8"); activations as bf16
 
---validate also counts the fp32 step at SD 1.5 / 512 px and prints it beside what bench/train_memory.py
-measured for a real fp32 step on this CPU, so the count can be checked against a measurement.
+--validate also counts the fp32 step at SD 1.5 / 512 px, to be set beside what `bench/train_memory.py --arch
+sd15 --configs fp32` measures for the real step (its step peak minus resident), so the count can be checked.
 Last line: one `config=GB` per configuration.
 """
 
@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.real_models import NATIVE, VAE, model_folder  # noqa: E402
+from bench.train_memory import _reset_peak, _status  # noqa: E402
 
 GB = 2**30
 CUDA_CONTEXT_GB = 0.5
@@ -144,18 +145,12 @@ def vae_encode_peak(arch: str, resolution: int) -> float:
     for p in vae.parameters():
         p.data = p.data.clone()  # weights in this process's own memory before the baseline is taken
     x = torch.randn(1, 3, resolution, resolution)
-
-    def status(key: str) -> float:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 2**20
-
     with torch.no_grad():
         vae.encode(x[:, :, :64, :64])  # warm-up: one-off allocations
-        before = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        before = _status("VmRSS")
+        _reset_peak()
         vae.encode(x)
-        return status("VmHWM") - before
+        return _status("VmHWM") - before
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,7 +47,6 @@ if str(ROOT) not in sys.path:
 from bench.real_models import ARCHS, NATIVE, model_folder  # noqa: E402
 
 TOKENS = {"fp32", "bf16", "gc", "int8", "te"}
-CUDA_CONTEXT_GB = 0.5
 SIZES_GB = (8, 12, 16, 24)
 
 
@@ -110,7 +109,9 @@ def child(arch: str, spec: str, resolution: int, batch: int, steps: int) -> dict
         with torch.no_grad():
             for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
                 m = getattr(base.pipe, name, None)
-                for t in [*(m.parameters() if m is not None else ()), *(m.buffers() if m is not None else ())]:
+                if m is None:
+                    continue
+                for t in [*m.parameters(), *m.buffers()]:
                     t.data = t.data.clone()
         gc.collect()
         return base
