@@ -312,6 +312,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
         for prior in (False, True):
             peers.append(run_peer(mode, args, Path(folder), trigger, prompts, before, template, field, value,
                                   evaluator, prior))
+        peers.append(run_kohya_style(mode, args, Path(folder), trigger, prompts, before, template, field, value,
+                                     evaluator))
     base.pipe.unet.eval()
     print("with the adapter: trigger prompts (fidelity)", flush=True)
     tprompts = trigger_prompts(template, 16, args.seed)
@@ -423,6 +425,47 @@ def run_peer(mode: str, args: argparse.Namespace, folder: Path, trigger: str, pr
             stack.load("peer", weights)
             rows = score_points(stack, [(None, w, "peer") for w in args.weights], args, prompts, before,
                                 template, field, value, evaluator)
+    for r in rows:
+        r["who"], r["minutes"] = label, minutes
+    return rows
+
+
+# kohya sd-scripts' LoRA as its docs/train_network.md describes it, in our flags: network_dim 16 with alpha
+# "about half" of it, learning_rate/unet_lr 1e-4, text_encoder_lr 1e-5 (TE trained: kohya's default), constant
+# schedule, max_grad_norm 1, no min-SNR, no prior images; LoRA-LierLa modules (every Linear and 1x1 conv of
+# the UNet's transformer blocks; the text encoder's attention and MLP). 500 steps: the diffusers row's budget.
+KOHYA_STYLE = {"preset": "custom", "rank": 16, "alpha": 8.0, "lr_unet": 1e-4, "lr_text": 1e-5,
+               "train_text_encoder": True, "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
+               "min_snr_gamma": 0, "max_steps": 500, "batch_size": 1, "preserve_weight": 0.0,
+               "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                                "ff.net.2"],
+               "text_targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+
+
+def run_kohya_style(mode: str, args: argparse.Namespace, folder: Path, trigger: str, prompts: Sequence[str],
+                    before: dict, template: str, field: str, value: str, evaluator) -> list[dict]:
+    """A kohya-style recipe (KOHYA_STYLE) trained by our trainer on the same images and captions, scored like
+    ours at each of --weights."""
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from pipelines.library import AdapterLibrary
+    from pipelines.stack import AdapterStack
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    label = "kohya-style recipe"
+    base_path = str(args.base or DEFAULT_BASE)
+    with tempfile.TemporaryDirectory(prefix="quality-kohya-") as lib:
+        cfg = TrainConfig.from_dict({"images": str(folder), "trigger": trigger, "name": f"kohya-{mode}",
+                                     "output_dir": lib, "base": base_path, **KOHYA_STYLE})
+        print(f"{label}: training ({', '.join(f'{k}={v}' for k, v in KOHYA_STYLE.items())})", flush=True)
+        t0 = time.time()
+        res = train(cfg)
+        minutes = (time.time() - t0) / 60
+        print(f"{label}: trained in {minutes:.1f} min", flush=True)
+        stack = AdapterStack(load_base(base_path), AdapterLibrary(lib))
+        stack.load("kohya", res.adapter_path)
+        rows = score_points(stack, [(None, w, "kohya") for w in args.weights], args, prompts, before,
+                            template, field, value, evaluator)
     for r in rows:
         r["who"], r["minutes"] = label, minutes
     return rows
@@ -544,7 +587,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", type=Path, default=None, metavar="PATH",
                    help="concept/style: also train diffusers' DreamBooth LoRA example (PATH: its "
                         "train_dreambooth_lora.py) on the same set with its documented defaults, without and with "
-                        "its prior preservation, and print its fidelity/drop beside ours at each of --weights")
+                        "its prior preservation, and a kohya-style recipe (KOHYA_STYLE, our trainer), and print "
+                        "their fidelity/drop beside ours at each of --weights")
     p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                    help="concept/style: override a training setting of the preset (TOML value), e.g. "
                         "--set max_steps=400 --set min_snr_gamma=0; repeatable")

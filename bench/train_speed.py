@@ -42,7 +42,7 @@ BASE = ROOT / "sample_data" / "toy-sd"
 SHIM = ROOT / "bench" / "peer_shim.py"
 RANK, LR = 8, 1e-4
 # per architecture: resolution, batch size, (short, long) run lengths in steps, torch threads
-DEFAULTS = {"toy": (64, 4, (20, 120), 1), "sd15": (256, 1, (2, 7), 2), "sdxl": (256, 1, (1, 3), 2)}
+DEFAULTS = {"toy": (64, 4, (20, 120), 1), "sd15": (256, 1, (2, 22), 2), "sdxl": (256, 1, (1, 6), 2)}
 PEER_SCRIPT = {"toy": "train_dreambooth_lora.py", "sd15": "train_dreambooth_lora.py",
                "sdxl": "train_dreambooth_lora_sdxl.py"}
 
@@ -127,10 +127,13 @@ def measure(runners: dict[str, object], steps: tuple[int, int], repeats: int, en
 
 
 def unet_step_floor(base: Path, threads: int, chunks: int = 6, resolution: int = 64, batch: int = 4,
-                    per_chunk: int = 10) -> float:
+                    per_chunk: int = 10, mixed_precision: str = "no") -> float:
     """Steps/s of the bare UNet LoRA step (forward, loss, backward, AdamW) on fixed tensors in this
     process: no data loading, no VAE or text encoding, no logging. No trainer that does the same UNet
-    math (same model, batch, resolution, rank) can run faster than this."""
+    math (same model, batch, resolution, rank, precision) can run faster than this. bf16/fp16: frozen
+    weights stored in that dtype, fp32 LoRA weights, autocast (as both trainers do)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
@@ -138,11 +141,13 @@ def unet_step_floor(base: Path, threads: int, chunks: int = 6, resolution: int =
     from training import lora
 
     torch.set_num_threads(threads)
-    b = load_base(str(base), device="cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    b = load_base(str(base), device="cpu", dtype=dtype)
     pipe = b.pipe
     lora.attach(pipe, RANK, RANK, ["to_q", "to_k", "to_v", "to_out.0"], None)
-    params = lora.trainable_params(pipe.unet)
+    params = lora.trainable_params(pipe.unet)  # fp32 (attach casts them)
     opt = torch.optim.AdamW(params, lr=LR)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latents = torch.randn(batch, pipe.unet.config.in_channels, resolution // f, resolution // f, generator=g)  # (B, 4, h, w)
@@ -153,8 +158,9 @@ def unet_step_floor(base: Path, threads: int, chunks: int = 6, resolution: int =
     def step() -> None:
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
-        pred = pipe.unet(latents + noise, t, cond).sample
-        F.mse_loss(pred, noise).backward()
+        with autocast:
+            pred = pipe.unet((latents + noise).to(pipe.unet.dtype), t, cond.to(pipe.unet.dtype)).sample
+        F.mse_loss(pred.float(), noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -248,12 +254,14 @@ def main(argv: list[str] | None = None) -> None:
         # in a child on the same interpreter as ours, so both figures come from the same torch build
         code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench.train_speed import unet_step_floor; "
                 "from pathlib import Path; print(unet_step_floor(Path(sys.argv[2]), int(sys.argv[3]), "
-                "resolution=int(sys.argv[4]), batch=int(sys.argv[5]), chunks=int(sys.argv[6]), per_chunk=int(sys.argv[7])))")
+                "resolution=int(sys.argv[4]), batch=int(sys.argv[5]), chunks=int(sys.argv[6]), per_chunk=int(sys.argv[7]), "
+                "mixed_precision=sys.argv[8]))")
         small = args.arch != "toy"
         floor = 0.0
         for _ in range(repeats):  # separate processes: the speed of one process varies from the next
             out = subprocess.run([args.ours_python, "-c", code, str(ROOT), str(base), str(threads), str(args.resolution),
-                                  str(args.batch_size), "3" if small else "6", "2" if small else "10"],
+                                  str(args.batch_size), "3" if small else "6", "2" if small else "10",
+                                  args.mixed_precision],
                                  env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"floor measurement failed:\n{out.stderr[-3000:]}")
