@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def peak_kb() -> str:
-    with open("/proc/self/status") as f:
-        return next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+from peer_shim import peak_kb  # noqa: E402  (bench/, this script's folder: the peer's shim records the same figure)
 
 
 def record_peak_at_training_end() -> None:

@@ -115,6 +115,12 @@ class Normalize:
         return (t - mean) / std
 
 
+def peak_kb() -> str:
+    """This process's peak resident set, kB (VmHWM), as the text written to $LORA_STUDIO_BENCH_PEAK."""
+    with open("/proc/self/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+
+
 def record_peak_at_save() -> None:
     """With $LORA_STUDIO_BENCH_PEAK set: write this process's peak RSS (kB) to that file when the script saves
     its LoRA weights, i.e. when training ends (the examples then load a second pipeline for a final inference)."""
@@ -124,10 +130,6 @@ def record_peak_at_save() -> None:
     if not path:
         return
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    def peak_kb() -> str:
-        with open("/proc/self/status") as f:
-            return next(line.split()[1] for line in f if line.startswith("VmHWM:"))
 
     for cls in (StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin):
         original = cls.__dict__["save_lora_weights"].__func__

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from training import toy_world as tw  # noqa: E402
+from training.config import ATTENTION_TARGETS  # noqa: E402
 from training.evaluator import PROMPT_FIELDS, classify, load_evaluator, score  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out"
@@ -390,8 +391,6 @@ def run_peer(mode: str, args: argparse.Namespace, folder: Path, trigger: str, pr
     import subprocess
 
     from pipelines.base_models import DEFAULT_BASE, load_base
-    from pipelines.library import AdapterLibrary
-    from pipelines.stack import AdapterStack
 
     base_path = str(args.base or DEFAULT_BASE)
     with tempfile.TemporaryDirectory(prefix="quality-peer-") as work:
@@ -420,11 +419,21 @@ def run_peer(mode: str, args: argparse.Namespace, folder: Path, trigger: str, pr
             print(out.stdout[-3000:], out.stderr[-3000:])
             raise SystemExit(f"bench/quality.py: the peer failed (exit {out.returncode})")
         print(f"{label}: trained in {minutes:.1f} min", flush=True)
-        with tempfile.TemporaryDirectory() as lib:
-            stack = AdapterStack(base, AdapterLibrary(lib))
-            stack.load("peer", weights)
-            rows = score_points(stack, [(None, w, "peer") for w in args.weights], args, prompts, before,
-                                template, field, value, evaluator)
+        return score_file(base, weights, label, minutes, args, prompts, before, template, field, value, evaluator)
+
+
+def score_file(base, weights: Path, label: str, minutes: float, args: argparse.Namespace, prompts: Sequence[str],
+               before: dict, template: str, field: str, value: str, evaluator) -> list[dict]:
+    """A comparison recipe's adapter file on a clean base, scored like ours at each of --weights; rows carry
+    the recipe's label and training minutes."""
+    from pipelines.library import AdapterLibrary
+    from pipelines.stack import AdapterStack
+
+    with tempfile.TemporaryDirectory() as lib:
+        stack = AdapterStack(base, AdapterLibrary(lib))
+        stack.load("peer", weights)
+        rows = score_points(stack, [(None, w, "peer") for w in args.weights], args, prompts, before,
+                            template, field, value, evaluator)
     for r in rows:
         r["who"], r["minutes"] = label, minutes
     return rows
@@ -437,8 +446,7 @@ def run_peer(mode: str, args: argparse.Namespace, folder: Path, trigger: str, pr
 KOHYA_STYLE = {"preset": "custom", "rank": 16, "alpha": 8.0, "lr_unet": 1e-4, "lr_text": 1e-5,
                "train_text_encoder": True, "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                "min_snr_gamma": 0, "max_steps": 500, "batch_size": 1, "preserve_weight": 0.0,
-               "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                                "ff.net.2"],
+               "unet_targets": [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
                "text_targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 
 
@@ -447,8 +455,6 @@ def run_kohya_style(mode: str, args: argparse.Namespace, folder: Path, trigger: 
     """A kohya-style recipe (KOHYA_STYLE) trained by our trainer on the same images and captions, scored like
     ours at each of --weights."""
     from pipelines.base_models import DEFAULT_BASE, load_base
-    from pipelines.library import AdapterLibrary
-    from pipelines.stack import AdapterStack
     from training.config import TrainConfig
     from training.trainer import train
 
@@ -462,13 +468,8 @@ def run_kohya_style(mode: str, args: argparse.Namespace, folder: Path, trigger: 
         res = train(cfg)
         minutes = (time.time() - t0) / 60
         print(f"{label}: trained in {minutes:.1f} min", flush=True)
-        stack = AdapterStack(load_base(base_path), AdapterLibrary(lib))
-        stack.load("kohya", res.adapter_path)
-        rows = score_points(stack, [(None, w, "kohya") for w in args.weights], args, prompts, before,
-                            template, field, value, evaluator)
-    for r in rows:
-        r["who"], r["minutes"] = label, minutes
-    return rows
+        return score_file(load_base(base_path), res.adapter_path, label, minutes, args, prompts, before, template,
+                          field, value, evaluator)
 
 
 def print_peer_table(ours: list[dict], peers: list[list[dict]], mode: str) -> None:
