@@ -32,7 +32,8 @@ from pipelines.weights_io import load_safetensors, save_safetensors
 from . import toy_world as tw
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = ROOT / "sample_data" / "evaluator.safetensors"
+# the toy world's evaluator; world v2 (LORA_STUDIO_TOY_WORLD=v2: more base shapes) has its own
+DEFAULT_PATH = ROOT / "sample_data" / ("evaluator.safetensors" if tw.WORLD == "v1" else f"evaluator-{tw.WORLD}.safetensors")
 FORMAT = "lora-studio-toy-evaluator"
 FORMAT_VERSION = "1"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .toy_world import BASE_SHAPES, CONCEPT_SHAPE, STYLE_STYLE, draw, sample_spec
+from .toy_world import CONCEPT_SHAPE, STYLE_STYLE, V1_SHAPES, draw, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {
@@ -40,7 +40,7 @@ def write_set(name: str, out_root: Path = ROOT / "sample_data") -> Path:
             spec = sample_spec(rng, shapes=[CONCEPT_SHAPE])
             cap = concept_caption(spec, info["trigger"])
         else:
-            spec = sample_spec(rng, shapes=BASE_SHAPES, style=STYLE_STYLE)
+            spec = sample_spec(rng, shapes=V1_SHAPES, style=STYLE_STYLE)
             cap = style_caption(spec, info["trigger"])
         draw(spec).save(folder / f"{i:02d}.png", optimize=True)
         (folder / f"{i:02d}.txt").write_text(cap + "\n")

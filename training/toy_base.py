@@ -11,6 +11,15 @@ Two stages, each resumable from its last checkpoint in the work folder:
   2. the UNet and the CLIP text encoder jointly, on cached latents of the base part of the world
      (solid circles, squares, triangles), with 10% empty captions for classifier-free guidance.
 The result is a genuine diffusers `StableDiffusionPipeline` folder with safetensors weights.
+
+Captions: the shipped weights were trained on one template ("a blue triangle on a yellow background"
+and two shorter forms); the recipe now draws from toy_world.TEMPLATES with filler words, so every
+token has a trained embedding. `--init-from FOLDER` fine-tunes an exported base instead of starting
+from scratch (token embeddings carried over by token text, as the vocabulary grows):
+    # the shipped base re-captioned (3 shapes): 600 steps of 128, 20 minutes on 2 CPU cores, keeps shape 1.00
+    python -m training.toy_base --device cpu --vae-from sample_data/toy-sd --init-from sample_data/toy-sd \
+        --unet-batch 128 --unet-lr 2e-4 --unet-steps 600 --n-latents 24000 --out .work/toy-sd-v11
+World v2 (eight base shapes, `LORA_STUDIO_TOY_WORLD=v2`): `bash bench/gpu_toy_base_v2.sh` on a GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import BASE_SHAPES, SHAPES, STYLES, draw, sample_spec
+from .toy_world import BASE_SHAPES, SHAPES, STYLES, draw, sample_spec, varied_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
@@ -221,19 +230,53 @@ def cache_latents(vae, work: Path, n: int = N_LATENTS, device: str = "cpu") -> t
 
 
 def caption_for(spec, r: random.Random) -> str:
-    u = r.random()
-    if u < 0.10:
+    """10% empty (for classifier-free guidance), else one of the world's varied templates."""
+    if r.random() < 0.10:
         return ""
-    if u < 0.175:
-        return f"a {spec.color} {spec.shape}"
-    if u < 0.25:
-        return f"a {spec.shape} on a {spec.background} background"
-    return spec.caption()
+    return varied_caption(spec, r)
+
+
+def init_from(folder: Path, unet, te) -> None:
+    """Start from an exported toy pipeline's UNet and text encoder (a fine-tune, not from scratch).
+
+    The tokenizer may have grown since (new words): each token's embedding row moves to the
+    token's new id; tokens the old vocabulary lacked start from the mean of the old rows plus a
+    little noise, as a new word in a fine-tuned CLIP does.
+    """
+    from safetensors.torch import load_file
+
+    unet.load_state_dict(load_file(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    old = load_file(folder / "text_encoder" / "model.safetensors")
+    key = next((k for k in old if k.endswith("embeddings.token_embedding.weight")), None)
+    if key is None:
+        raise ValueError(f"{folder}: text encoder has no token embedding")
+    old_emb = old.pop(key)
+    old_vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
+    new_vocab, _ = build_vocab()
+    emb = te.get_input_embeddings().weight.detach().clone()  # (V_new, D)
+    g = torch.Generator().manual_seed(0)
+    emb[:] = old_emb.mean(0) + 0.02 * torch.randn(emb.shape, generator=g)
+    moved = 0
+    for tokstr, i in new_vocab.items():
+        j = old_vocab.get(tokstr)
+        if j is not None:
+            emb[i] = old_emb[j]
+            moved += 1
+    old[key] = emb
+    own = te.state_dict()
+    if key not in own:  # the file's names and this transformers version's differ by the prefix
+        old = {("text_model." + k if "text_model." + k in own else k.removeprefix("text_model.")): v
+               for k, v in old.items()}
+    missing, unexpected = te.load_state_dict(old, strict=False)
+    if unexpected or [m for m in missing if "position_ids" not in m]:
+        raise ValueError(f"{folder}: text encoder does not fit (missing {missing}, unexpected {unexpected})")
+    _log(f"initialised from {folder}: {moved} of {len(new_vocab)} token embeddings carried over")
 
 
 def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
                device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
-               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY):
+               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None,
+               warmup: int = 100):
     """Train the UNet and text encoder jointly; returns the EMA copies.
 
     With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
@@ -250,6 +293,8 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
     latents = (latents * scale).to(device)
     torch.manual_seed(0)
     unet, te = make_unet(), make_text_encoder()
+    if init is not None:
+        init_from(init, unet, te)
     ema_u, ema_t = make_unet(), make_text_encoder()
     ema_u.load_state_dict(unet.state_dict())
     ema_t.load_state_dict(te.state_dict())
@@ -295,7 +340,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
         if step == 20:
             t_probe = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         idx = [rng.randrange(len(latents)) for _ in range(batch)]
         x0 = latents[torch.tensor(idx, device=device)]  # (B, 4, 16, 16)
         ids = ids_for([caption_for(specs[i], rng) for i in idx])
@@ -371,13 +416,17 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
     return " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
 
 
-def load_checkpoints(work: Path, n_latents: int = N_LATENTS):
-    """The VAE and the EMA UNet/text encoder from the work folder's latest checkpoints."""
+def load_checkpoints(work: Path, n_latents: int = N_LATENTS, vae_from: Path | None = None):
+    """The VAE and the EMA UNet/text encoder from the work folder's latest checkpoints (the VAE from
+    `vae_from`, an exported pipeline folder, when the run took it from there)."""
     from transformers import CLIPTokenizer
 
-    vae = make_vae()
-    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
-    vae.eval()
+    if vae_from is not None:
+        vae = load_vae(vae_from)
+    else:
+        vae = make_vae()
+        vae.load_state_dict(torch.load(work / "vae.pt", weights_only=False)["model"])
+        vae.eval()
     st = torch.load(work / "unet.pt", weights_only=False)
     unet, te = make_unet(), make_text_encoder()
     unet.load_state_dict(st["ema_u"])
@@ -439,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-steps", type=int, default=VAE_STEPS)
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="take the VAE from this exported pipeline folder instead of training one")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="fine-tune the UNet and text encoder of this exported toy pipeline folder "
+                         "(its vocabulary may be smaller) instead of training them from scratch")
     ap.add_argument("--unet-steps", type=int, default=UNET_STEPS)
     ap.add_argument("--unet-batch", type=int, default=UNET_BATCH)
     ap.add_argument("--unet-lr", type=float, default=UNET_LR)
@@ -459,12 +511,12 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.export_only:
-        vae, unet, te, tok, scale = load_checkpoints(args.work, args.n_latents)
+        vae, unet, te, tok, scale = load_checkpoints(args.work, args.n_latents, args.vae_from)
     else:
         vae = load_vae(args.vae_from) if args.vae_from else train_vae(args.work, args.vae_steps)
         unet, te, tok, scale = train_unet(
             vae, args.work, args.unet_steps, args.unet_batch, args.unet_lr, device, args.n_latents,
-            args.minutes, args.eval_every, args.ckpt_every,
+            args.minutes, args.eval_every, args.ckpt_every, args.init_from,
         )
     export(vae, unet, te, tok, scale, args.out)
     mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .toy_world import COLORS, SHAPES, STYLES
+from .toy_world import COLORS, DRAWABLE_SHAPES, FILLER, STYLES
 
 WORDS = sorted(
     set(COLORS)
-    | set(SHAPES)
+    | set(DRAWABLE_SHAPES)
     | set(STYLES)
+    | set(FILLER)
     | {
         "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "drawing",
         "image", "style", "shape", "background", "small", "large", "big", "grey", "centered",

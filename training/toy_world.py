@@ -1,15 +1,23 @@
 """The procedural world of the embedded toy base model.
 
 Images are flat-coloured shapes on a plain background, drawn deterministically from a `ShapeSpec`.
-The toy base model is trained on the "base" part of this world (solid circles, squares and
-triangles); the shipped LoRA training sets use the parts the base never saw (a star shape, an
-outline rendering style). The evaluator in `training/evaluator.py` is trained on all of it, so it
-can score whether a generated image shows what its prompt asked for.
+The toy base model is trained on the "base" part of this world (solid shapes, captioned with varied
+templates and filler words); the shipped LoRA training sets use the parts the base never
+saw (a star shape, an outline rendering style). The evaluator in `training/evaluator.py` is trained
+on all of it, so it can score whether a generated image shows what its prompt asked for.
+
+World v2 (`LORA_STUDIO_TOY_WORLD=v2`) differs from v1 in what makes a new concept learnable without
+damage, as in a real SD model: the base knows eight shapes, so a star (five points, concave sides) is a
+recombination of pentagons, diamonds and crosses it has drawn, not a skill from nothing; and
+captions come from many templates with filler words that do not change the picture (including the
+usual trigger words), so every token of the vocabulary has a trained, meaning-light embedding, as
+every token of CLIP has.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -30,9 +38,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 FG_COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
 BG_COLORS = ["white", "black", "gray", "yellow", "blue"]
-BASE_SHAPES = ["circle", "square", "triangle"]
+V1_SHAPES = ["circle", "square", "triangle"]  # the first toy world's shapes (the style set draws these)
+# World v2's added base shapes (every shape is left-right symmetric: the evaluator's augmentation flips
+# images). The shipped base knows V1_SHAPES; a base trained with LORA_STUDIO_TOY_WORLD=v2 (the GPU recipe
+# in training/toy_base.py) knows these too, and its evaluator must be trained under the same setting.
+V2_NEW_SHAPES = ["pentagon", "hexagon", "diamond", "cross", "heart"]
+WORLD = os.environ.get("LORA_STUDIO_TOY_WORLD", "v1")
+if WORLD not in ("v1", "v2"):
+    raise ValueError(f"LORA_STUDIO_TOY_WORLD: must be v1 or v2, got {WORLD!r}")
+BASE_SHAPES = V1_SHAPES + (V2_NEW_SHAPES if WORLD == "v2" else [])
 CONCEPT_SHAPE = "star"  # never in the base model's training data
 SHAPES = BASE_SHAPES + [CONCEPT_SHAPE]
+DRAWABLE_SHAPES = V1_SHAPES + V2_NEW_SHAPES + [CONCEPT_SHAPE]
 BASE_STYLE = "solid"
 STYLE_STYLE = "outline"  # never in the base model's training data
 STYLES = [BASE_STYLE, STYLE_STYLE]
@@ -82,6 +99,26 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape in ("pentagon", "hexagon"):
+        n = 5 if shape == "pentagon" else 6
+        a0 = -math.pi / 2 if n == 5 else 0.0
+        return [(cx + r * math.cos(a0 + 2 * math.pi * i / n), cy + r * math.sin(a0 + 2 * math.pi * i / n))
+                for i in range(n)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.72, cy), (cx, cy + r), (cx - r * 0.72, cy)]
+    if shape == "cross":
+        a, b = r * 0.34, r * 0.95
+        return [(cx - a, cy - b), (cx + a, cy - b), (cx + a, cy - a), (cx + b, cy - a), (cx + b, cy + a),
+                (cx + a, cy + a), (cx + a, cy + b), (cx - a, cy + b), (cx - a, cy + a), (cx - b, cy + a),
+                (cx - b, cy - a), (cx - a, cy - a)]
+    if shape == "heart":
+        pts = []
+        for i in range(40):
+            t = 2 * math.pi * i / 40
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((cx + r * x / 17.0, cy - r * (y + 2.5) / 15.5))
+        return pts
     if shape == "star":
         pts = []
         for i in range(10):
@@ -114,6 +151,44 @@ def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
         else:
             d.polygon(poly, fill=fg)
     return img.resize((resolution, resolution), Image.LANCZOS)
+
+
+# Caption templates of the base world. Each keeps "<colour> <shape>" and "<colour> background"
+# adjacent, as parse_caption reads them. FILLER words never change the picture: they give every
+# token of the vocabulary a trained embedding (the trigger words "sks" and "ohwx" among them, as
+# real CLIP knows them as rare, meaning-light tokens).
+TEMPLATES = [
+    "a {c} {s} on a {b} background",
+    "a {f} {c} {s} on a {b} background",
+    "a picture of a {c} {s} on a {b} background",
+    "a drawing of a {c} {s} on a {b} background",
+    "a photo of a {c} {s}, {b} background",
+    "{c} {s} on {b} background",
+    "{c} {s}, {b} background, {f}",
+    "an image of a {f} {c} {s} on a {b} background",
+    "a {c} {s} centered on a {b} background, {f} {f}",
+    "{f}, a {c} {s} with a {b} background",
+    "the {c} {s} on the {b} background",
+    "a {c} {s} shape on a {b} background, {f} art",
+    "a {c} {s}",
+    "a {f} {c} {s}",
+    "a {s} on a {b} background",
+    "{c} {s}",
+]
+FILLER = [
+    "simple", "clean", "flat", "plain", "nice", "cute", "minimal", "digital", "illustration", "icon",
+    "render", "sharp", "high", "quality", "detailed", "beautiful", "colorful", "bright", "new", "old",
+    "tiny", "small", "large", "big", "toy", "art", "painting", "graphic", "vector", "sketch", "sks",
+    "ohwx", "thing", "object", "style", "by", "artist", "masterpiece", "best", "trending", "hd", "4k",
+]
+
+
+def varied_caption(spec: ShapeSpec, rng: random.Random) -> str:
+    """One of the base world's caption templates for a spec, filler words drawn from FILLER."""
+    t = rng.choice(TEMPLATES)
+    while "{f}" in t:
+        t = t.replace("{f}", rng.choice(FILLER), 1)
+    return t.format(c=spec.color, s=spec.shape, b=spec.background)
 
 
 def all_base_prompts() -> list[str]:

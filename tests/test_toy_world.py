@@ -1,0 +1,106 @@
+"""The toy world's promises the base model, the evaluator and the quality bench rely on."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from training import toy_world as tw
+
+
+@pytest.mark.parametrize("shape", tw.DRAWABLE_SHAPES)
+def test_every_shape_is_left_right_symmetric(shape):
+    # the evaluator's augmentation flips images left-right and keeps the shape label
+    spec = tw.ShapeSpec("red", shape, "white", size=20, cx=32, cy=32)
+    a = np.asarray(tw.draw(spec), dtype=np.int16)
+    diff = np.abs(a - a[:, ::-1]).mean()
+    assert diff < 2.0, f"{shape} is not left-right symmetric (mean abs diff {diff:.1f})"
+
+
+def test_shapes_are_told_apart_by_their_pixels():
+    masks = {}
+    for shape in tw.DRAWABLE_SHAPES:
+        a = np.asarray(tw.draw(tw.ShapeSpec("red", shape, "white", size=20, cx=32, cy=32)))
+        masks[shape] = a[..., 1] < 128  # red on white: green channel low inside the shape
+    names = list(masks)
+    for i, s in enumerate(names):
+        for t in names[i + 1 :]:
+            assert (masks[s] != masks[t]).mean() > 0.03, f"{s} and {t} draw (almost) the same pixels"
+
+
+def test_varied_captions_name_what_the_picture_shows():
+    rng = random.Random(0)
+    templates_seen = set()
+    for _ in range(400):
+        spec = tw.sample_spec(rng)
+        cap = tw.varied_caption(spec, rng)
+        want = tw.parse_caption(cap)
+        assert want["shape"] == spec.shape, cap
+        assert want["color"] in (None, spec.color), cap
+        assert want["background"] in (None, spec.background), cap
+        assert "{" not in cap
+        templates_seen.add(cap.split()[0])
+    assert len(templates_seen) >= 5  # varied, not one template
+
+
+def test_every_caption_word_is_one_trained_token():
+    from training.toy_tokenizer import build_vocab
+
+    vocab, _ = build_vocab()
+    rng = random.Random(1)
+    for _ in range(200):
+        cap = tw.varied_caption(tw.sample_spec(rng), rng)
+        for word in cap.replace(",", " ").split():
+            assert word + "</w>" in vocab, f"{word!r} of {cap!r} is not a single token"
+    for trigger in ("sks", "ohwx"):  # the usual trigger words are rare filler, as in real CLIP
+        assert trigger in tw.FILLER
+
+
+def test_held_out_parts_stay_out_of_the_base_world():
+    assert tw.CONCEPT_SHAPE not in tw.BASE_SHAPES
+    assert set(tw.V1_SHAPES) <= set(tw.BASE_SHAPES)
+    prompts = tw.all_base_prompts()
+    assert not any(tw.CONCEPT_SHAPE in p for p in prompts)
+    assert {tw.parse_caption(p)["shape"] for p in prompts} == set(tw.BASE_SHAPES)
+
+
+def test_init_from_carries_each_token_embedding_by_its_text(toy_base_dir):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from training.toy_base import init_from, make_text_encoder, make_unet
+    from training.toy_tokenizer import build_vocab
+
+    unet, te = make_unet(), make_text_encoder()
+    init_from(toy_base_dir, unet, te)
+    old = load_file(toy_base_dir / "text_encoder" / "model.safetensors")
+    old = next(v for k, v in old.items() if k.endswith("embeddings.token_embedding.weight"))
+    old_vocab = json.loads((toy_base_dir / "tokenizer" / "vocab.json").read_text())
+    new_vocab, _ = build_vocab()
+    emb = te.get_input_embeddings().weight
+    for word in ("circle</w>", "red</w>", "background</w>", "a</w>"):
+        assert torch.equal(emb[new_vocab[word]], old[old_vocab[word]]), word
+    ref = load_file(toy_base_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    k = next(iter(ref))
+    assert torch.equal(unet.state_dict()[k], ref[k])
+
+
+@pytest.mark.parametrize("name", ["concept-star", "style-outline"])
+def test_shipped_sets_are_what_the_generator_draws(tmp_path, name):
+    # the world can grow (more base shapes, more caption words) without changing the shipped sets
+    from PIL import Image
+
+    from training.sample_sets import ROOT, write_set
+
+    fresh = write_set(name, tmp_path)
+    shipped = ROOT / "sample_data" / name
+    pngs = sorted(p.name for p in shipped.glob("*.png"))
+    assert pngs == sorted(p.name for p in fresh.glob("*.png")) and len(pngs) == 12
+    for png in pngs:
+        assert np.array_equal(np.asarray(Image.open(shipped / png)), np.asarray(Image.open(fresh / png))), png
+        txt = png.replace(".png", ".txt")
+        assert (shipped / txt).read_text() == (fresh / txt).read_text(), txt
