@@ -485,7 +485,16 @@ def test_the_command_serves_the_app_and_says_where(tmp_path, tiny_sd1_dir):
         assert "--share --auth" in proc.stdout.readline()  # how to reach it from elsewhere
         proc.send_signal(signal.SIGINT)
         # communicate drains both pipes while it waits: a full stderr pipe must not hold the exit up
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=45)
+        except subprocess.TimeoutExpired:  # a second Ctrl-C, as a user would press it, must then stop it
+            proc.send_signal(signal.SIGINT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"the app did not stop after Ctrl-C twice; its output ends:\n{out[-2000:]}\n{err[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
