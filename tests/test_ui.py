@@ -497,5 +497,4 @@ def test_the_command_serves_the_app_and_says_where(tmp_path, tiny_sd1_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode is not None
     assert "share=True" not in out + err  # not gradio's advice to edit code

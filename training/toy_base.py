@@ -253,9 +253,9 @@ def init_from(folder: Path, unet, te) -> None:
     old_emb = old.pop(key)
     old_vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
     new_vocab, _ = build_vocab()
-    emb = te.get_input_embeddings().weight.detach().clone()  # (V_new, D)
     g = torch.Generator().manual_seed(0)
-    emb[:] = old_emb.mean(0) + 0.02 * torch.randn(emb.shape, generator=g)
+    shape = te.get_input_embeddings().weight.shape  # (V_new, D)
+    emb = old_emb.mean(0) + 0.02 * torch.randn(shape, generator=g)
     moved = 0
     for tokstr, i in new_vocab.items():
         j = old_vocab.get(tokstr)
@@ -275,8 +275,7 @@ def init_from(folder: Path, unet, te) -> None:
 
 def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
                device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
-               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None,
-               warmup: int = 100):
+               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None):
     """Train the UNet and text encoder jointly; returns the EMA copies.
 
     With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
@@ -340,7 +339,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
         if step == 20:
             t_probe = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, lr)
         idx = [rng.randrange(len(latents)) for _ in range(batch)]
         x0 = latents[torch.tensor(idx, device=device)]  # (B, 4, 16, 16)
         ids = ids_for([caption_for(specs[i], rng) for i in idx])
