@@ -19,6 +19,15 @@
             sampler as quality.py) with the whole adapter, and with parts of it switched off.
         Last line: `fidelity=0.xx preservation_drop=0.xx` for the whole adapter (equals quality.py's).
 
+    python bench/bleed_probe.py invert concept|style [--images DIR --trigger W --target VALUE] [--steps-inv 300]
+        Textual inversion as a probe of the base, not a recipe: every weight frozen, only the trigger's input
+        embedding trained on the set (300 steps of 8, v/eps loss as the base was trained). Prompts without
+        the trigger are untouched (checked: their conditioning is bitwise the same), so the drop is 0 by
+        construction; the fidelity says whether the base can already draw the target from some word.
+        High: the target is a recombination of what the base knows, and an adapter only has to bind the
+        trigger to it. Low: the target is a new skill, which the adapter must add to layers that every
+        prompt goes through. Last line: `inverted fidelity=0.xx`.
+
 `--images DIR`: train on another folder (e.g. a copy of the set with other captions).
 `--trigger-embedding random`: before training, give the trigger token a random input embedding of the
 norm of the trained tokens (the base's own is untrained: ~0.2 of norm); `copy:WORD`: WORD's embedding
@@ -349,13 +358,99 @@ def run_train(args) -> None:
           + " ".join(f"{k}_drop={v:+.2f}" for k, v in whole.items()), flush=True)
 
 
+# ---------------------------------------------------------------- textual-inversion probe
+
+
+def run_invert(args) -> None:
+    """Train only the trigger's input embedding on the set, then score the trigger prompts."""
+    from diffusers import DDPMScheduler
+
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from training import trainer as tr
+    from training.config import TrainConfig
+    from training.dataset import scan_folder
+
+    folder, trigger, preset, template, field, value = q.lora_set(args.mode, args)
+    q._quiet_loading()
+    base = load_base(args.base or DEFAULT_BASE)
+    if base.family == "sdxl":
+        raise SystemExit("invert: SD 1.x/2.x bases only")
+    pipe = base.pipe
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    ids = tok(trigger).input_ids[1:-1]
+    if len(ids) != 1:
+        raise SystemExit(f"invert: the trigger {trigger!r} is {len(ids)} tokens for this tokenizer; one is needed")
+    tid = ids[0]
+    cfg = TrainConfig.from_dict({"images": str(folder), "trigger": trigger, "preset": preset, "name": "probe",
+                                 "base": str(args.base or DEFAULT_BASE)})
+    scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
+    examples = tr.build_examples(cfg, base, scan, cfg.resolution or base.native_resolution)
+    latents = torch.stack([e.latent for e in examples])
+    text_ids = tok([e.caption for e in examples], padding="max_length", max_length=tok.model_max_length,
+                   truncation=True, return_tensors="pt").input_ids.to(base.device)
+    probe_prompts = q.pick_prompts(tw.all_base_prompts(), args.prompts, seed=args.seed)
+    cond_before = embed(base, probe_prompts)
+    emb = te.get_input_embeddings().weight
+    for m in (te, unet, pipe.vae):
+        m.requires_grad_(False)
+    norm0 = float(emb[tid].norm())
+    # only the trigger's row learns: the others' gradients are zeroed, and Adam without weight decay leaves a
+    # parameter whose gradient is always zero exactly where it was
+    mask = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
+    mask[tid] = 1
+    emb.requires_grad_(True)
+    hook = emb.register_hook(lambda grad: grad * mask)
+    opt = torch.optim.Adam([emb], lr=args.lr_inv)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    v_pred = sched.config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    print(f"inverting '{trigger}' on {len(examples)} images of {Path(folder).name}: {args.steps_inv} steps of 8, "
+          f"lr {args.lr_inv}", flush=True)
+    for step in range(args.steps_inv):
+        idx = torch.randint(0, len(examples), (8,), generator=g)
+        x0 = latents[idx].to(base.device, unet.dtype)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g).to(base.device)
+        cond = te(text_ids[idx])[0]
+        pred = unet(sched.add_noise(x0, noise, t), t, cond).sample
+        target = sched.get_velocity(x0, noise, t) if v_pred else noise
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0:
+            print(f"  step {step + 1} loss {loss.item():.4f} embedding norm {float(emb[tid].norm()):.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    hook.remove()
+    emb.requires_grad_(False)
+    norm1 = float(emb[tid].norm())
+    same = bool(torch.equal(cond_before, embed(base, probe_prompts)))
+    print(f"trigger embedding norm {norm0:.3f} -> {norm1:.3f}; conditioning of {len(probe_prompts)} "
+          f"trigger-free base prompts unchanged: {same}", flush=True)
+    tprompts = q.trigger_prompts(template, 16, args.seed)
+    timgs, tip = q.generate_for_prompts(base, tprompts, args)
+    preds = classify(load_evaluator(), timgs)
+    fidelity = sum(p[field] == value for p in preds) / len(preds)
+    seen = __import__("collections").Counter(p[field] for p in preds)
+    print(f"trigger prompts drawn as: {dict(seen)}")
+    sheet = Path(args.out_dir) / f"probe_invert_{args.mode}_{Path(folder).name}.png"
+    q.contact_sheet(timgs, tip, preds, sheet, f"inverted '{trigger}' ({field} {value}) fidelity={fidelity:.2f}")
+    print(f"contact sheet: {sheet}")
+    print(f"inverted fidelity={fidelity:.2f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/bleed_probe.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["text", "train"])
+    p.add_argument("what", choices=["text", "train", "invert"])
     p.add_argument("mode", nargs="?", choices=list(q.LORA_SETS), default="concept")
     p.add_argument("--base", default=None)
     p.add_argument("--images", default=None, help="train on this folder instead of the shipped set")
+    p.add_argument("--trigger", default=None, help="with --images: the set's trigger word")
+    p.add_argument("--target", default=None, help="with --images: the shape or style the set shows")
+    p.add_argument("--steps-inv", type=int, default=300, help="invert: embedding training steps")
+    p.add_argument("--lr-inv", type=float, default=5e-3, help="invert: Adam learning rate of the embedding")
     p.add_argument("--trigger-embedding", default="keep")
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
@@ -368,7 +463,7 @@ def main(argv=None) -> int:
     p.add_argument("--all-ablations", action="store_true", help="every layer group off / alone (slow)")
     p.add_argument("--set", action="append", default=[], type=q._setting, metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    (run_text if args.what == "text" else run_train)(args)
+    {"text": run_text, "train": run_train, "invert": run_invert}[args.what](args)
     return 0
 
 

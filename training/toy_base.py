@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import BASE_SHAPES, SHAPES, STYLES, draw, sample_spec, varied_caption
+from .toy_world import BASE_SHAPES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption, sample_spec, varied_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
@@ -388,7 +388,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
     return ema_u.cpu(), ema_t.cpu(), tok, scale
 
 
-def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
+def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
     """Colour/shape/background match on n_prompts base prompts, one image each (DDIM, 15 steps)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -412,7 +412,13 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 24) -> str:
     vae.to("cpu")
     unet.train(was_training[0]), te.train(was_training[1])
     r = score(load_evaluator(), images, prompts)
-    return " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
+    out = " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
+    if set(BASE_SHAPES) != set(V1_SHAPES):  # a grown world: the shapes it knew and the new ones apart
+        for name, group in (("old", V1_SHAPES), ("new", [s for s in BASE_SHAPES if s not in V1_SHAPES])):
+            hits = [p["shape"] == w for p, w in
+                    zip(r["predictions"], (parse_caption(q)["shape"] for q in prompts)) if w in group]
+            out += f" shape_{name}={sum(hits) / max(1, len(hits)):.2f}"
+    return out
 
 
 def load_checkpoints(work: Path, n_latents: int = N_LATENTS, vae_from: Path | None = None):
