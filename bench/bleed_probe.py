@@ -42,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -329,7 +330,7 @@ def run_train(args) -> None:
             for sh in tw.BASE_SHAPES:
                 idx = [i for i, pr in enumerate(ip2) if tw.parse_caption(pr)["shape"] == sh]
                 acc = sum(after["predictions"][i]["shape"] == sh for i in idx) / max(1, len(idx))
-                seen = __import__("collections").Counter(after["predictions"][i]["shape"] for i in idx)
+                seen = Counter(after["predictions"][i]["shape"] for i in idx)
                 print(f"    asked {sh:8} ({len(idx)}): shape right {acc:.2f}; drawn as {dict(seen)}", flush=True)
             out = Path(args.out_dir)
             q.contact_sheet(imgs2, ip2, after["predictions"], out / f"probe_{args.mode}_preservation.png",
@@ -432,7 +433,7 @@ def run_invert(args) -> None:
     timgs, tip = q.generate_for_prompts(base, tprompts, args)
     preds = classify(load_evaluator(), timgs)
     fidelity = sum(p[field] == value for p in preds) / len(preds)
-    seen = __import__("collections").Counter(p[field] for p in preds)
+    seen = Counter(p[field] for p in preds)
     print(f"trigger prompts drawn as: {dict(seen)}")
     sheet = Path(args.out_dir) / f"probe_invert_{args.mode}_{Path(folder).name}.png"
     q.contact_sheet(timgs, tip, preds, sheet, f"inverted '{trigger}' ({field} {value}) fidelity={fidelity:.2f}")

@@ -4,9 +4,10 @@
 #     bash bench/gpu_toy_base_v2.sh            # writes .work/toy-sd-v2 and, where $OUT is set, copies there
 # Why (issue 14): on the CPU, a 45-minute fine-tune of the shipped base on this world (batch 128, lr 5e-4)
 # reached shape 0.25-0.29 at steps 250-500 and melted the shapes it knew; at batch 384, lr 5e-4 (5.6 s a step)
-# it read 0.29 at step 300 (old shapes 0.47, new 0.21; blobs on the contact sheet). The shipped base needed
-# 768k samples at batch 384 to learn its three shapes. This is the shipped recipe's batch on the v2 world, started from the shipped
-# weights (its VAE draws the new shapes with the same error as the old: 7.6-8.6 /255 against 7.8-9.2).
+# it read 0.29 at step 300 (old shapes 0.47, new 0.21; blobs on the contact sheet) and 0.42 at step 1100 (old
+# 0.67, new 0.30; 105 min). The shipped base needed 768k samples at batch 384 to learn its three shapes. This is
+# the shipped recipe's batch on the v2 world, started from the shipped weights (its VAE draws the new shapes
+# with the same error as the old: 7.6-8.6 /255 against 7.8-9.2).
 # After it: look at .work/q/quality_base.png, then run `bench/quality.py concept|style` under the same
 # LORA_STUDIO_TOY_WORLD=v2 with `--base .work/toy-sd-v2` (CPU is fine) and compare with the v1 figures.
 set -euo pipefail

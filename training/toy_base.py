@@ -414,9 +414,9 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
     r = score(load_evaluator(), images, prompts)
     out = " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
     if set(BASE_SHAPES) != set(V1_SHAPES):  # a grown world: the shapes it knew and the new ones apart
+        asked = [parse_caption(p)["shape"] for p in prompts]
         for name, group in (("old", V1_SHAPES), ("new", [s for s in BASE_SHAPES if s not in V1_SHAPES])):
-            hits = [p["shape"] == w for p, w in
-                    zip(r["predictions"], (parse_caption(q)["shape"] for q in prompts)) if w in group]
+            hits = [pred["shape"] == want for pred, want in zip(r["predictions"], asked) if want in group]
             out += f" shape_{name}={sum(hits) / max(1, len(hits)):.2f}"
     return out
 
