@@ -66,6 +66,47 @@ def test_held_out_parts_stay_out_of_the_base_world():
     assert {tw.parse_caption(p)["shape"] for p in prompts} == set(tw.BASE_SHAPES)
 
 
+_WORLD_CHECK = """
+import json
+from training import toy_world as tw
+from training import evaluator as ev
+m = ev.load_evaluator(train_if_missing=False)
+print(json.dumps({"base": tw.BASE_SHAPES, "path": ev.DEFAULT_PATH.name, "shape_labels": m.labels["shape"],
+                  "prompt_shapes": sorted({tw.parse_caption(p)["shape"] for p in tw.all_base_prompts()})}))
+"""
+
+
+@pytest.mark.parametrize("world, added", [("v1", []), ("v2s", tw.V2S_NEW_SHAPES), ("v2", tw.V2_NEW_SHAPES)])
+def test_each_world_ships_an_evaluator_for_its_own_shapes(world, added):
+    # LORA_STUDIO_TOY_WORLD picks the base world for training, benches and scoring: its base prompts, and an
+    # evaluator that was trained on exactly its shapes (a base shape it cannot name would score as a miss)
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "LORA_STUDIO_TOY_WORLD": world}
+    out = subprocess.run([sys.executable, "-c", _WORLD_CHECK], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["base"] == tw.V1_SHAPES + added
+    assert got["prompt_shapes"] == sorted(got["base"])
+    assert got["shape_labels"] == got["base"] + [tw.CONCEPT_SHAPE]
+    assert got["path"] == ("evaluator.safetensors" if world == "v1" else f"evaluator-{world}.safetensors")
+
+
+def test_an_unknown_world_is_refused_by_name():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORA_STUDIO_TOY_WORLD": "v3"}
+    r = subprocess.run([sys.executable, "-c", "import training.toy_world"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "LORA_STUDIO_TOY_WORLD" in r.stderr and "'v3'" in r.stderr
+
+
 def test_init_from_carries_each_token_embedding_by_its_text(toy_base_dir):
     import json
 

@@ -275,12 +275,18 @@ def init_from(folder: Path, unet, te) -> None:
 
 def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
                device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
-               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None):
+               eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None,
+               high_noise: float = 0.0, ema_decay: float = 0.998):
     """Train the UNet and text encoder jointly; returns the EMA copies.
 
     With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
     at the measured speed (rounded down to 500) and stored in the checkpoint, so a resumed run
     keeps the same schedule; `--unet-steps N` with that N repeats the run.
+
+    `high_noise`: the share of each batch whose timestep is drawn from the noisier half (500-999), where
+    the prompt decides which shape is drawn; the rest stays uniform over all 1000. `ema_decay`: the EMA's
+    longest horizon (0.998 averages the last ~500 steps; a short fine-tune wants a shorter one, or its EMA
+    still holds the weights from before the fine-tune had settled).
     """
     from transformers import CLIPTokenizer
 
@@ -349,6 +355,9 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
         noise = torch.randn(x0.shape, generator=gen, device=device)
         noise = noise + NOISE_OFFSET * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen, device=device)
         t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+        n_high = int(round(high_noise * batch))
+        if n_high:
+            t[:n_high] = torch.randint(500, 1000, (n_high,), generator=gen, device=device)
         xt = sched.add_noise(x0, noise, t)
         cond = te(ids)[0]  # (B, 77, 128)
         pred = unet(xt, t, cond).sample
@@ -363,7 +372,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        decay = min(0.998, (1 + step) / (10 + step))
+        decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_live, params, 1 - decay)
         if step % 50 == 0:
@@ -502,6 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-latents", type=int, default=N_LATENTS, help="training images drawn and encoded")
     ap.add_argument("--minutes", type=float, default=None,
                     help="size the UNet stage to this time budget (its step count is logged and kept)")
+    ap.add_argument("--high-noise", type=float, default=0.0,
+                    help="share of each batch trained at timesteps 500-999, where the prompt picks the shape")
+    ap.add_argument("--ema-decay", type=float, default=0.998)
     ap.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     ap.add_argument("--ckpt-every", type=int, default=CKPT_EVERY)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
@@ -521,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
         vae = load_vae(args.vae_from) if args.vae_from else train_vae(args.work, args.vae_steps)
         unet, te, tok, scale = train_unet(
             vae, args.work, args.unet_steps, args.unet_batch, args.unet_lr, device, args.n_latents,
-            args.minutes, args.eval_every, args.ckpt_every, args.init_from,
+            args.minutes, args.eval_every, args.ckpt_every, args.init_from, args.high_noise, args.ema_decay,
         )
     export(vae, unet, te, tok, scale, args.out)
     mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6

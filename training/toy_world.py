@@ -43,10 +43,14 @@ V1_SHAPES = ["circle", "square", "triangle"]  # the first toy world's shapes (th
 # images). The shipped base knows V1_SHAPES; a base trained with LORA_STUDIO_TOY_WORLD=v2 (the GPU recipe
 # in training/toy_base.py) knows these too, and its evaluator must be trained under the same setting.
 V2_NEW_SHAPES = ["pentagon", "hexagon", "diamond", "cross", "heart"]
+# World v2s: the CPU-sized step from v1 to v2, only the star's parts added (five-fold symmetry, points,
+# concave corners), without the hexagon (at 16x16 latents it is nearly a circle) and the heart.
+V2S_NEW_SHAPES = ["pentagon", "diamond", "cross"]
+WORLDS = {"v1": [], "v2": V2_NEW_SHAPES, "v2s": V2S_NEW_SHAPES}
 WORLD = os.environ.get("LORA_STUDIO_TOY_WORLD", "v1")
-if WORLD not in ("v1", "v2"):
-    raise ValueError(f"LORA_STUDIO_TOY_WORLD: must be v1 or v2, got {WORLD!r}")
-BASE_SHAPES = V1_SHAPES + (V2_NEW_SHAPES if WORLD == "v2" else [])
+if WORLD not in WORLDS:
+    raise ValueError(f"LORA_STUDIO_TOY_WORLD: must be one of {', '.join(WORLDS)}, got {WORLD!r}")
+BASE_SHAPES = V1_SHAPES + WORLDS[WORLD]
 CONCEPT_SHAPE = "star"  # never in the base model's training data
 SHAPES = BASE_SHAPES + [CONCEPT_SHAPE]
 DRAWABLE_SHAPES = V1_SHAPES + V2_NEW_SHAPES + [CONCEPT_SHAPE]
