@@ -20,6 +20,8 @@ from scratch (token embeddings carried over by token text, as the vocabulary gro
     python -m training.toy_base --device cpu --vae-from sample_data/toy-sd --init-from sample_data/toy-sd \
         --unet-batch 128 --unet-lr 2e-4 --unet-steps 600 --n-latents 24000 --out .work/toy-sd-v11
 World v2 (eight base shapes, `LORA_STUDIO_TOY_WORLD=v2`): `bash bench/gpu_toy_base_v2.sh` on a GPU.
+World v2s (six: the star's parts only, `LORA_STUDIO_TOY_WORLD=v2s`) on a CPU: the command in
+bench/checkpoints/toy-sd-v2s-wip/README.md (900 steps of 384, 93 minutes, shape 0.56; continue from there).
 """
 
 from __future__ import annotations
