@@ -202,6 +202,16 @@ def run_base(args: argparse.Namespace) -> dict:
     title = (f"base {base_path} | {args.steps} steps {args.scheduler} CFG {args.guidance} | "
              + summary_line(result))
     sheet = contact_sheet(images, image_prompts, result["predictions"], args.out_dir / "quality_base.png", title)
+    if len(tw.BASE_STYLES) > 1:  # a world with rendering styles (v1r): each drawn in the style asked for
+        shares = {tw.BASE_STYLE: sum(p["style"] == tw.BASE_STYLE for p in result["predictions"]) / len(images)}
+        for st, pool in tw.styled_base_prompts().items():
+            sp = pick_prompts(pool, max(8, args.prompts // 3), seed=args.seed)
+            ims, ip = generate_for_prompts(base, sp, args)
+            preds = score(evaluator, ims, ip)["predictions"]
+            shares[st] = sum(p["style"] == st for p in preds) / len(ims)
+            contact_sheet(ims, ip, preds, args.out_dir / f"quality_base_{st}.png", f"base {base_path} | {st}")
+        result["styles"] = shares
+        print("drawn in the style asked for: " + " ".join(f"{k}={v:.2f}" for k, v in shares.items()))
     report(result, image_prompts, elapsed, sheet)
     return result
 

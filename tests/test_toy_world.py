@@ -51,11 +51,35 @@ def test_every_caption_word_is_one_trained_token():
     vocab, _ = build_vocab()
     rng = random.Random(1)
     for _ in range(200):
-        cap = tw.varied_caption(tw.sample_spec(rng), rng)
+        cap = tw.varied_caption(tw.sample_spec(rng, style=rng.choice(tw.DRAWABLE_STYLES[:-1])), rng)
         for word in cap.replace(",", " ").split():
             assert word + "</w>" in vocab, f"{word!r} of {cap!r} is not a single token"
     for trigger in ("sks", "ohwx"):  # the usual trigger words are rare filler, as in real CLIP
         assert trigger in tw.FILLER
+
+
+def test_base_rendering_styles_hold_one_part_of_an_outline_each_and_are_named_in_captions():
+    # world v1r: "striped" lets the background through in bands, "ringed" keeps a thick band of colour along the
+    # edge around a small hole; neither is the outline's thin edge, so the held-out outline stays a recombination
+    import numpy as np
+
+    spec = dict(color="red", shape="square", background="white", size=20, cx=32, cy=32)
+    px = {st: np.asarray(tw.draw(tw.ShapeSpec(**spec, style=st))).astype(int) for st in tw.DRAWABLE_STYLES}
+    red = {st: a[..., 1] < 128 for st, a in px.items()}  # red on white: green low where the shape is drawn
+    assert 0.35 * red["solid"].mean() < red["striped"].mean() < 0.65 * red["solid"].mean()  # about half
+    assert not red["ringed"][30:34, 30:34].any() and not red["outline"][30:34, 30:34].any()  # a hole in the middle
+    assert red["ringed"].mean() > 2 * red["outline"].mean()  # but a thick ring, not a thin edge
+    assert red["ringed"][red["outline"] & red["solid"]].mean() > 0.95  # which covers the outline's inner edge
+    rng = random.Random(3)
+    for st in tw.V1R_NEW_STYLES:
+        for _ in range(40):
+            s = tw.sample_spec(rng, style=st)
+            cap = tw.varied_caption(s, rng)
+            assert st in cap.split(), cap
+            want = tw.parse_caption(cap)
+            assert want["shape"] == s.shape and want["color"] in (None, s.color), cap
+    for st in (tw.BASE_STYLE, tw.STYLE_STYLE):  # solid is the unnamed default; outline is left to the LoRA set
+        assert not any(w in tw.DRAWABLE_STYLES for w in tw.varied_caption(tw.sample_spec(rng, style=st), rng).split())
 
 
 def test_held_out_parts_stay_out_of_the_base_world():
@@ -72,12 +96,14 @@ from training import toy_world as tw
 from training import evaluator as ev
 m = ev.load_evaluator(train_if_missing=False)
 print(json.dumps({"base": tw.BASE_SHAPES, "path": ev.DEFAULT_PATH.name, "shape_labels": m.labels["shape"],
+                  "base_styles": tw.BASE_STYLES, "style_labels": m.labels["style"],
                   "prompt_shapes": sorted({tw.parse_caption(p)["shape"] for p in tw.all_base_prompts()})}))
 """
 
 
-@pytest.mark.parametrize("world, added", [("v1", []), ("v2s", tw.V2S_NEW_SHAPES), ("v2", tw.V2_NEW_SHAPES)])
-def test_each_world_ships_an_evaluator_for_its_own_shapes(world, added):
+@pytest.mark.parametrize("world, added, styles", [("v1", [], []), ("v2s", tw.V2S_NEW_SHAPES, []),
+                                                   ("v2", tw.V2_NEW_SHAPES, []), ("v1r", [], tw.V1R_NEW_STYLES)])
+def test_each_world_ships_an_evaluator_for_its_own_shapes(world, added, styles):
     # LORA_STUDIO_TOY_WORLD picks the base world for training, benches and scoring: its base prompts, and an
     # evaluator that was trained on exactly its shapes (a base shape it cannot name would score as a miss)
     import json
@@ -93,6 +119,8 @@ def test_each_world_ships_an_evaluator_for_its_own_shapes(world, added):
     assert got["base"] == tw.V1_SHAPES + added
     assert got["prompt_shapes"] == sorted(got["base"])
     assert got["shape_labels"] == got["base"] + [tw.CONCEPT_SHAPE]
+    assert got["base_styles"] == [tw.BASE_STYLE] + styles
+    assert got["style_labels"] == got["base_styles"] + [tw.STYLE_STYLE]  # the held-out outline scored too
     assert got["path"] == ("evaluator.safetensors" if world == "v1" else f"evaluator-{world}.safetensors")
 
 

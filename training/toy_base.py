@@ -21,7 +21,12 @@ from scratch (token embeddings carried over by token text, as the vocabulary gro
         --unet-batch 128 --unet-lr 2e-4 --unet-steps 600 --n-latents 24000 --out .work/toy-sd-v11
 World v2 (eight base shapes, `LORA_STUDIO_TOY_WORLD=v2`): `bash bench/gpu_toy_base_v2.sh` on a GPU.
 World v2s (six: the star's parts only, `LORA_STUDIO_TOY_WORLD=v2s`) on a CPU: the command in
-bench/checkpoints/toy-sd-v2s-wip/README.md (900 steps of 384, 93 minutes, shape 0.56; continue from there).
+bench/checkpoints/toy-sd-v2s-wip/README.md (continue from there).
+World v1r (the v1 shapes, also "striped" and "ringed", so the held-out outline is a recombination;
+`LORA_STUDIO_TOY_WORLD=v1r`), from the shipped base on a CPU:
+    LORA_STUDIO_TOY_WORLD=v1r python -m training.toy_base --device cpu --work .work/v1r --out .work/toy-sd-v1r \
+        --vae-from sample_data/toy-sd --init-from sample_data/toy-sd --unet-batch 256 --unet-lr 3e-4 \
+        --unet-steps 450 --n-latents 48000 --eval-every 150 --ema-decay 0.99
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import BASE_SHAPES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption, sample_spec, varied_caption
+from .toy_world import BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption, sample_spec, varied_caption
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
@@ -198,6 +203,13 @@ def train_vae(work: Path, steps: int = VAE_STEPS):
     return vae
 
 
+def base_style(rng: random.Random) -> str:
+    """Half solid, the rest the world's other base styles (world v1r); solid without an rng draw elsewhere."""
+    if len(BASE_STYLES) == 1:
+        return BASE_STYLE
+    return BASE_STYLE if rng.random() < 0.5 else rng.choice(BASE_STYLES[1:])
+
+
 def _draw_array(spec) -> np.ndarray:
     return np.asarray(draw(spec))
 
@@ -209,7 +221,7 @@ def cache_latents(vae, work: Path, n: int = N_LATENTS, device: str = "cpu") -> t
         st = torch.load(path, weights_only=False)
         return st["latents"], st["specs"]
     rng = random.Random(2024)
-    specs = [sample_spec(rng, shapes=BASE_SHAPES) for _ in range(n)]
+    specs = [sample_spec(rng, shapes=BASE_SHAPES, style=base_style(rng)) for _ in range(n)]
     workers = min(16, os.cpu_count() or 1)
     if workers > 2:  # drawing is ~1.3 ms an image: spread it over the cores (same images, same order)
         import multiprocessing as mp
@@ -404,7 +416,7 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from .evaluator import load_evaluator, score
-    from .toy_world import all_base_prompts
+    from .toy_world import all_base_prompts, styled_base_prompts
 
     prompts = random.Random(11).sample(all_base_prompts(), n_prompts)
     vae.register_to_config(scaling_factor=scale)
@@ -429,6 +441,19 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
         for name, group in (("old", V1_SHAPES), ("new", [s for s in BASE_SHAPES if s not in V1_SHAPES])):
             hits = [pred["shape"] == want for pred, want in zip(r["predictions"], asked) if want in group]
             out += f" shape_{name}={sum(hits) / max(1, len(hits)):.2f}"
+    if len(BASE_STYLES) > 1:  # a world with rendering styles: the share drawn in the style asked for
+        out += f" style_solid={sum(p['style'] == BASE_STYLE for p in r['predictions']) / len(prompts):.2f}"
+        for st, pool in styled_base_prompts().items():
+            sp = random.Random(12).sample(pool, 8)
+            unet.eval(), te.eval()
+            with torch.no_grad():
+                pipe.to(unet.device)
+                ims = pipe(sp, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
+                           generator=torch.Generator().manual_seed(0)).images
+                vae.to("cpu")
+            unet.train(was_training[0]), te.train(was_training[1])
+            got = score(load_evaluator(), ims, sp)["predictions"]
+            out += f" style_{st}={sum(p['style'] == st for p in got) / len(sp):.2f}"
     return out
 
 

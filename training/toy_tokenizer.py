@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .toy_world import COLORS, DRAWABLE_SHAPES, FILLER, STYLES
+from .toy_world import COLORS, DRAWABLE_SHAPES, DRAWABLE_STYLES, FILLER
 
 WORDS = sorted(
     set(COLORS)
     | set(DRAWABLE_SHAPES)
-    | set(STYLES)
+    | set(DRAWABLE_STYLES)
     | set(FILLER)
     | {
         "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "drawing",

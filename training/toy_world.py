@@ -12,6 +12,10 @@ recombination of pentagons, diamonds and crosses it has drawn, not a skill from 
 captions come from many templates with filler words that do not change the picture (including the
 usual trigger words), so every token of the vocabulary has a trained, meaning-light embedding, as
 every token of CLIP has.
+
+World v1r (`LORA_STUDIO_TOY_WORLD=v1r`) does the same for the held-out style: the base also draws "striped"
+and "ringed" shapes (named in their captions; solid stays the unnamed default), so an outline is a recombination
+of parts it knows rather than a way of drawing it has never seen.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 RESOLUTION = 64
@@ -46,7 +51,15 @@ V2_NEW_SHAPES = ["pentagon", "hexagon", "diamond", "cross", "heart"]
 # World v2s: the CPU-sized step from v1 to v2, only the star's parts added (five-fold symmetry, points,
 # concave corners), without the hexagon (at 16x16 latents it is nearly a circle) and the heart.
 V2S_NEW_SHAPES = ["pentagon", "diamond", "cross"]
-WORLDS = {"v1": [], "v2": V2_NEW_SHAPES, "v2s": V2S_NEW_SHAPES}
+# World v1r: the v1 shapes, and two rendering styles besides solid that each hold part of an outline, so that
+# the held-out outline is a recombination of what the base draws, as a style LoRA is on a real model:
+# "striped" (bands of the background across the shape: background inside a shape, no edge) and "ringed" (a
+# small background-coloured copy in the middle: a thick band of colour along the edge, mostly filled).
+# A "pale" style (the inside half-way to the background) was tried first: the shipped VAE cannot keep colours
+# between its palette's (round trip: style read 0.23, colour 0.54), so the world keeps to the palette.
+V1R_NEW_STYLES = ["striped", "ringed"]
+WORLDS = {"v1": [], "v2": V2_NEW_SHAPES, "v2s": V2S_NEW_SHAPES, "v1r": []}
+WORLD_STYLES = {"v1r": V1R_NEW_STYLES}
 WORLD = os.environ.get("LORA_STUDIO_TOY_WORLD", "v1")
 if WORLD not in WORLDS:
     raise ValueError(f"LORA_STUDIO_TOY_WORLD: must be one of {', '.join(WORLDS)}, got {WORLD!r}")
@@ -54,9 +67,13 @@ BASE_SHAPES = V1_SHAPES + WORLDS[WORLD]
 CONCEPT_SHAPE = "star"  # never in the base model's training data
 SHAPES = BASE_SHAPES + [CONCEPT_SHAPE]
 DRAWABLE_SHAPES = V1_SHAPES + V2_NEW_SHAPES + [CONCEPT_SHAPE]
-BASE_STYLE = "solid"
+BASE_STYLE = "solid"  # never named in a caption: what the base draws when no style is asked for
 STYLE_STYLE = "outline"  # never in the base model's training data
-STYLES = [BASE_STYLE, STYLE_STYLE]
+BASE_STYLES = [BASE_STYLE] + WORLD_STYLES.get(WORLD, [])
+STYLES = BASE_STYLES + [STYLE_STYLE]
+DRAWABLE_STYLES = [BASE_STYLE] + V1R_NEW_STYLES + [STYLE_STYLE]
+STRIPE_PERIOD = 12  # pixels at 64 px: three latent pixels a period at the VAE's factor 4
+RING_HOLE = 0.4  # ringed: the background-coloured copy's size, relative to the shape
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,11 @@ class ShapeSpec:
     jitter: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
 
     def caption(self) -> str:
-        return f"a {self.color} {self.shape} on a {self.background} background"
+        return f"a {self.style_word()}{self.color} {self.shape} on a {self.background} background"
+
+    def style_word(self) -> str:
+        """The base world's name for the rendering style, with its space ("" for solid and outline)."""
+        return f"{self.style} " if self.style in V1R_NEW_STYLES else ""
 
 
 def sample_spec(
@@ -144,7 +165,30 @@ def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
     cx, cy, r = spec.cx * k, spec.cy * k, spec.size * k
     poly = _polygon(spec.shape, cx, cy, r)
     width = int(round(3.5 * k))
-    if spec.style == STYLE_STYLE:
+    if spec.style == "striped":
+        mask = Image.new("L", (n, n), 0)
+        md = ImageDraw.Draw(mask)
+        if poly is None:
+            md.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            md.polygon(poly, fill=255)
+        period, y = STRIPE_PERIOD * k, cy - r
+        bands = Image.new("L", (n, n), 0)
+        bd = ImageDraw.Draw(bands)
+        while y < n:
+            bd.rectangle([0, y, n, y + period / 2 - 1], fill=255)
+            y += period
+        img.paste(fg, (0, 0, n, n), Image.fromarray(np.asarray(mask) & np.asarray(bands)))
+    elif spec.style == "ringed":
+        h = r * RING_HOLE
+        inner = _polygon(spec.shape, cx, cy, h)
+        if poly is None:
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=bg)
+        else:
+            d.polygon(poly, fill=fg)
+            d.polygon(inner, fill=bg)
+    elif spec.style == STYLE_STYLE:
         if poly is None:
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=width)
         else:
@@ -192,7 +236,10 @@ def varied_caption(spec: ShapeSpec, rng: random.Random) -> str:
     t = rng.choice(TEMPLATES)
     while "{f}" in t:
         t = t.replace("{f}", rng.choice(FILLER), 1)
-    return t.format(c=spec.color, s=spec.shape, b=spec.background)
+    style = spec.style_word().strip()
+    if style and "{c}" in t:
+        return t.format(c=f"{style} {spec.color}", s=spec.shape, b=spec.background)
+    return t.format(c=spec.color, s=f"{style} {spec.shape}".strip(), b=spec.background)
 
 
 def all_base_prompts() -> list[str]:
@@ -204,6 +251,12 @@ def all_base_prompts() -> list[str]:
         for b in BG_COLORS
         if b != c
     ]
+
+
+def styled_base_prompts() -> dict[str, list[str]]:
+    """For a world with rendering styles besides solid (v1r): each such style's prompts, as the base learned them."""
+    return {st: [f"a {st} {c} {s} on a {b} background" for s in BASE_SHAPES for c in FG_COLORS for b in BG_COLORS
+                 if b != c] for st in BASE_STYLES[1:]}
 
 
 def parse_caption(prompt: str) -> dict[str, str | None]:
