@@ -23,7 +23,7 @@ World v2 (eight base shapes, `LORA_STUDIO_TOY_WORLD=v2`): `bash bench/gpu_toy_ba
 World v2s (six: the star's parts only, `LORA_STUDIO_TOY_WORLD=v2s`) on a CPU: the command in
 bench/checkpoints/toy-sd-v2s-wip/README.md (continue from there).
 World v1r (the v1 shapes, also "striped" and "ringed", so the held-out outline is a recombination;
-`LORA_STUDIO_TOY_WORLD=v1r`), from the shipped base on a CPU:
+`LORA_STUDIO_TOY_WORLD=v1r`), from the shipped base on a CPU (continue from bench/checkpoints/toy-sd-v1r-wip):
     LORA_STUDIO_TOY_WORLD=v1r python -m training.toy_base --device cpu --work .work/v1r --out .work/toy-sd-v1r \
         --vae-from sample_data/toy-sd --init-from sample_data/toy-sd --unet-batch 256 --unet-lr 3e-4 \
         --unet-steps 450 --n-latents 48000 --eval-every 150 --ema-decay 0.99
