@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption, sample_spec, varied_caption
+from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption,
+                         sample_spec, varied_caption)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "sample_data" / "toy-sd"
@@ -426,15 +427,20 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training, te.training
-    unet.eval(), te.eval()
-    pipe.to(unet.device)
-    with torch.no_grad():
-        images = pipe(prompts, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
-                      generator=torch.Generator().manual_seed(0)).images
-    vae.to("cpu")
-    unet.train(was_training[0]), te.train(was_training[1])
-    r = score(load_evaluator(), images, prompts)
+
+    def generate(ps: list[str]) -> list:  # one image a prompt, in eval mode, the modes restored afterwards
+        was_training = unet.training, te.training
+        unet.eval(), te.eval()
+        pipe.to(unet.device)
+        with torch.no_grad():
+            ims = pipe(ps, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
+                       generator=torch.Generator().manual_seed(0)).images
+        vae.to("cpu")
+        unet.train(was_training[0]), te.train(was_training[1])
+        return ims
+
+    evaluator = load_evaluator()
+    r = score(evaluator, generate(prompts), prompts)
     out = " ".join(f"{k}={r[k]:.2f}" for k in ("color", "shape", "background"))
     if set(BASE_SHAPES) != set(V1_SHAPES):  # a grown world: the shapes it knew and the new ones apart
         asked = [parse_caption(p)["shape"] for p in prompts]
@@ -445,14 +451,7 @@ def quick_eval(vae, unet, te, tok, scale: float, n_prompts: int = 48) -> str:
         out += f" style_solid={sum(p['style'] == BASE_STYLE for p in r['predictions']) / len(prompts):.2f}"
         for st, pool in styled_base_prompts().items():
             sp = random.Random(12).sample(pool, 8)
-            unet.eval(), te.eval()
-            with torch.no_grad():
-                pipe.to(unet.device)
-                ims = pipe(sp, num_inference_steps=15, guidance_scale=7.0, height=64, width=64,
-                           generator=torch.Generator().manual_seed(0)).images
-                vae.to("cpu")
-            unet.train(was_training[0]), te.train(was_training[1])
-            got = score(load_evaluator(), ims, sp)["predictions"]
+            got = score(evaluator, generate(sp), sp)["predictions"]
             out += f" style_{st}={sum(p['style'] == st for p in got) / len(sp):.2f}"
     return out
 

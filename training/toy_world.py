@@ -25,8 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 RESOLUTION = 64
 
@@ -91,8 +90,12 @@ class ShapeSpec:
         return f"a {self.style_word()}{self.color} {self.shape} on a {self.background} background"
 
     def style_word(self) -> str:
-        """The base world's name for the rendering style, with its space ("" for solid and outline)."""
-        return f"{self.style} " if self.style in V1R_NEW_STYLES else ""
+        return style_word(self.style)
+
+
+def style_word(style: str) -> str:
+    """The base world's name for a rendering style in captions, with its space ("" for solid and outline)."""
+    return f"{style} " if style in V1R_NEW_STYLES else ""
 
 
 def sample_spec(
@@ -154,6 +157,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return None  # circle
 
 
+def _fill(d: ImageDraw.ImageDraw, poly: list[tuple[float, float]] | None, cx: float, cy: float, r: float,
+          fill) -> None:
+    """Fill a shape: its polygon, or the circle of radius r where it has none."""
+    if poly is None:
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon(poly, fill=fill)
+
+
 def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
     """Render a spec as an RGB image (drawn at 4x and downsampled for clean edges)."""
     ss = 4
@@ -165,39 +177,27 @@ def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
     cx, cy, r = spec.cx * k, spec.cy * k, spec.size * k
     poly = _polygon(spec.shape, cx, cy, r)
     width = int(round(3.5 * k))
-    if spec.style == "striped":
+    if spec.style == "striped":  # the shape, through horizontal bands starting at its top
         mask = Image.new("L", (n, n), 0)
-        md = ImageDraw.Draw(mask)
-        if poly is None:
-            md.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            md.polygon(poly, fill=255)
-        period, y = STRIPE_PERIOD * k, cy - r
+        _fill(ImageDraw.Draw(mask), poly, cx, cy, r, 255)
         bands = Image.new("L", (n, n), 0)
         bd = ImageDraw.Draw(bands)
+        period, y = STRIPE_PERIOD * k, cy - r
         while y < n:
             bd.rectangle([0, y, n, y + period / 2 - 1], fill=255)
             y += period
-        img.paste(fg, (0, 0, n, n), Image.fromarray(np.asarray(mask) & np.asarray(bands)))
+        img.paste(fg, (0, 0, n, n), ImageChops.darker(mask, bands))  # both masks 0/255: darker is "and"
     elif spec.style == "ringed":
+        _fill(d, poly, cx, cy, r, fg)
         h = r * RING_HOLE
-        inner = _polygon(spec.shape, cx, cy, h)
-        if poly is None:
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=bg)
-        else:
-            d.polygon(poly, fill=fg)
-            d.polygon(inner, fill=bg)
+        _fill(d, _polygon(spec.shape, cx, cy, h), cx, cy, h, bg)
     elif spec.style == STYLE_STYLE:
         if poly is None:
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=width)
         else:
             d.line(poly + [poly[0], poly[1]], fill=fg, width=width, joint="curve")
     else:
-        if poly is None:
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-        else:
-            d.polygon(poly, fill=fg)
+        _fill(d, poly, cx, cy, r, fg)
     return img.resize((resolution, resolution), Image.LANCZOS)
 
 
@@ -242,10 +242,11 @@ def varied_caption(spec: ShapeSpec, rng: random.Random) -> str:
     return t.format(c=spec.color, s=f"{style} {spec.shape}".strip(), b=spec.background)
 
 
-def all_base_prompts() -> list[str]:
-    """Every colour/shape/background combination the base model was trained on."""
+def all_base_prompts(style: str = BASE_STYLE) -> list[str]:
+    """Every colour/shape/background combination the base model was trained on (in one of its styles)."""
+    word = style_word(style)
     return [
-        f"a {c} {s} on a {b} background"
+        f"a {word}{c} {s} on a {b} background"
         for s in BASE_SHAPES
         for c in FG_COLORS
         for b in BG_COLORS
@@ -255,8 +256,7 @@ def all_base_prompts() -> list[str]:
 
 def styled_base_prompts() -> dict[str, list[str]]:
     """For a world with rendering styles besides solid (v1r): each such style's prompts, as the base learned them."""
-    return {st: [f"a {st} {c} {s} on a {b} background" for s in BASE_SHAPES for c in FG_COLORS for b in BG_COLORS
-                 if b != c] for st in BASE_STYLES[1:]}
+    return {st: all_base_prompts(st) for st in BASE_STYLES[1:]}
 
 
 def parse_caption(prompt: str) -> dict[str, str | None]:
