@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .toy_world import CONCEPT_SHAPE, STYLE_STYLE, V1_SHAPES, draw, sample_spec
+from .toy_world import CONCEPT_SHAPE, STYLE_STYLE, V1_SHAPES, draw, plain_caption, sample_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {
@@ -23,7 +23,7 @@ SETS = {
 
 
 def concept_caption(spec, trigger: str) -> str:
-    return f"a {spec.color} {trigger} on a {spec.background} background"
+    return plain_caption(spec.color, trigger, spec.background)
 
 
 def style_caption(spec, trigger: str) -> str:

@@ -87,15 +87,17 @@ class ShapeSpec:
     jitter: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
 
     def caption(self) -> str:
-        return f"a {self.style_word()}{self.color} {self.shape} on a {self.background} background"
-
-    def style_word(self) -> str:
-        return style_word(self.style)
+        return plain_caption(self.color, self.shape, self.background, self.style)
 
 
 def style_word(style: str) -> str:
     """The base world's name for a rendering style in captions, with its space ("" for solid and outline)."""
     return f"{style} " if style in V1R_NEW_STYLES else ""
+
+
+def plain_caption(color: str, shape: str, background: str, style: str = BASE_STYLE) -> str:
+    """The plain caption template: "a [style ]<colour> <shape> on a <background> background"."""
+    return f"a {style_word(style)}{color} {shape} on a {background} background"
 
 
 def sample_spec(
@@ -236,7 +238,7 @@ def varied_caption(spec: ShapeSpec, rng: random.Random) -> str:
     t = rng.choice(TEMPLATES)
     while "{f}" in t:
         t = t.replace("{f}", rng.choice(FILLER), 1)
-    style = spec.style_word().strip()
+    style = style_word(spec.style).strip()
     if style and "{c}" in t:
         return t.format(c=f"{style} {spec.color}", s=spec.shape, b=spec.background)
     return t.format(c=spec.color, s=f"{style} {spec.shape}".strip(), b=spec.background)
@@ -244,9 +246,8 @@ def varied_caption(spec: ShapeSpec, rng: random.Random) -> str:
 
 def all_base_prompts(style: str = BASE_STYLE) -> list[str]:
     """Every colour/shape/background combination the base model was trained on (in one of its styles)."""
-    word = style_word(style)
     return [
-        f"a {word}{c} {s} on a {b} background"
+        plain_caption(c, s, b, style)
         for s in BASE_SHAPES
         for c in FG_COLORS
         for b in BG_COLORS
