@@ -70,8 +70,15 @@ def test_base_rendering_styles_hold_one_part_of_an_outline_each_and_are_named_in
     assert not red["ringed"][30:34, 30:34].any() and not red["outline"][30:34, 30:34].any()  # a hole in the middle
     assert red["ringed"].mean() > 2 * red["outline"].mean()  # but a thick ring, not a thin edge
     assert red["ringed"][red["outline"] & red["solid"]].mean() > 0.95  # which covers the outline's inner edge
+    # world v1t: "framed" is the solid shape with a line as thin as the outline's, along the picture's edge
+    inner = np.s_[6:58, 6:58]
+    assert (red["framed"][inner] == red["solid"][inner]).all()  # the shape as solid draws it
+    frame = red["framed"] & ~red["solid"]
+    assert frame[0:3].all() and frame[:, -3:].all() and not frame[inner].any()  # a closed frame at the edge
+    rows = frame[:, 32].sum()  # the frame's thickness, top and bottom, against the outline's line across x=32
+    assert abs(rows - red["outline"][:, 32].sum()) <= 2
     rng = random.Random(3)
-    for st in tw.V1R_NEW_STYLES:
+    for st in tw.NAMED_STYLES:
         for _ in range(40):
             s = tw.sample_spec(rng, style=st)
             cap = tw.varied_caption(s, rng)
@@ -102,7 +109,8 @@ print(json.dumps({"base": tw.BASE_SHAPES, "path": ev.DEFAULT_PATH.name, "shape_l
 
 
 @pytest.mark.parametrize("world, added, styles", [("v1", [], []), ("v2s", tw.V2S_NEW_SHAPES, []),
-                                                   ("v2", tw.V2_NEW_SHAPES, []), ("v1r", [], tw.V1R_NEW_STYLES)])
+                                                   ("v2", tw.V2_NEW_SHAPES, []), ("v1r", [], tw.V1R_NEW_STYLES),
+                                                   ("v1t", [], tw.V1T_NEW_STYLES)])
 def test_each_world_ships_an_evaluator_for_its_own_shapes(world, added, styles):
     # LORA_STUDIO_TOY_WORLD picks the base world for training, benches and scoring: its base prompts, and an
     # evaluator that was trained on exactly its shapes (a base shape it cannot name would score as a miss)
@@ -173,3 +181,24 @@ def test_shipped_sets_are_what_the_generator_draws(tmp_path, name):
         assert np.array_equal(np.asarray(Image.open(shipped / png)), np.asarray(Image.open(fresh / png))), png
         txt = png.replace(".png", ".txt")
         assert (shipped / txt).read_text() == (fresh / txt).read_text(), txt
+
+
+def test_style_set_redrawn_in_a_base_style_keeps_its_pictures_captions_and_trigger(tmp_path):
+    # `python -m training.sample_sets --style S`: the same twelve pictures in another style, captioned exactly
+    # as the shipped set (the style left to the trigger), so the recipe can be scored on a style the base draws
+    from PIL import Image
+
+    from training.evaluator import classify, load_evaluator
+    from training.sample_sets import ROOT, main
+
+    main(["--style", tw.BASE_STYLE, "--out", str(tmp_path)])
+    shipped, fresh = ROOT / "sample_data" / "style-outline", tmp_path / f"style-{tw.BASE_STYLE}"
+    txts = sorted(p.name for p in shipped.glob("*.txt"))
+    assert len(txts) == 12 and [(fresh / t).read_text() for t in txts] == [(shipped / t).read_text() for t in txts]
+    ev = load_evaluator(train_if_missing=False)
+    got = classify(ev, [Image.open(fresh / t.replace(".txt", ".png")).convert("RGB") for t in txts])
+    want = classify(ev, [Image.open(shipped / t.replace(".txt", ".png")).convert("RGB") for t in txts])
+    assert [g["style"] for g in got] == [tw.BASE_STYLE] * 12 and [w["style"] for w in want] == [tw.STYLE_STYLE] * 12
+    assert [(g["shape"], g["color"]) for g in got] == [(w["shape"], w["color"]) for w in want]
+    with pytest.raises(SystemExit):  # a style the world does not have is refused by name
+        main(["--style", "ringed" if "ringed" not in tw.STYLES else "wavy", "--out", str(tmp_path)])
