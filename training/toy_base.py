@@ -28,7 +28,7 @@ World v1r (the v1 shapes, also "striped" and "ringed", so the held-out outline i
         --vae-from sample_data/toy-sd --init-from sample_data/toy-sd --unet-batch 256 --unet-lr 3e-4 \
         --unet-steps 450 --n-latents 48000 --eval-every 150 --ema-decay 0.99
 World v1t (v1r and "framed": a thin line, the part an outline needs that v1r lacks; `LORA_STUDIO_TOY_WORLD=v1t`),
-from a v1r base on a CPU (continue from bench/checkpoints/toy-sd-v1t-wip where there is one):
+from a v1r base on a CPU (continue from bench/checkpoints/toy-sd-v1t-wip):
     LORA_STUDIO_TOY_WORLD=v1t python -m training.toy_base --device cpu --work .work/v1t --out .work/toy-sd-v1t \
         --vae-from sample_data/toy-sd --init-from bench/checkpoints/toy-sd-v1r-wip --unet-batch 256 --unet-lr 5e-4 \
         --unet-steps 600 --n-latents 48000 --eval-every 150 --ema-decay 0.99
