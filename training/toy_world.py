@@ -189,6 +189,8 @@ def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
     cx, cy, r = spec.cx * k, spec.cy * k, spec.size * k
     poly = _polygon(spec.shape, cx, cy, r)
     width = int(round(LINE_WIDTH * k))
+    if spec.style == "framed":  # solid, over a thin frame of the shape's colour along the picture's edge
+        d.rectangle([0, 0, n - 1, n - 1], outline=fg, width=width)
     if spec.style == "striped":  # the shape, through horizontal bands starting at its top
         mask = Image.new("L", (n, n), 0)
         _fill(ImageDraw.Draw(mask), poly, cx, cy, r, 255)
@@ -203,9 +205,6 @@ def draw(spec: ShapeSpec, resolution: int = RESOLUTION) -> Image.Image:
         _fill(d, poly, cx, cy, r, fg)
         h = r * RING_HOLE
         _fill(d, _polygon(spec.shape, cx, cy, h), cx, cy, h, bg)
-    elif spec.style == "framed":  # a thin frame of the shape's colour along the picture's edge, the shape over it
-        d.rectangle([0, 0, n - 1, n - 1], outline=fg, width=width)
-        _fill(d, poly, cx, cy, r, fg)
     elif spec.style == STYLE_STYLE:
         if poly is None:
             d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=width)
