@@ -246,6 +246,33 @@ def test_training_sees_shuffled_tags_and_dropped_captions(tiny_sd1_dir, tmp_path
     assert "" in seen  # some rows trained on the empty caption
 
 
+def test_training_draws_only_the_configured_timesteps(star_images, tiny_sd1_dir, tmp_path, monkeypatch):
+    from training import trainer as tr
+
+    seen: list[int] = []
+    real = tr.diffusion_loss
+
+    def spy(*a, **k):
+        seen.extend(a[9][1].tolist())  # the (noise, timesteps) the trainer drew for this batch
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "diffusion_loss", spy)
+    # kohya's --min_timestep / --max_timestep: [200, 300), instance and base-preservation rows alike
+    train(_cfg(star_images, tiny_sd1_dir, tmp_path, max_steps=3, checkpoint_every=0, min_timestep=200,
+               max_timestep=300, preserve_weight=1.0))
+    assert len(seen) == 3 * 4 and all(200 <= t < 300 for t in seen) and len(set(seen)) > 3
+    seen.clear()
+    train(_cfg(star_images, tiny_sd1_dir, tmp_path, max_steps=3, checkpoint_every=0, name="full"))
+    assert max(seen) >= 300 or min(seen) < 200  # the default range is the whole schedule
+
+
+@pytest.mark.parametrize("kw,msg", [({"min_timestep": 500, "max_timestep": 500}, "min_timestep: must be below"),
+                                    ({"max_timestep": 1001}, "max_timestep"), ({"min_timestep": -1}, "min_timestep")])
+def test_a_bad_timestep_range_is_refused_naming_the_field(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(images="x", **kw)
+
+
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -333,6 +333,11 @@ class TrainConfig:
                                          help="min-SNR loss weighting (0 or unset: off)")
     noise_offset: float = option(0.0, group="Optimisation", label="Noise offset", min=0.0, step=0.01,
                                  help="offset noise (e.g. 0.05): lets the model learn darker and brighter images")
+    # kohya sd-scripts' --min_timestep / --max_timestep: the noise levels the run trains on, [min, max)
+    min_timestep: int = option(0, group="Optimisation", label="Lowest timestep", min=0, max=999,
+                               help="train only on timesteps >= this (0-999; low timesteps shape fine detail)")
+    max_timestep: int = option(1000, group="Optimisation", label="Highest timestep (exclusive)", min=1, max=1000,
+                               help="train only on timesteps < this (1-1000; high timesteps shape the layout)")
     # 0..2^32-1: the trainer derives torch seeds from it (a TOML 2**62 would overflow)
     seed: int = option(42, group="Optimisation", label="Seed", min=0, max=2**32 - 1,
                        help="random seed of the run (the same seed and data give the same adapter)")
@@ -406,6 +411,9 @@ class TrainConfig:
             raise ConfigError(f"resolution: must be a multiple of 8, got {self.resolution}")
         if self.train_text_encoder and self.lr_text <= 0:
             raise ConfigError("lr_text: must be > 0 when train_text_encoder is on")
+        if self.min_timestep >= self.max_timestep:
+            raise ConfigError(f"min_timestep: must be below max_timestep ({self.max_timestep}), "
+                              f"got {self.min_timestep}")
         if self.min_snr_gamma == 0:
             self.min_snr_gamma = None
         _check_template(self.instance_template)

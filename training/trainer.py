@@ -381,13 +381,23 @@ def sdxl_time_ids(examples: list[Example], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 6)
 
 
+def timestep_range(cfg: TrainConfig, num_train_timesteps: int) -> tuple[int, int]:
+    """The timesteps [lo, hi) the run trains on: the config's range within the scheduler's."""
+    hi = min(cfg.max_timestep, num_train_timesteps)
+    if cfg.min_timestep >= hi:
+        raise ConfigError(f"min_timestep: must be below max_timestep ({cfg.max_timestep}) and the base's "
+                          f"{num_train_timesteps} timesteps, got {cfg.min_timestep}")
+    return cfg.min_timestep, hi
+
+
 def draw_noise(shape: tuple[int, ...], gen: torch.Generator, cfg: TrainConfig,
                num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (with the configured offset) and timesteps for a batch of `shape`, from `gen` alone."""
+    """Noise (with the configured offset) and timesteps in [min_timestep, max_timestep) for a batch of
+    `shape`, from `gen` alone."""
     noise = torch.randn(shape, generator=gen)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
-    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=gen)
+    t = torch.randint(*timestep_range(cfg, num_train_timesteps), (shape[0],), generator=gen)
     return noise, t
 
 
@@ -572,7 +582,9 @@ class Trainer:
     def _noise_scheduler(self):
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler.from_config(self.base.pipe.scheduler.config)
+        sched = DDPMScheduler.from_config(self.base.pipe.scheduler.config)
+        timestep_range(self.cfg, sched.config.num_train_timesteps)  # a bad range fails before the first step
+        return sched
 
     def _make_accelerator(self) -> None:
         """accelerate's view of this process: one of N when started by `accelerate launch`/torchrun."""
