@@ -335,9 +335,9 @@ class TrainConfig:
                                  help="offset noise (e.g. 0.05): lets the model learn darker and brighter images")
     # kohya sd-scripts' --min_timestep / --max_timestep: the noise levels the run trains on, [min, max)
     min_timestep: int = option(0, group="Optimisation", label="Lowest timestep", min=0, max=999,
-                               help="train only on timesteps >= this (0-999; low timesteps shape fine detail)")
+                               help="train only on timesteps >= this (low timesteps shape fine detail)")
     max_timestep: int = option(1000, group="Optimisation", label="Highest timestep (exclusive)", min=1, max=1000,
-                               help="train only on timesteps < this (1-1000; high timesteps shape the layout)")
+                               help="train only on timesteps below this (high timesteps shape the layout)")
     # 0..2^32-1: the trainer derives torch seeds from it (a TOML 2**62 would overflow)
     seed: int = option(42, group="Optimisation", label="Seed", min=0, max=2**32 - 1,
                        help="random seed of the run (the same seed and data give the same adapter)")
