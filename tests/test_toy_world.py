@@ -202,3 +202,28 @@ def test_style_set_redrawn_in_a_base_style_keeps_its_pictures_captions_and_trigg
     assert [(g["shape"], g["color"]) for g in got] == [(w["shape"], w["color"]) for w in want]
     with pytest.raises(SystemExit):  # a style the world does not have is refused by name
         main(["--style", "ringed" if "ringed" not in tw.STYLES else "wavy", "--out", str(tmp_path)])
+
+
+def test_oversampling_draws_the_matching_training_images_that_many_times_as_often():
+    from training.toy_base import parse_oversample, sampling_weights
+
+    rng = random.Random(0)
+    specs = [tw.sample_spec(rng, style=s) for s in ("solid", "framed") * 1000]
+    rules = parse_oversample(["style=framed:3", "background=white:2"])
+    w = sampling_weights(specs, rules)
+    for s, x in zip(specs, w):
+        assert x == (3 if s.style == "framed" else 1) * (2 if s.background == "white" else 1)
+    picked = random.Random(1).choices(specs, weights=w, k=20000)
+    framed = sum(s.style == "framed" for s in picked) / len(picked)
+    assert 0.72 < framed < 0.78  # 3 : 1 on a half-and-half cache
+    assert sampling_weights(specs, {}) == [1.0] * len(specs)
+
+
+@pytest.mark.parametrize("rule, says", [("style=framed", "FIELD=VALUE:FACTOR"), ("colour=red:2", "FIELD one of"),
+                                        ("style=framed:0", "above 0"), ("style=framed:x", "must be a number")])
+def test_a_bad_oversample_rule_is_refused_naming_it(rule, says):
+    from training.toy_base import parse_oversample
+
+    with pytest.raises(ValueError) as e:
+        parse_oversample([rule])
+    assert rule in str(e.value) and says in str(e.value)

@@ -37,6 +37,7 @@ from a v1r base on a CPU (continue from bench/checkpoints/toy-sd-v1t-wip):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption,
+from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, ShapeSpec, draw, parse_caption,
                          sample_spec, varied_caption)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,6 +257,40 @@ def caption_for(spec, r: random.Random) -> str:
     return varied_caption(spec, r)
 
 
+def parse_oversample(rules: list[str]) -> dict[tuple[str, str], float]:
+    """`--oversample FIELD=VALUE:FACTOR` rules, e.g. `style=framed:3`; an error names the bad rule."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(ShapeSpec) if f.name in ("color", "shape", "background", "style")]
+    out: dict[tuple[str, str], float] = {}
+    for rule in rules:
+        field, _, rest = rule.partition("=")
+        value, _, factor = rest.rpartition(":")
+        if field not in names or not value:
+            raise ValueError(f"--oversample {rule!r}: expected FIELD=VALUE:FACTOR with FIELD one of {names}")
+        try:
+            f = float(factor)
+        except ValueError:
+            raise ValueError(f"--oversample {rule!r}: FACTOR must be a number, got {factor!r}") from None
+        if not f > 0:
+            raise ValueError(f"--oversample {rule!r}: FACTOR must be above 0, got {factor}")
+        out[(field, value)] = f
+    return out
+
+
+def sampling_weights(specs: list, oversample: dict[tuple[str, str], float]) -> list[float]:
+    """Each cached drawing's chance to be drawn into a batch: the product of the factors of the rules it
+    matches (1 when none), so `style=framed:3` makes framed drawings three times as frequent as before."""
+    w = []
+    for s in specs:
+        x = 1.0
+        for (field, value), f in oversample.items():
+            if getattr(s, field) == value:
+                x *= f
+        w.append(x)
+    return w
+
+
 def init_from(folder: Path, unet, te) -> None:
     """Start from an exported toy pipeline's UNet and text encoder (a fine-tune, not from scratch).
 
@@ -296,7 +331,8 @@ def init_from(folder: Path, unet, te) -> None:
 def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
                device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
                eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None,
-               high_noise: float = 0.0, ema_decay: float = 0.998):
+               high_noise: float = 0.0, ema_decay: float = 0.998,
+               oversample: dict[tuple[str, str], float] | None = None):
     """Train the UNet and text encoder jointly; returns the EMA copies.
 
     With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
@@ -306,7 +342,8 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
     `high_noise`: the share of each batch whose timestep is drawn from the noisier half (500-999), where
     the prompt decides which shape is drawn; the rest stays uniform over all 1000. `ema_decay`: the EMA's
     longest horizon (0.998 averages the last ~500 steps; a short fine-tune wants a shorter one, or its EMA
-    still holds the weights from before the fine-tune had settled).
+    still holds the weights from before the fine-tune had settled). `oversample`: see `sampling_weights`
+    (a fine-tune aimed at what the base draws worst, e.g. one style on light backgrounds).
     """
     from transformers import CLIPTokenizer
 
@@ -344,6 +381,13 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
     gen = torch.Generator(device).manual_seed(5000 + step)
     ema_live = list(ema_u.parameters()) + list(ema_t.parameters())
     token_ids: dict[str, torch.Tensor] = {}  # the captions are few: tokenize each once
+    cum = None
+    if oversample:
+        w = sampling_weights(specs, oversample)
+        cum = list(itertools.accumulate(w))
+        for (field, value) in oversample:
+            share = sum(x for x, s in zip(w, specs) if getattr(s, field) == value) / cum[-1]
+            _log(f"oversample: {field}={value} is {share:.1%} of the drawn batches")
 
     def ids_for(caps: list[str]) -> torch.Tensor:
         new = [c for c in dict.fromkeys(caps) if c not in token_ids]
@@ -366,7 +410,10 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
             t_probe = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        idx = [rng.randrange(len(latents)) for _ in range(batch)]
+        if cum is None:
+            idx = [rng.randrange(len(latents)) for _ in range(batch)]
+        else:
+            idx = rng.choices(range(len(latents)), cum_weights=cum, k=batch)
         x0 = latents[torch.tensor(idx, device=device)]  # (B, 4, 16, 16)
         ids = ids_for([caption_for(specs[i], rng) for i in idx])
         # offset noise: the scaled-linear schedule leaves ~7% of the signal at t=999, and for flat
@@ -545,12 +592,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--high-noise", type=float, default=0.0,
                     help="share of each batch trained at timesteps 500-999, where the prompt picks the shape")
     ap.add_argument("--ema-decay", type=float, default=0.998)
+    ap.add_argument("--oversample", action="append", default=[], metavar="FIELD=VALUE:FACTOR",
+                    help="draw the training images that match FIELD=VALUE (color, shape, background or style) "
+                         "FACTOR times as often, e.g. style=framed:3; repeatable, factors multiply")
     ap.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     ap.add_argument("--ckpt-every", type=int, default=CKPT_EVERY)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when there is one)")
     ap.add_argument("--export-only", action="store_true",
                     help="write the pipeline folder from the latest checkpoints without training further")
     args = ap.parse_args(argv)
+    try:
+        oversample = parse_oversample(args.oversample)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, os.cpu_count() or 1))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -565,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         unet, te, tok, scale = train_unet(
             vae, args.work, args.unet_steps, args.unet_batch, args.unet_lr, device, args.n_latents,
             args.minutes, args.eval_every, args.ckpt_every, args.init_from, args.high_noise, args.ema_decay,
+            oversample,
         )
     export(vae, unet, te, tok, scale, args.out)
     mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
