@@ -32,6 +32,8 @@ from a v1r base on a CPU (continue from bench/checkpoints/toy-sd-v1t-wip):
     LORA_STUDIO_TOY_WORLD=v1t python -m training.toy_base --device cpu --work .work/v1t --out .work/toy-sd-v1t \
         --vae-from sample_data/toy-sd --init-from bench/checkpoints/toy-sd-v1r-wip --unet-batch 256 --unet-lr 5e-4 \
         --unet-steps 600 --n-latents 48000 --eval-every 150 --ema-decay 0.99
+    # the checkpoint's weights (1950 steps) came from two more runs of that command with --init-from the
+    # previous output and --oversample style=framed:3 --oversample background=white:1.5 --oversample background=gray:1.5
 """
 
 from __future__ import annotations
