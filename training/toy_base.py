@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .toy_tokenizer import build_vocab, write_tokenizer
-from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, ShapeSpec, draw, parse_caption,
+from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption,
                          sample_spec, varied_caption)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,9 +261,7 @@ def caption_for(spec, r: random.Random) -> str:
 
 def parse_oversample(rules: list[str]) -> dict[tuple[str, str], float]:
     """`--oversample FIELD=VALUE:FACTOR` rules, e.g. `style=framed:3`; an error names the bad rule."""
-    from dataclasses import fields
-
-    names = [f.name for f in fields(ShapeSpec) if f.name in ("color", "shape", "background", "style")]
+    names = ["color", "shape", "background", "style"]  # the ShapeSpec fields a caption names
     out: dict[tuple[str, str], float] = {}
     for rule in rules:
         field, _, rest = rule.partition("=")
