@@ -204,8 +204,10 @@ def test_style_set_redrawn_in_a_base_style_keeps_its_pictures_captions_and_trigg
         main(["--style", "ringed" if "ringed" not in tw.STYLES else "wavy", "--out", str(tmp_path)])
 
 
-def test_oversampling_draws_the_matching_training_images_that_many_times_as_often():
+def test_oversampling_draws_the_matching_training_images_that_many_times_as_often(monkeypatch):
     from training.toy_base import parse_oversample, sampling_weights
+
+    monkeypatch.setattr(tw, "BASE_STYLES", [tw.BASE_STYLE, *tw.V1T_NEW_STYLES])  # world v1t's base styles
 
     rng = random.Random(0)
     specs = [tw.sample_spec(rng, style=s) for s in ("solid", "framed") * 1000]
@@ -220,7 +222,9 @@ def test_oversampling_draws_the_matching_training_images_that_many_times_as_ofte
 
 
 @pytest.mark.parametrize("rule, says", [("style=framed", "FIELD=VALUE:FACTOR"), ("colour=red:2", "FIELD one of"),
-                                        ("style=framed:0", "above 0"), ("style=framed:x", "must be a number")])
+                                        ("style=framed:0", "above 0"), ("style=framed:x", "must be a number"),
+                                        ("background=whit:2", "no background 'whit'"),
+                                        ("shape=star:2", "no shape 'star'")])  # held out: never in the base's drawings
 def test_a_bad_oversample_rule_is_refused_naming_it(rule, says):
     from training.toy_base import parse_oversample
 

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import toy_world
 from .toy_tokenizer import build_vocab, write_tokenizer
 from .toy_world import (BASE_SHAPES, BASE_STYLE, BASE_STYLES, SHAPES, STYLES, V1_SHAPES, draw, parse_caption,
                          sample_spec, varied_caption)
@@ -259,6 +260,12 @@ def caption_for(spec, r: random.Random) -> str:
     return varied_caption(spec, r)
 
 
+def base_values(field: str) -> list[str]:
+    """The values a caption field takes in the drawings the base is trained on (the current world's)."""
+    return {"color": toy_world.FG_COLORS, "shape": toy_world.BASE_SHAPES, "background": toy_world.BG_COLORS,
+            "style": toy_world.BASE_STYLES}[field]
+
+
 def parse_oversample(rules: list[str]) -> dict[tuple[str, str], float]:
     """`--oversample FIELD=VALUE:FACTOR` rules, e.g. `style=framed:3`; an error names the bad rule."""
     names = ["color", "shape", "background", "style"]  # the ShapeSpec fields a caption names
@@ -274,6 +281,10 @@ def parse_oversample(rules: list[str]) -> dict[tuple[str, str], float]:
             raise ValueError(f"--oversample {rule!r}: FACTOR must be a number, got {factor!r}") from None
         if not f > 0:
             raise ValueError(f"--oversample {rule!r}: FACTOR must be above 0, got {factor}")
+        known = base_values(field)
+        if value not in known:  # a typo would otherwise oversample nothing, silently
+            raise ValueError(f"--oversample {rule!r}: world {toy_world.WORLD}'s base drawings have no {field} "
+                             f"{value!r} (they have {', '.join(known)})")
         out[(field, value)] = f
     return out
 
