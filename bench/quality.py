@@ -170,6 +170,11 @@ def summary_line(result: dict) -> str:
     return " ".join(f"{k}={result[k]:.2f}" for k in FIELDS)
 
 
+def asked_fields(result: dict) -> str:
+    """The fields a `score` result has a share for (its prompts named them), as summary_line prints them."""
+    return " ".join(f"{k}={result[k]:.2f}" for k in FIELDS if result[k] is not None)
+
+
 def report(result: dict, prompts: Sequence[str], elapsed: float, sheet: Path) -> None:
     """Print the details, then the summary as the very last line."""
     print(f"images: {result['n']} ({len(set(prompts))} prompts), generated in {elapsed:.0f}s")
@@ -204,14 +209,19 @@ def run_base(args: argparse.Namespace) -> dict:
     sheet = contact_sheet(images, image_prompts, result["predictions"], args.out_dir / "quality_base.png", title)
     if len(tw.BASE_STYLES) > 1:  # a world with rendering styles (v1r): each drawn in the style asked for
         shares = {tw.BASE_STYLE: sum(p["style"] == tw.BASE_STYLE for p in result["predictions"]) / len(images)}
+        colours = {tw.BASE_STYLE: result["color"]}
         for st, pool in tw.styled_base_prompts().items():
             sp = pick_prompts(pool, max(8, args.prompts // 3), seed=args.seed)
             ims, ip = generate_for_prompts(base, sp, args)
-            preds = score(evaluator, ims, ip)["predictions"]
+            styled = score(evaluator, ims, ip)
+            preds = styled["predictions"]
             shares[st] = sum(p["style"] == st for p in preds) / len(ims)
+            colours[st] = styled["color"]
             contact_sheet(ims, ip, preds, args.out_dir / f"quality_base_{st}.png", f"base {base_path} | {st}")
-        result["styles"] = shares
+        result["styles"], result["style_colors"] = shares, colours
         print("drawn in the style asked for: " + " ".join(f"{k}={v:.2f}" for k, v in shares.items()))
+        # a thin line (framed) has to carry its colour in few pixels: how often each style's colour reads right
+        print("colour right, by style asked: " + " ".join(f"{k}={v:.2f}" for k, v in colours.items()))
     report(result, image_prompts, elapsed, sheet)
     return result
 
@@ -329,7 +339,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     print("with the adapter: trigger prompts (fidelity)", flush=True)
     tprompts = trigger_prompts(template, 16, args.seed)
     timgs, tip = generate_for_prompts(base, tprompts, args)
-    preds = classify(evaluator, timgs)
+    trig = score(evaluator, timgs, tip)  # also: do the trigger images keep the colour etc. their prompt asks?
+    preds = trig["predictions"]
     fidelity = sum(p[field] == value for p in preds) / len(preds)
     print("with the adapter: base prompts (preservation)", flush=True)
     imgs2, ip2 = generate_for_prompts(base, prompts, args)
@@ -343,6 +354,7 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     print(f"base without adapter: {summary_line(before)}")
     print(f"base with adapter:    {summary_line(after)}")
     print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))
+    print(f"trigger images, the other fields their prompt asks: {asked_fields(trig)}")
     print(f"fidelity ({field} = {value} on {len(preds)} trigger images): {fidelity:.2f}")
     if (args.sweep or args.peer) and not args.full_unet:
         print_tradeoff(sweep, args.out_dir / f"quality_{mode}_tradeoff.png", mode)
