@@ -167,11 +167,7 @@ def _quiet_loading() -> None:
 
 
 def summary_line(result: dict) -> str:
-    return " ".join(f"{k}={result[k]:.2f}" for k in FIELDS)
-
-
-def asked_fields(result: dict) -> str:
-    """The fields a `score` result has a share for (its prompts named them), as summary_line prints them."""
+    """A `score` result's share for each field its prompts named (a field no prompt named is left out)."""
     return " ".join(f"{k}={result[k]:.2f}" for k in FIELDS if result[k] is not None)
 
 
@@ -354,7 +350,7 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     print(f"base without adapter: {summary_line(before)}")
     print(f"base with adapter:    {summary_line(after)}")
     print(f"drops: " + " ".join(f"{k}={v:+.2f}" for k, v in drops.items()))
-    print(f"trigger images, the other fields their prompt asks: {asked_fields(trig)}")
+    print(f"trigger images, the other fields their prompt asks: {summary_line(trig)}")
     print(f"fidelity ({field} = {value} on {len(preds)} trigger images): {fidelity:.2f}")
     if (args.sweep or args.peer) and not args.full_unet:
         print_tradeoff(sweep, args.out_dir / f"quality_{mode}_tradeoff.png", mode)
