@@ -231,3 +231,28 @@ def test_a_bad_oversample_rule_is_refused_naming_it(rule, says):
     with pytest.raises(ValueError) as e:
         parse_oversample([rule])
     assert rule in str(e.value) and says in str(e.value)
+
+
+def test_a_base_fine_tune_can_weight_the_noisiest_and_the_last_steps():
+    import torch
+
+    from training.toy_base import draw_timesteps
+
+    plain = draw_timesteps(1000, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3)))
+    t = draw_timesteps(1000, torch.Generator().manual_seed(3), high_noise=0.25, low_noise=0.5)
+    assert (t[:250] >= 500).all() and (t[250:750] < 300).all()  # each share from its own range
+    assert t.min() >= 0 and t.max() < 1000 and (t[750:] >= 300).any() and (t[750:] < 300).any()
+    assert ((t < 300).float().mean() - (0.5 + 0.25 * 0.3)).abs() < 0.05  # the uniform rest adds its own
+
+
+@pytest.mark.parametrize("argv, says", [(["--low-noise", "1.5"], "--low-noise: a share of the batch"),
+                                        (["--high-noise", "-0.1"], "--high-noise: a share of the batch"),
+                                        (["--high-noise", "0.6", "--low-noise", "0.6"], "together over")])
+def test_a_timestep_share_out_of_range_is_refused_by_name(argv, says, tmp_path, capsys):
+    from training.toy_base import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--work", str(tmp_path)])
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was trained or written

@@ -339,11 +339,25 @@ def init_from(folder: Path, unet, te) -> None:
     _log(f"initialised from {folder}: {moved} of {len(new_vocab)} token embeddings carried over")
 
 
+def draw_timesteps(batch: int, gen: torch.Generator, device: str = "cpu", high_noise: float = 0.0,
+                   low_noise: float = 0.0) -> torch.Tensor:
+    """One training batch's timesteps: uniform over 0-999, except the first `high_noise` share drawn from
+    500-999 and the next `low_noise` share from 0-299 (with both 0, the same draws as a plain uniform batch)."""
+    t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+    n_high = int(round(high_noise * batch))
+    if n_high:
+        t[:n_high] = torch.randint(500, 1000, (n_high,), generator=gen, device=device)
+    n_low = int(round(low_noise * batch))
+    if n_low:
+        t[n_high:n_high + n_low] = torch.randint(0, 300, (n_low,), generator=gen, device=device)
+    return t
+
+
 def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH, lr: float = UNET_LR,
                device: str = "cpu", n_latents: int = N_LATENTS, minutes: float | None = None,
                eval_every: int = EVAL_EVERY, ckpt_every: int = CKPT_EVERY, init: Path | None = None,
                high_noise: float = 0.0, ema_decay: float = 0.998,
-               oversample: dict[tuple[str, str], float] | None = None):
+               oversample: dict[tuple[str, str], float] | None = None, low_noise: float = 0.0):
     """Train the UNet and text encoder jointly; returns the EMA copies.
 
     With `minutes`, the number of steps is fixed once, after the warm-up, to what fits the budget
@@ -351,7 +365,9 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
     keeps the same schedule; `--unet-steps N` with that N repeats the run.
 
     `high_noise`: the share of each batch whose timestep is drawn from the noisier half (500-999), where
-    the prompt decides which shape is drawn; the rest stays uniform over all 1000. `ema_decay`: the EMA's
+    the prompt decides which shape is drawn; `low_noise`: the share drawn from the last steps (0-299), where
+    fine lines are rendered (a thin line under one latent pixel is lost or recoloured there:
+    `bench/sdedit_probe.py`); the rest stays uniform over all 1000. `ema_decay`: the EMA's
     longest horizon (0.998 averages the last ~500 steps; a short fine-tune wants a shorter one, or its EMA
     still holds the weights from before the fine-tune had settled). `oversample`: see `sampling_weights`
     (a fine-tune aimed at what the base draws worst, e.g. one style on light backgrounds).
@@ -432,10 +448,7 @@ def train_unet(vae, work: Path, steps: int = UNET_STEPS, batch: int = UNET_BATCH
         # instead of the prompt; a per-channel offset teaches it to take colour from the text
         noise = torch.randn(x0.shape, generator=gen, device=device)
         noise = noise + NOISE_OFFSET * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen, device=device)
-        t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
-        n_high = int(round(high_noise * batch))
-        if n_high:
-            t[:n_high] = torch.randint(500, 1000, (n_high,), generator=gen, device=device)
+        t = draw_timesteps(batch, gen, device, high_noise, low_noise)
         xt = sched.add_noise(x0, noise, t)
         cond = te(ids)[0]  # (B, 77, 128)
         pred = unet(xt, t, cond).sample
@@ -602,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="size the UNet stage to this time budget (its step count is logged and kept)")
     ap.add_argument("--high-noise", type=float, default=0.0,
                     help="share of each batch trained at timesteps 500-999, where the prompt picks the shape")
+    ap.add_argument("--low-noise", type=float, default=0.0,
+                    help="share of each batch trained at timesteps 0-299, where fine lines are rendered")
     ap.add_argument("--ema-decay", type=float, default=0.998)
     ap.add_argument("--oversample", action="append", default=[], metavar="FIELD=VALUE:FACTOR",
                     help="draw the training images that match FIELD=VALUE (color, shape, background or style) "
@@ -616,6 +631,11 @@ def main(argv: list[str] | None = None) -> None:
         oversample = parse_oversample(args.oversample)
     except ValueError as e:
         ap.error(str(e))
+    for name in ("high_noise", "low_noise"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')}: a share of the batch, 0 to 1; got {getattr(args, name)}")
+    if args.high_noise + args.low_noise > 1.0:
+        ap.error(f"--high-noise {args.high_noise} and --low-noise {args.low_noise}: together over the whole batch")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, os.cpu_count() or 1))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -630,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         unet, te, tok, scale = train_unet(
             vae, args.work, args.unet_steps, args.unet_batch, args.unet_lr, device, args.n_latents,
             args.minutes, args.eval_every, args.ckpt_every, args.init_from, args.high_noise, args.ema_decay,
-            oversample,
+            oversample, args.low_noise,
         )
     export(vae, unet, te, tok, scale, args.out)
     mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
