@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quality  # noqa: E402
 from training import toy_world as tw  # noqa: E402
 from training.evaluator import load_evaluator, score  # noqa: E402
+from training.trainer import encode_images  # noqa: E402
 
 
 def ground_truth(prompts: list[str], style: str, seed: int):
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluator = load_evaluator()
     pstyle = args.prompt_style
     if pstyle is None:
-        pstyle = args.draw if args.draw in tw.NAMED_STYLES and args.draw in tw.BASE_STYLES else tw.BASE_STYLE
+        pstyle = args.draw if args.draw in tw.BASE_STYLES else tw.BASE_STYLE
     prompts = quality.pick_prompts(tw.all_base_prompts(pstyle or tw.BASE_STYLE), args.prompts, seed=args.seed)
     truth = ground_truth(prompts, args.draw, args.seed)
     gt = score(evaluator, truth, prompts)
@@ -90,20 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         # the toy VAE's posterior has unit variance (latent_dist.sample() is as noisy as the latent itself), and the
-        # base was trained on its means, as the LoRA trainer encodes: hand img2img the scaled means as latents
-        vae = base.pipe.vae
-        with torch.no_grad():
-            x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in truth])
-            x = (x.to(vae.dtype) / 127.5 - 1.0).to(vae.device)
-            init_latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        # base was trained on its means: hand img2img the latents the LoRA trainer encodes (scaled means)
+        pixels = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1.0 for im in truth]
+        init_latents = encode_images(base, pixels)
         rows = []
-        for s in [float(x) for x in args.strengths.split(",")]:
+        for s in [float(v) for v in args.strengths.split(",")]:
             images = []
             for i, (prompt, init) in enumerate(zip(prompts, init_latents)):
                 g = torch.Generator().manual_seed(args.seed + 1000 * i)
                 # img2img runs int(steps * s) steps: keep about `steps` denoising steps at every strength
                 n = max(args.steps, int(round(args.steps / s)))
-                images.append(pipe(prompt, image=init[None], strength=s, num_inference_steps=n,
+                images.append(pipe(prompt, image=init[None].to(base.device, base.pipe.unet.dtype), strength=s, num_inference_steps=n,
                                    guidance_scale=args.guidance, generator=g).images[0])
             r = score(evaluator, images, prompts)
             kept = sum(q["style"] == args.draw for q in r["predictions"]) / len(images)
