@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default="DPM++ 2M Karras",
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
-    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]]",
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
-                        "text-encoder weight TE_W (default 1; range -2..2); repeatable. The prompt may also "
-                        "carry AUTOMATIC1111 tags: <lora:NAME:W> or <lora:NAME:TE_W:UNET_W>")
+                        "text-encoder weight TE_W (default 1; range -2..2); repeatable. start=N / stop=N: its "
+                        "UNet part acts from sampler step N (0-based) / up to step N only. The prompt may also "
+                        "carry AUTOMATIC1111 tags: <lora:NAME:W> or <lora:NAME:TE_W:UNET_W>, with :start=N / :stop=N")
     _add_library_arg(g)
     g.set_defaults(func=cmd_generate)
 
@@ -344,7 +345,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _lora_entry(text: str):
     """--lora NAME[:W[:TE_W]]; NAME may be a path to a weights file (then named after the file): one with
     a path separator or a weights ending (.safetensors; .ckpt/.pt/.bin with --allow-pickle)."""
-    from pipelines.stack import StackEntry, parse_lora_arg
+    from dataclasses import replace
+
+    from pipelines.stack import parse_lora_arg
     from pipelines.weights_io import PICKLE_SUFFIXES
 
     e = parse_lora_arg(text)
@@ -363,7 +366,7 @@ def _lora_entry(text: str):
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise _usage(f"--lora {e.name}: not an adapter file (expected .safetensors, or .ckpt/.pt/.bin with "
                      "--allow-pickle)")
-    return StackEntry(p.stem, e.weight, e.te_weight), p
+    return replace(e, name=p.stem), p
 
 
 def _library(args: argparse.Namespace):

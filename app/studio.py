@@ -460,6 +460,9 @@ class Studio:
         combined = list(entries) + tagged
         with stack.lock:
             stack.set_stack(combined)
+            if fuse and any(e.scheduled(req.steps) for e in stack.stack):
+                raise ConfigError("fuse: an adapter with a step range (start=/stop=) switches on and off during "
+                                  "sampling, which merged weights cannot; untick Fuse or clear its steps")
             if fuse and combined:
                 stack.fuse()
             elif stack.fused:
@@ -511,12 +514,16 @@ class Studio:
 
 
 def entries_from_rows(rows: Iterable[tuple]) -> list[StackEntry]:
-    """UI adapter rows (name, enabled, weight, separate_te, te_weight) -> stack entries."""
+    """UI adapter rows (name, enabled, weight, separate_te, te_weight[, ranged, start_step, stop_step]) ->
+    stack entries. A stop step of 0 or blank: to the last step."""
     out = []
-    for name, enabled, weight, sep_te, te_weight in rows:
+    for name, enabled, weight, sep_te, te_weight, *steps in rows:
         if not enabled or not name:
             continue
-        out.append(StackEntry(check_name(name), float(weight), float(te_weight) if sep_te else None))
+        ranged, start, stop = (list(steps) + [False, 0, 0])[:3]
+        start = 0 if not ranged or start in (None, "") else start
+        stop = None if not ranged or stop in (None, "", 0) else stop
+        out.append(StackEntry(check_name(name), float(weight), float(te_weight) if sep_te else None, start, stop))
     return out
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger("lora_studio.ui")
 
 MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
 SLOTS = 4  # adapter rows on the Generate tab
+SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
 POLL_S = 1.0  # training progress refresh
 NO_SAMPLE_SET = "(upload your own images)"
 # the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
@@ -837,7 +838,7 @@ class StudioUI:
 
     @staticmethod
     def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
-        return [tuple(slot_values[i:i + 5]) for i in range(0, len(slot_values), 5)]
+        return [tuple(slot_values[i:i + SLOT_FIELDS]) for i in range(0, len(slot_values), SLOT_FIELDS)]
 
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
@@ -1055,7 +1056,10 @@ class StudioUI:
                             refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", min_width=120,
                                                     elem_id="gen-refresh")
                         gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
-                                    "weight. `<lora:name:w>` in the prompt works too.")
+                                    "weight, *steps* to let the adapter act on part of the sampler's steps only "
+                                    "(from step N, counting from 0; e.g. a style from the middle on keeps the "
+                                    "base's layout). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
+                                    "prompt work too.")
                         slot_widgets: list[gr.components.Component] = []
                         name_dds, enable_cbs = [], []
                         for i in range(SLOTS):
@@ -1071,8 +1075,16 @@ class StudioUI:
                                 tw = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05,
                                                label="text-encoder weight", scale=3, min_width=200, visible=False,
                                                elem_id=f"slot-{i}-te")
+                                rng = gr.Checkbox(False, label="steps", scale=0, min_width=80,
+                                                  elem_id=f"slot-{i}-ranged")
+                                step_from = gr.Number(0, precision=0, minimum=0, label="from step", scale=1,
+                                                  min_width=90, visible=False, elem_id=f"slot-{i}-start")
+                                step_to = gr.Number(0, precision=0, minimum=0, label="to step (0 = last)", scale=1,
+                                                 min_width=110, visible=False, elem_id=f"slot-{i}-stop")
                             sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
-                            slot_widgets += [dd, en, wt, sep, tw]
+                            rng.change(lambda v: (gr.update(visible=bool(v)), gr.update(visible=bool(v))), rng,
+                                       [step_from, step_to], show_progress="hidden")
+                            slot_widgets += [dd, en, wt, sep, tw, rng, step_from, step_to]
                             name_dds.append(dd)
                             enable_cbs.append(en)
                         triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)",

@@ -165,8 +165,12 @@ def generate(
     on_progress: Callable[[int, int], None] | None = None,
     extra_parameters: dict[str, str] | None = None,
     cross_attention_kwargs: dict | None = None,
+    step_hook: Callable[[int], None] | None = None,
 ) -> list[GeneratedImage]:
-    """Generate req.num_images images; image i uses seed req.seed + i (as AUTOMATIC1111 does)."""
+    """Generate req.num_images images; image i uses seed req.seed + i (as AUTOMATIC1111 does).
+
+    `step_hook(i)` runs before sampler step i (0-based): before the first UNet call, then after each step.
+    """
     pipe = model.pipe
     width = req.width or model.native_resolution
     height = req.height or model.native_resolution
@@ -176,10 +180,14 @@ def generate(
     generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
 
     def _cb(p, step, timestep, kw):
+        if step_hook is not None:
+            step_hook(step + 1)
         if on_progress is not None:
             on_progress(step + 1, req.steps)
         return kw
 
+    if step_hook is not None:
+        step_hook(0)
     with torch.inference_mode():
         out = pipe(
             prompt=req.prompt,

@@ -8,6 +8,10 @@ output is bit-for-bit the base model's.
 Prompts may carry AUTOMATIC1111 tags, `<lora:name:w>` or `<lora:name:te_w:unet_w>` (A1111 order:
 the text-encoder multiplier first, then the UNet one; also `te=`/`unet=`); images record
 `Lora hashes: "name: hash12, ..."` in their `parameters` text, as A1111 does.
+
+An entry may act on part of the sampler's steps only: `start=N` (the UNet part of the adapter switches on
+at step N, counting from 0) and `stop=N` (off from step N), as in the LoRA Block Weight extension's tags
+(`<lora:name:0.8:start=10>`). The text encoders run once, before the first step, at the entry's weight.
 """
 
 from __future__ import annotations
@@ -67,10 +71,25 @@ class StackEntry:
     name: str
     weight: float = 1.0
     te_weight: float | None = None  # None: same as weight
+    start: int = 0  # the UNet part acts from this sampler step (0-based) ...
+    stop: int | None = None  # ... up to, not including, this one (None: to the last step)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError("lora: an adapter name is required")
+        for fname in ("start", "stop"):
+            v = getattr(self, fname)
+            if v is None:
+                continue
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"lora {self.name!r} {fname}: must be a whole number of sampler steps, 0 or more, "
+                                  f"got {v!r}")
+            object.__setattr__(self, fname, v)
+        if self.stop is not None and self.stop <= self.start:
+            raise ConfigError(f"lora {self.name!r} stop: must be after start ({self.start}), got {self.stop}; "
+                              "the adapter would act at no step")
         for fname in ("weight", "te_weight"):
             v = getattr(self, fname)
             if v is None:
@@ -84,11 +103,23 @@ class StackEntry:
     def text_weight(self) -> float:
         return self.weight if self.te_weight is None else self.te_weight
 
+    def active_at(self, step: int) -> bool:
+        """Does the UNet part act at sampler step `step` (0-based)?"""
+        return step >= self.start and (self.stop is None or step < self.stop)
+
+    def scheduled(self, steps: int) -> bool:
+        """Is the UNet part off for some of a `steps`-step sampling?"""
+        return self.start > 0 or (self.stop is not None and self.stop < steps)
+
     def tag(self) -> str:
-        """The A1111 prompt tag for this entry (te multiplier first when they differ)."""
+        """The A1111 prompt tag for this entry (te multiplier first when they differ; then start=/stop=)."""
         if self.te_weight is None or self.te_weight == self.weight:
-            return f"<lora:{self.name}:{self.weight:g}>"
-        return f"<lora:{self.name}:{self.te_weight:g}:{self.weight:g}>"
+            body = f"{self.name}:{self.weight:g}"
+        else:
+            body = f"{self.name}:{self.te_weight:g}:{self.weight:g}"
+        body += f":start={self.start}" if self.start else ""
+        body += f":stop={self.stop}" if self.stop is not None else ""
+        return f"<lora:{body}>"
 
 
 def _num(text: str, what: str) -> float:
@@ -98,11 +129,19 @@ def _num(text: str, what: str) -> float:
         raise ConfigError(f"lora {what}: '{text}' is not a number") from None
 
 
+def _step(text: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"lora {what}: '{text}' is not a whole number of sampler steps") from None
+
+
 def parse_lora_tags(prompt: str) -> tuple[str, list[StackEntry]]:
     """Strip A1111 `<lora:...>` tags from a prompt; return (clean prompt, entries in order).
 
     `<lora:name>` weight 1; `<lora:name:w>` both weights w; `<lora:name:te:unet>` as A1111 (text
-    encoder first); named `te=`/`unet=` also accepted.
+    encoder first); named `te=`/`unet=` also accepted; `start=N` / `stop=N` the sampler steps the UNet
+    part acts in (as the LoRA Block Weight extension reads them). Other named parts (`lbw=`, ...) are ignored.
     """
     entries: list[StackEntry] = []
     for m in _TAG.finditer(prompt):
@@ -114,24 +153,27 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[StackEntry]]:
         te = _num(named["te"], f"{name!r} te") if "te" in named else te
         unet = _num(positional[1], f"{name!r} unet weight") if len(positional) > 1 else te
         unet = _num(named["unet"], f"{name!r} unet") if "unet" in named else unet
-        entries.append(StackEntry(name, unet, te))
+        start = _step(named["start"], f"{name!r} start") if "start" in named else 0
+        stop = _step(named["stop"], f"{name!r} stop") if "stop" in named else None
+        entries.append(StackEntry(name, unet, te, start, stop))
     clean = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
     clean = re.sub(r"\s+,", ",", clean).strip(" ,")
     return clean, entries
 
 
 def parse_lora_arg(text: str) -> StackEntry:
-    """CLI form NAME[:W[:TE_W]] (UNet weight, then text-encoder weight)."""
+    """CLI form NAME[:W[:TE_W]][:start=N][:stop=N] (UNet weight, then text-encoder weight; sampler steps)."""
     parts = text.split(":")
+    steps: dict[str, int] = {}
+    while len(parts) > 1 and re.fullmatch(r"\s*(start|stop)\s*=.*", parts[-1]):
+        key, value = parts.pop().split("=", 1)
+        steps[key.strip()] = _step(value, f"{':'.join(parts)!r} {key.strip()}")
     nums: list[float] = []
     while len(parts) > 1 and len(nums) < 2 and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", parts[-1]):
         nums.insert(0, float(parts.pop()))
     name = ":".join(parts)
-    if len(nums) == 2:
-        return StackEntry(name, nums[0], nums[1])
-    if len(nums) == 1:
-        return StackEntry(name, nums[0])
-    return StackEntry(name)
+    weights = nums[:2] + [None] * (2 - len(nums[:2]))
+    return StackEntry(name, 1.0 if weights[0] is None else weights[0], weights[1], **steps)
 
 
 def parse_lora_hashes(value: str) -> dict[str, str]:
@@ -142,6 +184,13 @@ def parse_lora_hashes(value: str) -> dict[str, str]:
             k, v = item.rsplit(":", 1)
             out[k.strip()] = v.strip()
     return out
+
+
+def _no_step_ranges(entries: Sequence[StackEntry]) -> None:
+    for e in entries:
+        if e.start or e.stop is not None:
+            raise ConfigError(f"lora {e.name!r}: a step range (start=/stop=) acts during sampling and cannot be "
+                              "baked into weights; bake it without the range")
 
 
 def _coerce(entries: Iterable[StackEntry | tuple | str]) -> list[StackEntry]:
@@ -814,6 +863,7 @@ class AdapterStack:
             ents = tuple(_coerce(entries)) if entries is not None else self._stack
             if not ents:
                 raise ConfigError("lora: the stack is empty; nothing to bake")
+            _no_step_ranges(ents)
             for e in ents:
                 if self._key_of(e.name) is None:
                     self.load(e.name)
@@ -867,6 +917,7 @@ class AdapterStack:
             ents = tuple(_coerce(entries)) if entries is not None else before
             if not ents:
                 raise ConfigError("lora: the stack is empty; nothing to bake (export the base model instead)")
+            _no_step_ranges(ents)
             changed = entries is not None and set(ents) != set(before)
             try:
                 if changed:
@@ -937,6 +988,45 @@ class AdapterStack:
             return report
 
     # ------------------------------------------------------------------------------ generate
+    @contextlib.contextmanager
+    def _step_schedule(self, entries: Sequence[StackEntry], steps: int):
+        """A `step_hook` that gives each entry's UNet part its weight at the steps it acts in and 0 at the
+        others (text encoders untouched: they run before the first step); None when no entry is scheduled.
+
+        Steps where no entry acts run with the UNet's LoRA layers bypassed (the base model's own compute).
+        Fused weights cannot switch per step, so a scheduled stack is unfused first. Afterwards every entry
+        has its full weight again.
+        """
+        if not any(e.scheduled(steps) for e in entries):
+            yield None
+            return
+        if self._fused is not None:
+            self.unfuse()
+        adapters = [(self._loaded[e.name].adapter, e) for e in entries]
+        unet_layers = [(layer, present, combined) for layer, comp, present, combined in self._layer_cache
+                       if comp == "unet"]
+        state: dict[str, tuple] = {}
+
+        def set_active(active: tuple[bool, ...]) -> None:
+            if state.get("active") == active:
+                return
+            state["active"] = active
+            weights = {a: (e.weight if on else 0.0) for (a, e), on in zip(adapters, active)}
+            for layer, present, combined in unet_layers:
+                _set_enabled(layer, any(active))
+                for a in present:
+                    layer.set_scale(a, weights[a])
+                if combined:
+                    _combine_layer(layer, present, activate=False)
+
+        def hook(step: int) -> None:
+            set_active(tuple(e.active_at(step) for _, e in adapters))
+
+        try:
+            yield hook
+        finally:
+            set_active(tuple(True for _ in adapters))
+
     def lora_hashes(self, entries: Sequence[StackEntry]) -> str:
         """A1111's `Lora hashes` value: 'name: hash12, ...' (':' and ',' dropped from names)."""
         return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {self._loaded[self._key_of(e.name)].info.short_hash}"
@@ -961,7 +1051,9 @@ class AdapterStack:
             applied = self._stack
             extra = {"Lora hashes": self.lora_hashes(applied)} if applied else None
             run_req = replace(req, prompt=clean)
-            images = _generate(self.model, run_req, on_progress=on_progress, extra_parameters=extra)
+            with self._step_schedule(applied, req.steps) as hook:
+                images = _generate(self.model, run_req, on_progress=on_progress, extra_parameters=extra,
+                                   step_hook=hook)
         recorded = " ".join([req.prompt] + [e.tag() for e in explicit]).strip() if explicit else req.prompt
         rec_req = replace(req, prompt=recorded)
         for img in images:

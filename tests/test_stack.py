@@ -307,3 +307,96 @@ def test_adding_to_existing_lora_layers_equals_a_fresh_load(sd1, tmp_path, monke
         assert not any(a.startswith("lora") and second_name in a for a in sd1.pipe.unet.peft_config)
         st.unload()
         used.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# step ranges: an adapter's UNet part on for some of the sampler's steps only (LBW's start= / stop=)
+
+
+def test_step_ranges_parse_from_tags_and_cli_and_round_trip():
+    clean, [e] = parse_lora_tags('a cat <lora:style:0.7:start=10>')
+    assert clean == "a cat" and (e.weight, e.start, e.stop) == (0.7, 10, None)
+    _, [e] = parse_lora_tags("<lora:style:lbw=ALL:stop=8>")  # the LoRA Block Weight extension's form
+    assert (e.weight, e.start, e.stop) == (1.0, 0, 8)
+    _, [e] = parse_lora_tags("<lora:s:0.5:0.9:start=2:stop=6>")
+    assert (e.te_weight, e.weight, e.start, e.stop) == (0.5, 0.9, 2, 6)
+    assert parse_lora_tags(e.tag())[1] == [e]
+    assert e.tag() == "<lora:s:0.5:0.9:start=2:stop=6>"
+    assert StackEntry("s", 0.8).tag() == "<lora:s:0.8>"
+    c = parse_lora_arg("v2:style:0.8:start=5:stop=12")
+    assert (c.name, c.weight, c.start, c.stop) == ("v2:style", 0.8, 5, 12)
+    assert parse_lora_arg("style:start=3") == StackEntry("style", 1.0, None, 3)
+    assert [e.active_at(i) for i in range(8)] == [False, False, True, True, True, True, False, False]
+    assert e.scheduled(20) and not StackEntry("s", stop=20).scheduled(20) and StackEntry("s", stop=20).scheduled(30)
+    with pytest.raises(ConfigError, match="'s' stop: must be after start"):
+        parse_lora_tags("<lora:s:start=5:stop=5>")
+    with pytest.raises(ConfigError, match="'s' start.*whole number"):
+        parse_lora_tags("<lora:s:start=0.5>")
+    with pytest.raises(ConfigError, match="'s' start: must be a whole number"):
+        StackEntry("s", start=-1)
+
+
+def _unet_layer(stack):
+    unet = stack.pipe.unet
+    return unet.get_submodule(LAYER)
+
+
+def test_a_step_range_switches_the_unet_part_per_step_and_restores_it(sd1, stack):
+    """Each UNet call sees the adapter's scale at the steps of its range, none outside; the text encoder
+    keeps its weight; afterwards the stack is whole again."""
+    stack.set_stack([("a", 0.8)])
+    layer = _unet_layer(stack)
+    adapter = [a for a in layer.lora_A if layer.scaling.get(a)][0]
+    full = layer.scaling[adapter]
+    seen = []
+    handle = stack.pipe.unet.register_forward_pre_hook(
+        lambda m, a: seen.append(None if layer.disable_adapters else layer.scaling[adapter]))
+    req = GenerationRequest(prompt="<lora:a:0.8:start=1:stop=3> a red circle", steps=4, seed=3, scheduler="DDIM")
+    try:
+        img = stack.generate(req)[0]
+    finally:
+        handle.remove()
+    assert seen == [None, full, full, None]
+    assert layer.scaling[adapter] == full and not layer.disable_adapters
+    assert "start=1:stop=3" in parse_parameters(img.parameters)["Prompt"]
+    # a range outside the steps: the UNet runs as with UNet weight 0, the text encoder still at 0.8
+    never = stack.generate(GenerationRequest(prompt="<lora:a:0.8:start=4> a red circle", steps=4, seed=3,
+                                             scheduler="DDIM"))[0]
+    te_only = stack.generate(GenerationRequest(prompt="<lora:a:0.8:0> a red circle", steps=4, seed=3,
+                                               scheduler="DDIM"))[0]
+    whole = stack.generate(GenerationRequest(prompt="<lora:a:0.8> a red circle", steps=4, seed=3,
+                                             scheduler="DDIM"))[0]
+    assert np.array_equal(np.asarray(never.image), np.asarray(te_only.image))
+    assert not np.array_equal(np.asarray(img.image), np.asarray(whole.image))
+    assert not np.array_equal(np.asarray(img.image), np.asarray(never.image))
+    again = stack.generate(GenerationRequest(prompt="<lora:a:0.8> a red circle", steps=4, seed=3,
+                                             scheduler="DDIM"))[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(whole.image))
+
+
+def test_a_step_range_in_a_combined_stack_and_on_a_fused_one(sd1, stack):
+    """Two adapters share one combined slot per layer; switching one off leaves the other at its weight.
+    A fused stack is unfused to run a range."""
+    req = GenerationRequest(prompt="a blue square", steps=3, seed=5, scheduler="DDIM")
+    ref = np.asarray(stack.generate(req, [StackEntry("a", 0.0, 1.0), StackEntry("b", 0.7)])[0].image)
+    got = np.asarray(stack.generate(req, [StackEntry("a", 1.0, start=3), StackEntry("b", 0.7)])[0].image)
+    assert np.array_equal(got, ref)
+    stack.set_stack([StackEntry("a", 1.0, start=1), StackEntry("b", 0.7)])
+    stack.fuse()
+    fused_run = np.asarray(stack.generate(req, [StackEntry("a", 1.0, start=1), StackEntry("b", 0.7)])[0].image)
+    assert not stack.fused
+    plain = np.asarray(stack.generate(req, [StackEntry("a", 1.0, start=1), StackEntry("b", 0.7)])[0].image)
+    assert np.array_equal(fused_run, plain)
+
+
+def test_cli_step_ranges_on_a_file_path_and_bake_refuses_them(tiny_sd1_dir, lib, tmp_path, capsys):
+    out = tmp_path / "o.png"
+    common = ["--base", str(tiny_sd1_dir), "--library", str(lib.root), "--device", "cpu"]
+    rc = main(["generate", *common, "--prompt", "a circle", "--lora", f"{lib.root / 'a.safetensors'}:0.8:start=1",
+               "--steps", "2", "--seed", "4", "--scheduler", "ddim", "--out", str(out)])
+    assert rc == 0
+    assert parse_parameters(read_png_parameters(out))["Prompt"] == "a circle <lora:a:0.8:start=1>"
+    capsys.readouterr()
+    rc = main(["loras", "bake", *common, "--lora", "a:0.8:stop=5", "--out", str(tmp_path / "baked.safetensors")])
+    assert rc == 2 and not (tmp_path / "baked.safetensors").exists()
+    assert "lora 'a': a step range (start=/stop=) acts during sampling and cannot be baked" in capsys.readouterr().err

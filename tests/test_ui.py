@@ -240,7 +240,7 @@ def test_names_from_the_browser_never_reach_outside(ui, tmp_path, bad):
     with pytest.raises(gr.Error):
         ui.pick_sample_set(bad, None)
     with pytest.raises(gr.Error):  # a base model is picked by name from the list, never opened as a path
-        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", False, *([None, False, 1.0, False, 1.0] * 4))
+        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", False, *([None, False, 1.0, False, 1.0, False, 0, 0] * 4))
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     caps.loc[0, "image"] = bad if bad else "x"
     with pytest.raises(gr.Error):  # a caption row naming a file outside the dataset
@@ -332,9 +332,9 @@ def _slots(*entries):
     for i in range(4):
         if i < len(entries):
             name, w = entries[i]
-            vals += [name, True, w, False, 1.0]
+            vals += [name, True, w, False, 1.0, False, 0, 0]
         else:
-            vals += [None, True, 1.0, False, 1.0]
+            vals += [None, True, 1.0, False, 1.0, False, 0, 0]
     return vals
 
 
@@ -366,6 +366,18 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert "(fused)" in fused[-1]
     again = Image.open(ui.generate(*args, False, *_slots(("alpha-style", 0.8)))[1][0])
     assert plain.tobytes() == again.tobytes()
+    # a step range on a row: the adapter acts from step 1 on (recorded as a tag); with Fuse it is refused
+    ranged = _slots(("alpha-style", 0.8))
+    ranged[5:8] = [True, 1, 0]
+    late = ui.generate(*args, False, *ranged)
+    assert "`<lora:alpha-style:0.8:start=1>`" in late[-1]
+    assert "<lora:alpha-style:0.8:start=1>" in read_png_parameters(late[1][0])
+    assert Image.open(late[1][0]).tobytes() != plain.tobytes()
+    ranged[5] = False  # the box unticked: its numbers are ignored
+    assert Image.open(ui.generate(*args, False, *ranged)[1][0]).tobytes() == plain.tobytes()
+    ranged[5:8] = [True, 1, 0]
+    with pytest.raises(gr.Error, match="fuse: an adapter with a step range"):
+        ui.generate(*args, True, *ranged)
     # two adapters that cancel each other: the interference warning is shown
     _import(ui, lora_files["alpha-style"], "alpha-copy")
     with pytest.warns(UserWarning, match="fight"):  # the toast (outside a request: a Python warning)

@@ -57,7 +57,7 @@ def test_an_error_stays_on_the_page_and_clears_nothing(ui):
     outputs = ["gallery", "files", "params", "seed", "paths", "warn", "info"]
     handler = shown_in(ui.generate, outputs, "info")
     req = ["a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler"]
-    slots = [None, True, 1.0, False, 1.0] * 4
+    slots = [None, True, 1.0, False, 1.0, False, 0, 0] * 4
     slots[0] = "no-such-adapter"
     out = handler(None, *req, False, *slots)
     assert len(out) == 7 and all(isinstance(o, dict) and o.get("__type__") == "update" and len(o) == 1
