@@ -26,7 +26,7 @@ import quality  # noqa: E402
 def gated(generate, cut: int):
     """`generate_for_prompts` with the base's peft adapters on only for UNet calls at timesteps < cut."""
 
-    def run(base, prompts, args, cross_attention_kwargs=None):
+    def run(base, prompts, args, cross_attention_kwargs=None, **kw):
         unet = base.pipe.unet
         handle = None
         if getattr(unet, "peft_config", None):
@@ -37,7 +37,7 @@ def gated(generate, cut: int):
 
             handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            return generate(base, prompts, args, cross_attention_kwargs)
+            return generate(base, prompts, args, cross_attention_kwargs, **kw)
         finally:
             if handle is not None:
                 handle.remove()

@@ -66,8 +66,12 @@ def generate_for_prompts(
     prompts: Sequence[str],
     args: argparse.Namespace,
     cross_attention_kwargs: dict | None = None,
+    stack=None,
+    loras: Sequence = (),
 ) -> tuple[list[Image.Image], list[str]]:
-    """args.images_per_prompt images per prompt; returns (images, the prompt of each image)."""
+    """args.images_per_prompt images per prompt; returns (images, the prompt of each image).
+
+    With `stack`: through the app's `AdapterStack.generate` with `loras` (step ranges and all)."""
     from pipelines.generation import GenerationRequest, generate
 
     images: list[Image.Image] = []
@@ -84,7 +88,8 @@ def generate_for_prompts(
             scheduler=args.scheduler,
         )
         kwargs = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs else {}
-        for out in generate(base, req, **kwargs):
+        outs = stack.generate(req, loras) if stack is not None else generate(base, req, **kwargs)
+        for out in outs:
             images.append(getattr(out, "image", out))  # GeneratedImage or a bare PIL image
             image_prompts.append(prompt)
         print(f"\r  generated {i + 1}/{len(prompts)} prompts ({time.time() - t0:.0f}s)",
@@ -370,26 +375,32 @@ def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: 
     from pipelines.stack import AdapterStack
 
     stack = AdapterStack(load_base(args.base or DEFAULT_BASE), AdapterLibrary(lib))
-    points = [(None, w, name) for w in args.weights]
+    points = [(None, w, name, start) for w in args.weights for start in args.starts]
     for step, path in run_checkpoints(lib, name):
         stack.load(f"{name}@step-{step}", path)
-        points.append((step, 1.0, f"{name}@step-{step}"))
+        points.append((step, 1.0, f"{name}@step-{step}", 0))
     return score_points(stack, points, args, prompts, before, template, field, value, evaluator)
 
 
 def score_points(stack, points, args, prompts, before, template, field, value, evaluator) -> list[dict]:
     """Fidelity and drops of each (step, weight, adapter key) point of the stack's loaded adapters."""
+    from pipelines.stack import StackEntry
+
     tprompts = trigger_prompts(template, 16, args.seed)
     out = []
-    for step, w, key in points:
-        print(f"trade-off: {'final' if step is None else f'step {step}'} at weight {w}", flush=True)
-        stack.set_stack([(key, w)])
-        timgs, _ = generate_for_prompts(stack.model, tprompts, args)
+    for step, w, key, *rest in points:
+        start = rest[0] if rest else 0
+        print(f"trade-off: {'final' if step is None else f'step {step}'} at weight {w}"
+              + (f", acting from sampler step {start}" if start else ""), flush=True)
+        entry = StackEntry(key, w, start=start)
+        stack.set_stack([entry])
+        timgs, _ = generate_for_prompts(stack.model, tprompts, args, stack=stack, loras=[entry])
         fid = sum(p[field] == value for p in classify(evaluator, timgs)) / len(timgs)
-        imgs, ip = generate_for_prompts(stack.model, prompts, args)
+        imgs, ip = generate_for_prompts(stack.model, prompts, args, stack=stack, loras=[entry])
         after = score(evaluator, imgs, ip)
         drops = {k: before[k] - after[k] for k in FIELDS}
-        out.append({"step": step, "weight": w, "fidelity": fid, "drop": max(0.0, max(drops.values())), **drops})
+        out.append({"step": step, "weight": w, "start": start, "fidelity": fid,
+                    "drop": max(0.0, max(drops.values())), **drops})
     return out
 
 
@@ -509,10 +520,11 @@ def print_peer_table(ours: list[dict], peers: list[list[dict]], mode: str) -> No
 def print_tradeoff(rows: list[dict], path: Path, mode: str) -> None:
     """The table, and a plot of fidelity (solid) and preservation drop (dashed) over weight and steps."""
     print(f"\ntrade-off ({mode}): fidelity and preservation drop")
-    print(f"  {'adapter':>10} {'weight':>6} {'fidelity':>8} {'drop':>5} " + " ".join(f"{k:>10}" for k in FIELDS))
+    print(f"  {'adapter':>10} {'weight':>6} {'from step':>9} {'fidelity':>8} {'drop':>5} "
+          + " ".join(f"{k:>10}" for k in FIELDS))
     for r in rows:
         label = "final" if r["step"] is None else f"step {r['step']}"
-        print(f"  {label:>10} {r['weight']:>6.2f} {r['fidelity']:>8.2f} {r['drop']:>5.2f} "
+        print(f"  {label:>10} {r['weight']:>6.2f} {r.get('start', 0):>9d} {r['fidelity']:>8.2f} {r['drop']:>5.2f} "
               + " ".join(f"{r[k]:>+10.2f}" for k in FIELDS))
     w, h, pad = 640, 280, 40
     img = Image.new("RGB", (w, h), "white")
@@ -601,6 +613,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="concept/style: also score the adapter at each of --weights and every saved checkpoint "
                         "at weight 1 (a table and bench/out/quality_MODE_tradeoff.png)")
+    p.add_argument("--starts", default=[0], type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                   help="with --sweep: also score the final adapter acting only from these sampler steps on "
+                        "(the app's start= step range; 0: every step), e.g. 0,6,10")
     p.add_argument("--weights", default="0.25,0.5,0.75,1", type=lambda t: [float(x) for x in t.split(",") if x],
                    help="weights for --sweep (default 0.25,0.5,0.75,1)")
     p.add_argument("--peer", type=Path, default=None, metavar="PATH",

@@ -182,6 +182,16 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#gen-params textarea")).to_have_value(re.compile(rf"<lora:{NAME}:0\.8>.*Seed: 42", re.S))
     expect(page.locator("#gen-files")).to_contain_text(".png")
     _shot(page, "4-generate")
+    # a step range on the row: the adapter from sampler step 4 on, recorded in the parameters as a tag
+    expect(page.locator("#slot-0-start")).to_be_hidden()
+    page.locator("#slot-0-ranged input[type=checkbox]").check()
+    expect(page.locator("#slot-0-start")).to_be_visible()
+    _fill_number(page, "slot-0-start", 4)
+    page.locator("#gen-go").click()
+    expect(page.locator("#gen-params textarea")).to_have_value(
+        re.compile(rf"<lora:{NAME}:0\.8:start=4>.*Seed: 42", re.S), timeout=90_000)
+    _shot(page, "4a-generate-step-range")
+    page.locator("#slot-0-ranged input[type=checkbox]").uncheck()
     page.locator("#gen-compare").get_by_text("Compare:").click()
     _pick(page, "cmp-adapter", NAME)
     page.locator("#cmp-weights").get_by_role("textbox").fill("0, 0.8")
