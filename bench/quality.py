@@ -394,11 +394,17 @@ def score_points(stack, points, args, prompts, before, template, field, value, e
               + (f", acting from sampler step {start}" if start else ""), flush=True)
         entry = StackEntry(key, w, start=start)
         stack.set_stack([entry])
-        timgs, _ = generate_for_prompts(stack.model, tprompts, args, stack=stack, loras=[entry])
-        fid = sum(p[field] == value for p in classify(evaluator, timgs)) / len(timgs)
+        timgs, tip = generate_for_prompts(stack.model, tprompts, args, stack=stack, loras=[entry])
+        tpreds = classify(evaluator, timgs)
+        fid = sum(p[field] == value for p in tpreds) / len(timgs)
         imgs, ip = generate_for_prompts(stack.model, prompts, args, stack=stack, loras=[entry])
         after = score(evaluator, imgs, ip)
         drops = {k: before[k] - after[k] for k in FIELDS}
+        if start:  # what a step range does is seen, not only scored
+            stem = args.out_dir / f"quality_{field}_from_step_{start}"
+            contact_sheet(timgs, tip, tpreds, Path(f"{stem}_fidelity.png"), f"from step {start}: fidelity={fid:.2f}")
+            contact_sheet(imgs, ip, after["predictions"], Path(f"{stem}_preservation.png"),
+                          f"from step {start}: base prompts with the adapter | " + summary_line(after))
         out.append({"step": step, "weight": w, "start": start, "fidelity": fid,
                     "drop": max(0.0, max(drops.values())), **drops})
     return out
