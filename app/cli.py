@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
     gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
                     help="weights for --lora (default 0,0.25,0.5,0.75,1; range -2..2)")
-    gr.add_argument("--weight", type=float, default=1.0, help="the weight for --loras and --checkpoints (default 1)")
+    gr.add_argument("--starts", default=None, metavar="N1,N2,...",
+                    help="with --lora: vary the sampler step the adapter acts from instead of its weight (0 = every "
+                         "step; the adapter at --weight), e.g. 0,5,10,15")
+    gr.add_argument("--weight", type=float, default=1.0,
+                    help="the weight for --loras, --checkpoints and --starts (default 1)")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
@@ -303,7 +307,7 @@ def _weights(text: str) -> list[float]:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import adapter_columns, checkpoint_columns, make_grid, weight_columns
+    from pipelines.grid import adapter_columns, checkpoint_columns, make_grid, start_columns, weight_columns
 
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -311,12 +315,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
     )
     weights = _weights(args.weights) if args.lora else []
+    if args.starts is not None and not args.lora:
+        raise _usage("grid: --starts varies one adapter: give it with --lora NAME")
+    try:
+        starts = [int(n) for n in args.starts.split(",") if n.strip()] if args.starts is not None else []
+    except ValueError:
+        raise _usage(f"grid: --starts must be whole step numbers separated by commas, got '{args.starts}'") from None
     t0 = time.time()
     stack = _stack_for(args)
     t1 = time.time()
     if args.lora:
         [entry] = _entries_into(stack, [args.lora])
-        columns, axis = weight_columns(entry.name, weights), f"{entry.name} weight"
+        if args.starts is not None:
+            columns, axis = start_columns(entry.name, starts, weight=args.weight), f"{entry.name} acting"
+        else:
+            columns, axis = weight_columns(entry.name, weights), f"{entry.name} weight"
     elif args.loras:
         entries = _entries_into(stack, [n.strip() for n in args.loras.split(",") if n.strip()])
         columns, axis = adapter_columns([e.name for e in entries], args.weight), f"LoRA at {args.weight:g}"

@@ -483,10 +483,12 @@ class Studio:
         return sorted(p.name for p in d.iterdir() if (p / "checkpoints").is_dir() and _inside(p, d))
 
     def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
-                weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = ()) -> Path:
+                weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = (),
+                starts: Sequence[int] = ()) -> Path:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
-        checkpoints of training `run` ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
-        from pipelines.grid import GridColumn, checkpoint_columns, make_grid, weight_columns
+        sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
+        ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
+        from pipelines.grid import GridColumn, checkpoint_columns, make_grid, start_columns, weight_columns
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
@@ -495,6 +497,11 @@ class Studio:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
                 adapter = check_name(adapter)
                 cols, axis = weight_columns(adapter, weights, others), f"{adapter} weight"
+            elif mode == "starts":
+                if not adapter:
+                    raise ConfigError("adapter: pick the adapter whose start step varies across the grid")
+                adapter = check_name(adapter)
+                cols, axis = start_columns(adapter, starts, others), f"{adapter} acting"
             elif mode == "checkpoints":
                 if not run:
                     raise ConfigError("run: pick a training run to compare its checkpoints")

@@ -51,8 +51,10 @@ OPEN_GROUPS = ("LoRA", "Optimisation")  # open when Advanced is opened; the othe
 CAPTION_COLUMNS = ["image", "caption"]
 MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
-COMPARE_MODES = {"adapter weights": "weights", "checkpoints of a run": "checkpoints",
+COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters"}
+# the values box of the comparison, per mode: (label, default)
+COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"), "starts": ("Start steps (0 = every step)", "0, 5, 10, 15")}
 
 CSS = """
 .ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
@@ -203,6 +205,16 @@ def _num(v: Any, what: str, cast=float):
         return cast(v)
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{what}: '{v}' is not a number") from None
+
+
+def _starts(text: str, steps: int) -> list[int]:
+    out = [_num(n, "start steps", int) for n in re.split(r"[,\s;]+", str(text or "").strip()) if n]
+    for n in out:
+        if not 0 <= n < steps:
+            raise ConfigError(f"start steps: {n} is outside 0..{steps - 1} (the sampler runs {steps} steps)")
+    if not out:
+        raise ConfigError("start steps: give at least one step, e.g. 0, 5, 10")
+    return out
 
 
 def _weights(text: str) -> list[float]:
@@ -875,9 +887,19 @@ class StudioUI:
         if kind is None:
             raise ConfigError(f"mode: unknown comparison '{mode}'")
         weights = _weights(cmp_weights) if kind == "weights" else ()
+        starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
-                                   others=enabled)
+                                   others=enabled, starts=starts)
         return str(path), str(path), req.seed
+
+    @staticmethod
+    def compare_values_box(mode: str, current: str):
+        """The values box follows the mode: weights for 'adapter weights', steps for 'adapter start step'
+        (its default when it still holds the other mode's default)."""
+        kind = COMPARE_MODES.get(mode)
+        label, default = COMPARE_VALUES.get(kind, COMPARE_VALUES["weights"])
+        keep = current and current not in {d for _, d in COMPARE_VALUES.values()}
+        return gr.update(label=label, value=current if keep else default)
 
     def compare_shown(self, *args):
         """`compare` for the page: the grid, its file, the seed, and a status line (where an error stays)."""
@@ -1121,7 +1143,7 @@ class StudioUI:
                                             file_count="multiple", interactive=False, elem_id="gen-files")
                         params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=False,
                                             buttons=["copy"], elem_id="gen-params")
-                with gr.Accordion("Compare: one prompt across adapter weights or checkpoints (grid)", open=False,
+                with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)", open=False,
                                   elem_id="gen-compare"):
                     with gr.Row():
                         cmp_mode = gr.Radio(list(COMPARE_MODES), value="adapter weights", label="Across",
@@ -1130,6 +1152,8 @@ class StudioUI:
                         cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
                         cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
                     cmp_go = gr.Button("Make grid", elem_id="cmp-go")
+                    cmp_mode.change(self.compare_values_box, [cmp_mode, cmp_weights], cmp_weights,
+                                    show_progress="hidden")
                     cmp_status = gr.Markdown("", elem_id="cmp-status")
                     with gr.Row():
                         cmp_image = gr.Image(label="Grid", type="filepath", interactive=False, format="png",

@@ -192,6 +192,21 @@ def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEn
     return [GridColumn(f"{name} {float(w):g}", others + (StackEntry(name, float(w)),)) for w in weights]
 
 
+def start_columns(name: str, starts: Sequence[int], others: Sequence[StackEntry] = (),
+                  weight: float = 1.0) -> list[GridColumn]:
+    """One adapter acting from each of `starts` (sampler steps, 0 = every step) on, other adapters fixed:
+    columns labelled 'from step N'. The adapter keeps its weights from `others` when it is there."""
+    if not starts:
+        raise ConfigError("starts: give at least one start step, e.g. 0, 5, 10")
+    if len(starts) > 8:
+        raise ConfigError("starts: at most 8 columns")
+    others = tuple(_coerce(others))
+    mine = next((e for e in others if e.name.casefold() == name.casefold()), StackEntry(name, float(weight)))
+    rest = tuple(e for e in others if e is not mine)
+    return [GridColumn("every step" if int(n) == 0 else f"from step {int(n)}",
+                       rest + (replace(mine, start=n, stop=None),)) for n in starts]
+
+
 def adapter_columns(names: Sequence[str], weight: float = 1.0, others: Sequence[StackEntry] = ()) -> list[GridColumn]:
     """Several adapters, one at a time at the same weight: columns labelled by adapter name."""
     if not names:
@@ -249,6 +264,7 @@ def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, in
 
 
 __all__ = [
-    "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "adapter_columns", "run_checkpoints",
+    "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "start_columns", "adapter_columns",
+    "run_checkpoints",
     "checkpoint_columns",
 ]

@@ -17,10 +17,11 @@ from pipelines.grid import (
     checkpoint_columns,
     make_grid,
     run_checkpoints,
+    start_columns,
     weight_columns,
 )
 from pipelines.library import AdapterLibrary
-from pipelines.stack import AdapterStack, parse_lora_hashes
+from pipelines.stack import AdapterStack, StackEntry, parse_lora_hashes
 from pipelines.weights_io import save_safetensors
 
 WEIGHTS = [0, 0.5, 1.0]
@@ -101,6 +102,22 @@ def test_weight_grid_tiles_labels_and_weight_zero_is_the_base(stack):
     assert stack.reads == 1  # one file read for the whole grid
 
 
+def test_start_step_grid_keeps_the_rows_weights_and_switches_the_unet_part(stack):
+    others = [StackEntry("a", 0.7, 0.4), StackEntry("b", 0.5)]
+    result = make_grid(stack, _req(), start_columns("a", [0, 1, 2], others), axis="a acting")
+    assert [c.label for c in result.columns] == ["every step", "from step 1", "from step 2"]
+    p = parse_parameters(result.parameters)
+    assert p["Grid stacks"] == ("<lora:b:0.5> <lora:a:0.4:0.7> | <lora:b:0.5> <lora:a:0.4:0.7:start=1> | "
+                                "<lora:b:0.5> <lora:a:0.4:0.7:start=2>")
+    tiles = [np.asarray(col[0].image) for col in result.tiles]
+    full = np.asarray(stack.generate(_req(), [StackEntry("b", 0.5), StackEntry("a", 0.7, 0.4)])[0].image)
+    unet_off = np.asarray(stack.generate(_req(), [StackEntry("b", 0.5), StackEntry("a", 0.0, 0.4)])[0].image)
+    assert np.array_equal(tiles[0], full) and np.array_equal(tiles[2], unet_off)  # 2 steps: from 2 = never
+    assert not np.array_equal(tiles[1], full) and not np.array_equal(tiles[1], unet_off)
+    with pytest.raises(ConfigError, match="at least one start step"):
+        start_columns("a", [])
+
+
 def test_adapters_grid_with_prompt_tags_and_several_seeds(stack):
     req = _req(prompt="<lora:b:0.3> a red circle", num_images=2)
     result = make_grid(stack, req, adapter_columns(["a", "b"], 0.8))
@@ -156,6 +173,11 @@ def test_cli_grid_modes(tiny_sd1_dir, lib, tmp_path, capsys):
     with Image.open(out) as im:
         assert im.width % 3 == 0 and im.height > im.width // 3  # three square tiles under a label band
     assert "step 5 | step 10 | step 200" in parse_parameters(read_png_parameters(out))["Grid"]
+    out = tmp_path / "s.png"
+    assert main(common + ["--lora", "a", "--starts", "0,1", "--weight", "0.8", "--out", str(out)]) == 0
+    assert parse_parameters(read_png_parameters(out))["Grid stacks"] == "<lora:a:0.8> | <lora:a:0.8:start=1>"
+    assert main(common + ["--loras", "a,b", "--starts", "0,1", "--out", str(out)]) == 2
+    assert "--starts varies one adapter" in capsys.readouterr().err
     assert main(common + ["--lora", "a", "--weights", "0,x", "--out", str(out)]) == 2
     assert "--weights" in capsys.readouterr().err
 

@@ -388,6 +388,15 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
                                     "alpha-style", "0, 1", None, *_slots())
     with Image.open(grid) as im:
         assert im.width >= 2 * 128 and "alpha-style 0 | alpha-style 1" in im.info["parameters"]
+    box = ui.compare_values_box("adapter start step", "0, 0.4, 0.8, 1.2")  # the box turns into steps
+    assert box["label"].startswith("Start steps") and box["value"] == "0, 5, 10, 15"
+    assert ui.compare_values_box("adapter weights", "0, 1")["value"] == "0, 1"  # the user's own values stay
+    grid, *_ = ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                          "alpha-style", "0, 1", None, *_slots(("alpha-style", 0.8)))
+    assert "<lora:alpha-style:0.8> | <lora:alpha-style:0.8:start=1>" in read_png_parameters(grid)
+    with pytest.raises(gr.Error, match="start steps: 2 is outside 0..1"):
+        ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                   "alpha-style", "0, 2", None, *_slots())
     grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
                           None, "", None, *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     assert "alpha-style 0.8 | beta-thing 0.5" in read_png_parameters(grid)
