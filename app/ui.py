@@ -895,11 +895,13 @@ class StudioUI:
     @staticmethod
     def compare_values_box(mode: str, current: str):
         """The values box follows the mode: weights for 'adapter weights', steps for 'adapter start step'
-        (its default when it still holds the other mode's default)."""
+        (weights are no steps, nor the other way round: it starts from the mode's own example); the other
+        modes do not use it and leave it as it is."""
         kind = COMPARE_MODES.get(mode)
-        label, default = COMPARE_VALUES.get(kind, COMPARE_VALUES["weights"])
-        keep = current and current not in {d for _, d in COMPARE_VALUES.values()}
-        return gr.update(label=label, value=current if keep else default)
+        if kind not in COMPARE_VALUES:
+            return gr.update()
+        label, default = COMPARE_VALUES[kind]
+        return gr.update(label=label, value=default)
 
     def compare_shown(self, *args):
         """`compare` for the page: the grid, its file, the seed, and a status line (where an error stays)."""
@@ -1099,13 +1101,14 @@ class StudioUI:
                                                elem_id=f"slot-{i}-te")
                                 rng = gr.Checkbox(False, label="steps", scale=0, min_width=80,
                                                   elem_id=f"slot-{i}-ranged")
-                                step_from = gr.Number(0, precision=0, minimum=0, label="from step", scale=1,
-                                                  min_width=90, visible=False, elem_id=f"slot-{i}-start")
-                                step_to = gr.Number(0, precision=0, minimum=0, label="to step (0 = last)", scale=1,
-                                                 min_width=110, visible=False, elem_id=f"slot-{i}-stop")
+                            # the step range on a line of its own: the row above keeps its width
+                            with gr.Row(equal_height=True, visible=False, elem_id=f"slot-{i}-steps") as step_row:
+                                step_from = gr.Number(0, precision=0, minimum=0, label="acts from step (0 = first)",
+                                                      scale=1, min_width=140, elem_id=f"slot-{i}-start")
+                                step_to = gr.Number(0, precision=0, minimum=0, label="up to step (0 = last)",
+                                                    scale=1, min_width=140, elem_id=f"slot-{i}-stop")
                             sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
-                            rng.change(lambda v: (gr.update(visible=bool(v)), gr.update(visible=bool(v))), rng,
-                                       [step_from, step_to], show_progress="hidden")
+                            rng.change(lambda v: gr.update(visible=bool(v)), rng, step_row, show_progress="hidden")
                             slot_widgets += [dd, en, wt, sep, tw, rng, step_from, step_to]
                             name_dds.append(dd)
                             enable_cbs.append(en)

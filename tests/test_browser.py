@@ -198,6 +198,16 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     page.locator("#cmp-go").click()
     expect(page.locator("#cmp-image img")).to_be_visible(timeout=90_000)
     _shot(page, "4b-generate-compare")
+    # across the step the adapter starts at: the values box turns into steps
+    first_grid = page.locator("#cmp-image img").get_attribute("src")
+    page.locator("#cmp-mode").get_by_label("adapter start step", exact=True).check()
+    values = page.locator("#cmp-weights").get_by_role("textbox")
+    expect(values).to_have_value("0, 5, 10, 15")
+    values.fill("0, 4")
+    page.locator("#cmp-go").click()
+    expect(page.locator("#cmp-image img")).not_to_have_attribute("src", first_grid, timeout=90_000)
+    expect(page.locator("#cmp-status")).not_to_contain_text("error")
+    _shot(page, "4c-generate-compare-start-steps")
 
     # 4. library: the trained adapter's card; import (kohya format, as other tools write), rename, delete
     _tab(page, "Library")

@@ -390,7 +390,8 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
         assert im.width >= 2 * 128 and "alpha-style 0 | alpha-style 1" in im.info["parameters"]
     box = ui.compare_values_box("adapter start step", "0, 0.4, 0.8, 1.2")  # the box turns into steps
     assert box["label"].startswith("Start steps") and box["value"] == "0, 5, 10, 15"
-    assert ui.compare_values_box("adapter weights", "0, 1")["value"] == "0, 1"  # the user's own values stay
+    assert ui.compare_values_box("adapter weights", "0, 5")["label"] == "Weights"
+    assert "value" not in ui.compare_values_box("checkpoints of a run", "0, 5")  # unused there: left alone
     grid, *_ = ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
                           "alpha-style", "0, 1", None, *_slots(("alpha-style", 0.8)))
     assert "<lora:alpha-style:0.8> | <lora:alpha-style:0.8:start=1>" in read_png_parameters(grid)
