@@ -298,11 +298,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(text: str) -> list[float]:
+def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
     try:
-        return [float(w) for w in text.split(",") if w.strip()]
+        return [cast(w) for w in text.split(",") if w.strip()]
     except ValueError:
-        raise _usage(f"grid: --weights must be numbers separated by commas, got '{text}'") from None
+        raise _usage(f"grid: {flag} must be {kind} separated by commas, got '{text}'") from None
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -314,13 +314,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler,
     )
-    weights = _weights(args.weights) if args.lora else []
+    weights = _numbers(args.weights, "--weights") if args.lora else []
     if args.starts is not None and not args.lora:
         raise _usage("grid: --starts varies one adapter: give it with --lora NAME")
-    try:
-        starts = [int(n) for n in args.starts.split(",") if n.strip()] if args.starts is not None else []
-    except ValueError:
-        raise _usage(f"grid: --starts must be whole step numbers separated by commas, got '{args.starts}'") from None
+    starts = _numbers(args.starts, "--starts", int, "whole step numbers") if args.starts is not None else []
     t0 = time.time()
     stack = _stack_for(args)
     t1 = time.time()

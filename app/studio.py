@@ -521,13 +521,12 @@ class Studio:
 
 
 def entries_from_rows(rows: Iterable[tuple]) -> list[StackEntry]:
-    """UI adapter rows (name, enabled, weight, separate_te, te_weight[, ranged, start_step, stop_step]) ->
+    """UI adapter rows (name, enabled, weight, separate_te, te_weight, ranged, start_step, stop_step) ->
     stack entries. A stop step of 0 or blank: to the last step."""
     out = []
-    for name, enabled, weight, sep_te, te_weight, *steps in rows:
+    for name, enabled, weight, sep_te, te_weight, ranged, start, stop in rows:
         if not enabled or not name:
             continue
-        ranged, start, stop = (list(steps) + [False, 0, 0])[:3]
         start = 0 if not ranged or start in (None, "") else start
         stop = None if not ranged or stop in (None, "", 0) else stop
         out.append(StackEntry(check_name(name), float(weight), float(te_weight) if sep_te else None, start, stop))

@@ -54,7 +54,8 @@ LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
 COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters"}
 # the values box of the comparison, per mode: (label, default)
-COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"), "starts": ("Start steps (0 = every step)", "0, 5, 10, 15")}
+COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"),
+                  "starts": ("Start steps (0 = every step)", "0, 5, 10, 15")}
 
 CSS = """
 .ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
@@ -207,8 +208,13 @@ def _num(v: Any, what: str, cast=float):
         raise ConfigError(f"{what}: '{v}' is not a number") from None
 
 
+def _values(text: str, what: str, cast=float) -> list:
+    """A comparison's values box ('0, 0.5, 1'; commas, spaces or semicolons) as numbers of `cast`."""
+    return [_num(v, what, cast) for v in re.split(r"[,\s;]+", str(text or "").strip()) if v]
+
+
 def _starts(text: str, steps: int) -> list[int]:
-    out = [_num(n, "start steps", int) for n in re.split(r"[,\s;]+", str(text or "").strip()) if n]
+    out = _values(text, "start steps", int)
     for n in out:
         if not 0 <= n < steps:
             raise ConfigError(f"start steps: {n} is outside 0..{steps - 1} (the sampler runs {steps} steps)")
@@ -218,8 +224,7 @@ def _starts(text: str, steps: int) -> list[int]:
 
 
 def _weights(text: str) -> list[float]:
-    vals = [w for w in re.split(r"[,\s;]+", str(text or "").strip()) if w]
-    out = [_num(w, "weights") for w in vals]
+    out = _values(text, "weights")
     for w in out:
         if not WEIGHT_MIN <= w <= WEIGHT_MAX:
             raise ConfigError(f"weights: {w:g} is outside {WEIGHT_MIN:g}..{WEIGHT_MAX:g}")
@@ -1146,8 +1151,8 @@ class StudioUI:
                                             file_count="multiple", interactive=False, elem_id="gen-files")
                         params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=False,
                                             buttons=["copy"], elem_id="gen-params")
-                with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)", open=False,
-                                  elem_id="gen-compare"):
+                with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)",
+                                  open=False, elem_id="gen-compare"):
                     with gr.Row():
                         cmp_mode = gr.Radio(list(COMPARE_MODES), value="adapter weights", label="Across",
                                             elem_id="cmp-mode")

@@ -383,13 +383,12 @@ def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: 
 
 
 def score_points(stack, points, args, prompts, before, template, field, value, evaluator) -> list[dict]:
-    """Fidelity and drops of each (step, weight, adapter key) point of the stack's loaded adapters."""
+    """Fidelity and drops of each (step, weight, adapter key, start step) point of the stack's loaded adapters."""
     from pipelines.stack import StackEntry
 
     tprompts = trigger_prompts(template, 16, args.seed)
     out = []
-    for step, w, key, *rest in points:
-        start = rest[0] if rest else 0
+    for step, w, key, start in points:
         print(f"trade-off: {'final' if step is None else f'step {step}'} at weight {w}"
               + (f", acting from sampler step {start}" if start else ""), flush=True)
         entry = StackEntry(key, w, start=start)
@@ -467,7 +466,7 @@ def score_file(base, weights: Path, label: str, minutes: float, args: argparse.N
     with tempfile.TemporaryDirectory() as lib:
         stack = AdapterStack(base, AdapterLibrary(lib))
         stack.load("peer", weights)
-        rows = score_points(stack, [(None, w, "peer") for w in args.weights], args, prompts, before,
+        rows = score_points(stack, [(None, w, "peer", 0) for w in args.weights], args, prompts, before,
                             template, field, value, evaluator)
     for r in rows:
         r["who"], r["minutes"] = label, minutes

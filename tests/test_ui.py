@@ -240,7 +240,8 @@ def test_names_from_the_browser_never_reach_outside(ui, tmp_path, bad):
     with pytest.raises(gr.Error):
         ui.pick_sample_set(bad, None)
     with pytest.raises(gr.Error):  # a base model is picked by name from the list, never opened as a path
-        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", False, *([None, False, 1.0, False, 1.0, False, 0, 0] * 4))
+        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", False,
+                    *([None, False, 1.0, False, 1.0, False, 0, 0] * 4))
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     caps.loc[0, "image"] = bad if bad else "x"
     with pytest.raises(gr.Error):  # a caption row naming a file outside the dataset
