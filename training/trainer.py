@@ -875,6 +875,9 @@ class Trainer:
                 msg = (f"weight check: keeps the base intact up to {wc.safe_up_to:g}" if wc.safe_up_to
                        else "weight check: trigger-free pictures change already at 0.25" if wc.kept is not None
                        else f"weight check: pictures in {wc.sheet}")
+                if (sc := wc.step_check) is not None and sc.look_kept is not None:
+                    msg += (f"; acting from step {sc.suggested} of {sc.steps} keeps more of it" if sc.suggested
+                            else "; best acting at every step")
                 _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, message=msg))
         path = export_adapter(self, final[0] if final else None) if self.is_main else None
         self.accelerator.wait_for_everyone()
