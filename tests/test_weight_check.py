@@ -38,3 +38,60 @@ def test_weight_check_elsewhere_shows_pictures_and_can_be_turned_off(star_images
     assert (res.run_dir / "weight-check.png").is_file()
     _run(star_images, tmp_path, "off", base=str(tiny_sd1_dir), max_steps=2, weight_check=False)
     assert "## Weight range" not in (tmp_path / "lib" / "off.md").read_text()
+
+
+def test_toy_card_gives_the_step_range_with_pictures(star_images, tmp_path):
+    """The card's step range: the adapter at weight 1 acting at every step and from each later start; a wrecked
+    adapter (lr 0.3) moves trigger-free pictures less when its UNet part only acts over the later steps, and
+    afterwards the model draws as before the check (every LoRA layer switched back on)."""
+    import torch
+
+    from pipelines.generation import GenerationRequest, generate
+    from training.trainer import Trainer
+    from training.weight_check import check_starts, check_weights
+
+    cfg = TrainConfig(images=str(star_images), base=str(DEFAULT_BASE), output_dir=str(tmp_path / "lib"), name="sr",
+                      device="cpu", checkpoint_every=0, sample_steps=6, batch_size=2, rank=4, seed=1, lr_unet=0.3,
+                      max_steps=12, resolution=64, trigger="sks")
+    tr = Trainer(cfg)
+    tr.run()
+    card = (tmp_path / "lib" / "sr.md").read_text()
+    sc = tr.weight_check.step_check
+    assert check_starts(6) == (0, 2, 3) and sc.starts == (0, 2, 3)
+    assert "## Step range" in card and "| every step |" in card and "| from step 2 |" in card and "| from step 3 |" in card
+    assert sc.trigger_prompts and all("sks" in p for p in sc.trigger_prompts)
+    assert sc.look == {"shape": "star", "style": "solid"}
+    assert sc.free_change[3] < sc.free_change[0]
+    assert (tr.run_dir / "step-check.png").is_file()
+    req = GenerationRequest(prompt="a red circle on a white background", steps=4, seed=3, width=64, height=64)
+    before = generate(tr.base, req)[0].image
+    check_weights(tr)
+    after = generate(tr.base, req)[0].image
+    assert torch.equal(torch.tensor(list(before.getdata())), torch.tensor(list(after.getdata())))
+
+
+@pytest.mark.parametrize("look, free, want", [
+    ({0: 0.8, 5: 0.8, 10: 0.75}, {0: 0.2, 5: 0.3, 10: 0.6}, 10),  # the latest start keeping 90% of the look
+    ({0: 0.8, 5: 0.8, 10: 0.5}, {0: 0.2, 5: 0.3, 10: 0.6}, 5),  # step 10 loses the look
+    ({0: 0.8, 5: 0.8, 10: 0.8}, {0: 0.5, 5: 0.5, 10: 0.5}, None),  # no start keeps more of the base
+    ({0: 0.0, 5: 0.0, 10: 0.0}, {0: 0.2, 5: 0.3, 10: 0.6}, None),  # nothing learned: no range to suggest
+])
+def test_step_suggestion_keeps_the_look_and_more_of_the_base(look, free, want):
+    from training.weight_check import suggest_start
+
+    assert suggest_start((0, 5, 10), look, free) == want
+
+
+@pytest.mark.parametrize("folder, want", [("style-outline", {"style": "outline"}), ("concept-star", {"shape": "star"})])
+def test_the_trained_look_is_what_the_captions_leave_to_the_adapter(folder, want):
+    """On the shipped sets the check looks for the outline style and for the star shape (the fields the captions
+    do not name), as bench/quality.py scores fidelity."""
+    from pathlib import Path
+
+    from training.dataset import scan_folder
+    from training.evaluator import load_evaluator
+    from training.weight_check import trained_look
+
+    items = scan_folder(Path(__file__).parents[1] / "sample_data" / folder).items
+    look = trained_look(load_evaluator(), items)
+    assert all(look.get(k) == v for k, v in want.items())

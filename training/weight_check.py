@@ -235,14 +235,12 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
             if (sc := res.step_check) is not None:
                 # the look the adapter was trained for: what the evaluator reads in the training images on the
                 # fields their captions leave unnamed (the outline style, the star shape), where most agree
-                look = _trained_look(ev, tr)
+                look = trained_look(ev, tr.scan.items)
                 sc.look = look
                 sc.free_kept = {s: kept(free_at[s], ref) for s in starts}
                 sc.look_kept = {s: sum(all(g[k] == v for k, v in look.items()) for g in classify(ev, look_at[s]))
                                 / len(look_at[s]) for s in starts}
-                good = [s for s in starts[1:] if sc.look_kept[s] >= KEEP * sc.look_kept[0] and sc.look_kept[0] > 0
-                        and sc.free_kept[s] > sc.free_kept[0]]
-                sc.suggested = good[-1] if good else None
+                sc.suggested = suggest_start(starts, sc.look_kept, sc.free_kept)
     res.sheet = _sheet(images, prompts, tr.run_dir / "weight-check.png")
     if (sc := res.step_check) is not None:
         cols = {"base": look_base + images[0.0],
@@ -251,7 +249,15 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
     return res
 
 
-def _trained_look(ev, tr: "Trainer") -> dict[str, str]:
+def suggest_start(starts: tuple[int, ...], look_kept: dict[int, float], free_kept: dict[int, float]) -> int | None:
+    """The latest start after 0 whose trigger pictures show at least KEEP times the look they show at every
+    step (which must show it at all) and whose trigger-free pictures keep more of the base; None if none."""
+    good = [s for s in starts[1:] if look_kept[0] > 0 and look_kept[s] >= KEEP * look_kept[0]
+            and free_kept[s] > free_kept[0]]
+    return good[-1] if good else None
+
+
+def trained_look(ev, items: list) -> dict[str, str]:
     """{field: value} the training images show on the fields their captions do not name, where at least
     half of them agree: for a style set the style, for a concept set (captions without the shape) the shape."""
     from collections import Counter
@@ -261,7 +267,6 @@ def _trained_look(ev, tr: "Trainer") -> dict[str, str]:
     from . import toy_world as tw
     from .evaluator import classify
 
-    items = tr.scan.items
     reads = classify(ev, [Image.open(it.path).convert("RGB").resize((64, 64), Image.BICUBIC) for it in items])
     votes: dict[str, Counter] = {}
     for it, r in zip(items, reads):
