@@ -212,6 +212,10 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     # 4. library: the trained adapter's card; import (kohya format, as other tools write), rename, delete
     _tab(page, "Library")
     expect(page.locator("#lib-table")).to_contain_text(NAME, timeout=15_000)
+    _pick(page, "lib-pick", NAME)
+    expect(page.locator("#lib-details")).to_contain_text("Weight range", timeout=30_000)
+    expect(page.locator("#lib-details")).to_contain_text("Step range")
+    expect(page.locator("#lib-details")).to_contain_text("from step")
     kohya = studio.library.export(NAME, "kohya")
     upload = tmp_path / "from-another-tool.safetensors"
     shutil.copyfile(kohya, upload)

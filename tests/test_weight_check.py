@@ -36,6 +36,8 @@ def test_weight_check_elsewhere_shows_pictures_and_can_be_turned_off(star_images
     card = (tmp_path / "lib" / "tiny.md").read_text()
     assert "judge the range from the pictures" in card and "weight-check.png" in card
     assert (res.run_dir / "weight-check.png").is_file()
+    assert "Step range: judge from the pictures in `step-check.png`" in card and "| from step 3 |" in card
+    assert (res.run_dir / "step-check.png").is_file()
     _run(star_images, tmp_path, "off", base=str(tiny_sd1_dir), max_steps=2, weight_check=False)
     assert "## Weight range" not in (tmp_path / "lib" / "off.md").read_text()
 

@@ -159,7 +159,8 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
     cfg, base = tr.cfg, tr.base
     layers = _lora_layers(tr)
     unet = base.pipe.unet
-    unet_layers = [m for m in layers if any(m is u for u in unet.modules())]
+    in_unet = {id(m) for m in unet.modules()}
+    unet_layers = [m for m in layers if id(m) in in_unet]
     was_training = unet.training
 
     def draw(ps: list[str], w: float, start: int = 0) -> list:
@@ -198,7 +199,7 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
         for w in (0.0, *WEIGHTS):
             images[w] = draw(prompts, w)
         free_at[0] = images[1.0]
-        if triggered and len(starts) > 1:
+        if triggered and len(starts) > 1 and unet_layers:  # a text-encoder-only adapter has no steps to pick
             look_base = draw(triggered, 0.0)
             for s in starts:
                 look_at[s] = draw(triggered, 1.0, s)
