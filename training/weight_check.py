@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 WEIGHTS = (0.25, 0.5, 0.75, 1.0)
-KEEP = 0.9  # share of trigger-free pictures that must keep what the base draws
+KEEP = 0.9  # share of trigger-free pictures that must keep what the base draws (and of the look a later start keeps)
 MAX_PROMPTS = 4
 STARTS = (0.25, 0.5)  # share of the sampler's steps before the adapter's UNet part starts to act
 
@@ -70,9 +70,9 @@ class StepCheck:
                        "then the adapter at weight 1 acting at every step and from each later step; the prompts with "
                        "the trigger first). The mean pixel changes are below.")
         elif self.suggested:
-            verdict = (f"**Acting from step {self.suggested} of {self.steps} keeps more of the base and the look**: add "
-                       f"the adapter as `<lora:{self.name}:1:start={self.suggested}>` (or tick *steps* on its row). "
-                       f"Pictures in `{sheet}`.")
+            verdict = (f"**Acting from step {self.suggested} of {self.steps} keeps more of the base and the look**: "
+                       f"add the adapter as `<lora:{self.name}:1:start={self.suggested}>` (or tick *steps* on its "
+                       f"row). Pictures in `{sheet}`.")
         else:
             verdict = (f"**Act at every step**: no later start of those checked keeps {KEEP:.0%} of the look "
                        f"({look_words}) while keeping more of the base. Pictures in `{sheet}`.")
@@ -130,7 +130,8 @@ def trigger_prompts(tr: "Trainer") -> list[str]:
 
     word = _trigger_word_re(tr.cfg.trigger)
     own = [p for p in tr.cfg.sample_prompts if word.search(p)]
-    return list(dict.fromkeys(own or [it.caption for it in tr.scan.items if word.search(it.caption or "")]))[:MAX_PROMPTS]
+    captions = [it.caption for it in tr.scan.items if word.search(it.caption or "")]
+    return list(dict.fromkeys(own or captions))[:MAX_PROMPTS]
 
 
 def check_starts(steps: int) -> tuple[int, ...]:
@@ -224,7 +225,8 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
             ref = classify(ev, images[0.0])
 
             def kept(ims: list, reference: list) -> float:
-                return sum(all(g[k] == r[k] for k in keys) for g, r in zip(classify(ev, ims), reference)) / len(reference)
+                got = classify(ev, ims)
+                return sum(all(g[k] == r[k] for k in keys) for g, r in zip(got, reference)) / len(reference)
 
             res.kept = {w: kept(images[w], ref) for w in WEIGHTS}
             safe = None
