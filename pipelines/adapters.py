@@ -638,6 +638,21 @@ def _trigger(meta: Mapping[str, str]) -> str:
     return ""
 
 
+def a1111_activation_text(path: Path) -> str:
+    """The "activation text" of AUTOMATIC1111's user metadata beside an adapter (`name.json`, as A1111's "Edit
+    user metadata" and civitai helpers write it), or "" when there is none. A link, a file over 1 MB or one that
+    is not such JSON is ignored: it is a hint, never a reason to refuse the adapter."""
+    side = Path(path).with_suffix(".json")
+    try:
+        if side.is_symlink() or not side.is_file() or side.stat().st_size > 1 << 20:
+            return ""
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    text = data.get("activation text") if isinstance(data, dict) else None
+    return text.strip() if isinstance(text, str) else ""
+
+
 def _read_view(path: Path, allow_pickle: bool, check_tensors: bool):
     """(shapes, metadata, alpha values, state dict or None) reading as little as needed."""
     if path.suffix.lower() in PICKLE_SUFFIXES or check_tensors:
@@ -698,7 +713,7 @@ def describe(
         path=path,
         format=fmt,
         family=family,
-        trigger_word=_trigger(meta),
+        trigger_word=_trigger(meta) or a1111_activation_text(path),
         rank=ranks.most_common(1)[0][0],
         alpha=alphas_c.most_common(1)[0][0],
         size=st.st_size if st else 0,

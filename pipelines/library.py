@@ -383,7 +383,11 @@ class AdapterLibrary:
                 out = out / f"{src.stem}{SAFETENSORS_SUFFIX}"
         if out.resolve() == src.resolve():
             raise ConfigError("out: the export would overwrite the adapter itself")
-        return export_adapter(src, out, fmt, base=base, allow_pickle=False, precision=precision)
+        written = export_adapter(src, out, fmt, base=base, allow_pickle=False, precision=precision)
+        side = src.with_suffix(".json")
+        if fmt == FORMAT_KOHYA and _plain_file(side):  # A1111's user metadata (trigger word) goes with the file
+            atomic_write(written.with_suffix(".json"), lambda tmp: shutil.copyfile(side, tmp))
+        return written
 
 
 __all__ = ["AdapterLibrary", "check_name", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]

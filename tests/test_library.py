@@ -187,3 +187,23 @@ def test_cli_loras_commands(src, tmp_path, capsys):
     assert main(["loras", "--library", lib, "rm", "yours"]) == 0
     assert main(["loras", "--library", lib, "list"]) == 0
     assert "no adapters" in capsys.readouterr().out
+
+
+def test_a1111_user_metadata_gives_the_trigger_and_goes_with_exports(lib, tmp_path):
+    """An adapter from AUTOMATIC1111 / a civitai helper carries its trigger word in `name.json` ("activation
+    text") rather than in the file: the library shows it, and a kohya export takes the file along; a broken
+    file of that name is ignored, not an error."""
+    import json
+
+    d = tmp_path / "a1111"
+    d.mkdir()
+    _lora(d / "dl.safetensors", trigger="")
+    user = {"description": "", "sd version": "SD1", "activation text": " zxc style ", "preferred weight": 0.7,
+            "negative text": "", "notes": ""}
+    (d / "dl.json").write_text(json.dumps(user))
+    lib.import_file(d / "dl.safetensors")
+    assert lib.info("dl").trigger_word == "zxc style"
+    out = lib.export("dl", "kohya", tmp_path / "out.safetensors")
+    assert json.loads(out.with_suffix(".json").read_text()) == user
+    (lib.root / "dl.json").write_text("{not json")
+    assert [(r.name, r.trigger_word) for r in lib.list()] == [("dl", "")]

@@ -3,6 +3,8 @@ pictures, read by the toy world's evaluator on the toy base, shown as pictures e
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.base_models import DEFAULT_BASE
@@ -29,6 +31,10 @@ def test_toy_card_says_up_to_which_weight_the_base_stays_intact(star_images, tmp
         assert "Keeps the base intact up to weight 1**" in card
     else:
         assert "up to weight 1**" not in card
+    # AUTOMATIC1111's user metadata beside the file: its card inserts the trigger word; the check in the notes
+    user = json.loads((tmp_path / "lib" / "wc.json").read_text())
+    assert user["activation text"] == "sks" and user["sd version"] == "Unknown" and user["preferred weight"] == 0
+    assert ("Keeps the base intact up to weight 1." in user["notes"]) == intact
 
 
 def test_weight_check_elsewhere_shows_pictures_and_can_be_turned_off(star_images, tiny_sd1_dir, tmp_path):
@@ -37,6 +43,7 @@ def test_weight_check_elsewhere_shows_pictures_and_can_be_turned_off(star_images
     assert "judge the range from the pictures" in card and "weight-check.png" in card
     assert (res.run_dir / "weight-check.png").is_file()
     assert "Step range: judge from the pictures in `step-check.png`" in card and "| from step 3 |" in card
+    assert json.loads((tmp_path / "lib" / "tiny.json").read_text())["activation text"] == "sks"
     assert (res.run_dir / "step-check.png").is_file()
     _run(star_images, tmp_path, "off", base=str(tiny_sd1_dir), max_steps=2, weight_check=False)
     assert "## Weight range" not in (tmp_path / "lib" / "off.md").read_text()
@@ -98,3 +105,16 @@ def test_the_trained_look_is_what_the_captions_leave_to_the_adapter(folder, want
     items = scan_folder(Path(__file__).parents[1] / "sample_data" / folder).items
     look = trained_look(load_evaluator(), items)
     assert all(look.get(k) == v for k, v in want.items())
+
+
+@pytest.mark.parametrize("family, version", [("sd1", "SD1"), ("sd2", "SD2"), ("sdxl", "SDXL")])
+def test_a1111_user_metadata_names_the_sd_version_of_real_bases(family, version):
+    """A1111 filters its LoRA cards by this version; a real base gives its family (a toy-sized one "Unknown")."""
+    from types import SimpleNamespace
+
+    from training.export import a1111_user_metadata
+
+    cfg = SimpleNamespace(base=f"/models/not-here-{family}", name="mine", rank=16, trigger="ohwx")
+    tr = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name=f"my-{family}", family=family), weight_check=None)
+    user = a1111_user_metadata(tr)
+    assert user["sd version"] == version and user["activation text"] == "ohwx"

@@ -264,7 +264,39 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
         atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
     write_text_atomic(lib / f"{cfg.name}.toml", _toml_text(shareable_config(cfg)))
     write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
+    write_text_atomic(lib / f"{cfg.name}.json", json.dumps(a1111_user_metadata(tr), indent=4) + "\n")
     return path
+
+
+A1111_SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # its user-metadata dropdown's values
+
+
+def a1111_user_metadata(tr: "Trainer") -> dict:
+    """AUTOMATIC1111's user metadata for the adapter (`<name>.json` beside the file in `models/Lora`, what its
+    "Edit user metadata" dialog writes): clicking the adapter's card there inserts `<lora:name:W>` followed by
+    the activation text, here the trigger word. ComfyUI's LoRA managers read the same file. Preferred weight 0
+    leaves A1111's default multiplier; the weight and step checks go into the notes."""
+    from .config import preset_family
+
+    cfg, base = tr.cfg, tr.base
+    toy = preset_family(cfg.base) == "toy"
+    notes = ["Trained with LoRA Studio."]
+    if (wc := getattr(tr, "weight_check", None)) is not None:
+        if wc.kept is not None:
+            notes.append(f"Keeps the base intact up to weight {wc.safe_up_to:g}." if wc.safe_up_to
+                         else f"Changes pictures without the trigger already at weight {wc.weights[0]:g}.")
+        if (sc := wc.step_check) is not None and sc.look_kept is not None:
+            notes.append(f"Acting from step {sc.suggested} of {sc.steps} keeps more of the base "
+                         f"(<lora:{cfg.name}:1:start={sc.suggested}> with the LoRA Block Weight extension)."
+                         if sc.suggested else "Best acting at every sampler step.")
+    return {
+        "description": f"LoRA rank {cfg.rank} on {base.name}; trigger word '{cfg.trigger}'.",
+        "sd version": "Unknown" if toy else A1111_SD_VERSIONS.get(base.family, "Unknown"),
+        "activation text": cfg.trigger,
+        "preferred weight": 0.0,
+        "negative text": "",
+        "notes": " ".join(notes),
+    }
 
 
 def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
@@ -281,7 +313,9 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"## Use\n\n"
         f"    lora-studio generate --lora {cfg.name}:0.8 --prompt \"{tr.sample_prompts()[0]}\"\n\n"
         f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
-        f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`.\n\n"
+        f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. Copy `{cfg.name}.json` beside it "
+        f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "
+        f"`{cfg.trigger}` to the prompt.\n\n"
         f"Sample prompts:\n{prompts}\n"
         + (f"\n{wc.card_text()}" if (wc := getattr(tr, "weight_check", None)) is not None else "")
     )
