@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
@@ -982,7 +983,7 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to export")
         out = self.studio.library.export(name, "kohya", base=self.studio.base_for_adapter(name))
-        return (gr.update(value=str(out), visible=True),
+        return (gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True),
                 f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
 
     @ui_errors
@@ -990,7 +991,7 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
         out = self.studio.portable_file(name)
-        return gr.update(value=str(out), visible=True), ""
+        return gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True), ""
 
     # ============================================================================================ layout
     def build(self) -> gr.Blocks:
@@ -1193,7 +1194,8 @@ class StudioUI:
                             with gr.Row():
                                 confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
                                 confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
-                        lib_file = gr.File(label="File", interactive=False, visible=False, elem_id="lib-file")
+                        lib_file = gr.File(label="Files (the adapter, and AUTOMATIC1111's .json with its trigger)",
+                                           file_count="multiple", interactive=False, visible=False, elem_id="lib-file")
                         lib_status = gr.Markdown("", elem_id="lib-status")
                         gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
                                     "diffusers): `.safetensors`, checked before it is added.")

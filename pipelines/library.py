@@ -101,6 +101,12 @@ def _plain_file(p: Path) -> bool:
     return not p.is_symlink() and p.is_file()
 
 
+def with_user_metadata(path: Path) -> list[Path]:
+    """The adapter file, and AUTOMATIC1111's user metadata beside it (`name.json`) when there is one."""
+    side = Path(path).with_suffix(".json")
+    return [Path(path), side] if _plain_file(side) else [Path(path)]
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -390,4 +396,4 @@ class AdapterLibrary:
         return written
 
 
-__all__ = ["AdapterLibrary", "check_name", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]
+__all__ = ["AdapterLibrary", "check_name", "with_user_metadata", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]

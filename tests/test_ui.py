@@ -294,16 +294,21 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     assert pick["value"] == "renamed" and set(ui.adapter_names()) == {"alpha-style", "renamed"}
     with pytest.raises(gr.Error, match="already exists"):
         ui.rename_adapter("renamed", "alpha-style")
-    out = ui.export_kohya("renamed")[0]["value"]
+    [out] = ui.export_kohya("renamed")[0]["value"]
     keys = [k for k in read_header(out)[0] if k != "__metadata__"]
     assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
     # a download is always in kohya's layout (what AUTOMATIC1111 and ComfyUI map completely): an imported
     # peft-format file comes as a converted copy, a kohya-layout library file as itself
-    path = ui.download_adapter("renamed")[0]["value"]
+    [path] = ui.download_adapter("renamed")[0]["value"]
     keys = [k for k in read_header(path)[0] if k != "__metadata__"]
     assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
     _import(ui, Path(out), "as-kohya")
-    assert Path(ui.download_adapter("as-kohya")[0]["value"]) == ui.studio.library.root / "as-kohya.safetensors"
+    assert ui.download_adapter("as-kohya")[0]["value"] == [str(ui.studio.library.root / "as-kohya.safetensors")]
+    # with AUTOMATIC1111's user metadata beside it (as training writes it), the download and export carry it
+    (ui.studio.library.root / "as-kohya.json").write_text('{"activation text": "ohwx"}')
+    assert [Path(p).name for p in ui.download_adapter("as-kohya")[0]["value"]] == ["as-kohya.safetensors",
+                                                                                 "as-kohya.json"]
+    assert [Path(p).suffix for p in ui.export_kohya("as-kohya")[0]["value"]] == [".safetensors", ".json"]
     ui.confirm_delete("as-kohya")
     box, question = ui.ask_delete("renamed")
     assert box["visible"] is True and "cannot be undone" in question
