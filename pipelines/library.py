@@ -9,6 +9,7 @@ different adapters (they could not be on Windows or macOS either).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -344,7 +345,8 @@ class AdapterLibrary:
         return self.info(dst.stem)
 
     def _rename_inside(self, path: Path, old: str) -> None:
-        """The new name in the file's metadata, its model card's title and commands, and its config."""
+        """The new name in the file's metadata, its model card's title and commands, its config, and the tag in
+        AUTOMATIC1111's user metadata."""
         new = path.stem
         meta = read_metadata(path)
         keys = [k for k in ("lora_studio.name", "ss_output_name", "modelspec.title") if meta.get(k) == old]
@@ -356,7 +358,19 @@ class AdapterLibrary:
             text = card.read_text(encoding="utf-8", errors="replace")
             text = re.sub(rf"^# {re.escape(old)}$", f"# {new}", text, count=1, flags=re.M)
             text = re.sub(rf"(--lora |loras export |<lora:){re.escape(old)}(?=[:\s`>])", rf"\g<1>{new}", text)
+            text = text.replace(f"`{old}.json`", f"`{new}.json`")
             atomic_write(card, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        user = path.with_name(new + ".json")  # AUTOMATIC1111's user metadata: its notes give the <lora:...> tag
+        if user.is_file() and not user.is_symlink():
+            try:
+                data = json.loads(user.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                data = None  # not ours to fix: left as it is
+            notes = data.get("notes") if isinstance(data, dict) else None
+            if isinstance(notes, str) and f"<lora:{old}" in notes:
+                data["notes"] = re.sub(rf"<lora:{re.escape(old)}(?=[:>])", f"<lora:{new}", notes)
+                text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
+                atomic_write(user, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         cfg = path.with_name(new + ".toml")
         if cfg.is_file() and not cfg.is_symlink():
             text = cfg.read_text(encoding="utf-8", errors="replace")

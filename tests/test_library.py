@@ -205,5 +205,12 @@ def test_a1111_user_metadata_gives_the_trigger_and_goes_with_exports(lib, tmp_pa
     assert lib.info("dl").trigger_word == "zxc style"
     out = lib.export("dl", "kohya", tmp_path / "out.safetensors")
     assert json.loads(out.with_suffix(".json").read_text()) == user
-    (lib.root / "dl.json").write_text("{not json")
-    assert [(r.name, r.trigger_word) for r in lib.list()] == [("dl", "")]
+    # a rename carries the file and the tag its notes give (as training writes them)
+    user["notes"] = "Acting from step 10 of 20 keeps more of the base (<lora:dl:1:start=10> with ...)."
+    (lib.root / "dl.json").write_text(json.dumps(user))
+    lib.rename("dl", "Über dl")
+    moved = json.loads((lib.root / "Über dl.json").read_text(encoding="utf-8"))
+    assert not (lib.root / "dl.json").exists() and "<lora:Über dl:1:start=10>" in moved["notes"]
+    assert {k: v for k, v in moved.items() if k != "notes"} == {k: v for k, v in user.items() if k != "notes"}
+    (lib.root / "Über dl.json").write_text("{not json")
+    assert [(r.name, r.trigger_word) for r in lib.list()] == [("Über dl", "")]

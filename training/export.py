@@ -227,7 +227,7 @@ def _toml_text(d: dict) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
@@ -264,7 +264,8 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
         atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
     write_text_atomic(lib / f"{cfg.name}.toml", _toml_text(shareable_config(cfg)))
     write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
-    write_text_atomic(lib / f"{cfg.name}.json", json.dumps(a1111_user_metadata(tr), indent=4) + "\n")
+    user = json.dumps(a1111_user_metadata(tr), indent=4, ensure_ascii=False)
+    write_text_atomic(lib / f"{cfg.name}.json", user + "\n")
     return path
 
 
