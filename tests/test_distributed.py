@@ -55,7 +55,8 @@ def test_two_processes_with_batch_1_equal_one_process_with_batch_2(star_images, 
     assert (run / "log.csv").read_text().count("\n") == 1 + 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert len(list((run / "samples").glob("*.png"))) == 1
-    assert sorted(p.name for p in lib.glob("dist*")) == ["dist.md", "dist.png", "dist.safetensors", "dist.toml"]
+    assert sorted(p.name for p in lib.glob("dist*")) == ["dist.json", "dist.md", "dist.png", "dist.safetensors",
+                                                        "dist.toml"]
 
     # resume works the same with two processes: from the step-2 checkpoint to the same end
     (lib / "dist.safetensors").unlink()

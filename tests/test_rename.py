@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.errors import ConfigError
@@ -26,7 +28,8 @@ def test_rename_moves_the_name_everywhere(trained):
     info = lib.rename("star", "comet")
     root = lib.root
     assert info.name == "comet" and not (root / "star.safetensors").exists()
-    assert {p.name for p in root.glob("comet*")} == {"comet.safetensors", "comet.png", "comet.md", "comet.toml"}
+    assert {p.name for p in root.glob("comet*")} == {"comet.safetensors", "comet.png", "comet.md", "comet.toml",
+                                                      "comet.json"}
     assert not list(root.glob("star*"))
     meta = read_metadata(root / "comet.safetensors")
     assert meta["lora_studio.name"] == meta["ss_output_name"] == meta["modelspec.title"] == "comet"
@@ -34,6 +37,8 @@ def test_rename_moves_the_name_everywhere(trained):
     assert after.keys() == before.keys() and all((after[k] == before[k]).all() for k in before)  # same weights
     card = (root / "comet.md").read_text()
     assert card.startswith("# comet\n") and "--lora comet:0.8" in card and "star:" not in card
+    assert "`comet.json`" in card and "star.json" not in card
+    assert json.loads((root / "comet.json").read_text())["activation text"] == "sks"
     assert 'name = "comet"' in (root / "comet.toml").read_text()
     assert TrainConfig.from_toml(root / "comet.toml").name == "comet"
     # the run folder (checkpoints, samples, log) follows, so its checkpoints and final adapter go together
