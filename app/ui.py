@@ -36,6 +36,7 @@ log = logging.getLogger("lora_studio.ui")
 
 MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
 SLOTS = 4  # adapter rows on the Generate tab
+START_LABEL = "acts from step (0 = first)"
 SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
 POLL_S = 1.0  # training progress refresh
 NO_SAMPLE_SET = "(upload your own images)"
@@ -795,18 +796,29 @@ class StudioUI:
         return str(p)
 
     @ui_errors
-    def refresh_adapters(self, base_name, lib_sel, cmp_adapter, cmp_run, *slot_names):
-        """Everything that lists adapters: library cards/table/picker, the Generate tab's pickers."""
+    def refresh_adapters(self, base_name, lib_sel, cmp_adapter, cmp_run, *slot_names, keep_picks: bool = False):
+        """Everything that lists adapters: library cards/table/picker, the Generate tab's pickers.
+
+        A picked name that left the library is cleared. With `keep_picks` (the page's first refresh) only the
+        lists change: the values sent with the request are from before the user could pick anything, and writing
+        them back would undo a pick made while the request ran."""
         names = self.adapter_names()
-        keep = lambda v: v if v in names else None  # noqa: E731
-        cards, table = self.library_view(base_name)
         runs = self.studio.runs()
-        slots = [gr.update(choices=names, value=keep(v)) for v in slot_names]
+
+        def pick(choices, v):
+            if keep_picks:
+                return gr.update(choices=choices)
+            return gr.update(choices=choices, value=v if v in choices else None)
+
+        cards, table = self.library_view(base_name)
         hint = (f"{len(names)} adapter(s) in the library." if names else
                 "No adapters yet: train one on the **Train** tab, or import a `.safetensors` file below.")
-        return (cards, table, hint, gr.update(choices=names, value=keep(lib_sel)),
-                gr.update(choices=names, value=keep(cmp_adapter)),
-                gr.update(choices=runs, value=cmp_run if cmp_run in runs else None), *slots)
+        return (cards, table, hint, pick(names, lib_sel), pick(names, cmp_adapter), pick(runs, cmp_run),
+                *[pick(names, v) for v in slot_names])
+
+    def first_refresh(self, base_name, *values):
+        """The page's first refresh (a reopened page shows the current library); see `refresh_adapters`."""
+        return self.refresh_adapters(base_name, *values, keep_picks=True)
 
     # ============================================================================================ Generate tab
     def base_names(self) -> list[str]:
@@ -817,6 +829,21 @@ class StudioUI:
         names = self.base_names()
         return (gr.update(choices=names, value=current if current in names else names[0]),
                 gr.update(choices=names, value=current_train if current_train in names else names[0]))
+
+    def slot_picked(self, name, steps):
+        """A user picked an adapter for a row: the row's step range follows its model card. With a suggested
+        start (scaled to the current step count) *steps* is ticked and the start filled in; without one the
+        range is cleared, so a range set for the row's previous adapter does not carry over."""
+        start = None
+        if name:
+            try:
+                start = self.studio.library.info(name).suggested_start(int(steps or 0))
+            except (LoraStudioError, FileNotFoundError, ValueError):
+                start = None
+        if start is None:
+            return (gr.update(value=False), gr.update(value=0, label=START_LABEL), gr.update(value=0))
+        return (gr.update(value=True), gr.update(value=start, label=f"acts from step (model card: {start} of {steps})"),
+                gr.update(value=0))
 
     @ui_errors
     def trigger_choices(self, *slot_values):
@@ -1088,10 +1115,11 @@ class StudioUI:
                         gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
                                     "weight, *steps* to let the adapter act on part of the sampler's steps only "
                                     "(from step N, counting from 0; e.g. a style from the middle on keeps the "
-                                    "base's layout). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
+                                    "base's layout; an adapter whose model card suggests a start comes with it "
+                                    "ticked). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
                                     "prompt work too.")
                         slot_widgets: list[gr.components.Component] = []
-                        name_dds, enable_cbs = [], []
+                        name_dds, enable_cbs, slot_pickers = [], [], []
                         for i in range(SLOTS):
                             with gr.Row(equal_height=True):
                                 # min widths make a narrow window wrap a row onto two lines instead of
@@ -1109,10 +1137,11 @@ class StudioUI:
                                                   elem_id=f"slot-{i}-ranged")
                             # the step range on a line of its own: the row above keeps its width
                             with gr.Row(equal_height=True, visible=False, elem_id=f"slot-{i}-steps") as step_row:
-                                step_from = gr.Number(0, precision=0, minimum=0, label="acts from step (0 = first)",
+                                step_from = gr.Number(0, precision=0, minimum=0, label=START_LABEL,
                                                       scale=1, min_width=140, elem_id=f"slot-{i}-start")
                                 step_to = gr.Number(0, precision=0, minimum=0, label="up to step (0 = last)",
                                                     scale=1, min_width=140, elem_id=f"slot-{i}-stop")
+                            slot_pickers.append((dd, rng, step_from, step_to))
                             sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
                             rng.change(lambda v: gr.update(visible=bool(v)), rng, step_row, show_progress="hidden")
                             slot_widgets += [dd, en, wt, sep, tw, rng, step_from, step_to]
@@ -1251,6 +1280,8 @@ class StudioUI:
             for w in trig_inputs:
                 w.change(self.trigger_choices, trig_inputs, triggers, **quiet)
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
+            for dd, rng, step_from, step_to in slot_pickers:  # .input: a user's pick, not a refresh
+                dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to], **quiet)
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet)
@@ -1289,7 +1320,7 @@ class StudioUI:
 
             # a reopened page shows the latest job and the current library
             demo.load(self.latest_job_id, None, job_id, **quiet).then(
-                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+                self.first_refresh, refresh_inputs, refresh_outputs, **quiet)
         self.demo = demo
         return demo
 

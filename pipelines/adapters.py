@@ -44,6 +44,8 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 OURS = "lora_studio."
+# the end-of-training check's suggested step range, as "START/STEPS" (e.g. "10/20": from step 10 of 20)
+SUGGESTED_START_KEY = OURS + "suggested_start"
 
 FORMAT_PEFT = "peft"  # ours / diffusers >= 0.21: <component>.<module>.lora_A.weight
 FORMAT_KOHYA = "kohya"  # kohya sd-scripts / A1111 / ComfyUI: lora_unet_<module>.lora_down.weight (+ .alpha)
@@ -612,6 +614,17 @@ class AdapterInfo:
     def family_label(self) -> str:
         return FAMILY_LABELS.get(self.family or "", self.family or "unknown")
 
+    def suggested_start(self, steps: int) -> int | None:
+        """The step from which the model card suggests the adapter acts, scaled to a sampler of `steps` steps
+        (the check ran with its own count); None without a suggestion or with a value that is not START/STEPS."""
+        try:
+            start, of = (int(v) for v in self.metadata.get(SUGGESTED_START_KEY, "").split("/"))
+        except ValueError:
+            return None
+        if not 0 < start < of or steps < 2:
+            return None
+        return min(steps - 1, max(1, round(start * steps / of)))
+
 
 def preview_for(path: Path) -> Path | None:
     """A same-named image next to the adapter (A1111: name.png or name.preview.png); a symlink is never
@@ -998,6 +1011,6 @@ __all__ = [
     "AdapterInfo", "LoraLayer", "MatchReport", "lora_metadata", "save_adapter", "diffusers_adapter_config",
     "detect_format", "peft_key_map", "parse_layers", "family_from_metadata", "family_from_layers",
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
-    "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY",
+    "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
     "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS",
 ]

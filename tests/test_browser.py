@@ -168,6 +168,8 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     # 3. the adapter is in the Generate tab's picker at once: generate with it at weight 0.8
     _tab(page, "Generate")
     _pick(page, "slot-0-name", NAME)
+    # (a few steps' adapter has no step range on its card; should one be suggested, this run acts at every step)
+    page.locator("#slot-0-ranged input[type=checkbox]").uncheck()
     _fill_number(page, "slot-0-weight", 0.8)
     expect(page.locator("#gen-triggers")).to_contain_text("sks")
     page.locator("#gen-triggers").get_by_text("sks").click()
@@ -272,6 +274,56 @@ def _shut(demo, studio) -> None:
 def _set_run(page, name: str, steps: int) -> None:
     page.locator("#train-name").get_by_role("textbox").fill(name)
     _fill_number(page, "adv-max-steps", steps)
+
+
+def test_a_pick_during_page_load_stays_and_a_row_takes_the_cards_step_range(tmp_path_factory, base_dir, page,
+                                                                            monkeypatch):
+    """A user who picks an adapter while the page's first library refresh is still running keeps the pick
+    (the refresh is made slow here); picking an adapter whose model card suggests a start (10 of 20) in a
+    Generate row ticks *steps* with that start, and the image's parameters carry the range."""
+    from playwright.sync_api import expect
+
+    from app.ui import StudioUI
+    from pipelines.adapters import SUGGESTED_START_KEY, lora_metadata, save_adapter
+    from pipelines.base_models import load_base
+
+    from lora_helpers import make_lora
+
+    home = tmp_path_factory.mktemp("pick-home")
+    sd = make_lora(load_base(base_dir, device="cpu").pipe, rank=4, seed=1, std=0.5)
+    meta = lora_metadata(family="sd1", rank=4, alpha=4, name="ranged", trigger_word="ohwx")
+    save_adapter(sd, home / "loras" / "ranged.safetensors", {**meta, SUGGESTED_START_KEY: "10/20"})
+    slow = StudioUI.first_refresh
+
+    def first_refresh(self, *args):
+        time.sleep(4)
+        return slow(self, *args)
+
+    monkeypatch.setattr(StudioUI, "first_refresh", first_refresh)
+    demo, studio = _launch(home, base_dir)
+    try:
+        page.goto(demo.local_url)
+        _tab(page, "Library")
+        _pick(page, "lib-pick", "ranged")
+        expect(page.locator("#lib-details")).to_contain_text("ranged", timeout=30_000)
+        time.sleep(6)  # the first refresh has answered by now
+        expect(page.locator("#lib-table")).to_contain_text("ranged")
+        expect(page.locator("#lib-pick input")).to_have_value("ranged")
+        _tab(page, "Generate")
+        expect(page.locator("#slot-0-start")).to_be_hidden()
+        _pick(page, "slot-0-name", "ranged")
+        expect(page.locator("#slot-0-ranged input[type=checkbox]")).to_be_checked(timeout=30_000)
+        expect(page.locator("#slot-0-start input[type=number]")).to_have_value("10")
+        expect(page.locator("#slot-0-start")).to_contain_text("model card: 10 of 20")
+        _shot(page, "p1-card-step-range")
+        prompt = page.locator("#gen-prompt").get_by_role("textbox")
+        prompt.fill("a red circle on a white background")
+        _fill_number(page, "gen-seed", 1)
+        page.locator("#gen-go").click()
+        expect(page.locator("#gen-params textarea")).to_have_value(
+            re.compile(r"<lora:ranged:1:start=10>.*Seed: 1", re.S), timeout=90_000)
+    finally:
+        _shut(demo, studio)
 
 
 def test_workbench_preset_options_error_queue_restart_resume_rename(tmp_path_factory, base_dir, page, tmp_path):

@@ -332,6 +332,38 @@ def test_badge_when_adapter_does_not_fit_the_base(ui, tmp_path, tiny_sd2_dir, lo
     assert "⚠" in table["base"][0] and "SD 2.x" in table["base"][0]
 
 
+def test_first_refresh_lists_without_undoing_a_pick(ui, lora_files):
+    """The page's first refresh carries the pickers' values from before the user could pick; it updates the
+    lists only, so a pick made meanwhile stays. A later refresh clears a pick that left the library."""
+    _import(ui, lora_files["alpha-style"])
+    base = ui.base_names()[0]
+    first = ui.first_refresh(base, None, None, None, None, None, None, None)
+    later = ui.refresh_adapters(base, "gone", None, None, "alpha-style", None, None, None)
+    for upd in (first[3], first[4], *first[6:]):
+        assert upd["choices"] and "value" not in upd  # choices as (label, value) pairs or names
+    assert later[3]["value"] is None and later[6]["value"] == "alpha-style"
+
+
+def test_picking_an_adapter_takes_the_step_range_its_card_suggests(ui, lora_files, tmp_path):
+    """An adapter whose end-of-training check suggested a start (metadata "10/20") ticks *steps* in its row with
+    the start scaled to the current step count; one without a suggestion clears the row's range."""
+    from pipelines.adapters import SUGGESTED_START_KEY
+    from pipelines.weights_io import load_safetensors
+
+    sd, meta = load_safetensors(lora_files["alpha-style"])
+    save_adapter(sd, tmp_path / "ranged.safetensors", {**meta, SUGGESTED_START_KEY: "10/20"})
+    _import(ui, tmp_path / "ranged.safetensors")
+    _import(ui, lora_files["beta-thing"])
+    ticked, start, stop = ui.slot_picked("ranged", 20)
+    assert ticked["value"] is True and start["value"] == 10 and "model card: 10 of 20" in start["label"]
+    assert stop["value"] == 0
+    assert ui.slot_picked("ranged", 30)[1]["value"] == 15
+    ticked, start, _ = ui.slot_picked("beta-thing", 20)
+    assert ticked["value"] is False and start["value"] == 0 and "model card" not in start["label"]
+    assert ui.slot_picked(None, 20)[0]["value"] is False
+    assert ui.studio.library.info("ranged").suggested_start(1) is None  # no later step to start from
+
+
 # ------------------------------------------------------------------------------------------------ Generate tab
 def _slots(*entries):
     vals = []

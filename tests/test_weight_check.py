@@ -73,6 +73,17 @@ def test_toy_card_gives_the_step_range_with_pictures(star_images, tmp_path):
     assert sc.look == {"shape": "star", "style": "solid"}
     assert sc.free_change[3] < sc.free_change[0]
     assert (tr.run_dir / "step-check.png").is_file()
+    # the suggestion goes into the file's metadata as START/STEPS (the Generate tab's rows start from it)
+    from pipelines.adapters import SUGGESTED_START_KEY
+    from pipelines.weights_io import read_metadata
+    from training.export import adapter_metadata
+
+    written = read_metadata(tmp_path / "lib" / "sr.safetensors").get(SUGGESTED_START_KEY)
+    assert written == (f"{sc.suggested}/6" if sc.suggested else None)
+    sc.suggested = 3
+    assert adapter_metadata(tr)[SUGGESTED_START_KEY] == "3/6"
+    sc.suggested = None
+    assert SUGGESTED_START_KEY not in adapter_metadata(tr)
     req = GenerationRequest(prompt="a red circle on a white background", steps=4, seed=3, width=64, height=64)
     before = generate(tr.base, req)[0].image
     check_weights(tr)

@@ -173,7 +173,7 @@ def base_file_hash(base) -> str | None:
 
 def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     """Metadata of a finished adapter: ours, kohya's ss_* and modelspec.* (see pipelines.adapters)."""
-    from pipelines.adapters import UNET_LAYOUT_KEY, lora_metadata
+    from pipelines.adapters import SUGGESTED_START_KEY, UNET_LAYOUT_KEY, lora_metadata
     from pipelines.single_file import unet_layout
 
     cfg, base = tr.cfg, tr.base
@@ -201,6 +201,8 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         },
     )
     meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
+    if (wc := getattr(tr, "weight_check", None)) is not None and (sc := wc.step_check) is not None and sc.suggested:
+        meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
     return meta
 
 
