@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.errors import LoraStudioError
@@ -288,6 +289,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = stack.generate(req, [e for e, _ in loras])
         for line in stack.interference().warnings:
             print(f"warning: {line}")
+        for line in _step_range_hints(stack, req.steps):
+            print(line)
     else:
         images = generate(base, req)
     t2 = time.time()
@@ -296,6 +299,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {path} (seed {img.seed})")
     print(f"{base.name} ({base.family}) loaded in {t1 - t0:.1f}s; {len(images)} image(s) in {t2 - t1:.1f}s")
     return 0
+
+
+def _step_range_hints(stack, steps: int) -> list[str]:
+    """For each adapter used at every step whose model card suggests a later start: say so, with the option."""
+    lines = []
+    for e in stack.stack:
+        info = stack.loaded.get(e.name)
+        if info is None or e.start or e.stop is not None or e.weight == 0:
+            continue
+        if (start := info.suggested_start(steps)) is not None:
+            lines.append(f"note: the model card of {e.name} suggests acting from step {start} of {steps}, which keeps "
+                         f"more of the base: {replace(e, start=start).tag()} in the prompt, or --lora "
+                         f"{e.name}:{e.weight:g}:start={start}")
+    return lines
 
 
 def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:

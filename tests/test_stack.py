@@ -400,3 +400,24 @@ def test_cli_step_ranges_on_a_file_path_and_bake_refuses_them(tiny_sd1_dir, lib,
     rc = main(["loras", "bake", *common, "--lora", "a:0.8:stop=5", "--out", str(tmp_path / "baked.safetensors")])
     assert rc == 2 and not (tmp_path / "baked.safetensors").exists()
     assert "lora 'a': a step range (start=/stop=) acts during sampling and cannot be baked" in capsys.readouterr().err
+
+
+def test_cli_names_the_start_the_model_card_suggests(sd1, tiny_sd1_dir, tmp_path, capsys):
+    """An adapter used at every step whose card suggests a later start: the command says so with the tag and
+    the option, scaled to the run's steps; used with a range, or without a suggestion, it says nothing."""
+    from pipelines.adapters import SUGGESTED_START_KEY
+
+    root = tmp_path / "lib"
+    a = make_lora(sd1.pipe, rank=4, seed=1)
+    save_adapter(a, root / "ranged.safetensors",
+                 {**lora_metadata(family="sd1", rank=4, alpha=8, name="ranged"), SUGGESTED_START_KEY: "10/20"})
+    save_adapter(a, root / "plain.safetensors", lora_metadata(family="sd1", rank=4, alpha=8, name="plain"))
+    common = ["generate", "--base", str(tiny_sd1_dir), "--library", str(root), "--device", "cpu", "--steps", "4",
+              "--seed", "4", "--scheduler", "ddim", "--out", str(tmp_path / "o.png"), "--prompt"]
+    assert main([*common, "a circle", "--lora", "ranged:0.8", "--lora", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: the model card of ranged suggests acting from step 2 of 4, which keeps more of the base: "
+            "<lora:ranged:0.8:start=2> in the prompt, or --lora ranged:0.8:start=2") in out
+    assert "of plain" not in out
+    assert main([*common, "a circle <lora:ranged:1:start=1>"]) == 0
+    assert "note:" not in capsys.readouterr().out
