@@ -830,20 +830,37 @@ class StudioUI:
         return (gr.update(choices=names, value=current if current in names else names[0]),
                 gr.update(choices=names, value=current_train if current_train in names else names[0]))
 
+    def _card_start(self, name, steps) -> int | None:
+        if not name:
+            return None
+        try:
+            return self.studio.library.info(name).suggested_start(int(steps or 0))
+        except (LoraStudioError, FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _start_update(start: int, steps) -> dict:
+        return gr.update(value=start, label=f"acts from step (model card: {start} of {int(steps)})")
+
     def slot_picked(self, name, steps):
         """A user picked an adapter for a row: the row's step range follows its model card. With a suggested
         start (scaled to the current step count) *steps* is ticked and the start filled in; without one the
-        range is cleared, so a range set for the row's previous adapter does not carry over."""
-        start = None
-        if name:
-            try:
-                start = self.studio.library.info(name).suggested_start(int(steps or 0))
-            except (LoraStudioError, FileNotFoundError, ValueError):
-                start = None
+        range is cleared, so a range set for the row's previous adapter does not carry over. The last value
+        is the start the card gave (kept in the row's state, so a new step count can rescale it)."""
+        start = self._card_start(name, steps)
         if start is None:
-            return (gr.update(value=False), gr.update(value=0, label=START_LABEL), gr.update(value=0))
-        return (gr.update(value=True), gr.update(value=start, label=f"acts from step (model card: {start} of {steps})"),
-                gr.update(value=0))
+            return gr.update(value=False), gr.update(value=0, label=START_LABEL), gr.update(value=0), None
+        return gr.update(value=True), self._start_update(start, steps), gr.update(value=0), start
+
+    def steps_changed(self, steps, *rows):
+        """The step count changed: each row whose start is still the one its model card gave (not edited
+        since) gets the card's start for the new count. `rows`: (name, ranged, start, card start) per row."""
+        out = []
+        for i in range(0, len(rows), 4):
+            name, ranged, start, card = rows[i:i + 4]
+            new = self._card_start(name, steps) if ranged and card is not None and start == card else None
+            out += [gr.skip(), gr.skip()] if new is None else [self._start_update(new, steps), new]
+        return out
 
     @ui_errors
     def trigger_choices(self, *slot_values):
@@ -1141,7 +1158,8 @@ class StudioUI:
                                                       scale=1, min_width=140, elem_id=f"slot-{i}-start")
                                 step_to = gr.Number(0, precision=0, minimum=0, label="up to step (0 = last)",
                                                     scale=1, min_width=140, elem_id=f"slot-{i}-stop")
-                            slot_pickers.append((dd, rng, step_from, step_to))
+                            card_start = gr.State(None)  # the start the adapter's model card gave this row
+                            slot_pickers.append((dd, rng, step_from, step_to, card_start))
                             sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
                             rng.change(lambda v: gr.update(visible=bool(v)), rng, step_row, show_progress="hidden")
                             slot_widgets += [dd, en, wt, sep, tw, rng, step_from, step_to]
@@ -1280,8 +1298,10 @@ class StudioUI:
             for w in trig_inputs:
                 w.change(self.trigger_choices, trig_inputs, triggers, **quiet)
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
-            for dd, rng, step_from, step_to in slot_pickers:  # .input: a user's pick, not a refresh
-                dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to], **quiet)
+            for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
+                dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to, card_start], **quiet)
+            steps.input(self.steps_changed, [steps, *[w for dd, rng, f, _, c in slot_pickers for w in (dd, rng, f, c)]],
+                        [w for _, _, f, _, c in slot_pickers for w in (f, c)], **quiet)
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet)

@@ -280,7 +280,8 @@ def test_a_pick_during_page_load_stays_and_a_row_takes_the_cards_step_range(tmp_
                                                                             monkeypatch):
     """A user who picks an adapter while the page's first library refresh is still running keeps the pick
     (the refresh is made slow here); picking an adapter whose model card suggests a start (10 of 20) in a
-    Generate row ticks *steps* with that start, and the image's parameters carry the range."""
+    Generate row ticks *steps* with that start, and the image's parameters carry the range; a new step count
+    rescales that start unless the user has set one."""
     from playwright.sync_api import expect
 
     from app.ui import StudioUI
@@ -322,6 +323,12 @@ def test_a_pick_during_page_load_stays_and_a_row_takes_the_cards_step_range(tmp_
         page.locator("#gen-go").click()
         expect(page.locator("#gen-params textarea")).to_have_value(
             re.compile(r"<lora:ranged:1:start=10>.*Seed: 1", re.S), timeout=90_000)
+        _fill_number(page, "gen-steps", 30)  # the card's start follows the step count ...
+        expect(page.locator("#slot-0-start input[type=number]")).to_have_value("15", timeout=30_000)
+        _fill_number(page, "slot-0-start", 12)  # ... until the user sets one
+        _fill_number(page, "gen-steps", 20)
+        time.sleep(2)
+        expect(page.locator("#slot-0-start input[type=number]")).to_have_value("12")
     finally:
         _shut(demo, studio)
 

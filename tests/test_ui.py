@@ -354,13 +354,18 @@ def test_picking_an_adapter_takes_the_step_range_its_card_suggests(ui, lora_file
     save_adapter(sd, tmp_path / "ranged.safetensors", {**meta, SUGGESTED_START_KEY: "10/20"})
     _import(ui, tmp_path / "ranged.safetensors")
     _import(ui, lora_files["beta-thing"])
-    ticked, start, stop = ui.slot_picked("ranged", 20)
+    ticked, start, stop, card = ui.slot_picked("ranged", 20)
     assert ticked["value"] is True and start["value"] == 10 and "model card: 10 of 20" in start["label"]
-    assert stop["value"] == 0
+    assert stop["value"] == 0 and card == 10
     assert ui.slot_picked("ranged", 30)[1]["value"] == 15
-    ticked, start, _ = ui.slot_picked("beta-thing", 20)
-    assert ticked["value"] is False and start["value"] == 0 and "model card" not in start["label"]
+    ticked, start, _, card = ui.slot_picked("beta-thing", 20)
+    assert ticked["value"] is False and start["value"] == 0 and "model card" not in start["label"] and card is None
     assert ui.slot_picked(None, 20)[0]["value"] is False
+    # a new step count rescales a start the card gave; one the user edited, or an unticked row, stays
+    rows = ["ranged", True, 10, 10, "ranged", True, 7, 10, "ranged", False, 10, 10, None, False, 0, None]
+    out = ui.steps_changed(40, *rows)
+    assert out[0]["value"] == 20 and "model card: 20 of 40" in out[0]["label"] and out[1] == 20
+    assert out[2:] == [gr.skip()] * 6 and out[0] != gr.skip()
     assert ui.studio.library.info("ranged").suggested_start(1) is None  # no later step to start from
 
 
