@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -384,6 +385,12 @@ def _lora_entry(text: str):
     if suffix == ".safetensors" and not has_sep and not p.is_file():
         return e, None  # 'style.safetensors': the library's 'style'
     if suffix not in (".safetensors", *PICKLE_SUFFIXES) and not has_sep:
+        if ":" in e.name:  # a library name has no ':': what follows one is a mistyped weight
+            head, _, tail = e.name.rpartition(":")
+            if re.fullmatch(r"\s*[-+]?[\d.]+\s*", tail):
+                raise _usage(f"--lora {text}: at most two weights (UNet, then text encoder)")
+            raise _usage(f"--lora {text}: weight '{tail}' of '{head}' is not a number; the form is "
+                         "NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]][:start=N][:stop=N]")
         return e, None  # a library name
     if not p.is_file():
         kind = "a file path" if has_sep else f"a '{p.suffix}' file"

@@ -28,6 +28,7 @@ from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
 from training.jobs import Job
+from training.trainer import CHECKING
 
 from .options import check_launch_options, parse_auth
 from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows
@@ -685,6 +686,8 @@ class StudioUI:
                 what = "resuming from its checkpoint" if job.kind == "resume" else \
                     "loading the base model, checking and encoding the images"
                 return line("running", "preparing", f"{name}: {what}…", pct)
+            if p.message == CHECKING:
+                return line("running", "checking", f"{name}: all {total} steps trained; {CHECKING}…", 100.0)
             loss = f"{p.loss:.4f}" if p.loss is not None else "–"
             left = f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
             return line("running", "training", f"{name}: step {step}/{total} · loss {loss} · {left}", pct)

@@ -357,7 +357,7 @@ class AdapterLibrary:
         if card.is_file() and not card.is_symlink():
             text = card.read_text(encoding="utf-8", errors="replace")
             text = re.sub(rf"^# {re.escape(old)}$", f"# {new}", text, count=1, flags=re.M)
-            text = re.sub(rf"(--lora |loras export |<lora:){re.escape(old)}(?=[:\s`>])", rf"\g<1>{new}", text)
+            text = re.sub(rf"(--lora \"?|loras export |<lora:){re.escape(old)}(?=[:\s`>\"])", rf"\g<1>{new}", text)
             text = text.replace(f"`{old}.json`", f"`{new}.json`")
             atomic_write(card, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         user = path.with_name(new + ".json")  # AUTOMATIC1111's user metadata: its notes give the <lora:...> tag

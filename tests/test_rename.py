@@ -36,11 +36,19 @@ def test_rename_moves_the_name_everywhere(trained):
     after, _ = load_safetensors(root / "comet.safetensors")
     assert after.keys() == before.keys() and all((after[k] == before[k]).all() for k in before)  # same weights
     card = (root / "comet.md").read_text()
-    assert card.startswith("# comet\n") and "--lora comet:0.8" in card and "star:" not in card
+    assert card.startswith("# comet\n") and '--lora "comet:1' in card and "star:" not in card
     assert "`comet.json`" in card and "star.json" not in card
     assert json.loads((root / "comet.json").read_text())["activation text"] == "sks"
     assert 'name = "comet"' in (root / "comet.toml").read_text()
     assert TrainConfig.from_toml(root / "comet.toml").name == "comet"
+    # a name with a space: the card's command still reads as one --lora value in a shell
+    import shlex
+
+    lib.rename("comet", "my comet")
+    [cmd] = [ln for ln in (root / "my comet.md").read_text().splitlines() if "lora-studio generate" in ln]
+    argv = shlex.split(cmd)
+    assert argv[argv.index("--lora") + 1] == "my comet:1" and "sks" in argv[argv.index("--prompt") + 1]
+    lib.rename("my comet", "comet")
     # the run folder (checkpoints, samples, log) follows, so its checkpoints and final adapter go together
     assert not (root / "runs" / "star").exists()
     assert (root / "runs" / "comet" / "checkpoints" / "step-000001" / "adapter.safetensors").is_file()

@@ -184,6 +184,18 @@ def test_lora_option_with_a_file_that_is_not_there_says_so(tmp_path, monkeypatch
     assert "path separators" not in err
 
 
+@pytest.mark.parametrize("arg, says", [
+    ("outline:abc", "--lora outline:abc: weight 'abc' of 'outline' is not a number"),
+    ("outline:0.5:x", "weight 'x' of 'outline:0.5' is not a number"),
+    ("a:0.1:0.2:0.3", "--lora a:0.1:0.2:0.3: at most two weights"),
+])
+def test_lora_option_with_a_weight_that_is_not_a_number_says_so(tmp_path, capsys, arg, says):
+    """A mistyped weight is named as the weight, not blamed on the adapter name's ':'."""
+    assert main(["generate", "--prompt", "a sks", "--lora", arg, "--library", str(tmp_path / "lib")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "not allowed in file names" not in err
+
+
 # ------------------------------------------------------------------------------------------------ 6. symlinked sidecars
 def test_symlinked_sidecars_are_never_read_served_or_copied(tmp_path):
     from PIL import Image

@@ -200,3 +200,16 @@ def test_interrupted_runs_have_their_own_badge(ui):
     cfg = TrainConfig(images=".", name="gone", max_steps=40)
     job = Job(1, cfg, state="interrupted")
     assert "ls-interrupted" in ui.status_html(job) and "Resume" in ui.status_html(job)
+
+
+def test_the_end_of_training_check_shows_as_such(ui):
+    """After the last step the trainer checks the adapter for its model card; the status says so instead of
+    a frozen "step 40/40 · about 0s left"."""
+    from training.trainer import CHECKING, Progress
+
+    job = Job(1, TrainConfig(images=".", name="chk", max_steps=40), state="running")
+    job.progress = Progress(40, 40, loss=0.01, message=CHECKING)
+    html_ = ui.status_html(job)
+    assert "ls-running" in html_ and "checking" in html_ and "all 40 steps trained" in html_
+    job.progress = Progress(39, 40, loss=0.01)
+    assert "step 39/40" in ui.status_html(job)

@@ -129,3 +129,19 @@ def test_a1111_user_metadata_names_the_sd_version_of_real_bases(family, version)
     tr = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name=f"my-{family}", family=family), weight_check=None)
     user = a1111_user_metadata(tr)
     assert user["sd version"] == version and user["activation text"] == "ohwx"
+
+
+def test_check_prompts_read_as_sentences():
+    """The card lists the check's trigger-free prompts: a style caption loses its whole trigger phrase
+    ("in ohwx style"), never just the word ("... in style"); a concept caption keeps its class noun."""
+    from types import SimpleNamespace
+
+    from training.weight_check import check_prompts
+
+    caps = ["a purple square on a yellow background in ohwx style", "a blue circle on a gray background in ohwx style"]
+    tr = SimpleNamespace(cfg=TrainConfig(images=".", trigger="ohwx"),
+                         scan=SimpleNamespace(items=[SimpleNamespace(caption=c) for c in caps]))
+    assert check_prompts(tr) == ["a purple square on a yellow background", "a blue circle on a gray background"]
+    tr.cfg = TrainConfig(images=".", trigger="sks", class_prompt="a shape")
+    tr.scan.items = [SimpleNamespace(caption="a blue sks on a gray background")]
+    assert "a blue shape on a gray background" in check_prompts(tr)

@@ -302,6 +302,21 @@ def a1111_user_metadata(tr: "Trainer") -> dict:
     }
 
 
+def use_arg(tr: "Trainer") -> str:
+    """The card's `--lora` value: full weight, from the start the step check suggests (the name is quoted on
+    the card: a name may hold spaces)."""
+    wc = getattr(tr, "weight_check", None)
+    sc = wc.step_check if wc is not None else None
+    return f"{tr.cfg.name}:1" + (f":start={sc.suggested}" if sc is not None and sc.suggested else "")
+
+
+def use_prompt(tr: "Trainer") -> str:
+    """A prompt with the trigger, worded as the training captions are (else the first sample prompt)."""
+    from .weight_check import trigger_prompts
+
+    return next(iter(trigger_prompts(tr)), None) or tr.sample_prompts()[0]
+
+
 def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
     cfg = tr.cfg
     prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
@@ -314,7 +329,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
         f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n\n"
         f"## Use\n\n"
-        f"    lora-studio generate --lora {cfg.name}:0.8 --prompt \"{tr.sample_prompts()[0]}\"\n\n"
+        f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\"\n\n"
         f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
         f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. Copy `{cfg.name}.json` beside it "
         f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "

@@ -286,7 +286,8 @@ def trigger_neighbours(base: BaseModel, trigger: str, captions: list[str], k: in
     return [cands[i][0] for i in dist.argsort()[:k].tolist()]
 
 
-def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str] | tuple[str, ...] = ()) -> list[str]:
+def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str] | tuple[str, ...] = (),
+                         readable: bool = False) -> list[str]:
     """The trigger-free prompts on which base preservation keeps the base model's behaviour.
 
     From each caption: the trigger word taken out, the whole trigger phrase taken out ("in the style
@@ -294,7 +295,9 @@ def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str]
     last word: "a photo of sks" -> "a photo of dog"). Then the class prompt, `preserve_prompts`, and ""
     (the unconditional prompt that classifier-free guidance subtracts: an adapter that moves it moves
     every image). Last, each caption with the trigger swapped for each of `swaps` (other words whose images
-    must stay as they are: contrastive preservation).
+    must stay as they are: contrastive preservation). `readable` (prompts shown to people, as on the model
+    card): where taking out the phrase differs from taking out the word ("in ohwx style" -> "in style"),
+    only the phrase goes.
     """
     trig = re.escape(cfg.trigger.strip())
     word = _trigger_word_re(cfg.trigger)
@@ -313,7 +316,8 @@ def preservation_prompts(cfg: TrainConfig, captions: list[str], swaps: list[str]
         if not word.search(cap):
             out.append(tidy(cap))
             continue
-        out += [tidy(word.sub(" ", cap)), tidy(phrase.sub(" ", cap))]
+        bare, whole = tidy(word.sub(" ", cap)), tidy(phrase.sub(" ", cap))
+        out += [whole] if readable and whole != bare else [bare, whole]
         if noun:
             out.append(tidy(word.sub(noun[0], cap)))
     for cap in captions:
@@ -866,9 +870,13 @@ class Trainer:
             return TrainResult(None, self.run_dir, step, loss, time.time() - t_start, self.samples, self.scan,
                                stopped=True, checkpoint=ckpt)
         final = self.make_samples(cfg.max_steps)
+        final_shown = False
         if cfg.weight_check and self.is_main:
             from .weight_check import check_weights
 
+            # the last samples now, not after the check: the page shows them while it runs
+            _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, samples=final, message=CHECKING))
+            final_shown = True
             self.weight_check = check_weights(self)
             if self.weight_check is not None:
                 wc = self.weight_check
@@ -882,7 +890,7 @@ class Trainer:
         path = export_adapter(self, final[0] if final else None) if self.is_main else None
         self.accelerator.wait_for_everyone()
         _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, elapsed_s=time.time() - t0,
-                                         eta_s=0.0, samples=final, message=f"saved {path}"))
+                                         eta_s=0.0, samples=[] if final_shown else final, message=f"saved {path}"))
         return TrainResult(path, self.run_dir, cfg.max_steps, loss, time.time() - t_start, self.samples, self.scan,
                            checkpoint=ckpt)
 
@@ -895,6 +903,10 @@ class Trainer:
                 f"out of memory at step {step + 1}; the last checkpoint is intact. Try a smaller batch_size or "
                 "resolution, gradient_checkpointing = true, or mixed_precision = 'bf16'/'fp16'."
             ) from None
+
+
+CHECKING = ("checking the adapter: pictures with and without it at a few weights and start steps, for its model "
+            "card (about half a minute on a CPU, seconds on a GPU)")
 
 
 def train(cfg: TrainConfig, on_progress: ProgressFn | None = None, stop: StopFlag | None = None,

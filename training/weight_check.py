@@ -120,7 +120,7 @@ def check_prompts(tr: "Trainer") -> list[str]:
     word = _trigger_word_re(tr.cfg.trigger)
     own = [p for p in tr.cfg.sample_prompts if not word.search(p)]
     derived = [p for p in preservation_prompts(tr.cfg.replace(preserve_prompts=[]),
-                                               [it.caption for it in tr.scan.items]) if p]
+                                               [it.caption for it in tr.scan.items], readable=True) if p]
     return list(dict.fromkeys([*own, *derived]))[:MAX_PROMPTS]
 
 
