@@ -281,14 +281,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t1 = time.time()
     if loras or "<lora:" in req.prompt.lower():
         from pipelines.library import AdapterLibrary
-        from pipelines.stack import AdapterStack
+        from pipelines.stack import AdapterStack, range_warnings
 
         stack = AdapterStack(base, AdapterLibrary(args.library), allow_pickle=args.allow_pickle)
         for entry, path in loras:
             if path is not None:
                 stack.load(entry.name, path)
         images = stack.generate(req, [e for e, _ in loras])
-        for line in stack.interference().warnings:
+        for line in stack.interference().warnings + range_warnings(stack.stack, req.steps):
             print(f"warning: {line}")
         for line in _step_range_hints(stack, req.steps):
             print(line)

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,7 +26,7 @@ from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_con
 from pipelines.errors import ConfigError, UnsafeNameError
 from pipelines.generation import GeneratedImage, GenerationRequest, save_png
 from pipelines.library import AdapterLibrary, check_name, default_home
-from pipelines.stack import AdapterStack, StackEntry, parse_lora_tags
+from pipelines.stack import AdapterStack, StackEntry, parse_lora_tags, range_warnings
 from training.config import PRESETS, TrainConfig
 from training.dataset import ScanResult, scan_folder
 from training.jobs import Job, JobQueue
@@ -118,8 +118,9 @@ class RunState:
 class GenerateResult:
     images: list[GeneratedImage]
     paths: list[Path]
-    warnings: list[str]
+    warnings: list[str]  # stacked adapters that fight (interference)
     entries: tuple[StackEntry, ...]
+    range_warnings: list[str] = field(default_factory=list)  # step ranges that start past the last step
 
 
 class Studio:
@@ -473,7 +474,7 @@ class Studio:
         paths = self._out_paths(len(images), f"-{req.seed}")
         for img, p in zip(images, paths):
             save_png(img, p)
-        return GenerateResult(images, paths, warnings, applied)
+        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps))
 
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""

@@ -913,10 +913,10 @@ class StudioUI:
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
-        warn = ""
-        if res.warnings:
-            warn = "\n".join(f"⚠ **Interference:** {html.escape(w)}" for w in res.warnings)
-            gr.Warning(res.warnings[0])
+        notes = [("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
+        warn = "\n".join(f"⚠ **{kind}:** {html.escape(w)}" for kind, w in notes)
+        if notes:
+            gr.Warning(notes[0][1])
         used = ", ".join(f"`{e.tag()}`" for e in res.entries) or "no adapter"
         info = f"{len(res.images)} image(s) with {used}" + (" (fused)" if fuse and res.entries else "")
         return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,

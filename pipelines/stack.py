@@ -176,6 +176,14 @@ def parse_lora_arg(text: str) -> StackEntry:
     return StackEntry(name, 1.0 if weights[0] is None else weights[0], weights[1], **steps)
 
 
+def range_warnings(entries: Iterable[StackEntry], steps: int) -> list[str]:
+    """Entries whose step range starts at or after the last of `steps` sampler steps: their UNet part acts at
+    no step (the image is the base's, with only the text-encoder part at work). Allowed (a grid may sweep
+    past the end), but said."""
+    return [f"{e.name}: start={e.start} is past the last of the {steps} sampler steps (0 to {steps - 1}), so its "
+            f"UNet part acts at no step; lower start= or raise the steps" for e in entries if e.start >= steps]
+
+
 def parse_lora_hashes(value: str) -> dict[str, str]:
     """A1111's `Lora hashes` value ('a: 0123456789ab, b: ...') -> {name: hash}."""
     out = {}

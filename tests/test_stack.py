@@ -421,3 +421,8 @@ def test_cli_names_the_start_the_model_card_suggests(sd1, tiny_sd1_dir, tmp_path
     assert "of plain" not in out
     assert main([*common, "a circle <lora:ranged:1:start=1>"]) == 0
     assert "note:" not in capsys.readouterr().out
+    # a start past the last step: the image is made (a grid may sweep there) and the command says what it means
+    assert main([*common, "a circle <lora:ranged:1:start=4>"]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: ranged: start=4 is past the last of the 4 sampler steps (0 to 3), so its UNet part acts at "
+            "no step") in out

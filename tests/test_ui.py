@@ -418,6 +418,12 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert Image.open(late[1][0]).tobytes() != plain.tobytes()
     ranged[5] = False  # the box unticked: its numbers are ignored
     assert Image.open(ui.generate(*args, False, *ranged)[1][0]).tobytes() == plain.tobytes()
+    # a start past the last step: made, and said
+    past = list(ranged)
+    past[5:8] = [True, 2, 0]
+    with pytest.warns(UserWarning, match="past the last of the 2 sampler steps"):
+        warn = ui.generate(*args, False, *past)[5]
+    assert "Step range:" in warn and "start=2" in warn and "Interference" not in warn
     ranged[5:8] = [True, 1, 0]
     with pytest.raises(gr.Error, match="fuse: an adapter with a step range"):
         ui.generate(*args, True, *ranged)
