@@ -362,15 +362,7 @@ class AdapterLibrary:
             atomic_write(card, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         user = path.with_name(new + ".json")  # AUTOMATIC1111's user metadata: its notes give the <lora:...> tag
         if user.is_file() and not user.is_symlink():
-            try:
-                data = json.loads(user.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = None  # not ours to fix: left as it is
-            notes = data.get("notes") if isinstance(data, dict) else None
-            if isinstance(notes, str) and f"<lora:{old}" in notes:
-                data["notes"] = re.sub(rf"<lora:{re.escape(old)}(?=[:>])", f"<lora:{new}", notes)
-                text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
-                atomic_write(user, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            _retag_user_metadata(user, user, old, new)
         cfg = path.with_name(new + ".toml")
         if cfg.is_file() and not cfg.is_symlink():
             text = cfg.read_text(encoding="utf-8", errors="replace")
@@ -406,8 +398,26 @@ class AdapterLibrary:
         written = export_adapter(src, out, fmt, base=base, allow_pickle=False, precision=precision)
         side = src.with_suffix(".json")
         if fmt == FORMAT_KOHYA and _plain_file(side):  # A1111's user metadata (trigger word) goes with the file
-            atomic_write(written.with_suffix(".json"), lambda tmp: shutil.copyfile(side, tmp))
+            # under the exported file's name (A1111 names an adapter after its file): the notes' tag follows it
+            if not _retag_user_metadata(side, written.with_suffix(".json"), src.stem, written.stem):
+                atomic_write(written.with_suffix(".json"), lambda tmp: shutil.copyfile(side, tmp))
         return written
+
+
+def _retag_user_metadata(src: Path, dst: Path, old: str, new: str) -> bool:
+    """Write AUTOMATIC1111 user metadata `src` to `dst` with the `<lora:old…>` tags of its notes naming `new`;
+    False (nothing written) when `src` is not such JSON or has no such tag: not ours to change."""
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    notes = data.get("notes") if isinstance(data, dict) else None
+    if not isinstance(notes, str) or f"<lora:{old}" not in notes:
+        return False
+    data["notes"] = re.sub(rf"<lora:{re.escape(old)}(?=[:>])", f"<lora:{new}", notes)
+    text = json.dumps(data, indent=4, ensure_ascii=False) + "\n"
+    atomic_write(dst, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return True
 
 
 __all__ = ["AdapterLibrary", "check_name", "with_user_metadata", "default_home", "default_library_root", "SIDECAR_SUFFIXES"]

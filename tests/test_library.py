@@ -212,5 +212,9 @@ def test_a1111_user_metadata_gives_the_trigger_and_goes_with_exports(lib, tmp_pa
     moved = json.loads((lib.root / "Über dl.json").read_text(encoding="utf-8"))
     assert not (lib.root / "dl.json").exists() and "<lora:Über dl:1:start=10>" in moved["notes"]
     assert {k: v for k, v in moved.items() if k != "notes"} == {k: v for k, v in user.items() if k != "notes"}
+    # an export under another file name (A1111 names the adapter after it): the notes' tag names the export
+    exported = lib.export("Über dl", "kohya")
+    assert exported.name == "Über dl.kohya.safetensors"
+    assert "<lora:Über dl.kohya:1:start=10>" in json.loads(exported.with_suffix(".json").read_text())["notes"]
     (lib.root / "Über dl.json").write_text("{not json")
     assert [(r.name, r.trigger_word) for r in lib.list()] == [("Über dl", "")]
