@@ -888,7 +888,10 @@ class StudioUI:
         trig = re.sub(r"\s+\(.*\)$", "", trig).strip()
         prompt = prompt or ""
         if trig and not re.search(rf"(?<![\w]){re.escape(trig)}(?![\w])", prompt):
-            prompt = f"{prompt.rstrip()}, {trig}" if prompt.strip() else trig
+            head = prompt.rstrip()
+            # a sentence left open ("... in", "a photo of") takes the word; a finished one or tags take ", word"
+            joint = " " if re.search(r"(?:^|\s)(?:in|of|by|a|an|the|with|like|and|as)$|,$", head, re.I) else ", "
+            prompt = f"{head}{joint}{trig}" if head else trig
         return prompt, gr.update(value=None)
 
     @staticmethod
@@ -998,7 +1001,12 @@ class StudioUI:
     def rename_adapter(self, old: str, new: str):
         if not old:
             raise ConfigError("adapter: pick the adapter to rename")
-        info = self.studio.library.rename(old, (new or "").strip())
+        new = (new or "").strip()
+        if not new:
+            raise ConfigError("new name: type the adapter's new name")
+        if new == old:
+            raise ConfigError(f"new name: '{new}' is already this adapter's name")
+        info = self.studio.library.rename(old, new)
         self.studio.forget_adapter(old)
         gr.Info(f"Renamed '{old}' to '{info.name}'.")
         return f"Renamed **{html.escape(old)}** to **{html.escape(info.name)}**.", \

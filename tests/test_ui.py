@@ -294,6 +294,10 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     assert pick["value"] == "renamed" and set(ui.adapter_names()) == {"alpha-style", "renamed"}
     with pytest.raises(gr.Error, match="already exists"):
         ui.rename_adapter("renamed", "alpha-style")
+    with pytest.raises(gr.Error, match="new name: type the adapter's new name"):
+        ui.rename_adapter("renamed", "  ")
+    with pytest.raises(gr.Error, match="already this adapter's name"):
+        ui.rename_adapter("renamed", "renamed")
     [out] = ui.export_kohya("renamed")[0]["value"]
     keys = [k for k in read_header(out)[0] if k != "__metadata__"]
     assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
@@ -392,6 +396,12 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
         value = "ohwx  (alpha-style)"
 
     assert ui.insert_trigger("a red circle", Sel())[0] == "a red circle, ohwx"
+    # a sentence left open takes the word as its next one; tags ending in a comma get no second comma
+    assert ui.insert_trigger("a red square in ", Sel())[0] == "a red square in ohwx"
+    assert ui.insert_trigger("a photo of", Sel())[0] == "a photo of ohwx"
+    assert ui.insert_trigger("red, square,", Sel())[0] == "red, square, ohwx"
+    assert ui.insert_trigger("", Sel())[0] == "ohwx"
+    assert ui.insert_trigger("ohwx style", Sel())[0] == "ohwx style"  # there already
     gallery, files, params, seed, paths, warn, info = ui.generate(
         base, "a red circle <lora:beta-thing:0.5>", "", 2, 3.0, 7, 0, 0, 2, "Euler", False,
         *_slots(("alpha-style", 0.8)))
