@@ -858,6 +858,11 @@ class StudioUI:
             return gr.update(value=False), gr.update(value=0, label=START_LABEL), gr.update(value=0), None
         return gr.update(value=True), self._start_update(start, steps), gr.update(value=0), start
 
+    @staticmethod
+    def compare_default(name, current):
+        """The comparison grid's adapter, while none is chosen there, is the one the user just picked in a row."""
+        return name if name and not current else gr.skip()
+
     def steps_changed(self, steps, *rows):
         """The step count changed: each row whose start is still the one its model card gave (not edited
         since) gets the card's start for the new count. `rows`: (name, ranged, start, card start) per row."""
@@ -1314,6 +1319,7 @@ class StudioUI:
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
             for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
                 dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to, card_start], **quiet)
+                dd.input(self.compare_default, [dd, cmp_adapter], cmp_adapter, **quiet)
             steps.input(self.steps_changed, [steps, *[w for dd, rng, f, _, c in slot_pickers for w in (dd, rng, f, c)]],
                         [w for _, _, f, _, c in slot_pickers for w in (f, c)], **quiet)
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)

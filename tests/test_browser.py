@@ -329,6 +329,8 @@ def test_a_pick_during_page_load_stays_and_a_row_takes_the_cards_step_range(tmp_
         _fill_number(page, "gen-steps", 20)
         time.sleep(2)
         expect(page.locator("#slot-0-start input[type=number]")).to_have_value("12")
+        page.locator("#gen-compare").get_by_text("Compare:").click()  # its adapter: the row's pick
+        expect(page.locator("#cmp-adapter input").first).to_have_value("ranged")
     finally:
         _shut(demo, studio)
 

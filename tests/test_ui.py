@@ -371,6 +371,9 @@ def test_picking_an_adapter_takes_the_step_range_its_card_suggests(ui, lora_file
     assert out[0]["value"] == 20 and "model card: 20 of 40" in out[0]["label"] and out[1] == 20
     assert out[2:] == [gr.skip()] * 6 and out[0] != gr.skip()
     assert ui.studio.library.info("ranged").suggested_start(1) is None  # no later step to start from
+    # the comparison grid's adapter follows the first pick in a row, never replacing one chosen there
+    assert ui.compare_default("ranged", None) == "ranged"
+    assert ui.compare_default("ranged", "beta-thing") == gr.skip() and ui.compare_default(None, None) == gr.skip()
 
 
 # ------------------------------------------------------------------------------------------------ Generate tab
