@@ -91,7 +91,8 @@ CSS = """
   background: none; border: none; box-shadow: none; white-space: normal; overflow-wrap: anywhere;
   text-align: center; font-size: .8em; line-height: 1.2}
 #gen-gallery img, #train-samples img, #train-thumbs img, #lib-cards img, #cmp-image img {image-rendering: pixelated}
-/* a picture opened large in the results: whole, never cropped; the grid below its label and buttons */
+/* a result fits its box whole (a square picture is never cut at top and bottom); the comparison grid sits
+   below its label and buttons */
 #gen-gallery .thumbnail-item img {max-height: 290px; object-fit: contain !important}
 #cmp-image img {padding-top: 40px; object-fit: contain}
 /* tables: headers break between words only */

@@ -201,7 +201,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         },
     )
     meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
-    if (wc := getattr(tr, "weight_check", None)) is not None and (sc := wc.step_check) is not None and sc.suggested:
+    if (sc := suggested_step_check(tr)) is not None:
         meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
     return meta
 
@@ -302,12 +302,18 @@ def a1111_user_metadata(tr: "Trainer") -> dict:
     }
 
 
+def suggested_step_check(tr: "Trainer"):
+    """The end-of-training step check when it suggested a start (`.suggested` of `.steps`), else None."""
+    wc = getattr(tr, "weight_check", None)
+    sc = wc.step_check if wc is not None else None
+    return sc if sc is not None and sc.suggested else None
+
+
 def use_arg(tr: "Trainer") -> str:
     """The card's `--lora` value: full weight, from the start the step check suggests (the name is quoted on
     the card: a name may hold spaces)."""
-    wc = getattr(tr, "weight_check", None)
-    sc = wc.step_check if wc is not None else None
-    return f"{tr.cfg.name}:1" + (f":start={sc.suggested}" if sc is not None and sc.suggested else "")
+    sc = suggested_step_check(tr)
+    return f"{tr.cfg.name}:1" + (f":start={sc.suggested}" if sc is not None else "")
 
 
 def use_prompt(tr: "Trainer") -> str:
