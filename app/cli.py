@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_args(gr)
     _add_request_args(gr, default_out="grid.png")
     mode = gr.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--lora", metavar="NAME",
-                      help="the adapter whose weight varies across the columns (see --weights)")
+    mode.add_argument("--lora", metavar="NAME[:W][:start=N]",
+                      help="the adapter whose weight varies across the columns (see --weights); a step range "
+                           "given here holds in every column")
     mode.add_argument("--loras", metavar="A,B,C", help="compare these adapters, one per column, at --weight")
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--starts", default=None, metavar="N1,N2,...",
                     help="with --lora: vary the sampler step the adapter acts from instead of its weight (0 = every "
                          "step; the adapter at --weight), e.g. 0,5,10,15")
-    gr.add_argument("--weight", type=float, default=1.0,
-                    help="the weight for --loras, --checkpoints and --starts (default 1)")
+    gr.add_argument("--weight", type=float, default=None,
+                    help="the weight for --loras, --checkpoints and --starts (default 1; with --starts, the one "
+                         "given as --lora NAME:W)")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home_arg(p, suppress=True)
     p.set_defaults(func=cmd_jobs_stop)
 
-    lo = sub.add_parser("loras", help="the adapter library: list (the default), import, export, rename, rm")
+    lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, rename, "
+                                      "rm")
     _add_library_arg(lo)
     lo.set_defaults(func=cmd_loras_list)  # `lora-studio loras` alone lists them
     lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION")
@@ -162,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the base model with the stack merged in (a full single-file checkpoint)")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_bake)
+    p = lsub.add_parser("info", help="what an adapter is: base, trigger, rank, layers, training, the model card's "
+                                     "suggestions (a library name or any .safetensors file)")
+    p.add_argument("name", help="a library adapter's name, or the path of an adapter file")
+    p.add_argument("--base", default=None,
+                   help="also check that it fits this base model (a folder, single file or hub id)")
+    show = p.add_mutually_exclusive_group()
+    show.add_argument("--card", action="store_true", help="print the adapter's model card (NAME.md)")
+    show.add_argument("--metadata", action="store_true", help="print every metadata key of the file as JSON")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_info)
     p = lsub.add_parser("rename", help="rename an adapter (its preview and model card follow)")
     p.add_argument("old")
     p.add_argument("new")
@@ -325,7 +338,8 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import adapter_columns, checkpoint_columns, make_grid, start_columns, weight_columns
+    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, range_words, start_columns,
+                                weight_columns)
 
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -336,20 +350,23 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if args.starts is not None and not args.lora:
         raise _usage("grid: --starts varies one adapter: give it with --lora NAME")
     starts = _numbers(args.starts, "--starts", int, "whole step numbers") if args.starts is not None else []
+    weight = 1.0 if args.weight is None else args.weight
     t0 = time.time()
     stack = _stack_for(args)
     t1 = time.time()
     if args.lora:
         [entry] = _entries_into(stack, [args.lora])
-        if args.starts is not None:
-            columns, axis = start_columns(entry.name, starts, weight=args.weight), f"{entry.name} acting"
-        else:
-            columns, axis = weight_columns(entry.name, weights), f"{entry.name} weight"
+        if args.starts is not None:  # the weight of --weight, else the one given with --lora NAME:W
+            entry = entry if args.weight is None else replace(entry, weight=args.weight, te_weight=None)
+            columns, axis = start_columns(entry.name, starts, [entry]), f"{entry.name} acting"
+        else:  # a step range given with --lora NAME:W:start=N holds in every column
+            columns = weight_columns(entry.name, weights, [entry])
+            axis = f"{entry.name} weight{range_words(columns[0].entries[-1])}"
     elif args.loras:
         entries = _entries_into(stack, [n.strip() for n in args.loras.split(",") if n.strip()])
-        columns, axis = adapter_columns([e.name for e in entries], args.weight), f"LoRA at {args.weight:g}"
+        columns, axis = adapter_columns([e.name for e in entries], weight), f"LoRA at {weight:g}"
     else:
-        columns, axis = checkpoint_columns(stack, args.checkpoints, args.weight), f"{args.checkpoints} checkpoint"
+        columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     result = make_grid(stack, req, columns, axis=axis)
     [path] = output_paths(args.out, 1)
     save_png(result.image, path, result.parameters)
@@ -430,6 +447,94 @@ def cmd_loras_list(args: argparse.Namespace) -> int:
         extra = "  [preview]" if i.preview else ""
         print(f"{i.name:<28} {i.family or '?':<7} {i.rank:>4} {_human(i.size):>9}  {i.short_hash:<12}  "
               f"{i.trigger_word}{extra}")
+    return 0
+
+
+def _info_lines(info, card: Path | None, in_library: bool) -> list[str]:
+    """`loras info`: the adapter in rows of 'label  value'."""
+    from pipelines.adapters import SUGGESTED_START_KEY, a1111_activation_text
+
+    meta = info.metadata
+
+    def m(*keys: str) -> str:
+        return next((meta[k] for k in keys if meta.get(k)), "")
+
+    rows = [("file", f"{info.path} ({_human(info.size)}, {info.format} keys)")]
+    source = {"metadata": "from its metadata", "shapes": "from its layer shapes"}.get(info.family_source, "")
+    trained_on = m("lora_studio.base_model", "ss_sd_model_name")
+    rows.append(("base", ", ".join(x for x in (f"{info.family_label}" + (f" ({source})" if source else ""),
+                                               f"trained on {trained_on}" if trained_on else "") if x)))
+    if info.matched is not None:
+        rows.append(("fits", f"{info.matched} of {info.total} layers match the base given"))
+    activation = a1111_activation_text(info.path)
+    trigger = info.trigger_word or "none recorded: the adapter acts without a word"
+    rows.append(("trigger", trigger + (f" (activation text: {activation})" if activation and
+                                        activation != info.trigger_word else "")))
+    rows.append(("network", f"LoRA rank {info.rank}, alpha {info.alpha:g}; {info.num_layers} layers in "
+                            f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
+    train = []
+    if steps := m("lora_studio.steps", "ss_max_train_steps"):
+        train.append(f"{steps} steps")
+    if images := m("lora_studio.num_images"):
+        train.append(f"{images} images")
+    if res := m("lora_studio.resolution", "modelspec.resolution"):
+        train.append(f"{res} px")
+    if lr := m("ss_unet_lr", "ss_learning_rate"):
+        te = meta.get("ss_text_encoder_lr")
+        train.append(f"lr {lr}" + (f" (text encoder {te})" if te and te != "0" else " (UNet only)"
+                                   if te == "0" else ""))
+    if seed := meta.get("ss_seed"):
+        train.append(f"seed {seed}")
+    if train or meta.get("modelspec.date"):
+        rows.append(("training", ", ".join(train + [f"on {info.date.replace('T', ' ')}"])))
+    rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))
+    name = info.name
+    of = meta.get(SUGGESTED_START_KEY, "").partition("/")[2]
+    start = info.suggested_start(int(of)) if of.isdigit() else None
+    use = f"<lora:{name}:1>" if in_library else f"--lora {info.path}"
+    if start is not None:
+        rows.append(("step range", f"the model card suggests acting from step {start} of {of}: "
+                                   f"<lora:{name}:1:start={start}>, --lora \"{name}:1:start={start}\""))
+    rows.append(("use", (f"{use} in a prompt, or --lora \"{name}:1\"" if in_library else
+                         f"{use} (or `lora-studio loras import` it into the library)")))
+    if card is not None:
+        rows.append(("model card", f"{card} (`lora-studio loras info {name} --card` prints it)"))
+    if info.preview is not None:
+        rows.append(("preview", str(info.preview)))
+    width = max(len(k) for k, _ in rows) + 2
+    return [name] + [f"  {k:<{width}}{v}" for k, v in rows]
+
+
+def cmd_loras_info(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.adapters import inspect_adapter
+
+    lib = _library(args)
+    _, path = _lora_entry(args.name)
+    if path is None:  # a library name
+        path = lib.path_for(args.name)
+        info = lib.info(args.name, check_tensors=True)
+        in_library = True
+    else:
+        info = inspect_adapter(path, check_tensors=True)
+        in_library = False
+    if args.base:
+        from pipelines.base_models import load_base
+
+        base = load_base(args.base, device="cpu")
+        checked = inspect_adapter(info.path, base, name=info.name, check_tensors=False, compute_hash=False)
+        info.matched, info.total = checked.matched, checked.total
+    card_path = info.path.with_name(info.path.stem + ".md")
+    card = card_path if card_path.is_file() and not card_path.is_symlink() else None
+    if args.card:
+        if card is None:
+            raise _usage(f"{args.name}: no model card ({card_path.name}) beside {info.path}")
+        print(card.read_text(encoding="utf-8", errors="replace"), end="")
+    elif args.metadata:
+        print(json.dumps(info.metadata, indent=2, sort_keys=True, ensure_ascii=False))
+    else:
+        print("\n".join(_info_lines(info, card, in_library)))
     return 0
 
 

@@ -489,7 +489,8 @@ class Studio:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
         ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
-        from pipelines.grid import GridColumn, checkpoint_columns, make_grid, start_columns, weight_columns
+        from pipelines.grid import (GridColumn, checkpoint_columns, make_grid, range_words, start_columns,
+                                    weight_columns)
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
@@ -497,7 +498,8 @@ class Studio:
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
                 adapter = check_name(adapter)
-                cols, axis = weight_columns(adapter, weights, others), f"{adapter} weight"
+                cols = weight_columns(adapter, weights, others)
+                axis = f"{adapter} weight{range_words(cols[0].entries[-1])}"
             elif mode == "starts":
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose start step varies across the grid")

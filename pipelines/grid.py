@@ -185,11 +185,28 @@ def make_grid(
 
 
 def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEntry] = ()) -> list[GridColumn]:
-    """One adapter across weights (other adapters fixed): columns labelled 'name w'."""
+    """One adapter across weights (other adapters fixed): columns labelled 'name w'. The adapter keeps its
+    step range and a separately set text-encoder weight from `others` when it is there."""
     if not weights:
         raise ConfigError("weights: give at least one weight, e.g. 0,0.5,1")
-    others = tuple(e for e in _coerce(others) if e.name.casefold() != name.casefold())
-    return [GridColumn(f"{name} {float(w):g}", others + (StackEntry(name, float(w)),)) for w in weights]
+    mine, rest = _split(name, others)
+    return [GridColumn(f"{name} {float(w):g}", rest + (replace(mine, weight=float(w)),)) for w in weights]
+
+
+def _split(name: str, others: Sequence[StackEntry], weight: float = 1.0) -> tuple[StackEntry, tuple]:
+    """The entry of adapter `name` among `others` (or a new one at `weight`), and the others without it."""
+    others = tuple(_coerce(others))
+    mine = next((e for e in others if e.name.casefold() == name.casefold()), StackEntry(name, float(weight)))
+    return mine, tuple(e for e in others if e is not mine)
+
+
+def range_words(entry: StackEntry) -> str:
+    """' acting from step 10' / ' acting up to step 8' / ' acting from step 2 to 8' / '' for every step."""
+    if entry.start and entry.stop is not None:
+        return f" acting from step {entry.start} to {entry.stop}"
+    if entry.start:
+        return f" acting from step {entry.start}"
+    return f" acting up to step {entry.stop}" if entry.stop is not None else ""
 
 
 def start_columns(name: str, starts: Sequence[int], others: Sequence[StackEntry] = (),
@@ -200,9 +217,7 @@ def start_columns(name: str, starts: Sequence[int], others: Sequence[StackEntry]
         raise ConfigError("starts: give at least one start step, e.g. 0, 5, 10")
     if len(starts) > 8:
         raise ConfigError("starts: at most 8 columns")
-    others = tuple(_coerce(others))
-    mine = next((e for e in others if e.name.casefold() == name.casefold()), StackEntry(name, float(weight)))
-    rest = tuple(e for e in others if e is not mine)
+    mine, rest = _split(name, others, weight)
     return [GridColumn("every step" if int(n) == 0 else f"from step {int(n)}",
                        rest + (replace(mine, start=n, stop=None),)) for n in starts]
 

@@ -118,6 +118,17 @@ def test_start_step_grid_keeps_the_rows_weights_and_switches_the_unet_part(stack
         start_columns("a", [])
 
 
+def test_weight_grid_keeps_the_rows_step_range_and_text_encoder_weight(stack):
+    others = [StackEntry("a", 0.3, 0.4, start=1), StackEntry("b", 0.5)]
+    result = make_grid(stack, _req(), weight_columns("a", [0, 1], others), axis="a weight")
+    p = parse_parameters(result.parameters)
+    assert p["Grid stacks"] == "<lora:b:0.5> <lora:a:0.4:0:start=1> | <lora:b:0.5> <lora:a:0.4:1:start=1>"
+    ranged = stack.generate(_req(), [StackEntry("b", 0.5), StackEntry("a", 1.0, 0.4, start=1)])[0].image
+    every = stack.generate(_req(), [StackEntry("b", 0.5), StackEntry("a", 1.0, 0.4)])[0].image
+    tile = np.asarray(result.tiles[1][0].image)
+    assert np.array_equal(tile, np.asarray(ranged)) and not np.array_equal(tile, np.asarray(every))
+
+
 def test_adapters_grid_with_prompt_tags_and_several_seeds(stack):
     req = _req(prompt="<lora:b:0.3> a red circle", num_images=2)
     result = make_grid(stack, req, adapter_columns(["a", "b"], 0.8))
@@ -176,6 +187,13 @@ def test_cli_grid_modes(tiny_sd1_dir, lib, tmp_path, capsys):
     out = tmp_path / "s.png"
     assert main(common + ["--lora", "a", "--starts", "0,1", "--weight", "0.8", "--out", str(out)]) == 0
     assert parse_parameters(read_png_parameters(out))["Grid stacks"] == "<lora:a:0.8> | <lora:a:0.8:start=1>"
+    assert main(common + ["--lora", "a:0.6", "--starts", "0,1", "--out", str(out)]) == 0  # the weight given there
+    assert parse_parameters(read_png_parameters(out))["Grid stacks"] == "<lora:a:0.6> | <lora:a:0.6:start=1>"
+    assert main(common + ["--lora", "a:1:start=1", "--weights", "0,1", "--out", str(out)]) == 0
+    p = parse_parameters(read_png_parameters(out))
+    assert p["Grid stacks"] == "<lora:a:0:start=1> | <lora:a:1:start=1>"
+    assert p["Grid"].startswith("a weight acting from step 1:")
+    capsys.readouterr()
     assert main(common + ["--loras", "a,b", "--starts", "0,1", "--out", str(out)]) == 2
     assert "--starts varies one adapter" in capsys.readouterr().err
     assert main(common + ["--lora", "a", "--weights", "0,x", "--out", str(out)]) == 2

@@ -189,6 +189,68 @@ def test_cli_loras_commands(src, tmp_path, capsys):
     assert "no adapters" in capsys.readouterr().out
 
 
+def test_cli_loras_info_describes_a_library_adapter_or_any_file(src, tmp_path, tiny_sd1_dir, capsys):
+    """`loras info`: what a downloaded or trained adapter is (base, trigger, rank, training, the card's step
+    range) before it is used; --card and --metadata print the card and the raw metadata."""
+    lib = str(tmp_path / "info-lib")
+    meta = lora_metadata(family="sd1", rank=4, alpha=2.0, name="mine", trigger_word="ohwx", steps=300,
+                         num_images=12, resolution=64, base_model="toy-sd",
+                         extra={"ss_unet_lr": "0.001", "ss_text_encoder_lr": "0", "ss_seed": "7"})
+    meta["lora_studio.suggested_start"] = "10/20"
+    trained = _lora(tmp_path / "trained.safetensors")
+    sd, _ = load_safetensors(trained)
+    save_adapter(sd, trained, meta)
+    assert main(["loras", "--library", lib, "import", str(trained), "--name", "mine"]) == 0
+    (tmp_path / "info-lib" / "mine.md").write_text("# mine\n\nthe card\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["loras", "--library", lib, "info", "mine"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mine\n")
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "SD 1.x (from its metadata), trained on toy-sd" in rows["base"]
+    assert rows["trigger"].split()[1:] == ["ohwx"]
+    assert "LoRA rank 4, alpha 2; 3 layers in unet, text_encoder: q_proj, to_k, to_q" in rows["network"]
+    assert "300 steps, 12 images, 64 px, lr 0.001 (UNet only), seed 7" in rows["training"]
+    assert "from step 10 of 20: <lora:mine:1:start=10>" in rows["step"]
+    assert "<lora:mine:1> in a prompt" in rows["use"] and "info mine --card" in rows["model"]
+    assert main(["loras", "--library", lib, "info", "mine", "--card"]) == 0
+    assert capsys.readouterr().out == "# mine\n\nthe card\n"
+    assert main(["loras", "--library", lib, "info", "mine", "--metadata"]) == 0
+    import json
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lora_studio.trigger"] == "ohwx" and printed["ss_seed"] == "7"
+    # a file that is not in the library: described where it is, without a card
+    assert main(["loras", "--library", lib, "info", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("My Style\n") and "loras import" in out and "sks" in out and "step range" not in out
+    assert main(["loras", "--library", lib, "info", str(src), "--card"]) == 0  # My Style.md beside it
+    assert capsys.readouterr().out == "# card"
+    # does it fit my base? A file made for this base: every layer; the errors name what is wrong
+    from lora_helpers import make_lora
+
+    from pipelines.base_models import load_base
+
+    fits = save_adapter(make_lora(load_base(tiny_sd1_dir, device="cpu").pipe, rank=2), tmp_path / "fits.safetensors",
+                        lora_metadata(family="sd1", rank=2, alpha=2))
+    assert main(["loras", "--library", lib, "info", str(fits), "--base", str(tiny_sd1_dir)]) == 0
+    fit_row = [line for line in capsys.readouterr().out.splitlines()[1:] if line.split()[0] == "fits"]
+    total = len({k.rsplit(".lora_", 1)[0] for k in load_safetensors(fits)[0]})
+    assert fit_row and f"{total} of {total} layers match" in fit_row[0]
+    xl = _lora(tmp_path / "xl.safetensors", family="sdxl")
+    assert main(["loras", "--library", lib, "info", str(xl), "--base", str(tiny_sd1_dir)]) == 2
+    assert "xl.safetensors: this adapter was made for SDXL" in capsys.readouterr().err
+    assert main(["loras", "--library", lib, "info", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    bad = tmp_path / "nan.safetensors"
+    sd[next(iter(sd))][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(sd, str(bad), meta)  # our writers refuse such tensors; other tools' do not
+    assert main(["loras", "--library", lib, "info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "nan.safetensors" in err and "finite" in err.lower()
+
+
 def test_a1111_user_metadata_gives_the_trigger_and_goes_with_exports(lib, tmp_path):
     """An adapter from AUTOMATIC1111 / a civitai helper carries its trigger word in `name.json` ("activation
     text") rather than in the file: the library shows it, and a kohya export takes the file along; a broken

@@ -24,7 +24,7 @@ from app.studio import Studio
 from app.ui import ADVANCED, PRESET_FIELDS, StudioUI, field_value, launch
 from pipelines.adapters import lora_metadata, save_adapter
 from pipelines.errors import ConfigError
-from pipelines.generation import GenerationRequest, read_png_parameters
+from pipelines.generation import GenerationRequest, parse_parameters, read_png_parameters
 from pipelines.stack import StackEntry
 from pipelines.weights_io import read_header
 from training.config import PRESETS
@@ -450,6 +450,12 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
                                     "alpha-style", "0, 1", None, *_slots())
     with Image.open(grid) as im:
         assert im.width >= 2 * 128 and "alpha-style 0 | alpha-style 1" in im.info["parameters"]
+    # the row's step range holds in every column of its weight grid (the axis says so)
+    grid, *_ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                          "alpha-style", "0, 1", None, *ranged)
+    params = parse_parameters(read_png_parameters(grid))
+    assert params["Grid stacks"] == "<lora:alpha-style:0:start=1> | <lora:alpha-style:1:start=1>"
+    assert params["Grid"].startswith("alpha-style weight acting from step 1:")
     box = ui.compare_values_box("adapter start step", "0, 0.4, 0.8, 1.2")  # the box turns into steps
     assert box["label"].startswith("Start steps") and box["value"] == "0, 5, 10, 15"
     assert ui.compare_values_box("adapter weights", "0, 5")["label"] == "Weights"
