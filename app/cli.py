@@ -33,16 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt")
     _add_base_args(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance (CFG) scale")
-    g.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the PNG)")
+    g.add_argument("--prompt", default=None, help="required unless --from-png gives it")
+    g.add_argument("--from-png", default=None, metavar="IMAGE",
+                   help="make an image again from the generation parameters stored in IMAGE (a PNG made here or "
+                        "by AUTOMATIC1111; its JPEG/WebP too): prompt with its adapters, negative prompt, steps, "
+                        "sampler, CFG, seed, size. Options given as well override them")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=None, help="default 20")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (CFG) scale (default 7)")
+    g.add_argument("--seed", type=int, default=None, help="default -1: a random seed (recorded in the PNG)")
     g.add_argument("--width", type=int, default=None, help="default: the model's native size")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--scheduler", default="DPM++ 2M Karras",
-                   help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
+    g.add_argument("--scheduler", default=None,
+                   help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras (the default), DPM++ SDE Karras, DDIM, UniPC, "
+                        "Heun, LMS, PNDM")
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -279,19 +284,46 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+_REQUEST_DEFAULTS = {"negative_prompt": "", "steps": 20, "guidance": 7.0, "seed": -1, "width": None, "height": None,
+                     "scheduler": "DPM++ 2M Karras"}
+
+
+def _generate_request(args: argparse.Namespace):
+    """The request of `generate`: its options, over what --from-png recorded, over the defaults; and the
+    notes on what of the recorded image cannot be made the same way (and the recorded model's name)."""
+    from pipelines.generation import GenerationRequest
+
+    values = dict(_REQUEST_DEFAULTS)
+    notes, model = [], None
+    if args.from_png:
+        from pipelines.library import AdapterLibrary
+        from pipelines.recall import read_parameters, recall
+
+        got = recall(read_parameters(args.from_png), AdapterLibrary(args.library))
+        r = got.request
+        values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
+                      guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler)
+        notes, model = got.notes, got.model
+    elif args.prompt is None:
+        raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
+    values.update({k: v for k in (*_REQUEST_DEFAULTS, "prompt") if (v := getattr(args, k)) is not None})
+    return GenerationRequest(num_images=args.num_images, **values), notes, model
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.base_models import load_base
-    from pipelines.generation import GenerationRequest, generate, output_paths, save_png
+    from pipelines.generation import generate, output_paths, save_png
 
-    req = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
-        scheduler=args.scheduler,
-    )
+    req, notes, recorded_model = _generate_request(args)
     loras = [_lora_entry(x) for x in args.lora]
     t0 = time.time()
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
     t1 = time.time()
+    if recorded_model and recorded_model != base.name:
+        notes.append(f"the image was made with the base model '{recorded_model}'; this is '{base.name}' "
+                     "(choose it with --base): the picture will differ")
+    for line in notes:
+        print(f"note: {line}")
     if loras or "<lora:" in req.prompt.lower():
         from pipelines.library import AdapterLibrary
         from pipelines.stack import AdapterStack, range_warnings

@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.recall import read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
@@ -942,6 +943,57 @@ class StudioUI:
             return gr.skip()
 
     @ui_errors
+    def read_image_parameters(self, file):
+        """An image the user opened: its generation parameters into the Parameters box."""
+        if not file:
+            return gr.skip(), ""
+        text = read_parameters(getattr(file, "name", file))
+        return text, "Parameters read: **Use these parameters** puts them into the form."
+
+    @ui_errors
+    def recall_form(self, text, base_name):
+        """AUTOMATIC1111's "Send to txt2img": the parameters in the box fill the form (prompt without its
+        adapter tags, which go into the rows, up to one per row; the rest stay tags in the prompt), picking the
+        recorded base model where one of that name is here. Returns the form's values, the rows' widgets,
+        their card starts (cleared) and a line saying what was filled and what cannot be the same."""
+        got = recall(text, self.studio.library)
+        entries = list(got.entries)
+        rows, extra = entries[:SLOTS], entries[SLOTS:]
+        missing = {e.name for e in entries if self.studio.library.find(e.name) is None}
+        if missing:  # a row can only show library adapters: those stay in the prompt as tags
+            rows = [e for e in entries if e.name not in missing][:SLOTS]
+            extra = [e for e in entries if e not in rows]
+        r = got.request
+        prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()
+        notes = list(got.notes)
+        base_update = gr.skip()
+        if got.model:
+            match = next((n for n in self.studio.base_choices()
+                          if got.model in (n, n.split(" (")[0], Path(n).stem)), None)
+            if match is not None:
+                base_update = match
+            else:
+                notes.append(f"the image was made with the base model '{got.model}', which is not here; "
+                             f"'{base_name}' stays (put the model into the models folder to use it)")
+        slots, names = [], self.adapter_names()
+        for i in range(SLOTS):
+            if i < len(rows):
+                e = rows[i]
+                sep = e.te_weight is not None and e.te_weight != e.weight
+                ranged = bool(e.start or e.stop is not None)
+                slots += [gr.update(value=self.studio.library.find(e.name).stem, choices=names), True, e.weight, sep,
+                          e.te_weight if sep else e.weight, ranged, e.start, e.stop or 0]
+            else:
+                slots += [gr.update(value=None, choices=names), True, 1.0, False, 1.0, False, 0, 0]
+        used = ", ".join(f"`{e.tag()}`" for e in entries) or "no adapter"
+        msg = f"Form filled from the parameters (seed {r.seed}, {used})."
+        if notes:
+            msg += "\n\n" + "\n\n".join(f"⚠ {html.escape(n, quote=False)}" for n in notes)
+            gr.Warning(notes[0])
+        return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
+                base_update, *slots, *[None] * SLOTS, msg)
+
+    @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                 cmp_adapter, cmp_weights, cmp_run, *slot_values):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
@@ -1217,8 +1269,15 @@ class StudioUI:
                         warn = gr.Markdown("", elem_id="gen-warning")
                         downloads = gr.File(label="Download PNGs (with their generation parameters)",
                                             file_count="multiple", interactive=False, elem_id="gen-files")
-                        params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=False,
-                                            buttons=["copy"], elem_id="gen-params")
+                        params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=True,
+                                            buttons=["copy"], elem_id="gen-params",
+                                            placeholder="an image's generation parameters: paste them here, or "
+                                                        "read them from the image")
+                        with gr.Row():
+                            open_png = gr.UploadButton("Read from an image…", size="sm", elem_id="gen-open-png",
+                                                       file_types=[".png", ".jpg", ".jpeg", ".webp"])
+                            recall_btn = gr.Button("Use these parameters", size="sm", elem_id="gen-recall")
+                        recall_info = gr.Markdown("", elem_id="gen-recall-info")
                 with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)",
                                   open=False, elem_id="gen-compare"):
                     with gr.Row():
@@ -1333,6 +1392,11 @@ class StudioUI:
             prompt.submit(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                           gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
+            open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
+                            [params, recall_info])
+            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, base, *slot_widgets,
+                              *[c for *_, c in slot_pickers], recall_info]
+            recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
             rand.click(lambda: -1, None, seed, **quiet)
             cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.base_models import DEFAULT_BASE
 
@@ -193,6 +194,29 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#gen-params textarea")).to_have_value(
         re.compile(rf"<lora:{NAME}:0\.8:start=4>.*Seed: 42", re.S), timeout=90_000)
     _shot(page, "4a-generate-step-range")
+    # PNG Info → Send to txt2img: the image's file fills the form again (adapter row and its range included),
+    # and Generate makes the same picture
+    made = max(studio.outputs.rglob("*.png"), key=lambda f: f.stat().st_mtime)
+    before = set(studio.outputs.rglob("*.png"))
+    prompt.fill("something else")
+    _fill_number(page, "gen-seed", -1)
+    page.locator("#slot-0-ranged input[type=checkbox]").uncheck()
+    # Gradio puts an upload button's file input just before the button
+    page.locator("#gen-open-png").locator("xpath=preceding-sibling::input[@type='file']").set_input_files(str(made))
+    expect(page.locator("#gen-recall-info")).to_contain_text("Parameters read", timeout=30_000)
+    page.locator("#gen-recall").click()
+    expect(prompt).to_have_value("a red sks on a white background", timeout=30_000)
+    expect(page.locator("#gen-seed input[type=number]")).to_have_value("42")
+    expect(page.locator("#slot-0-start input[type=number]")).to_have_value("4")
+    expect(page.locator("#gen-recall-info")).to_contain_text("seed 42")
+    _shot(page, "4a2-generate-from-png")
+    page.locator("#gen-go").click()
+    deadline = time.time() + 90
+    while not (new := set(studio.outputs.rglob("*.png")) - before) and time.time() < deadline:
+        time.sleep(0.3)
+    assert new, "Generate made no image after the form was filled from a PNG"
+    time.sleep(0.5)  # written atomically, but give the file a moment
+    assert Image.open(new.pop()).tobytes() == Image.open(made).tobytes()
     page.locator("#slot-0-ranged input[type=checkbox]").uncheck()
     page.locator("#gen-compare").get_by_text("Compare:").click()
     _pick(page, "cmp-adapter", NAME)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.options import check_launch_options
 from app.studio import Studio
-from app.ui import ADVANCED, PRESET_FIELDS, StudioUI, field_value, launch
+from app.ui import ADVANCED, PRESET_FIELDS, SLOTS, StudioUI, field_value, launch
 from pipelines.adapters import lora_metadata, save_adapter
 from pipelines.errors import ConfigError
 from pipelines.generation import GenerationRequest, parse_parameters, read_png_parameters
@@ -386,6 +386,49 @@ def _slots(*entries):
         else:
             vals += [None, True, 1.0, False, 1.0, False, 0, 0]
     return vals
+
+
+def _value(update):
+    return update["value"] if isinstance(update, dict) else update
+
+
+def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tmp_path):
+    """PNG Info → Send to txt2img: the parameters of a made image (read from the file, or pasted) fill the
+    form, its adapters go into the rows with their weights and step ranges, and Generate makes the same image."""
+    _import(ui, lora_files["alpha-style"])
+    _import(ui, lora_files["beta-thing"])
+    base = ui.base_names()[0]
+    rows = _slots(("alpha-style", 0.8), ("beta-thing", 0.5))
+    rows[5:8] = [True, 1, 0]  # alpha-style from step 1
+    rows[8 + 3:8 + 5] = [True, 0.2]  # beta-thing: text encoder at 0.2
+    made = ui.generate(base, "a red circle", "dark", 2, 3.0, 7, 0, 0, 1, "Euler", False, *rows)[1][0]
+    text, said = ui.read_image_parameters(made)
+    assert text == read_png_parameters(made) and "Use these parameters" in said
+    out = ui.recall_form(text, base)
+    prompt, negative, steps, guidance, scheduler, seed, width, height, base_pick = out[:9]
+    slots, cards, msg = out[9:9 + 8 * SLOTS], out[9 + 8 * SLOTS:-1], out[-1]
+    assert (prompt, negative, steps, guidance, scheduler, seed) == ("a red circle", "dark", 2, 3.0, "Euler", 7)
+    assert base_pick == base  # the recorded model is the one here
+    slots = [_value(v) for v in slots]
+    assert slots[:8] == ["alpha-style", True, 0.8, False, 0.8, True, 1, 0]
+    assert slots[8:16] == ["beta-thing", True, 0.5, True, 0.2, False, 0, 0]
+    assert slots[16] is None and list(cards) == [None] * SLOTS and "seed 7" in msg
+    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, False,
+                        *slots)[1][0]
+    assert Image.open(again).tobytes() == Image.open(made).tobytes()
+    # pasted from elsewhere: an adapter that is not here stays a tag in the prompt, and the notes say what differs
+    pasted = ("a cat <lora:alpha-style:0.5> <lora:not-here:1>\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
+              "Seed: 9, Size: 64x64, Model: juggernaut, Clip skip: 2")
+    with pytest.warns(UserWarning):
+        out = ui.recall_form(pasted, base)
+    assert out[0] == "a cat <lora:not-here:1>" and _value(out[9]) == "alpha-style" and out[8] == gr.skip()
+    assert "'not-here' is not in the library" in out[-1] and "juggernaut" in out[-1] and "Clip skip" in out[-1]
+    with pytest.raises(gr.Error, match="not the parameters text"):
+        ui.recall_form("just words", base)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(gr.Error, match="carries no generation parameters"):
+        ui.read_image_parameters(str(plain))
 
 
 def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):

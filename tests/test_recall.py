@@ -1,0 +1,122 @@
+"""Making an image again from its parameters (AUTOMATIC1111's PNG Info → Send to txt2img): the text of a PNG
+made here or elsewhere becomes the request and the adapters, and what cannot be the same is said."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lora_helpers import make_lora
+from PIL import Image
+
+from app.cli import main
+from pipelines.adapters import lora_metadata, save_adapter
+from pipelines.base_models import load_base
+from pipelines.errors import ConfigError
+from pipelines.generation import parse_parameters, read_png_parameters
+from pipelines.library import AdapterLibrary
+from pipelines.recall import read_parameters, recall
+from pipelines.stack import StackEntry
+
+A1111 = ("a red square, in ohwx style <lora:alpha:0.8:start=10> <lora:gone:0.5> <lora:beta:0.3:0.9>\n"
+         "Negative prompt: blurry, lowres\n"
+         "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, "
+         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, "
+         'Lora hashes: "alpha: 000000000000, beta: {beta}, gone: 123456789abc", Version: v1.10.1')
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_dir):
+    return load_base(tiny_sd1_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lib(sd1, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recall_lib")
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        save_adapter(make_lora(sd1.pipe, rank=4, seed=seed, std=1.0), root / f"{name}.safetensors",
+                     lora_metadata(family="sd1", rank=4, alpha=4, name=name))
+    return AdapterLibrary(root)
+
+
+def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
+    beta_hash = lib.info("beta").short_hash
+    got = recall(A1111.format(beta=beta_hash), lib)
+    r = got.request
+    assert (r.prompt, r.negative_prompt) == ("a red square, in ohwx style", "blurry, lowres")
+    assert (r.steps, r.guidance, r.seed, r.width, r.height) == (25, 6.5, 1234, 512, 768)
+    assert r.scheduler == "DPM++ 2M Karras"  # A1111 1.9+ writes the schedule apart
+    assert got.entries == [StackEntry("alpha", 0.8, 0.8, 10), StackEntry("gone", 0.5, 0.5),
+                           StackEntry("beta", 0.9, 0.3)]  # A1111's <lora:name:te:unet>
+    assert got.model == "v1-5-pruned-emaonly"
+    notes = "\n".join(got.notes)
+    assert "Clip skip 2" in notes  # an option this app does not have is named, not dropped silently
+    assert "'gone' is not in the library" in notes
+    assert "'alpha': the image was made with file hash 000000000000" in notes  # another version of the file
+    assert "'beta'" not in notes  # the same file: nothing to say
+    assert got.tagged_prompt.endswith("<lora:alpha:0.8:start=10> <lora:gone:0.5> <lora:beta:0.3:0.9>")
+    # an unknown sampler: said, and the default used
+    odd = recall("a cat\nSteps: 4, Sampler: Restart, CFG scale: 5, Seed: 3, Size: 64x64")
+    assert odd.request.scheduler == "DPM++ 2M Karras" and "sampler 'Restart' is not available" in odd.notes[0]
+    for bad in ("", "just a prompt with no settings"):
+        with pytest.raises(ConfigError, match="parameters"):
+            recall(bad)
+
+
+def test_parameters_are_read_from_png_text_and_from_a1111_jpeg_exif(tmp_path):
+    png = tmp_path / "made.png"
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(png, pnginfo=info)
+    assert read_parameters(png).startswith("a cat\nSteps: 4")
+    # AUTOMATIC1111 saves JPEG/WebP parameters as an EXIF UserComment: 'UNICODE\0' + UTF-16 (big-endian)
+    jpg = tmp_path / "made.jpg"
+    exif = Image.Exif()
+    text = "a dog <lora:alpha:1>\nSteps: 9, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64"
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    Image.new("RGB", (8, 8)).save(jpg, exif=exif)
+    assert read_parameters(jpg) == text
+    assert recall(read_parameters(jpg)).request.scheduler == "Euler a"
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    with pytest.raises(ConfigError, match="plain.png: the image carries no generation parameters"):
+        read_parameters(plain)
+    with pytest.raises(ConfigError, match="nope.png: no such file"):
+        read_parameters(tmp_path / "nope.png")
+
+
+def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, lib, tmp_path, capsys):
+    common = ["generate", "--base", str(tiny_sd1_dir), "--device", "cpu", "--library", str(lib.root)]
+    first = tmp_path / "first.png"
+    assert main(common + ["--prompt", "a blue square <lora:beta:0.6>", "--lora", "alpha:0.7:start=1",
+                          "--negative-prompt", "red", "--steps", "3", "--guidance", "5", "--seed", "5",
+                          "--scheduler", "ddim", "--out", str(first)]) == 0
+    again = tmp_path / "again.png"
+    assert main(common + ["--from-png", str(first), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert parse_parameters(read_png_parameters(again)) == parse_parameters(read_png_parameters(first))
+    capsys.readouterr()
+    other = tmp_path / "other.png"  # an option given as well wins over the recorded one
+    assert main(common + ["--from-png", str(first), "--seed", "6", "--out", str(other)]) == 0
+    p = parse_parameters(read_png_parameters(other))
+    assert p["Seed"] == "6" and p["Steps"] == "3" and p["Negative prompt"] == "red"
+    assert "<lora:alpha:0.7:start=1>" in p["Prompt"]
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(other)))
+    # another base model's image: made, and said
+    foreign = tmp_path / "foreign.png"
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 32x32, "
+                                "Model: sd_xl_base_1.0, Clip skip: 2")
+    Image.new("RGB", (8, 8)).save(foreign, pnginfo=info)
+    assert main(common + ["--from-png", str(foreign), "--out", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "note: not applied here: Clip skip 2" in out and "base model 'sd_xl_base_1.0'" in out
+    assert main(common + ["--out", str(tmp_path / "x.png")]) == 2
+    assert "--prompt TEXT, or --from-png IMAGE" in capsys.readouterr().err
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert main(common + ["--from-png", str(plain)]) == 2
+    assert "plain.png: the image carries no generation parameters" in capsys.readouterr().err
