@@ -32,7 +32,7 @@ from training.jobs import Job
 from training.trainer import CHECKING
 
 from .options import check_launch_options, parse_auth
-from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows
+from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows, safe_file_name
 
 log = logging.getLogger("lora_studio.ui")
 
@@ -49,6 +49,8 @@ PRESET_FIELDS = tuple(o.name for o in ADVANCED
                       if any(o.name in p for p in [*PRESETS.values(), *(v for f in FAMILY_PRESETS.values()
                                                                           for v in f.values())]))
 FORM_EXTRAS = ("captions", "last_trigger", "prior")  # form values that are no TrainConfig field
+# what loading saved settings fills in: the adapter's own fields and every Advanced option (not the images)
+SETTINGS_FIELDS = ("name", "trigger", "preset", "base", "prior", *(o.name for o in ADVANCED))
 UNSET = "(unset)"  # a dropdown's choice for an optional field left unset
 UNSET_CHOICES = {"quantize_base": "none (full precision)"}
 OPEN_GROUPS = ("LoRA", "Optimisation")  # open when Advanced is opened; the others one click away
@@ -469,7 +471,7 @@ class StudioUI:
         except Exception:  # noqa: BLE001 - a name not in the list: its error comes on Start
             return "sd1"
 
-    def train_config(self, form: dict[str, Any], *, overwrite: bool = False) -> TrainConfig:
+    def train_config(self, form: dict[str, Any], *, overwrite: bool = False, check_images: bool = True) -> TrainConfig:
         """The Train tab's form -> a TrainConfig (captions written next to the staged images first).
 
         `form` maps field names to widget values ("images" is the staged dataset, "base" a base model's name),
@@ -481,7 +483,7 @@ class StudioUI:
         if unknown:
             raise ConfigError(f"form: unknown or app-set field(s) {', '.join(unknown)}")
         ds_id = form.get("images")
-        if not ds_id:
+        if not ds_id and check_images:
             raise ConfigError("images: upload some images or pick a sample set first")
         data = {k: field_value(opts[k], v) for k, v in form.items() if k in opts and k not in ("images", "base")}
         for k in ("name", "trigger"):
@@ -492,7 +494,8 @@ class StudioUI:
                 data["class_prompt"] = None
             elif not data.get("class_prompt"):
                 raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
-        data.update(images=str(self.studio.dataset_folder(ds_id)), base=self.studio.base_source(form.get("base")),
+        data.update(images=str(self.studio.dataset_folder(ds_id)) if ds_id else ".",
+                    base=self.studio.base_source(form.get("base")),
                     output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite)
         cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
         if cfg.quantize_base:  # fail here, not minutes later in the job: nf4 needs CUDA, int8 torchao
@@ -505,6 +508,70 @@ class StudioUI:
             rows = [[r[0], _replace_trigger(r[1], last, cfg.trigger)] for r in _rows(form["captions"]) if r and r[0]]
             self.studio.save_captions(ds_id, rows)
         return cfg
+
+    # ---------------------------------------------------------------------------------------- saved settings
+    def settings_sources(self) -> list[str]:
+        """Library adapters whose training settings (NAME.toml, written beside every trained adapter) can be
+        loaded into the form."""
+        lib = self.studio.library
+        return [n for n in lib.names() if any(p.suffix == ".toml" for p in lib.sidecars(n))]
+
+    def settings_choices(self):
+        return gr.update(choices=self.settings_sources())
+
+    @ui_errors
+    def load_settings(self, source, current_base):
+        """An earlier adapter's settings (a library name) or an uploaded .toml into the Train form: every option,
+        the trigger word, preset and base model, and a free name from the file's (the images stay as they are).
+        Returns the SETTINGS_FIELDS widgets' values, then a message."""
+        if not source:
+            raise ConfigError("settings: pick an adapter whose settings to load, or load a .toml file")
+        path = Path(getattr(source, "name", source))
+        if not path.is_absolute():  # a library name (an uploaded file comes with its full path)
+            path = next((p for p in self.studio.library.sidecars(str(source)) if p.suffix == ".toml"), None)
+            if path is None:
+                raise ConfigError(f"settings: '{source}' has no saved settings ({source}.toml) in the library")
+        cfg = TrainConfig.from_toml(path, {"images": "."})  # checked like `train --config`; images stay
+        opts = _options()
+        values = {f: widget_value(opts[f], getattr(cfg, f)) for f in SETTINGS_FIELDS if f in opts}
+        values["name"] = self._free_name(cfg.name)
+        values["prior"] = cfg.class_prompt is not None
+        notes = []
+        if cfg.base is None:
+            values["base"] = self.base_names()[0]
+        else:
+            from training.export import shareable_path
+
+            match = next((n for n, src in self.studio.base_choices().items()
+                          if cfg.base in (src, shareable_path(src), n, Path(src).name)), None)
+            values["base"] = match or current_base
+            if match is None:
+                notes.append(f"its base model '{cfg.base}' is not here, so '{current_base}' stays")
+        msg = (f"Loaded the settings of <b>{html.escape(path.stem)}</b> (preset {cfg.preset}, {cfg.max_steps} "
+               f"steps, rank {cfg.rank}); the name is <b>{html.escape(values['name'])}</b>.")
+        if notes:
+            msg += " " + "; ".join(html.escape(n) for n in notes).capitalize() + "."
+        return (*[values[f] for f in SETTINGS_FIELDS], f"<div class='ls-status'>{msg}</div>")
+
+    @ui_errors
+    def save_settings(self, form: dict[str, Any]):
+        """The form's settings as a .toml to download (what `lora-studio train --config` reads); the images
+        are in it when some are staged."""
+        from training.export import config_toml
+
+        staged = form.get("images")
+        cfg = self.train_config({k: v for k, v in form.items() if k != "captions"}, check_images=False)
+        # this app's own folders are no setting: a terminal run writes to its own library, on its own device
+        text = config_toml(cfg, leave_out=("output_dir", "device") + (() if staged else ("images",)))
+        out = self.studio.outputs / "settings" / f"{safe_file_name(cfg.name)}.toml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from pipelines.weights_io import atomic_write
+
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return gr.update(value=str(out), visible=True), (
+            f"<div class='ls-status'>Settings saved as <b>{html.escape(out.name)}</b>: load it here again, or "
+            f"train with it from a terminal: <code>lora-studio train --config {html.escape(out.name)}"
+            f"{'' if staged else ' --images FOLDER'}</code>.</div>")
 
     # ---------------------------------------------------------------------------------------- start, name in use
     # every start handler answers [job id, status, message, choice box, choice text, its Resume button, its
@@ -1157,6 +1224,20 @@ class StudioUI:
                         train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="train-base")
                         gr.Markdown("Every other option is in **Advanced**, further down the page.",
                                     elem_id="train-advanced-hint")
+                        with gr.Accordion("Saved settings: load an earlier adapter's, or save these", open=False,
+                                          elem_id="train-settings"):
+                            with gr.Row(equal_height=True):
+                                settings_src = gr.Dropdown(self.settings_sources(), value=None, scale=3,
+                                                           label="Settings of an earlier adapter",
+                                                           elem_id="train-settings-from")
+                                settings_load = gr.Button("Load", scale=1, min_width=80, elem_id="train-settings-load")
+                            with gr.Row():
+                                settings_up = gr.UploadButton("Load a .toml file…", file_types=[".toml"], size="sm",
+                                                              elem_id="train-settings-file")
+                                settings_save = gr.Button("Save these settings (.toml)", size="sm",
+                                                          elem_id="train-settings-save")
+                            settings_file = gr.File(label="Settings file", visible=False, interactive=False,
+                                                    elem_id="train-settings-download")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="train-start")
                             stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -1353,6 +1434,13 @@ class StudioUI:
             # the whole form as one dict (a set of components: Gradio passes {component: value})
             self.form_widgets = {"images": ds_id, "captions": captions, "last_trigger": last_trigger, "name": name,
                                  "trigger": trigger, "preset": preset, "base": train_base, "prior": prior, **adv}
+            settings_outputs = [*[self.form_widgets[f] for f in SETTINGS_FIELDS], train_msg]
+            settings_load.click(shown_in(self.load_settings, settings_outputs, train_msg), [settings_src, train_base],
+                                settings_outputs)
+            settings_up.upload(shown_in(self.load_settings, settings_outputs, train_msg), [settings_up, train_base],
+                               settings_outputs)
+            settings_save.click(shown_in(by_name(self.save_settings, self.form_widgets), [settings_file, train_msg],
+                                         train_msg), set(self.form_widgets.values()), [settings_file, train_msg])
             start_outputs = [job_id, status, train_msg, choice_box, choice_md, choice_resume, choice_new, pending,
                              name]
             start.click(shown_in(by_name(self.start_training, self.form_widgets), start_outputs, train_msg),
@@ -1425,7 +1513,9 @@ class StudioUI:
 
             # a reopened page shows the latest job and the current library
             demo.load(self.latest_job_id, None, job_id, **quiet).then(
-                self.first_refresh, refresh_inputs, refresh_outputs, **quiet)
+                self.first_refresh, refresh_inputs, refresh_outputs, **quiet).then(
+                self.settings_choices, None, settings_src, **quiet)
+            done_marker.change(self.settings_choices, None, settings_src, **quiet)
         self.demo = demo
         return demo
 

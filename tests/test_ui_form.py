@@ -7,6 +7,7 @@ run (tests/test_jobs.py runs real ones)."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -90,6 +91,74 @@ def test_a_value_typed_into_each_generated_widget_reaches_the_config(ui, o):
         empty = unset_label(o) if o.choices is not None else ("" if o.kind is str else None)
         cfg = ui.train_config(_form(ui, **{o.name: ui.form_widgets[o.name].preprocess(empty)}))
         assert getattr(cfg, o.name) is None
+
+
+def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui, tmp_path):
+    """kohya_ss's "Save/Open config": the Train form's settings saved as a .toml load back into every field
+    (and an earlier adapter's NAME.toml does too), and `lora-studio train --config` reads the same file."""
+    import tomllib
+
+    from app.cli import parse_train_args
+    from app.ui import SETTINGS_FIELDS
+
+    typed = {}
+    for o in ADVANCED:
+        default = ui.form_widgets[o.name].value
+        payload, want = _typed(o, field_value(o, default) if o.kind is not list else default)
+        typed[o.name] = (ui.form_widgets[o.name].preprocess(payload), want)
+    form = _form(ui, name="saved", trigger="zwx", preset="custom", prior=True, train_text_encoder=True,
+                 **{k: v for k, (v, _) in typed.items() if k != "train_text_encoder"})
+    cfg = ui.train_config(form)
+    file, said = ui.save_settings(form)
+    path = Path(file["value"])
+    assert path.suffix == ".toml" and "lora-studio train --config saved.toml" in said
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert data["trigger"] == "zwx" and data["rank"] == cfg.rank and "images" in data
+    assert "output_dir" not in data and "device" not in data  # the app's own folders are no setting
+    # loaded back: every field as it was, and a name not yet taken
+    *values, msg = ui.load_settings(str(path), ui.base_names()[0])
+    loaded = dict(zip(SETTINGS_FIELDS, values))
+    assert "Loaded the settings of <b>saved</b>" in msg and loaded["name"] == "saved" and loaded["prior"] is True
+    assert (loaded["trigger"], loaded["preset"], loaded["base"]) == ("zwx", "custom", ui.base_names()[0])
+    again = ui.train_config(_form(ui, **{k: ui.form_widgets[k].preprocess(v) if k in typed else v
+                                         for k, v in loaded.items()}))
+    for o in ADVANCED:
+        assert getattr(again, o.name) == getattr(cfg, o.name), o.name
+    # a terminal run reads it (the images given on the command line)
+    term = parse_train_args(["--config", str(path), "--images", str(tmp_path)])
+    assert term.rank == cfg.rank and term.trigger == "zwx" and term.lr_unet == cfg.lr_unet
+    # saved with no images staged: no images key, and the message says to give them
+    file, said = ui.save_settings({**form, "images": None, "captions": None})
+    assert "images" not in tomllib.loads(Path(file["value"]).read_text()) and "--images FOLDER" in said
+    # an earlier adapter's settings, from the library: listed, loaded, with a free name
+    lib = ui.studio.library.root
+    lib.mkdir(parents=True, exist_ok=True)
+    from lora_helpers import make_lora
+
+    from pipelines.adapters import lora_metadata, save_adapter
+    from pipelines.base_models import load_base
+
+    save_adapter(make_lora(load_base(ui.studio.base_source(None), device="cpu").pipe, rank=2),
+                 lib / "older.safetensors", lora_metadata(family="sd1", rank=2, alpha=2, name="older"))
+    assert ui.settings_sources() == []  # no .toml beside it yet
+    (lib / "older.toml").write_text('name = "older"\ntrigger = "qwe"\npreset = "style"\nmax_steps = 123\n')
+    assert ui.settings_sources() == ["older"]
+    *values, msg = ui.load_settings("older", ui.base_names()[0])
+    loaded = dict(zip(SETTINGS_FIELDS, values))
+    assert (loaded["name"], loaded["trigger"], loaded["max_steps"]) == ("older-2", "qwe", 123)
+    assert loaded["preset"] == "style" and loaded["prior"] is False
+    # errors name what is wrong
+    with pytest.raises(gr.Error, match="settings: pick an adapter"):
+        ui.load_settings(None, None)
+    with pytest.raises(gr.Error, match="no adapter named 'saved'"):
+        ui.load_settings("saved", None)
+    (lib / "older.toml").unlink()
+    with pytest.raises(gr.Error, match="'older' has no saved settings"):
+        ui.load_settings("older", None)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rank = 'four'\n")
+    with pytest.raises(gr.Error, match="bad.toml.*rank"):
+        ui.load_settings(str(bad), None)
 
 
 def test_the_form_is_one_dict_and_unknown_or_app_set_keys_are_refused(ui):

@@ -223,6 +223,11 @@ def base_hash(base) -> str:
     return h.hexdigest()[:16]
 
 
+def config_toml(cfg: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
+    """The run's options as a .toml that `lora-studio train --config` and the app's Train tab read back."""
+    return _toml_text({k: v for k, v in shareable_config(cfg).items() if k not in leave_out})
+
+
 def _toml_text(d: dict) -> str:
     """TOML that `TrainConfig.from_toml` reads back (None values are left out)."""
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in d.items() if v is not None)
@@ -264,7 +269,7 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:
         atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
-    write_text_atomic(lib / f"{cfg.name}.toml", _toml_text(shareable_config(cfg)))
+    write_text_atomic(lib / f"{cfg.name}.toml", config_toml(cfg))
     write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
     user = json.dumps(a1111_user_metadata(tr), indent=4, ensure_ascii=False)
     write_text_atomic(lib / f"{cfg.name}.json", user + "\n")
