@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -677,14 +678,18 @@ def add_train_config_args(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, generated from the field's metadata (training/config.py): a new
     field is on the command line without a line here. Every default is None (= not given), so a --config
     file's values and the presets are overridden only by what was typed."""
-    from training.config import train_options
+    from training.config import FAMILY_PRESETS, PRESETS, train_options
 
+    preset_set = {k for v in [*PRESETS.values(), *(x for f in FAMILY_PRESETS.values() for x in f.values())] for k in v}
     for o in train_options():
         help_ = o.help.replace("%", "%%")
         if o.default not in (None, "", []) and o.kind is not bool:
             shown = ",".join(o.default) if isinstance(o.default, list) else o.default
-            help_ += f" (default: {shown})" if "default" not in o.help else ""
+            also = "; a --preset other than custom sets its own" if o.name in preset_set else ""
+            help_ += f" (default: {shown}{also})" if "default" not in o.help else ""
         kw: dict = {"dest": o.name, "default": None, "help": help_}
+        if o.name == "output_dir":
+            kw["metavar"] = "LIBRARY"  # as every other command names it
         if o.kind is bool:
             kw["action"] = argparse.BooleanOptionalAction if o.negatable else "store_true"
         elif o.kind is list:
@@ -745,12 +750,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     old = signal.signal(signal.SIGINT, _on_sigint)
     bar = _ProgressBar()
     # the run folder's progress.json: what a UI or `lora-studio jobs` shows of this run (one process writes it)
-    status = RunStatus(run_dir_for(cfg)) if main_process else None
+    run_dir = run_dir_for(cfg)
+    new_run = not run_dir.exists()
+    status = RunStatus(run_dir) if main_process else None
     try:
         res = train(cfg, on_progress=bar if status is None else _Both(bar, status), stop=stop)
     except BaseException as e:
         if status is not None:
             status.failed(e)
+            if new_run and {p.name for p in run_dir.iterdir()} <= {"progress.json"}:
+                shutil.rmtree(run_dir, ignore_errors=True)  # refused before it began: no run to keep
         raise
     finally:
         signal.signal(signal.SIGINT, old)

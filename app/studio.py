@@ -437,13 +437,16 @@ class Studio:
             return None
 
     # ------------------------------------------------------------------------------------------ generation
-    def _out_paths(self, n: int, stem: str = "") -> list[Path]:
+    def _out_paths(self, n: int, stem: str | Sequence[str] = "") -> list[Path]:
+        """n new numbered PNG paths in today's folder; `stem` is what follows the number (one for all, or one
+        each: the image's own seed, as AUTOMATIC1111 names files)."""
         day = self.outputs / time.strftime("%Y-%m-%d")
         day.mkdir(parents=True, exist_ok=True)
+        stems = [stem] * n if isinstance(stem, str) else list(stem)
         with self._out_lock:
             nums = [int(m.group(1)) for p in day.glob("*.png") if (m := re.match(r"(\d{5})", p.name))]
             start = max(nums, default=-1) + 1
-            paths = [day / f"{start + i:05d}{stem}.png" for i in range(n)]
+            paths = [day / f"{start + i:05d}{stems[i]}.png" for i in range(n)]
             for p in paths:  # reserve the names before the slow part
                 p.touch()
         return paths
@@ -471,7 +474,7 @@ class Studio:
             images = stack.generate(req, entries)
             warnings = stack.interference().warnings if len(combined) >= 2 else []
             applied = stack.stack
-        paths = self._out_paths(len(images), f"-{req.seed}")
+        paths = self._out_paths(len(images), [f"-{img.seed}" for img in images])
         for img, p in zip(images, paths):
             save_png(img, p)
         return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps))

@@ -650,10 +650,12 @@ class StudioUI:
 
     @ui_errors
     def stop_training(self, job_id, seen: dict | None = None):
-        """Stop the job the page shows (the running one while the session's own waits)."""
-        job = self._shown(job_id, seen)
+        """Stop this page's own job: out of the queue while it waits, after the current step while it trains.
+        Only when the page's job has ended does Stop act on the run the page shows (one started elsewhere, the
+        CLI's or another tab's): a queued job of yours is never the reason someone else's run stops."""
+        job = self.studio.job(job_id)
         if job is None or not job.active:
-            job = self.studio.job(job_id)
+            job = self._shown(job_id, seen)
         if job is None or not job.active:
             raise gr.Error("No training is running.", print_exception=False)
         queued = job.state == "queued"
@@ -1098,7 +1100,10 @@ class StudioUI:
         if not file:
             raise ConfigError("file: choose a .safetensors LoRA file to import")
         src = Path(getattr(file, "name", file))
-        info = self.studio.library.import_file(src, (name or "").strip() or None)
+        try:
+            info = self.studio.library.import_file(src, (name or "").strip() or None)
+        except (LoraStudioError, FileNotFoundError) as e:  # the file's name, not the server's upload folder
+            raise ConfigError(str(e).replace(str(src), src.name)) from None
         fam = info.family_label
         gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank}).")
         return (f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank}).",
@@ -1401,7 +1406,8 @@ class StudioUI:
                             with gr.Row():
                                 confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
                                 confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
-                        lib_file = gr.File(label="Files (the adapter, and AUTOMATIC1111's .json with its trigger)",
+                        lib_file = gr.File(label="Files (the adapter; AUTOMATIC1111's .json with its trigger where "
+                                                 "it has one)",
                                            file_count="multiple", interactive=False, visible=False, elem_id="lib-file")
                         lib_status = gr.Markdown("", elem_id="lib-status")
                         gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
@@ -1563,6 +1569,12 @@ def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, 
     elif host in ("127.0.0.1", "localhost", "::1"):
         print("Only this computer can reach it: --host 0.0.0.0 --auth user:password serves your network, "
               "--share --auth user:password a public link")
+    import signal
+
+    def _terminate(signum, frame):  # `kill`, systemd, docker stop: close as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     demo.block_thread()
     return 0
 

@@ -75,13 +75,14 @@ def image_grid(
     wrapped = [_wrap(probe, t, font, cw - 2 * pad) for t in col_labels[:ncols]]
     line_h = _text_size(probe, "Ag", font)[1] + 2
     top = (max(len(w) for w in wrapped) * line_h + 2 * pad) if col_labels else 0
-    title_h = (_text_size(probe, title, font)[1] + 2 * pad) if title else 0
     left = (max((_text_size(probe, t, font)[0] for t in row_labels), default=0) + 2 * pad) if row_labels else 0
+    title_lines = _wrap(probe, title, font, left + ncols * cw - 2 * pad) if title else []
+    title_h = (len(title_lines) * line_h + 2 * pad) if title else 0
     grid = Image.new("RGB", (left + ncols * cw, title_h + top + len(rows) * ch), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        tw, _ = _text_size(draw, title, font)
-        draw.text(((grid.width - tw) // 2, pad), title, fill="black", font=font)
+    for k, line in enumerate(title_lines):  # the title wraps across the whole width
+        tw, _ = _text_size(draw, line, font)
+        draw.text(((grid.width - tw) // 2, pad + k * line_h), line, fill="black", font=font)
     for c, lines in enumerate(wrapped):
         for k, line in enumerate(lines):
             tw, _ = _text_size(draw, line, font)
@@ -167,7 +168,10 @@ def make_grid(
     rows = [[col[r].image for col in tiles] for r in range(len(tiles[0]))]
     labels = [c.label for c in cols]
     row_labels = [f"seed {img.seed}" for img in tiles[0]] if len(rows) > 1 else []
-    grid = image_grid(rows, labels, row_labels)
+    # adapters that every column has alike are no column's label: the title names them
+    common = [e for e in stacks[0] if all(e in s for s in stacks[1:])] if len(stacks) > 1 else []
+    title = ("in every tile: " + " ".join(e.tag() for e in common)) if common else ""
+    grid = image_grid(rows, labels, row_labels, title=title)
 
     used: dict[str, StackEntry] = {}
     for entries in stacks:
@@ -263,18 +267,20 @@ def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, in
                        others: Sequence[StackEntry] = ()) -> list[GridColumn]:
     """The checkpoints of a training run (and its finished adapter, if in the library), loaded into `stack`.
 
-    Each checkpoint is loaded under the name 'run@step-N' (once; a rewritten file is read again).
+    Each checkpoint is loaded under the name 'run@step-N' (once; a rewritten file is read again). When the run's
+    adapter is among `others` (switched on in a row), its checkpoints take its place there, with its weights
+    and step range.
     """
     if stack.library is None:
         raise ConfigError("checkpoints: no adapter library to find runs in")
-    others = tuple(_coerce(others))
+    mine, rest = _split(run, others, weight)
     cols = []
     for step, path in run_checkpoints(stack.library.root, run):
         key = f"{run}@step-{step}"
         stack.load(key, path)
-        cols.append(GridColumn(f"step {step}", others + (StackEntry(key, float(weight)),)))
+        cols.append(GridColumn(f"step {step}", rest + (replace(mine, name=key),)))
     if include_final and run.casefold() in {n.casefold() for n in stack.library.names()}:
-        cols.append(GridColumn("final", others + (StackEntry(run, float(weight)),)))
+        cols.append(GridColumn("final", rest + (replace(mine, name=run),)))
     return cols
 
 

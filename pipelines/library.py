@@ -203,7 +203,12 @@ class AdapterLibrary:
         name = check_name(name)
         p = self._existing(name)
         if p is None:
-            raise FileNotFoundError(f"no adapter named '{name}' in the library {self.root}")
+            import difflib
+
+            close = difflib.get_close_matches(name.casefold(), {n.casefold(): n for n in self.names()}, n=1,
+                                              cutoff=0.75)
+            hint = f"; did you mean '{next(n for n in self.names() if n.casefold() == close[0])}'?" if close else ""
+            raise FileNotFoundError(f"no adapter named '{name}' in the library {self.root}{hint}")
         if not self._inside(p):
             raise UnsafeNameError(f"adapter '{name}': {p.name} links outside the library folder; refused")
         return p

@@ -47,6 +47,41 @@ def test_commands_print_no_library_noise(tmp_path):
     assert out.stderr == ""
 
 
+def test_the_app_server_stops_on_sigterm(tmp_path):
+    """`kill`, systemd and `docker stop` send SIGTERM: the app closes as it does on Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--port", str(port)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:  # the app is up once it says where to open it
+            if "Open http" in line or time.time() > deadline:
+                break
+        assert proc.poll() is None, "the app ended before it served"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_run_refused_before_it_began_leaves_no_run_folder(tmp_path, capsys):
+    lib = tmp_path / "lib"
+    assert main(["train", "--images", str(tmp_path / "nowhere"), "--name", "t1", "--library", str(lib)]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    assert not (lib / "runs" / "t1").exists()
+
+
 def _train_config_error(tmp_path, capsys, data: bytes | None, *extra: str) -> tuple[str, str]:
     """`lora-studio train --config FILE ...` with a bad FILE: exit status 2 and the one line it prints."""
     cfg = tmp_path / "run.toml"

@@ -127,6 +127,11 @@ def test_weight_grid_keeps_the_rows_step_range_and_text_encoder_weight(stack):
     every = stack.generate(_req(), [StackEntry("b", 0.5), StackEntry("a", 1.0, 0.4)])[0].image
     tile = np.asarray(result.tiles[1][0].image)
     assert np.array_equal(tile, np.asarray(ranged)) and not np.array_equal(tile, np.asarray(every))
+    # 'b' is in every tile alike: no column says so, so a title line over the grid does
+    alone = make_grid(stack, _req(), weight_columns("a", [0, 1], others[:1]), axis="a weight")
+    assert result.image.width == alone.image.width and result.image.height > alone.image.height
+    band = np.asarray(result.image)[: result.image.height - alone.image.height]
+    assert (band < 128).any()  # dark text on the title band
 
 
 def test_adapters_grid_with_prompt_tags_and_several_seeds(stack):
@@ -153,6 +158,13 @@ def test_checkpoints_are_found_in_step_order(stack, lib):
     result = make_grid(stack, _req(), cols, axis="myrun checkpoint")
     imgs = [np.asarray(col[0].image) for col in result.tiles]
     assert len(imgs) == 3 and not np.array_equal(imgs[0], imgs[2])
+    # the run's adapter switched on in a row: its checkpoints take its place, with the row's weight and range
+    rows = [StackEntry("myrun", 0.6, start=1), StackEntry("a", 0.5)]
+    cols = checkpoint_columns(stack, "myrun", others=rows)
+    assert [c.entries for c in cols][0] == (StackEntry("a", 0.5), StackEntry("myrun@step-5", 0.6, start=1))
+    result = make_grid(stack, _req(), cols, axis="myrun checkpoint")
+    assert parse_parameters(result.parameters)["Grid stacks"].startswith(
+        "<lora:a:0.5> <lora:myrun@step-5:0.6:start=1> |")
     with pytest.raises(FileNotFoundError, match="nope"):
         run_checkpoints(lib.root, "nope")
     with pytest.raises(UnsafeNameError):

@@ -118,6 +118,15 @@ def test_names_resolve_consistently_up_to_case(lib, src):
         lib.path_for("nope")
 
 
+def test_a_mistyped_name_gets_a_suggestion(lib, src):
+    lib.import_file(src)
+    with pytest.raises(FileNotFoundError, match="no adapter named 'my_style'.*did you mean 'My Style'"):
+        lib.path_for("my_style")
+    with pytest.raises(FileNotFoundError) as err:
+        lib.path_for("outline")
+    assert "did you mean" not in str(err.value)  # nothing close: no guess
+
+
 def test_rename_and_delete_carry_sidecars(lib, src):
     lib.import_file(src, name="a")
     (lib.root / "a.toml").write_text("rank = 4")

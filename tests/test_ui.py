@@ -182,9 +182,11 @@ def test_second_job_waits_and_reports_queue_position(ui, gate):
         ui.start_training(_form(ui, ds_id, caps, "first"))
     id3, _ = _start(ui, _form(ui, ds_id, caps, "third"))
     assert "position 2" in ui.status_html(ui.studio.job(id3))
-    status, *_ = ui.stop_training(id3)  # a queued job can be taken out of the queue
+    # Stop on a page whose job waits while it shows another's run: its own job leaves the queue, the run goes on
+    assert seen["job"] == id1
+    status, *_ = ui.stop_training(id3, seen)
     assert "third" not in status and "first</b>: step 1/3" in status
-    assert ui.studio.job(id3).state == "stopped"
+    assert ui.studio.job(id3).state == "stopped" and ui.studio.job(id1).state == "running"
     gate.release.set()
     q = ui.studio.queue
     q.wait(q.get(id2), timeout=60)
@@ -322,8 +324,9 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     # not a LoRA at all: a clear message naming the file
     junk = Path(path).with_name("junk.safetensors")
     junk.write_bytes(b"\0" * 64)
-    with pytest.raises(gr.Error, match="junk.safetensors"):
+    with pytest.raises(gr.Error, match="junk.safetensors") as err:
         _import(ui, junk)
+    assert str(junk.parent) not in str(err.value)  # the server's upload folder is no business of the browser
 
 
 def test_badge_when_adapter_does_not_fit_the_base(ui, tmp_path, tiny_sd2_dir, lora_files):
@@ -452,6 +455,9 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
         base, "a red circle <lora:beta-thing:0.5>", "", 2, 3.0, 7, 0, 0, 2, "Euler", False,
         *_slots(("alpha-style", 0.8)))
     assert len(gallery) == 2 and seed == 7
+    # each file is named after its own seed (AUTOMATIC1111's way): the second image of seed 7 is seed 8
+    assert [Path(f).stem.split("-")[1] for f in files] == ["7", "8"]
+    assert "Seed: 8" in read_png_parameters(files[1])
     p = Path(files[0])
     assert p.is_file() and p.is_relative_to(ui.studio.outputs)
     text = read_png_parameters(p)
