@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
-                        "text-encoder weight TE_W (default 1; range -2..2); repeatable. start=N / stop=N: its "
+                        "text-encoder weight TE_W (default 1; range -10..10); repeatable. start=N / stop=N: its "
                         "UNet part acts from sampler step N (0-based) / up to step N only. The prompt may also "
                         "carry AUTOMATIC1111 tags: <lora:NAME:W> or <lora:NAME:TE_W:UNET_W>, with :start=N / :stop=N")
     _add_library_arg(g)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
     gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
-                    help="weights for --lora (default 0,0.25,0.5,0.75,1; range -2..2)")
+                    help="weights for --lora (default 0,0.25,0.5,0.75,1; range -10..10)")
     gr.add_argument("--starts", default=None, metavar="N1,N2,...",
                     help="with --lora: vary the sampler step the adapter acts from instead of its weight (0 = every "
                          "step; the adapter at --weight), e.g. 0,5,10,15")
@@ -485,51 +485,12 @@ def cmd_loras_list(args: argparse.Namespace) -> int:
 
 def _info_lines(info, card: Path | None, in_library: bool) -> list[str]:
     """`loras info`: the adapter in rows of 'label  value'."""
-    from pipelines.adapters import SUGGESTED_START_KEY, a1111_activation_text
+    from pipelines.adapters import adapter_facts
 
-    meta = info.metadata
-
-    def m(*keys: str) -> str:
-        return next((meta[k] for k in keys if meta.get(k)), "")
-
-    rows = [("file", f"{info.path} ({_human(info.size)}, {info.format} keys)")]
-    source = {"metadata": "from its metadata", "shapes": "from its layer shapes"}.get(info.family_source, "")
-    trained_on = m("lora_studio.base_model", "ss_sd_model_name")
-    rows.append(("base", ", ".join(x for x in (f"{info.family_label}" + (f" ({source})" if source else ""),
-                                               f"trained on {trained_on}" if trained_on else "") if x)))
-    if info.matched is not None:
-        rows.append(("fits", f"{info.matched} of {info.total} layers match the base given"))
-    activation = a1111_activation_text(info.path)
-    trigger = info.trigger_word or "none recorded: the adapter acts without a word"
-    rows.append(("trigger", trigger + (f" (activation text: {activation})" if activation and
-                                        activation != info.trigger_word else "")))
-    rows.append(("network", f"LoRA rank {info.rank}, alpha {info.alpha:g}; {info.num_layers} layers in "
-                            f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
-    train = []
-    if steps := m("lora_studio.steps", "ss_max_train_steps"):
-        train.append(f"{steps} steps")
-    if images := m("lora_studio.num_images"):
-        train.append(f"{images} images")
-    if res := m("lora_studio.resolution", "modelspec.resolution"):
-        train.append(f"{res} px")
-    if lr := m("ss_unet_lr", "ss_learning_rate"):
-        te = meta.get("ss_text_encoder_lr")
-        train.append(f"lr {lr}" + (f" (text encoder {te})" if te and te != "0" else " (UNet only)"
-                                   if te == "0" else ""))
-    if seed := meta.get("ss_seed"):
-        train.append(f"seed {seed}")
-    if train or meta.get("modelspec.date"):
-        rows.append(("training", ", ".join(train + [f"on {info.date.replace('T', ' ')}"])))
-    rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))
     name = info.name
-    of = meta.get(SUGGESTED_START_KEY, "").partition("/")[2]
-    start = info.suggested_start(int(of)) if of.isdigit() else None
-    use = f"<lora:{name}:1>" if in_library else f"--lora {info.path}"
-    if start is not None:
-        rows.append(("step range", f"the model card suggests acting from step {start} of {of}: "
-                                   f"<lora:{name}:1:start={start}>, --lora \"{name}:1:start={start}\""))
-    rows.append(("use", (f"{use} in a prompt, or --lora \"{name}:1\"" if in_library else
-                         f"{use} (or `lora-studio loras import` it into the library)")))
+    rows = [("file", f"{info.path} ({_human(info.size)}, {info.format} keys)"), *adapter_facts(info)]
+    rows.append(("use", (f"<lora:{name}:1> in a prompt, or --lora \"{name}:1\"" if in_library else
+                         f"--lora {info.path} (or `lora-studio loras import` it into the library)")))
     if card is not None:
         rows.append(("model card", f"{card} (`lora-studio loras info {name} --card` prints it)"))
     if info.preview is not None:

@@ -21,11 +21,14 @@ from typing import Any, Callable, Sequence
 import gradio as gr
 import pandas as pd
 
+from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.recall import read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
+
+SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
 from training.jobs import Job
@@ -151,6 +154,11 @@ def shown_in(fn: Callable, outputs: Sequence[Any], message: Any) -> Callable:
         return tuple(out)
 
     return wrapper
+
+
+def _on_slider(e) -> bool:
+    """Whether a row's sliders can show this entry's weights."""
+    return all(SLIDER_MIN <= w <= SLIDER_MAX for w in (e.weight, e.te_weight) if w is not None)
 
 
 def by_name(fn: Callable, widgets: dict[str, Any]) -> Callable:
@@ -837,8 +845,24 @@ class StudioUI:
                 now if now != seen else gr.skip(), done, *cont)
 
     def latest_job_id(self):
-        job = self.studio.queue.latest()
-        return job.id if job is not None else None
+        """The job a reopened page shows: the one training, else the latest that ran (a job taken out of the
+        queue before it started has nothing to show), else the latest."""
+        jobs = self.studio.queue.jobs()
+        for pick in (lambda j: j.state == "running", lambda j: j.started is not None, lambda j: True):
+            found = max((j for j in jobs if pick(j)), key=lambda j: j.id, default=None)
+            if found is not None:
+                return found.id
+        return None
+
+    def run_choices(self, job_id):
+        """The Train tab's run picker: every job, newest first, as 'id · name · state'; the shown one picked."""
+        jobs = sorted(self.studio.queue.jobs(), key=lambda j: j.id, reverse=True)
+        try:
+            want = int(job_id) if job_id is not None else None
+        except (TypeError, ValueError):
+            want = None
+        return gr.update(choices=[(f"{j.id} · {j.config.name} · {j.state}", j.id) for j in jobs],
+                         value=want if any(j.id == want for j in jobs) else None)
 
     # ============================================================================================ adapters view
     def adapter_names(self) -> list[str]:
@@ -1029,8 +1053,9 @@ class StudioUI:
         entries = list(got.entries)
         rows, extra = entries[:SLOTS], entries[SLOTS:]
         missing = {e.name for e in entries if self.studio.library.find(e.name) is None}
-        if missing:  # a row can only show library adapters: those stay in the prompt as tags
-            rows = [e for e in entries if e.name not in missing][:SLOTS]
+        if missing or any(not _on_slider(e) for e in entries):
+            # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
+            rows = [e for e in entries if e.name not in missing and _on_slider(e)][:SLOTS]
             extra = [e for e in entries if e not in rows]
         r = got.request
         prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()
@@ -1125,10 +1150,10 @@ class StudioUI:
         card = lib.model_card(name)  # a regular file only: a symlinked card is never read
         if card is not None:
             return card
-        info = lib.info(name)
-        return (f"### {html.escape(info.name)}\n\n- format: {info.format}\n- base: {info.family_label}\n"
-                f"- trigger word: `{info.trigger_word or '–'}`\n- rank {info.rank}, alpha {info.alpha:g}\n"
-                f"- modules: {', '.join(info.modules)}\n- hash: `{info.short_hash}`")
+        info = lib.info(name)  # no card (an adapter from another tool): what its file says
+        rows = [("format", f"{info.format} keys, {info.size / 1024:.1f} KB"), *adapter_facts(info)]
+        return (f"### {html.escape(info.name)}\n\nNo model card: what the file says.\n\n"
+                + "\n".join(f"- **{k}**: {html.escape(v, quote=False)}" for k, v in rows))
 
     @ui_errors
     def rename_adapter(self, old: str, new: str):
@@ -1257,6 +1282,8 @@ class StudioUI:
                                 choice_new = gr.Button("Start under a new name", min_width=140,
                                                        elem_id="train-choice-new")
                                 choice_cancel = gr.Button("Cancel", min_width=80, elem_id="train-choice-cancel")
+                        run_pick = gr.Dropdown([], value=None, label="Run (pick an earlier one to see its loss and "
+                                               "samples again)", elem_id="train-run-pick")
                         status = gr.HTML(self.status_html(None), elem_id="train-status")
                         with gr.Row(equal_height=True, elem_id="train-continue"):
                             resume_btn = gr.Button("Resume", variant="primary", visible=False, min_width=100,
@@ -1292,7 +1319,7 @@ class StudioUI:
                                     "(from step N, counting from 0; e.g. a style from the middle on keeps the "
                                     "base's layout; an adapter whose model card suggests a start comes with it "
                                     "ticked). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
-                                    "prompt work too.")
+                                    "prompt work too, with weights −10…10.")
                         slot_widgets: list[gr.components.Component] = []
                         name_dds, enable_cbs, slot_pickers = [], [], []
                         for i in range(SLOTS):
@@ -1302,10 +1329,10 @@ class StudioUI:
                                 dd = gr.Dropdown(names, value=None, label=f"Adapter {i + 1}", scale=3, min_width=180,
                                                  elem_id=f"slot-{i}-name")
                                 en = gr.Checkbox(True, label="on", scale=0, min_width=70, elem_id=f"slot-{i}-on")
-                                wt = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05, label="weight", scale=3,
+                                wt = gr.Slider(SLIDER_MIN, SLIDER_MAX, value=1.0, step=0.05, label="weight", scale=3,
                                                min_width=200, elem_id=f"slot-{i}-weight")
                                 sep = gr.Checkbox(False, label="TE", scale=0, min_width=70, elem_id=f"slot-{i}-sep")
-                                tw = gr.Slider(WEIGHT_MIN, WEIGHT_MAX, value=1.0, step=0.05,
+                                tw = gr.Slider(SLIDER_MIN, SLIDER_MAX, value=1.0, step=0.05,
                                                label="text-encoder weight", scale=3, min_width=200, visible=False,
                                                elem_id=f"slot-{i}-te")
                                 rng = gr.Checkbox(False, label="steps", scale=0, min_width=80,
@@ -1522,6 +1549,9 @@ class StudioUI:
                 self.first_refresh, refresh_inputs, refresh_outputs, **quiet).then(
                 self.settings_choices, None, settings_src, **quiet)
             done_marker.change(self.settings_choices, None, settings_src, **quiet)
+            job_id.change(self.run_choices, job_id, run_pick, **quiet)
+            done_marker.change(self.run_choices, job_id, run_pick, **quiet)
+            run_pick.input(lambda v: v, run_pick, job_id, **quiet).then(self.status_for, job_id, status, **quiet)
         self.demo = demo
         return demo
 

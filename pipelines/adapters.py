@@ -666,6 +666,51 @@ def a1111_activation_text(path: Path) -> str:
     return text.strip() if isinstance(text, str) else ""
 
 
+def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
+    """What an adapter is, as (label, text) rows for `loras info` and the Library tab: base family (and where
+    that came from), trigger word, network, how it was trained (ours or kohya's `ss_*` keys), its hash and the
+    model card's step range."""
+    meta = info.metadata
+
+    def m(*keys: str) -> str:
+        return next((meta[k] for k in keys if meta.get(k)), "")
+
+    source = {"metadata": "from its metadata", "shapes": "from its layer shapes"}.get(info.family_source, "")
+    trained_on = m(f"{OURS}base_model", "ss_sd_model_name")
+    rows = [("base", ", ".join(x for x in (info.family_label + (f" ({source})" if source else ""),
+                                           f"trained on {trained_on}" if trained_on else "") if x))]
+    if info.matched is not None:
+        rows.append(("fits", f"{info.matched} of {info.total} layers match the base given"))
+    activation = a1111_activation_text(info.path)
+    trigger = info.trigger_word or "none recorded: the adapter acts without a word"
+    rows.append(("trigger", trigger + (f" (activation text: {activation})" if activation and
+                                        activation != info.trigger_word else "")))
+    rows.append(("network", f"LoRA rank {info.rank}, alpha {info.alpha:g}; {info.num_layers} layers in "
+                            f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
+    train = []
+    if steps := m(f"{OURS}steps", "ss_max_train_steps"):
+        train.append(f"{steps} steps")
+    if images := m(f"{OURS}num_images"):
+        train.append(f"{images} images")
+    if res := m(f"{OURS}resolution", "modelspec.resolution"):
+        train.append(f"{res} px")
+    if lr := m("ss_unet_lr", "ss_learning_rate"):
+        te = meta.get("ss_text_encoder_lr")
+        train.append(f"lr {lr}" + (f" (text encoder {te})" if te and te != "0" else " (UNet only)"
+                                   if te == "0" else ""))
+    if seed := meta.get("ss_seed"):
+        train.append(f"seed {seed}")
+    if train or meta.get("modelspec.date"):
+        rows.append(("training", ", ".join(train + [f"on {info.date.replace('T', ' ')}"])))
+    rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))
+    of = meta.get(SUGGESTED_START_KEY, "").partition("/")[2]
+    start = info.suggested_start(int(of)) if of.isdigit() else None
+    if start is not None:
+        rows.append(("step range", f"the model card suggests acting from step {start} of {of}: "
+                                   f"<lora:{info.name}:1:start={start}>"))
+    return rows
+
+
 def _read_view(path: Path, allow_pickle: bool, check_tensors: bool):
     """(shapes, metadata, alpha values, state dict or None) reading as little as needed."""
     if path.suffix.lower() in PICKLE_SUFFIXES or check_tensors:

@@ -56,7 +56,9 @@ from .generation import GeneratedImage, GenerationRequest, format_parameters, ge
 from .single_file import unet_layout
 from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors, save_safetensors
 
-WEIGHT_MIN, WEIGHT_MAX = -2.0, 2.0
+# the weights an adapter may be given: wider than the app's sliders (-2..2), because prompts copied from
+# AUTOMATIC1111 (which takes any weight) use 3 or -5 with "slider" LoRAs; ComfyUI's loader allows ±100
+WEIGHT_MIN, WEIGHT_MAX = -10.0, 10.0
 _TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 
 

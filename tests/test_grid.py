@@ -174,8 +174,8 @@ def test_checkpoints_are_found_in_step_order(stack, lib):
 def test_bad_requests(stack):
     with pytest.raises(ConfigError, match="weight"):
         weight_columns("a", [])
-    with pytest.raises(ConfigError, match="between -2 and 2"):
-        weight_columns("a", [0, 3])
+    with pytest.raises(ConfigError, match="between -10 and 10"):
+        weight_columns("a", [0, 11])
     with pytest.raises(ConfigError, match="no columns"):
         make_grid(stack, _req(), [])
 

@@ -66,8 +66,10 @@ def test_parse_a1111_tags():
     _, [e1, e2] = parse_lora_tags("<lora:x> and <lora:y:te=0.2:unet=0.9>, z")
     assert (e1.weight, e1.text_weight) == (1.0, 1.0) and (e2.te_weight, e2.weight) == (0.2, 0.9)
     assert parse_lora_tags("no tags here") == ("no tags here", [])
-    with pytest.raises(ConfigError, match="between -2 and 2"):
-        parse_lora_tags("<lora:x:3>")
+    # AUTOMATIC1111 takes any weight: prompts copied from it with 3 or -5 ("slider" LoRAs) work here too
+    assert parse_lora_tags("<lora:slider:-5> a cat")[1] == [StackEntry("slider", -5.0, -5.0)]
+    with pytest.raises(ConfigError, match="between -10 and 10"):
+        parse_lora_tags("<lora:x:11>")
     with pytest.raises(ConfigError, match="not a number"):
         parse_lora_tags("<lora:x:lots>")
 
@@ -227,8 +229,8 @@ def test_concurrent_requests_with_different_stacks_do_not_cross_talk(stack):
 def test_unknown_names_and_bad_weights(stack):
     with pytest.raises(FileNotFoundError, match="nope"):
         stack.set_stack([("nope", 1.0)])
-    with pytest.raises(ConfigError, match="between -2 and 2"):
-        stack.set_stack([("a", 2.5)])
+    with pytest.raises(ConfigError, match="between -10 and 10"):
+        stack.set_stack([("a", 12.5)])
     with pytest.raises(ConfigError, match="twice"):
         stack.set_stack([("a", 1.0), ("A", 0.5)])
 

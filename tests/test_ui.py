@@ -193,7 +193,15 @@ def test_second_job_waits_and_reports_queue_position(ui, gate):
     assert gate.started == ["first", "second"] and q.max_concurrent_seen == 1
     status, plot, samples, seen, done, *cont = ui.poll(id2, seen)
     assert "second</b> is ready" in status and done == f"{id2}:done"
-    assert ui.latest_job_id() == id3  # a reopened page shows the latest job
+    # a reopened page shows the latest job that ran ('third' left the queue before it started: nothing to show)
+    assert ui.latest_job_id() == id2
+    # every run can be picked to see its progress, loss and samples again: newest first, with its state
+    picker = ui.run_choices(id2)
+    assert [label for label, _ in picker["choices"]] == [f"{id3} · third · stopped", f"{id2} · second · done",
+                                                         f"{id1} · first · done"]
+    assert picker["value"] == id2
+    status, plot, samples, seen, *_ = ui.poll(id1, {})  # the earlier run picked: its own status and loss
+    assert "first</b> is ready" in status and seen["job"] == id1
 
 
 def test_bad_form_values_name_the_field(ui):
@@ -273,7 +281,9 @@ def test_symlinked_model_card_and_preview_are_never_shown(ui, tmp_path, lora_fil
     (root / "alpha-style.md").symlink_to(secret)
     (root / "alpha-style.png").symlink_to(picture)
     assert "my private notes" not in ui.adapter_details("alpha-style")
-    assert "ohwx" in ui.adapter_details("alpha-style")  # the metadata summary instead
+    details = ui.adapter_details("alpha-style")  # what the file says instead, as `loras info` gives it
+    assert "No model card" in details and "**trigger**: ohwx" in details
+    assert "**network**: LoRA rank 4, alpha 4;" in details and "**hash**: " in details
     cards, *_ = ui.refresh_adapters(ui.base_names()[0], None, None, None, None, None, None, None)
     assert [Path(p).name for p, _ in cards] != ["alpha-style.png"]
     assert all(Path(p).resolve() != picture.resolve() for p, _ in cards)
@@ -420,11 +430,13 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
                         *slots)[1][0]
     assert Image.open(again).tobytes() == Image.open(made).tobytes()
     # pasted from elsewhere: an adapter that is not here stays a tag in the prompt, and the notes say what differs
-    pasted = ("a cat <lora:alpha-style:0.5> <lora:not-here:1>\nSteps: 3, Sampler: Euler a, CFG scale: 5, "
-              "Seed: 9, Size: 64x64, Model: juggernaut, Clip skip: 2")
+    # (and a weight beyond the row's sliders stays a tag too)
+    pasted = ("a cat <lora:alpha-style:0.5> <lora:not-here:1> <lora:beta-thing:3>\nSteps: 3, Sampler: Euler a, "
+              "CFG scale: 5, Seed: 9, Size: 64x64, Model: juggernaut, Clip skip: 2")
     with pytest.warns(UserWarning):
         out = ui.recall_form(pasted, base)
-    assert out[0] == "a cat <lora:not-here:1>" and _value(out[9]) == "alpha-style" and out[8] == gr.skip()
+    assert out[0] == "a cat <lora:not-here:1> <lora:beta-thing:3>" and out[8] == gr.skip()
+    assert _value(out[9]) == "alpha-style" and _value(out[9 + 8]) is None
     assert "'not-here' is not in the library" in out[-1] and "juggernaut" in out[-1] and "Clip skip" in out[-1]
     with pytest.raises(gr.Error, match="not the parameters text"):
         ui.recall_form("just words", base)
@@ -529,7 +541,7 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     with pytest.raises(gr.Error, match="no training run"):
         ui.compare("checkpoints of a run", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", None, "", "nope", *_slots())
     with pytest.raises(gr.Error, match="weights"):
-        ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", "alpha-style", "0, 5", None,
+        ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", "alpha-style", "0, 11", None,
                    *_slots())
 
 
