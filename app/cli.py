@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_library_arg(u)
     u.set_defaults(func=cmd_ui)
 
-    j = sub.add_parser("jobs", help="the training queue and its history: list (the default), run, stop",
+    j = sub.add_parser("jobs", help="the training queue and its history: list (the default), run, stop, resume",
                        description="Training jobs of the app's home ($LORA_STUDIO_HOME): queued with the app or "
                                    "`lora-studio train --queue`, trained one at a time, each as its own process.")
     _add_home_arg(j)
@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     _add_home_arg(p, suppress=True)
     p.set_defaults(func=cmd_jobs_stop)
+    p = jsub.add_parser("resume", help="queue a stopped or interrupted run to continue from its latest checkpoint",
+                        description="Queue the run of job ID (or the run called NAME) to continue from its latest "
+                                    "checkpoint with its own options, as the app's Resume does; `jobs run` trains "
+                                    "it here, or the app's worker does while the app runs.")
+    p.add_argument("run", metavar="ID|NAME")
+    _add_home_arg(p, suppress=True)
+    p.set_defaults(func=cmd_jobs_resume)
 
     lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, rename, "
                                       "rm")
@@ -282,6 +289,24 @@ def cmd_jobs_stop(args: argparse.Namespace) -> int:
     q.stop(job.id)
     print(f"took job {job.id} '{job.name}' out of the queue" if was == "queued" else
           f"stopping job {job.id} '{job.name}' after its current step; a checkpoint is kept")
+    return 0
+
+
+def cmd_jobs_resume(args: argparse.Namespace) -> int:
+    from app.studio import Studio
+    from training.jobs import JobQueue
+
+    home = _home(args.home)
+    q = JobQueue(home, worker=False)
+    name, library = args.run, None
+    if args.run.isdigit():
+        job = q.get(int(args.run))
+        if job is None:
+            raise _usage(f"jobs resume: no job {args.run} in {q.store.path}")
+        name, library = job.name, job.config.output_dir  # its run folder is in the library it trained into
+    new = Studio(home, library=library, queue=q).resume(name)
+    print(f"queued job {new.id} '{new.name}' to continue from its latest checkpoint; `lora-studio jobs run` "
+          "trains it here (the app's worker takes it while the app runs)")
     return 0
 
 

@@ -169,6 +169,13 @@ def test_jobs_command_lists_the_queue_and_train_queue_adds_to_it(home, star_imag
     assert main(["jobs", "run"]) == 0  # headless: trains what is queued, here, without the app
     out = capsys.readouterr().out
     assert "job 1 'q1': done at step 2/2" in out and (lib / "q1.safetensors").is_file()
+    # resume by job id or run name: what cannot be resumed says why (a finished run, a job that never ran)
+    assert main(["jobs", "resume", "1"]) == 2
+    assert "'q1' already finished; train more steps from it instead" in capsys.readouterr().err
+    assert main(["jobs", "resume", "2"]) == 2
+    assert "the run 'q2' has no checkpoint" in capsys.readouterr().err
+    assert main(["jobs", "resume", "9"]) == 2
+    assert "no job 9" in capsys.readouterr().err
     assert main(["jobs", "list", "--home", str(home)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if " q1 " in ln)
     assert "done" in line and "2/2" in line and line.count(time.strftime("%Y-%m-%d")) == 2
