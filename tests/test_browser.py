@@ -267,6 +267,7 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     # 5. a reopened page shows the latest job
     page.reload()
     expect(page.locator("#train-status")).to_contain_text(f"{NAME} is ready", timeout=30_000)
+    expect(page.locator("#train-run-pick input")).to_have_value(re.compile(rf"· {NAME} · done"), timeout=30_000)
 
     timings = (f"page→trained {t_trained - t0:.1f}s (training {t_trained - t_start:.1f}s), "
                f"trained→image {t_image - t_trained:.1f}s, whole test {time.time() - t0:.1f}s")
