@@ -1,0 +1,1612 @@
+"""The browser app: Train, Generate and Library tabs (Gradio). Widgets and event wiring only.
+
+Each handler builds a config or request, calls one function of `training/`, `pipelines/` or the app's
+`Studio` (app/studio.py), and turns a domain error into a readable `gr.Error`, never a traceback.
+The browser only ever sends names (adapter, base model, sample set, image file); `Studio` resolves them.
+
+    lora-studio                       # http://127.0.0.1:7860 on the embedded toy model
+    lora-studio ui --base /path/to/sd15 --port 7861
+    lora-studio ui --share --auth user:password
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.adapters import adapter_facts
+from pipelines.errors import ConfigError, LoraStudioError
+from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.recall import read_parameters, recall
+from pipelines.library import with_user_metadata
+from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
+
+SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
+from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
+                             preset_values, train_options)
+from training.jobs import Job
+from training.trainer import CHECKING
+
+from .options import check_launch_options, parse_auth
+from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows, safe_file_name
+
+log = logging.getLogger("lora_studio.ui")
+
+MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
+SLOTS = 4  # adapter rows on the Generate tab
+START_LABEL = "acts from step (0 = first)"
+SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
+POLL_S = 1.0  # training progress refresh
+NO_SAMPLE_SET = "(upload your own images)"
+# the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
+ADVANCED = tuple(o for o in train_options() if o.ui and not o.on_main_form)
+# what a preset sets (rank, steps, learning rates, targets, caption template…): a preset change updates them all
+PRESET_FIELDS = tuple(o.name for o in ADVANCED
+                      if any(o.name in p for p in [*PRESETS.values(), *(v for f in FAMILY_PRESETS.values()
+                                                                          for v in f.values())]))
+FORM_EXTRAS = ("captions", "last_trigger", "prior")  # form values that are no TrainConfig field
+# what loading saved settings fills in: the adapter's own fields and every Advanced option (not the images)
+SETTINGS_FIELDS = ("name", "trigger", "preset", "base", "prior", *(o.name for o in ADVANCED))
+UNSET = "(unset)"  # a dropdown's choice for an optional field left unset
+UNSET_CHOICES = {"quantize_base": "none (full precision)"}
+OPEN_GROUPS = ("LoRA", "Optimisation")  # open when Advanced is opened; the others one click away
+CAPTION_COLUMNS = ["image", "caption"]
+MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
+LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
+COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
+                 "enabled adapters, one at a time": "adapters"}
+# the values box of the comparison, per mode: (label, default)
+COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"),
+                  "starts": ("Start steps (0 = every step)", "0, 5, 10, 15")}
+
+CSS = """
+.ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
+.ls-bar {height: 100%; background: var(--color-accent); transition: width .4s}
+.ls-status {font-size: 0.95em}
+.ls-warn {color: #b45309}
+.ls-badge {display: inline-block; padding: 0 8px; border-radius: 9px; font-size: .85em; font-weight: 600; color: white}
+.ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
+.ls-stopped {background: #a16207} .ls-failed {background: #dc2626} .ls-interrupted {background: #7c3aed}
+.ls-queue-line {margin-top: 4px}
+/* Advanced: in a row of fields, each box sits at the bottom of its cell, whatever the length of the help above */
+.ls-fields .form {align-items: stretch}
+.ls-fields .form > .block {display: flex; flex-direction: column}
+.ls-fields .form > .block > .container {display: flex; flex-direction: column; flex: 1 1 auto}
+.ls-fields .form > .block > .container > input, .ls-fields .form > .block > .container > .wrap,
+.ls-fields .form > .block > .container > .input-container {margin-top: auto}
+/* galleries: the floating label above the first row of pictures, not over it; as many columns as fit */
+#gen-gallery .grid-container, #train-samples .grid-container, #train-thumbs .grid-container,
+#lib-cards .grid-container {padding-top: 40px}
+#train-samples .grid-container, #train-thumbs .grid-container, #lib-cards .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important}
+#ls-header h1 {margin-bottom: 0}
+/* galleries: the label under the picture, never over it; small (64 px) pictures enlarged without blur */
+#gen-gallery .thumbnail-item, #train-samples .thumbnail-item, #train-thumbs .thumbnail-item,
+#lib-cards .thumbnail-item {display: flex; flex-direction: column; align-items: stretch; height: auto}
+#gen-gallery .thumbnail-item img, #train-samples .thumbnail-item img, #train-thumbs .thumbnail-item img,
+#lib-cards .thumbnail-item img {flex: 1 1 auto; min-height: 0}
+#gen-gallery .caption-label, #train-samples .caption-label, #train-thumbs .caption-label,
+#lib-cards .caption-label {position: static; transform: none; max-width: 100%; margin: 2px 0 0; padding: 0 2px;
+  background: none; border: none; box-shadow: none; white-space: normal; overflow-wrap: anywhere;
+  text-align: center; font-size: .8em; line-height: 1.2}
+#gen-gallery img, #train-samples img, #train-thumbs img, #lib-cards img, #cmp-image img {image-rendering: pixelated}
+/* a result fits its box whole (a square picture is never cut at top and bottom); the comparison grid sits
+   below its label and buttons */
+#gen-gallery .thumbnail-item img {max-height: 290px; object-fit: contain !important}
+#cmp-image img {padding-top: 40px; object-fit: contain}
+/* tables: headers break between words only */
+#lib-table th, #lib-table th * , #train-captions th, #train-captions th * {word-break: keep-all;
+  overflow-wrap: normal; hyphens: none}
+#lib-details {overflow-wrap: anywhere}  /* a model card's long module list wraps instead of running off */
+.ls-error {color: #991b1b; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px; padding: 6px 10px;
+           margin: 4px 0}
+"""
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def error_html(message: str) -> str:
+    """An error that stays on the page (a toast vanishes; a bare red 'Error' over the panes says nothing)."""
+    return (f"<div class='ls-error' role='alert'><span class='ls-badge ls-failed'>error</span> "
+            f"{html.escape(message)}</div>")
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Domain errors become a readable message in the browser; anything else too, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (LoraStudioError, FileNotFoundError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001 - a bug: log it on the server, show one line in the browser
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Unexpected error ({type(e).__name__}): {e}", print_exception=False) from None
+
+    return wrapper
+
+
+def shown_in(fn: Callable, outputs: Sequence[Any], message: Any) -> Callable:
+    """Wire a handler so that its error stays on the page: the message goes into the `message` output, every
+    other output keeps what it showed (nothing the user had is cleared, no bare red 'Error' over the panes),
+    and a toast says it too. The handler itself still raises gr.Error (its Python API is unchanged)."""
+    at = next(i for i, o in enumerate(outputs) if o is message)
+    n = len(outputs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as e:
+            msg = str(getattr(e, "message", e))
+        gr.Warning(msg)
+        out: list[Any] = [gr.skip()] * n
+        out[at] = error_html(msg)
+        return tuple(out)
+
+    return wrapper
+
+
+def _on_slider(e) -> bool:
+    """Whether a row's sliders can show this entry's weights."""
+    return all(SLIDER_MIN <= w <= SLIDER_MAX for w in (e.weight, e.te_weight) if w is not None)
+
+
+def by_name(fn: Callable, widgets: dict[str, Any]) -> Callable:
+    """fn(form) wired with a set of components as its input: Gradio passes {component: value}; fn gets
+    {field name: value} (one dict, not a long argument list)."""
+
+    @functools.wraps(fn)
+    def wrapper(values: dict):
+        return fn({k: values[c] for k, c in widgets.items()})
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+def _df(rows: Sequence[Sequence[Any]], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame([list(r) for r in rows], columns=columns)
+
+
+def _loss_df(losses: Sequence[tuple[int, float]]) -> pd.DataFrame:
+    """(step, loss) pairs as numeric columns, also when empty (an untyped empty frame plots as categories)."""
+    return pd.DataFrame({"step": pd.Series([int(s) for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([float(v) for _, v in losses], dtype="float64")})
+
+
+def _rows(df: Any) -> list[list[Any]]:
+    if df is None:
+        return []
+    if isinstance(df, pd.DataFrame):
+        return [list(r) for r in df.itertuples(index=False, name=None)]
+    if isinstance(df, dict) and "data" in df:
+        return [list(r) for r in df["data"]]
+    return [list(r) for r in df]
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _replace_trigger(caption: str, old: str, new: str) -> str:
+    """Swap the trigger word in one caption (whole words only); add it in front when it is missing."""
+    caption = str(caption or "").strip()
+    if old and old != new:
+        caption = re.sub(rf"(?<![\w]){re.escape(old)}(?![\w])", new, caption)
+    if new and not re.search(rf"(?<![\w]){re.escape(new)}(?![\w])", caption):
+        caption = f"{new}, {caption}" if caption else new
+    return caption
+
+
+def _num(v: Any, what: str, cast=float):
+    """A number widget's value as the field's type (Gradio gives floats, or None when emptied)."""
+    try:
+        return cast(v)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise ConfigError(f"{what}: '{v}' is not a number") from None
+
+
+def _values(text: str, what: str, cast=float) -> list:
+    """A comparison's values box ('0, 0.5, 1'; commas, spaces or semicolons) as numbers of `cast`."""
+    return [_num(v, what, cast) for v in re.split(r"[,\s;]+", str(text or "").strip()) if v]
+
+
+def _starts(text: str, steps: int) -> list[int]:
+    out = _values(text, "start steps", int)
+    for n in out:
+        if not 0 <= n < steps:
+            raise ConfigError(f"start steps: {n} is outside 0..{steps - 1} (the sampler runs {steps} steps)")
+    if not out:
+        raise ConfigError("start steps: give at least one step, e.g. 0, 5, 10")
+    return out
+
+
+def _weights(text: str) -> list[float]:
+    out = _values(text, "weights")
+    for w in out:
+        if not WEIGHT_MIN <= w <= WEIGHT_MAX:
+            raise ConfigError(f"weights: {w:g} is outside {WEIGHT_MIN:g}..{WEIGHT_MAX:g}")
+    if not out:
+        raise ConfigError("weights: give at least one weight, e.g. 0, 0.5, 1")
+    if len(out) > 8:
+        raise ConfigError("weights: at most 8 columns")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ options <-> widgets
+def elem_id(o: Option) -> str:
+    return "adv-" + o.name.replace("_", "-")
+
+
+def unset_label(o: Option) -> str:
+    return UNSET_CHOICES.get(o.name, UNSET)
+
+
+def _n(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:g}"
+
+
+def _range_text(o: Option) -> str:
+    lo = f"≥ {_n(o.min)}" if o.min is not None else (f"> {_n(o.gt)}" if o.gt is not None else "")
+    hi = f"≤ {_n(o.max)}" if o.max is not None else (f"< {_n(o.below)}" if o.below is not None else "")
+    if o.min is not None and o.max is not None:
+        return f"{_n(o.min)}–{_n(o.max)}"
+    return ", ".join(t for t in (lo, hi) if t)
+
+
+def zero_is_unset(o: Option) -> bool:
+    """An optional number whose range excludes 0 (alpha, conv rank, resolution): 0 means unset. Gradio's number
+    box shows an unset value as 0 and sends 0 until it is cleared, so 0 has to mean what the empty box means."""
+    if not o.optional or o.kind not in (int, float):
+        return False
+    return (o.min is not None and o.min > 0) or (o.gt is not None and o.gt >= 0)
+
+
+def widget_value(o: Option, v: Any) -> Any:
+    """A field's value as its widget shows it (lists as text, an unset choice as its label, unset numbers 0 or
+    empty)."""
+    if o.kind is list:
+        return ("\n" if o.list_style == "lines" else ", ").join(v or [])
+    if v is None:
+        if o.choices is not None:
+            return unset_label(o)
+        if o.kind in (int, float):
+            return 0 if zero_is_unset(o) else None
+        return ""
+    return v
+
+
+def field_value(o: Option, v: Any) -> Any:
+    """A widget's value as the field's type: an empty optional field is unset (None); TrainConfig checks the rest
+    (range, choices) and names the field."""
+    if o.kind is bool:
+        return bool(v)
+    if o.kind is list:
+        text = str(v or "")
+        parts = text.splitlines() if o.list_style == "lines" else re.split(r"[,\s]+", text)
+        return [p.strip() for p in parts if p.strip()]
+    if o.choices is not None:
+        return None if o.optional and v in (None, "", unset_label(o)) else v
+    if o.kind in (int, float):
+        if v is None or (isinstance(v, str) and not v.strip()) or (v == 0 and zero_is_unset(o)):
+            if o.optional:
+                return None
+            raise ConfigError(f"{o.name}: enter a number ({o.label})")
+        if o.kind is int and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        x = _num(v, o.name)
+        if o.kind is int:
+            if not x.is_integer():
+                raise ConfigError(f"{o.name}: must be a whole number, got {v}")
+            return int(x)
+        return x
+    text = "" if v is None else str(v)
+    return (text.strip() or None) if o.optional else text
+
+
+def _no_bounds_check(*_: Any) -> None:
+    """Gradio refuses a number outside minimum/maximum before the handler runs, with a message that names no
+    field and does not stay on the page; TrainConfig checks the range instead and names the field."""
+
+
+def option_widget(o: Option, value: Any) -> gr.components.Component:
+    """The widget of one TrainConfig field, from its description (kind, choices, range, list style, help)."""
+    rng = _range_text(o)
+    if zero_is_unset(o):
+        rng = f"{rng}; 0: unset" if rng else "0: unset"
+    info = o.help + (f" ({rng})" if rng and o.kind in (int, float) else "")
+    common = dict(label=o.label, info=info, elem_id=elem_id(o))
+    value = widget_value(o, value)
+    if o.kind is bool:
+        return gr.Checkbox(bool(value), min_width=240, **common)
+    if o.choices is not None:
+        choices = ([unset_label(o)] if o.optional else []) + list(o.choices)
+        wide = max(len(str(c)) for c in choices)  # the longest choice fits beside the arrow
+        return gr.Dropdown(choices, value=value, min_width=max(200, 9 * wide + 70), **common)
+    if o.kind in (int, float):
+        lo = o.min if o.min is not None else o.gt
+        hi = o.max if o.max is not None else o.below
+        num = gr.Number(value, precision=0 if o.kind is int else None, minimum=lo, maximum=hi,
+                        step=o.step or (1 if o.kind is int else 0.1), min_width=200,
+                        placeholder="unset" if o.optional else None, **common)
+        num.raise_if_out_of_bounds = _no_bounds_check  # the range is checked (field named) by TrainConfig
+        return num
+    if o.kind is list:
+        lines = o.list_style == "lines"
+        label = o.label + (" (one per line)" if lines else " (comma-separated)")
+        return gr.Textbox(value, lines=3 if lines else 1, max_lines=12 if lines else 2,
+                          **{**common, "label": label})
+    return gr.Textbox(value, placeholder="unset" if o.optional else None, **common)
+
+
+def preset_value(preset: str, o: Option, family: str = "toy") -> Any:
+    """The value a preset gives a field for a base of this family (its own, else the field's form default)."""
+    vals = preset_values(preset, family)
+    return vals[o.name] if o.name in vals else o.ui_default
+
+
+@functools.cache
+def _options() -> dict[str, Option]:
+    return {o.name: o for o in train_options()}
+
+
+class StudioUI:
+    """The Gradio Blocks app over one `Studio`. Handlers are plain methods, callable from tests."""
+
+    def __init__(self, studio: Studio | None = None) -> None:
+        self.studio = studio or Studio()
+
+    # ============================================================================================ Train tab
+    def _dataset_view(self, ds_id: str, trigger: str, preset: str):
+        scan = self.studio.scan(ds_id, trigger, preset)
+        thumbs = [(str(it.path), it.path.name) for it in scan.items]
+        caps = _df([(it.path.name, it.caption) for it in scan.items], CAPTION_COLUMNS)
+        return thumbs, self._skipped_md(scan), caps
+
+    @staticmethod
+    def _skipped_md(scan) -> str:
+        head = f"**{len(scan.items)} image(s) will be trained on.**"
+        if len(scan.items) < MIN_IMAGES:
+            head += (f"\n\n<span class='ls-warn'>⚠ Only {len(scan.items)} usable image(s): {MIN_IMAGES}–"
+                     f"{MAX_IMAGES} work best. With so few the adapter tends to copy them (same pose, colours, "
+                     "background) instead of learning the concept; add more varied images if you can.</span>")
+        elif len(scan.items) > MAX_IMAGES:
+            head += (f"\n\n<span class='ls-warn'>⚠ {len(scan.items)} images: more than the {MAX_IMAGES} a preset "
+                     "is tuned for; raise Steps so that each image is seen several times.</span>")
+        if not scan.skipped:
+            return head + " No file was skipped."
+        lines = [head, f"**{len(scan.skipped)} file(s) skipped:**"]
+        lines += [f"- `{p.name.replace('`', chr(39))}`: {why}" for p, why in scan.skipped]
+        return "\n".join(lines)
+
+    @ui_errors
+    def stage_upload(self, files, trigger: str, preset: str, old_ds: str | None):
+        """Uploaded files -> a new dataset folder; thumbnails, skipped files with reasons, captions."""
+        files = [files] if isinstance(files, str) else list(files or [])
+        if not files:
+            return None, [], "", _df([], CAPTION_COLUMNS), trigger, gr.skip()
+        paths = [Path(getattr(f, "name", f)) for f in files]
+        ds_id = self.studio.stage_files(paths, [p.name for p in paths])
+        self.studio.discard_dataset(old_ds)
+        try:
+            thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
+        except LoraStudioError as e:  # nothing usable: still list what was skipped
+            self.studio.discard_dataset(ds_id)
+            raise gr.Error(str(e).replace(str(self.studio.datasets) + "/", ""), print_exception=False) from None
+        return ds_id, thumbs, skipped, caps, trigger, NO_SAMPLE_SET
+
+    @ui_errors
+    def pick_sample_set(self, name: str, old_ds: str | None):
+        """A shipped sample set -> staged like an upload; trigger word, preset and a name filled in."""
+        if not name or name == NO_SAMPLE_SET:
+            return (gr.skip(),) * (9 + len(PRESET_FIELDS))
+        trigger, preset = SAMPLE_SET_TRIGGERS[name] if name in SAMPLE_SET_TRIGGERS else ("sks", "custom")
+        ds_id = self.studio.stage_sample_set(name)
+        self.studio.discard_dataset(old_ds)
+        thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
+        adapter_name = self._free_name(f"{name}-lora")
+        # the preset's defaults come in this same response: a second event chained on the preset's change
+        # could land after the user has started typing in the Advanced fields and overwrite them
+        return (ds_id, thumbs, skipped, caps, trigger, trigger, preset, adapter_name, None,
+                *self.preset_defaults(preset))
+
+    def _free_name(self, stem: str) -> str:
+        """`stem`, or `stem-2`, `stem-3`…: not in the library, not queued or training, no run folder of that name."""
+        taken = {n.casefold() for n in self.studio.library.names()}
+        taken |= {j.config.name.casefold() for j in self.studio.queue.jobs() if j.active}
+        runs = self.studio.library.root / "runs"
+        if runs.is_dir():
+            taken |= {p.name.casefold() for p in runs.iterdir()}
+        name, k = stem, 2
+        while name.casefold() in taken:
+            name, k = f"{stem}-{k}", k + 1
+        return name
+
+    @staticmethod
+    def recaption_for_preset(captions, preset: str, trigger: str):
+        """The preset changed: captions that are a preset's generated prompt ("a photo of sks") become the new
+        preset's ("in the style of sks"); captions from .txt files and the user's own edits are kept."""
+        trigger = (trigger or "").strip() or "sks"
+        templates = {v.get("instance_template", TrainConfig.instance_template) for v in PRESETS.values()}
+        generated = {t.format(trigger=trigger) for t in templates}
+        new = PRESETS.get(preset, {}).get("instance_template", TrainConfig.instance_template).format(trigger=trigger)
+        rows = [[r[0], new if str(r[1]).strip() in generated else r[1]] for r in _rows(captions) if r and r[0]]
+        return _df(rows, CAPTION_COLUMNS)
+
+    @staticmethod
+    def retrigger(captions, old: str, new: str):
+        """The trigger word changed: swap it in every caption (user edits kept)."""
+        new = (new or "").strip()
+        if not new:
+            return gr.skip(), old
+        rows = [[r[0], _replace_trigger(r[1], old, new)] for r in _rows(captions) if r and r[0]]
+        return _df(rows, CAPTION_COLUMNS), new
+
+    def preset_defaults(self, preset: str, base: str | None = None):
+        """Every field a preset sets (rank, steps, learning rates, text encoder, UNet modules, caption template…),
+        as its widget shows it: the preset's value for the chosen base's family (the toy's own, or published
+        SD 1.x/2.x/XL values), else the field's default, so nothing of the previous preset stays behind.
+        'custom' leaves the fields as they are."""
+        if not PRESETS.get(preset):
+            return (gr.skip(),) * len(PRESET_FIELDS)
+        opts = _options()
+        family = self.base_preset_family(base)
+        return tuple(widget_value(opts[f], preset_value(preset, opts[f], family)) for f in PRESET_FIELDS)
+
+    def base_preset_family(self, base: str | None) -> str:
+        try:
+            return preset_family(self.studio.base_source(base))
+        except Exception:  # noqa: BLE001 - a name not in the list: its error comes on Start
+            return "sd1"
+
+    def train_config(self, form: dict[str, Any], *, overwrite: bool = False, check_images: bool = True) -> TrainConfig:
+        """The Train tab's form -> a TrainConfig (captions written next to the staged images first).
+
+        `form` maps field names to widget values ("images" is the staged dataset, "base" a base model's name),
+        plus the captions table, the last trigger word and the prior-preservation toggle (FORM_EXTRAS). A field
+        left out takes the preset's value or its default; every field is checked before anything is written.
+        """
+        opts = _options()
+        unknown = sorted(k for k in form if k not in FORM_EXTRAS and (k not in opts or not opts[k].ui))
+        if unknown:
+            raise ConfigError(f"form: unknown or app-set field(s) {', '.join(unknown)}")
+        ds_id = form.get("images")
+        if not ds_id and check_images:
+            raise ConfigError("images: upload some images or pick a sample set first")
+        data = {k: field_value(opts[k], v) for k, v in form.items() if k in opts and k not in ("images", "base")}
+        for k in ("name", "trigger"):
+            if k in data:
+                data[k] = (data[k] or "").strip()
+        if "prior" in form:  # the toggle decides; the class prompt it had stays in its box
+            if not form["prior"]:
+                data["class_prompt"] = None
+            elif not data.get("class_prompt"):
+                raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
+        data.update(images=str(self.studio.dataset_folder(ds_id)) if ds_id else ".",
+                    base=self.studio.base_source(form.get("base")),
+                    output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite)
+        cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
+        if cfg.quantize_base:  # fail here, not minutes later in the job: nf4 needs CUDA, int8 torchao
+            from pipelines.base_models import default_device
+            from pipelines.quantize import check_available
+
+            check_available(cfg.quantize_base, cfg.device or default_device())
+        if "captions" in form:
+            last = (form.get("last_trigger") or "").strip() or cfg.trigger
+            rows = [[r[0], _replace_trigger(r[1], last, cfg.trigger)] for r in _rows(form["captions"]) if r and r[0]]
+            self.studio.save_captions(ds_id, rows)
+        return cfg
+
+    # ---------------------------------------------------------------------------------------- saved settings
+    def settings_sources(self) -> list[str]:
+        """Library adapters whose training settings (NAME.toml, written beside every trained adapter) can be
+        loaded into the form."""
+        lib = self.studio.library
+        return [n for n in lib.names() if any(p.suffix == ".toml" for p in lib.sidecars(n))]
+
+    def settings_choices(self):
+        return gr.update(choices=self.settings_sources())
+
+    @ui_errors
+    def load_settings(self, source, current_base):
+        """An earlier adapter's settings (a library name) or an uploaded .toml into the Train form: every option,
+        the trigger word, preset and base model, and a free name from the file's (the images stay as they are).
+        Returns the SETTINGS_FIELDS widgets' values, then a message."""
+        if not source:
+            raise ConfigError("settings: pick an adapter whose settings to load, or load a .toml file")
+        path = Path(getattr(source, "name", source))
+        if not path.is_absolute():  # a library name (an uploaded file comes with its full path)
+            path = next((p for p in self.studio.library.sidecars(str(source)) if p.suffix == ".toml"), None)
+            if path is None:
+                raise ConfigError(f"settings: '{source}' has no saved settings ({source}.toml) in the library")
+        cfg = TrainConfig.from_toml(path, {"images": "."})  # checked like `train --config`; images stay
+        opts = _options()
+        values = {f: widget_value(opts[f], getattr(cfg, f)) for f in SETTINGS_FIELDS if f in opts}
+        values["name"] = self._free_name(cfg.name)
+        values["prior"] = cfg.class_prompt is not None
+        notes = []
+        if cfg.base is None:
+            values["base"] = self.base_names()[0]
+        else:
+            from training.export import shareable_path
+
+            match = next((n for n, src in self.studio.base_choices().items()
+                          if cfg.base in (src, shareable_path(src), n, Path(src).name)), None)
+            values["base"] = match or current_base
+            if match is None:
+                notes.append(f"its base model '{cfg.base}' is not here, so '{current_base}' stays")
+        msg = (f"Loaded the settings of <b>{html.escape(path.stem)}</b> (preset {cfg.preset}, {cfg.max_steps} "
+               f"steps, rank {cfg.rank}); the name is <b>{html.escape(values['name'])}</b>.")
+        if notes:
+            msg += " " + "; ".join(html.escape(n) for n in notes).capitalize() + "."
+        return (*[values[f] for f in SETTINGS_FIELDS], f"<div class='ls-status'>{msg}</div>")
+
+    @ui_errors
+    def save_settings(self, form: dict[str, Any]):
+        """The form's settings as a .toml to download (what `lora-studio train --config` reads); the images
+        are in it when some are staged."""
+        from training.export import config_toml
+
+        staged = form.get("images")
+        cfg = self.train_config({k: v for k, v in form.items() if k != "captions"}, check_images=False)
+        # this app's own folders are no setting: a terminal run writes to its own library, on its own device
+        text = config_toml(cfg, leave_out=("output_dir", "device") + (() if staged else ("images",)))
+        out = self.studio.outputs / "settings" / f"{safe_file_name(cfg.name)}.toml"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from pipelines.weights_io import atomic_write
+
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return gr.update(value=str(out), visible=True), (
+            f"<div class='ls-status'>Settings saved as <b>{html.escape(out.name)}</b>: load it here again, or "
+            f"train with it from a terminal: <code>lora-studio train --config {html.escape(out.name)}"
+            f"{'' if staged else ' --images FOLDER'}</code>.</div>")
+
+    # ---------------------------------------------------------------------------------------- start, name in use
+    # every start handler answers [job id, status, message, choice box, choice text, its Resume button, its
+    # new-name button, the form waiting for the choice, the name box]
+    def _started(self, job: Job, name: Any = None) -> tuple:
+        return (job.id, self.status_for(job.id), "", gr.update(visible=False), "", gr.skip(), gr.skip(), None,
+                name if name is not None else gr.skip())
+
+    def _ask_about_name(self, st, form: dict[str, Any]) -> tuple:
+        free = self._free_name(st.name)
+        name = f"<b>{html.escape(st.name)}</b>"
+        if st.in_library:
+            what = f"An adapter called {name} is already in the library."
+            over = "Overwrite replaces it (and removes its old run folder)."
+        else:
+            at = f"step {st.step}/{st.total}" if st.total else f"step {st.step}"
+            what = f"A run called {name} stopped (or was interrupted) with a checkpoint at {at}."
+            over = "Overwrite starts it again from step 1 (its checkpoints are removed)."
+        resume = " Resume continues it from its checkpoint with its own options." if st.resumable else ""
+        msg = (f"<div class='ls-status' role='alert'><span class='ls-badge ls-stopped'>name in use</span> {what}"
+               f"{resume} {over} Or start this one as <b>{html.escape(free)}</b>.</div>")
+        return (gr.skip(), gr.skip(), "", gr.update(visible=True), msg, gr.update(visible=st.resumable),
+                gr.update(value=f"Start as '{free}'"), {"form": dict(form), "free": free}, gr.skip())
+
+    @ui_errors
+    def start_training(self, form: dict[str, Any]):
+        """Start: queue the job (one trains at a time). A name in use (a finished adapter, or a stopped run with a
+        checkpoint) is never silently overwritten: the choice box asks to resume, overwrite or take a free name."""
+        cfg = self.train_config(form)
+        st = self.studio.run_state(cfg.name)
+        if st.job is not None:
+            raise ConfigError(f"name: a training called '{st.job.name}' is already queued or running "
+                              f"(job {st.job.id}); pick another name")
+        if st.in_library or st.checkpoint is not None:
+            return self._ask_about_name(st, form)
+        return self._started(self.studio.submit(cfg))
+
+    @staticmethod
+    def _pending_form(pending: dict | None) -> dict[str, Any]:
+        if not pending or "form" not in pending:
+            raise ConfigError("nothing is waiting to start; press Start training again")
+        return dict(pending["form"])
+
+    @ui_errors
+    def choose_resume(self, pending: dict | None):
+        """Name in use -> Resume: the stopped run continues from its latest checkpoint."""
+        form = self._pending_form(pending)
+        return self._started(self.studio.resume(str(form.get("name") or "").strip()))
+
+    @ui_errors
+    def choose_overwrite(self, pending: dict | None):
+        """Name in use -> Overwrite: a new run from step 1 that replaces the adapter; the old run folder goes."""
+        cfg = self.train_config(self._pending_form(pending), overwrite=True)
+        self.studio.start_over(cfg.name)
+        return self._started(self.studio.submit(cfg))
+
+    @ui_errors
+    def choose_new_name(self, pending: dict | None):
+        """Name in use -> start under the free name offered (the name box follows)."""
+        form = {**self._pending_form(pending), "name": pending.get("free")}
+        cfg = self.train_config(form)
+        st = self.studio.run_state(cfg.name)
+        if st.in_use or st.checkpoint is not None:  # taken since it was offered
+            return self._ask_about_name(st, form)
+        return self._started(self.studio.submit(cfg), name=cfg.name)
+
+    @staticmethod
+    def cancel_choice():
+        return "", gr.update(visible=False), "", None
+
+    # ---------------------------------------------------------------------------------------- stop, continue
+    def _shown(self, job_id, seen: dict | None) -> Job | None:
+        """The job the page shows (the poll's), else the session's."""
+        shown = (seen or {}).get("job")
+        return self.studio.job(shown if shown is not None else job_id)
+
+    @ui_errors
+    def stop_training(self, job_id, seen: dict | None = None):
+        """Stop this page's own job: out of the queue while it waits, after the current step while it trains.
+        Only when the page's job has ended does Stop act on the run the page shows (one started elsewhere, the
+        CLI's or another tab's): a queued job of yours is never the reason someone else's run stops."""
+        job = self.studio.job(job_id)
+        if job is None or not job.active:
+            job = self._shown(job_id, seen)
+        if job is None or not job.active:
+            raise gr.Error("No training is running.", print_exception=False)
+        queued = job.state == "queued"
+        self.studio.queue.stop(job.id)
+        gr.Info(f"Took '{job.config.name}' out of the queue." if queued else
+                f"Stopping '{job.config.name}' after the current step; a checkpoint is kept.")
+        return self.status_for(job_id), ""
+
+    @ui_errors
+    def resume_shown(self, job_id, seen: dict | None):
+        """The shown run stopped or was interrupted: continue it from its latest checkpoint."""
+        job = self._shown(job_id, seen)
+        if job is None:
+            raise ConfigError("resume: no run to resume")
+        new = self.studio.resume(job.name)
+        return new.id, self.status_for(new.id), "", *self._continue_buttons(None)
+
+    @ui_errors
+    def train_more_shown(self, job_id, seen: dict | None, steps):
+        """The shown run finished: train N more steps from its adapter (a new adapter '<name>-more')."""
+        job = self._shown(job_id, seen)
+        if job is None:
+            raise ConfigError("train more: no finished run to continue")
+        new = self.studio.train_more(job.name, _num(steps, "steps", int))
+        return new.id, self.status_for(new.id), "", *self._continue_buttons(None)
+
+    @staticmethod
+    def more_label(steps) -> str:
+        try:
+            return f"Train {int(steps)} more steps"
+        except (TypeError, ValueError, OverflowError):
+            return "Train N more steps"
+
+    def _continue_buttons(self, job: Job | None) -> tuple:
+        """Resume (a stopped or interrupted run with a checkpoint) and Train N more steps (a finished adapter)."""
+        resumable = more = False
+        if job is not None and not job.active:
+            try:
+                st = self.studio.run_state(job.name)
+                resumable, more = st.resumable, st.in_library
+            except LoraStudioError:
+                pass
+        return gr.update(visible=resumable), gr.update(visible=more), gr.update(visible=more)
+
+    # ---------------------------------------------------------------------------------------- the Advanced section
+    @staticmethod
+    def _advanced_widgets(preset: str, family: str = "toy") -> tuple[dict[str, gr.components.Component],
+                                                                     gr.components.Component]:
+        """The Advanced section, generated from TrainConfig's field descriptions: a section per group (GROUPS
+        order), a widget per field the user sets (numbers, toggles and choices first, then text); the values are
+        the preset's, else the field's form default. Returns the widgets by field name and the prior-preservation
+        toggle (which decides whether the class prompt is used)."""
+        widgets: dict[str, gr.components.Component] = {}
+        prior = None
+        for group in GROUPS:
+            opts = [o for o in ADVANCED if o.group == group]
+            if not opts:
+                continue
+            slug = re.sub(r"[^a-z0-9]+", "-", group.lower()).strip("-")
+            with gr.Accordion(group, open=group in OPEN_GROUPS, elem_id=f"adv-group-{slug}"):
+                if group == "Preservation":
+                    prior = gr.Checkbox(False, label="Prior preservation (DreamBooth class images)",
+                                        info="also train on base-model images of the class prompt, so that the "
+                                             "class keeps its look", elem_id="adv-prior")
+                fields = [o for o in opts if o.kind in (int, float) or o.choices is not None]
+                toggles = [o for o in opts if o.kind is bool]
+                texts = [o for o in opts if o not in fields and o not in toggles]
+                for row in (fields, toggles):
+                    if row:
+                        with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
+                            for o in row:
+                                widgets[o.name] = option_widget(o, preset_value(preset, o, family))
+                for o in texts:
+                    widgets[o.name] = option_widget(o, preset_value(preset, o, family))
+        if prior is None:
+            prior = gr.Checkbox(False, visible=False, elem_id="adv-prior")
+        return widgets, prior
+
+    # ---------------------------------------------------------------------------------------- status
+    def status_html(self, job: Job | None) -> str:
+        """One line of status (with a badge) and a progress bar for a training job."""
+        if job is None:
+            return "<div class='ls-status'>No training yet. Pick images, then press <b>Start training</b>.</div>"
+
+        def line(kind: str, badge: str, body: str, pct: float | None = None) -> str:
+            out = f"<div class='ls-status'><span class='ls-badge ls-{kind}'>{badge}</span> {body}</div>"
+            if pct is not None:
+                out += f"<div class='ls-progress'><div class='ls-bar' style='width:{pct:.1f}%'></div></div>"
+            return out
+
+        name = f"<b>{html.escape(job.config.name)}</b>"
+        p = job.progress
+        total = p.total if p else job.config.max_steps
+        step = p.step if p else 0
+        pct = 100.0 * step / max(1, total)
+        if job.state == "queued":
+            pos = self.studio.queue.position(job)
+            return line("queued", "queued", f"{name} is waiting in the queue: position {pos} ({pos} job(s) ahead; "
+                                            "one training runs at a time).")
+        if job.state == "running":
+            if p is None or (p.loss is None and step == 0) or (p.loss is None and "resumed" in (p.message or "")):
+                what = "resuming from its checkpoint" if job.kind == "resume" else \
+                    "loading the base model, checking and encoding the images"
+                return line("running", "preparing", f"{name}: {what}…", pct)
+            if p.message == CHECKING:
+                return line("running", "checking", f"{name}: all {total} steps trained; {CHECKING}…", 100.0)
+            loss = f"{p.loss:.4f}" if p.loss is not None else "–"
+            left = f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
+            return line("running", "training", f"{name}: step {step}/{total} · loss {loss} · {left}", pct)
+        if job.state == "done" and job.result is not None:
+            r = job.result
+            loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"
+            return line("done", "done", f"{name} is ready: {r.steps} steps in {_duration(r.seconds)}, final loss "
+                                        f"{loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
+                                        f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).", 100.0)
+        if job.state == "stopped" and job.started is None:
+            return line("stopped", "stopped", f"{name} was taken out of the queue before it started.")
+        if job.state == "stopped":
+            kept = ("its checkpoint is kept: <b>Resume</b> continues it" if job.result is not None
+                    and job.result.checkpoint else "no checkpoint had been written yet")
+            return line("stopped", "stopped", f"{name} stopped at step {step}/{total}; {kept}.", pct)
+        if job.state == "interrupted":
+            at = f" at step {step}/{total}" if step else ""
+            return line("interrupted", "interrupted",
+                        f"{name} was interrupted{at} (the app or its training process ended before it finished). "
+                        "<b>Resume</b> continues it from its latest checkpoint, if it wrote one.", pct if step else None)
+        return line("failed", "failed", f"{name} failed: {html.escape(job.error or 'unknown error')}")
+
+    def _view(self, job_id) -> tuple[Job | None, list[Job], list[Job]]:
+        """The job to show, the other queued jobs, and all jobs. The session's job is shown, except while it
+        waits in the queue (or was taken out before it ran): then the running job is, so that its progress, loss
+        and samples stay in view."""
+        jobs = self.studio.queue.jobs()
+        try:
+            want = int(job_id) if job_id is not None else None
+        except (TypeError, ValueError):
+            want = None
+        mine = next((j for j in jobs if j.id == want), None)
+        running = next((j for j in jobs if j.state == "running"), None)
+        waiting = mine is None or mine.state == "queued" or (mine.state == "stopped" and mine.started is None)
+        show = running if running is not None and waiting else mine
+        queued = [j for j in jobs if j.state == "queued" and j is not show]
+        return show, queued, jobs
+
+    def _status(self, show: Job | None, queued: Sequence[Job]) -> str:
+        head = self.status_html(show) if show is not None or not queued else ""
+        return head + "".join(f"<div class='ls-queue-line'>{self.status_html(q)}</div>" for q in queued)
+
+    def status_for(self, job_id) -> str:
+        """The status pane: the shown job, then a line per queued job with its position."""
+        show, queued, _ = self._view(job_id)
+        return self._status(show, queued)
+
+    def poll(self, job_id, seen: dict | None):
+        """Timer tick: status, loss plot and samples of the shown job, a line per queued job, the Resume / Train
+        more buttons of a run that ended; only what changed is sent."""
+        show, queued, jobs = self._view(job_id)
+        seen = dict(seen or {})
+        status = self._status(show, queued)
+        plot = samples = done = gr.skip()
+        nl = ns = None
+        if show is not None:
+            same = seen.get("job") == show.id
+            nl, ns = len(show.losses), len(show.samples)
+            if not same or seen.get("nloss") != nl:
+                plot = _loss_df(list(show.losses))
+            if not same or seen.get("nsamples") != ns:
+                samples = [(str(s), s.stem.replace("step-", "step ")) for s in list(show.samples)]
+        ended = [j for j in jobs if not j.active]
+        last = max(ended, key=lambda j: (j.finished or 0.0, j.id), default=None)
+        finished = f"{last.id}:{last.state}" if last is not None else None
+        if finished and seen.get("finished") != finished:
+            done = finished  # a job ended: the library and the pickers are refreshed
+        cont_key = f"{show.id}:{show.state}" if show is not None else None
+        cont = self._continue_buttons(show) if cont_key != seen.get("cont", "") else (gr.skip(),) * 3
+        now = {"job": show.id if show else None, "nloss": nl, "nsamples": ns, "status": status,
+               "finished": finished or seen.get("finished"), "cont": cont_key}
+        return (status if seen.get("status") != status else gr.skip(), plot, samples,
+                now if now != seen else gr.skip(), done, *cont)
+
+    def latest_job_id(self):
+        """The job a reopened page shows: the one training, else the latest that ran (a job taken out of the
+        queue before it started has nothing to show), else the latest."""
+        jobs = self.studio.queue.jobs()
+        for pick in (lambda j: j.state == "running", lambda j: j.started is not None, lambda j: True):
+            found = max((j for j in jobs if pick(j)), key=lambda j: j.id, default=None)
+            if found is not None:
+                return found.id
+        return None
+
+    def run_choices(self, job_id):
+        """The Train tab's run picker: every job, newest first, as 'id · name · state'; the shown one picked."""
+        jobs = sorted(self.studio.queue.jobs(), key=lambda j: j.id, reverse=True)
+        try:
+            want = int(job_id) if job_id is not None else None
+        except (TypeError, ValueError):
+            want = None
+        return gr.update(choices=[(f"{j.id} · {j.config.name} · {j.state}", j.id) for j in jobs],
+                         value=want if any(j.id == want for j in jobs) else None)
+
+    # ============================================================================================ adapters view
+    def adapter_names(self) -> list[str]:
+        return self.studio.library.names()
+
+    def library_view(self, base_name: str | None):
+        """Cards (preview + name) and the details table; a badge where an adapter does not fit the base."""
+        base_fam = self.studio.base_family(base_name)
+        cards, rows = [], []
+        placeholder = self._placeholder()
+        for info in self.studio.library.list():
+            fam = info.family_label
+            if info.family and base_fam and info.family != base_fam:
+                from pipelines.adapters import FAMILY_LABELS
+
+                fam = f"{fam} ⚠ not for the selected base ({FAMILY_LABELS.get(base_fam, base_fam)})"
+            preview = str(info.preview) if info.preview else placeholder
+            trig = info.trigger_word or "–"
+            cards.append((preview, info.name))
+            rows.append([info.name, trig, fam, info.rank, _human_size(info.size), info.date[:16].replace("T", " "),
+                         info.format])
+        return cards, _df(rows, LIBRARY_COLUMNS)
+
+    def _placeholder(self) -> str:
+        p = self.studio.outputs / ".no-preview.png"
+        if not p.is_file():
+            from PIL import Image, ImageDraw
+
+            img = Image.new("RGB", (128, 128), (226, 232, 240))
+            ImageDraw.Draw(img).text((24, 58), "no preview", fill=(100, 116, 139))
+            img.save(p)
+        return str(p)
+
+    @ui_errors
+    def refresh_adapters(self, base_name, lib_sel, cmp_adapter, cmp_run, *slot_names, keep_picks: bool = False):
+        """Everything that lists adapters: library cards/table/picker, the Generate tab's pickers.
+
+        A picked name that left the library is cleared. With `keep_picks` (the page's first refresh) only the
+        lists change: the values sent with the request are from before the user could pick anything, and writing
+        them back would undo a pick made while the request ran."""
+        names = self.adapter_names()
+        runs = self.studio.runs()
+
+        def pick(choices, v):
+            if keep_picks:
+                return gr.update(choices=choices)
+            return gr.update(choices=choices, value=v if v in choices else None)
+
+        cards, table = self.library_view(base_name)
+        hint = (f"{len(names)} adapter(s) in the library." if names else
+                "No adapters yet: train one on the **Train** tab, or import a `.safetensors` file below.")
+        return (cards, table, hint, pick(names, lib_sel), pick(names, cmp_adapter), pick(runs, cmp_run),
+                *[pick(names, v) for v in slot_names])
+
+    def first_refresh(self, base_name, *values):
+        """The page's first refresh (a reopened page shows the current library); see `refresh_adapters`."""
+        return self.refresh_adapters(base_name, *values, keep_picks=True)
+
+    # ============================================================================================ Generate tab
+    def base_names(self) -> list[str]:
+        return list(self.studio.base_choices())
+
+    def refresh_bases(self, current, current_train):
+        """Base model pickers (Generate and Train tabs): the default model and what is in the models folder."""
+        names = self.base_names()
+        return (gr.update(choices=names, value=current if current in names else names[0]),
+                gr.update(choices=names, value=current_train if current_train in names else names[0]))
+
+    def _card_start(self, name, steps) -> int | None:
+        if not name:
+            return None
+        try:
+            return self.studio.library.info(name).suggested_start(int(steps or 0))
+        except (LoraStudioError, FileNotFoundError, ValueError):
+            return None
+
+    @staticmethod
+    def _start_update(start: int, steps) -> dict:
+        return gr.update(value=start, label=f"acts from step (model card: {start} of {int(steps)})")
+
+    def slot_picked(self, name, steps):
+        """A user picked an adapter for a row: the row's step range follows its model card. With a suggested
+        start (scaled to the current step count) *steps* is ticked and the start filled in; without one the
+        range is cleared, so a range set for the row's previous adapter does not carry over. The last value
+        is the start the card gave (kept in the row's state, so a new step count can rescale it)."""
+        start = self._card_start(name, steps)
+        if start is None:
+            return gr.update(value=False), gr.update(value=0, label=START_LABEL), gr.update(value=0), None
+        return gr.update(value=True), self._start_update(start, steps), gr.update(value=0), start
+
+    @staticmethod
+    def compare_default(name, current):
+        """The comparison grid's adapter, while none is chosen there, is the one the user just picked in a row."""
+        return name if name and not current else gr.skip()
+
+    def steps_changed(self, steps, *rows):
+        """The step count changed: each row whose start is still the one its model card gave (not edited
+        since) gets the card's start for the new count. `rows`: (name, ranged, start, card start) per row."""
+        out = []
+        for i in range(0, len(rows), 4):
+            name, ranged, start, card = rows[i:i + 4]
+            new = self._card_start(name, steps) if ranged and card is not None and start == card else None
+            out += [gr.skip(), gr.skip()] if new is None else [self._start_update(new, steps), new]
+        return out
+
+    @ui_errors
+    def trigger_choices(self, *slot_values):
+        """Trigger words of the enabled adapters (click one to insert it into the prompt)."""
+        choices = []
+        for i in range(0, len(slot_values), 2):
+            name, enabled = slot_values[i], slot_values[i + 1]
+            if not name or not enabled:
+                continue
+            try:
+                trig = self.studio.library.info(name).trigger_word
+            except (LoraStudioError, FileNotFoundError):
+                continue
+            for t in [t.strip() for t in trig.split(",") if t.strip()]:
+                if t not in [c[1] for c in choices]:
+                    choices.append((f"{t}  ({name})", t))
+        return gr.update(choices=choices, value=None)
+
+    @staticmethod
+    def insert_trigger(prompt: str, evt: gr.SelectData):
+        trig = evt.value if isinstance(evt.value, str) else str(evt.value)
+        trig = re.sub(r"\s+\(.*\)$", "", trig).strip()
+        prompt = prompt or ""
+        if trig and not re.search(rf"(?<![\w]){re.escape(trig)}(?![\w])", prompt):
+            head = prompt.rstrip()
+            # a sentence left open ("... in", "a photo of") takes the word; a finished one or tags take ", word"
+            joint = " " if re.search(r"(?:^|\s)(?:in|of|by|a|an|the|with|like|and|as)$|,$", head, re.I) else ", "
+            prompt = f"{head}{joint}{trig}" if head else trig
+        return prompt, gr.update(value=None)
+
+    @staticmethod
+    def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler) -> GenerationRequest:
+        if not (prompt or "").strip():
+            raise ConfigError("prompt: write what you want to see (the trigger word brings in the adapter)")
+        w, h = _num(width or 0, "width", int), _num(height or 0, "height", int)
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=negative or "", steps=_num(steps, "steps", int),
+            guidance=_num(guidance, "guidance"), seed=_num(seed if seed not in (None, "") else -1, "seed", int),
+            width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler)
+
+    @staticmethod
+    def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
+        return [tuple(slot_values[i:i + SLOT_FIELDS]) for i in range(0, len(slot_values), SLOT_FIELDS)]
+
+    @ui_errors
+    def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
+                 fuse, *slot_values):
+        """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        entries = entries_from_rows(self._slot_rows(slot_values))
+        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
+        gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
+        notes = [("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
+        warn = "\n".join(f"⚠ **{kind}:** {html.escape(w)}" for kind, w in notes)
+        if notes:
+            gr.Warning(notes[0][1])
+        used = ", ".join(f"`{e.tag()}`" for e in res.entries) or "no adapter"
+        info = f"{len(res.images)} image(s) with {used}" + (" (fused)" if fuse and res.entries else "")
+        return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
+                [str(p) for p in res.paths], warn, info)
+
+    @staticmethod
+    def show_parameters(paths, evt: gr.SelectData):
+        try:
+            return read_png_parameters(paths[evt.index]) or ""
+        except (IndexError, TypeError, OSError):
+            return gr.skip()
+
+    @ui_errors
+    def read_image_parameters(self, file):
+        """An image the user opened: its generation parameters into the Parameters box."""
+        if not file:
+            return gr.skip(), ""
+        text = read_parameters(getattr(file, "name", file))
+        return text, "Parameters read: **Use these parameters** puts them into the form."
+
+    @ui_errors
+    def recall_form(self, text, base_name):
+        """AUTOMATIC1111's "Send to txt2img": the parameters in the box fill the form (prompt without its
+        adapter tags, which go into the rows, up to one per row; the rest stay tags in the prompt), picking the
+        recorded base model where one of that name is here. Returns the form's values, the rows' widgets,
+        their card starts (cleared) and a line saying what was filled and what cannot be the same."""
+        got = recall(text, self.studio.library)
+        entries = list(got.entries)
+        rows, extra = entries[:SLOTS], entries[SLOTS:]
+        missing = {e.name for e in entries if self.studio.library.find(e.name) is None}
+        if missing or any(not _on_slider(e) for e in entries):
+            # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
+            rows = [e for e in entries if e.name not in missing and _on_slider(e)][:SLOTS]
+            extra = [e for e in entries if e not in rows]
+        r = got.request
+        prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()
+        notes = list(got.notes)
+        base_update = gr.skip()
+        if got.model:
+            match = next((n for n in self.studio.base_choices()
+                          if got.model in (n, n.split(" (")[0], Path(n).stem)), None)
+            if match is not None:
+                base_update = match
+            else:
+                notes.append(f"the image was made with the base model '{got.model}', which is not here; "
+                             f"'{base_name}' stays (put the model into the models folder to use it)")
+        slots, names = [], self.adapter_names()
+        for i in range(SLOTS):
+            if i < len(rows):
+                e = rows[i]
+                sep = e.te_weight is not None and e.te_weight != e.weight
+                ranged = bool(e.start or e.stop is not None)
+                slots += [gr.update(value=self.studio.library.find(e.name).stem, choices=names), True, e.weight, sep,
+                          e.te_weight if sep else e.weight, ranged, e.start, e.stop or 0]
+            else:
+                slots += [gr.update(value=None, choices=names), True, 1.0, False, 1.0, False, 0, 0]
+        used = ", ".join(f"`{e.tag()}`" for e in entries) or "no adapter"
+        msg = f"Form filled from the parameters (seed {r.seed}, {used})."
+        if notes:
+            msg += "\n\n" + "\n\n".join(f"⚠ {html.escape(n, quote=False)}" for n in notes)
+            gr.Warning(notes[0])
+        return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
+                base_update, *slots, *[None] * SLOTS, msg)
+
+    @ui_errors
+    def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
+                cmp_adapter, cmp_weights, cmp_run, *slot_values):
+        """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
+        enabled adapters one at a time."""
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        enabled = entries_from_rows(self._slot_rows(slot_values))
+        kind = COMPARE_MODES.get(mode)
+        if kind is None:
+            raise ConfigError(f"mode: unknown comparison '{mode}'")
+        weights = _weights(cmp_weights) if kind == "weights" else ()
+        starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
+        path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
+                                   others=enabled, starts=starts)
+        return str(path), str(path), req.seed
+
+    @staticmethod
+    def compare_values_box(mode: str, current: str):
+        """The values box follows the mode: weights for 'adapter weights', steps for 'adapter start step'
+        (weights are no steps, nor the other way round: it starts from the mode's own example); the other
+        modes do not use it and leave it as it is."""
+        kind = COMPARE_MODES.get(mode)
+        if kind not in COMPARE_VALUES:
+            return gr.update()
+        label, default = COMPARE_VALUES[kind]
+        return gr.update(label=label, value=default)
+
+    def compare_shown(self, *args):
+        """`compare` for the page: the grid, its file, the seed, and a status line (where an error stays)."""
+        grid, file, seed = self.compare(*args)
+        return grid, file, seed, ""
+
+    # ============================================================================================ Library tab
+    @ui_errors
+    def import_adapter(self, file, name: str):
+        if not file:
+            raise ConfigError("file: choose a .safetensors LoRA file to import")
+        src = Path(getattr(file, "name", file))
+        try:
+            info = self.studio.library.import_file(src, (name or "").strip() or None)
+        except (LoraStudioError, FileNotFoundError) as e:  # the file's name, not the server's upload folder
+            raise ConfigError(str(e).replace(str(src), src.name)) from None
+        fam = info.family_label
+        gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank}).")
+        return (f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank}).",
+                gr.update(value=info.name, choices=self.adapter_names()), None, "")
+
+    @ui_errors
+    def select_card(self, evt: gr.SelectData):
+        names = [i.name for i in self.studio.library.list()]
+        if evt.index is None or not 0 <= int(evt.index) < len(names):
+            return gr.skip()
+        return gr.update(value=names[int(evt.index)], choices=self.adapter_names())
+
+    @ui_errors
+    def adapter_details(self, name: str):
+        """The selected adapter's model card (or its metadata), shown under the table."""
+        if not name:
+            return ""
+        lib = self.studio.library
+        card = lib.model_card(name)  # a regular file only: a symlinked card is never read
+        if card is not None:
+            return card
+        info = lib.info(name)  # no card (an adapter from another tool): what its file says
+        rows = [("format", f"{info.format} keys, {info.size / 1024:.1f} KB"), *adapter_facts(info)]
+        return (f"### {html.escape(info.name)}\n\nNo model card: what the file says.\n\n"
+                + "\n".join(f"- **{k}**: {html.escape(v, quote=False)}" for k, v in rows))
+
+    @ui_errors
+    def rename_adapter(self, old: str, new: str):
+        if not old:
+            raise ConfigError("adapter: pick the adapter to rename")
+        new = (new or "").strip()
+        if not new:
+            raise ConfigError("new name: type the adapter's new name")
+        if new == old:
+            raise ConfigError(f"new name: '{new}' is already this adapter's name")
+        info = self.studio.library.rename(old, new)
+        self.studio.forget_adapter(old)
+        gr.Info(f"Renamed '{old}' to '{info.name}'.")
+        return f"Renamed **{html.escape(old)}** to **{html.escape(info.name)}**.", \
+            gr.update(value=info.name, choices=self.adapter_names()), ""
+
+    @ui_errors
+    def ask_delete(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to delete")
+        self.studio.library.path_for(name)  # exists and is inside the library
+        msg = (f"Delete **{html.escape(name)}** and its preview, model card and config from the library? "
+               "This cannot be undone.")
+        return gr.update(visible=True), msg
+
+    @ui_errors
+    def confirm_delete(self, name: str):
+        gone = self.studio.library.delete(name)
+        self.studio.forget_adapter(name)
+        gr.Info(f"Deleted '{name}'.")
+        return (f"Deleted **{html.escape(name)}** ({', '.join(html.escape(p.name) for p in gone)}).",
+                gr.update(visible=False), gr.update(value=None, choices=self.adapter_names()))
+
+    @staticmethod
+    def cancel_delete():
+        return gr.update(visible=False), "Nothing deleted."
+
+    @ui_errors
+    def export_kohya(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to export")
+        out = self.studio.library.export(name, "kohya", base=self.studio.base_for_adapter(name))
+        return (gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True),
+                f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
+
+    @ui_errors
+    def download_adapter(self, name: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to download")
+        out = self.studio.portable_file(name)
+        return gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True), ""
+
+    # ============================================================================================ layout
+    def build(self) -> gr.Blocks:
+        st = self.studio
+        bases = self.base_names()
+        names = self.adapter_names()
+        with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+            gr.Markdown(
+                "# LoRA Studio\nTrain a LoRA adapter on a few images, then generate with it. "
+                f"Base model: **{html.escape(bases[0])}** · adapters in `{html.escape(str(st.library.root))}`",
+                elem_id="ls-header")
+            job_id = gr.State(None)
+            seen = gr.State({})
+            done_marker = gr.State(None)
+            ds_id = gr.State(None)
+            pending = gr.State(None)  # a form waiting for the name-in-use choice
+            last_trigger = gr.State("sks")
+            gen_paths = gr.State([])
+            last_seed = gr.State(None)
+
+            # ---------------------------------------------------------------------------------- Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    with gr.Column(scale=3, min_width=420):
+                        gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in "
+                                    "same-named `.txt` files are read), or start from a shipped sample set.")
+                        sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
+                                                 label="Sample set", elem_id="sample-set")
+                        uploads = gr.File(file_count="multiple", label="Upload images (and .txt captions)",
+                                          elem_id="train-upload", height=140)
+                        thumbs = gr.Gallery(label="Will be trained on", columns=6, height=230,
+                                            object_fit="contain", elem_id="train-thumbs", allow_preview=True)
+                        skipped = gr.Markdown("", elem_id="train-skipped")
+                        captions = gr.Dataframe(headers=CAPTION_COLUMNS, value=_df([], CAPTION_COLUMNS),
+                                                label="Captions (editable; the trigger word is inserted)",
+                                                interactive=True, static_columns=[0], wrap=True, max_height=260,
+                                                column_widths=["22%", "78%"], elem_id="train-captions")
+                    with gr.Column(scale=2, min_width=360):
+                        gr.Markdown("**2. Adapter**")
+                        with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
+                            name = gr.Textbox("my-lora", label="Name", elem_id="train-name")
+                            trigger = gr.Textbox("sks", label="Trigger word", elem_id="train-trigger",
+                                                 info="a rare word that will mean your concept/style")
+                        preset = gr.Radio(list(PRESETS), value="concept", label="Preset", elem_id="train-preset",
+                                          info="concept: a thing (text encoder and UNet convolutions too) · "
+                                               "style: a look (attention only) · custom: your own values")
+                        train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="train-base")
+                        gr.Markdown("Every other option is in **Advanced**, further down the page.",
+                                    elem_id="train-advanced-hint")
+                        with gr.Accordion("Saved settings: load an earlier adapter's, or save these", open=False,
+                                          elem_id="train-settings"):
+                            with gr.Row(equal_height=True):
+                                settings_src = gr.Dropdown(self.settings_sources(), value=None, scale=3,
+                                                           label="Settings of an earlier adapter",
+                                                           elem_id="train-settings-from")
+                                settings_load = gr.Button("Load", scale=1, min_width=80, elem_id="train-settings-load")
+                            with gr.Row():
+                                settings_up = gr.UploadButton("Load a .toml file…", file_types=[".toml"], size="sm",
+                                                              elem_id="train-settings-file")
+                                settings_save = gr.Button("Save these settings (.toml)", size="sm",
+                                                          elem_id="train-settings-save")
+                            settings_file = gr.File(label="Settings file", visible=False, interactive=False,
+                                                    elem_id="train-settings-download")
+                        with gr.Row():
+                            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                            stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                        train_msg = gr.HTML("", elem_id="train-message")
+                        with gr.Group(visible=False, elem_id="train-name-choice") as choice_box:
+                            choice_md = gr.HTML("", elem_id="train-choice-text")
+                            with gr.Row():
+                                choice_resume = gr.Button("Resume it", variant="primary", min_width=100,
+                                                          elem_id="train-choice-resume")
+                                choice_over = gr.Button("Overwrite", variant="stop", min_width=100,
+                                                        elem_id="train-choice-overwrite")
+                                choice_new = gr.Button("Start under a new name", min_width=140,
+                                                       elem_id="train-choice-new")
+                                choice_cancel = gr.Button("Cancel", min_width=80, elem_id="train-choice-cancel")
+                        run_pick = gr.Dropdown([], value=None, label="Run (pick an earlier one to see its loss and "
+                                               "samples again)", elem_id="train-run-pick")
+                        status = gr.HTML(self.status_html(None), elem_id="train-status")
+                        with gr.Row(equal_height=True, elem_id="train-continue"):
+                            resume_btn = gr.Button("Resume", variant="primary", visible=False, min_width=100,
+                                                   elem_id="train-resume")
+                            more_steps = gr.Number(100, precision=0, label="More steps", visible=False, min_width=100,
+                                                   elem_id="train-more-steps")
+                            more_btn = gr.Button("Train 100 more steps", visible=False, min_width=160,
+                                                 elem_id="train-more")
+                        loss_plot = gr.LinePlot(_loss_df([]), x="step", y="loss", title="Loss",
+                                                x_axis_format="d",
+                                                height=200, elem_id="train-loss")
+                        samples = gr.Gallery(label="Samples", columns=4, height=180, object_fit="contain",
+                                             elem_id="train-samples")
+                # the whole width: a section per group of options, several fields side by side
+                with gr.Accordion("Advanced: every training option", open=False, elem_id="train-advanced"):
+                    gr.Markdown("An empty box means *unset* (each field's help says what that means; for a number "
+                                "that cannot be 0, 0 means unset too). The preset fills the values it sets.",
+                                elem_id="adv-hint")
+                    adv, prior = self._advanced_widgets("concept", self.base_preset_family(None))
+                timer = gr.Timer(POLL_S)
+
+            # ---------------------------------------------------------------------------------- Generate
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        with gr.Row(equal_height=True):
+                            base = gr.Dropdown(bases, value=bases[0], label="Base model", scale=4, min_width=240,
+                                               elem_id="gen-base")
+                            refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", min_width=120,
+                                                    elem_id="gen-refresh")
+                        gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
+                                    "weight, *steps* to let the adapter act on part of the sampler's steps only "
+                                    "(from step N, counting from 0; e.g. a style from the middle on keeps the "
+                                    "base's layout; an adapter whose model card suggests a start comes with it "
+                                    "ticked). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
+                                    "prompt work too, with weights −10…10.")
+                        slot_widgets: list[gr.components.Component] = []
+                        name_dds, enable_cbs, slot_pickers = [], [], []
+                        for i in range(SLOTS):
+                            with gr.Row(equal_height=True):
+                                # min widths make a narrow window wrap a row onto two lines instead of
+                                # clipping its controls
+                                dd = gr.Dropdown(names, value=None, label=f"Adapter {i + 1}", scale=3, min_width=180,
+                                                 elem_id=f"slot-{i}-name")
+                                en = gr.Checkbox(True, label="on", scale=0, min_width=70, elem_id=f"slot-{i}-on")
+                                wt = gr.Slider(SLIDER_MIN, SLIDER_MAX, value=1.0, step=0.05, label="weight", scale=3,
+                                               min_width=200, elem_id=f"slot-{i}-weight")
+                                sep = gr.Checkbox(False, label="TE", scale=0, min_width=70, elem_id=f"slot-{i}-sep")
+                                tw = gr.Slider(SLIDER_MIN, SLIDER_MAX, value=1.0, step=0.05,
+                                               label="text-encoder weight", scale=3, min_width=200, visible=False,
+                                               elem_id=f"slot-{i}-te")
+                                rng = gr.Checkbox(False, label="steps", scale=0, min_width=80,
+                                                  elem_id=f"slot-{i}-ranged")
+                            # the step range on a line of its own: the row above keeps its width
+                            with gr.Row(equal_height=True, visible=False, elem_id=f"slot-{i}-steps") as step_row:
+                                step_from = gr.Number(0, precision=0, minimum=0, label=START_LABEL,
+                                                      scale=1, min_width=140, elem_id=f"slot-{i}-start")
+                                step_to = gr.Number(0, precision=0, minimum=0, label="up to step (0 = last)",
+                                                    scale=1, min_width=140, elem_id=f"slot-{i}-stop")
+                            card_start = gr.State(None)  # the start the adapter's model card gave this row
+                            slot_pickers.append((dd, rng, step_from, step_to, card_start))
+                            sep.change(lambda v: gr.update(visible=bool(v)), sep, tw, show_progress="hidden")
+                            rng.change(lambda v: gr.update(visible=bool(v)), rng, step_row, show_progress="hidden")
+                            slot_widgets += [dd, en, wt, sep, tw, rng, step_from, step_to]
+                            name_dds.append(dd)
+                            enable_cbs.append(en)
+                        triggers = gr.Radio([], label="Trigger words of the selected adapters (click to insert)",
+                                            interactive=True,
+                                            elem_id="gen-triggers")
+                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
+                                            placeholder="a red sks on a white background   <lora:name:0.8> works too")
+                        negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+                        with gr.Row():
+                            steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
+                            guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)",
+                                                 elem_id="gen-guidance")
+                            scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M Karras", label="Sampler",
+                                                    elem_id="gen-scheduler")
+                        with gr.Row():
+                            seed = gr.Number(-1, label="Seed (−1 = random)", precision=0, scale=2, elem_id="gen-seed")
+                            with gr.Column(scale=1, min_width=120):
+                                reuse = gr.Button("♻ Reuse last seed", size="sm", elem_id="gen-reuse-seed")
+                                rand = gr.Button("Random seed", size="sm", elem_id="gen-random-seed")
+                        with gr.Row():
+                            width = gr.Number(0, label="Width (0 = model's)", precision=0, step=8, minimum=0,
+                                              elem_id="gen-width")
+                            height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
+                                               elem_id="gen-height")
+                            num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
+                            fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
+                        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                    with gr.Column(scale=2):
+                        gallery = gr.Gallery(label="Results", columns=2, height=360, object_fit="contain",
+                                             format="png", elem_id="gen-gallery")
+                        gen_info = gr.Markdown("", elem_id="gen-info")
+                        warn = gr.Markdown("", elem_id="gen-warning")
+                        downloads = gr.File(label="Download PNGs (with their generation parameters)",
+                                            file_count="multiple", interactive=False, elem_id="gen-files")
+                        params = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4, interactive=True,
+                                            buttons=["copy"], elem_id="gen-params",
+                                            placeholder="an image's generation parameters: paste them here, or "
+                                                        "read them from the image")
+                        with gr.Row():
+                            open_png = gr.UploadButton("Read from an image…", size="sm", elem_id="gen-open-png",
+                                                       file_types=[".png", ".jpg", ".jpeg", ".webp"])
+                            recall_btn = gr.Button("Use these parameters", size="sm", elem_id="gen-recall")
+                        recall_info = gr.Markdown("", elem_id="gen-recall-info")
+                with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)",
+                                  open=False, elem_id="gen-compare"):
+                    with gr.Row():
+                        cmp_mode = gr.Radio(list(COMPARE_MODES), value="adapter weights", label="Across",
+                                            elem_id="cmp-mode")
+                        cmp_adapter = gr.Dropdown(names, value=None, label="Adapter", elem_id="cmp-adapter")
+                        cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
+                        cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
+                    cmp_go = gr.Button("Make grid", elem_id="cmp-go")
+                    cmp_mode.change(self.compare_values_box, [cmp_mode, cmp_weights], cmp_weights,
+                                    show_progress="hidden")
+                    cmp_status = gr.Markdown("", elem_id="cmp-status")
+                    with gr.Row():
+                        cmp_image = gr.Image(label="Grid", type="filepath", interactive=False, format="png",
+                                             elem_id="cmp-image")
+                        cmp_file = gr.File(label="Download grid", interactive=False, elem_id="cmp-file")
+
+            # ---------------------------------------------------------------------------------- Library
+            with gr.Tab("Library", id="library"):
+                with gr.Row():
+                    with gr.Column(scale=3, min_width=520):
+                        lib_hint = gr.Markdown("", elem_id="lib-hint")
+                        cards = gr.Gallery(label="Adapters (click a card to select it)", columns=5, height=240,
+                                           object_fit="contain", allow_preview=False, fit_columns=False,
+                                           elem_id="lib-cards")
+                        table = gr.Dataframe(headers=LIBRARY_COLUMNS, value=_df([], LIBRARY_COLUMNS),
+                                             interactive=False, wrap=True, elem_id="lib-table")
+                        details = gr.Markdown("", elem_id="lib-details")
+                    with gr.Column(scale=2):
+                        lib_pick = gr.Dropdown(names, value=None, label="Selected adapter", elem_id="lib-pick")
+                        with gr.Row(equal_height=True):
+                            new_name = gr.Textbox(label="New name", scale=3, elem_id="lib-new-name")
+                            rename_btn = gr.Button("Rename", scale=1, elem_id="lib-rename")
+                        with gr.Row():
+                            export_btn = gr.Button("Export to kohya format", elem_id="lib-export")
+                            download_btn = gr.Button("Download", elem_id="lib-download")
+                            delete_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
+                        with gr.Group(visible=False, elem_id="lib-confirm") as confirm_box:
+                            confirm_md = gr.Markdown("")
+                            with gr.Row():
+                                confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
+                                confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
+                        lib_file = gr.File(label="Files (the adapter; AUTOMATIC1111's .json with its trigger where "
+                                                 "it has one)",
+                                           file_count="multiple", interactive=False, visible=False, elem_id="lib-file")
+                        lib_status = gr.Markdown("", elem_id="lib-status")
+                        gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
+                                    "diffusers): `.safetensors`, checked before it is added.")
+                        import_file = gr.File(label="LoRA file", file_types=[".safetensors", ".pt", ".bin", ".ckpt"],
+                                              height=120, elem_id="lib-import-file")
+                        with gr.Row(equal_height=True):
+                            import_name = gr.Textbox(label="Name (default: the file name)", scale=3,
+                                                     elem_id="lib-import-name")
+                            import_btn = gr.Button("Import", variant="primary", scale=1, elem_id="lib-import")
+
+            # ---------------------------------------------------------------------------------- wiring
+            refresh_inputs = [base, lib_pick, cmp_adapter, cmp_run, *name_dds]
+            refresh_outputs = [cards, table, lib_hint, lib_pick, cmp_adapter, cmp_run, *name_dds]
+            quiet = dict(show_progress="hidden")
+
+            # train
+            ds_outputs = [ds_id, thumbs, skipped, captions]
+            uploads.upload(shown_in(self.stage_upload, ds_outputs + [last_trigger, sample_set], skipped),
+                           [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger, sample_set])
+            preset_fields = [adv[f] for f in PRESET_FIELDS]
+            sample_outputs = ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields]
+            sample_set.input(shown_in(self.pick_sample_set, sample_outputs, skipped), [sample_set, ds_id],
+                             sample_outputs)
+            trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
+            trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
+            preset.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
+            train_base.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
+            preset.input(self.recaption_for_preset, [captions, preset, trigger], captions, **quiet)
+            # the whole form as one dict (a set of components: Gradio passes {component: value})
+            self.form_widgets = {"images": ds_id, "captions": captions, "last_trigger": last_trigger, "name": name,
+                                 "trigger": trigger, "preset": preset, "base": train_base, "prior": prior, **adv}
+            settings_outputs = [*[self.form_widgets[f] for f in SETTINGS_FIELDS], train_msg]
+            settings_load.click(shown_in(self.load_settings, settings_outputs, train_msg), [settings_src, train_base],
+                                settings_outputs)
+            settings_up.upload(shown_in(self.load_settings, settings_outputs, train_msg), [settings_up, train_base],
+                               settings_outputs)
+            settings_save.click(shown_in(by_name(self.save_settings, self.form_widgets), [settings_file, train_msg],
+                                         train_msg), set(self.form_widgets.values()), [settings_file, train_msg])
+            start_outputs = [job_id, status, train_msg, choice_box, choice_md, choice_resume, choice_new, pending,
+                             name]
+            start.click(shown_in(by_name(self.start_training, self.form_widgets), start_outputs, train_msg),
+                        set(self.form_widgets.values()), start_outputs)
+            for btn, handler in ((choice_resume, self.choose_resume), (choice_over, self.choose_overwrite),
+                                 (choice_new, self.choose_new_name)):
+                btn.click(shown_in(handler, start_outputs, train_msg), pending, start_outputs)
+            choice_cancel.click(self.cancel_choice, None, [train_msg, choice_box, choice_md, pending], **quiet)
+            stop.click(shown_in(self.stop_training, [status, train_msg], train_msg), [job_id, seen],
+                       [status, train_msg])
+            cont_outputs = [job_id, status, train_msg, resume_btn, more_steps, more_btn]
+            resume_btn.click(shown_in(self.resume_shown, cont_outputs, train_msg), [job_id, seen], cont_outputs)
+            more_btn.click(shown_in(self.train_more_shown, cont_outputs, train_msg), [job_id, seen, more_steps],
+                           cont_outputs)
+            more_steps.change(self.more_label, more_steps, more_btn, **quiet)
+            timer.tick(self.poll, [job_id, seen],
+                       [status, loss_plot, samples, seen, done_marker, resume_btn, more_steps, more_btn], **quiet)
+            done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+
+            # generate
+            trig_inputs = [w for i in range(SLOTS) for w in (name_dds[i], enable_cbs[i])]
+            for w in trig_inputs:
+                w.change(self.trigger_choices, trig_inputs, triggers, **quiet)
+            triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
+            for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
+                dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to, card_start], **quiet)
+                dd.input(self.compare_default, [dd, cmp_adapter], cmp_adapter, **quiet)
+            steps.input(self.steps_changed, [steps, *[w for dd, rng, f, _, c in slot_pickers for w in (dd, rng, f, c)]],
+                        [w for _, _, f, _, c in slot_pickers for w in (f, c)], **quiet)
+            base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
+                self.refresh_bases, [base, train_base], [base, train_base], **quiet)
+            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler]
+            gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
+            go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
+                     gen_outputs)
+            prompt.submit(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
+                          gen_outputs)
+            gallery.select(self.show_parameters, gen_paths, params, **quiet)
+            open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
+                            [params, recall_info])
+            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, base, *slot_widgets,
+                              *[c for *_, c in slot_pickers], recall_info]
+            recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
+            reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
+            rand.click(lambda: -1, None, seed, **quiet)
+            cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]
+            cmp_go.click(shown_in(self.compare_shown, cmp_outputs, cmp_status),
+                         [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, *slot_widgets], cmp_outputs)
+
+            # library
+            lib_pick.change(self.adapter_details, lib_pick, details, **quiet)
+            cards.select(self.select_card, None, lib_pick, **quiet)
+            import_outputs = [lib_status, lib_pick, import_file, import_name]
+            import_btn.click(shown_in(self.import_adapter, import_outputs, lib_status), [import_file, import_name],
+                             import_outputs).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            rename_btn.click(shown_in(self.rename_adapter, [lib_status, lib_pick, new_name], lib_status),
+                             [lib_pick, new_name], [lib_status, lib_pick, new_name]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            delete_btn.click(self.ask_delete, lib_pick, [confirm_box, confirm_md], **quiet)
+            confirm_yes.click(shown_in(self.confirm_delete, [lib_status, confirm_box, lib_pick], lib_status),
+                              lib_pick, [lib_status, confirm_box, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
+            export_btn.click(shown_in(self.export_kohya, [lib_file, lib_status], lib_status), lib_pick,
+                             [lib_file, lib_status])
+            download_btn.click(shown_in(self.download_adapter, [lib_file, lib_status], lib_status), lib_pick,
+                               [lib_file, lib_status])
+
+            # a reopened page shows the latest job and the current library
+            demo.load(self.latest_job_id, None, job_id, **quiet).then(
+                self.first_refresh, refresh_inputs, refresh_outputs, **quiet).then(
+                self.settings_choices, None, settings_src, **quiet)
+            done_marker.change(self.settings_choices, None, settings_src, **quiet)
+            job_id.change(self.run_choices, job_id, run_pick, **quiet)
+            done_marker.change(self.run_choices, job_id, run_pick, **quiet)
+            run_pick.input(lambda v: v, run_pick, job_id, **quiet).then(self.status_for, job_id, status, **quiet)
+        self.demo = demo
+        return demo
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def theme():
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the app works offline
+    return gr.themes.Soft(font=system, font_mono=["ui-monospace", "monospace"])
+
+
+def launch(studio: Studio | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           auth: str | None = None, max_file_size: str | int = MAX_UPLOAD, prevent_thread_lock: bool = False,
+           quiet: bool = False, inbrowser: bool = False) -> gr.Blocks:
+    """Build and serve the app. Only the app's own output, library and dataset folders are served."""
+    creds = check_launch_options(share, auth)
+    studio = studio or Studio()
+    demo = StudioUI(studio).build()
+    demo.queue(default_concurrency_limit=2)
+    if host not in ("127.0.0.1", "localhost", "::1") and creds is None:
+        log.warning("serving on %s without --auth: anyone on the network can use this app", host)
+    demo.launch(
+        server_name=host, server_port=port, share=share, auth=creds, max_file_size=max_file_size,
+        allowed_paths=studio.served_paths(), show_error=False, ssr_mode=False, prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet, inbrowser=inbrowser, theme=theme(), css=CSS, footer_links=["gradio"],
+    )
+    return demo  # with prevent_thread_lock: demo.local_url, demo.close()
+
+
+def main_ui(base: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+            auth: str | None = None, library: str | None = None, allow_pickle: bool = False,
+            device: str | None = None) -> int:
+    """`lora-studio ui ...` (and `lora-studio` with no arguments)."""
+    check_launch_options(share, auth)  # refuse before loading anything
+    studio = Studio(base=base, library=library, allow_pickle=allow_pickle, device=device)
+    print(f"LoRA Studio: base model {studio.default_base_name}; adapters in {studio.library.root}; "
+          f"outputs in {studio.outputs}")
+    try:
+        # quiet: gradio's own banner tells the user to edit `launch()`; ours names the command-line options
+        demo = launch(studio, host=host, port=port, share=share, auth=auth, prevent_thread_lock=True, quiet=True)
+    except OSError as e:  # e.g. the port is taken
+        raise ConfigError(f"could not serve on {host}:{port} ({e}); pick another --port") from None
+    print(f"Open {demo.local_url} in a browser (Ctrl-C stops the app)")
+    if share:
+        print(f"Public link: {demo.share_url}")
+    elif host in ("127.0.0.1", "localhost", "::1"):
+        print("Only this computer can reach it: --host 0.0.0.0 --auth user:password serves your network, "
+              "--share --auth user:password a public link")
+    import signal
+
+    def _terminate(signum, frame):  # `kill`, systemd, docker stop: close as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    demo.block_thread()
+    return 0
+
+
+__all__ = ["StudioUI", "launch", "main_ui", "check_launch_options", "parse_auth", "ui_errors", "MAX_UPLOAD"]

@@ -1,0 +1,291 @@
+"""Labelled image grids (AUTOMATIC1111's X/Y plot): one prompt across adapter weights or checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import ConfigError, UnsafeNameError
+from .generation import GeneratedImage, GenerationRequest, format_parameters
+from .library import check_name
+from .stack import AdapterStack, StackEntry, _coerce, parse_lora_tags
+
+MIN_CELL = 128  # small images (the toy model's 64 px) are enlarged so the grid stays readable
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    box = draw.textbbox((0, 0), text, font=font)
+    return box[2] - box[0], box[3] - box[1]
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px: broken between words, and inside a word only when the word
+    alone is wider (names such as 'my-very-long-adapter@step-600')."""
+    lines: list[str] = []
+    for word in text.split():
+        cur = f"{lines[-1]} {word}" if lines else word
+        if lines and _text_size(draw, cur, font)[0] <= width:
+            lines[-1] = cur
+            continue
+        piece = ""
+        for ch in word:
+            if piece and _text_size(draw, piece + ch, font)[0] > width:
+                lines.append(piece)
+                piece = ""
+            piece += ch
+        lines.append(piece)
+    return lines or [""]
+
+
+def image_grid(
+    images: Sequence[Sequence[Image.Image]],
+    col_labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    title: str = "",
+    min_cell: int = MIN_CELL,
+) -> Image.Image:
+    """Rows of images -> one RGB image with column labels on top and row labels on the left.
+
+    Every cell is resized to the first image's size (enlarged with nearest-neighbour to at least
+    `min_cell` px a side, so tiny images stay crisp).
+    """
+    rows = [list(r) for r in images if len(r)]
+    if not rows:
+        raise ValueError("image_grid: no images")
+    ncols = max(len(r) for r in rows)
+    w0, h0 = rows[0][0].size
+    scale = max(1, -(-min_cell // max(1, min(w0, h0))))  # ceil
+    cw, ch = w0 * scale, h0 * scale
+    font = _font(max(12, min(cw, ch) // 9))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = 6
+    # column titles wrap inside their own column (a long adapter name never runs into the next title)
+    wrapped = [_wrap(probe, t, font, cw - 2 * pad) for t in col_labels[:ncols]]
+    line_h = _text_size(probe, "Ag", font)[1] + 2
+    top = (max(len(w) for w in wrapped) * line_h + 2 * pad) if col_labels else 0
+    left = (max((_text_size(probe, t, font)[0] for t in row_labels), default=0) + 2 * pad) if row_labels else 0
+    title_lines = _wrap(probe, title, font, left + ncols * cw - 2 * pad) if title else []
+    title_h = (len(title_lines) * line_h + 2 * pad) if title else 0
+    grid = Image.new("RGB", (left + ncols * cw, title_h + top + len(rows) * ch), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(title_lines):  # the title wraps across the whole width
+        tw, _ = _text_size(draw, line, font)
+        draw.text(((grid.width - tw) // 2, pad + k * line_h), line, fill="black", font=font)
+    for c, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            tw, _ = _text_size(draw, line, font)
+            draw.text((left + c * cw + (cw - tw) // 2, title_h + pad + k * line_h), line, fill="black", font=font)
+    for r, row in enumerate(rows):
+        y = title_h + top + r * ch
+        if r < len(row_labels):
+            _, th = _text_size(draw, row_labels[r], font)
+            draw.text((pad, y + (ch - th) // 2), row_labels[r], fill="black", font=font)
+        for c, img in enumerate(row):
+            cell = img.convert("RGB").resize((cw, ch), Image.NEAREST if scale > 1 else Image.LANCZOS)
+            grid.paste(cell, (left + c * cw, y))
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------
+# comparison grids: one request across several stacks
+
+
+@dataclass(frozen=True)
+class GridColumn:
+    """One column of a comparison grid: its label and the adapters applied (on top of the prompt's tags)."""
+
+    label: str
+    entries: tuple[StackEntry, ...] = ()
+
+
+@dataclass
+class GridResult:
+    image: Image.Image  # the labelled grid (carries `parameters` in .info)
+    parameters: str  # A1111-style text describing the whole grid
+    columns: list[GridColumn]
+    tiles: list[list[GeneratedImage]]  # [column][image]: the tiles at full resolution, each with its own parameters
+
+
+def _columns(columns: Sequence[GridColumn | tuple]) -> list[GridColumn]:
+    out = []
+    for c in columns:
+        if not isinstance(c, GridColumn):
+            label, entries = c
+            c = GridColumn(str(label), tuple(entries))
+        out.append(GridColumn(c.label, tuple(_coerce(c.entries))))
+    if not out:
+        raise ConfigError("grid: nothing to compare (no columns)")
+    return out
+
+
+def _quote_free(text: str) -> str:
+    return text.replace('"', "'").replace("|", "/")
+
+
+def make_grid(
+    stack: AdapterStack,
+    req: GenerationRequest,
+    columns: Sequence[GridColumn | tuple[str, Sequence[StackEntry | tuple | str]]],
+    *,
+    axis: str = "LoRA",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GridResult:
+    """Generate `req` (same prompt, same seed) once per column and compose ONE labelled image.
+
+    Each column applies its entries plus the prompt's own `<lora:...>` tags (a column's entry wins over
+    a tag of the same adapter). With several images per request, rows are seeds. The grid's
+    `parameters` text is the request's, plus `Lora hashes` of every adapter used and `Grid`/`Grid stacks`
+    (the column labels and each column's tags, ' | '-separated) so every tile can be reproduced.
+    """
+    cols = _columns(columns)
+    clean, tagged = parse_lora_tags(req.prompt)
+    run_req = replace(req, prompt=clean)
+    total = req.steps * len(cols)
+    tiles: list[list[GeneratedImage]] = []
+    stacks: list[tuple[StackEntry, ...]] = []
+    for i, col in enumerate(cols):
+        names = {e.name.casefold() for e in col.entries}
+        entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
+
+        def progress(step: int, _total: int, offset: int = i * req.steps) -> None:
+            if on_progress is not None:
+                on_progress(offset + step, total)
+
+        tiles.append(stack.generate(run_req, entries, on_progress=progress))
+        stacks.append(entries)
+    rows = [[col[r].image for col in tiles] for r in range(len(tiles[0]))]
+    labels = [c.label for c in cols]
+    row_labels = [f"seed {img.seed}" for img in tiles[0]] if len(rows) > 1 else []
+    # adapters that every column has alike are no column's label: the title names them
+    common = [e for e in stacks[0] if all(e in s for s in stacks[1:])] if len(stacks) > 1 else []
+    title = ("in every tile: " + " ".join(e.tag() for e in common)) if common else ""
+    grid = image_grid(rows, labels, row_labels, title=title)
+
+    used: dict[str, StackEntry] = {}
+    for entries in stacks:
+        for e in entries:
+            used.setdefault(e.name.casefold(), e)
+    extra = {}
+    if used:
+        extra["Lora hashes"] = stack.lora_hashes(list(used.values()))
+    extra["Grid"] = f"{_quote_free(axis)}: " + " | ".join(_quote_free(lbl) for lbl in labels)
+    extra["Grid stacks"] = " | ".join(" ".join(e.tag() for e in entries) or "none" for entries in stacks)
+    w, h = tiles[0][0].image.size
+    params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
+    grid.info["parameters"] = params
+    return GridResult(grid, params, cols, tiles)
+
+
+def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """One adapter across weights (other adapters fixed): columns labelled 'name w'. The adapter keeps its
+    step range and a separately set text-encoder weight from `others` when it is there."""
+    if not weights:
+        raise ConfigError("weights: give at least one weight, e.g. 0,0.5,1")
+    mine, rest = _split(name, others)
+    return [GridColumn(f"{name} {float(w):g}", rest + (replace(mine, weight=float(w)),)) for w in weights]
+
+
+def _split(name: str, others: Sequence[StackEntry], weight: float = 1.0) -> tuple[StackEntry, tuple]:
+    """The entry of adapter `name` among `others` (or a new one at `weight`), and the others without it."""
+    others = tuple(_coerce(others))
+    mine = next((e for e in others if e.name.casefold() == name.casefold()), StackEntry(name, float(weight)))
+    return mine, tuple(e for e in others if e is not mine)
+
+
+def range_words(entry: StackEntry) -> str:
+    """' acting from step 10' / ' acting up to step 8' / ' acting from step 2 to 8' / '' for every step."""
+    if entry.start and entry.stop is not None:
+        return f" acting from step {entry.start} to {entry.stop}"
+    if entry.start:
+        return f" acting from step {entry.start}"
+    return f" acting up to step {entry.stop}" if entry.stop is not None else ""
+
+
+def start_columns(name: str, starts: Sequence[int], others: Sequence[StackEntry] = (),
+                  weight: float = 1.0) -> list[GridColumn]:
+    """One adapter acting from each of `starts` (sampler steps, 0 = every step) on, other adapters fixed:
+    columns labelled 'from step N'. The adapter keeps its weights from `others` when it is there."""
+    if not starts:
+        raise ConfigError("starts: give at least one start step, e.g. 0, 5, 10")
+    if len(starts) > 8:
+        raise ConfigError("starts: at most 8 columns")
+    mine, rest = _split(name, others, weight)
+    return [GridColumn("every step" if int(n) == 0 else f"from step {int(n)}",
+                       rest + (replace(mine, start=n, stop=None),)) for n in starts]
+
+
+def adapter_columns(names: Sequence[str], weight: float = 1.0, others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """Several adapters, one at a time at the same weight: columns labelled by adapter name."""
+    if not names:
+        raise ConfigError("loras: give at least one adapter name")
+    others = tuple(_coerce(others))
+    out = []
+    for n in names:
+        rest = tuple(e for e in others if e.name.casefold() != n.casefold())
+        out.append(GridColumn(n, rest + (StackEntry(n, float(weight)),)))
+    return out
+
+
+def run_checkpoints(library_root: str | os.PathLike, run: str) -> list[tuple[int, Path]]:
+    """(step, adapter file) of every saved checkpoint of training run `run`, oldest first.
+
+    Checkpoints live in <library>/runs/<run>/checkpoints/step-N/adapter.safetensors; the run name is
+    checked like an adapter name, so it cannot escape the library.
+    """
+    run = check_name(run)
+    root = Path(library_root).expanduser()
+    run_dir = root / "runs" / run
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no training run called '{run}' in {root / 'runs'}")
+    try:
+        run_dir.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise UnsafeNameError(f"run '{run}': links outside the library folder; refused") from None
+    found = []
+    for d in (run_dir / "checkpoints").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / "adapter.safetensors").is_file():
+            found.append((int(m.group(1)), d / "adapter.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"run '{run}': no saved checkpoints in {run_dir / 'checkpoints'}")
+    return sorted(found)
+
+
+def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, include_final: bool = True,
+                       others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """The checkpoints of a training run (and its finished adapter, if in the library), loaded into `stack`.
+
+    Each checkpoint is loaded under the name 'run@step-N' (once; a rewritten file is read again). When the run's
+    adapter is among `others` (switched on in a row), its checkpoints take its place there, with its weights
+    and step range.
+    """
+    if stack.library is None:
+        raise ConfigError("checkpoints: no adapter library to find runs in")
+    mine, rest = _split(run, others, weight)
+    cols = []
+    for step, path in run_checkpoints(stack.library.root, run):
+        key = f"{run}@step-{step}"
+        stack.load(key, path)
+        cols.append(GridColumn(f"step {step}", rest + (replace(mine, name=key),)))
+    if include_final and run.casefold() in {n.casefold() for n in stack.library.names()}:
+        cols.append(GridColumn("final", rest + (replace(mine, name=run),)))
+    return cols
+
+
+__all__ = [
+    "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "start_columns", "adapter_columns",
+    "run_checkpoints",
+    "checkpoint_columns",
+]

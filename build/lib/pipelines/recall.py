@@ -1,0 +1,141 @@
+"""Make an image again from its generation parameters: AUTOMATIC1111's "PNG Info → Send to txt2img".
+
+The `parameters` text of a PNG made here, by AUTOMATIC1111 or by a tool that writes the same format (pasted from
+a model page, or read from the image) becomes a request and the adapters it used, with notes on what cannot be
+reproduced exactly: an adapter missing from the library or present there in another version (its hash differs),
+a sampler or option this app does not have, another base model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import ConfigError
+from .generation import SCHEDULERS, GenerationRequest, parse_parameters, scheduler_name
+from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
+
+# A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
+UNSUPPORTED = ("Clip skip", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE",
+               "Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
+_KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+
+
+@dataclass
+class Recalled:
+    request: GenerationRequest  # the prompt without its <lora:...> tags
+    entries: list[StackEntry]  # the adapters, in the recorded order, with their weights and step ranges
+    model: str | None = None  # the base model's name as recorded ("Model: ...")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tagged_prompt(self) -> str:
+        """The prompt with every adapter as a tag again (what the CLI runs)."""
+        return " ".join([self.request.prompt] + [e.tag() for e in self.entries]).strip()
+
+
+def read_parameters(path: str | os.PathLike) -> str:
+    """The generation parameters stored in an image: a PNG's `parameters` text chunk (this app, AUTOMATIC1111,
+    Forge), or the EXIF UserComment that AUTOMATIC1111 writes into JPEG and WebP files."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+            if not text:
+                raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD, UserComment
+                text = _user_comment(raw) if raw else None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: not an image this app can read ({e})") from None
+    if not text or not text.strip():
+        raise ConfigError(f"{path.name}: the image carries no generation parameters (a PNG made by this app or "
+                          "AUTOMATIC1111 has them; most other tools, and most image hosts, remove them)")
+    return text
+
+
+def _user_comment(raw) -> str | None:
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, bytes):
+        return None
+    head, body = raw[:8], raw[8:]
+    if head.startswith(b"UNICODE"):  # piexif writes UTF-16, big-endian; some writers use little-endian
+        be, le = body.decode("utf-16-be", "replace"), body.decode("utf-16-le", "replace")
+        return be if sum(c.isascii() for c in be) >= sum(c.isascii() for c in le) else le
+    if head.startswith(b"ASCII"):
+        return body.decode("ascii", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def recall(text: str, library=None, num_images: int = 1) -> Recalled:
+    """The request and adapters that `text` (A1111 `parameters`) describes; with `library`, each adapter is
+    looked up there and its hash compared with the recorded one."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("parameters: paste the generation parameters of an image, or read them from its PNG")
+    p = parse_parameters(text)
+    if not any(k in p for k in _KEYS):
+        raise ConfigError("parameters: no 'Steps: …, Sampler: …, Seed: …' line found: this is not the parameters "
+                          "text of a generated image")
+    notes: list[str] = []
+    clean, entries = parse_lora_tags(p.get("Prompt", ""))
+    sampler = _sampler(p, notes)
+    width = height = None
+    if size := p.get("Size"):
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            notes.append(f"size '{size}' is not WIDTHxHEIGHT: the model's own size is used")
+    try:
+        req = GenerationRequest(
+            prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=int(p.get("Steps", 20)),
+            guidance=float(p.get("CFG scale", 7.0)), seed=int(p.get("Seed", -1)), width=width, height=height,
+            num_images=num_images, scheduler=sampler)
+    except ValueError as e:
+        raise ConfigError(f"parameters: a value is not a number ({e})") from None
+    if "Seed" not in p:
+        notes.append("no seed recorded: a random one is used")
+    skipped = [k for k in UNSUPPORTED if k in p]
+    if skipped:
+        notes.append("not applied here: " + ", ".join(f"{k} {p[k]}" for k in skipped) + " (the picture will differ)")
+    if library is not None:
+        notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
+    return Recalled(req, entries, p.get("Model"), notes)
+
+
+def _sampler(p: dict[str, str], notes: list[str]) -> str:
+    """The recorded sampler in this app's names; AUTOMATIC1111 1.9+ writes the schedule apart ('Sampler: DPM++
+    2M, Schedule type: Karras')."""
+    name = p.get("Sampler", "DPM++ 2M Karras")
+    schedule = p.get("Schedule type", "")
+    if schedule and schedule.lower() not in ("automatic", "uniform") and not name.lower().endswith(schedule.lower()):
+        name = f"{name} {schedule}"
+    try:
+        return scheduler_name(name)
+    except ConfigError:
+        notes.append(f"sampler '{name}' is not available here: DPM++ 2M Karras is used (available: "
+                     f"{', '.join(SCHEDULERS)})")
+        return "DPM++ 2M Karras"
+
+
+def _adapter_notes(entries: list[StackEntry], hashes: dict[str, str], library) -> list[str]:
+    notes = []
+    for e in entries:
+        path = library.find(e.name)
+        if path is None:
+            notes.append(f"adapter '{e.name}' is not in the library: import it (Library tab, or "
+                         "`lora-studio loras import FILE`) before generating")
+            continue
+        want = hashes.get(e.name.replace(":", "").replace(",", ""), "")
+        if want:
+            have = library.info(path.stem).short_hash
+            if have and have.lower()[:len(want)] != want.lower()[:len(have)]:
+                notes.append(f"adapter '{e.name}': the image was made with file hash {want}, the library's "
+                             f"'{path.stem}' has {have} (another version): the picture will differ")
+    return notes
+
+
+__all__ = ["Recalled", "read_parameters", "recall"]

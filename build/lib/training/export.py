@@ -1,0 +1,350 @@
+"""Checkpoints and the finished adapter file: written atomically, with metadata, pruned safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipelines.errors import TrainingError
+from pipelines.weights_io import PRECISIONS, atomic_write, cast_weights
+
+from .config import TrainConfig, _toml_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import Trainer
+
+# options whose change makes a checkpoint unusable for resuming
+RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
+               "resolution")
+
+
+def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor]) -> float | dict[str, float]:
+    """The alpha to save with the adapter: one value, or per module when the 3x3 convolutions have their own."""
+    if cfg.lora_conv_alpha == cfg.lora_alpha:
+        return cfg.lora_alpha
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".lora_A.weight"):
+            spatial = v.ndim == 4 and tuple(v.shape[2:]) != (1, 1)
+            out[k[: -len(".lora_A.weight")]] = cfg.lora_conv_alpha if spatial else cfg.lora_alpha
+    return out
+
+
+def _ckpt_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
+                     scheduler_state: dict, cfg: TrainConfig, family: str | None = None,
+                     layout: dict | None = None) -> Path:
+    """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing.
+
+    With the base's `family` and UNet `layout` its adapter file has kohya's key layout like the finished
+    adapter (users copy a run's intermediate steps into AUTOMATIC1111 / ComfyUI too); else peft keys."""
+    final = _ckpt_dir(run_dir) / f"step-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, save_adapter, to_kohya
+        from pipelines.weights_io import save_safetensors
+
+        # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
+        alphas = adapter_alphas(cfg, adapter)
+        meta = {"step": str(step), "config": json.dumps(shareable_config(cfg), sort_keys=True),
+                "lora_studio.trigger": cfg.trigger, "ss_steps": str(step)}
+        if family is not None and layout is not None:
+            meta.update({"lora_studio.base_family": family, UNET_LAYOUT_KEY: json.dumps(layout)})
+            kohya = to_kohya(adapter, alphas, family=family, layout=layout)
+            save_safetensors(kohya, tmp / "adapter.safetensors", kohya_metadata(meta, kohya, family, alphas))
+        else:
+            save_adapter(adapter, tmp / "adapter.safetensors", meta, alpha=alphas)
+        state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
+                 "config": cfg.to_json()}
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"could not write checkpoint {final} ({e.strerror or e}); older checkpoints are kept") from None
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = _ckpt_dir(run_dir)
+    if not d.is_dir():
+        return []
+    ok = [p for p in d.glob("step-*") if (p / "adapter.safetensors").is_file() and (p / "state.pt").is_file()]
+    return sorted(ok, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (only ever after a new one is written)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path | None:
+    if which == "latest":
+        cks = list_checkpoints(run_dir)
+        return cks[-1] if cks else None
+    p = Path(which)
+    if p.is_dir():
+        return p
+    cand = _ckpt_dir(run_dir) / which
+    return cand if cand.is_dir() else None
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a checkpoint after checking it was made with compatible options."""
+    from pipelines.weights_io import load_safetensors
+
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"optimizer", "lr_scheduler", "step", "config"} <= set(state):
+            raise ValueError("not a training state")
+    except FileNotFoundError:
+        raise TrainingError(f"cannot resume from {path}: its state.pt is missing") from None
+    except Exception as e:  # noqa: BLE001 - truncated, damaged or foreign: one line naming the checkpoint
+        raise TrainingError(f"cannot resume from {path}: its state.pt is damaged ({type(e).__name__}: {e}); "
+                            "resume from an older checkpoint (--resume checkpoints/step-N) instead") from None
+    saved = json.loads(state["config"])
+    now = cfg.to_dict()
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in RESUME_KEYS
+             if saved.get(k) != now.get(k)]
+    if diffs:
+        raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
+    adapter, meta = load_safetensors(path / "adapter.safetensors", check_finite=True)
+    from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, to_peft
+
+    if detect_format(adapter) != FORMAT_PEFT:  # kohya keys (checkpoints since the kohya layout): back to peft
+        layout = layout_for(meta)
+        adapter, _ = to_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
+    return adapter, state
+
+
+# TrainConfig fields that hold local paths: shared files (the adapter's metadata, its library .toml) carry
+# them as `shareable_path` gives them, never as absolute paths of this machine
+PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter")
+
+
+def shareable_path(value: str | None) -> str | None:
+    """A path as a shared file may show it: '~/…' under the user's home, else only its last part
+    (a hub id such as 'org/model' or a name stays as it is). None stays None."""
+    if not value:
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        return str(value)
+    try:
+        return "~/" + p.resolve().relative_to(Path.home().resolve()).as_posix()
+    except (ValueError, OSError, RuntimeError):
+        return p.name
+
+
+def shareable_config(cfg: TrainConfig) -> dict:
+    """The run's options as the adapter file and its library .toml carry them: no absolute local paths."""
+    d = cfg.to_dict()
+    for k in PATH_FIELDS:
+        d[k] = shareable_path(d.get(k))
+    d.pop("overwrite", None)  # a shared .toml run again must never replace an adapter silently
+    return d
+
+
+def base_file_hash(base) -> str | None:
+    """SHA-256 of the base model's single checkpoint file (what kohya writes as ss_new_sd_model_hash);
+    None for a diffusers folder or a hub id, which have no one file to hash."""
+    from pipelines.weights_io import sha256_file
+
+    src = Path(str(getattr(base, "source", "") or ""))
+    try:
+        return sha256_file(src) if src.is_file() else None
+    except OSError:
+        return None
+
+
+def adapter_metadata(tr: "Trainer") -> dict[str, str]:
+    """Metadata of a finished adapter: ours, kohya's ss_* and modelspec.* (see pipelines.adapters)."""
+    from pipelines.adapters import SUGGESTED_START_KEY, UNET_LAYOUT_KEY, lora_metadata
+    from pipelines.single_file import unet_layout
+
+    cfg, base = tr.cfg, tr.base
+    modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
+    meta = lora_metadata(
+        family=base.family, rank=cfg.rank, alpha=cfg.lora_alpha, conv_rank=cfg.lora_conv_rank,
+        conv_alpha=cfg.lora_conv_alpha, name=cfg.name, base_model=base.name,
+        base_hash=getattr(tr, "base_fingerprint", None) or base_hash(base), trigger_word=cfg.trigger, modules=modules, components=tr.components,
+        steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
+        training_config=json.dumps(shareable_config(cfg), sort_keys=True),
+        model_file_hash=base_file_hash(base),
+        description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
+        prediction_type=base.pipe.scheduler.config.get("prediction_type"),
+        extra={
+            "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
+            "ss_shuffle_caption": str(cfg.shuffle_tags),
+            "ss_keep_tokens": str(cfg.keep_tokens),
+            "ss_caption_dropout_rate": f"{cfg.caption_dropout:g}",
+            "ss_learning_rate": f"{cfg.lr_unet:g}",
+            "ss_unet_lr": f"{cfg.lr_unet:g}",
+            "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
+            "ss_network_dropout": f"{cfg.dropout:g}",
+            "ss_seed": str(cfg.seed),
+            "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
+        },
+    )
+    meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
+    if (sc := suggested_step_check(tr)) is not None:
+        meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
+    return meta
+
+
+def base_hash(base) -> str:
+    """A short, stable fingerprint of the base model's weights (sampled tensors, not the whole file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for comp in ("unet", "text_encoder", "vae"):
+        mod = getattr(base.pipe, comp, None)
+        if mod is None:
+            continue
+        for i, (n, p) in enumerate(mod.state_dict().items()):
+            if "lora_" in n or i % 7:
+                continue
+            h.update(n.encode())
+            h.update(p.detach().float().cpu().flatten()[:64].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def config_toml(cfg: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
+    """The run's options as a .toml that `lora-studio train --config` and the app's Train tab read back."""
+    return _toml_text({k: v for k, v in shareable_config(cfg).items() if k not in leave_out})
+
+
+def _toml_text(d: dict) -> str:
+    """TOML that `TrainConfig.from_toml` reads back (None values are left out)."""
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in d.items() if v is not None)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
+    """Write <library>/<name>.safetensors with its preview PNG, model card and exact config."""
+    from .lora import lora_state_dict
+
+    cfg = tr.cfg
+    lib = cfg.library_dir
+    lib.mkdir(parents=True, exist_ok=True)
+    path = lib / f"{cfg.name}.safetensors"
+    from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, to_kohya
+    from pipelines.weights_io import save_safetensors
+
+    sd = lora_state_dict(tr.base.pipe, tr.components)
+    if cfg.save_precision != "fp32":  # the weights train in fp32
+        sd, bad = cast_weights(sd, cfg.save_precision)
+        if bad is not None:  # never write an inf into the file; keep the weights
+            ckpt = tr._checkpoint(cfg.max_steps)
+            raise TrainingError(f"save_precision: '{bad}' does not fit in {cfg.save_precision}; the trained "
+                                f"weights are in {ckpt}: run again with save_precision 'bf16' or 'fp32' and "
+                                "resume 'latest' to write the adapter")
+    meta = adapter_metadata(tr)
+    # the library file is what users copy into AUTOMATIC1111 / ComfyUI: kohya's key layout, which both map
+    # completely (and diffusers' load_lora_weights reads as it is); per-module alphas as `.alpha` tensors
+    alphas = adapter_alphas(cfg, sd)
+    kohya = to_kohya(sd, alphas, family=tr.base.family, layout=json.loads(meta[UNET_LAYOUT_KEY]))
+    if cfg.save_precision != "fp32":  # every tensor in the one dtype, `.alpha` too, as kohya saves them
+        kohya = {k: v.to(PRECISIONS[cfg.save_precision]) for k, v in kohya.items()}
+    try:
+        save_safetensors(kohya, path, kohya_metadata(meta, kohya, tr.base.family, alphas))
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
+    if preview is not None:
+        atomic_write(lib / f"{cfg.name}.png", lambda tmp: shutil.copyfile(preview, tmp))
+    write_text_atomic(lib / f"{cfg.name}.toml", config_toml(cfg))
+    write_text_atomic(lib / f"{cfg.name}.md", model_card(tr, meta))
+    user = json.dumps(a1111_user_metadata(tr), indent=4, ensure_ascii=False)
+    write_text_atomic(lib / f"{cfg.name}.json", user + "\n")
+    return path
+
+
+A1111_SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # its user-metadata dropdown's values
+
+
+def a1111_user_metadata(tr: "Trainer") -> dict:
+    """AUTOMATIC1111's user metadata for the adapter (`<name>.json` beside the file in `models/Lora`, what its
+    "Edit user metadata" dialog writes): clicking the adapter's card there inserts `<lora:name:W>` followed by
+    the activation text, here the trigger word. ComfyUI's LoRA managers read the same file. Preferred weight 0
+    leaves A1111's default multiplier; the weight and step checks go into the notes."""
+    from .config import preset_family
+
+    cfg, base = tr.cfg, tr.base
+    toy = preset_family(cfg.base) == "toy"
+    notes = ["Trained with LoRA Studio."]
+    if (wc := getattr(tr, "weight_check", None)) is not None:
+        if wc.kept is not None:
+            notes.append(f"Keeps the base intact up to weight {wc.safe_up_to:g}." if wc.safe_up_to
+                         else f"Changes pictures without the trigger already at weight {wc.weights[0]:g}.")
+        if (sc := wc.step_check) is not None and sc.look_kept is not None:
+            notes.append(f"Acting from step {sc.suggested} of {sc.steps} keeps more of the base "
+                         f"(<lora:{cfg.name}:1:start={sc.suggested}> with the LoRA Block Weight extension)."
+                         if sc.suggested else "Best acting at every sampler step.")
+    return {
+        "description": f"LoRA rank {cfg.rank} on {base.name}; trigger word '{cfg.trigger}'.",
+        "sd version": "Unknown" if toy else A1111_SD_VERSIONS.get(base.family, "Unknown"),
+        "activation text": cfg.trigger,
+        "preferred weight": 0.0,
+        "negative text": "",
+        "notes": " ".join(notes),
+    }
+
+
+def suggested_step_check(tr: "Trainer"):
+    """The end-of-training step check when it suggested a start (`.suggested` of `.steps`), else None."""
+    wc = getattr(tr, "weight_check", None)
+    sc = wc.step_check if wc is not None else None
+    return sc if sc is not None and sc.suggested else None
+
+
+def use_arg(tr: "Trainer") -> str:
+    """The card's `--lora` value: full weight, from the start the step check suggests (the name is quoted on
+    the card: a name may hold spaces)."""
+    sc = suggested_step_check(tr)
+    return f"{tr.cfg.name}:1" + (f":start={sc.suggested}" if sc is not None else "")
+
+
+def use_prompt(tr: "Trainer") -> str:
+    """A prompt with the trigger, worded as the training captions are (else the first sample prompt)."""
+    from .weight_check import trigger_prompts
+
+    return next(iter(trigger_prompts(tr)), None) or tr.sample_prompts()[0]
+
+
+def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
+    cfg = tr.cfg
+    prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
+    return (
+        f"# {cfg.name}\n\n"
+        f"LoRA adapter trained with LoRA Studio.\n\n"
+        f"- Trigger word: `{cfg.trigger}`\n"
+        f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
+        f"hash {meta['lora_studio.base_hash']}\n"
+        f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
+        f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n\n"
+        f"## Use\n\n"
+        f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\"\n\n"
+        f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
+        f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. Copy `{cfg.name}.json` beside it "
+        f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "
+        f"`{cfg.trigger}` to the prompt.\n\n"
+        f"Sample prompts:\n{prompts}\n"
+        + (f"\n{wc.card_text()}" if (wc := getattr(tr, "weight_check", None)) is not None else "")
+    )

@@ -1,0 +1,152 @@
+"""Attach LoRA (via peft) to a pipeline's UNet and text encoder(s); read and write its weights.
+
+Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.weight`,
+`text_encoder.<module>.lora_B.weight` (SDXL: also `text_encoder_2.`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.errors import ConfigError, IncompatibleAdapterError
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float,
+                rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                      init_lora_weights=True, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}))
+
+
+def targeted(name: str, targets: list[str]) -> bool:
+    """peft's rule: a target names a module by its full name or a dotted suffix of it."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def spatial_convs(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Names of the targeted Conv2d layers with a kernel larger than 1x1 (the ResNet 3x3 convolutions: kohya's
+    LoCon `conv_dim` layers; 1x1 convolutions such as SD 1.x's proj_in count as linear layers)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+            and targeted(n, targets)]
+
+
+def _check_module_targets(model: torch.nn.Module, targets: list[str], field: str) -> None:
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for t in targets:
+        if not any(targeted(n, [t]) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ConfigError(f"{field}: '{t}' names no Linear or Conv2d layer of the {model.__class__.__name__} "
+                              f"(layer names end in e.g. {', '.join(leaves[:12])})")
+
+
+def check_targets(pipe, unet_targets: list[str], text_targets: list[str] | None) -> None:
+    """Every target must name some Linear/Conv2d layer (peft's suffix match) of the UNet and of each text
+    encoder that gets LoRA: a typo must not quietly train fewer layers. Cheap; call it before slow work."""
+    _check_module_targets(pipe.unet, unet_targets, "unet_targets")
+    for name in TEXT_ENCODERS:
+        if text_targets and getattr(pipe, name, None) is not None:
+            _check_module_targets(getattr(pipe, name), text_targets, "text_targets")
+
+
+def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
+           dropout: float = 0.0, conv_rank: int | None = None, conv_alpha: float | None = None) -> dict[str, object]:
+    """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen.
+    `conv_rank`/`conv_alpha`: the UNet's 3x3 convolutions get these instead (None: rank and alpha)."""
+    from peft import inject_adapter_in_model
+
+    configs: dict[str, object] = {}
+    pipe.unet.requires_grad_(False)
+    convs = spatial_convs(pipe.unet, unet_targets) if conv_rank or conv_alpha else []
+    # peft matches pattern keys as name suffixes: full module names pick exactly these layers
+    cfg = lora_config(rank, alpha, unet_targets, dropout,
+                      rank_pattern={n: conv_rank for n in convs} if conv_rank else None,
+                      alpha_pattern={n: conv_alpha for n in convs} if conv_alpha else None)
+    pipe.unet.add_adapter(cfg)
+    configs["unet"] = cfg
+    for name in TEXT_ENCODERS:
+        te = getattr(pipe, name, None)
+        if te is None:
+            continue
+        te.requires_grad_(False)
+        if text_targets:
+            tcfg = lora_config(rank, alpha, text_targets, dropout)
+            inject_adapter_in_model(tcfg, te, adapter_name="default")
+            configs[name] = tcfg
+    pipe.vae.requires_grad_(False)
+    # the LoRA weights train in fp32 whatever the base's dtype: diffusers' add_adapter creates them in the
+    # UNet's dtype (fp16 on a GPU, bf16 under bf16 mixed precision), where AdamW's small updates round away
+    # and fp16 gradients cannot be unscaled
+    for comp in configs:
+        for p in trainable_params(getattr(pipe, comp)):
+            p.data = p.data.float()
+    return configs
+
+
+def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter weights of the given components, with their prefixes."""
+    from peft import get_peft_model_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    for comp in components:
+        sd = get_peft_model_state_dict(getattr(pipe, comp), adapter_name="default")
+        out.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()})
+    return out
+
+
+def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """An adapter file of any supported layout (ours: kohya keys; older files: peft keys) as a peft state
+    dict for this pipeline, with each module's alpha."""
+    from pipelines.adapters import to_peft
+
+    lpb = pipe.unet.config.layers_per_block
+    return to_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
+
+
+def check_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float], alpha: float, conv_alpha: float,
+                 source: str) -> None:
+    """Continuing an adapter needs its alphas: the same weights under another alpha would be another scale."""
+    for module, a in alphas.items():
+        w = state_dict[f"{module}.lora_A.weight"]
+        want = conv_alpha if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1) else alpha
+        if abs(float(a) - float(want)) > 1e-6 * max(1.0, abs(float(want))):
+            raise IncompatibleAdapterError(
+                f"{source}: module {module} has alpha {float(a):g}, this run uses {float(want):g}; continue it with "
+                "the alpha (and conv_alpha) it was trained with")
+
+
+def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: list[str], source: str) -> None:
+    """Put saved adapter weights back into attached LoRA layers (resume, train-more)."""
+    from peft import set_peft_model_state_dict
+
+    for comp in components:
+        prefix = comp + "."
+        sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not sd:
+            raise IncompatibleAdapterError(f"{source}: has no '{comp}' LoRA weights to continue from")
+        module = getattr(pipe, comp)
+        if not hasattr(module, "text_model"):  # transformers 5 CLIPTextModel: no `text_model.` level
+            sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+        try:
+            res = set_peft_model_state_dict(module, sd, adapter_name="default")
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            first = str(e).split("size mismatch for ", 1)[1].split(":", 1)[0]
+            raise IncompatibleAdapterError(
+                f"{source}: its LoRA ranks differ from this run's ({comp} layer {first}); continue it with the "
+                "rank (and conv_rank) it was trained with") from None
+        unexpected = getattr(res, "unexpected_keys", []) or []
+        if unexpected:
+            raise IncompatibleAdapterError(
+                f"{source}: {len(unexpected)} '{comp}' key(s) do not fit this model, e.g. {unexpected[0]}"
+            )
