@@ -771,8 +771,10 @@ class StudioUI:
             if p.message == CHECKING:
                 return line("running", "checking", f"{name}: all {total} steps trained; {CHECKING}…", 100.0)
             loss = f"{p.loss:.4f}" if p.loss is not None else "–"
-            left = f"{_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
-            return line("running", "training", f"{name}: step {step}/{total} · loss {loss} · {left}", pct)
+            # a progress line without timing (a message: stopping, saving) shows none rather than "0s elapsed"
+            left = (f" · {_duration(p.elapsed_s)} elapsed · about {_duration(p.eta_s)} left"
+                    if p.elapsed_s and p.eta_s is not None else "")
+            return line("running", "training", f"{name}: step {step}/{total} · loss {loss}{left}", pct)
         if job.state == "done" and job.result is not None:
             r = job.result
             loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"

@@ -280,5 +280,8 @@ def test_the_end_of_training_check_shows_as_such(ui):
     job.progress = Progress(40, 40, loss=0.01, message=CHECKING)
     html_ = ui.status_html(job)
     assert "ls-running" in html_ and "checking" in html_ and "all 40 steps trained" in html_
-    job.progress = Progress(39, 40, loss=0.01)
-    assert "step 39/40" in ui.status_html(job)
+    job.progress = Progress(39, 40, loss=0.01, elapsed_s=78.0, eta_s=2.0)
+    assert "step 39/40" in ui.status_html(job) and "1m 18s elapsed · about 2s left" in ui.status_html(job)
+    # a line without timing (the trainer stopping, saving) shows no "0s elapsed · about 0s left"
+    job.progress = Progress(20, 40, loss=0.01, elapsed_s=0.0, eta_s=None, message="stopping")
+    assert "step 20/40" in ui.status_html(job) and "elapsed" not in ui.status_html(job)
