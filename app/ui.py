@@ -101,6 +101,10 @@ CSS = """
    below its label and buttons */
 #gen-gallery .thumbnail-item img {max-height: 290px; object-fit: contain !important}
 #cmp-image img {padding-top: 40px; object-fit: contain}
+/* trigger words are buttons that insert the word, not a choice of one: no radio circle, a "+" chip */
+#gen-triggers input[type=radio] {display: none}
+#gen-triggers label {border-radius: 999px; cursor: pointer}
+#gen-triggers label::before {content: "+"; font-weight: 700; margin-right: 4px}
 /* tables: headers break between words only */
 #lib-table th, #lib-table th * , #train-captions th, #train-captions th * {word-break: keep-all;
   overflow-wrap: normal; hyphens: none}
