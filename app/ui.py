@@ -893,12 +893,20 @@ class StudioUI:
         return cards, _df(rows, LIBRARY_COLUMNS)
 
     def _placeholder(self) -> str:
-        p = self.studio.outputs / ".no-preview.png"
+        """The card picture of an adapter without a preview: "no preview", readable at the card's size."""
+        p = self.studio.outputs / ".no-preview-v2.png"
         if not p.is_file():
-            from PIL import Image, ImageDraw
+            from PIL import Image, ImageDraw, ImageFont
 
-            img = Image.new("RGB", (128, 128), (226, 232, 240))
-            ImageDraw.Draw(img).text((24, 58), "no preview", fill=(100, 116, 139))
+            img = Image.new("RGB", (256, 256), (226, 232, 240))
+            draw = ImageDraw.Draw(img)
+            try:
+                font = ImageFont.load_default(size=34)
+            except TypeError:  # Pillow < 10.1: a fixed-size bitmap font
+                font = ImageFont.load_default()
+            box = draw.textbbox((0, 0), "no preview", font=font)
+            draw.text(((256 - box[2] + box[0]) // 2, (256 - box[3] + box[1]) // 2), "no preview",
+                      fill=(71, 85, 105), font=font)
             img.save(p)
         return str(p)
 
