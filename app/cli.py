@@ -298,28 +298,30 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
     home = _home(args.home)
     q = JobQueue(home, worker=False)
-    name, library = args.run, None
-    if args.run.isdigit():
-        job = q.get(int(args.run))
-        if job is None:
-            raise _usage(f"jobs resume: no job {args.run} in {q.store.path}")
-        name, library = job.name, job.config.output_dir  # its run folder is in the library it trained into
+    # a job id, else a run's name (a run may be called '2024'); its run folder is in the library it trained into
+    job = q.get(int(args.run)) if args.run.isdigit() else None
+    if job is None:
+        job = max((j for j in q.jobs() if j.name.casefold() == args.run.casefold()), key=lambda j: j.id, default=None)
+    if job is None and args.run.isdigit():
+        raise _usage(f"jobs resume: no job {args.run} in {q.store.path}, and no run called '{args.run}'")
+    name, library = (job.name, job.config.output_dir) if job is not None else (args.run, None)
     new = Studio(home, library=library, queue=q).resume(name)
     print(f"queued job {new.id} '{new.name}' to continue from its latest checkpoint; `lora-studio jobs run` "
           "trains it here (the app's worker takes it while the app runs)")
     return 0
 
 
-_REQUEST_DEFAULTS = {"negative_prompt": "", "steps": 20, "guidance": 7.0, "seed": -1, "width": None, "height": None,
-                     "scheduler": "DPM++ 2M Karras"}
+_REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler")
 
 
 def _generate_request(args: argparse.Namespace):
     """The request of `generate`: its options, over what --from-png recorded, over the defaults; and the
     notes on what of the recorded image cannot be made the same way (and the recorded model's name)."""
+    from dataclasses import fields
+
     from pipelines.generation import GenerationRequest
 
-    values = dict(_REQUEST_DEFAULTS)
+    values = {f.name: f.default for f in fields(GenerationRequest) if f.name in _REQUEST_FIELDS}
     notes, model = [], None
     if args.from_png:
         from pipelines.library import AdapterLibrary
@@ -332,7 +334,7 @@ def _generate_request(args: argparse.Namespace):
         notes, model = got.notes, got.model
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
-    values.update({k: v for k in (*_REQUEST_DEFAULTS, "prompt") if (v := getattr(args, k)) is not None})
+    values.update({k: v for k in (*_REQUEST_FIELDS, "prompt") if (v := getattr(args, k)) is not None})
     return GenerationRequest(num_images=args.num_images, **values), notes, model
 
 

@@ -189,6 +189,19 @@ class Studio:
                                   f"(put models in {self.models_dir})")
         return choices[name]
 
+    def base_named(self, recorded: str | None) -> str | None:
+        """The picker name of the base model that `recorded` names (an image's "Model: …", a settings file's
+        `base = …`): its picker name with or without the "(embedded toy model)" note, its folder or file name
+        with or without the suffix, its path as given or as shared (`~/…`); None when no such model is here."""
+        if not recorded:
+            return None
+        from training.export import shareable_path
+
+        for name, src in self.base_choices().items():
+            if recorded in (name, name.split(" (")[0], src, shareable_path(src), Path(src).name, Path(src).stem):
+                return name
+        return None
+
     def base_family(self, name: str | None) -> str | None:
         """The family of a base model by name: from the loaded model, else from its configs (None: unknown)."""
         name = name or self.default_base_name

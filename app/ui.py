@@ -22,13 +22,11 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.adapters import adapter_facts
-from pipelines.errors import ConfigError, LoraStudioError
+from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.recall import read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
-
-SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
 from training.jobs import Job
@@ -41,6 +39,7 @@ log = logging.getLogger("lora_studio.ui")
 
 MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
 SLOTS = 4  # adapter rows on the Generate tab
+SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 START_LABEL = "acts from step (0 = first)"
 SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
 POLL_S = 1.0  # training progress refresh
@@ -483,7 +482,8 @@ class StudioUI:
         except Exception:  # noqa: BLE001 - a name not in the list: its error comes on Start
             return "sd1"
 
-    def train_config(self, form: dict[str, Any], *, overwrite: bool = False, check_images: bool = True) -> TrainConfig:
+    def train_config(self, form: dict[str, Any], *, overwrite: bool = False, check_images: bool = True,
+                     check_device: bool = True) -> TrainConfig:
         """The Train tab's form -> a TrainConfig (captions written next to the staged images first).
 
         `form` maps field names to widget values ("images" is the staged dataset, "base" a base model's name),
@@ -510,7 +510,7 @@ class StudioUI:
                     base=self.studio.base_source(form.get("base")),
                     output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite)
         cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
-        if cfg.quantize_base:  # fail here, not minutes later in the job: nf4 needs CUDA, int8 torchao
+        if cfg.quantize_base and check_device:  # fail here, not minutes later in the job: nf4 needs CUDA
             from pipelines.base_models import default_device
             from pipelines.quantize import check_available
 
@@ -532,33 +532,39 @@ class StudioUI:
         return gr.update(choices=self.settings_sources())
 
     @ui_errors
-    def load_settings(self, source, current_base):
-        """An earlier adapter's settings (a library name) or an uploaded .toml into the Train form: every option,
-        the trigger word, preset and base model, and a free name from the file's (the images stay as they are).
+    def load_settings(self, name, current_base):
+        """An earlier adapter's settings (its NAME.toml in the library) into the Train form: every option, the
+        trigger word, preset and base model, and a free name from the file's (the images stay as they are).
         Returns the SETTINGS_FIELDS widgets' values, then a message."""
-        if not source:
+        if not name:
             raise ConfigError("settings: pick an adapter whose settings to load, or load a .toml file")
-        path = Path(getattr(source, "name", source))
-        if not path.is_absolute():  # a library name (an uploaded file comes with its full path)
-            path = next((p for p in self.studio.library.sidecars(str(source)) if p.suffix == ".toml"), None)
-            if path is None:
-                raise ConfigError(f"settings: '{source}' has no saved settings ({source}.toml) in the library")
+        path = next((p for p in self.studio.library.sidecars(str(name)) if p.suffix == ".toml"), None)
+        if path is None:
+            raise ConfigError(f"settings: '{name}' has no saved settings ({name}.toml) in the library")
+        return self._settings_from(path, current_base)
+
+    @ui_errors
+    def load_settings_file(self, file, current_base):
+        """An uploaded .toml (saved here, written for `lora-studio train --config`) into the Train form."""
+        if not file:
+            return (gr.skip(),) * (len(SETTINGS_FIELDS) + 1)
+        path = Path(getattr(file, "name", file))
+        try:
+            return self._settings_from(path, current_base)
+        except LoraStudioError as e:  # the file's name, not the server's upload folder
+            raise ConfigError(str(e).replace(str(path), path.name)) from None
+
+    def _settings_from(self, path: Path, current_base):
         cfg = TrainConfig.from_toml(path, {"images": "."})  # checked like `train --config`; images stay
         opts = _options()
         values = {f: widget_value(opts[f], getattr(cfg, f)) for f in SETTINGS_FIELDS if f in opts}
         values["name"] = self._free_name(cfg.name)
         values["prior"] = cfg.class_prompt is not None
         notes = []
-        if cfg.base is None:
-            values["base"] = self.base_names()[0]
-        else:
-            from training.export import shareable_path
-
-            match = next((n for n, src in self.studio.base_choices().items()
-                          if cfg.base in (src, shareable_path(src), n, Path(src).name)), None)
-            values["base"] = match or current_base
-            if match is None:
-                notes.append(f"its base model '{cfg.base}' is not here, so '{current_base}' stays")
+        match = self.base_names()[0] if cfg.base is None else self.studio.base_named(cfg.base)
+        values["base"] = gr.update(value=match or current_base, choices=self.base_names())
+        if match is None:
+            notes.append(f"its base model '{cfg.base}' is not here, so '{current_base}' stays")
         msg = (f"Loaded the settings of <b>{html.escape(path.stem)}</b> (preset {cfg.preset}, {cfg.max_steps} "
                f"steps, rank {cfg.rank}); the name is <b>{html.escape(values['name'])}</b>.")
         if notes:
@@ -567,18 +573,19 @@ class StudioUI:
 
     @ui_errors
     def save_settings(self, form: dict[str, Any]):
-        """The form's settings as a .toml to download (what `lora-studio train --config` reads); the images
-        are in it when some are staged."""
+        """The form's settings as a .toml to download (what `lora-studio train --config` reads on this
+        computer: the images and base model by their full paths); the images are in it when some are staged."""
+        staged = form.get("images")
+        cfg = self.train_config({k: v for k, v in form.items() if k != "captions"}, check_images=False,
+                                check_device=False)  # saved for any machine: nf4 on a CPU server is fine
+        from pipelines.weights_io import atomic_write
         from training.export import config_toml
 
-        staged = form.get("images")
-        cfg = self.train_config({k: v for k, v in form.items() if k != "captions"}, check_images=False)
         # this app's own folders are no setting: a terminal run writes to its own library, on its own device
-        text = config_toml(cfg, leave_out=("output_dir", "device") + (() if staged else ("images",)))
+        text = config_toml(cfg, ("output_dir", "device", "overwrite") + (() if staged else ("images",)),
+                           shareable=False)
         out = self.studio.outputs / "settings" / f"{safe_file_name(cfg.name)}.toml"
         out.parent.mkdir(parents=True, exist_ok=True)
-        from pipelines.weights_io import atomic_write
-
         atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return gr.update(value=str(out), visible=True), (
             f"<div class='ls-status'>Settings saved as <b>{html.escape(out.name)}</b>: load it here again, or "
@@ -823,10 +830,11 @@ class StudioUI:
         show, queued, _ = self._view(job_id)
         return self._status(show, queued)
 
-    def poll(self, job_id, seen: dict | None):
-        """Timer tick: status, loss plot and samples of the shown job, a line per queued job, the Resume / Train
-        more buttons of a run that ended; only what changed is sent."""
-        show, queued, jobs = self._view(job_id)
+    def poll(self, job_id, seen: dict | None, view_id=None):
+        """Timer tick: status, loss plot and samples of the shown job (the run picked to view, else the page's
+        own), a line per queued job, the Resume / Train more buttons of a run that ended; only what changed is
+        sent."""
+        show, queued, jobs = self._view(view_id if view_id is not None else job_id)
         seen = dict(seen or {})
         status = self._status(show, queued)
         plot = samples = done = gr.skip()
@@ -860,11 +868,14 @@ class StudioUI:
                 return found.id
         return None
 
-    def run_choices(self, job_id):
-        """The Train tab's run picker: every job, newest first, as 'id · name · state'; the shown one picked."""
+    def run_choices(self, job_id, view_id=None):
+        """The Train tab's run picker: every job, newest first, as 'id · name · state'; the shown one picked (the
+        run picked to view, else the page's own). Picking one only shows it: the page's own job stays what
+        Stop acts on."""
         jobs = sorted(self.studio.queue.jobs(), key=lambda j: j.id, reverse=True)
+        shown = view_id if view_id is not None else job_id
         try:
-            want = int(job_id) if job_id is not None else None
+            want = int(shown) if shown is not None else None
         except (TypeError, ValueError):
             want = None
         return gr.update(choices=[(f"{j.id} · {j.config.name} · {j.state}", j.id) for j in jobs],
@@ -1054,8 +1065,14 @@ class StudioUI:
         """An image the user opened: its generation parameters into the Parameters box."""
         if not file:
             return gr.skip(), ""
-        text = read_parameters(getattr(file, "name", file))
+        text = read_parameters(getattr(file, "name", file))  # its errors name the file, not the upload folder
         return text, "Parameters read: **Use these parameters** puts them into the form."
+
+    def _in_library(self, name: str) -> bool:
+        try:
+            return self.studio.library.find(name) is not None
+        except UnsafeNameError:  # a name no library file can have (e.g. from another tool's prompt)
+            return False
 
     @ui_errors
     def recall_form(self, text, base_name):
@@ -1066,7 +1083,7 @@ class StudioUI:
         got = recall(text, self.studio.library)
         entries = list(got.entries)
         rows, extra = entries[:SLOTS], entries[SLOTS:]
-        missing = {e.name for e in entries if self.studio.library.find(e.name) is None}
+        missing = {e.name for e in entries if not self._in_library(e.name)}
         if missing or any(not _on_slider(e) for e in entries):
             # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
             rows = [e for e in entries if e.name not in missing and _on_slider(e)][:SLOTS]
@@ -1076,10 +1093,9 @@ class StudioUI:
         notes = list(got.notes)
         base_update = gr.skip()
         if got.model:
-            match = next((n for n in self.studio.base_choices()
-                          if got.model in (n, n.split(" (")[0], Path(n).stem)), None)
+            match = self.studio.base_named(got.model)
             if match is not None:
-                base_update = match
+                base_update = gr.update(value=match, choices=self.base_names())
             else:
                 notes.append(f"the image was made with the base model '{got.model}', which is not here; "
                              f"'{base_name}' stays (put the model into the models folder to use it)")
@@ -1230,7 +1246,8 @@ class StudioUI:
                 "# LoRA Studio\nTrain a LoRA adapter on a few images, then generate with it. "
                 f"Base model: **{html.escape(bases[0])}** · adapters in `{html.escape(str(st.library.root))}`",
                 elem_id="ls-header")
-            job_id = gr.State(None)
+            job_id = gr.State(None)  # the page's own job (Stop acts on it)
+            view_id = gr.State(None)  # a run picked to view instead (None: the page's own)
             seen = gr.State({})
             done_marker = gr.State(None)
             ds_id = gr.State(None)
@@ -1484,8 +1501,8 @@ class StudioUI:
             settings_outputs = [*[self.form_widgets[f] for f in SETTINGS_FIELDS], train_msg]
             settings_load.click(shown_in(self.load_settings, settings_outputs, train_msg), [settings_src, train_base],
                                 settings_outputs)
-            settings_up.upload(shown_in(self.load_settings, settings_outputs, train_msg), [settings_up, train_base],
-                               settings_outputs)
+            settings_up.upload(shown_in(self.load_settings_file, settings_outputs, train_msg),
+                               [settings_up, train_base], settings_outputs)
             settings_save.click(shown_in(by_name(self.save_settings, self.form_widgets), [settings_file, train_msg],
                                          train_msg), set(self.form_widgets.values()), [settings_file, train_msg])
             start_outputs = [job_id, status, train_msg, choice_box, choice_md, choice_resume, choice_new, pending,
@@ -1503,7 +1520,7 @@ class StudioUI:
             more_btn.click(shown_in(self.train_more_shown, cont_outputs, train_msg), [job_id, seen, more_steps],
                            cont_outputs)
             more_steps.change(self.more_label, more_steps, more_btn, **quiet)
-            timer.tick(self.poll, [job_id, seen],
+            timer.tick(self.poll, [job_id, seen, view_id],
                        [status, loss_plot, samples, seen, done_marker, resume_btn, more_steps, more_btn], **quiet)
             done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
 
@@ -1563,9 +1580,11 @@ class StudioUI:
                 self.first_refresh, refresh_inputs, refresh_outputs, **quiet).then(
                 self.settings_choices, None, settings_src, **quiet)
             done_marker.change(self.settings_choices, None, settings_src, **quiet)
-            job_id.change(self.run_choices, job_id, run_pick, **quiet)
-            done_marker.change(self.run_choices, job_id, run_pick, **quiet)
-            run_pick.input(lambda v: v, run_pick, job_id, **quiet).then(self.status_for, job_id, status, **quiet)
+            # a new job of the page's own (started, resumed, a reload's latest) is shown; a picked run only viewed
+            job_id.change(lambda j: (None, self.run_choices(j)), job_id, [view_id, run_pick], **quiet)
+            done_marker.change(self.run_choices, [job_id, view_id], run_pick, **quiet)
+            run_pick.input(lambda v: v, run_pick, view_id, **quiet).then(
+                lambda j, v: self.status_for(v if v is not None else j), [job_id, view_id], status, **quiet)
         self.demo = demo
         return demo
 

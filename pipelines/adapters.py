@@ -700,8 +700,9 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
                                    if te == "0" else ""))
     if seed := meta.get("ss_seed"):
         train.append(f"seed {seed}")
-    if train or meta.get("modelspec.date"):
-        rows.append(("training", ", ".join(train + [f"on {info.date.replace('T', ' ')}"])))
+    when = meta.get("modelspec.date", "")  # the file's own date only: its mtime is when it was copied here
+    if train or when:
+        rows.append(("training", ", ".join(train + ([f"on {when.replace('T', ' ')}"] if when else []))))
     rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))
     of = meta.get(SUGGESTED_START_KEY, "").partition("/")[2]
     start = info.suggested_start(int(of)) if of.isdigit() else None

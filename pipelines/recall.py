@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsafeNameError
 from .generation import SCHEDULERS, GenerationRequest, parse_parameters, scheduler_name
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
 
@@ -49,8 +49,9 @@ def read_parameters(path: str | os.PathLike) -> str:
                 text = _user_comment(raw) if raw else None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: not an image this app can read ({e})") from None
+    except OSError as e:  # named by the file's name: an upload's server-side folder is nobody's business
+        raise ConfigError(f"{path.name}: not an image this app can read ({str(e).replace(str(path), path.name)})"
+                          ) from None
     if not text or not text.strip():
         raise ConfigError(f"{path.name}: the image carries no generation parameters (a PNG made by this app or "
                           "AUTOMATIC1111 has them; most other tools, and most image hosts, remove them)")
@@ -68,6 +69,8 @@ def _user_comment(raw) -> str | None:
         return be if sum(c.isascii() for c in be) >= sum(c.isascii() for c in le) else le
     if head.startswith(b"ASCII"):
         return body.decode("ascii", "replace")
+    if head == b"\0" * 8:  # the "undefined" character code: the text follows as it is
+        return body.decode("utf-8", "replace")
     return raw.decode("utf-8", "replace")
 
 
@@ -81,7 +84,14 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
         raise ConfigError("parameters: no 'Steps: …, Sampler: …, Seed: …' line found: this is not the parameters "
                           "text of a generated image")
     notes: list[str] = []
-    clean, entries = parse_lora_tags(p.get("Prompt", ""))
+    clean, tagged = parse_lora_tags(p.get("Prompt", ""))
+    entries: list[StackEntry] = []
+    for e in tagged:  # an adapter tagged twice: A1111 applies both; here a stack holds it once
+        first = next((x for x in entries if x.name.casefold() == e.name.casefold()), None)
+        if first is not None:
+            notes.append(f"adapter '{e.name}' is tagged more than once: only its first tag, {first.tag()}, is used")
+            continue
+        entries.append(e)
     sampler = _sampler(p, notes)
     width = height = None
     if size := p.get("Size"):
@@ -89,13 +99,10 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
             width, height = (int(v) for v in size.lower().split("x"))
         except ValueError:
             notes.append(f"size '{size}' is not WIDTHxHEIGHT: the model's own size is used")
-    try:
-        req = GenerationRequest(
-            prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=int(p.get("Steps", 20)),
-            guidance=float(p.get("CFG scale", 7.0)), seed=int(p.get("Seed", -1)), width=width, height=height,
-            num_images=num_images, scheduler=sampler)
-    except ValueError as e:
-        raise ConfigError(f"parameters: a value is not a number ({e})") from None
+    req = GenerationRequest(
+        prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
+        guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
+        height=height, num_images=num_images, scheduler=sampler)
     if "Seed" not in p:
         notes.append("no seed recorded: a random one is used")
     skipped = [k for k in UNSUPPORTED if k in p]
@@ -104,6 +111,17 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
     if library is not None:
         notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
     return Recalled(req, entries, p.get("Model"), notes)
+
+
+def _number(p: dict[str, str], key: str, default, kind):
+    text = p.get(key)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"parameters: {key} '{text}' is not {what}") from None
 
 
 def _sampler(p: dict[str, str], notes: list[str]) -> str:
@@ -116,15 +134,27 @@ def _sampler(p: dict[str, str], notes: list[str]) -> str:
     try:
         return scheduler_name(name)
     except ConfigError:
-        notes.append(f"sampler '{name}' is not available here: DPM++ 2M Karras is used (available: "
-                     f"{', '.join(SCHEDULERS)})")
-        return "DPM++ 2M Karras"
+        pass
+    if name != p.get("Sampler", name):  # the sampler is here, its schedule is not
+        try:
+            plain = scheduler_name(p["Sampler"])
+            notes.append(f"schedule '{schedule}' is not available here: {plain} with its own schedule is used")
+            return plain
+        except ConfigError:
+            pass
+    notes.append(f"sampler '{name}' is not available here: DPM++ 2M Karras is used (available: "
+                 f"{', '.join(SCHEDULERS)})")
+    return "DPM++ 2M Karras"
 
 
 def _adapter_notes(entries: list[StackEntry], hashes: dict[str, str], library) -> list[str]:
     notes = []
     for e in entries:
-        path = library.find(e.name)
+        try:
+            path = library.find(e.name)
+        except UnsafeNameError:
+            notes.append(f"adapter '{e.name}': not a name a library file can have, so it cannot be here")
+            continue
         if path is None:
             notes.append(f"adapter '{e.name}' is not in the library: import it (Library tab, or "
                          "`lora-studio loras import FILE`) before generating")

@@ -211,12 +211,15 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#gen-recall-info")).to_contain_text("seed 42")
     _shot(page, "4a2-generate-from-png")
     page.locator("#gen-go").click()
+    # the new file's name is reserved (empty) before its image is written: wait for the image itself
     deadline = time.time() + 90
-    while not (new := set(studio.outputs.rglob("*.png")) - before) and time.time() < deadline:
+    while time.time() < deadline:
+        new = [f for f in set(studio.outputs.rglob("*.png")) - before if f.stat().st_size]
+        if new:
+            break
         time.sleep(0.3)
     assert new, "Generate made no image after the form was filled from a PNG"
-    time.sleep(0.5)  # written atomically, but give the file a moment
-    assert Image.open(new.pop()).tobytes() == Image.open(made).tobytes()
+    assert Image.open(new[0]).tobytes() == Image.open(made).tobytes()
     page.locator("#slot-0-ranged input[type=checkbox]").uncheck()
     page.locator("#gen-compare").get_by_text("Compare:").click()
     _pick(page, "cmp-adapter", NAME)

@@ -60,13 +60,23 @@ def test_the_app_server_stops_on_sigterm(tmp_path):
         port = s.getsockname()[1]
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "LORA_STUDIO_HOME": str(tmp_path)}
+    import queue
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--port", str(port)], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()  # drained always
     try:
         deadline = time.time() + 240
-        for line in proc.stdout:  # the app is up once it says where to open it
-            if "Open http" in line or time.time() > deadline:
-                break
+        while time.time() < deadline:  # the app is up once it says where to open it
+            try:
+                if "Open http" in lines.get(timeout=1):
+                    break
+            except queue.Empty:
+                assert proc.poll() is None, "the app ended before it served"
+        else:
+            pytest.fail("the app did not start serving within 4 minutes")
         assert proc.poll() is None, "the app ended before it served"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -60,6 +60,19 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
     for bad in ("", "just a prompt with no settings"):
         with pytest.raises(ConfigError, match="parameters"):
             recall(bad)
+    # the sampler is here, its schedule is not: the sampler is kept, and said
+    sched = recall("a cat\nSteps: 4, Sampler: Euler a, Schedule type: SGM Uniform, CFG scale: 5, Seed: 3")
+    assert sched.request.scheduler == "Euler a" and "schedule 'SGM Uniform' is not available" in sched.notes[0]
+    # an adapter tagged twice is used once (a stack holds it once); a name no library file can have is a note
+    twice = recall("a cat <lora:alpha:0.5> <lora:alpha:0.3> <lora:style|v2:1>\nSteps: 4, Sampler: Euler, Seed: 3", lib)
+    assert [e.name for e in twice.entries] == ["alpha", "style|v2"]
+    assert any("'alpha' is tagged more than once: only its first tag, <lora:alpha:0.5>" in n for n in twice.notes)
+    assert any("'style|v2': not a name a library file can have" in n for n in twice.notes)
+    # a value that is no number names its field
+    with pytest.raises(ConfigError, match="Steps 'abc' is not a whole number"):
+        recall("a cat\nSteps: abc, Sampler: Euler, Seed: 3")
+    with pytest.raises(ConfigError, match="Seed '5.5' is not a whole number"):
+        recall("a cat\nSteps: 4, Sampler: Euler, Seed: 5.5")
 
 
 def test_parameters_are_read_from_png_text_and_from_a1111_jpeg_exif(tmp_path):
@@ -78,12 +91,20 @@ def test_parameters_are_read_from_png_text_and_from_a1111_jpeg_exif(tmp_path):
     Image.new("RGB", (8, 8)).save(jpg, exif=exif)
     assert read_parameters(jpg) == text
     assert recall(read_parameters(jpg)).request.scheduler == "Euler a"
+    exif.get_ifd(0x8769)[0x9286] = b"\0" * 8 + text.encode()  # the "undefined" character code: the text as is
+    Image.new("RGB", (8, 8)).save(jpg, exif=exif)
+    assert read_parameters(jpg) == text
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(ConfigError, match="plain.png: the image carries no generation parameters"):
         read_parameters(plain)
     with pytest.raises(ConfigError, match="nope.png: no such file"):
         read_parameters(tmp_path / "nope.png")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="junk.png: not an image") as err:
+        read_parameters(junk)
+    assert str(tmp_path) not in str(err.value)  # an upload's server-side folder is not shown
 
 
 def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, lib, tmp_path, capsys):

@@ -200,7 +200,9 @@ def test_second_job_waits_and_reports_queue_position(ui, gate):
     assert [label for label, _ in picker["choices"]] == [f"{id3} · third · stopped", f"{id2} · second · done",
                                                          f"{id1} · first · done"]
     assert picker["value"] == id2
-    status, plot, samples, seen, *_ = ui.poll(id1, {})  # the earlier run picked: its own status and loss
+    # the earlier run picked to view: its status and loss are shown, the page's own job stays the page's
+    assert ui.run_choices(id2, id1)["value"] == id1
+    status, plot, samples, seen, *_ = ui.poll(id2, {}, id1)
     assert "first</b> is ready" in status and seen["job"] == id1
 
 
@@ -421,7 +423,7 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     prompt, negative, steps, guidance, scheduler, seed, width, height, base_pick = out[:9]
     slots, cards, msg = out[9:9 + 8 * SLOTS], out[9 + 8 * SLOTS:-1], out[-1]
     assert (prompt, negative, steps, guidance, scheduler, seed) == ("a red circle", "dark", 2, 3.0, "Euler", 7)
-    assert base_pick == base  # the recorded model is the one here
+    assert _value(base_pick) == base  # the recorded model is the one here
     slots = [_value(v) for v in slots]
     assert slots[:8] == ["alpha-style", True, 0.8, False, 0.8, True, 1, 0]
     assert slots[8:16] == ["beta-thing", True, 0.5, True, 0.2, False, 0, 0]

@@ -116,17 +116,21 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
     assert data["trigger"] == "zwx" and data["rank"] == cfg.rank and "images" in data
     assert "output_dir" not in data and "device" not in data  # the app's own folders are no setting
     # loaded back: every field as it was, and a name not yet taken
-    *values, msg = ui.load_settings(str(path), ui.base_names()[0])
-    loaded = dict(zip(SETTINGS_FIELDS, values))
+    *values, msg = ui.load_settings_file(str(path), ui.base_names()[0])
+    loaded = {k: v["value"] if isinstance(v, dict) else v for k, v in zip(SETTINGS_FIELDS, values)}
     assert "Loaded the settings of <b>saved</b>" in msg and loaded["name"] == "saved" and loaded["prior"] is True
     assert (loaded["trigger"], loaded["preset"], loaded["base"]) == ("zwx", "custom", ui.base_names()[0])
     again = ui.train_config(_form(ui, **{k: ui.form_widgets[k].preprocess(v) if k in typed else v
                                          for k, v in loaded.items()}))
     for o in ADVANCED:
         assert getattr(again, o.name) == getattr(cfg, o.name), o.name
-    # a terminal run reads it (the images given on the command line)
-    term = parse_train_args(["--config", str(path), "--images", str(tmp_path)])
+    # a terminal run on this computer reads it as it is: the staged images and the base model are found
+    term = parse_train_args(["--config", str(path)])
     assert term.rank == cfg.rank and term.trigger == "zwx" and term.lr_unet == cfg.lr_unet
+    assert Path(term.images) == Path(cfg.images) and Path(term.images).is_dir()
+    from pipelines.base_models import load_base
+
+    assert load_base(term.base, device="cpu").family == "sd1"
     # saved with no images staged: no images key, and the message says to give them
     file, said = ui.save_settings({**form, "images": None, "captions": None})
     assert "images" not in tomllib.loads(Path(file["value"]).read_text()) and "--images FOLDER" in said
@@ -144,7 +148,7 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
     (lib / "older.toml").write_text('name = "older"\ntrigger = "qwe"\npreset = "style"\nmax_steps = 123\n')
     assert ui.settings_sources() == ["older"]
     *values, msg = ui.load_settings("older", ui.base_names()[0])
-    loaded = dict(zip(SETTINGS_FIELDS, values))
+    loaded = {k: v["value"] if isinstance(v, dict) else v for k, v in zip(SETTINGS_FIELDS, values)}
     assert (loaded["name"], loaded["trigger"], loaded["max_steps"]) == ("older-2", "qwe", 123)
     assert loaded["preset"] == "style" and loaded["prior"] is False
     # errors name what is wrong
@@ -157,8 +161,9 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
         ui.load_settings("older", None)
     bad = tmp_path / "bad.toml"
     bad.write_text("rank = 'four'\n")
-    with pytest.raises(gr.Error, match="bad.toml.*rank"):
-        ui.load_settings(str(bad), None)
+    with pytest.raises(gr.Error, match="bad.toml.*rank") as err:
+        ui.load_settings_file(str(bad), None)
+    assert str(tmp_path) not in str(err.value)  # the file's name, not the server's upload folder
 
 
 def test_the_form_is_one_dict_and_unknown_or_app_set_keys_are_refused(ui):

@@ -223,9 +223,12 @@ def base_hash(base) -> str:
     return h.hexdigest()[:16]
 
 
-def config_toml(cfg: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
-    """The run's options as a .toml that `lora-studio train --config` and the app's Train tab read back."""
-    return _toml_text({k: v for k, v in shareable_config(cfg).items() if k not in leave_out})
+def config_toml(cfg: TrainConfig, leave_out: tuple[str, ...] = (), *, shareable: bool = True) -> str:
+    """The run's options as a .toml that `lora-studio train --config` and the app's Train tab read back:
+    shareable (no absolute local paths, for the library and adapter files), or for this computer (paths kept,
+    so a terminal run finds the images and base model)."""
+    d = shareable_config(cfg) if shareable else cfg.to_dict()
+    return _toml_text({k: v for k, v in d.items() if k not in leave_out})
 
 
 def _toml_text(d: dict) -> str:
