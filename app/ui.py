@@ -1151,18 +1151,47 @@ class StudioUI:
 
     # ============================================================================================ Library tab
     @ui_errors
-    def import_adapter(self, file, name: str):
-        if not file:
-            raise ConfigError("file: choose a .safetensors LoRA file to import")
-        src = Path(getattr(file, "name", file))
+    def import_adapter(self, files, name: str):
+        """Import one adapter file; files uploaded with it whose names start with its own (its preview image,
+        AUTOMATIC1111's `.json`, a `.civitai.info`, a model card) come along, as they do from a folder."""
+        import shutil
+        import tempfile
+
+        from pipelines.library import SIDECAR_SUFFIXES
+        from pipelines.weights_io import PICKLE_SUFFIXES
+
+        paths = [Path(getattr(f, "name", f)) for f in (files if isinstance(files, (list, tuple)) else [files]) if f]
+        adapters = [p for p in paths if p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
+        if not adapters:
+            raise ConfigError("file: choose a .safetensors LoRA file to import (its preview image and .json may "
+                              "come with it)")
+        if len(adapters) > 1:
+            raise ConfigError(f"file: one adapter at a time (got {', '.join(p.name for p in adapters)})")
+        src = adapters[0]
+        side = [p for p in paths if p is not src and p.name.startswith(src.stem + ".")
+                and p.name[len(src.stem):].lower() in SIDECAR_SUFFIXES]
+        left = [p.name for p in paths if p is not src and p not in side]
+        stage = Path(tempfile.mkdtemp(prefix=".import-", dir=self.studio.home))  # the files side by side
         try:
-            info = self.studio.library.import_file(src, (name or "").strip() or None)
-        except (LoraStudioError, FileNotFoundError) as e:  # the file's name, not the server's upload folder
-            raise ConfigError(str(e).replace(str(src), src.name)) from None
+            for p in (src, *side):
+                shutil.copyfile(p, stage / p.name)
+            try:
+                info = self.studio.library.import_file(stage / src.name, (name or "").strip() or None)
+            except (LoraStudioError, FileNotFoundError) as e:  # the file's name, not a server-side folder
+                raise ConfigError(str(e).replace(str(stage / src.name), src.name).replace(str(src), src.name)
+                                  ) from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         fam = info.family_label
         gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank}).")
-        return (f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank}).",
-                gr.update(value=info.name, choices=self.adapter_names()), None, "")
+        msg = f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank})"
+        if side:
+            msg += " with " + ", ".join(f"`{html.escape(p.name)}`" for p in side)
+        msg += "."
+        if left:
+            msg += (" Not taken (a file goes along when its name starts with the adapter's, "
+                    f"`{html.escape(src.stem)}.`): " + ", ".join(f"`{html.escape(n)}`" for n in left) + ".")
+        return msg, gr.update(value=info.name, choices=self.adapter_names()), None, ""
 
     @ui_errors
     def select_card(self, evt: gr.SelectData):
@@ -1470,7 +1499,10 @@ class StudioUI:
                         lib_status = gr.Markdown("", elem_id="lib-status")
                         gr.Markdown("**Import** a LoRA from another tool (kohya_ss, AUTOMATIC1111, ComfyUI, "
                                     "diffusers): `.safetensors`, checked before it is added.")
-                        import_file = gr.File(label="LoRA file", file_types=[".safetensors", ".pt", ".bin", ".ckpt"],
+                        import_file = gr.File(label="LoRA file (and its preview image, .json, .civitai.info if "
+                                                    "you have them)", file_count="multiple",
+                                              file_types=[".safetensors", ".pt", ".bin", ".ckpt", ".png", ".jpg",
+                                                          ".jpeg", ".webp", ".json", ".info", ".md", ".txt"],
                                               height=120, elem_id="lib-import-file")
                         with gr.Row(equal_height=True):
                             import_name = gr.Textbox(label="Name (default: the file name)", scale=3,

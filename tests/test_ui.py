@@ -341,6 +341,33 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     assert str(junk.parent) not in str(err.value)  # the server's upload folder is no business of the browser
 
 
+def test_an_upload_brings_the_adapters_preview_and_a1111_json_along(ui, lora_files, tmp_path):
+    """civitai downloads and AUTOMATIC1111 folders keep a preview image and user metadata beside the file:
+    uploaded together (each in its own upload folder, as Gradio stores them) they come along, renamed with it."""
+    import json
+
+    ups = [tmp_path / f"u{i}" for i in range(4)]
+    for d in ups:
+        d.mkdir()
+    lora = ups[0] / "Cool Style.safetensors"
+    shutil.copyfile(lora_files["beta-thing"], lora)
+    Image.new("RGB", (8, 8), "blue").save(ups[1] / "Cool Style.preview.png")
+    (ups[2] / "Cool Style.json").write_text(json.dumps({"activation text": "zzq"}))
+    Image.new("RGB", (8, 8), "red").save(ups[3] / "unrelated.png")
+    msg, pick, *_ = ui.import_adapter([str(ups[1] / "Cool Style.preview.png"), str(lora),
+                                       str(ups[2] / "Cool Style.json"), str(ups[3] / "unrelated.png")], "cool")
+    root = ui.studio.library.root
+    assert (root / "cool.safetensors").is_file() and (root / "cool.preview.png").is_file()
+    assert json.loads((root / "cool.json").read_text())["activation text"] == "zzq"
+    assert not (root / "unrelated.png").exists() and "Not taken" in msg and "unrelated.png" in msg
+    assert ui.studio.library.info("cool").preview == root / "cool.preview.png"
+    assert not list(ui.studio.home.glob(".import-*"))  # the staging folder is gone
+    with pytest.raises(gr.Error, match="one adapter at a time"):
+        ui.import_adapter([str(lora), str(lora_files["alpha-style"])], "")
+    with pytest.raises(gr.Error, match="choose a .safetensors LoRA file"):
+        ui.import_adapter([str(ups[3] / "unrelated.png")], "")
+
+
 def test_badge_when_adapter_does_not_fit_the_base(ui, tmp_path, tiny_sd2_dir, lora_files):
     _import(ui, lora_files["beta-thing"])
     (ui.studio.models_dir / "sd2-model").symlink_to(tiny_sd2_dir, target_is_directory=True)
