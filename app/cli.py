@@ -534,7 +534,6 @@ def cmd_loras_info(args: argparse.Namespace) -> int:
     lib = _library(args)
     _, path = _lora_entry(args.name)
     if path is None:  # a library name
-        path = lib.path_for(args.name)
         info = lib.info(args.name, check_tensors=True)
         in_library = True
     else:
@@ -666,14 +665,13 @@ def add_train_config_args(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, generated from the field's metadata (training/config.py): a new
     field is on the command line without a line here. Every default is None (= not given), so a --config
     file's values and the presets are overridden only by what was typed."""
-    from training.config import FAMILY_PRESETS, PRESETS, train_options
+    from training.config import PRESET_KEYS, train_options
 
-    preset_set = {k for v in [*PRESETS.values(), *(x for f in FAMILY_PRESETS.values() for x in f.values())] for k in v}
     for o in train_options():
         help_ = o.help.replace("%", "%%")
         if o.default not in (None, "", []) and o.kind is not bool:
             shown = ",".join(o.default) if isinstance(o.default, list) else o.default
-            also = "; a --preset other than custom sets its own" if o.name in preset_set else ""
+            also = "; a --preset other than custom sets its own" if o.name in PRESET_KEYS else ""
             help_ += f" (default: {shown}{also})" if "default" not in o.help else ""
         kw: dict = {"dest": o.name, "default": None, "help": help_}
         if o.name == "output_dir":

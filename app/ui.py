@@ -27,7 +27,7 @@ from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_paramet
 from pipelines.recall import read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
-from training.config import (FAMILY_PRESETS, GROUPS, PRESETS, Option, TrainConfig, preset_family,
+from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
 from training.jobs import Job
 from training.trainer import CHECKING
@@ -47,9 +47,7 @@ NO_SAMPLE_SET = "(upload your own images)"
 # the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
 ADVANCED = tuple(o for o in train_options() if o.ui and not o.on_main_form)
 # what a preset sets (rank, steps, learning rates, targets, caption template…): a preset change updates them all
-PRESET_FIELDS = tuple(o.name for o in ADVANCED
-                      if any(o.name in p for p in [*PRESETS.values(), *(v for f in FAMILY_PRESETS.values()
-                                                                          for v in f.values())]))
+PRESET_FIELDS = tuple(o.name for o in ADVANCED if o.name in PRESET_KEYS)
 FORM_EXTRAS = ("captions", "last_trigger", "prior")  # form values that are no TrainConfig field
 # what loading saved settings fills in: the adapter's own fields and every Advanced option (not the images)
 SETTINGS_FIELDS = ("name", "trigger", "preset", "base", "prior", *(o.name for o in ADVANCED))
@@ -157,6 +155,15 @@ def shown_in(fn: Callable, outputs: Sequence[Any], message: Any) -> Callable:
         return tuple(out)
 
     return wrapper
+
+
+def _file_named(err: Exception, *paths: Path) -> ConfigError:
+    """`err` with each path in it replaced by the file's name: an upload's server-side folder is nobody's
+    business in the browser."""
+    text = str(err)
+    for p in paths:
+        text = text.replace(str(p), p.name)
+    return ConfigError(text)
 
 
 def _on_slider(e) -> bool:
@@ -551,8 +558,8 @@ class StudioUI:
         path = Path(getattr(file, "name", file))
         try:
             return self._settings_from(path, current_base)
-        except LoraStudioError as e:  # the file's name, not the server's upload folder
-            raise ConfigError(str(e).replace(str(path), path.name)) from None
+        except LoraStudioError as e:
+            raise _file_named(e, path) from None
 
     def _settings_from(self, path: Path, current_base):
         cfg = TrainConfig.from_toml(path, {"images": "."})  # checked like `train --config`; images stay
@@ -1068,11 +1075,13 @@ class StudioUI:
         text = read_parameters(getattr(file, "name", file))  # its errors name the file, not the upload folder
         return text, "Parameters read: **Use these parameters** puts them into the form."
 
-    def _in_library(self, name: str) -> bool:
+    def _library_name(self, name: str) -> str | None:
+        """The library's own spelling of adapter `name` (names match up to case), or None when it is not there."""
         try:
-            return self.studio.library.find(name) is not None
+            found = self.studio.library.find(name)
         except UnsafeNameError:  # a name no library file can have (e.g. from another tool's prompt)
-            return False
+            return None
+        return found.stem if found is not None else None
 
     @ui_errors
     def recall_form(self, text, base_name):
@@ -1082,12 +1091,10 @@ class StudioUI:
         their card starts (cleared) and a line saying what was filled and what cannot be the same."""
         got = recall(text, self.studio.library)
         entries = list(got.entries)
-        rows, extra = entries[:SLOTS], entries[SLOTS:]
-        missing = {e.name for e in entries if not self._in_library(e.name)}
-        if missing or any(not _on_slider(e) for e in entries):
-            # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
-            rows = [e for e in entries if e.name not in missing and _on_slider(e)][:SLOTS]
-            extra = [e for e in entries if e not in rows]
+        known = {e.name: self._library_name(e.name) for e in entries}
+        # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
+        rows = [e for e in entries if known[e.name] is not None and _on_slider(e)][:SLOTS]
+        extra = [e for e in entries if e not in rows]
         r = got.request
         prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()
         notes = list(got.notes)
@@ -1105,7 +1112,7 @@ class StudioUI:
                 e = rows[i]
                 sep = e.te_weight is not None and e.te_weight != e.weight
                 ranged = bool(e.start or e.stop is not None)
-                slots += [gr.update(value=self.studio.library.find(e.name).stem, choices=names), True, e.weight, sep,
+                slots += [gr.update(value=known[e.name], choices=names), True, e.weight, sep,
                           e.te_weight if sep else e.weight, ranged, e.start, e.stop or 0]
             else:
                 slots += [gr.update(value=None, choices=names), True, 1.0, False, 1.0, False, 0, 0]
@@ -1177,9 +1184,8 @@ class StudioUI:
                 shutil.copyfile(p, stage / p.name)
             try:
                 info = self.studio.library.import_file(stage / src.name, (name or "").strip() or None)
-            except (LoraStudioError, FileNotFoundError) as e:  # the file's name, not a server-side folder
-                raise ConfigError(str(e).replace(str(stage / src.name), src.name).replace(str(src), src.name)
-                                  ) from None
+            except (LoraStudioError, FileNotFoundError) as e:
+                raise _file_named(e, stage / src.name, src) from None
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         fam = info.family_label

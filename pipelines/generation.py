@@ -144,19 +144,13 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 
 def request_from_parameters(text: str) -> GenerationRequest:
-    """Rebuild the request that made an image from its `parameters` text."""
-    p = parse_parameters(text)
-    w, h = (int(x) for x in p.get("Size", "0x0").split("x"))
-    return GenerationRequest(
-        prompt=p.get("Prompt", ""),
-        negative_prompt=p.get("Negative prompt", ""),
-        steps=int(p.get("Steps", 20)),
-        guidance=float(p.get("CFG scale", 7.0)),
-        seed=int(p.get("Seed", -1)),
-        width=w or None,
-        height=h or None,
-        scheduler=p.get("Sampler", "DPM++ 2M Karras"),
-    )
+    """Rebuild the request that made an image from its `parameters` text, the prompt as recorded (its
+    `<lora:...>` tags where they were, for a stack to apply); pipelines.recall reads the settings."""
+    from dataclasses import replace
+
+    from .recall import recall
+
+    return replace(recall(text).request, prompt=parse_parameters(text).get("Prompt", ""))
 
 
 def generate(

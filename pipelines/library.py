@@ -205,9 +205,9 @@ class AdapterLibrary:
         if p is None:
             import difflib
 
-            close = difflib.get_close_matches(name.casefold(), {n.casefold(): n for n in self.names()}, n=1,
-                                              cutoff=0.75)
-            hint = f"; did you mean '{next(n for n in self.names() if n.casefold() == close[0])}'?" if close else ""
+            names = {n.casefold(): n for n in self.names()}
+            close = difflib.get_close_matches(name.casefold(), names, n=1, cutoff=0.75)
+            hint = f"; did you mean '{names[close[0]]}'?" if close else ""
             raise FileNotFoundError(f"no adapter named '{name}' in the library {self.root}{hint}")
         if not self._inside(p):
             raise UnsafeNameError(f"adapter '{name}': {p.name} links outside the library folder; refused")

@@ -56,6 +56,10 @@ FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
              "style": {**_REAL_STYLE, "grad_accum": 4}},
 }
 
+# every field some preset sets, for some family: the Train tab swaps them on a preset change, the CLI's help says so
+PRESET_KEYS = frozenset(k for v in [*PRESETS.values(), *(x for f in FAMILY_PRESETS.values() for x in f.values())]
+                        for k in v)
+
 
 def preset_family(base: str | None) -> str:
     """Which presets a base gets: "toy" (the embedded model and any base this small: a cross-attention width
