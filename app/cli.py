@@ -13,6 +13,9 @@ from pathlib import Path
 
 from pipelines.errors import LoraStudioError
 
+CLIP_SKIP_HELP = ("AUTOMATIC1111's Clip skip: 2 takes the text encoder's next-to-last layer, as most anime models "
+                  "and the adapters trained for them expect; 1 the last (SD 1.x/2.x; SDXL takes its own)")
+
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
@@ -49,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None,
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras (the default), DPM++ SDE Karras, DDIM, UniPC, "
                         "Heun, LMS, PNDM")
+    g.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help=CLIP_SKIP_HELP + " (default 1)")
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -212,6 +217,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--num-images", type=int, default=1, help="several: one row per seed")
     p.add_argument("--scheduler", default="DPM++ 2M Karras",
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -311,7 +317,7 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-_REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler")
+_REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -330,7 +336,8 @@ def _generate_request(args: argparse.Namespace):
         got = recall(read_parameters(args.from_png), AdapterLibrary(args.library))
         r = got.request
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
-                      guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler)
+                      guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
+                      clip_skip=r.clip_skip)
         notes, model = got.notes, got.model
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
@@ -347,6 +354,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.time()
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
     t1 = time.time()
+    if args.from_png and args.clip_skip is None:  # A1111 records Clip skip on SDXL images too
+        from pipelines.recall import for_family
+
+        req = for_family(req, base.family, notes)
     if recorded_model and recorded_model != base.name:
         notes.append(f"the image was made with the base model '{recorded_model}'; this is '{base.name}' "
                      "(choose it with --base): the picture will differ")
@@ -354,14 +365,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"note: {line}")
     if loras or "<lora:" in req.prompt.lower():
         from pipelines.library import AdapterLibrary
-        from pipelines.stack import AdapterStack, range_warnings
+        from pipelines.stack import AdapterStack, clip_skip_warnings, range_warnings
 
         stack = AdapterStack(base, AdapterLibrary(args.library), allow_pickle=args.allow_pickle)
         for entry, path in loras:
             if path is not None:
                 stack.load(entry.name, path)
         images = stack.generate(req, [e for e, _ in loras])
-        for line in stack.interference().warnings + range_warnings(stack.stack, req.steps):
+        for line in (stack.interference().warnings + range_warnings(stack.stack, req.steps)
+                     + clip_skip_warnings(stack, req.clip_skip)):
             print(f"warning: {line}")
         for line in _step_range_hints(stack, req.steps):
             print(line)
@@ -404,7 +416,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler, clip_skip=args.clip_skip,
     )
     weights = _numbers(args.weights, "--weights") if args.lora else []
     if args.starts is not None and not args.lora:

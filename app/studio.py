@@ -26,7 +26,7 @@ from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_con
 from pipelines.errors import ConfigError, UnsafeNameError
 from pipelines.generation import GeneratedImage, GenerationRequest, save_png
 from pipelines.library import AdapterLibrary, check_name, default_home
-from pipelines.stack import AdapterStack, StackEntry, parse_lora_tags, range_warnings
+from pipelines.stack import AdapterStack, StackEntry, clip_skip_warnings, parse_lora_tags, range_warnings
 from training.config import PRESETS, TrainConfig
 from training.dataset import ScanResult, scan_folder
 from training.jobs import Job, JobQueue
@@ -121,6 +121,7 @@ class GenerateResult:
     warnings: list[str]  # stacked adapters that fight (interference)
     entries: tuple[StackEntry, ...]
     range_warnings: list[str] = field(default_factory=list)  # step ranges that start past the last step
+    clip_skip_warnings: list[str] = field(default_factory=list)  # adapters trained with another Clip skip
 
 
 class Studio:
@@ -487,10 +488,11 @@ class Studio:
             images = stack.generate(req, entries)
             warnings = stack.interference().warnings if len(combined) >= 2 else []
             applied = stack.stack
+            skips = clip_skip_warnings(stack, req.clip_skip)
         paths = self._out_paths(len(images), [f"-{img.seed}" for img in images])
         for img, p in zip(images, paths):
             save_png(img, p)
-        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps))
+        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps), skips)
 
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""

@@ -24,7 +24,7 @@ import pandas as pd
 from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
 from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
-from pipelines.recall import read_parameters, recall
+from pipelines.recall import for_family, read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
@@ -1030,14 +1030,16 @@ class StudioUI:
         return prompt, gr.update(value=None)
 
     @staticmethod
-    def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler) -> GenerationRequest:
+    def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
+                 clip_skip=1) -> GenerationRequest:
         if not (prompt or "").strip():
             raise ConfigError("prompt: write what you want to see (the trigger word brings in the adapter)")
         w, h = _num(width or 0, "width", int), _num(height or 0, "height", int)
         return GenerationRequest(
             prompt=prompt, negative_prompt=negative or "", steps=_num(steps, "steps", int),
             guidance=_num(guidance, "guidance"), seed=_num(seed if seed not in (None, "") else -1, "seed", int),
-            width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler)
+            width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler,
+            clip_skip=_num(clip_skip if clip_skip not in (None, "") else 1, "clip_skip", int))
 
     @staticmethod
     def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
@@ -1045,13 +1047,14 @@ class StudioUI:
 
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                 fuse, *slot_values):
+                 clip_skip, fuse, *slot_values):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
-        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip)
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
-        notes = [("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
+        notes = ([("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
+                 + [("Clip skip", w) for w in res.clip_skip_warnings])
         warn = "\n".join(f"⚠ **{kind}:** {html.escape(w)}" for kind, w in notes)
         if notes:
             gr.Warning(notes[0][1])
@@ -1098,14 +1101,15 @@ class StudioUI:
         r = got.request
         prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()
         notes = list(got.notes)
-        base_update = gr.skip()
+        base_update, picked = gr.skip(), base_name
         if got.model:
             match = self.studio.base_named(got.model)
             if match is not None:
-                base_update = gr.update(value=match, choices=self.base_names())
+                base_update, picked = gr.update(value=match, choices=self.base_names()), match
             else:
                 notes.append(f"the image was made with the base model '{got.model}', which is not here; "
                              f"'{base_name}' stays (put the model into the models folder to use it)")
+        r = for_family(r, self.studio.base_family(picked), notes)
         slots, names = [], self.adapter_names()
         for i in range(SLOTS):
             if i < len(rows):
@@ -1122,14 +1126,14 @@ class StudioUI:
             msg += "\n\n" + "\n\n".join(f"⚠ {html.escape(n, quote=False)}" for n in notes)
             gr.Warning(notes[0])
         return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
-                base_update, *slots, *[None] * SLOTS, msg)
+                r.clip_skip, base_update, *slots, *[None] * SLOTS, msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                cmp_adapter, cmp_weights, cmp_run, *slot_values):
+                clip_skip, cmp_adapter, cmp_weights, cmp_run, *slot_values):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time."""
-        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler)
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip)
         enabled = entries_from_rows(self._slot_rows(slot_values))
         kind = COMPARE_MODES.get(mode)
         if kind is None:
@@ -1439,6 +1443,8 @@ class StudioUI:
                             height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
                                                elem_id="gen-height")
                             num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
+                            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="gen-clip-skip",
+                                                  info="2: the text encoder's next-to-last layer (anime models)")
                             fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
                         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                     with gr.Column(scale=2):
@@ -1575,7 +1581,7 @@ class StudioUI:
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet)
-            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler]
+            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                      gen_outputs)
@@ -1584,7 +1590,8 @@ class StudioUI:
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
             open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
                             [params, recall_info])
-            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, base, *slot_widgets,
+            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip, base,
+                              *slot_widgets,
                               *[c for *_, c in slot_pickers], recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)

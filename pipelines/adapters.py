@@ -614,6 +614,12 @@ class AdapterInfo:
     def family_label(self) -> str:
         return FAMILY_LABELS.get(self.family or "", self.family or "unknown")
 
+    @property
+    def clip_skip(self) -> int:
+        """The Clip skip it was trained with (kohya's `ss_clip_skip`; 1 when unset or unreadable)."""
+        v = str(self.metadata.get("ss_clip_skip", "")).strip()
+        return int(v) if v.isdigit() and 1 <= int(v) <= 12 else 1
+
     def suggested_start(self, steps: int) -> int | None:
         """The step from which the model card suggests the adapter acts, scaled to a sampler of `steps` steps
         (the check ran with its own count); None without a suggestion or with a value that is not START/STEPS."""
@@ -703,6 +709,9 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     when = meta.get("modelspec.date", "")  # the file's own date only: its mtime is when it was copied here
     if train or when:
         rows.append(("training", ", ".join(train + ([f"on {when.replace('T', ' ')}"] if when else []))))
+    if info.clip_skip > 1:
+        rows.append(("clip skip", f"trained with clip skip {info.clip_skip}: generate with Clip skip "
+                                  f"{info.clip_skip} too (--clip-skip {info.clip_skip})"))
     rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))
     of = meta.get(SUGGESTED_START_KEY, "").partition("/")[2]
     start = info.suggested_start(int(of)) if of.isdigit() else None

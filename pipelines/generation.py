@@ -54,6 +54,7 @@ class GenerationRequest:
     height: int | None = None
     num_images: int = 1
     scheduler: str = "DPM++ 2M Karras"
+    clip_skip: int = 1  # AUTOMATIC1111's numbering: 1 = the text encoder's last layer, 2 = the one before it
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -68,6 +69,9 @@ class GenerationRequest:
             v = getattr(self, name)
             if v is not None and (v < 8 or v > 4096 or v % 8):
                 raise ConfigError(f"{name}: must be a multiple of 8 between 8 and 4096, got {v}")
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            raise ConfigError(f"clip_skip: must be a whole number between 1 and 12 (1: the text encoder's last "
+                              f"layer, as AUTOMATIC1111 counts), got {self.clip_skip!r}")
         self.scheduler = scheduler_name(self.scheduler)
         if self.seed is None or int(self.seed) < 0:
             self.seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
@@ -95,6 +99,36 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = cls.from_config(cfg, **extra)
 
 
+def clip_skip_arg(model: BaseModel, clip_skip: int, name: str = "clip_skip") -> int | None:
+    """diffusers' `clip_skip` (layers left out after the last; None for none) for AUTOMATIC1111's Clip skip N
+    (1: the last layer) on `model`: an SDXL model takes its penultimate layers already (A1111 and kohya apply no
+    clip skip there), and no more layers can be left out than the text encoder has."""
+    if clip_skip == 1:
+        return None
+    if model.family == "sdxl":
+        raise ConfigError(f"{name}: SDXL models already take the text encoders' penultimate layer (AUTOMATIC1111 and "
+                          f"kohya apply no clip skip to them): leave it at 1, got {clip_skip}")
+    te = getattr(model.pipe, "text_encoder", None)
+    layers = getattr(getattr(te, "config", None), "num_hidden_layers", None)
+    if layers is not None and clip_skip > layers:
+        raise ConfigError(f"{name}: {model.name}'s text encoder has {layers} layers, so clip skip can be at most "
+                          f"{layers}, got {clip_skip}")
+    return clip_skip - 1
+
+
+def skipped_embeddings(pipe, prompts: list[str], skip: int, device) -> torch.Tensor:
+    """(B, 77, D) embeddings of `prompts` from the text encoder's layer `skip` before the last, through its final
+    norm (AUTOMATIC1111's Clip skip `skip + 1`) for an SD 1.x/2.x pipeline; with gradients where the caller has
+    them (a text encoder being trained)."""
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt")
+    te = pipe.text_encoder
+    mask = tok.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
+    hidden = te(tok.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states[-(skip + 1)]
+    norm = next(m for n, m in te.named_modules() if n.endswith("final_layer_norm"))
+    return norm(hidden).to(te.dtype)
+
+
 def format_parameters(req: GenerationRequest, seed: int, width: int, height: int, model: BaseModel,
                       extra: dict[str, str] | None = None) -> str:
     """AUTOMATIC1111's `parameters` text: prompt, negative prompt, then 'Key: value' pairs."""
@@ -110,6 +144,8 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         "Model": model.name,
         "Model family": model.family,
     }
+    if req.clip_skip > 1:  # A1111 writes it only when set
+        pairs["Clip skip"] = str(req.clip_skip)
     pairs.update(extra or {})
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items()))
     return "\n".join(lines)
@@ -166,6 +202,7 @@ def generate(
     `step_hook(i)` runs before sampler step i (0-based): before the first UNet call, then after each step.
     """
     pipe = model.pipe
+    skip = clip_skip_arg(model, req.clip_skip)
     width = req.width or model.native_resolution
     height = req.height or model.native_resolution
     set_scheduler(pipe, req.scheduler)
@@ -183,9 +220,13 @@ def generate(
     if step_hook is not None:
         step_hook(0)
     with torch.inference_mode():
+        if skip is None:
+            text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)
+        else:  # both prompts through the same layer, as A1111 does (diffusers' own clip_skip skips the positive only)
+            pe, ne = skipped_embeddings(pipe, [req.prompt, req.negative_prompt], skip, model.device).chunk(2)
+            text = dict(prompt_embeds=pe, negative_prompt_embeds=ne)
         out = pipe(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
+            **text,
             num_inference_steps=req.steps,
             guidance_scale=req.guidance,
             width=width,
@@ -239,5 +280,5 @@ def request_dict(req: GenerationRequest) -> dict:
 __all__ = [
     "SCHEDULERS", "GenerationRequest", "GeneratedImage", "generate", "save_png", "output_paths",
     "format_parameters", "parse_parameters", "request_from_parameters", "read_png_parameters",
-    "set_scheduler", "scheduler_name",
+    "set_scheduler", "scheduler_name", "clip_skip_arg",
 ]

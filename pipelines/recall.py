@@ -9,7 +9,7 @@ a sampler or option this app does not have, another base model.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -19,7 +19,7 @@ from .generation import SCHEDULERS, GenerationRequest, parse_parameters, schedul
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
 
 # A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
-UNSUPPORTED = ("Clip skip", "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE",
+UNSUPPORTED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE",
                "Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
 _KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
@@ -102,7 +102,9 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
     req = GenerationRequest(
         prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
         guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
-        height=height, num_images=num_images, scheduler=sampler)
+        height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes))
+    if p.get("Model family"):  # recorded by this app
+        req = for_family(req, p["Model family"], notes)
     if "Seed" not in p:
         notes.append("no seed recorded: a random one is used")
     skipped = [k for k in UNSUPPORTED if k in p]
@@ -111,6 +113,24 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
     if library is not None:
         notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
     return Recalled(req, entries, p.get("Model"), notes)
+
+
+def for_family(req: GenerationRequest, family: str | None, notes: list[str]) -> GenerationRequest:
+    """`req` as it can run on a base model of `family`: AUTOMATIC1111 records its Clip skip setting on SDXL images
+    too, where it has no effect (SDXL takes the penultimate layer already), so it is dropped there, with a note."""
+    if family == "sdxl" and req.clip_skip > 1:
+        notes.append(f"Clip skip {req.clip_skip} is left out: SDXL models take the text encoders' penultimate layer "
+                     "already (AUTOMATIC1111 applies no clip skip to them either)")
+        return replace(req, clip_skip=1)
+    return req
+
+
+def _clip_skip(p: dict[str, str], notes: list[str]) -> int:
+    n = _number(p, "Clip skip", 1, int)
+    if not 1 <= n <= 12:
+        notes.append(f"Clip skip {n} is out of range (1 to 12): 1 is used")
+        return 1
+    return n
 
 
 def _number(p: dict[str, str], key: str, default, kind):
@@ -168,4 +188,4 @@ def _adapter_notes(entries: list[StackEntry], hashes: dict[str, str], library) -
     return notes
 
 
-__all__ = ["Recalled", "read_parameters", "recall"]
+__all__ = ["Recalled", "read_parameters", "recall", "for_family"]

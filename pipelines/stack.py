@@ -186,6 +186,18 @@ def range_warnings(entries: Iterable[StackEntry], steps: int) -> list[str]:
             f"UNet part acts at no step; lower start= or raise the steps" for e in entries if e.start >= steps]
 
 
+def clip_skip_warnings(stack: "AdapterStack", clip_skip: int) -> list[str]:
+    """Adapters in the stack trained with another Clip skip than the one generating: said (A1111 leaves the
+    setting to the user, who often does not know it), not changed."""
+    out = []
+    for e in stack.stack:
+        info = stack.loaded.get(e.name)
+        if info is not None and e.weight and info.clip_skip != clip_skip:
+            out.append(f"{e.name} was trained with Clip skip {info.clip_skip}; this image uses {clip_skip}: set "
+                       f"Clip skip to {info.clip_skip} for the look it learned")
+    return out
+
+
 def parse_lora_hashes(value: str) -> dict[str, str]:
     """A1111's `Lora hashes` value ('a: 0123456789ab, b: ...') -> {name: hash}."""
     out = {}
@@ -1075,5 +1087,5 @@ class AdapterStack:
 
 __all__ = [
     "AdapterStack", "StackEntry", "InterferenceReport", "plain_state_dict", "PairInterference", "parse_lora_tags", "parse_lora_arg",
-    "parse_lora_hashes", "WEIGHT_MIN", "WEIGHT_MAX",
+    "parse_lora_hashes", "WEIGHT_MIN", "WEIGHT_MAX", "clip_skip_warnings",
 ]

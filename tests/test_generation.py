@@ -86,6 +86,53 @@ def test_png_parameters_round_trip_reproduces_image(tiny, tmp_path):
     assert np.array_equal(_arr(again), _arr(img))
 
 
+def test_clip_skip_takes_the_next_to_last_layer_for_both_prompts_and_is_recorded(tiny, tmp_path):
+    """AUTOMATIC1111's Clip skip 2: the prompt and the negative prompt both through the text encoder's
+    next-to-last layer (then its final norm); recorded in the PNG, so the image can be made again."""
+    import torch
+
+    req = GenerationRequest(prompt="a red circle", negative_prompt="blue", steps=3, guidance=5.0, seed=4,
+                            scheduler="Euler", clip_skip=2)
+    img = generate(tiny, req)[0]
+    pipe = tiny.pipe
+
+    def penultimate(text):
+        ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+            te = pipe.text_encoder
+            return getattr(te, "text_model", te).final_layer_norm(hidden)  # transformers 5 has no text_model
+
+    by_hand = pipe(prompt_embeds=penultimate("a red circle"), negative_prompt_embeds=penultimate("blue"),
+                   num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(4)).images[0]
+    assert np.array_equal(_arr(img), _arr(by_hand))
+    last = generate(tiny, GenerationRequest(**{**req.__dict__, "clip_skip": 1}))[0]
+    assert np.abs(_arr(img) - _arr(last)).mean() > 0.5  # the layer matters
+    assert parse_parameters(img.parameters)["Clip skip"] == "2" and "Clip skip" not in last.parameters
+    again = generate(tiny, request_from_parameters(read_png_parameters(save_png(img, tmp_path / "c.png"))))[0]
+    assert np.array_equal(_arr(again), _arr(img))
+    with pytest.raises(ConfigError, match="clip_skip: .*has 2 layers, so clip skip can be at most 2, got 3"):
+        generate(tiny, GenerationRequest(prompt="x", steps=1, clip_skip=3))
+    for bad in (0, 13, 1.5):
+        with pytest.raises(ConfigError, match="clip_skip: must be a whole number between 1 and 12"):
+            GenerationRequest(prompt="x", clip_skip=bad)
+
+
+def test_clip_skip_on_sdxl_is_refused_and_dropped_from_a1111_parameters(tiny_sdxl_dir):
+    from pipelines.recall import for_family, recall
+
+    xl = load_base(tiny_sdxl_dir, device="cpu")
+    with pytest.raises(ConfigError, match="clip_skip: SDXL models already take the text encoders' penultimate"):
+        generate(xl, GenerationRequest(prompt="x", steps=1, clip_skip=2))
+    got = recall("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 64x64, Clip skip: 2")
+    notes: list[str] = []
+    fitted = for_family(got.request, xl.family, notes)  # A1111 writes its global setting on SDXL images too
+    assert fitted.clip_skip == 1 and "Clip skip 2 is left out" in notes[0]
+    assert generate(xl, fitted)[0].image.size == (64, 64)  # made, at the recorded size
+    assert for_family(got.request, "sd1", []).clip_skip == 2
+
+
 def test_parse_a1111_text_with_lora_hashes():
     text = ('masterpiece, <lora:style:0.7> a cat\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, '
             'CFG scale: 7, Seed: 42, Size: 512x768, Model hash: abc123, Lora hashes: "style: 0123456789ab"')

@@ -20,7 +20,7 @@ from pipelines.stack import StackEntry
 A1111 = ("a red square, in ohwx style <lora:alpha:0.8:start=10> <lora:gone:0.5> <lora:beta:0.3:0.9>\n"
          "Negative prompt: blurry, lowres\n"
          "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, "
-         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, "
+         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, "
          'Lora hashes: "alpha: 000000000000, beta: {beta}, gone: 123456789abc", Version: v1.10.1')
 
 
@@ -49,7 +49,8 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
                            StackEntry("beta", 0.9, 0.3)]  # A1111's <lora:name:te:unet>
     assert got.model == "v1-5-pruned-emaonly"
     notes = "\n".join(got.notes)
-    assert "Clip skip 2" in notes  # an option this app does not have is named, not dropped silently
+    assert r.clip_skip == 2 and "Clip skip" not in notes  # applied here as A1111 does
+    assert "Hires upscale 2" in notes  # an option this app does not have is named, not dropped silently
     assert "'gone' is not in the library" in notes
     assert "'alpha': the image was made with file hash 000000000000" in notes  # another version of the file
     assert "'beta'" not in notes  # the same file: nothing to say
@@ -130,11 +131,12 @@ def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, li
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 32x32, "
-                                "Model: sd_xl_base_1.0, Clip skip: 2")
+                                "Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 2")
     Image.new("RGB", (8, 8)).save(foreign, pnginfo=info)
     assert main(common + ["--from-png", str(foreign), "--out", str(tmp_path / "f.png")]) == 0
     out = capsys.readouterr().out
-    assert "note: not applied here: Clip skip 2" in out and "base model 'sd_xl_base_1.0'" in out
+    assert "note: not applied here: Hires upscale 2" in out and "base model 'sd_xl_base_1.0'" in out
+    assert parse_parameters(read_png_parameters(tmp_path / "f.png"))["Clip skip"] == "2"  # SD 1.x: applied
     assert main(common + ["--out", str(tmp_path / "x.png")]) == 2
     assert "--prompt TEXT, or --from-png IMAGE" in capsys.readouterr().err
     plain = tmp_path / "plain.png"

@@ -236,7 +236,7 @@ def test_training_sees_shuffled_tags_and_dropped_captions(tiny_sd1_dir, tmp_path
         (d / f"{i}.txt").write_text(f"sks, {color}, square, flat, simple")
     seen: list[str] = []
     real = tr.encode_text
-    monkeypatch.setattr(tr, "encode_text", lambda base, prompts: seen.extend(prompts) or real(base, prompts))
+    monkeypatch.setattr(tr, "encode_text", lambda base, prompts, *a: seen.extend(prompts) or real(base, prompts, *a))
     train(_cfg(d, tiny_sd1_dir, tmp_path, max_steps=12, shuffle_tags=True, keep_tokens=1, caption_dropout=0.2,
                checkpoint_every=0, sample_every=0))
     rows = [p for p in seen if p.startswith("sks, ")]
@@ -271,6 +271,51 @@ def test_training_draws_only_the_configured_timesteps(star_images, tiny_sd1_dir,
 def test_a_bad_timestep_range_is_refused_naming_the_field(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(images="x", **kw)
+
+
+def test_clip_skip_trains_on_the_next_to_last_layer_and_says_so_in_the_file(star_images, tiny_sd1_dir, tmp_path,
+                                                                              tiny_sdxl_dir, monkeypatch):
+    """kohya's --clip_skip 2: every caption (and the preservation prompts) encoded through the text encoder's
+    next-to-last layer, also while the text encoder trains; the file says so (ss_clip_skip, model card, A1111
+    notes) and generating it with another Clip skip is warned about."""
+    from pipelines.adapters import adapter_facts
+    from pipelines.base_models import load_base
+    from pipelines.generation import GenerationRequest
+    from pipelines.library import AdapterLibrary
+    from pipelines.stack import AdapterStack, clip_skip_warnings
+    from training import trainer as tr
+
+    skips: list[int] = []
+    real = tr.encode_text
+    monkeypatch.setattr(tr, "encode_text", lambda base, prompts, skip=1: skips.append(skip) or real(base, prompts, skip))
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, clip_skip=2, train_text_encoder=True, lr_text=1e-4,
+                     preserve_weight=1.0, checkpoint_every=0))
+    assert skips and set(skips) == {2}
+    base = load_base(tiny_sd1_dir, device="cpu")
+    te = base.pipe.text_encoder
+    ids = base.pipe.tokenizer(["a sks"], padding="max_length", max_length=base.pipe.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = getattr(te, "text_model", te).final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
+        assert torch.allclose(real(base, ["a sks"], 2)[0], want)
+        assert not torch.allclose(real(base, ["a sks"], 1)[0], want)
+    _, meta = load_safetensors(res.adapter_path)
+    assert meta["ss_clip_skip"] == "2"
+    card = res.adapter_path.with_suffix(".md").read_text()
+    assert "Trained with clip skip 2" in card and "--clip-skip 2" in card
+    assert "Clip skip 2" in json.loads(res.adapter_path.with_suffix(".json").read_text())["notes"]
+    lib = AdapterLibrary(tmp_path / "lib")
+    assert ("clip skip", "trained with clip skip 2: generate with Clip skip 2 too (--clip-skip 2)") in \
+        adapter_facts(lib.info("t"))
+    stack = AdapterStack(base, lib)
+    stack.generate(GenerationRequest(prompt="a sks", steps=1, seed=1), ["t"])
+    assert clip_skip_warnings(stack, 1) == ["t was trained with Clip skip 2; this image uses 1: set Clip skip to 2 "
+                                             "for the look it learned"]
+    assert clip_skip_warnings(stack, 2) == []
+    with pytest.raises(ConfigError, match="clip_skip: SDXL models already take"):
+        train(_cfg(star_images, tiny_sdxl_dir, tmp_path, clip_skip=2, name="xl"))
+    with pytest.raises(ConfigError, match="clip_skip: .*at most 2, got 3"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, clip_skip=3, name="deep"))
 
 
 def test_sdxl_training_on_tiny_model(star_images, tiny_sdxl_dir, tmp_path):

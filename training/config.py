@@ -312,6 +312,10 @@ class TrainConfig:
     text_targets: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
                                      group="LoRA", label="Text-encoder modules", list="comma",
                                      help="text-encoder modules that get LoRA")
+    clip_skip: int = option(1, group="LoRA", label="Clip skip", min=1, max=12,
+                            help="train on the text encoder's layer N from the end, as AUTOMATIC1111's Clip skip "
+                                 "(2 for anime models such as NovelAI-based ones; generate with the same value). "
+                                 "SD 1.x/2.x; SDXL takes its own")
     # ---- optimisation
     max_steps: int = option(300, group="Optimisation", label="Steps", min=1, max=10_000_000, flags=("--steps",),
                             help="training steps")

@@ -197,6 +197,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
             "ss_network_dropout": f"{cfg.dropout:g}",
             "ss_seed": str(cfg.seed),
+            "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
             "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
         },
     )
@@ -292,6 +293,8 @@ def a1111_user_metadata(tr: "Trainer") -> dict:
     cfg, base = tr.cfg, tr.base
     toy = preset_family(cfg.base) == "toy"
     notes = ["Trained with LoRA Studio."]
+    if cfg.clip_skip > 1:
+        notes.append(f"Trained with Clip skip {cfg.clip_skip}: set it in the settings when using it.")
     if (wc := getattr(tr, "weight_check", None)) is not None:
         if wc.kept is not None:
             notes.append(f"Keeps the base intact up to weight {wc.safe_up_to:g}." if wc.safe_up_to
@@ -341,9 +344,12 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
         f"hash {meta['lora_studio.base_hash']}\n"
         f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
-        f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n\n"
+        f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n"
+        + (f"- Trained with clip skip {cfg.clip_skip}: generate with Clip skip {cfg.clip_skip} too\n"
+           if cfg.clip_skip > 1 else "") + "\n"
         f"## Use\n\n"
-        f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\"\n\n"
+        f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\""
+        + (f" --clip-skip {cfg.clip_skip}" if cfg.clip_skip > 1 else "") + "\n\n"
         f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
         f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. Copy `{cfg.name}.json` beside it "
         f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.base_models import BaseModel, load_base
+from pipelines.generation import clip_skip_arg
 from pipelines.errors import ConfigError, DatasetError, TrainingError
 from pipelines.weights_io import atomic_write
 from pipelines.single_file import unet_layout
@@ -158,6 +159,7 @@ def _cached_base_images(cfg: TrainConfig, base: BaseModel, resolution: int, kind
 
     from pipelines.generation import GenerationRequest, generate, save_png
 
+    key += f"|clip_skip={cfg.clip_skip}" if cfg.clip_skip > 1 else ""  # the base draws otherwise with it
     folder = cfg.library_dir / ".cache" / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -165,7 +167,8 @@ def _cached_base_images(cfg: TrainConfig, base: BaseModel, resolution: int, kind
         if path.exists():
             continue
         req = GenerationRequest(prompt=prompts[i % len(prompts)], steps=cfg.sample_steps,
-                                seed=cfg.seed + seed_offset + i, width=resolution, height=resolution, guidance=7.0)
+                                seed=cfg.seed + seed_offset + i, width=resolution, height=resolution, guidance=7.0,
+                                clip_skip=cfg.clip_skip)
         save_png(generate(base, req)[0], path)
     return folder
 
@@ -190,9 +193,14 @@ def preserve_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int, p
                                cfg.preserve_images, 20_000, "base")
 
 
-def encode_text(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, 77, D) prompt embeddings, and SDXL's pooled embeddings (B, D2) (None otherwise)."""
+def encode_text(base: BaseModel, prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 77, D) prompt embeddings, and SDXL's pooled embeddings (B, D2) (None otherwise); `clip_skip` as
+    AUTOMATIC1111 counts it (1: the text encoder's last layer)."""
+    from pipelines.generation import skipped_embeddings
+
     pipe = base.pipe
+    if (skip := clip_skip_arg(base, clip_skip)) is not None:
+        return skipped_embeddings(pipe, prompts, skip, base.device), None
     if base.family == "sdxl":
         pe, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=base.device, num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)
@@ -205,20 +213,20 @@ class TextCache:
     """Caches text embeddings while the text encoder is frozen; encodes live when it trains.
     `keep=False` (shuffled tags: a new caption nearly every step) encodes every time, without gradients."""
 
-    def __init__(self, base: BaseModel, live: bool, keep: bool = True):
-        self.base, self.live, self.keep = base, live, keep
+    def __init__(self, base: BaseModel, live: bool, keep: bool = True, clip_skip: int = 1):
+        self.base, self.live, self.keep, self.clip_skip = base, live, keep, clip_skip
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.live:
-            return encode_text(self.base, prompts)
+            return encode_text(self.base, prompts, self.clip_skip)
         if not self.keep:
             with torch.no_grad():
-                return encode_text(self.base, prompts)
+                return encode_text(self.base, prompts, self.clip_skip)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
-                pe, pooled = encode_text(self.base, missing)
+                pe, pooled = encode_text(self.base, missing, self.clip_skip)
             for i, p in enumerate(missing):
                 self.cache[p] = (pe[i], None if pooled is None else pooled[i])
         pe = torch.stack([self.cache[p][0] for p in prompts])
@@ -508,6 +516,7 @@ class Trainer:
         base = self.base
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
+        clip_skip_arg(base, cfg.clip_skip)  # SDXL, or more layers than the text encoder has: said now
         self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
         if cfg.quantize_base:
             from pipelines.quantize import quantize_frozen
@@ -563,13 +572,13 @@ class Trainer:
             conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
             conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None)
         self.components = list(self.lora_configs)
-        self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags)
+        self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
         self.unet_dtype = base.pipe.unet.dtype
         if self.preserve:
             self.adapters_off = AdaptersOff([getattr(base.pipe, c) for c in self.components])
             with self.adapters_off, torch.no_grad():  # the base model's embeddings, fixed for the run
-                self.preserve_cond = encode_text(base, self.preserve)
+                self.preserve_cond = encode_text(base, self.preserve, cfg.clip_skip)
             self.preserve_inputs = self.examples + self.priors + base_images
             self.preserve_by_size: dict[tuple[int, int], list[int]] = {}
             for i, ex in enumerate(self.preserve_inputs):
@@ -817,7 +826,7 @@ class Trainer:
         unet.eval()
         for i, prompt in enumerate(self.sample_prompts()):
             req = GenerationRequest(prompt=prompt, steps=cfg.sample_steps, seed=cfg.sample_seed,
-                                    width=self.resolution, height=self.resolution)
+                                    width=self.resolution, height=self.resolution, clip_skip=cfg.clip_skip)
             img = generate(base, req, extra_parameters={"LoRA": cfg.name, "LoRA step": str(step)})[0]
             out.append(save_png(img, self.run_dir / "samples" / f"step-{step:06d}-{i}.png"))
         unet.train(was_training)

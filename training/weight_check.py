@@ -179,7 +179,8 @@ def check_weights(tr: "Trainer") -> WeightCheck | None:
             ctx = AdaptersOff([getattr(base.pipe, c) for c in tr.components]) if w == 0 else nullcontext()
             with ctx:
                 return [generate(base, GenerationRequest(prompt=p, steps=cfg.sample_steps, seed=cfg.sample_seed + i,
-                                                         width=tr.resolution, height=tr.resolution),
+                                                         width=tr.resolution, height=tr.resolution,
+                                                         clip_skip=cfg.clip_skip),
                                  step_hook=hook if start else None)[0].image
                         for i, p in enumerate(ps)]
         finally:
