@@ -13,6 +13,23 @@ from pathlib import Path
 
 from pipelines.errors import LoraStudioError
 
+def _add_hires_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """AUTOMATIC1111's Hires fix and img2img options (defaults None where --from-png may give them)."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--hires-scale", type=float, default=d(1.0), metavar="X",
+                   help="Hires fix: make the image at --width x --height, enlarge it X times (up to 4) and draw it "
+                        "again, for more detail than the model gives at that size (default 1: off)")
+    p.add_argument("--hires-steps", type=int, default=d(0), metavar="N",
+                   help="steps of the Hires fix's second pass (default 0: as --steps)")
+    p.add_argument("--hires-upscaler", default=d("Latent"), choices=("Latent", "Lanczos"),
+                   help="how the first picture is enlarged: Latent (its latents, A1111's default) or Lanczos")
+    p.add_argument("--denoising-strength", type=float, default=d(0.7), metavar="S",
+                   help="how much of the picture the second pass (or --init-image) draws anew: 0-1 (default 0.7)")
+    p.add_argument("--init-image", default=None, metavar="IMAGE",
+                   help="img2img: start from this picture (stretched to --width x --height, default the model's "
+                        "size) rather than from noise; --denoising-strength says how much changes")
+
+
 CLIP_SKIP_HELP = ("AUTOMATIC1111's Clip skip: 2 takes the text encoder's next-to-last layer, as most anime models "
                   "and the adapters trained for them expect; 1 the last (SD 1.x/2.x; SDXL takes its own)")
 
@@ -54,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Heun, LMS, PNDM")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help=CLIP_SKIP_HELP + " (default 1)")
+    _add_hires_args(g, defaults=False)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -218,6 +236,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--scheduler", default="DPM++ 2M Karras",
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
+    _add_hires_args(p, defaults=True)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -317,7 +336,8 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
     return 0
 
 
-_REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip")
+_REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
+                   "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -337,7 +357,8 @@ def _generate_request(args: argparse.Namespace):
         r = got.request
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
                       guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
-                      clip_skip=r.clip_skip)
+                      clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
+                      hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength)
         notes, model = got.notes, got.model
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
@@ -416,7 +437,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
-        scheduler=args.scheduler, clip_skip=args.clip_skip,
+        scheduler=args.scheduler, clip_skip=args.clip_skip, hires_scale=args.hires_scale,
+        hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
+        init_image=args.init_image,
     )
     weights = _numbers(args.weights, "--weights") if args.lora else []
     if args.starts is not None and not args.lora:

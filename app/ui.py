@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
-from pipelines.generation import SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.recall import for_family, read_parameters, recall
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
@@ -1031,7 +1031,8 @@ class StudioUI:
 
     @staticmethod
     def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                 clip_skip=1) -> GenerationRequest:
+                 clip_skip=1, hires_scale=1.0, hires_steps=0, hires_upscaler="Latent", hires_denoise=0.7,
+                 init_image=None, init_strength=0.75) -> GenerationRequest:
         if not (prompt or "").strip():
             raise ConfigError("prompt: write what you want to see (the trigger word brings in the adapter)")
         w, h = _num(width or 0, "width", int), _num(height or 0, "height", int)
@@ -1039,7 +1040,10 @@ class StudioUI:
             prompt=prompt, negative_prompt=negative or "", steps=_num(steps, "steps", int),
             guidance=_num(guidance, "guidance"), seed=_num(seed if seed not in (None, "") else -1, "seed", int),
             width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler,
-            clip_skip=_num(clip_skip if clip_skip not in (None, "") else 1, "clip_skip", int))
+            clip_skip=_num(clip_skip if clip_skip not in (None, "") else 1, "clip_skip", int),
+            hires_scale=_num(hires_scale or 1, "hires_scale"), hires_steps=_num(hires_steps or 0, "hires_steps", int),
+            hires_upscaler=hires_upscaler or "Latent", init_image=init_image or None,
+            denoising_strength=_num(init_strength if init_image else hires_denoise, "denoising_strength"))
 
     @staticmethod
     def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
@@ -1047,9 +1051,11 @@ class StudioUI:
 
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                 clip_skip, fuse, *slot_values):
+                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, fuse,
+                 *slot_values):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
-        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip)
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
+                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength)
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
@@ -1069,6 +1075,19 @@ class StudioUI:
             return read_png_parameters(paths[evt.index]) or ""
         except (IndexError, TypeError, OSError):
             return gr.skip()
+
+    @staticmethod
+    def picked_image(paths, evt: gr.SelectData):
+        return evt.index if isinstance(evt.index, int) else 0
+
+    @staticmethod
+    def start_from(index, paths):
+        """AUTOMATIC1111's "Send to img2img": the picked (else the first) result becomes the starting image."""
+        if not paths:
+            return gr.skip(), gr.skip(), "Generate an image first: it then becomes the starting image."
+        path = paths[index if isinstance(index, int) and 0 <= index < len(paths) else 0]
+        return path, gr.update(open=True), ("Starting image set: **Generate** draws from it at the denoising "
+                                            "strength under *Start from an image*.")
 
     @ui_errors
     def read_image_parameters(self, file):
@@ -1125,15 +1144,20 @@ class StudioUI:
         if notes:
             msg += "\n\n" + "\n\n".join(f"⚠ {html.escape(n, quote=False)}" for n in notes)
             gr.Warning(notes[0])
+        hires = r.hires_scale > 1
         return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
-                r.clip_skip, base_update, *slots, *[None] * SLOTS, msg)
+                r.clip_skip, r.hires_scale, r.hires_steps, r.hires_upscaler,
+                r.denoising_strength if hires else gr.skip(), gr.update(open=True) if hires else gr.skip(),
+                base_update, *slots, *[None] * SLOTS, msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                clip_skip, cmp_adapter, cmp_weights, cmp_run, *slot_values):
+                clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                cmp_adapter, cmp_weights, cmp_run, *slot_values):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time."""
-        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip)
+        req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
+                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength)
         enabled = entries_from_rows(self._slot_rows(slot_values))
         kind = COMPARE_MODES.get(mode)
         if kind is None:
@@ -1293,6 +1317,7 @@ class StudioUI:
             pending = gr.State(None)  # a form waiting for the name-in-use choice
             last_trigger = gr.State("sks")
             gen_paths = gr.State([])
+            picked = gr.State(0)  # the gallery image last clicked
             last_seed = gr.State(None)
 
             # ---------------------------------------------------------------------------------- Train
@@ -1446,6 +1471,24 @@ class StudioUI:
                             clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="gen-clip-skip",
                                                   info="2: the text encoder's next-to-last layer (anime models)")
                             fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
+                        with gr.Accordion("Hires fix: draw it again larger", open=False, elem_id="gen-hires") as hires_acc:
+                            with gr.Row():
+                                hires_scale = gr.Slider(1, 4, value=1, step=0.25, label="Upscale by (1 = off)",
+                                                        elem_id="gen-hires-scale")
+                                hires_steps = gr.Number(0, precision=0, minimum=0, label="Hires steps (0 = as Steps)",
+                                                        elem_id="gen-hires-steps")
+                                hires_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
+                                                             elem_id="gen-hires-upscaler")
+                                hires_denoise = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Denoising strength",
+                                                          elem_id="gen-hires-denoise")
+                        with gr.Accordion("Start from an image (img2img)", open=False, elem_id="gen-img2img") as i2i_acc:
+                            with gr.Row():
+                                init_image = gr.Image(type="filepath", label="Starting image (stretched to the size)",
+                                                      sources=["upload", "clipboard"], height=160,
+                                                      elem_id="gen-init-image")
+                                init_strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Denoising strength",
+                                                          info="how much of the picture is drawn anew",
+                                                          elem_id="gen-init-strength")
                         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="Results", columns=2, height=360, object_fit="contain",
@@ -1462,6 +1505,7 @@ class StudioUI:
                             open_png = gr.UploadButton("Read from an image…", size="sm", elem_id="gen-open-png",
                                                        file_types=[".png", ".jpg", ".jpeg", ".webp"])
                             recall_btn = gr.Button("Use these parameters", size="sm", elem_id="gen-recall")
+                            to_init = gr.Button("Start from this image (img2img)", size="sm", elem_id="gen-to-init")
                         recall_info = gr.Markdown("", elem_id="gen-recall-info")
                 with gr.Accordion("Compare: one prompt across adapter weights, start steps or checkpoints (grid)",
                                   open=False, elem_id="gen-compare"):
@@ -1581,17 +1625,20 @@ class StudioUI:
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet)
-            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip]
+            req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
+                          hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                      gen_outputs)
             prompt.submit(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                           gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
+            gallery.select(self.picked_image, gen_paths, picked, **quiet)
+            to_init.click(self.start_from, [picked, gen_paths], [init_image, i2i_acc, recall_info], **quiet)
             open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
                             [params, recall_info])
-            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip, base,
-                              *slot_widgets,
+            recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip,
+                              hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, base, *slot_widgets,
                               *[c for *_, c in slot_pickers], recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -41,6 +41,9 @@ def scheduler_name(name: str) -> str:
     return canon
 
 
+HIRES_UPSCALERS = ("Latent", "Lanczos")
+
+
 @dataclass
 class GenerationRequest:
     """Everything that determines a generated image (besides the model and adapters)."""
@@ -55,6 +58,15 @@ class GenerationRequest:
     num_images: int = 1
     scheduler: str = "DPM++ 2M Karras"
     clip_skip: int = 1  # AUTOMATIC1111's numbering: 1 = the text encoder's last layer, 2 = the one before it
+    # AUTOMATIC1111's Hires fix: the image is made at width x height, enlarged hires_scale times and drawn again
+    # from it (img2img at denoising_strength) with hires_steps steps (0: steps); 1 = off
+    hires_scale: float = 1.0
+    hires_steps: int = 0
+    hires_upscaler: str = "Latent"  # Latent (the latents enlarged, A1111's default) or Lanczos (the picture)
+    denoising_strength: float = 0.7  # how much of the picture the second pass (or img2img) draws anew
+    # img2img: the picture to start from (a file path or a PIL image), stretched to width x height; like
+    # AUTOMATIC1111, the parameters record its denoising strength but not the picture
+    init_image: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -72,6 +84,21 @@ class GenerationRequest:
         if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
             raise ConfigError(f"clip_skip: must be a whole number between 1 and 12 (1: the text encoder's last "
                               f"layer, as AUTOMATIC1111 counts), got {self.clip_skip!r}")
+        if not 1.0 <= float(self.hires_scale) <= 4.0:
+            raise ConfigError(f"hires_scale: must be between 1 (off) and 4, got {self.hires_scale}")
+        if isinstance(self.hires_steps, bool) or not isinstance(self.hires_steps, int) or not 0 <= self.hires_steps <= 500:
+            raise ConfigError(f"hires_steps: must be a whole number between 0 (the same as steps) and 500, got "
+                              f"{self.hires_steps!r}")
+        if not 0.0 < float(self.denoising_strength) <= 1.0:
+            raise ConfigError(f"denoising_strength: must be above 0 and at most 1, got {self.denoising_strength}")
+        up = next((u for u in HIRES_UPSCALERS if u.lower() == str(self.hires_upscaler).strip().lower()), None)
+        if up is None:
+            raise ConfigError(f"hires_upscaler: must be one of {', '.join(HIRES_UPSCALERS)}, got "
+                              f"'{self.hires_upscaler}'")
+        self.hires_upscaler = up
+        if self.init_image is not None and self.hires_scale > 1:
+            raise ConfigError("hires_scale: Hires fix enlarges an image made from the prompt; starting from an "
+                              "image (img2img), set the width and height wanted instead (as AUTOMATIC1111's img2img)")
         self.scheduler = scheduler_name(self.scheduler)
         if self.seed is None or int(self.seed) < 0:
             self.seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
@@ -83,6 +110,7 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     parameters: str  # the A1111 `parameters` text
+    size: tuple[int, int] | None = None  # the recorded Size: the first pass's, before a Hires fix (None: image's)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -146,6 +174,13 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
     }
     if req.clip_skip > 1:  # A1111 writes it only when set
         pairs["Clip skip"] = str(req.clip_skip)
+    if req.hires_scale > 1 or req.init_image is not None:
+        pairs["Denoising strength"] = f"{req.denoising_strength:g}"
+    if req.hires_scale > 1:  # A1111's keys; Size stays the first pass's
+        pairs["Hires upscale"] = f"{req.hires_scale:g}"
+        if req.hires_steps:
+            pairs["Hires steps"] = str(req.hires_steps)
+        pairs["Hires upscaler"] = req.hires_upscaler
     pairs.update(extra or {})
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items()))
     return "\n".join(lines)
@@ -199,7 +234,9 @@ def generate(
 ) -> list[GeneratedImage]:
     """Generate req.num_images images; image i uses seed req.seed + i (as AUTOMATIC1111 does).
 
-    `step_hook(i)` runs before sampler step i (0-based): before the first UNet call, then after each step.
+    From the prompt alone, or from `req.init_image` (img2img); with a Hires fix, the result is enlarged and
+    drawn again. `step_hook(i)` runs before sampler step i (0-based) of each pass: before its first UNet call,
+    then after each step. `on_progress(done, total)` counts the steps of all passes.
     """
     pipe = model.pipe
     skip = clip_skip_arg(model, req.clip_skip)
@@ -208,40 +245,105 @@ def generate(
     set_scheduler(pipe, req.scheduler)
     seeds = [req.seed + i for i in range(req.num_images)]
     gen_device = "cpu" if model.device.type == "mps" else model.device
-    generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+    init = _init_image(req.init_image, width, height) if req.init_image is not None else None
+    hires = req.hires_scale > 1
+    first_steps = _steps_run(req.steps, req.denoising_strength if init is not None else 1.0)
+    second_steps = _steps_run(req.hires_steps or req.steps, req.denoising_strength) if hires else 0
+    total, done = first_steps + second_steps, [0]
 
     def _cb(p, step, timestep, kw):
         if step_hook is not None:
             step_hook(step + 1)
+        done[0] += 1
         if on_progress is not None:
-            on_progress(step + 1, req.steps)
+            on_progress(min(done[0], total), total)
         return kw
 
-    if step_hook is not None:
-        step_hook(0)
     with torch.inference_mode():
         if skip is None:
             text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)
         else:  # both prompts through the same layer, as A1111 does (diffusers' own clip_skip skips the positive only)
             pe, ne = skipped_embeddings(pipe, [req.prompt, req.negative_prompt], skip, model.device).chunk(2)
             text = dict(prompt_embeds=pe, negative_prompt_embeds=ne)
-        out = pipe(
-            **text,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            width=width,
-            height=height,
-            num_images_per_prompt=req.num_images,
-            generator=generators,
-            callback_on_step_end=_cb,
-            cross_attention_kwargs=cross_attention_kwargs,
-        )
+
+        def run(p, **kw):
+            if step_hook is not None:
+                step_hook(0)
+            return p(**text, guidance_scale=req.guidance, num_images_per_prompt=req.num_images,
+                     generator=[torch.Generator(device=gen_device).manual_seed(s) for s in seeds],
+                     callback_on_step_end=_cb, cross_attention_kwargs=cross_attention_kwargs, **kw).images
+
+        latent_out = "latent" if hires and req.hires_upscaler == "Latent" else "pil"
+        if init is None:
+            images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out)
+        else:
+            images = run(_img2img(pipe), image=_latents_of(pipe, [init], model.device),
+                         strength=req.denoising_strength, num_inference_steps=req.steps)
+        if hires:
+            big_w, big_h = (max(8, int(v * req.hires_scale) // 8 * 8) for v in (width, height))
+            if latent_out == "latent":  # A1111's "Latent" upscaler: the latents enlarged (bilinear)
+                f = getattr(pipe, "vae_scale_factor", 8)
+                bigger = torch.nn.functional.interpolate(images, size=(big_h // f, big_w // f), mode="bilinear")
+            else:
+                bigger = _latents_of(pipe, [im.resize((big_w, big_h), Image.LANCZOS) for im in images], model.device)
+            images = run(_img2img(pipe), image=bigger, strength=req.denoising_strength,
+                         num_inference_steps=req.hires_steps or req.steps)
     results = []
-    for img, seed in zip(out.images, seeds):
+    for img, seed in zip(images, seeds):
         params = format_parameters(req, seed, width, height, model, extra_parameters)
         img.info["parameters"] = params
-        results.append(GeneratedImage(image=img, seed=seed, parameters=params))
+        results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height)))
     return results
+
+
+def _steps_run(steps: int, strength: float) -> int:
+    """Sampler steps an img2img pass of `steps` at `strength` runs (diffusers: the last steps*strength)."""
+    return min(int(steps * strength), steps) if strength < 1 else steps
+
+
+def _latents_of(pipe, images: list[Image.Image], device) -> torch.Tensor:
+    """The UNet's latents of `images`: the VAE's mean, scaled as the pipeline decodes them. diffusers' img2img
+    samples the VAE's posterior instead, which on a VAE that learnt no variance (the toy model's: std ~1) buries
+    the picture in noise; SD's VAE gives nearly the mean either way."""
+    vae = pipe.vae
+    x = pipe.image_processor.preprocess(images)
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))  # SDXL's VAE in fp16
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        lat = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mean
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((lat - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def _img2img(pipe):
+    """The img2img pipeline on the same modules (adapters and all) and the same sampler."""
+    from diffusers import AutoPipelineForImage2Image
+
+    out = AutoPipelineForImage2Image.from_pipe(pipe)
+    if hasattr(out, "set_progress_bar_config"):
+        out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _init_image(src, width: int, height: int) -> Image.Image:
+    """img2img's starting picture, RGB, stretched to width x height (A1111's "Just resize")."""
+    if isinstance(src, Image.Image):
+        im = src
+    else:
+        path = Path(src)
+        try:
+            with Image.open(path) as f:
+                im = f.convert("RGB")
+        except FileNotFoundError:
+            raise ConfigError(f"init_image: {path}: no such file") from None
+        except OSError:
+            raise ConfigError(f"init_image: {path.name}: not an image this app can read") from None
+    im = im.convert("RGB")
+    return im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
 
 
 def save_png(img: GeneratedImage | Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
@@ -280,5 +382,5 @@ def request_dict(req: GenerationRequest) -> dict:
 __all__ = [
     "SCHEDULERS", "GenerationRequest", "GeneratedImage", "generate", "save_png", "output_paths",
     "format_parameters", "parse_parameters", "request_from_parameters", "read_png_parameters",
-    "set_scheduler", "scheduler_name", "clip_skip_arg",
+    "set_scheduler", "scheduler_name", "clip_skip_arg", "HIRES_UPSCALERS",
 ]

@@ -15,11 +15,11 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ConfigError, UnsafeNameError
-from .generation import SCHEDULERS, GenerationRequest, parse_parameters, scheduler_name
+from .generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, parse_parameters, scheduler_name
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
 
 # A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
-UNSUPPORTED = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "VAE",
+UNSUPPORTED = ("VAE",
                "Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
 _KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
@@ -102,7 +102,8 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
     req = GenerationRequest(
         prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
         guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
-        height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes))
+        height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes),
+        **_hires(p, width, notes))
     if p.get("Model family"):  # recorded by this app
         req = for_family(req, p["Model family"], notes)
     if "Seed" not in p:
@@ -123,6 +124,41 @@ def for_family(req: GenerationRequest, family: str | None, notes: list[str]) -> 
                      "already (AUTOMATIC1111 applies no clip skip to them either)")
         return replace(req, clip_skip=1)
     return req
+
+
+def _hires(p: dict[str, str], width: int | None, notes: list[str]) -> dict:
+    """The Hires fix settings A1111 recorded (Hires upscale, or Hires resize WxH; its steps, upscaler and
+    denoising strength); an img2img image's denoising strength is named: its starting picture is not recorded."""
+    strength = _number(p, "Denoising strength", 0.7, float)
+    if not 0 < strength <= 1:
+        notes.append(f"Denoising strength {strength:g} is out of range (above 0, at most 1): 0.7 is used")
+        strength = 0.7
+    scale = _number(p, "Hires upscale", 0.0, float)
+    if not scale and (resize := p.get("Hires resize")):
+        try:
+            scale = int(resize.lower().split("x")[0]) / width if width else 0.0
+        except ValueError:
+            scale = 0.0
+        if not scale:
+            notes.append(f"Hires resize '{resize}' cannot be read as a scale of the size: no Hires fix is applied")
+    if not scale:
+        if "Denoising strength" in p:
+            notes.append(f"the image was made from another picture (img2img, denoising strength {strength:g}), "
+                         "which its parameters do not hold: it is made from the prompt alone here (give that "
+                         "picture as the starting image, --init-image, to make it again)")
+        return {"denoising_strength": strength}
+    if not 1 <= scale <= 4:
+        notes.append(f"Hires upscale {scale:g} is outside 1 to 4: no Hires fix is applied")
+        return {}
+    upscaler = p.get("Hires upscaler", "Latent")
+    if upscaler not in HIRES_UPSCALERS:
+        use = "Latent" if upscaler.lower().startswith("latent") else "Lanczos"
+        notes.append(f"Hires upscaler '{upscaler}' is not available here: {use} is used (available: "
+                     f"{', '.join(HIRES_UPSCALERS)})")
+        upscaler = use
+    steps = _number(p, "Hires steps", 0, int)
+    return dict(hires_scale=scale, hires_steps=steps if 0 <= steps <= 500 else 0, hires_upscaler=upscaler,
+                denoising_strength=strength)
 
 
 def _clip_skip(p: dict[str, str], notes: list[str]) -> int:

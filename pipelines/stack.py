@@ -1079,7 +1079,7 @@ class AdapterStack:
         recorded = " ".join([req.prompt] + [e.tag() for e in explicit]).strip() if explicit else req.prompt
         rec_req = replace(req, prompt=recorded)
         for img in images:
-            w, h = img.image.size
+            w, h = img.size or img.image.size  # the first pass's size (a Hires fix enlarges the picture)
             img.parameters = format_parameters(rec_req, img.seed, w, h, self.model, extra)
             img.image.info["parameters"] = img.parameters
         return images

@@ -133,6 +133,66 @@ def test_clip_skip_on_sdxl_is_refused_and_dropped_from_a1111_parameters(tiny_sdx
     assert for_family(got.request, "sd1", []).clip_skip == 2
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_enlarges_draws_again_and_is_made_again_from_its_png(tiny, tmp_path, upscaler):
+    """AUTOMATIC1111's Hires fix: made at the size asked, enlarged, drawn again at the denoising strength; the
+    PNG records the first pass's Size and the Hires keys, so the same picture comes back from it."""
+    steps: list[tuple[int, int]] = []
+    req = GenerationRequest(prompt="a red circle", steps=4, seed=2, scheduler="Euler", num_images=2, hires_scale=1.5,
+                            hires_steps=6, hires_upscaler=upscaler, denoising_strength=0.5)
+    imgs = generate(tiny, req, on_progress=lambda d, t: steps.append((d, t)))
+    assert [g.image.size for g in imgs] == [(48, 48)] * 2  # 32 px x 1.5
+    assert steps[-1] == (4 + 3, 4 + 3)  # the first pass's 4, then 6 x 0.5
+    p = parse_parameters(imgs[0].parameters)
+    assert p["Size"] == "32x32" and p["Hires upscale"] == "1.5" and p["Hires steps"] == "6"
+    assert p["Hires upscaler"] == upscaler and p["Denoising strength"] == "0.5"
+    first = generate(tiny, GenerationRequest(prompt="a red circle", steps=4, seed=2, scheduler="Euler"))[0]
+    small = np.asarray(imgs[0].image.resize((32, 32)), dtype=np.int16)
+    assert np.abs(small - _arr(first)).mean() < 40  # drawn again from the first picture, not anew
+    alone = generate(tiny, GenerationRequest(**{**req.__dict__, "seed": 3, "num_images": 1}))[0]
+    assert np.abs(_arr(alone) - _arr(imgs[1])).max() <= 1  # image i of a batch = seed + i alone
+    again = generate(tiny, request_from_parameters(read_png_parameters(save_png(imgs[0], tmp_path / "h.png"))))[0]
+    assert np.abs(_arr(again) - _arr(imgs[0])).max() <= 1  # alone, as image 0 of its batch
+
+
+def test_img2img_starts_from_the_picture_at_the_strength_given(toy_base, tiny, tmp_path):
+    """On the toy model (its VAE keeps a picture): its blue square on yellow, asked to become "a red circle on
+    a white background", stays nearly as it was at a low strength and is drawn anew at strength 1."""
+    start = tmp_path / "start.png"
+    drawn = generate(toy_base, GenerationRequest(prompt="a blue square on a yellow background", steps=20, seed=1))[0]
+    drawn.image.resize((50, 40)).save(start)  # stretched back to the size asked
+    req = dict(prompt="a red circle on a white background", steps=20, seed=5, init_image=str(start))
+    light = generate(toy_base, GenerationRequest(**req, denoising_strength=0.1))[0]
+    heavy = generate(toy_base, GenerationRequest(**req, denoising_strength=1.0))[0]
+    assert light.image.size == (64, 64)
+    assert np.abs(_arr(light) - _arr(drawn)).mean() < 25 < 60 < np.abs(_arr(heavy) - _arr(drawn)).mean()
+    assert parse_parameters(light.parameters)["Denoising strength"] == "0.1" and "Hires" not in light.parameters
+    two = generate(toy_base, GenerationRequest(**req, denoising_strength=0.1, num_images=2))
+    assert np.abs(_arr(two[0]) - _arr(light)).max() <= 1 and two[1].seed == 6
+    with pytest.raises(ConfigError, match="init_image: nope.png: no such file|init_image: .*nope.png: no such"):
+        generate(tiny, GenerationRequest(prompt="x", steps=2, init_image=str(tmp_path / "nope.png")))
+    (tmp_path / "bad.png").write_text("not a picture")
+    with pytest.raises(ConfigError, match="init_image: bad.png: not an image"):
+        generate(tiny, GenerationRequest(prompt="x", steps=2, init_image=str(tmp_path / "bad.png")))
+    with pytest.raises(ConfigError, match="hires_scale: Hires fix enlarges an image made from the prompt"):
+        GenerationRequest(prompt="x", init_image=str(start), hires_scale=2)
+
+
+@pytest.mark.parametrize("kw,msg", [({"hires_scale": 5}, "hires_scale"), ({"hires_scale": 0.5}, "hires_scale"),
+                                    ({"hires_steps": -1}, "hires_steps"), ({"denoising_strength": 0},
+                                                                           "denoising_strength"),
+                                    ({"hires_upscaler": "ESRGAN"}, "hires_upscaler: must be one of Latent, Lanczos")])
+def test_bad_hires_settings_name_their_field(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        GenerationRequest(prompt="x", **kw)
+
+
+def test_hires_fix_on_sdxl(tiny_sdxl_dir):
+    xl = load_base(tiny_sdxl_dir, device="cpu")
+    out = generate(xl, GenerationRequest(prompt="x", steps=2, seed=1, hires_scale=2, denoising_strength=0.5))[0]
+    assert out.image.size == (2 * xl.native_resolution,) * 2
+
+
 def test_parse_a1111_text_with_lora_hashes():
     text = ('masterpiece, <lora:style:0.7> a cat\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, '
             'CFG scale: 7, Seed: 42, Size: 512x768, Model hash: abc123, Lora hashes: "style: 0123456789ab"')

@@ -20,7 +20,8 @@ from pipelines.stack import StackEntry
 A1111 = ("a red square, in ohwx style <lora:alpha:0.8:start=10> <lora:gone:0.5> <lora:beta:0.3:0.9>\n"
          "Negative prompt: blurry, lowres\n"
          "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, "
-         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, "
+         "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Denoising strength: 0.45, "
+         "Hires upscale: 1.5, Hires upscaler: R-ESRGAN 4x+, VAE: vae-ft-mse-840000, "
          'Lora hashes: "alpha: 000000000000, beta: {beta}, gone: 123456789abc", Version: v1.10.1')
 
 
@@ -50,7 +51,9 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
     assert got.model == "v1-5-pruned-emaonly"
     notes = "\n".join(got.notes)
     assert r.clip_skip == 2 and "Clip skip" not in notes  # applied here as A1111 does
-    assert "Hires upscale 2" in notes  # an option this app does not have is named, not dropped silently
+    assert (r.hires_scale, r.hires_steps, r.denoising_strength) == (1.5, 0, 0.45)  # A1111's Hires fix
+    assert r.hires_upscaler == "Lanczos" and "Hires upscaler 'R-ESRGAN 4x+' is not available here" in notes
+    assert "VAE vae-ft-mse-840000" in notes  # an option this app does not have is named, not dropped silently
     assert "'gone' is not in the library" in notes
     assert "'alpha': the image was made with file hash 000000000000" in notes  # another version of the file
     assert "'beta'" not in notes  # the same file: nothing to say
@@ -64,6 +67,17 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
     # the sampler is here, its schedule is not: the sampler is kept, and said
     sched = recall("a cat\nSteps: 4, Sampler: Euler a, Schedule type: SGM Uniform, CFG scale: 5, Seed: 3")
     assert sched.request.scheduler == "Euler a" and "schedule 'SGM Uniform' is not available" in sched.notes[0]
+    # an img2img image: its starting picture is not in the parameters, so it is made from the prompt, and said
+    i2i = recall("a cat\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 64x64, Denoising strength: 0.6")
+    assert i2i.request.hires_scale == 1 and i2i.request.init_image is None
+    assert i2i.request.denoising_strength == 0.6  # for when the picture is given again
+    assert "made from another picture (img2img, denoising strength 0.6)" in i2i.notes[0]
+    # A1111's "resize to" form of the Hires fix: the scale from the sizes
+    resized = recall("a cat\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.3, "
+                     "Hires resize: 96x96, Hires steps: 5, Hires upscaler: Latent (nearest)")
+    r2 = resized.request
+    assert (r2.hires_scale, r2.hires_steps, r2.hires_upscaler, r2.denoising_strength) == (1.5, 5, "Latent", 0.3)
+    assert "'Latent (nearest)' is not available here: Latent is used" in resized.notes[0]
     # an adapter tagged twice is used once (a stack holds it once); a name no library file can have is a note
     twice = recall("a cat <lora:alpha:0.5> <lora:alpha:0.3> <lora:style|v2:1>\nSteps: 4, Sampler: Euler, Seed: 3", lib)
     assert [e.name for e in twice.entries] == ["alpha", "style|v2"]
@@ -131,11 +145,11 @@ def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, li
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 32x32, "
-                                "Model: sd_xl_base_1.0, Clip skip: 2, Hires upscale: 2")
+                                "Model: sd_xl_base_1.0, Clip skip: 2, VAE: sdxl_vae")
     Image.new("RGB", (8, 8)).save(foreign, pnginfo=info)
     assert main(common + ["--from-png", str(foreign), "--out", str(tmp_path / "f.png")]) == 0
     out = capsys.readouterr().out
-    assert "note: not applied here: Hires upscale 2" in out and "base model 'sd_xl_base_1.0'" in out
+    assert "note: not applied here: VAE sdxl_vae" in out and "base model 'sd_xl_base_1.0'" in out
     assert parse_parameters(read_png_parameters(tmp_path / "f.png"))["Clip skip"] == "2"  # SD 1.x: applied
     assert main(common + ["--out", str(tmp_path / "x.png")]) == 2
     assert "--prompt TEXT, or --from-png IMAGE" in capsys.readouterr().err
@@ -143,3 +157,33 @@ def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, li
     Image.new("RGB", (8, 8)).save(plain)
     assert main(common + ["--from-png", str(plain)]) == 2
     assert "plain.png: the image carries no generation parameters" in capsys.readouterr().err
+
+
+def test_cli_hires_fix_and_img2img(tiny_sd1_dir, lib, tmp_path, capsys):
+    """`generate --hires-scale 2` makes a picture twice the size that --from-png makes again; --init-image
+    starts from a picture; a missing one is named."""
+    common = ["generate", "--base", str(tiny_sd1_dir), "--device", "cpu", "--library", str(lib.root)]
+    big = tmp_path / "big.png"
+    assert main(common + ["--prompt", "a blue square <lora:alpha:0.5>", "--steps", "3", "--seed", "4",
+                          "--hires-scale", "2", "--hires-steps", "4", "--denoising-strength", "0.5",
+                          "--hires-upscaler", "Lanczos", "--clip-skip", "2", "--out", str(big)]) == 0
+    p = parse_parameters(read_png_parameters(big))
+    assert Image.open(big).size == (64, 64) and p["Size"] == "32x32" and p["Hires upscale"] == "2"
+    assert (p["Hires steps"], p["Hires upscaler"], p["Denoising strength"], p["Clip skip"]) == ("4", "Lanczos", "0.5",
+                                                                                                "2")
+    again = tmp_path / "again.png"
+    assert main(common + ["--from-png", str(big), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(big)), np.asarray(Image.open(again)))
+    off = tmp_path / "off.png"  # an option given as well wins: the Hires fix off
+    assert main(common + ["--from-png", str(big), "--hires-scale", "1", "--out", str(off)]) == 0
+    assert Image.open(off).size == (32, 32) and "Hires" not in read_png_parameters(off)
+    moved = tmp_path / "moved.png"
+    assert main(common + ["--prompt", "a red circle", "--steps", "4", "--init-image", str(big),
+                          "--denoising-strength", "0.5", "--out", str(moved)]) == 0
+    assert Image.open(moved).size == (32, 32)  # stretched to the model's size
+    assert parse_parameters(read_png_parameters(moved))["Denoising strength"] == "0.5"
+    capsys.readouterr()
+    assert main(common + ["--prompt", "x", "--init-image", str(tmp_path / "nope.png")]) == 2
+    assert "init_image: " in capsys.readouterr().err
+    assert main(common + ["--prompt", "x", "--init-image", str(big), "--hires-scale", "2"]) == 2
+    assert "hires_scale: Hires fix enlarges an image made from the prompt" in capsys.readouterr().err

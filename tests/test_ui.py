@@ -66,6 +66,9 @@ def lora_files(tmp_path_factory, tiny_sd1_dir):
     return out
 
 
+REQ_TAIL = (1, 1.0, 0, "Latent", 0.7, None, 0.75)  # clip skip; Hires fix off; no starting image
+
+
 def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw) -> dict:
     """The Train tab's form as `start_training` takes it: one dict, field name -> widget value."""
     v = dict(images=ds_id, captions=captions, last_trigger="sks", name=name, trigger="sks", preset="concept",
@@ -252,7 +255,7 @@ def test_names_from_the_browser_never_reach_outside(ui, tmp_path, bad):
     with pytest.raises(gr.Error):
         ui.pick_sample_set(bad, None)
     with pytest.raises(gr.Error):  # a base model is picked by name from the list, never opened as a path
-        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", 1, False,
+        ui.generate(bad, "a sks", "", 2, 3.0, 1, 0, 0, 1, "Euler", *REQ_TAIL, False,
                     *([None, False, 1.0, False, 1.0, False, 0, 0] * 4))
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
     caps.loc[0, "image"] = bad if bad else "x"
@@ -434,6 +437,27 @@ def _value(update):
     return update["value"] if isinstance(update, dict) else update
 
 
+def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
+    """The Hires fix settings make a larger picture that "Use these parameters" brings back (the accordion
+    opened); "Start from this image" puts a result in as the starting image, which Generate then draws from."""
+    base = ui.base_names()[0]
+    hires = (1, 2.0, 3, "Lanczos", 0.5, None, 0.75)
+    made = ui.generate(base, "a red circle", "", 2, 3.0, 7, 0, 0, 2, "Euler", *hires, False, *_slots())
+    paths = made[1]
+    assert [Image.open(p).size for p in paths] == [(64, 64)] * 2
+    out = ui.recall_form(read_png_parameters(paths[0]), base)
+    assert out[9:13] == (2.0, 3, "Lanczos", 0.5) and out[13]["open"] is True
+    assert ui.start_from(0, []) [2].startswith("Generate an image first")
+    path, acc, said = ui.start_from(1, paths)
+    assert path == paths[1] and acc["open"] is True and "Starting image set" in said
+    moved = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, path, 0.5,
+                        False, *_slots())[1][0]
+    assert Image.open(moved).size == (32, 32)  # the model's size: the starting picture is stretched to it
+    assert parse_parameters(read_png_parameters(moved))["Denoising strength"] == "0.5"  # the img2img slider's
+    with pytest.raises(gr.Error, match="hires_scale: Hires fix enlarges an image made from the prompt"):
+        ui.generate(base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 2.0, 0, "Latent", 0.7, path, 0.5, False, *_slots())
+
+
 def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tmp_path):
     """PNG Info → Send to txt2img: the parameters of a made image (read from the file, or pasted) fill the
     form, its adapters go into the rows with their weights and step ranges, and Generate makes the same image."""
@@ -443,12 +467,15 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     rows = _slots(("alpha-style", 0.8), ("beta-thing", 0.5))
     rows[5:8] = [True, 1, 0]  # alpha-style from step 1
     rows[8 + 3:8 + 5] = [True, 0.2]  # beta-thing: text encoder at 0.2
-    made = ui.generate(base, "a red circle", "dark", 2, 3.0, 7, 0, 0, 1, "Euler", 1, False, *rows)[1][0]
+    made = ui.generate(base, "a red circle", "dark", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, False, *rows)[1][0]
     text, said = ui.read_image_parameters(made)
     assert text == read_png_parameters(made) and "Use these parameters" in said
     out = ui.recall_form(text, base)
-    prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip, base_pick = out[:10]
-    slots, cards, msg = out[10:10 + 8 * SLOTS], out[10 + 8 * SLOTS:-1], out[-1]
+    prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip = out[:9]
+    *hires, hires_open, base_pick = out[9:15]
+    slots, cards, msg = out[15:15 + 8 * SLOTS], out[15 + 8 * SLOTS:-1], out[-1]
+    assert hires[:3] == [1.0, 0, "Latent"] and hires[3] == gr.skip() and hires_open == gr.skip()  # no Hires fix
+    hires[3] = 0.7
     assert (prompt, negative, steps, guidance, scheduler, seed) == ("a red circle", "dark", 2, 3.0, "Euler", 7)
     assert clip_skip == 1
     assert _value(base_pick) == base  # the recorded model is the one here
@@ -456,7 +483,7 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     assert slots[:8] == ["alpha-style", True, 0.8, False, 0.8, True, 1, 0]
     assert slots[8:16] == ["beta-thing", True, 0.5, True, 0.2, False, 0, 0]
     assert slots[16] is None and list(cards) == [None] * SLOTS and "seed 7" in msg
-    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, False,
+    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, *hires, None, 0.75, False,
                         *slots)[1][0]
     assert Image.open(again).tobytes() == Image.open(made).tobytes()
     # pasted from elsewhere: an adapter that is not here stays a tag in the prompt, and the notes say what differs
@@ -465,9 +492,9 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
               "CFG scale: 5, Seed: 9, Size: 64x64, Model: juggernaut, Clip skip: 2")
     with pytest.warns(UserWarning):
         out = ui.recall_form(pasted, base)
-    assert out[0] == "a cat <lora:not-here:1> <lora:beta-thing:3>" and out[9] == gr.skip()
+    assert out[0] == "a cat <lora:not-here:1> <lora:beta-thing:3>" and out[14] == gr.skip()
     assert out[8] == 2  # A1111's Clip skip fills the form's slider
-    assert _value(out[10]) == "alpha-style" and _value(out[10 + 8]) is None
+    assert _value(out[15]) == "alpha-style" and _value(out[15 + 8]) is None
     assert "'not-here' is not in the library" in out[-1] and "juggernaut" in out[-1]
     assert "Clip skip" not in out[-1]  # applied, so not among what differs
     with pytest.raises(gr.Error, match="not the parameters text"):
@@ -496,7 +523,7 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert ui.insert_trigger("", Sel())[0] == "ohwx"
     assert ui.insert_trigger("ohwx style", Sel())[0] == "ohwx style"  # there already
     gallery, files, params, seed, paths, warn, info = ui.generate(
-        base, "a red circle <lora:beta-thing:0.5>", "", 2, 3.0, 7, 0, 0, 2, "Euler", 1, False,
+        base, "a red circle <lora:beta-thing:0.5>", "", 2, 3.0, 7, 0, 0, 2, "Euler", *REQ_TAIL, False,
         *_slots(("alpha-style", 0.8)))
     assert len(gallery) == 2 and seed == 7
     # each file is named after its own seed (AUTOMATIC1111's way): the second image of seed 7 is seed 8
@@ -509,7 +536,7 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert "Lora hashes" in text and "alpha-style" in info
     assert isinstance(warn, str)
     # fused: the same stack merged into the weights; unfusing restores the exact unfused result
-    args = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1)
+    args = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL)
     plain = Image.open(ui.generate(*args, False, *_slots(("alpha-style", 0.8)))[1][0])
     fused = ui.generate(*args, True, *_slots(("alpha-style", 0.8)))
     assert "(fused)" in fused[-1]
@@ -539,12 +566,12 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
         warn = ui.generate(*args, False, *_slots(("alpha-style", 1.0), ("alpha-copy", -1.0)))[5]
     assert "Interference" in warn and "fight" in warn
     # comparison grid: one column per weight, labelled
-    grid, grid_file, _ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1,
+    grid, grid_file, _ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                                     "alpha-style", "0, 1", None, *_slots())
     with Image.open(grid) as im:
         assert im.width >= 2 * 128 and "alpha-style 0 | alpha-style 1" in im.info["parameters"]
     # the row's step range holds in every column of its weight grid (the axis says so)
-    grid, *_ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1,
+    grid, *_ = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           "alpha-style", "0, 1", None, *ranged)
     params = parse_parameters(read_png_parameters(grid))
     assert params["Grid stacks"] == "<lora:alpha-style:0:start=1> | <lora:alpha-style:1:start=1>"
@@ -553,13 +580,13 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert box["label"].startswith("Start steps") and box["value"] == "0, 5, 10, 15"
     assert ui.compare_values_box("adapter weights", "0, 5")["label"] == "Weights"
     assert "value" not in ui.compare_values_box("checkpoints of a run", "0, 5")  # unused there: left alone
-    grid, *_ = ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1,
+    grid, *_ = ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           "alpha-style", "0, 1", None, *_slots(("alpha-style", 0.8)))
     assert "<lora:alpha-style:0.8> | <lora:alpha-style:0.8:start=1>" in read_png_parameters(grid)
     with pytest.raises(gr.Error, match="start steps: 2 is outside 0..1"):
-        ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1,
+        ui.compare("adapter start step", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                    "alpha-style", "0, 2", None, *_slots())
-    grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1,
+    grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           None, "", None, *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     assert "alpha-style 0.8 | beta-thing 0.5" in read_png_parameters(grid)
     ck = ui.studio.library.root / "runs" / "myrun" / "checkpoints" / "step-2"
@@ -567,13 +594,13 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     shutil.copyfile(lora_files["beta-thing"], ck / "adapter.safetensors")
     (ck / "state.pt").write_bytes(b"")
     assert ui.studio.runs() == ["myrun"]
-    grid, *_ = ui.compare("checkpoints of a run", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, None, "",
+    grid, *_ = ui.compare("checkpoints of a run", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "",
                           "myrun", *_slots())
     assert "step 2" in read_png_parameters(grid)
     with pytest.raises(gr.Error, match="no training run"):
-        ui.compare("checkpoints of a run", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, None, "", "nope", *_slots())
+        ui.compare("checkpoints of a run", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", "nope", *_slots())
     with pytest.raises(gr.Error, match="weights"):
-        ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, "alpha-style", "0, 11", None,
+        ui.compare("adapter weights", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, "alpha-style", "0, 11", None,
                    *_slots())
 
 
