@@ -1456,7 +1456,9 @@ class StudioUI:
                             guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)",
                                                  elem_id="gen-guidance")
                             scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M Karras", label="Sampler",
-                                                    elem_id="gen-scheduler")
+                                                    min_width=180, elem_id="gen-scheduler")
+                            clip_skip = gr.Number(1, precision=0, minimum=1, maximum=12, label="Clip skip",
+                                                  info="2 for anime models", min_width=100, elem_id="gen-clip-skip")
                         with gr.Row():
                             seed = gr.Number(-1, label="Seed (−1 = random)", precision=0, scale=2, elem_id="gen-seed")
                             with gr.Column(scale=1, min_width=120):
@@ -1468,26 +1470,26 @@ class StudioUI:
                             height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
                                                elem_id="gen-height")
                             num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
-                            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="gen-clip-skip",
-                                                  info="2: the text encoder's next-to-last layer (anime models)")
                             fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
                         with gr.Accordion("Hires fix: draw it again larger", open=False, elem_id="gen-hires") as hires_acc:
                             with gr.Row():
                                 hires_scale = gr.Slider(1, 4, value=1, step=0.25, label="Upscale by (1 = off)",
                                                         elem_id="gen-hires-scale")
-                                hires_steps = gr.Number(0, precision=0, minimum=0, label="Hires steps (0 = as Steps)",
-                                                        elem_id="gen-hires-steps")
                                 hires_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
                                                              elem_id="gen-hires-upscaler")
+                            with gr.Row():
+                                hires_steps = gr.Number(0, precision=0, minimum=0, label="Hires steps (0 = as Steps)",
+                                                        elem_id="gen-hires-steps")
                                 hires_denoise = gr.Slider(0.05, 1, value=0.7, step=0.05, label="Denoising strength",
                                                           elem_id="gen-hires-denoise")
                         with gr.Accordion("Start from an image (img2img)", open=False, elem_id="gen-img2img") as i2i_acc:
                             with gr.Row():
-                                init_image = gr.Image(type="filepath", label="Starting image (stretched to the size)",
+                                init_image = gr.Image(type="filepath", label="Starting image",
                                                       sources=["upload", "clipboard"], height=160,
                                                       elem_id="gen-init-image")
                                 init_strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Denoising strength",
-                                                          info="how much of the picture is drawn anew",
+                                                          info="how much of the picture is drawn anew (it is "
+                                                               "stretched to the width and height)",
                                                           elem_id="gen-init-strength")
                         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                     with gr.Column(scale=2):
