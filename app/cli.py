@@ -13,6 +13,28 @@ from pathlib import Path
 
 from pipelines.errors import LoraStudioError
 
+def _add_vae_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", default=None, metavar="FILE|NAME",
+                   help="decode with this VAE instead of the model's own (AUTOMATIC1111's SD VAE): a file, or a "
+                        "name in $LORA_STUDIO_HOME/models/VAE; recorded in the PNG")
+
+
+def _vae_path(value: str | None) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    from pipelines.library import default_home
+    from pipelines.vae import vae_files
+
+    folder = default_home() / "models" / "VAE"
+    found = vae_files(folder).get(value)
+    if found is None:
+        raise _usage(f"--vae: no file '{value}', and no VAE of that name in {folder}")
+    return found
+
+
 def _add_hires_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     """AUTOMATIC1111's Hires fix and img2img options (defaults None where --from-png may give them)."""
     d = (lambda v: v) if defaults else (lambda v: None)
@@ -72,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help=CLIP_SKIP_HELP + " (default 1)")
     _add_hires_args(g, defaults=False)
+    _add_vae_arg(g)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -237,6 +260,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
     _add_hires_args(p, defaults=True)
+    _add_vae_arg(p)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -349,6 +373,7 @@ def _generate_request(args: argparse.Namespace):
 
     values = {f.name: f.default for f in fields(GenerationRequest) if f.name in _REQUEST_FIELDS}
     notes, model = [], None
+    args.vae_path = _vae_path(args.vae)
     if args.from_png:
         from pipelines.library import AdapterLibrary
         from pipelines.recall import read_parameters, recall
@@ -360,6 +385,15 @@ def _generate_request(args: argparse.Namespace):
                       clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
                       hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength)
         notes, model = got.notes, got.model
+        if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
+            from pipelines.library import default_home
+            from pipelines.vae import vae_files
+
+            folder = default_home() / "models" / "VAE"
+            args.vae_path = vae_files(folder).get(got.vae)
+            if args.vae_path is None:
+                notes.append(f"the image was decoded with the VAE '{got.vae}', which is not in {folder} (or give "
+                             "it with --vae): the model's own is used, colours may differ")
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
     values.update({k: v for k in (*_REQUEST_FIELDS, "prompt") if (v := getattr(args, k)) is not None})
@@ -374,6 +408,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loras = [_lora_entry(x) for x in args.lora]
     t0 = time.time()
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
+    if args.vae_path is not None:
+        from pipelines.vae import use_vae
+
+        use_vae(base, args.vae_path, args.allow_pickle)
     t1 = time.time()
     if args.from_png and args.clip_skip is None:  # A1111 records Clip skip on SDXL images too
         from pipelines.recall import for_family
@@ -616,6 +654,10 @@ def _stack_for(args: argparse.Namespace):
     from pipelines.stack import AdapterStack
 
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
+    if (vae := _vae_path(getattr(args, "vae", None))) is not None:
+        from pipelines.vae import use_vae
+
+        use_vae(base, vae, args.allow_pickle)
     return AdapterStack(base, _library(args), allow_pickle=args.allow_pickle)
 
 

@@ -26,6 +26,7 @@ from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_con
 from pipelines.errors import ConfigError, UnsafeNameError
 from pipelines.generation import GeneratedImage, GenerationRequest, save_png
 from pipelines.library import AdapterLibrary, check_name, default_home
+from pipelines.vae import AUTOMATIC, use_vae, vae_files
 from pipelines.stack import AdapterStack, StackEntry, clip_skip_warnings, parse_lora_tags, range_warnings
 from training.config import PRESETS, TrainConfig
 from training.dataset import ScanResult, scan_folder
@@ -136,7 +137,7 @@ class Studio:
         self.outputs = self.home / "outputs"
         self.datasets = self.home / "datasets"
         self.models_dir = self.home / "models"
-        for d in (self.library.root, self.outputs, self.datasets, self.models_dir):
+        for d in (self.library.root, self.outputs, self.datasets, self.models_dir, self.models_dir / "VAE"):
             d.mkdir(parents=True, exist_ok=True)
         self.default_base = str(base) if base else str(DEFAULT_BASE)
         self.allow_pickle = allow_pickle
@@ -202,6 +203,24 @@ class Studio:
             if recorded in (name, name.split(" (")[0], src, shareable_path(src), Path(src).name, Path(src).stem):
                 return name
         return None
+
+    @property
+    def vae_dir(self) -> Path:
+        """Separate VAE files go here (AUTOMATIC1111's models/VAE)."""
+        return self.models_dir / "VAE"
+
+    def vae_choices(self) -> list[str]:
+        """The VAE picker: the model's own ("Automatic"), then the files in the VAE folder."""
+        return [AUTOMATIC, *vae_files(self.vae_dir)]
+
+    def vae_source(self, name: str | None) -> Path | None:
+        """The file of a VAE picked by name; None for the model's own. A name not in the folder is refused."""
+        if not name or name == AUTOMATIC:
+            return None
+        found = vae_files(self.vae_dir).get(name)
+        if found is None:
+            raise UnsafeNameError(f"vae: '{name}' is not in {self.vae_dir} (put VAE files there)")
+        return found
 
     def base_family(self, name: str | None) -> str | None:
         """The family of a base model by name: from the loaded model, else from its configs (None: unknown)."""
@@ -466,7 +485,7 @@ class Studio:
         return paths
 
     def generate(self, base_name: str | None, req: GenerationRequest, entries: Sequence[StackEntry] = (),
-                 fuse: bool = False) -> GenerateResult:
+                 fuse: bool = False, vae: str | None = None) -> GenerateResult:
         """Generate with the given stack (plus `<lora:...>` tags in the prompt); save PNGs with parameters.
 
         The stack's lock is held from choosing the adapters to the last denoising step, so two requests
@@ -477,6 +496,7 @@ class Studio:
         _, tagged = parse_lora_tags(req.prompt)
         combined = list(entries) + tagged
         with stack.lock:
+            use_vae(m.base, self.vae_source(vae), self.allow_pickle)
             stack.set_stack(combined)
             if fuse and any(e.scheduled(req.steps) for e in stack.stack):
                 raise ConfigError("fuse: an adapter with a step range (start=/stop=) switches on and off during "
@@ -503,7 +523,7 @@ class Studio:
 
     def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
                 weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = (),
-                starts: Sequence[int] = ()) -> Path:
+                starts: Sequence[int] = (), vae: str | None = None) -> Path:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
         ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
@@ -512,6 +532,7 @@ class Studio:
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
+            use_vae(m.base, self.vae_source(vae), self.allow_pickle)
             if mode == "weights":
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")

@@ -25,6 +25,7 @@ from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
 from pipelines.generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, read_png_parameters
 from pipelines.recall import for_family, read_parameters, recall
+from pipelines.vae import AUTOMATIC
 from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
@@ -963,6 +964,11 @@ class StudioUI:
         return (gr.update(choices=names, value=current if current in names else names[0]),
                 gr.update(choices=names, value=current_train if current_train in names else names[0]))
 
+    def refresh_vaes(self, current):
+        """The VAE picker: the model's own, then the files in the models/VAE folder."""
+        names = self.studio.vae_choices()
+        return gr.update(choices=names, value=current if current in names else AUTOMATIC)
+
     def _card_start(self, name, steps) -> int | None:
         if not name:
             return None
@@ -1051,13 +1057,13 @@ class StudioUI:
 
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, fuse,
-                 *slot_values):
+                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae,
+                 fuse, *slot_values):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength)
         entries = entries_from_rows(self._slot_rows(slot_values))
-        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse))
+        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae)
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
         notes = ([("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
                  + [("Clip skip", w) for w in res.clip_skip_warnings])
@@ -1129,6 +1135,13 @@ class StudioUI:
                 notes.append(f"the image was made with the base model '{got.model}', which is not here; "
                              f"'{base_name}' stays (put the model into the models folder to use it)")
         r = for_family(r, self.studio.base_family(picked), notes)
+        vae_update = AUTOMATIC
+        if got.vae:
+            if got.vae in self.studio.vae_choices():
+                vae_update = got.vae
+            else:
+                notes.append(f"the image was decoded with the VAE '{got.vae}', which is not in "
+                             f"{self.studio.vae_dir}: the model's own is used (colours may differ)")
         slots, names = [], self.adapter_names()
         for i in range(SLOTS):
             if i < len(rows):
@@ -1148,11 +1161,11 @@ class StudioUI:
         return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
                 r.clip_skip, r.hires_scale, r.hires_steps, r.hires_upscaler,
                 r.denoising_strength if hires else gr.skip(), gr.update(open=True) if hires else gr.skip(),
-                base_update, *slots, *[None] * SLOTS, msg)
+                vae_update, base_update, *slots, *[None] * SLOTS, msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae,
                 cmp_adapter, cmp_weights, cmp_run, *slot_values):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time."""
@@ -1165,7 +1178,7 @@ class StudioUI:
         weights = _weights(cmp_weights) if kind == "weights" else ()
         starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
-                                   others=enabled, starts=starts)
+                                   others=enabled, starts=starts, vae=vae)
         return str(path), str(path), req.seed
 
     @staticmethod
@@ -1407,6 +1420,8 @@ class StudioUI:
                         with gr.Row(equal_height=True):
                             base = gr.Dropdown(bases, value=bases[0], label="Base model", scale=4, min_width=240,
                                                elem_id="gen-base")
+                            vae = gr.Dropdown(st.vae_choices(), value=AUTOMATIC, label="VAE", scale=2, min_width=150,
+                                              elem_id="gen-vae")
                             refresh_btn = gr.Button("↻ Refresh lists", scale=1, size="sm", min_width=120,
                                                     elem_id="gen-refresh")
                         gr.Markdown("**Adapters** — enable, weight −2…2; tick *TE* for a separate text-encoder "
@@ -1626,9 +1641,10 @@ class StudioUI:
                         [w for _, _, f, _, c in slot_pickers for w in (f, c)], **quiet)
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
-                self.refresh_bases, [base, train_base], [base, train_base], **quiet)
+                self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
+                self.refresh_vaes, vae, vae, **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
-                          hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength]
+                          hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                      gen_outputs)
@@ -1640,7 +1656,8 @@ class StudioUI:
             open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
                             [params, recall_info])
             recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip,
-                              hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, base, *slot_widgets,
+                              hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, vae, base,
+                              *slot_widgets,
                               *[c for *_, c in slot_pickers], recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)

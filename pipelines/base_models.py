@@ -33,6 +33,7 @@ class BaseModel:
     name: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    vae_name: str | None = None  # a separate VAE in use (pipelines.vae.use_vae), recorded as A1111's "VAE"
 
     @property
     def native_resolution(self) -> int:

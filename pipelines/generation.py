@@ -172,6 +172,8 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         "Model": model.name,
         "Model family": model.family,
     }
+    if getattr(model, "vae_name", None):  # A1111 writes the VAE file's name
+        pairs["VAE"] = model.vae_name
     if req.clip_skip > 1:  # A1111 writes it only when set
         pairs["Clip skip"] = str(req.clip_skip)
     if req.hires_scale > 1 or req.init_image is not None:

@@ -19,8 +19,7 @@ from .generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, parse_pa
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
 
 # A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
-UNSUPPORTED = ("VAE",
-               "Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
+UNSUPPORTED = ("Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
 _KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
 
@@ -29,6 +28,7 @@ class Recalled:
     request: GenerationRequest  # the prompt without its <lora:...> tags
     entries: list[StackEntry]  # the adapters, in the recorded order, with their weights and step ranges
     model: str | None = None  # the base model's name as recorded ("Model: ...")
+    vae: str | None = None  # a separate VAE's file name as recorded ("VAE: ..."; the caller looks for it)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -113,7 +113,7 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
         notes.append("not applied here: " + ", ".join(f"{k} {p[k]}" for k in skipped) + " (the picture will differ)")
     if library is not None:
         notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
-    return Recalled(req, entries, p.get("Model"), notes)
+    return Recalled(req, entries, p.get("Model"), vae=p.get("VAE") or None, notes=notes)
 
 
 def for_family(req: GenerationRequest, family: str | None, notes: list[str]) -> GenerationRequest:

@@ -21,7 +21,7 @@ A1111 = ("a red square, in ohwx style <lora:alpha:0.8:start=10> <lora:gone:0.5> 
          "Negative prompt: blurry, lowres\n"
          "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, "
          "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Denoising strength: 0.45, "
-         "Hires upscale: 1.5, Hires upscaler: R-ESRGAN 4x+, VAE: vae-ft-mse-840000, "
+         "Hires upscale: 1.5, Hires upscaler: R-ESRGAN 4x+, VAE: vae-ft-mse-840000.safetensors, ENSD: 31337, "
          'Lora hashes: "alpha: 000000000000, beta: {beta}, gone: 123456789abc", Version: v1.10.1')
 
 
@@ -53,7 +53,8 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
     assert r.clip_skip == 2 and "Clip skip" not in notes  # applied here as A1111 does
     assert (r.hires_scale, r.hires_steps, r.denoising_strength) == (1.5, 0, 0.45)  # A1111's Hires fix
     assert r.hires_upscaler == "Lanczos" and "Hires upscaler 'R-ESRGAN 4x+' is not available here" in notes
-    assert "VAE vae-ft-mse-840000" in notes  # an option this app does not have is named, not dropped silently
+    assert got.vae == "vae-ft-mse-840000.safetensors"  # the caller looks for it in the VAE folder
+    assert "ENSD 31337" in notes  # an option this app does not have is named, not dropped silently
     assert "'gone' is not in the library" in notes
     assert "'alpha': the image was made with file hash 000000000000" in notes  # another version of the file
     assert "'beta'" not in notes  # the same file: nothing to say
@@ -149,7 +150,7 @@ def test_cli_from_png_makes_the_same_image_and_options_override(tiny_sd1_dir, li
     Image.new("RGB", (8, 8)).save(foreign, pnginfo=info)
     assert main(common + ["--from-png", str(foreign), "--out", str(tmp_path / "f.png")]) == 0
     out = capsys.readouterr().out
-    assert "note: not applied here: VAE sdxl_vae" in out and "base model 'sd_xl_base_1.0'" in out
+    assert "decoded with the VAE 'sdxl_vae', which is not in" in out and "base model 'sd_xl_base_1.0'" in out
     assert parse_parameters(read_png_parameters(tmp_path / "f.png"))["Clip skip"] == "2"  # SD 1.x: applied
     assert main(common + ["--out", str(tmp_path / "x.png")]) == 2
     assert "--prompt TEXT, or --from-png IMAGE" in capsys.readouterr().err

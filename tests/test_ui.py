@@ -66,7 +66,7 @@ def lora_files(tmp_path_factory, tiny_sd1_dir):
     return out
 
 
-REQ_TAIL = (1, 1.0, 0, "Latent", 0.7, None, 0.75)  # clip skip; Hires fix off; no starting image
+REQ_TAIL = (1, 1.0, 0, "Latent", 0.7, None, 0.75, None)  # clip skip; Hires fix off; no starting image; own VAE
 
 
 def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw) -> dict:
@@ -441,7 +441,7 @@ def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
     """The Hires fix settings make a larger picture that "Use these parameters" brings back (the accordion
     opened); "Start from this image" puts a result in as the starting image, which Generate then draws from."""
     base = ui.base_names()[0]
-    hires = (1, 2.0, 3, "Lanczos", 0.5, None, 0.75)
+    hires = (1, 2.0, 3, "Lanczos", 0.5, None, 0.75, None)
     made = ui.generate(base, "a red circle", "", 2, 3.0, 7, 0, 0, 2, "Euler", *hires, False, *_slots())
     paths = made[1]
     assert [Image.open(p).size for p in paths] == [(64, 64)] * 2
@@ -451,11 +451,11 @@ def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
     path, acc, said = ui.start_from(1, paths)
     assert path == paths[1] and acc["open"] is True and "Starting image set" in said
     moved = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, path, 0.5,
-                        False, *_slots())[1][0]
+                        None, False, *_slots())[1][0]
     assert Image.open(moved).size == (32, 32)  # the model's size: the starting picture is stretched to it
     assert parse_parameters(read_png_parameters(moved))["Denoising strength"] == "0.5"  # the img2img slider's
     with pytest.raises(gr.Error, match="hires_scale: Hires fix enlarges an image made from the prompt"):
-        ui.generate(base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 2.0, 0, "Latent", 0.7, path, 0.5, False, *_slots())
+        ui.generate(base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 2.0, 0, "Latent", 0.7, path, 0.5, None, False, *_slots())
 
 
 def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tmp_path):
@@ -472,8 +472,9 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     assert text == read_png_parameters(made) and "Use these parameters" in said
     out = ui.recall_form(text, base)
     prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip = out[:9]
-    *hires, hires_open, base_pick = out[9:15]
-    slots, cards, msg = out[15:15 + 8 * SLOTS], out[15 + 8 * SLOTS:-1], out[-1]
+    *hires, hires_open, vae, base_pick = out[9:16]
+    slots, cards, msg = out[16:16 + 8 * SLOTS], out[16 + 8 * SLOTS:-1], out[-1]
+    assert vae == "Automatic"  # no VAE recorded: the model's own
     assert hires[:3] == [1.0, 0, "Latent"] and hires[3] == gr.skip() and hires_open == gr.skip()  # no Hires fix
     hires[3] = 0.7
     assert (prompt, negative, steps, guidance, scheduler, seed) == ("a red circle", "dark", 2, 3.0, "Euler", 7)
@@ -483,7 +484,7 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     assert slots[:8] == ["alpha-style", True, 0.8, False, 0.8, True, 1, 0]
     assert slots[8:16] == ["beta-thing", True, 0.5, True, 0.2, False, 0, 0]
     assert slots[16] is None and list(cards) == [None] * SLOTS and "seed 7" in msg
-    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, *hires, None, 0.75, False,
+    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, *hires, None, 0.75, vae, False,
                         *slots)[1][0]
     assert Image.open(again).tobytes() == Image.open(made).tobytes()
     # pasted from elsewhere: an adapter that is not here stays a tag in the prompt, and the notes say what differs
@@ -492,9 +493,9 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
               "CFG scale: 5, Seed: 9, Size: 64x64, Model: juggernaut, Clip skip: 2")
     with pytest.warns(UserWarning):
         out = ui.recall_form(pasted, base)
-    assert out[0] == "a cat <lora:not-here:1> <lora:beta-thing:3>" and out[14] == gr.skip()
+    assert out[0] == "a cat <lora:not-here:1> <lora:beta-thing:3>" and out[15] == gr.skip()
     assert out[8] == 2  # A1111's Clip skip fills the form's slider
-    assert _value(out[15]) == "alpha-style" and _value(out[15 + 8]) is None
+    assert _value(out[16]) == "alpha-style" and _value(out[16 + 8]) is None
     assert "'not-here' is not in the library" in out[-1] and "juggernaut" in out[-1]
     assert "Clip skip" not in out[-1]  # applied, so not among what differs
     with pytest.raises(gr.Error, match="not the parameters text"):
