@@ -13,6 +13,8 @@ from PIL import Image, PngImagePlugin
 
 from .base_models import BaseModel
 from .errors import ConfigError
+from .prompts import encode as encode_prompts
+from .prompts import needs_syntax
 from .weights_io import atomic_write
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
@@ -262,7 +264,9 @@ def generate(
         return kw
 
     with torch.inference_mode():
-        if skip is None:
+        if any(needs_syntax(pipe.tokenizer, p) for p in (req.prompt, req.negative_prompt)):
+            text = encode_prompts(model, req.prompt, req.negative_prompt, skip)  # A1111's weights and chunks
+        elif skip is None:
             text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)
         else:  # both prompts through the same layer, as A1111 does (diffusers' own clip_skip skips the positive only)
             pe, ne = skipped_embeddings(pipe, [req.prompt, req.negative_prompt], skip, model.device).chunk(2)
