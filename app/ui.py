@@ -1464,8 +1464,8 @@ class StudioUI:
                                             interactive=True,
                                             elem_id="gen-triggers")
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
-                                            placeholder="a red sks on a white background   (red:1.3), BREAK and <lora:name:0.8> work "
-                                                        "as in AUTOMATIC1111")
+                                            placeholder="a red sks on a white background   (red:1.3), BREAK and "
+                                                        "<lora:name:0.8> work as in AUTOMATIC1111")
                         negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
                         with gr.Row():
                             steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
