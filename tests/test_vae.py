@@ -142,3 +142,29 @@ def test_cli_vae_by_file_or_name_and_from_png(toy_base_dir, vae_dir, tmp_path, m
     capsys.readouterr()
     assert main(common + ["--prompt", "x", "--vae", "nowhere.safetensors"]) == 2
     assert "--vae: no file 'nowhere.safetensors', and no VAE of that name in" in capsys.readouterr().err
+
+
+def test_training_encodes_with_the_vae_given_and_records_it(star_images, tiny_sd1_dir, tmp_path, monkeypatch):
+    """kohya's --vae: the images are encoded with it, the samples decoded with it, the file names it."""
+    from pipelines.weights_io import load_safetensors
+    from training import trainer as tr
+    from training.config import TrainConfig
+
+    like = load_base(tiny_sd1_dir, device="cpu").pipe.vae
+    ldm = {k: v.clone().contiguous() for k, v in vae_to_ldm(like).items()}
+    ldm["encoder.conv_out.bias"] = ldm["encoder.conv_out.bias"] + 0.5
+    save_file(ldm, tmp_path / "shifted.safetensors")
+    seen = []
+    real = tr.encode_images
+    monkeypatch.setattr(tr, "encode_images", lambda base, images: seen.append(base.pipe.vae) or real(base, images))
+    cfg = TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "lib"), max_steps=2,
+                      batch_size=2, checkpoint_every=0, device="cpu", sample_steps=2, name="v", rank=4,
+                      vae=str(tmp_path / "shifted.safetensors"))
+    res = tr.train(cfg)
+    assert seen and all(torch.equal(v.encoder.conv_out.bias, like.encoder.conv_out.bias + 0.5) for v in seen)
+    _, meta = load_safetensors(res.adapter_path)
+    assert meta["ss_vae_name"] == "shifted.safetensors"
+    samples = sorted((tmp_path / "lib" / "runs" / "v" / "samples").glob("*.png"))
+    assert samples and parse_parameters(read_png_parameters(samples[-1]))["VAE"] == "shifted.safetensors"
+    with pytest.raises(LoraStudioError, match="gone.safetensors: no such file"):
+        tr.train(cfg.replace(vae=str(tmp_path / "gone.safetensors"), name="v2"))

@@ -215,6 +215,9 @@ class TrainConfig:
     base: str | None = option(None, group="main", label="Base model",
                               help="base model: a diffusers folder, a single-file .safetensors checkpoint or a hub "
                                    "id (default: the embedded toy model)")
+    vae: str | None = option(None, group="Data & captions", label="VAE file",
+                             help="encode the images with this VAE instead of the base model's own (kohya's --vae; "
+                                  "a .safetensors file); the samples and checks decode with it too")
     output_dir: str | None = option(None, group="main", ui=False, flags=("--output-dir", "--library"),
                                     help="adapter library folder (default: $LORA_STUDIO_HOME/loras, "
                                          "~/.local/share/lora-studio/loras)")
@@ -401,7 +404,7 @@ class TrainConfig:
         hints = _field_types(type(self))
         for f in fields(self):
             setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), hints[f.name]))
-        for f_ in ("images", "base", "output_dir", "class_images", "resume", "init_adapter"):
+        for f_ in ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae"):
             v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
             if isinstance(v, str) and (v == "~" or v.startswith("~/")):
                 setattr(self, f_, os.path.expanduser(v))

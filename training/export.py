@@ -133,7 +133,7 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
 
 # TrainConfig fields that hold local paths: shared files (the adapter's metadata, its library .toml) carry
 # them as `shareable_path` gives them, never as absolute paths of this machine
-PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter")
+PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae")
 
 
 def shareable_path(value: str | None) -> str | None:
@@ -198,6 +198,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_network_dropout": f"{cfg.dropout:g}",
             "ss_seed": str(cfg.seed),
             "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
+            **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),
             "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
         },
     )

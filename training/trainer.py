@@ -160,6 +160,7 @@ def _cached_base_images(cfg: TrainConfig, base: BaseModel, resolution: int, kind
     from pipelines.generation import GenerationRequest, generate, save_png
 
     key += f"|clip_skip={cfg.clip_skip}" if cfg.clip_skip > 1 else ""  # the base draws otherwise with it
+    key += f"|vae={Path(cfg.vae).resolve()}" if cfg.vae else ""
     folder = cfg.library_dir / ".cache" / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -517,6 +518,10 @@ class Trainer:
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
         clip_skip_arg(base, cfg.clip_skip)  # SDXL, or more layers than the text encoder has: said now
+        if cfg.vae:  # kohya's --vae: the images encoded (and samples decoded) with another VAE
+            from pipelines.vae import use_vae
+
+            use_vae(base, cfg.vae)
         self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
         if cfg.quantize_base:
             from pipelines.quantize import quantize_frozen
