@@ -13,6 +13,24 @@ from pathlib import Path
 
 from pipelines.errors import LoraStudioError
 
+def _add_embeddings_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", default=None, metavar="DIR",
+                   help="textual-inversion embeddings folder: a prompt word naming a file there (EasyNegative…) "
+                        "uses it (default: $LORA_STUDIO_HOME/models/embeddings)")
+
+
+def _embeddings_into(base, args: argparse.Namespace, texts) -> None:
+    from pipelines.embeddings import use_embeddings
+    from pipelines.library import default_home
+
+    folder = Path(args.embeddings).expanduser() if getattr(args, "embeddings", None) else (
+        default_home() / "models" / "embeddings")
+    if getattr(args, "embeddings", None) and not folder.is_dir():
+        raise _usage(f"--embeddings: {folder} is not a folder")
+    for line in use_embeddings(base, folder, texts, args.allow_pickle):
+        print(f"warning: {line}")
+
+
 def _add_vae_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, metavar="FILE|NAME",
                    help="decode with this VAE instead of the model's own (AUTOMATIC1111's SD VAE): a file, or a "
@@ -95,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=CLIP_SKIP_HELP + " (default 1)")
     _add_hires_args(g, defaults=False)
     _add_vae_arg(g)
+    _add_embeddings_arg(g)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -261,6 +280,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
     _add_hires_args(p, defaults=True)
     _add_vae_arg(p)
+    _add_embeddings_arg(p)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -412,6 +432,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from pipelines.vae import use_vae
 
         use_vae(base, args.vae_path, args.allow_pickle)
+    _embeddings_into(base, args, [req.prompt, req.negative_prompt])
     t1 = time.time()
     if args.from_png and args.clip_skip is None:  # A1111 records Clip skip on SDXL images too
         from pipelines.recall import for_family
@@ -486,6 +507,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     weight = 1.0 if args.weight is None else args.weight
     t0 = time.time()
     stack = _stack_for(args)
+    _embeddings_into(stack.model, args, [req.prompt, req.negative_prompt])
     t1 = time.time()
     if args.lora:
         [entry] = _entries_into(stack, [args.lora])

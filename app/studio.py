@@ -26,6 +26,7 @@ from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_con
 from pipelines.errors import ConfigError, UnsafeNameError
 from pipelines.generation import GeneratedImage, GenerationRequest, save_png
 from pipelines.library import AdapterLibrary, check_name, default_home
+from pipelines.embeddings import embedding_files, use_embeddings
 from pipelines.vae import AUTOMATIC, use_vae, vae_files
 from pipelines.stack import AdapterStack, StackEntry, clip_skip_warnings, parse_lora_tags, range_warnings
 from training.config import PRESETS, TrainConfig
@@ -123,6 +124,7 @@ class GenerateResult:
     entries: tuple[StackEntry, ...]
     range_warnings: list[str] = field(default_factory=list)  # step ranges that start past the last step
     clip_skip_warnings: list[str] = field(default_factory=list)  # adapters trained with another Clip skip
+    embedding_warnings: list[str] = field(default_factory=list)  # embeddings named that cannot be used
 
 
 class Studio:
@@ -137,7 +139,8 @@ class Studio:
         self.outputs = self.home / "outputs"
         self.datasets = self.home / "datasets"
         self.models_dir = self.home / "models"
-        for d in (self.library.root, self.outputs, self.datasets, self.models_dir, self.models_dir / "VAE"):
+        for d in (self.library.root, self.outputs, self.datasets, self.models_dir, self.models_dir / "VAE",
+                  self.models_dir / "embeddings"):
             d.mkdir(parents=True, exist_ok=True)
         self.default_base = str(base) if base else str(DEFAULT_BASE)
         self.allow_pickle = allow_pickle
@@ -203,6 +206,14 @@ class Studio:
             if recorded in (name, name.split(" (")[0], src, shareable_path(src), Path(src).name, Path(src).stem):
                 return name
         return None
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """Textual-inversion embeddings go here (AUTOMATIC1111's embeddings folder): each file's name is a word."""
+        return self.models_dir / "embeddings"
+
+    def embedding_names(self) -> list[str]:
+        return [p.stem for p in embedding_files(self.embeddings_dir).values()]
 
     @property
     def vae_dir(self) -> Path:
@@ -497,6 +508,7 @@ class Studio:
         combined = list(entries) + tagged
         with stack.lock:
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
+            emb = use_embeddings(m.base, self.embeddings_dir, [req.prompt, req.negative_prompt], self.allow_pickle)
             stack.set_stack(combined)
             if fuse and any(e.scheduled(req.steps) for e in stack.stack):
                 raise ConfigError("fuse: an adapter with a step range (start=/stop=) switches on and off during "
@@ -512,7 +524,7 @@ class Studio:
         paths = self._out_paths(len(images), [f"-{img.seed}" for img in images])
         for img, p in zip(images, paths):
             save_png(img, p)
-        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps), skips)
+        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps), skips, emb)
 
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""
@@ -533,6 +545,7 @@ class Studio:
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
+            use_embeddings(m.base, self.embeddings_dir, [req.prompt, req.negative_prompt], self.allow_pickle)
             if mode == "weights":
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")

@@ -1066,7 +1066,8 @@ class StudioUI:
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae)
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
         notes = ([("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
-                 + [("Clip skip", w) for w in res.clip_skip_warnings])
+                 + [("Clip skip", w) for w in res.clip_skip_warnings]
+                 + [("Embedding", w) for w in res.embedding_warnings])
         warn = "\n".join(f"⚠ **{kind}:** {html.escape(w)}" for kind, w in notes)
         if notes:
             gr.Warning(notes[0][1])

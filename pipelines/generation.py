@@ -15,6 +15,7 @@ from .base_models import BaseModel
 from .errors import ConfigError
 from .prompts import encode as encode_prompts
 from .prompts import needs_syntax
+from .embeddings import mentions
 from .weights_io import atomic_write
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
@@ -264,7 +265,7 @@ def generate(
         return kw
 
     with torch.inference_mode():
-        if any(needs_syntax(pipe.tokenizer, p) for p in (req.prompt, req.negative_prompt)):
+        if any(needs_syntax(pipe.tokenizer, p) or mentions(model, p) for p in (req.prompt, req.negative_prompt)):
             text = encode_prompts(model, req.prompt, req.negative_prompt, skip)  # A1111's weights and chunks
         elif skip is None:
             text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)

@@ -21,6 +21,8 @@ import re
 
 import torch
 
+from .embeddings import expand
+
 CHUNK = 75  # tokens of a chunk between its BOS and EOS
 COMMA_BACKTRACK = 20  # a full chunk is cut after its last comma when that is among its last 20 tokens
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
@@ -82,8 +84,9 @@ def needs_syntax(tokenizer, prompt: str) -> bool:
     return len(tokenizer(prompt or "", add_special_tokens=False, verbose=False).input_ids) > CHUNK
 
 
-def chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
-    """`prompt` as chunks of (77 token ids, 77 weights): BOS, up to 75 tokens, EOS, padding."""
+def chunks(tokenizer, prompt: str, convert=None) -> list[tuple[list[int], list[float]]]:
+    """`prompt` as chunks of (77 token ids, 77 weights): BOS, up to 75 tokens, EOS, padding. `convert` rewrites
+    each fragment's text before it is tokenized (an embedding's word into its tokens)."""
     comma = tokenizer(",", add_special_tokens=False).input_ids
     comma_id = comma[0] if len(comma) == 1 else None
     done: list[tuple[list[int], list[float]]] = []
@@ -100,6 +103,7 @@ def chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
         if weight < 0:  # BREAK
             close()
             continue
+        text = convert(text) if convert is not None else text
         for tok in tokenizer(text, add_special_tokens=False, verbose=False).input_ids:
             if len(ids) == CHUNK:  # full: cut after its last comma when that is near the end, else here
                 cut = last_comma + 1 if 0 <= last_comma and CHUNK - last_comma <= COMMA_BACKTRACK else CHUNK
@@ -136,10 +140,11 @@ def encode(model, prompt: str, negative: str, skip: int | None) -> dict[str, tor
     pipe, device = model.pipe, model.device
     xl = model.family == "sdxl"
     # SDXL's two tokenizers share the vocabulary but pad differently: each encoder gets its own ids
-    toks = [pipe.tokenizer, pipe.tokenizer_2] if xl else [pipe.tokenizer]
+    toks = ["tokenizer", "tokenizer_2"] if xl else ["tokenizer"]
 
     def parts_of(text: str) -> list[list[tuple[list[int], list[float]]]]:
-        return [list(z) for z in zip(*(chunks(t, text) for t in toks))]
+        return [list(z) for z in zip(*(chunks(getattr(pipe, t), text, lambda f, t=t: expand(model, f, t))
+                                       for t in toks))]
 
     pos, neg, empty = parts_of(prompt), parts_of(negative or ""), parts_of("")[0]
     n = max(len(pos), len(neg))

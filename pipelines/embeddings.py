@@ -1,0 +1,129 @@
+"""Textual-inversion embeddings by name in the prompt, as AUTOMATIC1111 and ComfyUI use them.
+
+Prompts from model pages name embeddings as words: `EasyNegative`, `badhandv4` in the negative prompt. A1111
+takes every file of its `embeddings` folder as a word (the file's name without suffix); here the files of
+`<home>/models/embeddings` are, loaded when a prompt names one (whole word, any case; ComfyUI's
+`embedding:name` works too). A file holds one or more vectors: A1111's `.safetensors` (`emb_params`), SDXL's
+(`clip_l` and `clip_g`), a diffusers file (one key), or A1111's `.pt` (`string_to_param`, only with pickles
+allowed). Each vector becomes a token of its own in the tokenizer (`<ti:name:0>`, `<ti:name:1>`…), so the word
+never changes how other words split; the prompt encoder (pipelines.prompts) puts the tokens in the word's place.
+An embedding of another width (made for another family) is refused with a warning naming it, and the prompt
+keeps the word as text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptWeightsError, LoraStudioError
+from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_safetensors, refuse_pickle
+
+EMBEDDING_SUFFIXES = (SAFETENSORS_SUFFIX, ".pt", ".bin")
+
+
+def embedding_files(folder: str | os.PathLike | None) -> dict[str, Path]:
+    """The embeddings in a folder by prompt word (the file name without suffix, lower case)."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    return {p.stem.lower(): p for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not p.name.startswith(".")}
+
+
+def _word(name: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-])(?:embedding:)?{re.escape(name)}(?![\w-])", re.IGNORECASE)
+
+
+def loaded(model) -> dict[str, dict[str, list[str]]]:
+    """The embeddings loaded into `model`: word -> {tokenizer attribute: its tokens}."""
+    return model.__dict__.setdefault("_embeddings", {})
+
+
+def mentions(model, text: str) -> bool:
+    return any(_word(name).search(text or "") for name in loaded(model))
+
+
+def expand(model, text: str, tokenizer_attr: str = "tokenizer") -> str:
+    """`text` with each loaded embedding's word replaced by its tokens for that tokenizer."""
+    for name, tokens in loaded(model).items():
+        if tokenizer_attr in tokens:
+            text = _word(name).sub(" ".join(tokens[tokenizer_attr]), text)
+    return text
+
+
+def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """{'': (n, D)} for one text encoder, or {'clip_l': …, 'clip_g': …} for SDXL."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        refuse_pickle(path, allow_pickle)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling raises many types
+            raise CorruptWeightsError(f"{path.name}: not an embedding file ({type(e).__name__})") from None
+        if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
+            data = dict(data["string_to_param"])
+    else:
+        data, _ = load_safetensors(path, check_finite=True)
+    if not isinstance(data, dict):
+        data = {"": data}
+    if "clip_l" in data and "clip_g" in data:
+        out = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif "emb_params" in data:
+        out = {"": data["emb_params"]}
+    elif len(data) == 1:
+        out = {"": next(iter(data.values()))}
+    else:
+        raise CorruptWeightsError(f"{path.name}: not an embedding file (keys {sorted(data)[:4]})")
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or not torch.isfinite(v).all():
+            raise CorruptWeightsError(f"{path.name}: not an embedding file (its vectors are not a finite (n, D) "
+                                      "tensor)")
+        out[k] = v.reshape(-1, v.shape[-1]) if v.ndim == 2 else v[None]
+    return out
+
+
+def _add(tokenizer, encoder, name: str, vectors: torch.Tensor) -> list[str]:
+    emb = encoder.get_input_embeddings()
+    if vectors.shape[-1] != emb.weight.shape[1]:
+        raise LoraStudioError(f"its vectors are {vectors.shape[-1]} wide, this text encoder's are "
+                              f"{emb.weight.shape[1]}: it was made for another kind of model")
+    tokens = [f"<ti:{name}:{i}>" for i in range(vectors.shape[0])]
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        weight = encoder.get_input_embeddings().weight
+        weight[ids] = vectors.to(weight.device, weight.dtype)
+    return tokens
+
+
+def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle: bool = False) -> list[str]:
+    """Load the embeddings of `folder` that `texts` name and are not loaded yet; returns warnings for those that
+    cannot be used here (the word then stays text)."""
+    warnings = []
+    pipe = model.pipe
+    have = loaded(model)
+    for name, path in embedding_files(folder).items():
+        if name in have or not any(_word(name).search(t or "") for t in texts):
+            continue
+        try:
+            vec = _vectors(path, allow_pickle)
+            if model.family == "sdxl":
+                if "clip_l" not in vec:
+                    raise LoraStudioError("it has one set of vectors; SDXL needs clip_l and clip_g")
+                new = {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vec["clip_l"]),
+                       "tokenizer_2": _add(pipe.tokenizer_2, pipe.text_encoder_2, name, vec["clip_g"])}
+            else:
+                if "" not in vec:
+                    raise LoraStudioError("it is an SDXL embedding (clip_l and clip_g)")
+                new = {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vec[""])}
+        except LoraStudioError as e:
+            warnings.append(f"embedding '{path.name}' is not used: {e}".replace(f"{path.name}: ", ""))
+            continue
+        have[name] = new
+    return warnings
+
+
+__all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "EMBEDDING_SUFFIXES"]

@@ -1,0 +1,111 @@
+"""Textual-inversion embeddings named in the prompt (EasyNegative & co), as AUTOMATIC1111 loads them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipelines.base_models import load_base
+from pipelines.embeddings import embedding_files, use_embeddings
+from pipelines.generation import GenerationRequest, generate
+from pipelines.prompts import encode
+
+
+@pytest.fixture
+def toy(toy_base_dir):
+    return load_base(toy_base_dir, device="cpu")  # a fresh copy: embeddings grow its tokenizer
+
+
+def _words(model, *words) -> torch.Tensor:
+    """The toy text encoder's input embeddings of known words: an embedding made of them must act like them."""
+    tok, emb = model.pipe.tokenizer, model.pipe.text_encoder.get_input_embeddings().weight
+    return torch.stack([emb[tok(w, add_special_tokens=False).input_ids[0]].detach().clone() for w in words])
+
+
+def test_an_embedding_named_in_the_prompt_acts_as_its_vectors_say(toy, tmp_path):
+    """An embedding whose two vectors are the words 'blue' and 'square' draws what 'blue square' draws, named
+    in any case, and in a weighted or long prompt too; the word means nothing before the file is there."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": _words(toy, "blue", "square")}, folder / "BlueThing.safetensors")  # A1111's layout
+    torch.save({"string_to_param": {"*": _words(toy, "green")}, "name": "greeny", "step": 10},
+               folder / "greeny.pt")  # A1111's older .pt
+    (folder / "notes.txt").write_text("not an embedding")
+    assert sorted(embedding_files(folder)) == ["bluething", "greeny"]
+    req = dict(steps=8, seed=4)
+    want = np.asarray(generate(toy, GenerationRequest(prompt="a blue square on a white background", **req))[0].image,
+                      dtype=np.int16)
+    before = np.asarray(generate(toy, GenerationRequest(prompt="a bluething on a white background", **req))[0].image,
+                        dtype=np.int16)
+    assert use_embeddings(toy, folder, ["a BlueThing on a white background"]) == []
+    got = np.asarray(generate(toy, GenerationRequest(prompt="a BlueThing on a white background", **req))[0].image,
+                     dtype=np.int16)
+    assert np.abs(got - want).max() <= 1 and np.abs(before - want).mean() > 1
+    with torch.no_grad():  # the tokens stand where the word stood, with the word's weight
+        a = encode(toy, "a (bluething:1.3) on a white background", "", None)["prompt_embeds"]
+        b = encode(toy, "a (blue square:1.3) on a white background", "", None)["prompt_embeds"]
+    assert torch.allclose(a, b, atol=1e-5)
+    # the .pt needs pickles allowed: said, and the word stays text
+    warned = use_embeddings(toy, folder, ["a greeny circle"])
+    assert len(warned) == 1 and "greeny.pt" in warned[0] and "pickle" in warned[0]
+    assert use_embeddings(toy, folder, ["a greeny circle"], allow_pickle=True) == []
+    with torch.no_grad():
+        assert torch.allclose(encode(toy, "a greeny circle", "", None)["prompt_embeds"],
+                              encode(toy, "a green circle", "", None)["prompt_embeds"], atol=1e-5)
+    # a word that merely contains the name is left alone
+    with torch.no_grad():
+        assert not torch.equal(encode(toy, "a bluethings", "", None)["prompt_embeds"],
+                               encode(toy, "a bluething", "", None)["prompt_embeds"])
+
+
+def test_an_embedding_for_another_model_is_named_and_skipped(toy, tiny_sdxl_dir, tmp_path):
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": torch.randn(2, 768)}, folder / "wide.safetensors")
+    save_file({"clip_l": torch.randn(1, 128), "clip_g": torch.randn(1, 128)}, folder / "xl.safetensors")
+    save_file({"emb_params": torch.tensor([[float("nan")] * 128])}, folder / "broken.safetensors")
+    warned = use_embeddings(toy, folder, ["wide xl broken"])
+    assert any("wide.safetensors" in w and "768 wide" in w and "another kind of model" in w for w in warned)
+    assert any("xl.safetensors" in w and "SDXL embedding" in w for w in warned)
+    assert any("broken.safetensors" in w for w in warned) and len(warned) == 3
+    out = generate(toy, GenerationRequest(prompt="a wide circle", steps=2, seed=1))[0]  # the word stays text
+    assert out.image.size == (64, 64)
+    xl = load_base(tiny_sdxl_dir, device="cpu")
+    width_l = xl.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    width_g = xl.pipe.text_encoder_2.get_input_embeddings().weight.shape[1]
+    save_file({"clip_l": torch.randn(2, width_l), "clip_g": torch.randn(2, width_g)}, folder / "xlgood.safetensors")
+    with torch.no_grad():
+        before = encode(xl, "a xlgood cat", "", None)
+        assert use_embeddings(xl, folder, ["a xlgood cat"]) == []
+        after = encode(xl, "a xlgood cat", "", None)
+    assert not torch.equal(before["prompt_embeds"], after["prompt_embeds"])  # both encoders' halves take it
+    assert not torch.equal(before["pooled_prompt_embeds"], after["pooled_prompt_embeds"])
+    assert generate(xl, GenerationRequest(prompt="a xlgood cat", steps=2, seed=1))[0].image is not None
+
+
+def test_studio_and_cli_load_embeddings_from_the_models_folder(toy_base_dir, tmp_path, monkeypatch, capsys):
+    from app.cli import main
+    from app.studio import Studio
+
+    home = tmp_path / "home"
+    studio = Studio(home=home, device="cpu")
+    base = load_base(toy_base_dir, device="cpu")
+    save_file({"emb_params": _words(base, "blue", "square")}, studio.embeddings_dir / "bluething.safetensors")
+    assert studio.embedding_names() == ["bluething"]
+    req = GenerationRequest(prompt="a bluething on a white background", steps=6, seed=2)
+    res = studio.generate(None, req)
+    plain = studio.generate(None, GenerationRequest(prompt="a blue square on a white background", steps=6, seed=2))
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(r.paths[0]), dtype=np.int16) for r in (res, plain))
+    assert np.abs(a - b).max() <= 1 and res.embedding_warnings == []
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--base", str(toy_base_dir), "--device", "cpu", "--steps", "6", "--seed", "2",
+                 "--prompt", "a bluething on a white background", "--out", str(out)]) == 0
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - b).max() <= 1
+    assert main(["generate", "--base", str(toy_base_dir), "--device", "cpu", "--prompt", "x",
+                 "--embeddings", str(tmp_path / "nope")]) == 2
+    assert "--embeddings: " in capsys.readouterr().err
