@@ -125,7 +125,7 @@ def test_a1111_user_metadata_names_the_sd_version_of_real_bases(family, version)
 
     from training.export import a1111_user_metadata
 
-    cfg = SimpleNamespace(base=f"/models/not-here-{family}", name="mine", rank=16, trigger="ohwx")
+    cfg = SimpleNamespace(base=f"/models/not-here-{family}", name="mine", rank=16, trigger="ohwx", clip_skip=1)
     tr = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name=f"my-{family}", family=family), weight_check=None)
     user = a1111_user_metadata(tr)
     assert user["sd version"] == version and user["activation text"] == "ohwx"
