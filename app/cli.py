@@ -394,11 +394,13 @@ def _generate_request(args: argparse.Namespace):
     values = {f.name: f.default for f in fields(GenerationRequest) if f.name in _REQUEST_FIELDS}
     notes, model = [], None
     args.vae_path = _vae_path(args.vae)
+    args.recalled_a1111 = True
     if args.from_png:
         from pipelines.library import AdapterLibrary
         from pipelines.recall import read_parameters, recall
 
         got = recall(read_parameters(args.from_png), AdapterLibrary(args.library))
+        args.recalled_a1111 = got.a1111
         r = got.request
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
                       guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
@@ -437,7 +439,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.from_png and args.clip_skip is None:  # A1111 records Clip skip on SDXL images too
         from pipelines.recall import for_family
 
-        req = for_family(req, base.family, notes)
+        req = for_family(req, base.family, notes, a1111=args.recalled_a1111)
     if recorded_model and recorded_model != base.name:
         notes.append(f"the image was made with the base model '{recorded_model}'; this is '{base.name}' "
                      "(choose it with --base): the picture will differ")

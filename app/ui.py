@@ -1135,7 +1135,7 @@ class StudioUI:
             else:
                 notes.append(f"the image was made with the base model '{got.model}', which is not here; "
                              f"'{base_name}' stays (put the model into the models folder to use it)")
-        r = for_family(r, self.studio.base_family(picked), notes)
+        r = for_family(r, self.studio.base_family(picked), notes, a1111=got.a1111)
         vae_update = AUTOMATIC
         if got.vae:
             if got.vae in self.studio.vae_choices():
@@ -1654,6 +1654,7 @@ class StudioUI:
                           gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
             gallery.select(self.picked_image, gen_paths, picked, **quiet)
+            gallery.change(lambda: 0, None, picked, **quiet)  # a new batch: its first image until one is clicked
             to_init.click(self.start_from, [picked, gen_paths], [init_image, i2i_acc, recall_info], **quiet)
             open_png.upload(shown_in(self.read_image_parameters, [params, recall_info], recall_info), open_png,
                             [params, recall_info])

@@ -709,7 +709,7 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     when = meta.get("modelspec.date", "")  # the file's own date only: its mtime is when it was copied here
     if train or when:
         rows.append(("training", ", ".join(train + ([f"on {when.replace('T', ' ')}"] if when else []))))
-    if info.clip_skip > 1:
+    if info.clip_skip > 1 and info.family != "sdxl":
         rows.append(("clip skip", f"trained with clip skip {info.clip_skip}: generate with Clip skip "
                                   f"{info.clip_skip} too (--clip-skip {info.clip_skip})"))
     rows.append(("hash", f"{info.short_hash or '?'} (AUTOMATIC1111's short hash of the tensors)"))

@@ -50,7 +50,8 @@ def expand(model, text: str, tokenizer_attr: str = "tokenizer") -> str:
     """`text` with each loaded embedding's word replaced by its tokens for that tokenizer."""
     for name, tokens in loaded(model).items():
         if tokenizer_attr in tokens:
-            text = _word(name).sub(" ".join(tokens[tokenizer_attr]), text)
+            joined = " ".join(tokens[tokenizer_attr])
+            text = _word(name).sub(lambda _m: joined, text)
     return text
 
 
@@ -84,6 +85,11 @@ def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+def _signature(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
 def _add(tokenizer, encoder, name: str, vectors: torch.Tensor) -> list[str]:
     emb = encoder.get_input_embeddings()
     if vectors.shape[-1] != emb.weight.shape[1]:
@@ -105,7 +111,13 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
     warnings = []
     pipe = model.pipe
     have = loaded(model)
-    for name, path in embedding_files(folder).items():
+    seen = model.__dict__.setdefault("_embedding_files", {})  # word -> (file, mtime, size) when loaded
+    files = embedding_files(folder)
+    for name in list(have):  # a file deleted or replaced since: forgotten (a replaced one is read again)
+        path = files.get(name)
+        if path is None or seen.get(name) != _signature(path):
+            del have[name]
+    for name, path in files.items():
         if name in have or not any(_word(name).search(t or "") for t in texts):
             continue
         try:
@@ -119,10 +131,12 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
                 if "" not in vec:
                     raise LoraStudioError("it is an SDXL embedding (clip_l and clip_g)")
                 new = {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vec[""])}
-        except LoraStudioError as e:
-            warnings.append(f"embedding '{path.name}' is not used: {e}".replace(f"{path.name}: ", ""))
+        except LoraStudioError as e:  # said without the folder (the app's users see it)
+            why = str(e).replace(f"{path}: ", "").replace(f"{path.name}: ", "").replace(str(path), path.name)
+            warnings.append(f"embedding '{path.name}' is not used: {why}")
             continue
-        have[name] = new
+        have[name] = new  # the same tokens again for a replaced file: their vectors are overwritten
+        seen[name] = _signature(path)
     return warnings
 
 

@@ -252,9 +252,9 @@ def generate(
     gen_device = "cpu" if model.device.type == "mps" else model.device
     init = _init_image(req.init_image, width, height) if req.init_image is not None else None
     hires = req.hires_scale > 1
-    first_steps = _steps_run(req.steps, req.denoising_strength if init is not None else 1.0)
-    second_steps = _steps_run(req.hires_steps or req.steps, req.denoising_strength) if hires else 0
-    total, done = first_steps + second_steps, [0]
+    first = img2img_schedule(req.steps, req.denoising_strength) if init is not None else (req.steps, 1.0, req.steps)
+    second = hires_schedule(req.hires_steps or req.steps, req.denoising_strength) if hires else (0, 1.0, 0)
+    total, done = first[2] + second[2], [0]
 
     def _cb(p, step, timestep, kw):
         if step_hook is not None:
@@ -285,7 +285,7 @@ def generate(
             images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out)
         else:
             images = run(_img2img(pipe), image=_latents_of(pipe, [init], model.device),
-                         strength=req.denoising_strength, num_inference_steps=req.steps)
+                         num_inference_steps=first[0], strength=first[1])
         if hires:
             big_w, big_h = (max(8, int(v * req.hires_scale) // 8 * 8) for v in (width, height))
             if latent_out == "latent":  # A1111's "Latent" upscaler: the latents enlarged (bilinear)
@@ -293,8 +293,7 @@ def generate(
                 bigger = torch.nn.functional.interpolate(images, size=(big_h // f, big_w // f), mode="bilinear")
             else:
                 bigger = _latents_of(pipe, [im.resize((big_w, big_h), Image.LANCZOS) for im in images], model.device)
-            images = run(_img2img(pipe), image=bigger, strength=req.denoising_strength,
-                         num_inference_steps=req.hires_steps or req.steps)
+            images = run(_img2img(pipe), image=bigger, num_inference_steps=second[0], strength=second[1])
     results = []
     for img, seed in zip(images, seeds):
         params = format_parameters(req, seed, width, height, model, extra_parameters)
@@ -303,9 +302,25 @@ def generate(
     return results
 
 
-def _steps_run(steps: int, strength: float) -> int:
-    """Sampler steps an img2img pass of `steps` at `strength` runs (diffusers: the last steps*strength)."""
-    return min(int(steps * strength), steps) if strength < 1 else steps
+def _strength_for(schedule: int, run: int) -> float:
+    """The diffusers img2img strength that runs exactly the last `run` steps of a `schedule`-step schedule
+    (diffusers runs int(schedule * strength) of them; the half step keeps float rounding off the count)."""
+    return min(1.0, (run + 0.5) / schedule)
+
+
+def img2img_schedule(steps: int, strength: float) -> tuple[int, float, int]:
+    """(schedule steps, diffusers strength, steps run) of AUTOMATIC1111's img2img: the last int(steps *
+    strength) + 1 steps of a `steps`-step schedule, so never none (diffusers alone runs one fewer, and none at
+    a low strength)."""
+    run = min(steps, int(steps * strength) + 1)
+    return steps, _strength_for(steps, run), run
+
+
+def hires_schedule(steps: int, strength: float) -> tuple[int, float, int]:
+    """(schedule steps, diffusers strength, steps run) of AUTOMATIC1111's Hires fix pass: exactly `steps` steps,
+    the last ones of a schedule of int(steps / strength) steps."""
+    schedule = min(1000, max(steps, int(steps / min(strength, 0.999))))  # schedulers take up to 1000
+    return schedule, _strength_for(schedule, steps), steps
 
 
 def _latents_of(pipe, images: list[Image.Image], device) -> torch.Tensor:
@@ -346,7 +361,7 @@ def _init_image(src, width: int, height: int) -> Image.Image:
             with Image.open(path) as f:
                 im = f.convert("RGB")
         except FileNotFoundError:
-            raise ConfigError(f"init_image: {path}: no such file") from None
+            raise ConfigError(f"init_image: {path.name}: no such file") from None
         except OSError:
             raise ConfigError(f"init_image: {path.name}: not an image this app can read") from None
     im = im.convert("RGB")

@@ -182,7 +182,7 @@ def make_grid(
         extra["Lora hashes"] = stack.lora_hashes(list(used.values()))
     extra["Grid"] = f"{_quote_free(axis)}: " + " | ".join(_quote_free(lbl) for lbl in labels)
     extra["Grid stacks"] = " | ".join(" ".join(e.tag() for e in entries) or "none" for entries in stacks)
-    w, h = tiles[0][0].image.size
+    w, h = tiles[0][0].size or tiles[0][0].image.size  # the first pass's size (a Hires fix enlarges it)
     params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
     grid.info["parameters"] = params
     return GridResult(grid, params, cols, tiles)

@@ -50,7 +50,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             round_open.append(len(out))
         elif tok == "[":
             square_open.append(len(out))
-        elif number is not None and round_open:
+        elif number is not None and round_open and _is_number(number):
             scale(round_open.pop(), float(number))
         elif tok == ")" and round_open:
             scale(round_open.pop(), 1.1)
@@ -74,6 +74,14 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(item)
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:  # "(a:1.2.3)": the text stays as it is
+        return False
 
 
 def needs_syntax(tokenizer, prompt: str) -> bool:
@@ -104,15 +112,24 @@ def chunks(tokenizer, prompt: str, convert=None) -> list[tuple[list[int], list[f
             close()
             continue
         text = convert(text) if convert is not None else text
-        for tok in tokenizer(text, add_special_tokens=False, verbose=False).input_ids:
-            if len(ids) == CHUNK:  # full: cut after its last comma when that is near the end, else here
-                cut = last_comma + 1 if 0 <= last_comma and CHUNK - last_comma <= COMMA_BACKTRACK else CHUNK
+        for unit in _units(tokenizer, tokenizer(text, add_special_tokens=False, verbose=False).input_ids):
+            if len(unit) > 1:  # an embedding's vectors stay in one chunk (as A1111 keeps them)
+                if len(ids) + len(unit) > CHUNK:
+                    close()
+                ids += unit
+                ws += [weight] * len(unit)
+                continue
+            tok = unit[0]
+            if tok == comma_id:
+                last_comma = len(ids)
+            elif len(ids) == CHUNK and 0 <= last_comma and CHUNK - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1  # the full chunk ends after its last comma; the rest opens the next
                 rest_ids, rest_ws = ids[cut:], ws[cut:]
                 ids, ws = ids[:cut], ws[:cut]
                 close()
                 ids, ws = rest_ids, rest_ws
-            if tok == comma_id:
-                last_comma = len(ids)
+            if len(ids) == CHUNK:
+                close()
             ids.append(tok)
             ws.append(weight)
     if ids or not done:
@@ -124,6 +141,29 @@ def chunks(tokenizer, prompt: str, convert=None) -> list[tuple[list[int], list[f
         n = CHUNK - len(ids)
         out.append(([bos, *ids, eos] + [pad] * n, [1.0, *ws, 1.0] + [1.0] * n))
     return out
+
+
+def _units(tokenizer, ids: list[int]) -> list[list[int]]:
+    """Token ids grouped: an embedding's tokens (`<ti:name:i>`, pipelines.embeddings) together, others alone."""
+    names = tokenizer.convert_ids_to_tokens(ids)
+    out: list[list[int]] = []
+    prev = None
+    for i, name in zip(ids, names):
+        word = name.rsplit(":", 1)[0] if isinstance(name, str) and name.startswith("<ti:") else None
+        if word is not None and word == prev and not name.endswith(":0>"):
+            out[-1].append(i)
+        else:
+            out.append([i])
+        prev = word
+    return out
+
+
+def _weighted(z: torch.Tensor, ws: list[float]) -> torch.Tensor:
+    """Each token's embedding times its weight, the whole scaled back to its unweighted mean (A1111)."""
+    w = torch.tensor(ws, device=z.device, dtype=z.dtype)[None, :, None]
+    before = z.mean()
+    z = z * w
+    return z * (before / z.mean())
 
 
 def _hidden(encoder, ids: torch.Tensor, layer: int, final_norm: bool) -> torch.Tensor:
@@ -157,18 +197,19 @@ def encode(model, prompt: str, negative: str, skip: int | None) -> dict[str, tor
         for per_tok in parts:
             ids, ws = per_tok[0]
             t = torch.tensor([ids], device=device)
-            if xl:
-                z1 = _hidden(pipe.text_encoder, t, -2, False)
-                out2 = pipe.text_encoder_2(torch.tensor([per_tok[1][0]], device=device), output_hidden_states=True)
-                z = torch.cat([z1, out2.hidden_states[-2]], dim=-1)
-                if pooled is None:  # the first chunk's, as A1111 and the pipeline take it
-                    pooled = out2[0]
+            if xl:  # each encoder weighted on its own, then joined (as A1111 does)
+                z1 = _weighted(_hidden(pipe.text_encoder, t, -2, False), ws)
+                ids2 = per_tok[1][0]
+                te2 = pipe.text_encoder_2
+                out2 = te2(torch.tensor([ids2], device=device), output_hidden_states=True)
+                z = torch.cat([z1, _weighted(out2.hidden_states[-2], ws)], dim=-1)
+                if pooled is None:  # the first chunk's, at its end-of-text token (as A1111 and the pipeline)
+                    # (SDXL's text_encoder_2 config finds that token as the highest id, which an embedding's
+                    # added tokens would beat: its position is taken here instead)
+                    eos = ids2.index(pipe.tokenizer_2.eos_token_id)
+                    pooled = te2.text_projection(out2.last_hidden_state[:, eos])
             else:
-                z = _hidden(pipe.text_encoder, t, -((skip or 0) + 1), True)
-            w = torch.tensor(ws, device=device, dtype=z.dtype)[None, :, None]
-            before = z.mean()
-            z = z * w
-            z = z * (before / z.mean())
+                z = _weighted(_hidden(pipe.text_encoder, t, -((skip or 0) + 1), True), ws)
             zs.append(z)
         return torch.cat(zs, dim=1), pooled
 

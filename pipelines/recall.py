@@ -29,6 +29,7 @@ class Recalled:
     entries: list[StackEntry]  # the adapters, in the recorded order, with their weights and step ranges
     model: str | None = None  # the base model's name as recorded ("Model: ...")
     vae: str | None = None  # a separate VAE's file name as recorded ("VAE: ..."; the caller looks for it)
+    a1111: bool = True  # made by AUTOMATIC1111 (or another tool), not by this app (which records "Model family")
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -105,7 +106,7 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
         height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes),
         **_hires(p, width, notes))
     if p.get("Model family"):  # recorded by this app
-        req = for_family(req, p["Model family"], notes)
+        req = for_family(req, p["Model family"], notes, a1111=False)
     if "Seed" not in p:
         notes.append("no seed recorded: a random one is used")
     skipped = [k for k in UNSUPPORTED if k in p]
@@ -113,15 +114,21 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
         notes.append("not applied here: " + ", ".join(f"{k} {p[k]}" for k in skipped) + " (the picture will differ)")
     if library is not None:
         notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
-    return Recalled(req, entries, p.get("Model"), vae=p.get("VAE") or None, notes=notes)
+    return Recalled(req, entries, p.get("Model"), vae=p.get("VAE") or None, notes=notes,
+                    a1111=not p.get("Model family"))
 
 
-def for_family(req: GenerationRequest, family: str | None, notes: list[str]) -> GenerationRequest:
-    """`req` as it can run on a base model of `family`: AUTOMATIC1111 records its Clip skip setting on SDXL images
-    too, where it has no effect (SDXL takes the penultimate layer already), so it is dropped there, with a note."""
-    if family == "sdxl" and req.clip_skip > 1:
-        notes.append(f"Clip skip {req.clip_skip} is left out: SDXL models take the text encoders' penultimate layer "
-                     "already (AUTOMATIC1111 applies no clip skip to them either)")
+def for_family(req: GenerationRequest, family: str | None, notes: list[str], a1111: bool = True
+               ) -> GenerationRequest:
+    """`req` as it can run on a base model of `family`. AUTOMATIC1111 records its Clip skip setting on every image,
+    but applies it to SD 1.x only (SDXL takes its penultimate layer already; its SD 2.x encoder ignores the
+    setting), so an A1111 image's (`a1111`) is dropped on those, with a note; this app's own SD 2.x images had it
+    applied and keep it."""
+    if req.clip_skip > 1 and (family == "sdxl" or (family == "sd2" and a1111)):
+        why = ("SDXL models take the text encoders' penultimate layer already (AUTOMATIC1111 applies no clip "
+               "skip to them either)" if family == "sdxl" else "AUTOMATIC1111 records it on SD 2.x images but does "
+               "not apply it there")
+        notes.append(f"Clip skip {req.clip_skip} is left out: {why}")
         return replace(req, clip_skip=1)
     return req
 
@@ -145,7 +152,7 @@ def _hires(p: dict[str, str], width: int | None, notes: list[str]) -> dict:
         if "Denoising strength" in p:
             notes.append(f"the image was made from another picture (img2img, denoising strength {strength:g}), "
                          "which its parameters do not hold: it is made from the prompt alone here (give that "
-                         "picture as the starting image, --init-image, to make it again)")
+                         "picture as the starting image to make it again)")
         return {"denoising_strength": strength}
     if not 1 <= scale <= 4:
         notes.append(f"Hires upscale {scale:g} is outside 1 to 4: no Hires fix is applied")

@@ -190,6 +190,8 @@ def clip_skip_warnings(stack: "AdapterStack", clip_skip: int) -> list[str]:
     """Adapters in the stack trained with another Clip skip than the one generating: said (A1111 leaves the
     setting to the user, who often does not know it), not changed."""
     out = []
+    if stack.model.family == "sdxl":  # SDXL takes its own layer: an SDXL LoRA's ss_clip_skip means nothing here
+        return out
     for e in stack.stack:
         info = stack.loaded.get(e.name)
         if info is not None and e.weight and info.clip_skip != clip_skip:

@@ -54,10 +54,28 @@ def test_an_embedding_named_in_the_prompt_acts_as_its_vectors_say(toy, tmp_path)
     with torch.no_grad():
         assert torch.allclose(encode(toy, "a greeny circle", "", None)["prompt_embeds"],
                               encode(toy, "a green circle", "", None)["prompt_embeds"], atol=1e-5)
-    # a word that merely contains the name is left alone
+    # a word that merely contains the name is left alone: it reads as without any embedding loaded
     with torch.no_grad():
-        assert not torch.equal(encode(toy, "a bluethings", "", None)["prompt_embeds"],
-                               encode(toy, "a bluething", "", None)["prompt_embeds"])
+        contains = encode(toy, "a bluethings", "", None)["prompt_embeds"]
+    fresh = load_base(toy.source, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(contains, encode(fresh, "a bluethings", "", None)["prompt_embeds"])
+    # the file replaced: read again; deleted: the word is text again
+    import os
+    import time
+
+    before_swap = encode(toy, "a bluething", "", None)["prompt_embeds"]
+    save_file({"emb_params": _words(toy, "red", "circle")}, folder / "BlueThing.safetensors")
+    os.utime(folder / "BlueThing.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert use_embeddings(toy, folder, ["a bluething"]) == []
+    with torch.no_grad():
+        swapped = encode(toy, "a bluething", "", None)["prompt_embeds"]
+        assert torch.allclose(swapped, encode(toy, "a red circle", "", None)["prompt_embeds"], atol=1e-5)
+        assert not torch.equal(swapped, before_swap)
+    (folder / "BlueThing.safetensors").unlink()
+    assert use_embeddings(toy, folder, ["a bluething"]) == []
+    with torch.no_grad():
+        assert not torch.allclose(encode(toy, "a bluething", "", None)["prompt_embeds"], swapped, atol=1e-3)
 
 
 def test_an_embedding_for_another_model_is_named_and_skipped(toy, tiny_sdxl_dir, tmp_path):
@@ -70,6 +88,7 @@ def test_an_embedding_for_another_model_is_named_and_skipped(toy, tiny_sdxl_dir,
     assert any("wide.safetensors" in w and "768 wide" in w and "another kind of model" in w for w in warned)
     assert any("xl.safetensors" in w and "SDXL embedding" in w for w in warned)
     assert any("broken.safetensors" in w for w in warned) and len(warned) == 3
+    assert not any(str(folder) in w for w in warned)  # no server folder in what the app shows
     out = generate(toy, GenerationRequest(prompt="a wide circle", steps=2, seed=1))[0]  # the word stays text
     assert out.image.size == (64, 64)
     xl = load_base(tiny_sdxl_dir, device="cpu")
@@ -82,6 +101,15 @@ def test_an_embedding_for_another_model_is_named_and_skipped(toy, tiny_sdxl_dir,
         after = encode(xl, "a xlgood cat", "", None)
     assert not torch.equal(before["prompt_embeds"], after["prompt_embeds"])  # both encoders' halves take it
     assert not torch.equal(before["pooled_prompt_embeds"], after["pooled_prompt_embeds"])
+    # the pooled vector is read at the end-of-text token, never at an embedding's (higher) added token id
+    from pipelines.prompts import chunks
+
+    ids = chunks(xl.pipe.tokenizer_2, "a xlgood cat", lambda t: t.replace("xlgood", "<ti:xlgood:0> <ti:xlgood:1>"))[0][0]
+    with torch.no_grad():
+        te2 = xl.pipe.text_encoder_2
+        hidden = te2(torch.tensor([ids]), output_hidden_states=True).last_hidden_state
+        want = te2.text_projection(hidden[:, ids.index(xl.pipe.tokenizer_2.eos_token_id)])
+    assert torch.allclose(after["pooled_prompt_embeds"], want, atol=1e-6)
     assert generate(xl, GenerationRequest(prompt="a xlgood cat", steps=2, seed=1))[0].image is not None
 
 

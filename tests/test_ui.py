@@ -447,7 +447,11 @@ def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
     assert [Image.open(p).size for p in paths] == [(64, 64)] * 2
     out = ui.recall_form(read_png_parameters(paths[0]), base)
     assert out[9:13] == (2.0, 3, "Lanczos", 0.5) and out[13]["open"] is True
-    assert ui.start_from(0, []) [2].startswith("Generate an image first")
+    assert ui.start_from(0, [])[2].startswith("Generate an image first")
+    _import(ui, lora_files["alpha-style"])  # a grid with the Hires fix records the first pass's size, as A1111
+    grid = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *hires,
+                      "alpha-style", "0, 1", None, *_slots())[0]
+    assert parse_parameters(read_png_parameters(grid))["Size"] == "32x32"
     path, acc, said = ui.start_from(1, paths)
     assert path == paths[1] and acc["open"] is True and "Starting image set" in said
     moved = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, path, 0.5,

@@ -518,11 +518,11 @@ class Trainer:
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
         clip_skip_arg(base, cfg.clip_skip)  # SDXL, or more layers than the text encoder has: said now
+        self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization or VAE
         if cfg.vae:  # kohya's --vae: the images encoded (and samples decoded) with another VAE
             from pipelines.vae import use_vae
 
             use_vae(base, cfg.vae)
-        self.base_fingerprint = base_hash(base)  # of the weights as loaded, before any quantization
         if cfg.quantize_base:
             from pipelines.quantize import quantize_frozen
 
