@@ -399,7 +399,10 @@ def _generate_request(args: argparse.Namespace):
         from pipelines.library import AdapterLibrary
         from pipelines.recall import read_parameters, recall
 
-        got = recall(read_parameters(args.from_png), AdapterLibrary(args.library))
+        from pipelines.library import default_home
+
+        emb = Path(args.embeddings).expanduser() if args.embeddings else default_home() / "models" / "embeddings"
+        got = recall(read_parameters(args.from_png), AdapterLibrary(args.library), embeddings=emb)
         args.recalled_a1111 = got.a1111
         r = got.request
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,

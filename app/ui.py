@@ -1024,16 +1024,30 @@ class StudioUI:
         return gr.update(choices=choices, value=None)
 
     @staticmethod
-    def insert_trigger(prompt: str, evt: gr.SelectData):
-        trig = evt.value if isinstance(evt.value, str) else str(evt.value)
-        trig = re.sub(r"\s+\(.*\)$", "", trig).strip()
+    def _with_word(prompt: str, word: str) -> str:
+        """`prompt` with `word` added at its end, unless it is there already."""
         prompt = prompt or ""
-        if trig and not re.search(rf"(?<![\w]){re.escape(trig)}(?![\w])", prompt):
+        if word and not re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", prompt, re.I):
             head = prompt.rstrip()
             # a sentence left open ("... in", "a photo of") takes the word; a finished one or tags take ", word"
             joint = " " if re.search(r"(?:^|\s)(?:in|of|by|a|an|the|with|like|and|as)$|,$", head, re.I) else ", "
-            prompt = f"{head}{joint}{trig}" if head else trig
-        return prompt, gr.update(value=None)
+            prompt = f"{head}{joint}{word}" if head else word
+        return prompt
+
+    @classmethod
+    def insert_trigger(cls, prompt: str, evt: gr.SelectData):
+        trig = evt.value if isinstance(evt.value, str) else str(evt.value)
+        trig = re.sub(r"\s+\(.*\)$", "", trig).strip()
+        return cls._with_word(prompt, trig), gr.update(value=None)
+
+    @classmethod
+    def insert_embedding(cls, text: str, name: str | None):
+        """An embedding's word added to the prompt or the negative prompt (A1111's Textual Inversion cards)."""
+        return cls._with_word(text, name) if name else gr.skip()
+
+    def refresh_embeddings(self, current):
+        names = self.studio.embedding_names()
+        return gr.update(choices=names, value=current if current in names else None)
 
     @staticmethod
     def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
@@ -1118,7 +1132,7 @@ class StudioUI:
         adapter tags, which go into the rows, up to one per row; the rest stay tags in the prompt), picking the
         recorded base model where one of that name is here. Returns the form's values, the rows' widgets,
         their card starts (cleared) and a line saying what was filled and what cannot be the same."""
-        got = recall(text, self.studio.library)
+        got = recall(text, self.studio.library, embeddings=self.studio.embeddings_dir)
         entries = list(got.entries)
         known = {e.name: self._library_name(e.name) for e in entries}
         # a row shows a library adapter at a weight its sliders reach: the others stay tags in the prompt
@@ -1469,6 +1483,14 @@ class StudioUI:
                                                         "<lora:name:0.8> work as in AUTOMATIC1111")
                         negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
                         with gr.Row():
+                            emb_pick = gr.Dropdown(st.embedding_names(), value=None, scale=3, min_width=200,
+                                                   label="Embeddings (textual inversion)",
+                                                   info=f"files in {st.embeddings_dir}; their names work in "
+                                                        "either prompt", elem_id="gen-emb")
+                            with gr.Column(scale=1, min_width=130):
+                                emb_to_prompt = gr.Button("Add to prompt", size="sm", elem_id="gen-emb-prompt")
+                                emb_to_negative = gr.Button("Add to negative", size="sm", elem_id="gen-emb-negative")
+                        with gr.Row():
                             steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
                             guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)",
                                                  elem_id="gen-guidance")
@@ -1636,6 +1658,8 @@ class StudioUI:
             for w in trig_inputs:
                 w.change(self.trigger_choices, trig_inputs, triggers, **quiet)
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
+            emb_to_prompt.click(self.insert_embedding, [prompt, emb_pick], prompt, **quiet)
+            emb_to_negative.click(self.insert_embedding, [negative, emb_pick], negative, **quiet)
             for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
                 dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to, card_start], **quiet)
                 dd.input(self.compare_default, [dd, cmp_adapter], cmp_adapter, **quiet)
@@ -1644,7 +1668,7 @@ class StudioUI:
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
-                self.refresh_vaes, vae, vae, **quiet)
+                self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                           hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]

@@ -85,6 +85,22 @@ def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+def used_hashes(model, texts) -> str:
+    """AUTOMATIC1111's `TI hashes` value for the loaded embeddings that `texts` name: 'Name: hash12, …' (the file's
+    own name and the start of its SHA-256), or '' when none is named."""
+    import hashlib
+
+    out = []
+    hashes = model.__dict__.setdefault("_embedding_hashes", {})
+    for name, (path, mtime, size) in model.__dict__.get("_embedding_files", {}).items():
+        if name in loaded(model) and any(_word(name).search(t or "") for t in texts):
+            key = (path, mtime, size)
+            if key not in hashes:
+                hashes[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+            out.append(f"{Path(path).stem}: {hashes[key]}")
+    return ", ".join(out)
+
+
 def _signature(path: Path) -> tuple:
     st = path.stat()
     return (str(path), st.st_mtime_ns, st.st_size)
@@ -140,4 +156,4 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
     return warnings
 
 
-__all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "EMBEDDING_SUFFIXES"]
+__all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES"]

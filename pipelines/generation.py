@@ -15,7 +15,7 @@ from .base_models import BaseModel
 from .errors import ConfigError
 from .prompts import encode as encode_prompts
 from .prompts import needs_syntax
-from .embeddings import mentions
+from .embeddings import mentions, used_hashes
 from .weights_io import atomic_write
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
@@ -177,6 +177,8 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
     }
     if getattr(model, "vae_name", None):  # A1111 writes the VAE file's name
         pairs["VAE"] = model.vae_name
+    if ti := used_hashes(model, [req.prompt, req.negative_prompt]):
+        pairs["TI hashes"] = ti
     if req.clip_skip > 1:  # A1111 writes it only when set
         pairs["Clip skip"] = str(req.clip_skip)
     if req.hires_scale > 1 or req.init_image is not None:

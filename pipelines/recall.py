@@ -75,9 +75,10 @@ def _user_comment(raw) -> str | None:
     return raw.decode("utf-8", "replace")
 
 
-def recall(text: str, library=None, num_images: int = 1) -> Recalled:
+def recall(text: str, library=None, num_images: int = 1, embeddings=None) -> Recalled:
     """The request and adapters that `text` (A1111 `parameters`) describes; with `library`, each adapter is
-    looked up there and its hash compared with the recorded one."""
+    looked up there and its hash compared with the recorded one; with `embeddings` (a folder), each embedding
+    the image used (A1111's `TI hashes`) is looked for there."""
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("parameters: paste the generation parameters of an image, or read them from its PNG")
     p = parse_parameters(text)
@@ -114,6 +115,14 @@ def recall(text: str, library=None, num_images: int = 1) -> Recalled:
         notes.append("not applied here: " + ", ".join(f"{k} {p[k]}" for k in skipped) + " (the picture will differ)")
     if library is not None:
         notes += _adapter_notes(entries, parse_lora_hashes(p.get("Lora hashes", "")), library)
+    if embeddings is not None:
+        from .embeddings import embedding_files
+
+        have = embedding_files(embeddings)
+        for name in parse_lora_hashes(p.get("TI hashes", "")):  # the same 'name: hash, …' form
+            if name.lower() not in have:
+                notes.append(f"the image used the embedding '{name}', which is not in {Path(embeddings).name}/ "
+                             "(put the file there): its word stays text, so the picture will differ")
     return Recalled(req, entries, p.get("Model"), vae=p.get("VAE") or None, notes=notes,
                     a1111=not p.get("Model family"))
 

@@ -129,6 +129,25 @@ def test_studio_and_cli_load_embeddings_from_the_models_folder(toy_base_dir, tmp
 
     a, b = (np.asarray(Image.open(r.paths[0]), dtype=np.int16) for r in (res, plain))
     assert np.abs(a - b).max() <= 1 and res.embedding_warnings == []
+    import hashlib
+
+    from app.ui import StudioUI
+    from pipelines.generation import parse_parameters, read_png_parameters
+
+    text = read_png_parameters(res.paths[0])  # A1111's TI hashes: the file's name and the start of its SHA-256
+    digest = hashlib.sha256((studio.embeddings_dir / "bluething.safetensors").read_bytes()).hexdigest()[:12]
+    assert parse_parameters(text)["TI hashes"] == f"bluething: {digest}"
+    assert "TI hashes" not in read_png_parameters(plain.paths[0])
+    ui = StudioUI(studio)
+    assert ui.insert_embedding("blurry", "bluething") == "blurry, bluething"
+    assert ui.insert_embedding("blurry, BlueThing", "bluething") == "blurry, BlueThing"  # there already
+    assert ui.refresh_embeddings("gone")["choices"] == ["bluething"]
+    out = ui.recall_form(text, ui.base_names()[0])
+    assert "embedding" not in out[-1]  # it is here
+    elsewhere = text.replace("bluething: ", "EasyNegative: ")
+    with pytest.warns(UserWarning):
+        out = ui.recall_form(elsewhere, ui.base_names()[0])
+    assert "the image used the embedding 'EasyNegative', which is not in embeddings/" in out[-1]
     monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
     out = tmp_path / "cli.png"
     assert main(["generate", "--base", str(toy_base_dir), "--device", "cpu", "--steps", "6", "--seed", "2",
