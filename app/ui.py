@@ -381,6 +381,13 @@ def _options() -> dict[str, Option]:
     return {o.name: o for o in train_options()}
 
 
+# Download in one click: once the files are listed, the browser is handed the adapter's (the first) link
+DOWNLOAD_FIRST_FILE = """() => { setTimeout(() => {
+  const a = document.querySelector('#lib-file a[download]');
+  if (a) a.click();
+}, 300); }"""
+
+
 class StudioUI:
     """The Gradio Blocks app over one `Studio`. Handlers are plain methods, callable from tests."""
 
@@ -1711,7 +1718,7 @@ class StudioUI:
             export_btn.click(shown_in(self.export_kohya, [lib_file, lib_status], lib_status), lib_pick,
                              [lib_file, lib_status])
             download_btn.click(shown_in(self.download_adapter, [lib_file, lib_status], lib_status), lib_pick,
-                               [lib_file, lib_status])
+                               [lib_file, lib_status]).success(None, None, None, js=DOWNLOAD_FIRST_FILE)
 
             # a reopened page shows the latest job and the current library
             demo.load(self.latest_job_id, None, job_id, **quiet).then(

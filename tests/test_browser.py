@@ -264,6 +264,9 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#lib-details")).to_contain_text("Weight range", timeout=30_000)
     expect(page.locator("#lib-details")).to_contain_text("Step range")
     expect(page.locator("#lib-details")).to_contain_text("from step")
+    with page.expect_download(timeout=30_000) as download:  # one click hands the browser the adapter file
+        page.locator("#lib-download").click()
+    assert download.value.suggested_filename == f"{NAME}.safetensors"
     kohya = studio.library.export(NAME, "kohya")
     upload = tmp_path / "from-another-tool.safetensors"
     shutil.copyfile(kohya, upload)
