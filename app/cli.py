@@ -68,6 +68,11 @@ def _add_hires_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--init-image", default=None, metavar="IMAGE",
                    help="img2img: start from this picture (stretched to --width x --height, default the model's "
                         "size) rather than from noise; --denoising-strength says how much changes")
+    p.add_argument("--mask", dest="mask_image", default=None, metavar="IMAGE",
+                   help="inpainting, with --init-image: draw anew only where this mask is white (black: the "
+                        "picture stays as it is; grey between; a PNG's transparency: its painted strokes)")
+    p.add_argument("--mask-blur", type=int, default=d(4), metavar="PX",
+                   help="blur of the mask's edge in pixels (default 4, as AUTOMATIC1111)")
 
 
 CLIP_SKIP_HELP = ("AUTOMATIC1111's Clip skip: 2 takes the text encoder's next-to-last layer, as most anime models "
@@ -381,7 +386,8 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 
 _REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
-                   "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image")
+                   "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image", "mask_image",
+                   "mask_blur")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -408,7 +414,8 @@ def _generate_request(args: argparse.Namespace):
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
                       guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
                       clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
-                      hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength)
+                      hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength,
+                      mask_blur=r.mask_blur)
         notes, model = got.notes, got.model
         if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
             from pipelines.library import default_home
@@ -503,7 +510,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, clip_skip=args.clip_skip, hires_scale=args.hires_scale,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
-        init_image=args.init_image,
+        init_image=args.init_image, mask_image=args.mask_image, mask_blur=args.mask_blur,
     )
     weights = _numbers(args.weights, "--weights") if args.lora else []
     if args.starts is not None and not args.lora:

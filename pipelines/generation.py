@@ -70,6 +70,10 @@ class GenerationRequest:
     # img2img: the picture to start from (a file path or a PIL image), stretched to width x height; like
     # AUTOMATIC1111, the parameters record its denoising strength but not the picture
     init_image: Any = None
+    # inpainting (with init_image): white where the picture is drawn anew, black where it stays; blurred by
+    # mask_blur pixels (A1111's default 4). Outside the mask the result is the starting picture itself.
+    mask_image: Any = None
+    mask_blur: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -99,6 +103,10 @@ class GenerationRequest:
             raise ConfigError(f"hires_upscaler: must be one of {', '.join(HIRES_UPSCALERS)}, got "
                               f"'{self.hires_upscaler}'")
         self.hires_upscaler = up
+        if isinstance(self.mask_blur, bool) or not isinstance(self.mask_blur, int) or not 0 <= self.mask_blur <= 64:
+            raise ConfigError(f"mask_blur: must be a whole number of pixels between 0 and 64, got {self.mask_blur!r}")
+        if self.mask_image is not None and self.init_image is None:
+            raise ConfigError("mask_image: a mask says where to draw anew on a starting picture: give init_image too")
         if self.init_image is not None and self.hires_scale > 1:
             raise ConfigError("hires_scale: Hires fix enlarges an image made from the prompt; starting from an "
                               "image (img2img), set the width and height wanted instead (as AUTOMATIC1111's img2img)")
@@ -183,6 +191,8 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         pairs["Clip skip"] = str(req.clip_skip)
     if req.hires_scale > 1 or req.init_image is not None:
         pairs["Denoising strength"] = f"{req.denoising_strength:g}"
+    if req.mask_image is not None:  # A1111 records the blur of an inpainting mask (not the mask)
+        pairs["Mask blur"] = str(req.mask_blur)
     if req.hires_scale > 1:  # A1111's keys; Size stays the first pass's
         pairs["Hires upscale"] = f"{req.hires_scale:g}"
         if req.hires_steps:
@@ -285,6 +295,11 @@ def generate(
         latent_out = "latent" if hires and req.hires_upscaler == "Latent" else "pil"
         if init is None:
             images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out)
+        elif req.mask_image is not None:
+            mask = _mask(req.mask_image, width, height, req.mask_blur)
+            images = run(_inpaint(pipe, model.device), image=init, mask_image=mask, width=width, height=height,
+                         num_inference_steps=first[0], strength=first[1])
+            images = [Image.composite(im, init, mask) for im in images]  # A1111's overlay: the rest stays as it was
         else:
             images = run(_img2img(pipe), image=_latents_of(pipe, [init], model.device),
                          num_inference_steps=first[0], strength=first[1])
@@ -329,8 +344,12 @@ def _latents_of(pipe, images: list[Image.Image], device) -> torch.Tensor:
     """The UNet's latents of `images`: the VAE's mean, scaled as the pipeline decodes them. diffusers' img2img
     samples the VAE's posterior instead, which on a VAE that learnt no variance (the toy model's: std ~1) buries
     the picture in noise; SD's VAE gives nearly the mean either way."""
+    return _vae_mean(pipe, pipe.image_processor.preprocess(images), device)
+
+
+def _vae_mean(pipe, x: torch.Tensor, device) -> torch.Tensor:
+    """Scaled latents of pictures `x` in [-1, 1]: the VAE's mean (see _latents_of)."""
     vae = pipe.vae
-    x = pipe.image_processor.preprocess(images)
     upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))  # SDXL's VAE in fp16
     if upcast:
         vae.to(torch.float32)
@@ -341,6 +360,39 @@ def _latents_of(pipe, images: list[Image.Image], device) -> torch.Tensor:
             vae.to(torch.float16)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((lat - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
+
+
+def _mask(src, width: int, height: int, blur: int) -> Image.Image:
+    """An inpainting mask as A1111 takes it: grey levels (white: draw anew), stretched to the size, blurred."""
+    from PIL import ImageFilter
+
+    if isinstance(src, Image.Image):
+        m = src
+    else:
+        path = Path(src)
+        try:
+            with Image.open(path) as f:
+                m = f.copy()
+        except FileNotFoundError:
+            raise ConfigError(f"mask_image: {path.name}: no such file") from None
+        except OSError:
+            raise ConfigError(f"mask_image: {path.name}: not an image this app can read") from None
+    if m.mode in ("RGBA", "LA") and m.getchannel("A").getextrema()[0] < 255:  # a painted layer: its strokes
+        m = m.getchannel("A")
+    m = m.convert("L")
+    m = m if m.size == (width, height) else m.resize((width, height), Image.LANCZOS)
+    return m.filter(ImageFilter.GaussianBlur(blur)) if blur else m
+
+
+def _inpaint(pipe, device):
+    """The inpainting pipeline on the same modules, encoding the picture with the VAE's mean (see _latents_of)."""
+    from diffusers import AutoPipelineForInpainting
+
+    out = AutoPipelineForInpainting.from_pipe(pipe)
+    if hasattr(out, "set_progress_bar_config"):
+        out.set_progress_bar_config(disable=True)
+    out._encode_vae_image = lambda image, generator=None: _vae_mean(pipe, image, device)
+    return out
 
 
 def _img2img(pipe):

@@ -159,10 +159,13 @@ def _hires(p: dict[str, str], width: int | None, notes: list[str]) -> dict:
             notes.append(f"Hires resize '{resize}' cannot be read as a scale of the size: no Hires fix is applied")
     if not scale:
         if "Denoising strength" in p:
-            notes.append(f"the image was made from another picture (img2img, denoising strength {strength:g}), "
-                         "which its parameters do not hold: it is made from the prompt alone here (give that "
-                         "picture as the starting image to make it again)")
-        return {"denoising_strength": strength}
+            how = (f"inpainting with a mask (mask blur {p['Mask blur']}), denoising strength {strength:g}"
+                   if "Mask blur" in p else f"img2img, denoising strength {strength:g}")
+            notes.append(f"the image was made from another picture ({how}), which its parameters do not hold: it "
+                         "is made from the prompt alone here (give that picture as the starting image"
+                         + (", and the mask," if "Mask blur" in p else "") + " to make it again)")
+        blur = _number(p, "Mask blur", 4, int)
+        return {"denoising_strength": strength, "mask_blur": blur if 0 <= blur <= 64 else 4}
     if not 1 <= scale <= 4:
         notes.append(f"Hires upscale {scale:g} is outside 1 to 4: no Hires fix is applied")
         return {}

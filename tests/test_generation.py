@@ -186,6 +186,36 @@ def test_img2img_starts_from_the_picture_at_the_strength_given(toy_base, tiny, t
         GenerationRequest(prompt="x", init_image=str(start), hires_scale=2)
 
 
+def test_inpainting_draws_anew_only_inside_the_mask(toy_base, tmp_path):
+    """A1111's inpainting: white in the mask is drawn anew, black stays exactly as it was (the overlay), the
+    mask's edge blurred by mask_blur; a painted PNG layer's transparency works as the mask too."""
+    from PIL import Image
+
+    drawn = generate(toy_base, GenerationRequest(prompt="a blue square on a yellow background", steps=20, seed=1))[0]
+    start = np.asarray(drawn.image, dtype=np.int16)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half
+    req = dict(prompt="a red circle on a white background", steps=12, seed=2, init_image=drawn.image,
+               mask_image=mask, denoising_strength=0.9)
+    out = generate(toy_base, GenerationRequest(**req, mask_blur=0))[0]
+    got = np.asarray(out.image, dtype=np.int16)
+    assert np.array_equal(got[:, 32:], start[:, 32:])  # outside the mask: the picture itself
+    assert np.abs(got[:, :32] - start[:, :32]).mean() > 20  # inside: drawn anew
+    assert parse_parameters(out.parameters)["Mask blur"] == "0"
+    blurred = np.asarray(generate(toy_base, GenerationRequest(**req))[0].image, dtype=np.int16)  # blur 4
+    assert np.array_equal(blurred[:, 44:], start[:, 44:]) and not np.array_equal(blurred[:, 32:36], got[:, 32:36])
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # a brush layer: its strokes are the mask
+    layer.paste((255, 0, 0, 255), (0, 0, 32, 64))
+    painted = generate(toy_base, GenerationRequest(**{**req, "mask_image": layer}, mask_blur=0))[0]
+    assert np.array_equal(np.asarray(painted.image, dtype=np.int16), got)
+    with pytest.raises(ConfigError, match="mask_image: a mask says where to draw anew on a starting picture"):
+        GenerationRequest(prompt="x", mask_image=mask)
+    with pytest.raises(ConfigError, match="mask_blur"):
+        GenerationRequest(prompt="x", init_image=drawn.image, mask_image=mask, mask_blur=-1)
+    with pytest.raises(ConfigError, match="mask_image: gone.png: no such file"):
+        generate(toy_base, GenerationRequest(**{**req, "mask_image": str(tmp_path / "gone.png")}))
+
+
 @pytest.mark.parametrize("kw,msg", [({"hires_scale": 5}, "hires_scale"), ({"hires_scale": 0.5}, "hires_scale"),
                                     ({"hires_steps": -1}, "hires_steps"), ({"denoising_strength": 0},
                                                                            "denoising_strength"),

@@ -73,6 +73,9 @@ def test_a1111_parameters_become_a_request_adapters_and_notes(lib):
     assert i2i.request.hires_scale == 1 and i2i.request.init_image is None
     assert i2i.request.denoising_strength == 0.6  # for when the picture is given again
     assert "made from another picture (img2img, denoising strength 0.6)" in i2i.notes[0]
+    inpainted = recall("a cat\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.6, Mask blur: 8")
+    assert "inpainting with a mask (mask blur 8)" in inpainted.notes[0] and "and the mask" in inpainted.notes[0]
+    assert inpainted.request.mask_blur == 8
     # A1111's "resize to" form of the Hires fix: the scale from the sizes
     resized = recall("a cat\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Denoising strength: 0.3, "
                      "Hires resize: 96x96, Hires steps: 5, Hires upscaler: Latent (nearest)")
@@ -183,7 +186,16 @@ def test_cli_hires_fix_and_img2img(tiny_sd1_dir, lib, tmp_path, capsys):
                           "--denoising-strength", "0.5", "--out", str(moved)]) == 0
     assert Image.open(moved).size == (32, 32)  # stretched to the model's size
     assert parse_parameters(read_png_parameters(moved))["Denoising strength"] == "0.5"
+    mask = tmp_path / "mask.png"
+    Image.new("L", (32, 32), 0).save(mask)  # nothing to draw anew: the picture comes back as it went in
+    kept = tmp_path / "kept.png"
+    assert main(common + ["--prompt", "a red circle", "--steps", "4", "--init-image", str(moved), "--mask", str(mask),
+                          "--mask-blur", "0", "--out", str(kept)]) == 0
+    assert np.array_equal(np.asarray(Image.open(kept)), np.asarray(Image.open(moved)))
+    assert parse_parameters(read_png_parameters(kept))["Mask blur"] == "0"
     capsys.readouterr()
+    assert main(common + ["--prompt", "x", "--mask", str(mask)]) == 2
+    assert "mask_image: a mask says where to draw anew" in capsys.readouterr().err
     assert main(common + ["--prompt", "x", "--init-image", str(tmp_path / "nope.png")]) == 2
     assert "init_image: " in capsys.readouterr().err
     assert main(common + ["--prompt", "x", "--init-image", str(big), "--hires-scale", "2"]) == 2
