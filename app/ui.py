@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import gradio as gr
 import pandas as pd
+from PIL import Image, ImageChops
 
 from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
@@ -386,6 +387,25 @@ DOWNLOAD_FIRST_FILE = """() => { setTimeout(() => {
   const a = document.querySelector('#lib-file a[download]');
   if (a) a.click();
 }, 300); }"""
+
+
+def _editor_parts(value):
+    """The image editor's value as (starting picture, inpainting mask): its background, and the alpha of what
+    was painted over it (None when nothing was); a plain picture or path is a starting picture alone."""
+    if not isinstance(value, dict):
+        return value or None, None
+    start = value.get("background")
+    if start is None:
+        return None, None
+    mask = None
+    for layer in value.get("layers") or []:
+        if isinstance(layer, Image.Image) and layer.mode in ("RGBA", "LA"):
+            alpha = layer.getchannel("A")
+            if alpha.getextrema()[1] > 0:
+                mask = alpha if mask is None else ImageChops.lighter(mask, alpha)
+    if isinstance(start, Image.Image):
+        start = start.convert("RGB")
+    return start, mask
 
 
 class StudioUI:
@@ -1059,18 +1079,20 @@ class StudioUI:
     @staticmethod
     def _request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip=1, hires_scale=1.0, hires_steps=0, hires_upscaler="Latent", hires_denoise=0.7,
-                 init_image=None, init_strength=0.75) -> GenerationRequest:
+                 init_image=None, init_strength=0.75, mask_blur=4) -> GenerationRequest:
         if not (prompt or "").strip():
             raise ConfigError("prompt: write what you want to see (the trigger word brings in the adapter)")
         w, h = _num(width or 0, "width", int), _num(height or 0, "height", int)
+        start, mask = _editor_parts(init_image)
         return GenerationRequest(
             prompt=prompt, negative_prompt=negative or "", steps=_num(steps, "steps", int),
             guidance=_num(guidance, "guidance"), seed=_num(seed if seed not in (None, "") else -1, "seed", int),
             width=w or None, height=h or None, num_images=_num(num_images, "num_images", int), scheduler=scheduler,
             clip_skip=_num(clip_skip if clip_skip not in (None, "") else 1, "clip_skip", int),
             hires_scale=_num(hires_scale or 1, "hires_scale"), hires_steps=_num(hires_steps or 0, "hires_steps", int),
-            hires_upscaler=hires_upscaler or "Latent", init_image=init_image or None,
-            denoising_strength=_num(init_strength if init_image else hires_denoise, "denoising_strength"))
+            hires_upscaler=hires_upscaler or "Latent", init_image=start, mask_image=mask,
+            mask_blur=_num(mask_blur if mask_blur not in (None, "") else 4, "mask_blur", int),
+            denoising_strength=_num(init_strength if start is not None else hires_denoise, "denoising_strength"))
 
     @staticmethod
     def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
@@ -1078,11 +1100,13 @@ class StudioUI:
 
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae,
+                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                 mask_blur, vae,
                  fuse, *slot_values):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
-                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength)
+                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                            mask_blur)
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae)
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
@@ -1114,7 +1138,7 @@ class StudioUI:
         if not paths:
             return gr.skip(), gr.skip(), "Generate an image first: it then becomes the starting image."
         path = paths[index if isinstance(index, int) and 0 <= index < len(paths) else 0]
-        return path, gr.update(open=True), ("Starting image set: **Generate** draws from it at the denoising "
+        return {"background": path, "layers": [], "composite": path}, gr.update(open=True), ("Starting image set: **Generate** draws from it at the denoising "
                                             "strength under *Start from an image*.")
 
     @ui_errors
@@ -1187,12 +1211,14 @@ class StudioUI:
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
-                clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae,
+                clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                 mask_blur, vae,
                 cmp_adapter, cmp_weights, cmp_run, *slot_values):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
-                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength)
+                            hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                            mask_blur)
         enabled = entries_from_rows(self._slot_rows(slot_values))
         kind = COMPARE_MODES.get(mode)
         if kind is None:
@@ -1530,13 +1556,21 @@ class StudioUI:
                                                           elem_id="gen-hires-denoise")
                         with gr.Accordion("Start from an image (img2img)", open=False, elem_id="gen-img2img") as i2i_acc:
                             with gr.Row():
-                                init_image = gr.Image(type="filepath", label="Starting image",
-                                                      sources=["upload", "clipboard"], height=160,
-                                                      elem_id="gen-init-image")
-                                init_strength = gr.Slider(0.05, 1, value=0.75, step=0.05, label="Denoising strength",
-                                                          info="how much of the picture is drawn anew (it is "
-                                                               "stretched to the width and height)",
-                                                          elem_id="gen-init-strength")
+                                init_image = gr.ImageEditor(
+                                    type="pil", label="Starting image", sources=["upload", "clipboard"], height=320,
+                                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
+                                    transforms=(), layers=False, elem_id="gen-init-image")
+                                with gr.Column(min_width=160):
+                                    init_strength = gr.Slider(0.05, 1, value=0.75, step=0.05,
+                                                              label="Denoising strength",
+                                                              info="how much is drawn anew (the picture is "
+                                                                   "stretched to the width and height); paint "
+                                                                   "over a part with the brush to draw only "
+                                                                   "that anew (inpainting)",
+                                                              elem_id="gen-init-strength")
+                                    mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)",
+                                                          info="softens the painted area's edge",
+                                                          elem_id="gen-mask-blur")
                         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="Results", columns=2, height=360, object_fit="contain",
@@ -1677,7 +1711,8 @@ class StudioUI:
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
                 self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
-                          hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength, vae]
+                          hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
+                          mask_blur, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
                      gen_outputs)
@@ -1740,12 +1775,22 @@ def theme():
     return gr.themes.Soft(font=system, font_mono=["ui-monospace", "monospace"])
 
 
+def import_pipelines() -> None:
+    """diffusers' lazy imports are not thread-safe: the page's first refresh and a Generate clicked at once could
+    see a half-imported module ("cannot import name 'StableDiffusionPipeline'"). What the handlers import is
+    imported once, here, before the app serves."""
+    from diffusers import (AutoencoderKL, AutoPipelineForImage2Image, AutoPipelineForInpainting,  # noqa: F401
+                           StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+
 def launch(studio: Studio | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            auth: str | None = None, max_file_size: str | int = MAX_UPLOAD, prevent_thread_lock: bool = False,
            quiet: bool = False, inbrowser: bool = False) -> gr.Blocks:
     """Build and serve the app. Only the app's own output, library and dataset folders are served."""
     creds = check_launch_options(share, auth)
     studio = studio or Studio()
+    import_pipelines()
     demo = StudioUI(studio).build()
     demo.queue(default_concurrency_limit=2)
     if host not in ("127.0.0.1", "localhost", "::1") and creds is None:

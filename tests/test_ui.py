@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -66,7 +67,7 @@ def lora_files(tmp_path_factory, tiny_sd1_dir):
     return out
 
 
-REQ_TAIL = (1, 1.0, 0, "Latent", 0.7, None, 0.75, None)  # clip skip; Hires fix off; no starting image; own VAE
+REQ_TAIL = (1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None)  # clip skip; Hires off; no start; mask blur; VAE
 
 
 def _form(ui: StudioUI, ds_id: str, captions, name: str, **kw) -> dict:
@@ -441,7 +442,7 @@ def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
     """The Hires fix settings make a larger picture that "Use these parameters" brings back (the accordion
     opened); "Start from this image" puts a result in as the starting image, which Generate then draws from."""
     base = ui.base_names()[0]
-    hires = (1, 2.0, 3, "Lanczos", 0.5, None, 0.75, None)
+    hires = (1, 2.0, 3, "Lanczos", 0.5, None, 0.75, 4, None)
     made = ui.generate(base, "a red circle", "", 2, 3.0, 7, 0, 0, 2, "Euler", *hires, False, *_slots())
     paths = made[1]
     assert [Image.open(p).size for p in paths] == [(64, 64)] * 2
@@ -452,14 +453,29 @@ def test_hires_fix_and_img2img_from_the_form(ui, lora_files, tmp_path):
     grid = ui.compare("adapter weights", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *hires,
                       "alpha-style", "0, 1", None, *_slots())[0]
     assert parse_parameters(read_png_parameters(grid))["Size"] == "32x32"
-    path, acc, said = ui.start_from(1, paths)
-    assert path == paths[1] and acc["open"] is True and "Starting image set" in said
+    value, acc, said = ui.start_from(1, paths)
+    path = value["background"]
+    assert path == paths[1] and value["layers"] == [] and acc["open"] is True and "Starting image set" in said
     moved = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, path, 0.5,
-                        None, False, *_slots())[1][0]
+                        4, None, False, *_slots())[1][0]
     assert Image.open(moved).size == (32, 32)  # the model's size: the starting picture is stretched to it
     assert parse_parameters(read_png_parameters(moved))["Denoising strength"] == "0.5"  # the img2img slider's
+    # paint over a part of the starting picture in the editor: only that part is drawn anew (inpainting)
+    start = Image.open(path).convert("RGB").resize((32, 32))
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 16, 32))  # the brush's strokes over the left half
+    editor = {"background": start, "layers": [layer], "composite": start}
+    painted = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, editor,
+                          0.9, 0, None, False, *_slots())[1][0]
+    got = np.asarray(Image.open(painted), dtype=np.int16)
+    assert np.array_equal(got[:, 16:], np.asarray(start, dtype=np.int16)[:, 16:])  # unpainted: kept exactly
+    assert parse_parameters(read_png_parameters(painted))["Mask blur"] == "0"
+    unpainted = {"background": start, "layers": [Image.new("RGBA", (32, 32))], "composite": start}
+    plain = ui.generate(base, "a blue square", "", 4, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, unpainted,
+                        0.9, 0, None, False, *_slots())[1][0]
+    assert "Mask blur" not in read_png_parameters(plain)  # nothing painted: plain img2img
     with pytest.raises(gr.Error, match="hires_scale: Hires fix enlarges an image made from the prompt"):
-        ui.generate(base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 2.0, 0, "Latent", 0.7, path, 0.5, None, False, *_slots())
+        ui.generate(base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 2.0, 0, "Latent", 0.7, path, 0.5, 4, None, False, *_slots())
 
 
 def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tmp_path):
@@ -488,7 +504,7 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     assert slots[:8] == ["alpha-style", True, 0.8, False, 0.8, True, 1, 0]
     assert slots[8:16] == ["beta-thing", True, 0.5, True, 0.2, False, 0, 0]
     assert slots[16] is None and list(cards) == [None] * SLOTS and "seed 7" in msg
-    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, *hires, None, 0.75, vae, False,
+    again = ui.generate(base, prompt, negative, steps, guidance, seed, width, height, 1, scheduler, clip_skip, *hires, None, 0.75, 4, vae, False,
                         *slots)[1][0]
     assert Image.open(again).tobytes() == Image.open(made).tobytes()
     # pasted from elsewhere: an adapter that is not here stays a tag in the prompt, and the notes say what differs

@@ -56,7 +56,7 @@ def test_an_error_stays_on_the_page_and_clears_nothing(ui):
     output (the gallery keeps its images), instead of a vanishing toast over panes that read 'Error'."""
     outputs = ["gallery", "files", "params", "seed", "paths", "warn", "info"]
     handler = shown_in(ui.generate, outputs, "info")
-    req = ["a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, None, 0.75, None]
+    req = ["a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None]
     slots = [None, True, 1.0, False, 1.0, False, 0, 0] * 4
     slots[0] = "no-such-adapter"
     out = handler(None, *req, False, *slots)
