@@ -362,21 +362,26 @@ def _vae_mean(pipe, x: torch.Tensor, device) -> torch.Tensor:
     return ((lat - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
 
 
+def _open_image(src, name: str) -> Image.Image:
+    """A request's picture: a PIL image as it is, or the file it names (errors name the field and the file)."""
+    if isinstance(src, Image.Image):
+        return src
+    path = Path(src)
+    try:
+        with Image.open(path) as f:
+            f.load()
+            return f.copy()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: {path.name}: no such file") from None
+    except OSError:
+        raise ConfigError(f"{name}: {path.name}: not an image this app can read") from None
+
+
 def _mask(src, width: int, height: int, blur: int) -> Image.Image:
     """An inpainting mask as A1111 takes it: grey levels (white: draw anew), stretched to the size, blurred."""
     from PIL import ImageFilter
 
-    if isinstance(src, Image.Image):
-        m = src
-    else:
-        path = Path(src)
-        try:
-            with Image.open(path) as f:
-                m = f.copy()
-        except FileNotFoundError:
-            raise ConfigError(f"mask_image: {path.name}: no such file") from None
-        except OSError:
-            raise ConfigError(f"mask_image: {path.name}: not an image this app can read") from None
+    m = _open_image(src, "mask_image")
     if m.mode in ("RGBA", "LA") and m.getchannel("A").getextrema()[0] < 255:  # a painted layer: its strokes
         m = m.getchannel("A")
     m = m.convert("L")
@@ -407,18 +412,7 @@ def _img2img(pipe):
 
 def _init_image(src, width: int, height: int) -> Image.Image:
     """img2img's starting picture, RGB, stretched to width x height (A1111's "Just resize")."""
-    if isinstance(src, Image.Image):
-        im = src
-    else:
-        path = Path(src)
-        try:
-            with Image.open(path) as f:
-                im = f.convert("RGB")
-        except FileNotFoundError:
-            raise ConfigError(f"init_image: {path.name}: no such file") from None
-        except OSError:
-            raise ConfigError(f"init_image: {path.name}: not an image this app can read") from None
-    im = im.convert("RGB")
+    im = _open_image(src, "init_image").convert("RGB")
     return im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
 
 
