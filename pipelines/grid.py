@@ -152,16 +152,15 @@ def make_grid(
     cols = _columns(columns)
     clean, tagged = parse_lora_tags(req.prompt)
     run_req = replace(req, prompt=clean)
-    total = req.steps * len(cols)
     tiles: list[list[GeneratedImage]] = []
     stacks: list[tuple[StackEntry, ...]] = []
     for i, col in enumerate(cols):
         names = {e.name.casefold() for e in col.entries}
         entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
 
-        def progress(step: int, _total: int, offset: int = i * req.steps) -> None:
+        def progress(step: int, per_tile: int, i: int = i) -> None:  # per_tile counts a Hires or img2img pass
             if on_progress is not None:
-                on_progress(offset + step, total)
+                on_progress(i * per_tile + step, per_tile * len(cols))
 
         tiles.append(stack.generate(run_req, entries, on_progress=progress))
         stacks.append(entries)

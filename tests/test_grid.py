@@ -227,3 +227,15 @@ def test_long_column_titles_wrap_inside_their_column():
     px = grid.load()
     for x in (cw - 1, cw, 2 * cw - 1, 2 * cw):  # the column boundaries stay clear: no title runs into the next
         assert all(px[x, y] == (255, 255, 255) for y in range(band)), x
+
+
+def test_a_hires_grid_counts_its_progress_and_records_the_first_pass_size(stack):
+    """With a Hires fix each tile runs two passes: the progress counts all their steps to the end, and the
+    grid's parameters keep A1111's first-pass Size (the tiles are the enlarged pictures)."""
+    seen: list[tuple[int, int]] = []
+    result = make_grid(stack, _req(hires_scale=1.5, hires_steps=3, denoising_strength=0.5),
+                       weight_columns("a", [0, 1]), on_progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (2 * (2 + 3), 2 * (2 + 3)) and all(d <= t for d, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert result.tiles[0][0].image.size == (48, 48)
+    assert parse_parameters(result.parameters)["Size"] == "32x32"
