@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the adapter whose weight varies across the columns (see --weights); a step range "
                            "given here holds in every column")
     mode.add_argument("--loras", metavar="A,B,C", help="compare these adapters, one per column, at --weight")
+    mode.add_argument("--cfgs", metavar="C1,C2,...", help="compare these CFG scales (adapters: tags in --prompt)")
+    mode.add_argument("--step-counts", metavar="N1,N2,...", help="compare these numbers of sampler steps")
+    mode.add_argument("--samplers", metavar="A,B,...", help="compare these samplers (e.g. 'Euler a,DPM++ 2M Karras')")
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
     gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
@@ -502,8 +505,8 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, range_words, start_columns,
-                                weight_columns)
+    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, range_words, setting_columns,
+                                start_columns, weight_columns)
 
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -532,6 +535,14 @@ def cmd_grid(args: argparse.Namespace) -> int:
     elif args.loras:
         entries = _entries_into(stack, [n.strip() for n in args.loras.split(",") if n.strip()])
         columns, axis = adapter_columns([e.name for e in entries], weight), f"LoRA at {weight:g}"
+    elif args.cfgs:
+        columns, axis = setting_columns("guidance", _numbers(args.cfgs, "--cfgs")), "CFG scale"
+    elif args.step_counts:
+        columns, axis = setting_columns("steps", _numbers(args.step_counts, "--step-counts", int,
+                                                          "whole step numbers")), "Steps"
+    elif args.samplers:
+        columns = setting_columns("scheduler", [n.strip() for n in args.samplers.split(",") if n.strip()])
+        axis = "Sampler"
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     result = make_grid(stack, req, columns, axis=axis)

@@ -535,12 +535,13 @@ class Studio:
 
     def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
                 weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = (),
-                starts: Sequence[int] = (), vae: str | None = None) -> Path:
+                starts: Sequence[int] = (), vae: str | None = None, settings: Sequence = ()) -> Path:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
-        ('checkpoints'), or the adapters in `others` one at a time ('adapters')."""
-        from pipelines.grid import (GridColumn, checkpoint_columns, make_grid, range_words, start_columns,
-                                    weight_columns)
+        ('checkpoints'), the adapters in `others` one at a time ('adapters'), or a request setting across
+        `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes)."""
+        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, make_grid, range_words,
+                                    setting_columns, start_columns, weight_columns)
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
@@ -565,6 +566,8 @@ class Studio:
                 if not others:
                     raise ConfigError("adapters: enable at least one adapter to compare")
                 cols, axis = [GridColumn(f"{e.name} {e.weight:g}", (e,)) for e in others], "LoRA"
+            elif mode in SETTINGS:
+                cols, axis = setting_columns(mode, settings, others), SETTINGS[mode][0]
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
             if m.stack.fused:

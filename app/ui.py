@@ -60,10 +60,13 @@ CAPTION_COLUMNS = ["image", "caption"]
 MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
 COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
-                 "enabled adapters, one at a time": "adapters"}
+                 "enabled adapters, one at a time": "adapters", "CFG scales": "guidance", "step counts": "steps",
+                 "samplers": "scheduler"}
 # the values box of the comparison, per mode: (label, default)
 COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"),
-                  "starts": ("Start steps (0 = every step)", "0, 5, 10, 15")}
+                  "starts": ("Start steps (0 = every step)", "0, 5, 10, 15"),
+                  "guidance": ("CFG scales", "3, 5, 7, 9"), "steps": ("Step counts", "10, 20, 30"),
+                  "scheduler": ("Samplers", "Euler a, DPM++ 2M Karras, DDIM")}
 
 CSS = """
 .ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
@@ -250,6 +253,18 @@ def _starts(text: str, steps: int) -> list[int]:
             raise ConfigError(f"start steps: {n} is outside 0..{steps - 1} (the sampler runs {steps} steps)")
     if not out:
         raise ConfigError("start steps: give at least one step, e.g. 0, 5, 10")
+    return out
+
+
+def _settings(text: str, kind: str) -> list:
+    """The values box of a settings grid: CFG scales, step counts (numbers) or sampler names."""
+    what = COMPARE_VALUES[kind][0].lower()
+    out = [t.strip() for t in (text or "").split(",") if t.strip()] if kind == "scheduler" else (
+        _values(text, what, int if kind == "steps" else float))
+    if not out:
+        raise ConfigError(f"{what}: give at least one, e.g. {COMPARE_VALUES[kind][1]}")
+    if len(out) > 8:
+        raise ConfigError(f"{what}: at most 8 columns")
     return out
 
 
@@ -1225,8 +1240,9 @@ class StudioUI:
             raise ConfigError(f"mode: unknown comparison '{mode}'")
         weights = _weights(cmp_weights) if kind == "weights" else ()
         starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
+        settings = _settings(cmp_weights, kind) if kind in ("guidance", "steps", "scheduler") else ()
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
-                                   others=enabled, starts=starts, vae=vae)
+                                   others=enabled, starts=starts, vae=vae, settings=settings)
         return str(path), str(path), req.seed
 
     @staticmethod

@@ -319,6 +319,13 @@ def generate(
     return results
 
 
+def steps_of(req: GenerationRequest) -> int:
+    """The sampler steps `generate` runs for `req` per image: its img2img or txt2img pass, and a Hires pass."""
+    first = img2img_schedule(req.steps, req.denoising_strength)[2] if req.init_image is not None else req.steps
+    return first + (hires_schedule(req.hires_steps or req.steps, req.denoising_strength)[2]
+                    if req.hires_scale > 1 else 0)
+
+
 def _strength_for(schedule: int, run: int) -> float:
     """The diffusers img2img strength that runs exactly the last `run` steps of a `schedule`-step schedule
     (diffusers runs int(schedule * strength) of them; the half step keeps float rounding off the count)."""

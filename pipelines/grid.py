@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError, UnsafeNameError
-from .generation import GeneratedImage, GenerationRequest, format_parameters
+from .generation import GeneratedImage, GenerationRequest, format_parameters, steps_of
 from .library import check_name
 from .stack import AdapterStack, StackEntry, _coerce, parse_lora_tags
 
@@ -108,6 +108,7 @@ class GridColumn:
 
     label: str
     entries: tuple[StackEntry, ...] = ()
+    changes: tuple[tuple[str, object], ...] = ()  # request settings this column sets (CFG scale, steps, sampler)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _columns(columns: Sequence[GridColumn | tuple]) -> list[GridColumn]:
         if not isinstance(c, GridColumn):
             label, entries = c
             c = GridColumn(str(label), tuple(entries))
-        out.append(GridColumn(c.label, tuple(_coerce(c.entries))))
+        out.append(GridColumn(c.label, tuple(_coerce(c.entries)), tuple(c.changes)))
     if not out:
         raise ConfigError("grid: nothing to compare (no columns)")
     return out
@@ -152,17 +153,20 @@ def make_grid(
     cols = _columns(columns)
     clean, tagged = parse_lora_tags(req.prompt)
     run_req = replace(req, prompt=clean)
+    col_reqs = [replace(run_req, **dict(col.changes)) for col in cols]  # a bad setting is refused up front
+    counts = [steps_of(r) for r in col_reqs]  # a Hires or img2img pass counts too
+    total = sum(counts)
     tiles: list[list[GeneratedImage]] = []
     stacks: list[tuple[StackEntry, ...]] = []
-    for i, col in enumerate(cols):
+    for i, (col, col_req) in enumerate(zip(cols, col_reqs)):
         names = {e.name.casefold() for e in col.entries}
         entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
 
-        def progress(step: int, per_tile: int, i: int = i) -> None:  # per_tile counts a Hires or img2img pass
+        def progress(step: int, _per_tile: int, before: int = sum(counts[:i])) -> None:
             if on_progress is not None:
-                on_progress(i * per_tile + step, per_tile * len(cols))
+                on_progress(before + step, total)
 
-        tiles.append(stack.generate(run_req, entries, on_progress=progress))
+        tiles.append(stack.generate(col_req, entries, on_progress=progress))
         stacks.append(entries)
     rows = [[col[r].image for col in tiles] for r in range(len(tiles[0]))]
     labels = [c.label for c in cols]
@@ -181,10 +185,32 @@ def make_grid(
         extra["Lora hashes"] = stack.lora_hashes(list(used.values()))
     extra["Grid"] = f"{_quote_free(axis)}: " + " | ".join(_quote_free(lbl) for lbl in labels)
     extra["Grid stacks"] = " | ".join(" ".join(e.tag() for e in entries) or "none" for entries in stacks)
+    if any(c.changes for c in cols):  # each column's own settings, in the parameters' own words
+        extra["Grid settings"] = " | ".join(
+            "; ".join(f"{SETTINGS[k][0]} {v:g}" if isinstance(v, float) else f"{SETTINGS[k][0]} {v}"
+                      for k, v in c.changes) or "as above" for c in cols)
     w, h = tiles[0][0].size or tiles[0][0].image.size  # the first pass's size (a Hires fix enlarges it)
     params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
     grid.info["parameters"] = params
     return GridResult(grid, params, cols, tiles)
+
+
+# request settings a grid can vary (A1111's X/Y plot axes): field -> (its name in the parameters, column label)
+SETTINGS = {"guidance": ("CFG scale", "CFG {:g}"), "steps": ("Steps", "{} steps"), "scheduler": ("Sampler", "{}")}
+
+
+def setting_columns(field: str, values: Sequence, others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """One request setting across `values` (CFG scale, steps or sampler), the adapters in `others` in every
+    column: A1111's X/Y plot with a settings axis."""
+    if field not in SETTINGS:
+        raise ConfigError(f"grid: cannot vary '{field}'; choose one of: {', '.join(SETTINGS)}")
+    if not values:
+        raise ConfigError(f"grid: give the {SETTINGS[field][0]} values to compare")
+    from .generation import scheduler_name
+
+    kind = {"guidance": float, "steps": int, "scheduler": scheduler_name}[field]
+    fmt = SETTINGS[field][1]
+    return [GridColumn(fmt.format(kind(v)), tuple(others), ((field, kind(v)),)) for v in values]
 
 
 def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEntry] = ()) -> list[GridColumn]:

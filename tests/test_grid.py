@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from lora_helpers import make_lora
@@ -239,3 +241,28 @@ def test_a_hires_grid_counts_its_progress_and_records_the_first_pass_size(stack)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert result.tiles[0][0].image.size == (48, 48)
     assert parse_parameters(result.parameters)["Size"] == "32x32"
+
+
+def test_a_settings_axis_varies_cfg_steps_or_sampler_with_the_adapters_fixed(stack):
+    """A1111's X/Y plot over CFG scale, steps or sampler: each tile is exactly the image made alone with that
+    setting (the prompt's adapter in every tile), labelled, and the parameters name each column's setting."""
+    from pipelines.grid import setting_columns
+
+    req = _req(prompt="a red circle <lora:a:0.7>")
+    result = make_grid(stack, req, setting_columns("guidance", [3, 7.5]), axis="CFG scale")
+    assert [c.label for c in result.columns] == ["CFG 3", "CFG 7.5"]
+    for col, cfg in zip(result.tiles, (3.0, 7.5)):
+        alone = stack.generate(dataclasses.replace(req, guidance=cfg))[0].image
+        assert np.array_equal(np.asarray(col[0].image), np.asarray(alone))
+    p = parse_parameters(result.parameters)
+    assert p["Grid settings"] == "CFG scale 3 | CFG scale 7.5" and p["Grid stacks"] == "<lora:a:0.7> | <lora:a:0.7>"
+    seen: list[tuple[int, int]] = []
+    steps = make_grid(stack, req, setting_columns("steps", ["1", 3]), on_progress=lambda d, t: seen.append((d, t)))
+    assert [c.label for c in steps.columns] == ["1 steps", "3 steps"] and seen[-1] == (4, 4)
+    samplers = make_grid(stack, req, setting_columns("scheduler", ["euler_a", "DDIM"]))
+    assert [c.label for c in samplers.columns] == ["Euler a", "DDIM"]
+    assert "Sampler: Euler a" in samplers.tiles[0][0].parameters
+    with pytest.raises(ConfigError, match="guidance: must be between 0 and 50"):
+        make_grid(stack, req, setting_columns("guidance", [3, 99]))
+    with pytest.raises(ConfigError, match="scheduler: unknown 'warp'"):
+        setting_columns("scheduler", ["warp"])

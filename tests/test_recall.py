@@ -181,6 +181,10 @@ def test_cli_hires_fix_and_img2img(tiny_sd1_dir, lib, tmp_path, capsys):
     off = tmp_path / "off.png"  # an option given as well wins: the Hires fix off
     assert main(common + ["--from-png", str(big), "--hires-scale", "1", "--out", str(off)]) == 0
     assert Image.open(off).size == (32, 32) and "Hires" not in read_png_parameters(off)
+    grid = tmp_path / "cfg-grid.png"  # the X/Y plot's settings axes on the CLI
+    assert main(["grid", "--base", str(tiny_sd1_dir), "--device", "cpu", "--library", str(lib.root), "--prompt",
+                 "a cat <lora:alpha:0.5>", "--steps", "2", "--seed", "1", "--cfgs", "3,6", "--out", str(grid)]) == 0
+    assert parse_parameters(read_png_parameters(grid))["Grid settings"] == "CFG scale 3 | CFG scale 6"
     moved = tmp_path / "moved.png"
     assert main(common + ["--prompt", "a red circle", "--steps", "4", "--init-image", str(big),
                           "--denoising-strength", "0.5", "--out", str(moved)]) == 0

@@ -610,6 +610,17 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           None, "", None, *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     assert "alpha-style 0.8 | beta-thing 0.5" in read_png_parameters(grid)
+    # A1111's X/Y plot axes: a setting across the columns, the enabled adapters in every tile
+    assert ui.compare_values_box("CFG scales", "0, 1")["value"] == "3, 5, 7, 9"
+    grid, *_ = ui.compare("CFG scales", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
+                          None, "3, 6", None, *_slots(("alpha-style", 0.8)))
+    p = parse_parameters(read_png_parameters(grid))
+    assert p["Grid"] == "CFG scale: CFG 3 | CFG 6" and p["Grid stacks"] == "<lora:alpha-style:0.8> | <lora:alpha-style:0.8>"
+    grid, *_ = ui.compare("samplers", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
+                          None, "Euler a, DDIM", None, *_slots())
+    assert parse_parameters(read_png_parameters(grid))["Grid settings"] == "Sampler Euler a | Sampler DDIM"
+    with pytest.raises(gr.Error, match="step counts: give at least one"):
+        ui.compare("step counts", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", None, *_slots())
     ck = ui.studio.library.root / "runs" / "myrun" / "checkpoints" / "step-2"
     ck.mkdir(parents=True)
     shutil.copyfile(lora_files["beta-thing"], ck / "adapter.safetensors")
