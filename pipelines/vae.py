@@ -4,8 +4,8 @@ Many SD 1.x models ship with a VAE that washes out colours, and users swap in an
 (`vae-ft-mse-840000-ema-pruned.safetensors`, an anime model's own VAE). Such a file holds the VAE alone, in
 the original (LDM) key layout, with or without the `first_stage_model.` prefix, as .safetensors (or a pickle,
 refused unless allowed); a diffusers-layout file or a diffusers `AutoencoderKL` folder works too. The VAE takes
-the base model's own VAE config (its scaling factor included), as A1111 does, and must fit it: a VAE made for
-another family is refused, naming the weight that does not fit.
+the base model's own VAE config (its scaling factor included), as A1111 does, and must fit its shapes (SD 1.x
+and SDXL VAEs share them, so one family's VAE is not refused on the other).
 """
 
 from __future__ import annotations
@@ -41,32 +41,25 @@ def vae_files(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def load_vae(path: str | os.PathLike, like, allow_pickle: bool = False):
-    """The VAE at `path` as an AutoencoderKL shaped, placed and typed like `like` (the base model's VAE)."""
+    """The VAE at `path` as an AutoencoderKL shaped, placed and typed like `like` (the base model's VAE, whose
+    config, scaling factor included, it keeps: a diffusers folder's own config.json is not taken either)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path}: not a VAE folder (no config.json)")
-        from diffusers import AutoencoderKL
-
-        try:
-            vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - diffusers raises many types
-            raise ModelLoadError(f"{path}: could not load as a VAE ({type(e).__name__}: {e})") from None
-        own = like.state_dict()
-        for k, v in vae.state_dict().items():
-            if k in own and own[k].shape != v.shape:
-                raise ModelLoadError(f"{path.name}: weight {k} has shape {tuple(v.shape)}, this model's VAE "
-                                     f"needs {tuple(own[k].shape)}: a VAE made for another kind of model")
-    elif path.is_file():
-        if path.suffix.lower() not in VAE_SUFFIXES:
-            raise ModelLoadError(f"{path.name}: not a weights file (.safetensors, or with --allow-pickle .pt/.ckpt)")
-        sd, _ = load_safetensors(path, allow_pickle=allow_pickle, check_finite=True)
-        vae = copy.deepcopy(like)  # the base's config, device and dtype
-        vae.load_state_dict(_as_diffusers(sd, like, path))
-        return vae.eval().requires_grad_(False)
-    else:
+        weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                   if (path / n).is_file()]
+        if not weights:
+            raise ModelLoadError(f"{path}: a VAE folder without its weights (diffusion_pytorch_model.safetensors)")
+        path = weights[0]
+    elif not path.is_file():
         raise ModelLoadError(f"{path}: no such file or folder")
-    return vae.to(device=like.device, dtype=like.dtype).eval().requires_grad_(False)
+    if path.suffix.lower() not in VAE_SUFFIXES:
+        raise ModelLoadError(f"{path.name}: not a weights file (.safetensors, or with --allow-pickle .pt/.ckpt)")
+    sd, _ = load_safetensors(path, allow_pickle=allow_pickle, check_finite=True)
+    vae = copy.deepcopy(like)  # the base's config, device and dtype
+    vae.load_state_dict(_as_diffusers(sd, like, path))
+    return vae.eval().requires_grad_(False)
 
 
 def _as_diffusers(sd: dict[str, torch.Tensor], like, path: Path) -> dict[str, torch.Tensor]:

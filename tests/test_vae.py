@@ -31,6 +31,9 @@ def vae_dir(toy, tmp_path_factory):
     save_file({VAE_PREFIX + k: v for k, v in ldm.items()}, d / "same-prefixed.safetensors")
     save_file(ldm, d / "same.safetensors")
     save_file({k: v.clone().contiguous() for k, v in toy.pipe.vae.state_dict().items()}, d / "same-diffusers.safetensors")
+    toy.pipe.vae.save_pretrained(d / "diffusers-folder")  # a diffusers VAE folder whose config says otherwise:
+    cfg = (d / "diffusers-folder" / "config.json").read_text().replace('"scaling_factor"', '"scaling_factor_x"')
+    (d / "diffusers-folder" / "config.json").write_text(cfg.replace("{", '{"scaling_factor": 9.9, ', 1))
     warm = dict(ldm)
     warm["decoder.conv_out.bias"] = warm["decoder.conv_out.bias"] + torch.tensor([0.4, -0.4, 0.0])
     save_file(warm, d / "warm.safetensors")
@@ -43,7 +46,7 @@ def _img(model, req=REQ):
 
 def test_a_vae_file_in_any_layout_decodes_as_its_weights_say_and_the_own_one_comes_back(toy, vae_dir):
     own = _img(toy)
-    for name in ("same.safetensors", "same-prefixed.safetensors", "same-diffusers.safetensors"):
+    for name in ("same.safetensors", "same-prefixed.safetensors", "same-diffusers.safetensors", "diffusers-folder"):
         use_vae(toy, vae_dir / name)
         out = generate(toy, REQ)[0]
         assert np.array_equal(np.asarray(out.image, dtype=np.int16), own), name  # the same weights: the same image
@@ -87,6 +90,10 @@ def test_a_vae_that_does_not_fit_is_refused_naming_the_file(toy, vae_dir, tmp_pa
     assert load_vae(tmp_path / "old.pt", like, allow_pickle=True) is not like  # allowed: it loads
     with pytest.raises(LoraStudioError, match="no such file"):
         load_vae(tmp_path / "gone.safetensors", like)
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "empty-folder" / "config.json").write_text("{}")
+    with pytest.raises(LoraStudioError, match="empty-folder: a VAE folder without its weights"):
+        load_vae(tmp_path / "empty-folder", like)
     use_vae(toy, None)
 
 
