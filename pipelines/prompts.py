@@ -159,11 +159,15 @@ def _units(tokenizer, ids: list[int]) -> list[list[int]]:
 
 
 def _weighted(z: torch.Tensor, ws: list[float]) -> torch.Tensor:
-    """Each token's embedding times its weight, the whole scaled back to its unweighted mean (A1111)."""
+    """Each token's embedding times its weight, the whole scaled back to its unweighted mean (A1111). Unweighted
+    tokens are left exactly as they are, and a mean of 0 (a layer norm without bias) is not divided by."""
+    if all(w == 1.0 for w in ws):
+        return z
     w = torch.tensor(ws, device=z.device, dtype=z.dtype)[None, :, None]
     before = z.mean()
     z = z * w
-    return z * (before / z.mean())
+    after = z.mean()
+    return z * (before / after) if after != 0 else z
 
 
 def _hidden(encoder, ids: torch.Tensor, layer: int, final_norm: bool) -> torch.Tensor:

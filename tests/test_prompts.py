@@ -96,3 +96,16 @@ def test_clip_skip_and_weights_together(toy):
         ids = torch.tensor([chunks(toy.pipe.tokenizer, "a red circle")[0][0]])
         want = getattr(te, "text_model", te).final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
     assert torch.allclose(skipped, want, atol=1e-6)
+
+
+def test_a_weight_of_one_on_an_encoder_whose_norm_has_no_bias_stays_finite(tiny_sd1_dir):
+    """The tiny model's final layer norm has no bias: its embeddings average to 0, where A1111's mean restore
+    would divide 0 by 0. Weight 1 leaves the tokens as they are; other weights stay finite."""
+    from pipelines.generation import skipped_embeddings
+
+    tiny = load_base(tiny_sd1_dir, device="cpu")
+    with torch.no_grad():  # clip skip 2: the next-to-last layer through the final norm, which has no bias here
+        one = encode(tiny, "a (red:1.0) circle", "", 1)["prompt_embeds"]
+        plain = skipped_embeddings(tiny.pipe, ["a red circle"], 1, "cpu")
+        heavy = encode(tiny, "a (red:1.5) circle", "", 1)["prompt_embeds"]
+    assert torch.equal(one, plain) and torch.isfinite(heavy).all()
