@@ -19,12 +19,22 @@ def _add_embeddings_arg(p: argparse.ArgumentParser) -> None:
                         "uses it (default: $LORA_STUDIO_HOME/models/embeddings)")
 
 
-def _embeddings_into(base, args: argparse.Namespace, texts) -> None:
-    from pipelines.embeddings import use_embeddings
+def _models_folder(kind: str) -> Path:
+    """A folder of the app's home models folder, as the app has it (`VAE`, `embeddings`)."""
     from pipelines.library import default_home
 
-    folder = Path(args.embeddings).expanduser() if getattr(args, "embeddings", None) else (
-        default_home() / "models" / "embeddings")
+    return default_home() / "models" / kind
+
+
+def _embeddings_folder(args: argparse.Namespace) -> Path:
+    given = getattr(args, "embeddings", None)
+    return Path(given).expanduser() if given else _models_folder("embeddings")
+
+
+def _embeddings_into(base, args: argparse.Namespace, texts) -> None:
+    from pipelines.embeddings import use_embeddings
+
+    folder = _embeddings_folder(args)
     if getattr(args, "embeddings", None) and not folder.is_dir():
         raise _usage(f"--embeddings: {folder} is not a folder")
     for line in use_embeddings(base, folder, texts, args.allow_pickle):
@@ -37,19 +47,21 @@ def _add_vae_arg(p: argparse.ArgumentParser) -> None:
                         "name in $LORA_STUDIO_HOME/models/VAE; recorded in the PNG")
 
 
+def _vae_in_folder(name: str) -> Path | None:
+    from pipelines.vae import vae_files
+
+    return vae_files(_models_folder("VAE")).get(name)
+
+
 def _vae_path(value: str | None) -> Path | None:
     if not value:
         return None
     path = Path(value).expanduser()
     if path.exists():
         return path
-    from pipelines.library import default_home
-    from pipelines.vae import vae_files
-
-    folder = default_home() / "models" / "VAE"
-    found = vae_files(folder).get(value)
+    found = _vae_in_folder(value)
     if found is None:
-        raise _usage(f"--vae: no file '{value}', and no VAE of that name in {folder}")
+        raise _usage(f"--vae: no file '{value}', and no VAE of that name in {_models_folder('VAE')}")
     return found
 
 
@@ -408,10 +420,7 @@ def _generate_request(args: argparse.Namespace):
         from pipelines.library import AdapterLibrary
         from pipelines.recall import read_parameters, recall
 
-        from pipelines.library import default_home
-
-        emb = Path(args.embeddings).expanduser() if args.embeddings else default_home() / "models" / "embeddings"
-        got = recall(read_parameters(args.from_png), AdapterLibrary(args.library), embeddings=emb)
+        got = recall(read_parameters(args.from_png), AdapterLibrary(args.library), embeddings=_embeddings_folder(args))
         args.recalled_a1111 = got.a1111
         r = got.request
         values.update(prompt=got.tagged_prompt, negative_prompt=r.negative_prompt, steps=r.steps,
@@ -421,14 +430,11 @@ def _generate_request(args: argparse.Namespace):
                       mask_blur=r.mask_blur)
         notes, model = got.notes, got.model
         if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
-            from pipelines.library import default_home
-            from pipelines.vae import vae_files
-
-            folder = default_home() / "models" / "VAE"
-            args.vae_path = vae_files(folder).get(got.vae)
+            args.vae_path = _vae_in_folder(got.vae)
             if args.vae_path is None:
-                notes.append(f"the image was decoded with the VAE '{got.vae}', which is not in {folder} (or give "
-                             "it with --vae): the model's own is used, colours may differ")
+                notes.append(f"the image was decoded with the VAE '{got.vae}', which is not in "
+                             f"{_models_folder('VAE')} (or give it with --vae): the model's own is used, colours "
+                             "may differ")
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
     values.update({k: v for k in (*_REQUEST_FIELDS, "prompt") if (v := getattr(args, k)) is not None})

@@ -139,8 +139,7 @@ class Studio:
         self.outputs = self.home / "outputs"
         self.datasets = self.home / "datasets"
         self.models_dir = self.home / "models"
-        for d in (self.library.root, self.outputs, self.datasets, self.models_dir, self.models_dir / "VAE",
-                  self.models_dir / "embeddings"):
+        for d in (self.library.root, self.outputs, self.datasets, self.models_dir, self.vae_dir, self.embeddings_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.default_base = str(base) if base else str(DEFAULT_BASE)
         self.allow_pickle = allow_pickle

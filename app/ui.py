@@ -1116,8 +1116,7 @@ class StudioUI:
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
-                 mask_blur, vae,
-                 fuse, *slot_values):
+                 mask_blur, vae, fuse, *slot_values):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
@@ -1153,8 +1152,9 @@ class StudioUI:
         if not paths:
             return gr.skip(), gr.skip(), "Generate an image first: it then becomes the starting image."
         path = paths[index if isinstance(index, int) and 0 <= index < len(paths) else 0]
-        return {"background": path, "layers": [], "composite": path}, gr.update(open=True), ("Starting image set: **Generate** draws from it at the denoising "
-                                            "strength under *Start from an image*.")
+        return ({"background": path, "layers": [], "composite": path}, gr.update(open=True),
+                "Starting image set: **Generate** draws from it at the denoising strength under *Start from an "
+                "image*.")
 
     @ui_errors
     def read_image_parameters(self, file):

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from .base_models import BaseModel
 from .errors import ConfigError
 from .prompts import encode as encode_prompts
-from .prompts import needs_syntax
+from .prompts import encoder_hidden, needs_syntax
 from .embeddings import mentions, used_hashes
 from .weights_io import atomic_write
 
@@ -163,9 +163,7 @@ def skipped_embeddings(pipe, prompts: list[str], skip: int, device) -> torch.Ten
                          return_tensors="pt")
     te = pipe.text_encoder
     mask = tok.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
-    hidden = te(tok.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states[-(skip + 1)]
-    norm = next(m for n, m in te.named_modules() if n.endswith("final_layer_norm"))
-    return norm(hidden).to(te.dtype)
+    return encoder_hidden(te, tok.input_ids.to(device), -(skip + 1), True, mask).to(te.dtype)
 
 
 def format_parameters(req: GenerationRequest, seed: int, width: int, height: int, model: BaseModel,
@@ -264,8 +262,7 @@ def generate(
     gen_device = "cpu" if model.device.type == "mps" else model.device
     init = _init_image(req.init_image, width, height) if req.init_image is not None else None
     hires = req.hires_scale > 1
-    first = img2img_schedule(req.steps, req.denoising_strength) if init is not None else (req.steps, 1.0, req.steps)
-    second = hires_schedule(req.hires_steps or req.steps, req.denoising_strength) if hires else (0, 1.0, 0)
+    first, second = _passes(req)
     total, done = first[2] + second[2], [0]
 
     def _cb(p, step, timestep, kw):
@@ -277,13 +274,13 @@ def generate(
         return kw
 
     with torch.inference_mode():
-        if any(needs_syntax(pipe.tokenizer, p) or mentions(model, p) for p in (req.prompt, req.negative_prompt)):
-            text = encode_prompts(model, req.prompt, req.negative_prompt, skip)  # A1111's weights and chunks
-        elif skip is None:
+        # A1111's encoding for weights, chunks, embeddings and clip skip (both prompts through the same layer:
+        # diffusers' own clip_skip skips the positive only); diffusers' own for a plain prompt
+        if skip is not None or any(needs_syntax(pipe.tokenizer, p) or mentions(model, p)
+                                   for p in (req.prompt, req.negative_prompt)):
+            text = encode_prompts(model, req.prompt, req.negative_prompt, skip)
+        else:
             text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)
-        else:  # both prompts through the same layer, as A1111 does (diffusers' own clip_skip skips the positive only)
-            pe, ne = skipped_embeddings(pipe, [req.prompt, req.negative_prompt], skip, model.device).chunk(2)
-            text = dict(prompt_embeds=pe, negative_prompt_embeds=ne)
 
         def run(p, **kw):
             if step_hook is not None:
@@ -319,11 +316,20 @@ def generate(
     return results
 
 
+def _passes(req: GenerationRequest) -> tuple[tuple[int, float, int], tuple[int, float, int]]:
+    """(schedule steps, diffusers strength, steps run) of `req`'s first pass (txt2img or img2img) and of its
+    Hires pass (all zero without one)."""
+    first = img2img_schedule(req.steps, req.denoising_strength) if req.init_image is not None else (
+        req.steps, 1.0, req.steps)
+    second = hires_schedule(req.hires_steps or req.steps, req.denoising_strength) if req.hires_scale > 1 else (
+        0, 1.0, 0)
+    return first, second
+
+
 def steps_of(req: GenerationRequest) -> int:
     """The sampler steps `generate` runs for `req` per image: its img2img or txt2img pass, and a Hires pass."""
-    first = img2img_schedule(req.steps, req.denoising_strength)[2] if req.init_image is not None else req.steps
-    return first + (hires_schedule(req.hires_steps or req.steps, req.denoising_strength)[2]
-                    if req.hires_scale > 1 else 0)
+    first, second = _passes(req)
+    return first[2] + second[2]
 
 
 def _strength_for(schedule: int, run: int) -> float:
@@ -361,12 +367,17 @@ def _vae_mean(pipe, x: torch.Tensor, device) -> torch.Tensor:
     if upcast:
         vae.to(torch.float32)
     try:
-        lat = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.mean
+        lat = scaled_mean(vae, x.to(device=device, dtype=vae.dtype))
     finally:
         if upcast:
             vae.to(torch.float16)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((lat - shift) * vae.config.scaling_factor).to(pipe.unet.dtype)
+    return lat.to(pipe.unet.dtype)
+
+
+def scaled_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's mean latents of `x` (on the VAE's device and dtype), shifted and scaled as the UNet sees them."""
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (vae.encode(x).latent_dist.mean - shift) * float(vae.config.scaling_factor)
 
 
 def _open_image(src, name: str) -> Image.Image:
@@ -400,18 +411,20 @@ def _inpaint(pipe, device):
     """The inpainting pipeline on the same modules, encoding the picture with the VAE's mean (see _latents_of)."""
     from diffusers import AutoPipelineForInpainting
 
-    out = AutoPipelineForInpainting.from_pipe(pipe)
-    if hasattr(out, "set_progress_bar_config"):
-        out.set_progress_bar_config(disable=True)
+    out = _from_pipe(AutoPipelineForInpainting, pipe)
     out._encode_vae_image = lambda image, generator=None: _vae_mean(pipe, image, device)
     return out
 
 
 def _img2img(pipe):
-    """The img2img pipeline on the same modules (adapters and all) and the same sampler."""
     from diffusers import AutoPipelineForImage2Image
 
-    out = AutoPipelineForImage2Image.from_pipe(pipe)
+    return _from_pipe(AutoPipelineForImage2Image, pipe)
+
+
+def _from_pipe(auto, pipe):
+    """`auto`'s pipeline on the same modules as `pipe` (adapters and all) and the same sampler, quiet."""
+    out = auto.from_pipe(pipe)
     if hasattr(out, "set_progress_bar_config"):
         out.set_progress_bar_config(disable=True)
     return out

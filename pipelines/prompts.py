@@ -170,8 +170,10 @@ def _weighted(z: torch.Tensor, ws: list[float]) -> torch.Tensor:
     return z * (before / after) if after != 0 else z
 
 
-def _hidden(encoder, ids: torch.Tensor, layer: int, final_norm: bool) -> torch.Tensor:
-    out = encoder(ids, output_hidden_states=True)
+def encoder_hidden(encoder, ids: torch.Tensor, layer: int, final_norm: bool, mask=None) -> torch.Tensor:
+    """A CLIP text encoder's hidden states at `layer` (-1 the last), through its final norm if asked (how SD
+    1.x/2.x take them; SDXL takes its penultimate layer without)."""
+    out = encoder(ids, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states[layer]
     if final_norm:
         hidden = next(m for n, m in encoder.named_modules() if n.endswith("final_layer_norm"))(hidden)
@@ -202,7 +204,7 @@ def encode(model, prompt: str, negative: str, skip: int | None) -> dict[str, tor
             ids, ws = per_tok[0]
             t = torch.tensor([ids], device=device)
             if xl:  # each encoder weighted on its own, then joined (as A1111 does)
-                z1 = _weighted(_hidden(pipe.text_encoder, t, -2, False), ws)
+                z1 = _weighted(encoder_hidden(pipe.text_encoder, t, -2, False), ws)
                 ids2 = per_tok[1][0]
                 te2 = pipe.text_encoder_2
                 out2 = te2(torch.tensor([ids2], device=device), output_hidden_states=True)
@@ -213,7 +215,7 @@ def encode(model, prompt: str, negative: str, skip: int | None) -> dict[str, tor
                     eos = ids2.index(pipe.tokenizer_2.eos_token_id)
                     pooled = te2.text_projection(out2.last_hidden_state[:, eos])
             else:
-                z = _weighted(_hidden(pipe.text_encoder, t, -((skip or 0) + 1), True), ws)
+                z = _weighted(encoder_hidden(pipe.text_encoder, t, -((skip or 0) + 1), True), ws)
             zs.append(z)
         return torch.cat(zs, dim=1), pooled
 

@@ -113,9 +113,9 @@ def _latent_step(base: BaseModel) -> int:
 @torch.no_grad()
 def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """VAE-encode (3, H, W) tensors in [-1, 1] to scaled latents (4, H/f, W/f); done once per run."""
+    from pipelines.generation import scaled_mean
+
     vae = base.pipe.vae
-    sf = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     out = []
     # in full precision (SD's VAE overflows in fp16), then back to the dtype the pipeline draws with
     dtype = vae.dtype
@@ -123,8 +123,7 @@ def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Ten
     try:
         for img in images:
             x = img.unsqueeze(0).to(base.device, dtype=torch.float32)  # (1, 3, H, W)
-            lat = vae.encode(x).latent_dist.mean
-            out.append(((lat - shift) * sf)[0].float().cpu())
+            out.append(scaled_mean(vae, x)[0].float().cpu())
     finally:
         vae.to(dtype=dtype)
     return out
