@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast the weights (fp16: half the size); default: as they are")
     p.add_argument("--base", default=None,
                    help="the base model the adapter was trained on; needed only for an SDXL adapter whose file does "
-                        "not record its UNet layout (files trained here do)")
+                        "not record its UNet layout (files trained here do) and for a LyCORIS file (LoHa/LoKr) "
+                        "whose convolutions are stored flattened")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_export)
     p = lsub.add_parser("bake", help="merge a weighted stack of adapters into one adapter file (or a full checkpoint)",

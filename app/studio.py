@@ -271,8 +271,9 @@ class Studio:
 
     def portable_file(self, name: str) -> Path:
         """The adapter as a user takes it out of the app: the library file when it already has kohya's key
-        layout (everything trained here), else a kohya-layout copy in <library>/exports/."""
-        if self.library.info(name).format == "kohya":
+        layout (everything trained here, and LyCORIS files, which AUTOMATIC1111 and ComfyUI apply natively),
+        else a kohya-layout copy in <library>/exports/."""
+        if self.library.info(name).format in ("kohya", "lycoris"):
             return self.library.path_for(name)
         return self.library.export(name, "kohya", base=self.base_for_adapter(name))
 

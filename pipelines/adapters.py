@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError, ModelLoadError
+from .lycoris import Converted, conv_kernels, is_lycoris, to_lora
 from .weights_io import (
     PICKLE_SUFFIXES,
     PRECISIONS,
@@ -51,7 +52,7 @@ FORMAT_PEFT = "peft"  # ours / diffusers >= 0.21: <component>.<module>.lora_A.we
 FORMAT_KOHYA = "kohya"  # kohya sd-scripts / A1111 / ComfyUI: lora_unet_<module>.lora_down.weight (+ .alpha)
 FORMAT_DIFFUSERS_OLD = "diffusers_old"  # attention processors: unet.<...>.processor.to_q_lora.down.weight
 FORMAT_DIFFUSERS = "diffusers"  # diffusers' intermediate: <module>.lora.down.weight / lora_linear_layer
-FORMAT_LYCORIS = "lycoris"  # LoHa / LoKr / (IA)^3: recognised, not supported
+FORMAT_LYCORIS = "lycoris"  # LoHa / LoKr / CP LoCon: read as exact LoRA factors (lycoris.py); (IA)^3 etc. refused
 FORMAT_UNKNOWN = "unknown"
 SUPPORTED_FORMATS = (FORMAT_PEFT, FORMAT_KOHYA, FORMAT_DIFFUSERS_OLD, FORMAT_DIFFUSERS)
 
@@ -65,7 +66,6 @@ CROSS_ATTN_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TEXT_WIDTH_FAMILY = {1024: "sd2"}  # CLIP-L (768) is in both SD 1.x and SDXL (text_encoder)
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_LYCORIS_MARKERS = ("hada_w1", "hada_w2", "lokr_w1", "lokr_w2", ".on_input", "diff_b", ".b1.weight", ".w_norm")
 _PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".webp")
 
 
@@ -273,7 +273,7 @@ def detect_format(keys: Iterable[str] | Mapping[str, object]) -> str:
     ks = [k for k in keys if k != "__metadata__"]
     if not ks:
         return FORMAT_UNKNOWN
-    if any(m in k for k in ks for m in _LYCORIS_MARKERS):
+    if is_lycoris(ks):
         return FORMAT_LYCORIS
     if all(k.startswith(_KOHYA_PREFIXES) for k in ks):
         return FORMAT_KOHYA if any(".lora_down." in k for k in ks) else FORMAT_UNKNOWN
@@ -429,8 +429,8 @@ def parse_layers(
 ) -> dict[str, LoraLayer]:
     """The adapted modules of a file from its key shapes (and kohya `.alpha` values)."""
     fmt = fmt or detect_format(shapes)
-    if fmt == FORMAT_LYCORIS:
-        raise IncompatibleAdapterError("LyCORIS (LoHa/LoKr) adapters are not supported; only LoRA")
+    if fmt == FORMAT_LYCORIS:  # callers convert these first (as_lora)
+        raise IncompatibleAdapterError("LyCORIS modules must be read as LoRA first (as_lora)")
     if fmt not in SUPPORTED_FORMATS:
         raise IncompatibleAdapterError("not a LoRA adapter (no lora_A/lora_B or lora_down/lora_up keys)")
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in shapes):
@@ -592,6 +592,7 @@ class AdapterInfo:
     mtime: float = 0.0
     matched: int | None = None  # modules that fit the base it was checked against
     total: int | None = None
+    network: str = ""  # a LyCORIS file's own terms, e.g. 'LoHa dim 8, alpha 4' ('' for a LoRA)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -691,7 +692,9 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     trigger = info.trigger_word or "none recorded: the adapter acts without a word"
     rows.append(("trigger", trigger + (f" (activation text: {activation})" if activation and
                                         activation != info.trigger_word else "")))
-    rows.append(("network", f"LoRA rank {info.rank}, alpha {info.alpha:g}; {info.num_layers} layers in "
+    kind = (f"LyCORIS {info.network} (applied here as an exact LoRA, most common rank {info.rank})"
+            if info.network else f"LoRA rank {info.rank}, alpha {info.alpha:g}")
+    rows.append(("network", f"{kind}; {info.num_layers} layers in "
                             f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
     train = []
     if steps := m(f"{OURS}steps", "ss_max_train_steps"):
@@ -755,8 +758,11 @@ def describe(
     base: "BaseModel | None" = None,
     file_hash: str = "",
     unet_layers_per_block: int | None = None,
+    lycoris: Converted | None = None,
 ) -> tuple[AdapterInfo, dict[str, LoraLayer], MatchReport | None]:
-    """Build an AdapterInfo; with `base`, refuse what cannot be loaded into it (family, zero keys, shapes)."""
+    """Build an AdapterInfo; with `base`, refuse what cannot be loaded into it (family, zero keys, shapes).
+
+    `lycoris`: what `as_lora` read a LyCORIS file as (its shapes are then the converted ones)."""
     path = Path(path)
     if not shapes:
         raise IncompatibleAdapterError(f"{path}: the file holds no tensors")
@@ -793,7 +799,10 @@ def describe(
         num_layers=len(layers),
         family_source=source,
         mtime=st.st_mtime if st else 0.0,
+        network=lycoris.network() if lycoris is not None else "",
     )
+    if lycoris is not None:
+        info.format = FORMAT_LYCORIS
     report = None
     if base is not None:
         report = check_compatible(info, layers, base)
@@ -826,6 +835,26 @@ def check_compatible(info: AdapterInfo, layers: Mapping[str, LoraLayer], base: "
     return report
 
 
+_LYCORIS_VIEWS: dict[tuple, tuple] = {}  # (file, mtime, size) -> shapes, alphas, what it was: a listing reads once
+
+
+def _lycoris_view(path: Path, sd, base, allow_pickle: bool, lpb: int | None):
+    """A LyCORIS file's shapes and alphas as LoRA (cached per file version when no base is involved)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, lpb)
+    if base is None and key in _LYCORIS_VIEWS:
+        return _LYCORIS_VIEWS[key]
+    if sd is None:
+        sd, _ = load_safetensors(path, allow_pickle=allow_pickle, check_finite=False)
+    sd, lyco = as_lora(sd, base, where=path, unet_layers_per_block=lpb)
+    view = ({k: tuple(v.shape) for k, v in sd.items()}, _tensor_alphas(sd), replace(lyco, state_dict={}))
+    if base is None:
+        if len(_LYCORIS_VIEWS) >= 64:
+            _LYCORIS_VIEWS.pop(next(iter(_LYCORIS_VIEWS)))
+        _LYCORIS_VIEWS[key] = view
+    return view
+
+
 def inspect_adapter(
     path: str | os.PathLike,
     base: "BaseModel | None" = None,
@@ -844,15 +873,37 @@ def inspect_adapter(
     `matched` / `total`.
     """
     path = Path(path)
-    shapes, meta, alphas, _ = _read_view(path, allow_pickle, check_tensors)
+    shapes, meta, alphas, sd = _read_view(path, allow_pickle, check_tensors)
+    lyco = None
+    if is_lycoris(shapes):  # read as LoRA: the factors' shapes come from the tensors
+        shapes, alphas, lyco = _lycoris_view(path, sd, base, allow_pickle, unet_layers_per_block)
     h = addnet_hash(path) if compute_hash and path.suffix.lower() not in PICKLE_SUFFIXES else ""
     info, _, _ = describe(shapes, meta, alphas, path=path, name=name, base=base, file_hash=h,
-                          unet_layers_per_block=unet_layers_per_block)
+                          unet_layers_per_block=unet_layers_per_block, lycoris=lyco)
     return info
 
 
 # --------------------------------------------------------------------------------------------------
 # conversion
+
+
+def as_lora(sd: Mapping[str, torch.Tensor], base: "BaseModel | None" = None, *, where: str | os.PathLike = "",
+            unet_layers_per_block: int | None = None) -> tuple[dict[str, torch.Tensor], Converted | None]:
+    """A LyCORIS file's tensors as exact LoRA factors in kohya's layout (see lycoris.py); any other file as it is.
+
+    `base` gives the kernel size of convolutions that LyCORIS stores flattened. Errors name `where` (the file)."""
+    if not is_lycoris(sd):
+        return dict(sd), None
+    kernels = None
+    if base is not None:
+        lpb = unet_layers_per_block or base.pipe.unet.config.layers_per_block
+        lpb = lpb[0] if isinstance(lpb, (list, tuple)) else lpb
+        kernels = conv_kernels(base.pipe, {k.split(".")[0] for k in sd}, lpb)
+    try:
+        conv = to_lora(sd, kernels)
+    except IncompatibleAdapterError as e:
+        raise IncompatibleAdapterError(f"{Path(where).name}: {e}" if where else str(e)) from None
+    return conv.state_dict, conv
 
 
 def _tensor_alphas(sd: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -1035,7 +1086,13 @@ def export_adapter(
             raise IncompatibleAdapterError("its SDXL UNet names (input_blocks/…) can only be read with the base "
                                            "model's block layout, which its metadata does not record: give the "
                                            "base model (--base)")
-        peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
+        lpb = layout["down"][0][0] if layout else None
+        sd, lyco = as_lora(sd, base, unet_layers_per_block=lpb)
+        if lyco is not None and lyco.flattened and base is None:
+            raise IncompatibleAdapterError(
+                f"its LyCORIS ({lyco.label}) convolutions ({lyco.flattened[0]}, …) store their kernels flattened; "
+                "the base model's layers give their kernel size: give the base model (--base)")
+        peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=lpb)
         family = family_from_metadata(meta) or family_from_layers(
             parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
         if precision is not None:
@@ -1043,6 +1100,10 @@ def export_adapter(
             if bad is not None:
                 raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
         keep = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
+        if lyco is not None:  # now a plain LoRA: kohya's network keys describe the LoRA, not the LyCORIS source
+            for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha"):
+                keep.pop(k, None)
+            keep[f"{OURS}converted_from"] = f"LyCORIS {lyco.network()}"
         if family and f"{OURS}base_family" not in keep:
             keep[f"{OURS}base_family"] = family
         if layout is not None:

@@ -41,6 +41,7 @@ from .adapters import (
     _canon_module,
     canonical_peft_keys,
     describe,
+    as_lora,
     detect_format,
     diffusers_adapter_config,
     kohya_metadata,
@@ -566,10 +567,12 @@ class AdapterStack:
                 return self._loaded[known].info
             sd, meta = load_safetensors(p, allow_pickle=self.allow_pickle, check_finite=True)
             self.reads += 1
+            sd, lyco = as_lora(sd, self.model, where=p)  # LoHa / LoKr: exact LoRA factors
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
             alphas = {k: float(v.float().reshape(-1)[0]) for k, v in sd.items() if k.endswith(".alpha") and v.numel()}
             fhash = addnet_hash(p) if p.suffix.lower() not in PICKLE_SUFFIXES else ""
-            info, layers, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash)
+            info, layers, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash,
+                                            lycoris=lyco)
             for module in report.missing:  # partly matching file: load only what fits (no peft warnings)
                 layer = layers[module]
                 for k in (layer.a_key, layer.b_key, layer.a_key.split(".")[0] + ".alpha"):

@@ -102,11 +102,16 @@ def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str]
+def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str = "the adapter"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An adapter file of any supported layout (ours: kohya keys; older files: peft keys) as a peft state
     dict for this pipeline, with each module's alpha."""
     from pipelines.adapters import to_peft
+    from pipelines.lycoris import is_lycoris
+
+    if is_lycoris(state_dict):
+        raise IncompatibleAdapterError(f"{source}: a LyCORIS (LoHa/LoKr) adapter cannot be trained further here; "
+                                       "only a LoRA can (generation and baking read LyCORIS files)")
 
     lpb = pipe.unet.config.layers_per_block
     return to_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)

@@ -658,7 +658,7 @@ class Trainer:
             from pipelines.weights_io import load_safetensors
 
             sd, meta = load_safetensors(cfg.init_adapter, check_finite=True)
-            sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta)
+            sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta, cfg.init_adapter)
             lora_mod.load_lora_state_dict(self.base.pipe, sd, self.components, cfg.init_adapter)
             lora_mod.check_alphas(sd, alphas, cfg.lora_alpha, cfg.lora_conv_alpha, cfg.init_adapter)
         if not cfg.resume:
