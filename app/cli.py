@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home_arg(p, suppress=True)
     p.set_defaults(func=cmd_jobs_resume)
 
-    lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, rename, "
-                                      "rm")
+    lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, resize, "
+                                      "extract, rename, rm")
     _add_library_arg(lo)
     lo.set_defaults(func=cmd_loras_list)  # `lora-studio loras` alone lists them
     lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION")
@@ -264,6 +264,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the base model with the stack merged in (a full single-file checkpoint)")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_bake)
+    p = lsub.add_parser("resize", help="a smaller copy of an adapter at a lower rank (SVD: each layer's best "
+                                       "approximation of that rank)",
+                        description="Write adapter NAME at a lower rank into the library (as NAME-rN, or --name) or "
+                                    "to --out: each layer keeps the leading singular vectors of its weight difference "
+                                    "(kohya_ss' Resize LoRA). --keep 0.99 picks per layer the fewest ranks that hold "
+                                    "99%% of its ‖ΔW‖² (with --rank as the most).")
+    p.add_argument("name", help="a library adapter's name")
+    p.add_argument("--rank", type=int, default=None, help="the new rank (the most, with --keep)")
+    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
+                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
+    p.add_argument("--name", dest="new_name", default=None, help="library name of the result (default: NAME-rN)")
+    p.add_argument("--out", default=None, help="write a file here instead of into the library")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="cast the weights (fp16: half the size); default fp32")
+    p.add_argument("--base", default=None,
+                   help="the base model; needed only for an SDXL file without its UNet layout or a LyCORIS file "
+                        "with flattened convolutions")
+    p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_resize)
+    p = lsub.add_parser("extract", help="a LoRA from a fine-tuned checkpoint: the difference to its base model, "
+                                        "by SVD",
+                        description="Extract the weight difference between a fine-tuned model (--tuned) and the base "
+                                    "it was tuned from (--base) as a LoRA (kohya_ss' Extract LoRA): the UNet's "
+                                    "transformer layers, with --conv-rank its 3x3 convolutions, and the text "
+                                    "encoders when they changed. It goes into the library as --name, or to --out.")
+    _add_base_args(p)
+    p.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder or single-file checkpoint")
+    p.add_argument("--rank", type=int, default=None, help="rank of each layer (the most, with --keep)")
+    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
+                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.9)")
+    p.add_argument("--conv-rank", type=int, default=None, help="also the UNet's 3x3 convolutions, at this rank")
+    p.add_argument("--text-min-diff", type=float, default=None, metavar="D",
+                   help="a text encoder whose weights moved less than D everywhere is left out (default 0.01, "
+                        "kohya's)")
+    p.add_argument("--name", dest="new_name", default=None, help="library name of the result")
+    p.add_argument("--out", default=None, help="write a file here instead of into the library")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="cast the weights (fp16: half the size); default fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_extract)
     p = lsub.add_parser("info", help="what an adapter is: base, trigger, rank, layers, training, the model card's "
                                      "suggestions (a library name or any .safetensors file)")
     p.add_argument("name", help="a library adapter's name, or the path of an adapter file")
@@ -697,6 +739,79 @@ def cmd_loras_export(args: argparse.Namespace) -> int:
         base = load_base(args.base, device="cpu")
     out = _library(args).export(args.name, args.format, args.out, precision=args.precision, base=base)
     print(f"wrote {out} ({args.format}{', ' + args.precision if args.precision else ''})")
+    return 0
+
+
+def _into_library(args: argparse.Namespace, name: str, write) -> Path:
+    """Write a new adapter with `write(path)`: to --out, or into the library as `name` (checked on import)."""
+    import tempfile
+
+    if args.out:
+        out = Path(args.out).expanduser()
+        if out.suffix.lower() != ".safetensors":
+            raise _usage(f"--out must be a .safetensors file, got '{out}'")
+        write(out)
+        return out
+    lib = _library(args)
+    lib.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".new-", dir=lib.root) as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        write(path)
+        return lib.import_file(path, name, overwrite=args.overwrite).path
+
+
+def cmd_loras_resize(args: argparse.Namespace) -> int:
+    from pipelines.resize import resize_adapter
+
+    lib = _library(args)
+    src = lib.path_for(args.name)
+    base = None
+    if args.base:
+        from pipelines.base_models import load_base
+
+        base = load_base(args.base, device="cpu")
+    name = args.new_name or f"{src.stem}-" + (f"r{args.rank}" if args.rank else f"keep{args.keep:g}")
+    report = None
+
+    def write(path):
+        nonlocal report
+        report = resize_adapter(src, path, rank=args.rank, keep=args.keep, base=base, precision=args.precision,
+                                name=None if args.out else name)
+
+    t0 = time.time()
+    path = _into_library(args, name, write)
+    size = src.stat().st_size
+    print(f"wrote {path} ({_human(size)} -> {_human(path.stat().st_size)}) in {time.time() - t0:.1f}s")
+    print(f"  {report.summary()}")
+    return 0
+
+
+def cmd_loras_extract(args: argparse.Namespace) -> int:
+    from pipelines.base_models import load_base
+    from pipelines.resize import TEXT_MIN_DIFF, extract_adapter
+
+    if not args.out and not args.new_name:
+        raise _usage("extract: give --name NAME (into the library) or --out FILE")
+    t0 = time.time()
+    kw = dict(allow_pickle=args.allow_pickle, device=args.device or "cpu", config=args.base_config)
+    base = load_base(args.base, **kw)
+    tuned = load_base(args.tuned, **kw)
+    if tuned.family != base.family:
+        raise _usage(f"extract: --tuned is an {tuned.family} model, --base an {base.family} one")
+    report = None
+
+    def write(path):
+        nonlocal report
+        report = extract_adapter(base, tuned, path, rank=args.rank, keep=args.keep, conv_rank=args.conv_rank,
+                                 name=args.new_name or Path(args.out).stem, precision=args.precision,
+                                 text_min_diff=TEXT_MIN_DIFF if args.text_min_diff is None else args.text_min_diff)
+
+    path = _into_library(args, args.new_name or Path(args.out).stem, write)
+    print(f"wrote {path} ({_human(path.stat().st_size)}) in {time.time() - t0:.1f}s")
+    print(f"  {report.summary()}")
+    for what in report.skipped:
+        if " " in what:  # a text encoder left out (single unchanged layers are not worth a line each)
+            print(f"  left out: {what}")
     return 0
 
 

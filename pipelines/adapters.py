@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -1069,12 +1069,15 @@ def export_adapter(
     base: "BaseModel | None" = None,
     allow_pickle: bool = False,
     precision: str | None = None,
+    transform: "Callable[[dict, dict, dict], tuple[dict, dict]] | None" = None,
 ) -> Path:
     """Convert an adapter file to 'kohya' (A1111/ComfyUI) or 'peft' (diffusers, ours), keeping its metadata.
 
     SDXL UNet names depend on the UNet's block layout: taken from the file's metadata, else from `base`;
     without either an SDXL conversion is refused rather than guessed.
     `precision` 'fp32' / 'fp16' / 'bf16' casts the weights (fp16 halves the file); None keeps their dtype.
+    `transform(peft state dict, alphas, metadata) -> (state dict, alphas)` changes the factors on the way
+    (resize.py); it may update the metadata dict in place.
     """
     src, dst = Path(src), Path(dst)
     if precision is not None and precision not in PRECISIONS:
@@ -1095,11 +1098,13 @@ def export_adapter(
         peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=lpb)
         family = family_from_metadata(meta) or family_from_layers(
             parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
+        keep = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
+        if transform is not None:
+            peft_sd, alphas = transform(peft_sd, alphas, keep)
         if precision is not None:
             peft_sd, bad = cast_weights(peft_sd, precision)
             if bad is not None:
                 raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
-        keep = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
         if lyco is not None:  # now a plain LoRA: kohya's network keys describe the LoRA, not the LyCORIS source
             for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha"):
                 keep.pop(k, None)

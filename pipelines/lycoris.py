@@ -151,7 +151,8 @@ def _lokr(p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, in
     if u1.shape[1] != d1.shape[0] or u2.shape[1] != d2.shape[0]:
         raise ValueError("LoKr factor shapes " + str({k: tuple(v.shape) for k, v in p.items() if k != "alpha"})
                          + " do not chain")
-    return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(d1.contiguous(), d2.contiguous()), dim  # (out, r1·r2), (r1·r2, n)
+    # (out, r1·r2), (r1·r2, n)
+    return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(d1.contiguous(), d2.contiguous()), dim
 
 
 def _cp_locon(p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:

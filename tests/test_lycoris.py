@@ -233,6 +233,7 @@ def test_training_further_from_a_lycoris_file_is_refused_naming_it(star_images, 
     src = save_safetensors(sd, tmp_path / "civitai-lokr.safetensors")
     cfg = TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "lib"), max_steps=1,
                       batch_size=2, device="cpu", name="more", rank=4, seed=3, init_adapter=str(src))
-    with pytest.raises(IncompatibleAdapterError, match="civitai-lokr.safetensors: a LyCORIS .* cannot be trained further"):
+    with pytest.raises(IncompatibleAdapterError,
+                       match="civitai-lokr.safetensors: a LyCORIS .* cannot be trained further"):
         train(cfg)
     assert not (tmp_path / "lib" / "more.safetensors").exists()
