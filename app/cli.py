@@ -743,21 +743,14 @@ def cmd_loras_export(args: argparse.Namespace) -> int:
 
 
 def _into_library(args: argparse.Namespace, name: str, write) -> Path:
-    """Write a new adapter with `write(path)`: to --out, or into the library as `name` (checked on import)."""
-    import tempfile
-
+    """Write a new adapter with `write(path)`: to --out, or into the library as `name` (checked on the way in)."""
     if args.out:
         out = Path(args.out).expanduser()
         if out.suffix.lower() != ".safetensors":
             raise _usage(f"--out must be a .safetensors file, got '{out}'")
         write(out)
         return out
-    lib = _library(args)
-    lib.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".new-", dir=lib.root) as tmp:
-        path = Path(tmp) / f"{name}.safetensors"
-        write(path)
-        return lib.import_file(path, name, overwrite=args.overwrite).path
+    return _library(args).create(name, write, overwrite=args.overwrite).path
 
 
 def cmd_loras_resize(args: argparse.Namespace) -> int:

@@ -277,6 +277,22 @@ class Studio:
             return self.library.path_for(name)
         return self.library.export(name, "kohya", base=self.base_for_adapter(name))
 
+    def resize_adapter(self, name: str, rank: int | None, keep: float | None = None, new_name: str | None = None):
+        """A smaller copy of library adapter `name` at `rank` (and/or keeping `keep` of each layer's ‖ΔW‖²), added
+        to the library as `new_name` (default NAME-rN). Returns (its AdapterInfo, the FitReport)."""
+        from pipelines.resize import resize_adapter
+
+        src = self.library.path_for(name)
+        new_name = (new_name or "").strip() or f"{src.stem}-" + (f"r{rank}" if rank else f"keep{keep:g}")
+        report = None
+
+        def write(path: Path) -> None:
+            nonlocal report
+            report = resize_adapter(src, path, rank=rank, keep=keep, base=self.base_for_adapter(name), name=new_name)
+
+        info = self.library.create(new_name, write)
+        return info, report
+
     def forget_adapter(self, name: str) -> None:
         """After a rename or delete: drop the adapter from every loaded stack."""
         for m in self.loaded_models():

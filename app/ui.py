@@ -1370,6 +1370,19 @@ class StudioUI:
                 f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
 
     @ui_errors
+    def resize_adapter(self, name: str, rank, keep, new: str):
+        if not name:
+            raise ConfigError("adapter: pick the adapter to resize")
+        rank = int(rank) if rank else None
+        keep = float(keep) / 100 if keep else None
+        info, report = self.studio.resize_adapter(name, rank, keep, new)
+        before = self.studio.library.info(name).size
+        gr.Info(f"Wrote '{info.name}'.")
+        return (f"Wrote **{html.escape(info.name)}** ({before / 1024:.1f} KB → {info.size / 1024:.1f} KB): "
+                f"{html.escape(report.summary())}. Compare them in *Generate → Compare*.",
+                gr.update(value=info.name, choices=self.adapter_names()))
+
+    @ui_errors
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
@@ -1648,6 +1661,19 @@ class StudioUI:
                             with gr.Row():
                                 confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-delete-yes")
                                 confirm_no = gr.Button("Cancel", elem_id="lib-delete-no")
+                        with gr.Accordion("Make it smaller: resize to a lower rank", open=False,
+                                          elem_id="lib-resize-acc"):
+                            gr.Markdown("Each layer keeps its best approximation of the new rank (SVD, as kohya_ss' "
+                                        "*Resize LoRA*). A share to keep picks per layer the fewest ranks that hold it "
+                                        "(the rank is then the most). The copy goes into the library beside it.")
+                            with gr.Row(equal_height=True):
+                                resize_rank = gr.Number(8, label="New rank", precision=0, minimum=0, scale=1,
+                                                        elem_id="lib-resize-rank")
+                                resize_keep = gr.Number(0, label="or keep % of ‖ΔW‖² (0: off)", minimum=0,
+                                                        maximum=100, scale=1, elem_id="lib-resize-keep")
+                                resize_name = gr.Textbox(label="Name (default: NAME-rN)", scale=2,
+                                                         elem_id="lib-resize-name")
+                            resize_btn = gr.Button("Resize", elem_id="lib-resize")
                         lib_file = gr.File(label="Files (the adapter; AUTOMATIC1111's .json with its trigger where "
                                                  "it has one)",
                                            file_count="multiple", interactive=False, visible=False, elem_id="lib-file")
@@ -1767,6 +1793,9 @@ class StudioUI:
                               lib_pick, [lib_status, confirm_box, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
+            resize_btn.click(shown_in(self.resize_adapter, [lib_status, lib_pick], lib_status),
+                             [lib_pick, resize_rank, resize_keep, resize_name], [lib_status, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             export_btn.click(shown_in(self.export_kohya, [lib_file, lib_status], lib_status), lib_pick,
                              [lib_file, lib_status])
             download_btn.click(shown_in(self.download_adapter, [lib_file, lib_status], lib_status), lib_pick,

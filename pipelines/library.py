@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import unicodedata
 from pathlib import Path
+from typing import Callable
 
 from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
 from .errors import ConfigError, UnsafeNameError
@@ -282,6 +284,19 @@ class AdapterLibrary:
         return out
 
     # ---------------------------------------------------------------------------------- changing
+    def create(self, name: str, write: Callable[[Path], object], *, overwrite: bool = False) -> AdapterInfo:
+        """A new adapter made by `write(path)` (a resize, an extraction), checked and added as `name`. The name is
+        checked before the work; nothing is left behind when it fails."""
+        name = check_name(name)
+        existing = self._existing(name)
+        if existing is not None and not overwrite:
+            raise ConfigError(f"name: an adapter called '{existing.stem}' already exists in the library")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".new-", dir=self.root) as tmp:
+            path = Path(tmp) / f"{name}{SAFETENSORS_SUFFIX}"
+            write(path)
+            return self.import_file(path, name, overwrite=overwrite)
+
     def import_file(self, src: str | os.PathLike, name: str | None = None, *, overwrite: bool = False,
                     allow_pickle: bool | None = None) -> AdapterInfo:
         """Copy an adapter file into the library after checking it is a loadable LoRA.

@@ -7,6 +7,7 @@ in the queue and sees its position), 17 (concurrent generate requests with diffe
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -343,6 +344,24 @@ def test_import_rename_export_delete_round_trip(ui, lora_files):
     with pytest.raises(gr.Error, match="junk.safetensors") as err:
         _import(ui, junk)
     assert str(junk.parent) not in str(err.value)  # the server's upload folder is no business of the browser
+
+
+def test_resize_from_the_library_adds_a_smaller_copy(ui, lora_files):
+    _import(ui, lora_files["beta-thing"])
+    msg, pick = ui.resize_adapter("beta-thing", 2, 0, "")
+    assert pick["value"] == "beta-thing-r2" and "layers at rank 2" in msg
+    info = ui.studio.library.info("beta-thing-r2")
+    assert info.rank == 2 and info.trigger_word == "sks" and info.size < ui.studio.library.info("beta-thing").size
+    # a share to keep instead of a rank; a name in use is refused before any work
+    msg, pick = ui.resize_adapter("beta-thing", 0, 50, "half")
+    assert pick["value"] == "half"
+    assert float(re.search(r"keeps at least ([\d.]+)%", msg).group(1)) >= 50
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.resize_adapter("beta-thing", 2, 0, "half")
+    with pytest.raises(gr.Error, match="rank: give a rank"):
+        ui.resize_adapter("beta-thing", 0, 0, "none")
+    with pytest.raises(gr.Error, match="pick the adapter"):
+        ui.resize_adapter(None, 2, 0, "")
 
 
 def test_an_upload_brings_the_adapters_preview_and_a1111_json_along(ui, lora_files, tmp_path):
