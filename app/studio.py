@@ -293,6 +293,36 @@ class Studio:
         info = self.library.create(new_name, write)
         return info, report
 
+    def extract_adapter(self, tuned: str, base: str, name: str, rank: int | None, keep: float | None = None,
+                        conv_rank: int | None = None):
+        """A LoRA of the difference between base models `tuned` and `base` (names from the base picker), added to
+        the library as `name`. Both are loaded afresh (a model in use may have adapters fused into it).
+        Returns (its AdapterInfo, the FitReport)."""
+        from pipelines.resize import extract_adapter
+
+        if not tuned or not base:
+            raise ConfigError("model: pick the fine-tuned model and the base it was tuned from")
+        if tuned == base:
+            raise ConfigError("model: the fine-tuned model and its base are the same model")
+        name = (name or "").strip()
+        if not name:
+            raise ConfigError("name: type a name for the extracted adapter")
+        if self.library.find(name) is not None:
+            raise ConfigError(f"name: an adapter called '{name}' already exists in the library")
+        b = load_base(self.base_source(base), allow_pickle=self.allow_pickle, device=self.device)
+        t = load_base(self.base_source(tuned), allow_pickle=self.allow_pickle, device=self.device)
+        if b.family != t.family:
+            raise ConfigError(f"model: '{tuned}' is {t.family}, '{base}' is {b.family}; extract from the base it "
+                              "was tuned from")
+        report = None
+
+        def write(path: Path) -> None:
+            nonlocal report
+            report = extract_adapter(b, t, path, rank=rank, keep=keep, conv_rank=conv_rank, name=name)
+
+        info = self.library.create(name, write)
+        return info, report
+
     def forget_adapter(self, name: str) -> None:
         """After a rename or delete: drop the adapter from every loaded stack."""
         for m in self.loaded_models():

@@ -1006,6 +1006,12 @@ class StudioUI:
         return (gr.update(choices=names, value=current if current in names else names[0]),
                 gr.update(choices=names, value=current_train if current_train in names else names[0]))
 
+    def refresh_extract_models(self, tuned, base):
+        """The extraction's two model pickers: the same models as the base pickers."""
+        names = self.base_names()
+        return (gr.update(choices=names, value=tuned if tuned in names else None),
+                gr.update(choices=names, value=base if base in names else names[0]))
+
     def refresh_vaes(self, current):
         """The VAE picker: the model's own, then the files in the models/VAE folder."""
         names = self.studio.vae_choices()
@@ -1383,6 +1389,18 @@ class StudioUI:
                 gr.update(value=info.name, choices=self.adapter_names()))
 
     @ui_errors
+    def extract_adapter(self, tuned: str, base: str, rank, keep, conv_rank, name: str):
+        info, report = self.studio.extract_adapter(tuned, base, name, int(rank) if rank else None,
+                                                   float(keep) / 100 if keep else None,
+                                                   int(conv_rank) if conv_rank else None)
+        gr.Info(f"Extracted '{info.name}'.")
+        left = [s for s in report.skipped if " " in s]
+        return (f"Extracted **{html.escape(info.name)}** ({info.size / 1024:.1f} KB) from "
+                f"{html.escape(tuned)} against {html.escape(base)}: {html.escape(report.summary())}."
+                + (f" Left out: {html.escape('; '.join(left))}." if left else ""),
+                gr.update(value=info.name, choices=self.adapter_names()))
+
+    @ui_errors
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
@@ -1674,6 +1692,27 @@ class StudioUI:
                                 resize_name = gr.Textbox(label="Name (default: NAME-rN)", scale=2,
                                                          elem_id="lib-resize-name")
                             resize_btn = gr.Button("Resize", elem_id="lib-resize")
+                        with gr.Accordion("Extract a LoRA from a fine-tuned model", open=False,
+                                          elem_id="lib-extract-acc"):
+                            gr.Markdown("The difference between a fine-tuned checkpoint and the base it was tuned from, "
+                                        "as a LoRA (kohya_ss' *Extract LoRA*): the UNet's transformer layers, the 3×3 "
+                                        "convolutions with a conv rank, the text encoder when it changed. Both models "
+                                        "come from the base model picker (put checkpoints in the models folder).")
+                            with gr.Row():
+                                extract_tuned = gr.Dropdown(bases, value=None, label="Fine-tuned model",
+                                                            elem_id="lib-extract-tuned")
+                                extract_base = gr.Dropdown(bases, value=bases[0], label="Its base model",
+                                                           elem_id="lib-extract-base")
+                            with gr.Row(equal_height=True):
+                                extract_rank = gr.Number(32, label="Rank", precision=0, minimum=1,
+                                                         elem_id="lib-extract-rank")
+                                extract_keep = gr.Number(0, label="or keep % of ‖ΔW‖² (0: off)", minimum=0,
+                                                         maximum=100, elem_id="lib-extract-keep")
+                                extract_conv = gr.Number(0, label="Conv rank (0: off)", precision=0, minimum=0,
+                                                         elem_id="lib-extract-conv")
+                            with gr.Row(equal_height=True):
+                                extract_name = gr.Textbox(label="Name", scale=3, elem_id="lib-extract-name")
+                                extract_btn = gr.Button("Extract", scale=1, elem_id="lib-extract")
                         lib_file = gr.File(label="Files (the adapter; AUTOMATIC1111's .json with its trigger where "
                                                  "it has one)",
                                            file_count="multiple", interactive=False, visible=False, elem_id="lib-file")
@@ -1752,7 +1791,8 @@ class StudioUI:
             base.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
-                self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet)
+                self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet).then(
+                self.refresh_extract_models, [extract_tuned, extract_base], [extract_tuned, extract_base], **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                           hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                           mask_blur, vae]
@@ -1793,6 +1833,10 @@ class StudioUI:
                               lib_pick, [lib_status, confirm_box, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
+            extract_btn.click(shown_in(self.extract_adapter, [lib_status, lib_pick], lib_status),
+                              [extract_tuned, extract_base, extract_rank, extract_keep, extract_conv, extract_name],
+                              [lib_status, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             resize_btn.click(shown_in(self.resize_adapter, [lib_status, lib_pick], lib_status),
                              [lib_pick, resize_rank, resize_keep, resize_name], [lib_status, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)

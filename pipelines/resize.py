@@ -31,7 +31,7 @@ from .adapters import (
     TEXT_ENCODERS,
     _canon_module,
     _short_module,
-    _strip_text_model,
+    base_modules,
     export_adapter,
     kohya_metadata,
     lora_metadata,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 # kohya's extract_lora_from_models default: a text encoder whose weights moved less than this everywhere is
 # taken as unchanged (fine-tunes often leave it alone; its rounding noise is no LoRA)
 TEXT_MIN_DIFF = 0.01
+NUMERICAL_ZERO = 1e-5  # singular values under this share of the largest carry no change, only float rounding
 _DROPPED_ON_CHANGE = ("sshs_model_hash", "sshs_legacy_hash", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 
 
@@ -98,8 +99,11 @@ def _check(rank: int | None, keep: float | None) -> None:
 
 def choose_rank(s: torch.Tensor, rank: int | None, keep: float | None) -> int:
     """The rank to keep from singular values `s` (descending): at most `rank`, and the fewest that hold `keep`
-    of Σσ² (the squared Frobenius norm) when that is given."""
+    of Σσ² (the squared Frobenius norm) when that is given. Directions below 1e-5 of the largest are rounding
+    noise (a rank-2 change asked for at rank 8 stays rank 2)."""
     n = int(s.numel())
+    if n:
+        n = max(1, int((s > s[0] * NUMERICAL_ZERO).sum()))
     k = n if rank is None else min(rank, n)
     if keep is not None and n:
         energy = torch.cumsum(s.double() ** 2, 0)
@@ -217,27 +221,31 @@ def extract_lora(base: "BaseModel", tuned: "BaseModel", *, rank: int | None = No
     if conv_rank is not None and conv_rank < 1:
         raise ConfigError(f"conv_rank: must be 1 or more, got {conv_rank}")
     report = FitReport()
+    for model in (base, tuned):
+        if any(getattr(m, "merged", False) for c in COMPONENTS if getattr(model.pipe, c, None) is not None
+               for m in getattr(model.pipe, c).modules()):
+            raise IncompatibleAdapterError(f"{model.name}: adapters are fused into it; unfuse them first")
+    mods_b, mods_t = base_modules(base.pipe), base_modules(tuned.pipe)  # the layers themselves, not LoRA wrappers
     layers = []
     for comp in COMPONENTS:
-        mb, mt = getattr(base.pipe, comp, None), getattr(tuned.pipe, comp, None)
-        if mb is None and mt is None:
+        has_b, has_t = getattr(base.pipe, comp, None) is not None, getattr(tuned.pipe, comp, None) is not None
+        if not has_b and not has_t:
             continue
-        if (mb is None) != (mt is None):
+        if has_b != has_t:
             raise IncompatibleAdapterError(f"{comp}: only one of the two models has it; they are not the same "
                                            "architecture")
-        tuned_mods = dict(mt.named_modules())
         group = []
-        for name, mod in mb.named_modules():
-            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or not _extract_targets(comp, name, mod,
-                                                                                                conv_rank):
+        for module, mod in mods_b.items():
+            comp_of, _, name = module.partition(".")
+            if comp_of != comp or not _extract_targets(comp, name, mod, conv_rank):
                 continue
-            other = tuned_mods.get(name)
+            other = mods_t.get(module)
             if other is None or other.weight.shape != mod.weight.shape:
                 raise IncompatibleAdapterError(
-                    f"{comp}.{name}: {tuple(mod.weight.shape)} in the base, "
+                    f"{module}: {tuple(mod.weight.shape)} in the base, "
                     f"{tuple(other.weight.shape) if other is not None else 'missing'} in the tuned model; they are "
                     "not the same architecture")
-            group.append((f"{comp}.{name}", mod, other))
+            group.append((module, mod, other))
         if comp in TEXT_ENCODERS and group:
             moved = max(float((o.weight.detach().float() - m.weight.detach().float()).abs().max())
                         for _, m, o in group)
@@ -259,7 +267,7 @@ def extract_lora(base: "BaseModel", tuned: "BaseModel", *, rank: int | None = No
         k = choose_rank(s, conv_rank if is_conv else rank, None if is_conv else keep)
         b, a, kept = _split(u, s, vh, k)
         b, a = _shaped(b, a, delta.shape)
-        key = _canon_module(_strip_text_model(module))
+        key = _canon_module(module)
         sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = a, b
         alphas[key] = float(k)
         report.layers.append(LayerFit(key, min(delta.shape[0], math.prod(delta.shape[1:])), k, kept))

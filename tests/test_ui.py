@@ -364,6 +364,35 @@ def test_resize_from_the_library_adds_a_smaller_copy(ui, lora_files):
         ui.resize_adapter(None, 2, 0, "")
 
 
+def test_extract_a_lora_from_a_tuned_model_in_the_models_folder(ui, tiny_sd1_dir):
+    """A 'fine-tune' that moved two attention projections by rank-2 updates: the extracted adapter holds exactly
+    those two layers, at rank 2, keeping all of each change."""
+    from pipelines.base_models import load_base
+
+    tuned = load_base(tiny_sd1_dir, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    moved = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+             "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"]
+    with torch.no_grad():
+        for name in moved:
+            w = tuned.pipe.unet.get_submodule(name).weight
+            w += torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+    tuned.pipe.save_pretrained(ui.studio.models_dir / "my-finetune")
+    names = ui.refresh_extract_models(None, None)
+    assert "my-finetune" in names[0]["choices"]
+    default = ui.base_names()[0]
+    msg, pick = ui.extract_adapter("my-finetune", default, 8, 0, 0, "from-finetune")
+    assert pick["value"] == "from-finetune" and "2 layers at rank 2" in msg and "100.0%" in msg
+    info = ui.studio.library.info("from-finetune")
+    assert info.num_layers == 2 and info.family == "sd1"
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.extract_adapter("my-finetune", default, 8, 0, 0, "from-finetune")
+    with pytest.raises(gr.Error, match="same model"):
+        ui.extract_adapter(default, default, 8, 0, 0, "x")
+    with pytest.raises(gr.Error, match="name: type a name"):
+        ui.extract_adapter("my-finetune", default, 8, 0, 0, " ")
+
+
 def test_an_upload_brings_the_adapters_preview_and_a1111_json_along(ui, lora_files, tmp_path):
     """civitai downloads and AUTOMATIC1111 folders keep a preview image and user metadata beside the file:
     uploaded together (each in its own upload folder, as Gradio stores them) they come along, renamed with it."""
