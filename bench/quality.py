@@ -329,6 +329,9 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
             base.pipe.load_lora_weights(str(res.adapter_path))
         if (args.sweep or args.peer) and not args.full_unet:
             sweep = tradeoff(mode, args, lib, cfg.name, prompts, before, template, field, value, evaluator)
+        resized = []
+        if args.resize and not args.full_unet:
+            resized = score_resized(res.adapter_path, args, prompts, before, template, field, value, evaluator)
     peers = []
     if args.peer:
         for prior in (False, True):
@@ -361,6 +364,13 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
         print_tradeoff(sweep, args.out_dir / f"quality_{mode}_tradeoff.png", mode)
     if peers:
         print_peer_table([r for r in sweep if r["step"] is None], peers, mode)
+    if resized:
+        print(f"resized copies of this adapter (loras resize; weight 1, fidelity and drop as above; trained at rank "
+              f"{cfg.rank}: fidelity {fidelity:.2f}, drop {drop:.2f}):")
+        print("| rank | size | least ‖ΔW‖² kept | mean kept | fidelity | drop |\n|---|---|---|---|---|---|")
+        for r in resized:
+            print(f"| {r['rank']} | {r['size'] / 1024:.0f} KB | {100 * r['worst']:.1f}% | {100 * r['mean']:.1f}% "
+                  f"| {r['fidelity']:.2f} | {r['drop']:.2f} |")
     print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
     return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes}
 
@@ -470,6 +480,27 @@ def score_file(base, weights: Path, label: str, minutes: float, args: argparse.N
                             template, field, value, evaluator)
     for r in rows:
         r["who"], r["minutes"] = label, minutes
+    return rows
+
+
+def score_resized(adapter: Path, args: argparse.Namespace, prompts: Sequence[str], before: dict, template: str,
+                  field: str, value: str, evaluator) -> list[dict]:
+    """The trained adapter resized (pipelines/resize.py) to each of --resize ranks, scored at weight 1 on a clean
+    base: how much of the adapter's effect a smaller file keeps."""
+    from pipelines.base_models import DEFAULT_BASE, load_base
+    from pipelines.resize import resize_adapter
+
+    base = load_base(args.base or DEFAULT_BASE)
+    one = argparse.Namespace(**{**vars(args), "weights": [1.0]})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="quality-resize-") as work:
+        for rank in args.resize:
+            rep = resize_adapter(adapter, Path(work) / f"r{rank}.safetensors", rank=rank)
+            print(f"resized to rank {rank}: {rep.summary()}", flush=True)
+            [row] = score_file(base, rep.path, f"rank {rank}", 0.0, one, prompts, before, template, field, value,
+                               evaluator)
+            rows.append({**row, "rank": rank, "size": rep.path.stat().st_size, "worst": rep.worst,
+                         "mean": rep.mean})
     return rows
 
 
@@ -628,6 +659,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "train_dreambooth_lora.py) on the same set with its documented defaults, without and with "
                         "its prior preservation, and a kohya-style recipe (KOHYA_STYLE, our trainer), and print "
                         "their fidelity/drop beside ours at each of --weights")
+    p.add_argument("--resize", default=[], type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                   metavar="R1,R2,…", help="concept/style: also score the trained adapter resized to these ranks "
+                                           "(loras resize), at weight 1")
     p.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
                    help="concept/style: override a training setting of the preset (TOML value), e.g. "
                         "--set max_steps=400 --set min_snr_gamma=0; repeatable")
