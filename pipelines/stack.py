@@ -60,7 +60,8 @@ from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors, save_saf
 # the weights an adapter may be given: wider than the app's sliders (-2..2), because prompts copied from
 # AUTOMATIC1111 (which takes any weight) use 3 or -5 with "slider" LoRAs; ComfyUI's loader allows ±100
 WEIGHT_MIN, WEIGHT_MAX = -10.0, 10.0
-_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
+# <lyco:…>: the LyCORIS extension's tag (civitai prompts of LyCORIS files), which AUTOMATIC1111 reads too
+_TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def test_parse_a1111_tags():
     _, [e1, e2] = parse_lora_tags("<lora:x> and <lora:y:te=0.2:unet=0.9>, z")
     assert (e1.weight, e1.text_weight) == (1.0, 1.0) and (e2.te_weight, e2.weight) == (0.2, 0.9)
     assert parse_lora_tags("no tags here") == ("no tags here", [])
+    # civitai prompts for LyCORIS files carry the LyCORIS extension's <lyco:…> tag; AUTOMATIC1111 reads it as <lora:…>
+    assert parse_lora_tags("a cat <lyco:loha-style:0.6>, <LORA:x>") == (
+        "a cat", [StackEntry("loha-style", 0.6, 0.6), StackEntry("x", 1.0, 1.0)])
     # AUTOMATIC1111 takes any weight: prompts copied from it with 3 or -5 ("slider" LoRAs) work here too
     assert parse_lora_tags("<lora:slider:-5> a cat")[1] == [StackEntry("slider", -5.0, -5.0)]
     with pytest.raises(ConfigError, match="between -10 and 10"):
