@@ -696,6 +696,12 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
             if info.network else f"LoRA rank {info.rank}, alpha {info.alpha:g}")
     rows.append(("network", f"{kind}; {info.num_layers} layers in "
                             f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
+    if resized := meta.get(f"{OURS}resized_from"):
+        rows.append(("resized", f"from {resized}: {meta.get(f'{OURS}resized', '')}".rstrip(": ")))
+    if extracted := meta.get(f"{OURS}extracted_from"):
+        rows.append(("extracted", f"from {extracted}: {meta.get(f'{OURS}extracted', '')}".rstrip(": ")))
+    if converted := meta.get(f"{OURS}converted_from"):
+        rows.append(("converted", f"from {converted} (exactly)"))
     train = []
     if steps := m(f"{OURS}steps", "ss_max_train_steps"):
         train.append(f"{steps} steps")

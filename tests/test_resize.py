@@ -136,6 +136,8 @@ def test_cli_resize_into_the_library(rank8, tmp_path, capsys):
     info = lib.info("big-r2")
     assert info.rank == 2 and info.trigger_word == "sks"
     assert info.metadata["lora_studio.name"] == "big-r2"
+    assert main(["loras", "info", "big-r2", "--library", str(tmp_path / "lib")]) == 0
+    assert "resized   from rank 8 (big.safetensors): " in capsys.readouterr().out
     assert main(["loras", "resize", "big", "--rank", "2", "--library", str(tmp_path / "lib")]) != 0
     assert "already exists" in capsys.readouterr().err
     assert main(["loras", "resize", "big", "--keep", "0.5", "--precision", "fp16", "--out",
