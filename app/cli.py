@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--checkpoint", action="store_true",
                    help="write the base model with the stack merged in (a full single-file checkpoint)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="an adapter file at this rank (the stack's ranks add up; `loras resize` does the same)")
+    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
+                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_bake)
     p = lsub.add_parser("resize", help="a smaller copy of an adapter at a lower rank (SVD: each layer's best "
@@ -835,6 +839,8 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise _usage(f"bake: --out must be a .safetensors file, got '{out}'")
+    if args.checkpoint and (args.rank is not None or args.keep is not None):
+        raise _usage("bake: --rank and --keep make a smaller adapter file; a --checkpoint holds full weights")
     stack = _stack_for(args)
     entries = _entries_into(stack, args.lora)
     t0 = time.time()
@@ -845,6 +851,16 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
     else:
         path = stack.bake(out)
         what = "adapter"
+        if args.rank is not None or args.keep is not None:
+            import os
+            import tempfile
+
+            from pipelines.resize import resize_adapter
+
+            with tempfile.TemporaryDirectory(prefix=".bake-", dir=path.parent) as tmp:
+                report = resize_adapter(path, Path(tmp) / path.name, rank=args.rank, keep=args.keep)
+                os.replace(report.path, path)
+            what += f", {report.summary()}"
     for line in stack.interference().warnings if len(entries) > 1 else []:
         print(f"warning: {line}")
     tags = " ".join(e.tag() for e in entries)

@@ -109,3 +109,34 @@ def test_cli_loras_bake(case, tmp_path, capsys, as_checkpoint):
         got = latents(base.pipe)
         st.unload()
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_cli_bake_at_a_rank_is_the_best_approximation_of_the_stack(case, tmp_path, capsys):
+    """Two rank-4 adapters bake to rank 8; `--rank 8` keeps all of it, `--rank 3` the stack's best rank-3 part."""
+    folder, base, lib = case
+    common = ["loras", "--library", str(lib.root), "bake", "--base", str(folder), "--device", "cpu",
+              "--lora", "a:0.8", "--lora", "b:-0.6"]
+    assert main(common + ["--out", str(tmp_path / "full.safetensors")]) == 0
+    assert main(common + ["--out", str(tmp_path / "r8.safetensors"), "--rank", "8"]) == 0
+    assert main(common + ["--out", str(tmp_path / "r3.safetensors"), "--rank", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "at rank 3; each keeps at least" in out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bake-")]
+    full, _ = load_safetensors(tmp_path / "full.safetensors")
+    r8, _ = load_safetensors(tmp_path / "r8.safetensors")
+    r3, _ = load_safetensors(tmp_path / "r3.safetensors")
+    assert r3.keys() == full.keys() and all(v.shape[0] == 3 for k, v in r3.items() if k.endswith("lora_down.weight"))
+
+    def delta(sd, module):
+        down, up = sd[f"{module}.lora_down.weight"].float(), sd[f"{module}.lora_up.weight"].float()
+        a = float(sd[f"{module}.alpha"]) / down.shape[0]
+        return a * up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+
+    for module in {k.split(".")[0] for k in full}:
+        d = delta(full, module)
+        torch.testing.assert_close(delta(r8, module), d, rtol=1e-4, atol=1e-5)
+        s = torch.linalg.svdvals(d.double())
+        err = float(((delta(r3, module).double() - d.double()) ** 2).sum())
+        assert err == pytest.approx(float((s[3:] ** 2).sum()), rel=1e-3, abs=1e-9)
+    assert main(common + ["--out", str(tmp_path / "c.safetensors"), "--checkpoint", "--rank", "3"]) != 0
+    assert "--rank and --keep make a smaller adapter file" in capsys.readouterr().err
