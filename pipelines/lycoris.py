@@ -72,6 +72,8 @@ class Converted:
         """'LoHa dim 8, alpha 4': the numbers the file's own tool shows (its most common dim and alpha)."""
         dim = self.dims.most_common(1)[0][0] if self.dims else 0
         alpha = self.alphas.most_common(1)[0][0] if self.alphas else None
+        if not dim:  # a LoKr of two full matrices has no dim, and its alpha is not used
+            return f"{self.label} (full factors)"
         return f"{self.label} dim {dim}" + (f", alpha {alpha:g}" if alpha is not None else "")
 
 
