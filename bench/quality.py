@@ -488,17 +488,19 @@ def score_resized(adapter: Path, args: argparse.Namespace, prompts: Sequence[str
     """The trained adapter resized (pipelines/resize.py) to each of --resize ranks, scored at weight 1 on a clean
     base: how much of the adapter's effect a smaller file keeps."""
     from pipelines.base_models import DEFAULT_BASE, load_base
+    from pipelines.library import AdapterLibrary
     from pipelines.resize import resize_adapter
+    from pipelines.stack import AdapterStack
 
-    base = load_base(args.base or DEFAULT_BASE)
-    one = argparse.Namespace(**{**vars(args), "weights": [1.0]})
     rows = []
     with tempfile.TemporaryDirectory(prefix="quality-resize-") as work:
+        stack = AdapterStack(load_base(args.base or DEFAULT_BASE), AdapterLibrary(work))
         for rank in args.resize:
             rep = resize_adapter(adapter, Path(work) / f"r{rank}.safetensors", rank=rank)
             print(f"resized to rank {rank}: {rep.summary()}", flush=True)
-            [row] = score_file(base, rep.path, f"rank {rank}", 0.0, one, prompts, before, template, field, value,
-                               evaluator)
+            stack.load(f"r{rank}", rep.path)
+            [row] = score_points(stack, [(None, 1.0, f"r{rank}", 0)], args, prompts, before, template, field, value,
+                                 evaluator)
             rows.append({**row, "rank": rank, "size": rep.path.stat().st_size, "worst": rep.worst,
                          "mean": rep.mean})
     return rows
