@@ -167,7 +167,10 @@ def _cp_locon(p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 def _kind(module: str, params: Mapping[str, torch.Tensor]) -> str:
     names = set(params)
-    for k in names:
+    for k in sorted(names):
+        if k == "dora_scale":  # kohya's and LyCORIS' DoRA: a magnitude vector no LoRA pair can hold
+            raise IncompatibleAdapterError(f"module '{module}' has DoRA weights (dora_scale), which this app does "
+                                           "not apply (LoRA, LoCon, LoHa and LoKr are read)")
         if k in _UNSUPPORTED:
             raise IncompatibleAdapterError(
                 f"module '{module}' is a LyCORIS {_UNSUPPORTED[k]} layer, which this app does not apply "
