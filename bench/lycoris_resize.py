@@ -139,7 +139,8 @@ def main(argv=None) -> int:
             ranks = sorted({v.shape[0] for k, v in conv.state_dict.items() if k.endswith("lora_down.weight")})
             print(f"{kind} dim {args.dim}: file {path.stat().st_size / 2**20:.0f} MB (fp16); read {t_read:.2f}s, "
                   f"converted in {t_conv:.2f}s ({t_conv / max(t_read, 1e-9):.1f}x the read); LoRA ranks "
-                  f"{ranks[0]}-{ranks[-1]}, {size(conv.state_dict) / 2**20:.0f} MB as fp32 factors", flush=True)
+                  f"{ranks[0]}-{ranks[-1]}, {size(conv.state_dict) / 2**20:.0f} MB of factors "
+                  f"({str(next(iter(conv.state_dict.values())).dtype).removeprefix('torch.')})", flush=True)
             figures[kind] = (t_conv, t_read)
             del sd, read, conv
 

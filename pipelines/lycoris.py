@@ -258,10 +258,22 @@ def to_lora(sd: Mapping[str, torch.Tensor],
         if kernel is not None:
             down = down.reshape(rank, *kernel)  # (R, in, kh, kw)
             up = up.reshape(*up.shape, 1, 1)  # (out, R, 1, 1)
+        down, up = _as_source(down, params), _as_source(up, params)
         res.state_dict[f"{module}.lora_down.weight"] = down.contiguous()
         res.state_dict[f"{module}.lora_up.weight"] = up.contiguous()
         res.state_dict[f"{module}.alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
     return res
+
+
+def _as_source(t: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The factor in the file's own precision (civitai files are fp16: half the memory of fp32 factors, and the
+    model casts them to its dtype anyway); fp32 where a value would not fit."""
+    dtype = next((v.dtype for k, v in params.items() if k != "alpha" and v.is_floating_point()), torch.float32)
+    if dtype in (torch.float16, torch.bfloat16):
+        low = t.to(dtype)
+        if bool(torch.isfinite(low).all()):
+            return low
+    return t
 
 
 def _kernel_shape(params: Mapping[str, torch.Tensor], kind: str) -> tuple[int, int, int] | None:

@@ -241,3 +241,24 @@ def test_training_further_from_a_lycoris_file_is_refused_naming_it(star_images, 
                        match="civitai-lokr.safetensors: a LyCORIS .* cannot be trained further"):
         train(cfg)
     assert not (tmp_path / "lib" / "more.safetensors").exists()
+
+
+def test_fp16_files_convert_to_fp16_factors_of_the_same_difference(tiny_sd1_dir):
+    """civitai's LyCORIS files are fp16: their LoRA factors stay fp16 (half the memory), the same ΔW to fp16
+    precision."""
+    from pipelines.lycoris import to_lora
+
+    base = load_base(str(tiny_sd1_dir), device="cpu")
+    sd, _ = _lycoris_file(base.pipe, "sd1", seed=6)
+    full = to_lora(sd).state_dict
+    half = to_lora({k: v.half() if v.ndim else v for k, v in sd.items()}).state_dict
+    assert full.keys() == half.keys()
+    for k in (k for k in half if k.endswith("lora_down.weight")):
+        m = k.split(".")[0]
+        assert half[k].dtype == torch.float16 and full[k].dtype == torch.float32
+
+        def delta(s):
+            up, down = s[f"{m}.lora_up.weight"].float(), s[f"{m}.lora_down.weight"].float()
+            return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+
+        torch.testing.assert_close(delta(half), delta(full), rtol=2e-2, atol=2e-3)
