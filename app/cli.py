@@ -264,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the base model with the stack merged in (a full single-file checkpoint)")
     p.add_argument("--rank", type=int, default=None,
                    help="an adapter file at this rank (the stack's ranks add up; `loras resize` does the same)")
-    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
-                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
+    _add_keep_arg(p)
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_bake)
     p = lsub.add_parser("resize", help="a smaller copy of an adapter at a lower rank (SVD: each layer's best "
@@ -276,16 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "99%% of its ‖ΔW‖² (with --rank as the most).")
     p.add_argument("name", help="a library adapter's name")
     p.add_argument("--rank", type=int, default=None, help="the new rank (the most, with --keep)")
-    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
-                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
-    p.add_argument("--name", dest="new_name", default=None, help="library name of the result (default: NAME-rN)")
-    p.add_argument("--out", default=None, help="write a file here instead of into the library")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="cast the weights (fp16: half the size); default fp32")
+    _add_keep_arg(p)
+    _add_new_adapter_args(p, "library name of the result (default: NAME-rN)")
     p.add_argument("--base", default=None,
                    help="the base model; needed only for an SDXL file without its UNet layout or a LyCORIS file "
                         "with flattened convolutions")
-    p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_resize)
     p = lsub.add_parser("extract", help="a LoRA from a fine-tuned checkpoint: the difference to its base model, "
@@ -297,17 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_args(p)
     p.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder or single-file checkpoint")
     p.add_argument("--rank", type=int, default=None, help="rank of each layer (the most, with --keep)")
-    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
-                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.9)")
+    _add_keep_arg(p)
     p.add_argument("--conv-rank", type=int, default=None, help="also the UNet's 3x3 convolutions, at this rank")
     p.add_argument("--text-min-diff", type=float, default=None, metavar="D",
                    help="a text encoder whose weights moved less than D everywhere is left out (default 0.01, "
                         "kohya's)")
-    p.add_argument("--name", dest="new_name", default=None, help="library name of the result")
-    p.add_argument("--out", default=None, help="write a file here instead of into the library")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="cast the weights (fp16: half the size); default fp32")
-    p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
+    _add_new_adapter_args(p, "library name of the result")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_extract)
     p = lsub.add_parser("info", help="what an adapter is: base, trigger, rank, layers, training, the model card's "
@@ -349,6 +338,20 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     _add_vae_arg(p)
     _add_embeddings_arg(p)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
+
+
+def _add_keep_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=float, default=None, metavar="SHARE",
+                   help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
+
+
+def _add_new_adapter_args(p: argparse.ArgumentParser, name_help: str) -> None:
+    """Where a made adapter goes (resize, extract): into the library, or a file."""
+    p.add_argument("--name", dest="new_name", default=None, help=name_help)
+    p.add_argument("--out", default=None, help="write a file here instead of into the library")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="cast the weights (fp16: half the size); default fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
 
 
 def _add_library_arg(p: argparse.ArgumentParser, suppress: bool = False) -> None:
