@@ -132,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vae_arg(g)
     _add_embeddings_arg(g)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
-    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N]",
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N][:lbw=B]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
                         "text-encoder weight TE_W (default 1; range -10..10); repeatable. start=N / stop=N: its "
-                        "UNet part acts from sampler step N (0-based) / up to step N only. The prompt may also "
-                        "carry AUTOMATIC1111 tags: <lora:NAME:W> or <lora:NAME:TE_W:UNET_W>, with :start=N / :stop=N")
+                        "UNet part acts from sampler step N (0-based) / up to step N only. lbw=B: block weights "
+                        "as the LoRA Block Weight extension takes them (a preset: INALL, OUTD, MIDD, … or 17/26 "
+                        "numbers, SDXL 12/20). The prompt may also carry AUTOMATIC1111 tags: <lora:NAME:W> or "
+                        "<lora:NAME:TE_W:UNET_W>, with :start=N / :stop=N / :lbw=B")
     _add_library_arg(g)
     g.set_defaults(func=cmd_generate)
 

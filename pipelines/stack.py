@@ -65,6 +65,64 @@ _TAG = re.compile(r"<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------
+# LoRA Block Weight (the AUTOMATIC1111 extension): `<lora:name:1:lbw=INALL>` or 17 numbers, one per block
+#
+# A ratio per UNet block of the original (LDM) layout, and BASE for the text encoders. Lists of 17 (SD 1.x
+# LoRA) or 26 (every block, LoCon) values; 12 or 20 for SDXL. A block a shorter list leaves out gets 0; a layer
+# outside every block (time embedding, conv_out) keeps its weight. These are the extension's block lists and
+# its default presets (its lbwpresets.txt), so prompts copied from civitai draw what they drew there.
+LBW_26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+LBW_LISTS = {
+    17: ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12))),
+    26: LBW_26,
+    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6))),
+    20: ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))),
+}
+LBW_PRESETS = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}
+_LDM_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)")
+
+
+def block_ratios(spec: str, what: str = "lbw") -> tuple[float, ...]:
+    """A block-weight spec (a preset name or 12/17/20/26 numbers) as 26 ratios in LBW_26's order."""
+    text = LBW_PRESETS.get(spec.strip().upper(), spec)
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) not in LBW_LISTS:
+        raise ConfigError(f"{what}: give a preset ({', '.join(LBW_PRESETS)}) or 17 or 26 numbers (SD 1.x), 12 or 20 "
+                          f"(SDXL), one per block ({','.join(LBW_LISTS[17])}); got {spec!r}")
+    out = [0.0] * 26
+    for block, part in zip(LBW_LISTS[len(parts)], parts):
+        out[LBW_26.index(block)] = _num(part, what)
+    return tuple(out)
+
+
+def layer_block(component: str, module: str, prefixes: dict) -> int | None:
+    """The LBW_26 index of a LoRA layer: 0 (BASE) for the text encoders, the LDM input/middle/output block of a
+    UNet module; None for a UNet layer outside the blocks (its weight is kept)."""
+    if component != "unet":
+        return 0
+    from .single_file import unet_module_to_ldm
+
+    m = _LDM_BLOCK.match(unet_module_to_ldm(module, prefixes) or "")
+    if m is None:
+        return None
+    if m.group(1) == "middle_block":
+        return 13
+    n = int(m.group(2))
+    return None if n >= 12 else (1 if m.group(1) == "input_blocks" else 14) + n
+
+
+# --------------------------------------------------------------------------------------------------
 # what to stack
 
 
@@ -77,6 +135,7 @@ class StackEntry:
     te_weight: float | None = None  # None: same as weight
     start: int = 0  # the UNet part acts from this sampler step (0-based) ...
     stop: int | None = None  # ... up to, not including, this one (None: to the last step)
+    lbw: str | None = None  # block weights: a LoRA Block Weight preset or list (see block_ratios)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -91,6 +150,10 @@ class StackEntry:
                 raise ConfigError(f"lora {self.name!r} {fname}: must be a whole number of sampler steps, 0 or more, "
                                   f"got {v!r}")
             object.__setattr__(self, fname, v)
+        if self.lbw is not None:
+            object.__setattr__(self, "lbw", str(self.lbw).strip() or None)
+            if self.lbw is not None:
+                block_ratios(self.lbw, f"lora {self.name!r} lbw")
         if self.stop is not None and self.stop <= self.start:
             raise ConfigError(f"lora {self.name!r} stop: must be after start ({self.start}), got {self.stop}; "
                               "the adapter would act at no step")
@@ -106,6 +169,16 @@ class StackEntry:
     @property
     def text_weight(self) -> float:
         return self.weight if self.te_weight is None else self.te_weight
+
+    @property
+    def ratios(self) -> tuple[float, ...] | None:
+        """The 26 block ratios (LBW_26 order), or None without block weights."""
+        return block_ratios(self.lbw) if self.lbw is not None else None
+
+    def ratio(self, block: int | None) -> float:
+        """This entry's factor for a layer in `block` (layer_block): 1 without block weights."""
+        r = self.ratios
+        return 1.0 if r is None or block is None else r[block]
 
     def active_at(self, step: int) -> bool:
         """Does the UNet part act at sampler step `step` (0-based)?"""
@@ -123,6 +196,7 @@ class StackEntry:
             body = f"{self.name}:{self.te_weight:g}:{self.weight:g}"
         body += f":start={self.start}" if self.start else ""
         body += f":stop={self.stop}" if self.stop is not None else ""
+        body += f":lbw={self.lbw}" if self.lbw is not None else ""
         return f"<lora:{body}>"
 
 
@@ -151,27 +225,36 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[StackEntry]]:
     for m in _TAG.finditer(prompt):
         parts = [p.strip() for p in m.group(1).split(":")]
         name, rest = parts[0], parts[1:]
-        positional = [p for p in rest if "=" not in p]
         named = dict(p.split("=", 1) for p in rest if "=" in p)
+        named = {k.strip(): v.strip() for k, v in named.items()}
+        # the extension's older form puts the block weights in place of a number: <lora:name:1:INALL>
+        positional = []
+        for p in (p for p in rest if "=" not in p):
+            if "lbw" not in named and (p.upper() in LBW_PRESETS or "," in p):
+                named["lbw"] = p
+            else:
+                positional.append(p)
         te = _num(positional[0], f"{name!r} weight") if positional else 1.0
         te = _num(named["te"], f"{name!r} te") if "te" in named else te
         unet = _num(positional[1], f"{name!r} unet weight") if len(positional) > 1 else te
         unet = _num(named["unet"], f"{name!r} unet") if "unet" in named else unet
         start = _step(named["start"], f"{name!r} start") if "start" in named else 0
         stop = _step(named["stop"], f"{name!r} stop") if "stop" in named else None
-        entries.append(StackEntry(name, unet, te, start, stop))
+        entries.append(StackEntry(name, unet, te, start, stop, named.get("lbw")))
     clean = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
     clean = re.sub(r"\s+,", ",", clean).strip(" ,")
     return clean, entries
 
 
 def parse_lora_arg(text: str) -> StackEntry:
-    """CLI form NAME[:W[:TE_W]][:start=N][:stop=N] (UNet weight, then text-encoder weight; sampler steps)."""
+    """CLI form NAME[:W[:TE_W]][:start=N][:stop=N][:lbw=SPEC] (UNet weight, then text-encoder weight; sampler
+    steps; block weights)."""
     parts = text.split(":")
-    steps: dict[str, int] = {}
-    while len(parts) > 1 and re.fullmatch(r"\s*(start|stop)\s*=.*", parts[-1]):
+    steps: dict[str, object] = {}
+    while len(parts) > 1 and re.fullmatch(r"\s*(start|stop|lbw)\s*=.*", parts[-1]):
         key, value = parts.pop().split("=", 1)
-        steps[key.strip()] = _step(value, f"{':'.join(parts)!r} {key.strip()}")
+        key = key.strip()
+        steps[key] = value.strip() if key == "lbw" else _step(value, f"{':'.join(parts)!r} {key}")
     nums: list[float] = []
     while len(parts) > 1 and len(nums) < 2 and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", parts[-1]):
         nums.insert(0, float(parts.pop()))
@@ -520,7 +603,10 @@ class AdapterStack:
         # what the model's LoRA layers are set to: None unknown (after a load/unload), () all bypassed, else the
         # adapter names activated in that order; with the layers they adapt: (layer, component, names, combined)
         self._applied: tuple[str, ...] | None = None
-        self._layer_cache: list[tuple[torch.nn.Module, str, list[str], bool]] = []
+        # (layer, component, adapters in it, combined into one slot, LBW block)
+        self._layer_cache: list[tuple[torch.nn.Module, str, list[str], bool, int | None]] = []
+        self._ratios: dict[str, tuple[float, ...] | None] = {}  # adapter -> block weights of the applied stack
+        self._prefixes: dict | None = None  # the UNet's LDM block prefixes (for block weights)
         self._detached: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []  # while fused: (parent, name, wrapper)
         self._counter = 0
         self.reads = 0  # adapter files read so far (a cache check for tests and benchmarks)
@@ -740,11 +826,30 @@ class AdapterStack:
         weights = [{c: (e.weight if c == "unet" else e.text_weight) for c in self._loaded[e.name].components}
                    for e in entries]
         by_adapter = dict(zip(names, weights))
+        self._ratios = {a: e.ratios for a, e in zip(names, entries)}  # block weights (LBW), None: every block 1
         if names == self._applied:  # the same adapters in the same order: only their weights change
             self._rescale(by_adapter)
         else:
             self._activate(names, by_adapter)
             self._applied = names
+
+    def _scale(self, adapter: str, weight: float, block: int | None) -> float:
+        """An adapter's weight in one layer: its component weight times its block weight there (LBW)."""
+        r = self._ratios.get(adapter)
+        return weight if r is None or block is None else weight * r[block]
+
+    def _blocks(self, comp: str, model) -> Iterable[tuple[torch.nn.Module, int | None]]:
+        """(LoRA layer, its LBW block) of a component."""
+        prefixes = self._prefixes_of()
+        for mname, layer in _lora_layers(model):
+            yield layer, layer_block(comp, mname, prefixes)
+
+    def _prefixes_of(self) -> dict:
+        if self._prefixes is None:
+            from .single_file import unet_block_prefixes
+
+            self._prefixes = unet_block_prefixes(unet_layout(self.pipe.unet))
+        return self._prefixes
 
     def _activate(self, names: tuple[str, ...], weights: dict[str, dict[str, float]]) -> None:
         """Activate `names` at `weights` in every LoRA layer, in one pass.
@@ -759,25 +864,25 @@ class AdapterStack:
             model = getattr(self.pipe, comp, None)
             if model is None:
                 continue
-            for _, layer in _lora_layers(model):
+            for layer, block in self._blocks(comp, model):
                 if layer.disable_adapters:  # after `clear`
                     _set_enabled(layer, True)
                 present = [a for a in names if a in layer.lora_A]
                 for a in present:
-                    layer.set_scale(a, weights[a][comp])
+                    layer.set_scale(a, self._scale(a, weights[a][comp], block))
                 combined = len(present) >= 2 and _combinable(layer, present)
                 if combined:
                     _combine_layer(layer, present)
                 else:
                     layer.set_adapter(list(names), inference_mode=True)
                 if present:
-                    self._layer_cache.append((layer, comp, present, combined))
+                    self._layer_cache.append((layer, comp, present, combined, block))
 
     def _rescale(self, weights: dict[str, dict[str, float]]) -> None:
         """New weights for the adapters already active: what `set_adapters` would set, without walking the models."""
-        for layer, comp, present, combined in self._layer_cache:
-            for a in present:
-                layer.set_scale(a, weights[a][comp])  # peft: scaling = weight · alpha / r (rsLoRA aware)
+        for layer, comp, present, combined, block in self._layer_cache:
+            for a in present:  # peft: scaling = weight · alpha / r (rsLoRA aware)
+                layer.set_scale(a, self._scale(a, weights[a][comp], block))
             if combined:
                 _combine_layer(layer, present, activate=False)
 
@@ -867,13 +972,14 @@ class AdapterStack:
                 if model is None:
                     continue
                 for mname, layer in _lora_layers(model):
+                    block = layer_block(comp, mname, self._prefixes_of())
                     for idx, e in enumerate(entries):
                         a = self._loaded[e.name].adapter
                         if a not in layer.lora_A:
                             continue
                         if layer.use_dora.get(a):
                             raise IncompatibleAdapterError(f"{e.name}: DoRA layers are not supported here")
-                        w = e.weight if comp == "unet" else e.text_weight
+                        w = (e.weight if comp == "unet" else e.text_weight) * e.ratio(block)
                         r = math.sqrt(layer.r[a]) if layer.use_rslora.get(a) else layer.r[a]
                         out.setdefault(f"{comp}.{mname}", {})[idx] = (
                             layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(),
@@ -1031,8 +1137,8 @@ class AdapterStack:
         if self._fused is not None:
             self.unfuse()
         adapters = [(self._loaded[e.name].adapter, e) for e in entries]
-        unet_layers = [(layer, present, combined) for layer, comp, present, combined in self._layer_cache
-                       if comp == "unet"]
+        unet_layers = [(layer, present, combined, block)
+                       for layer, comp, present, combined, block in self._layer_cache if comp == "unet"]
         state: dict[str, tuple] = {}
 
         def set_active(active: tuple[bool, ...]) -> None:
@@ -1040,10 +1146,10 @@ class AdapterStack:
                 return
             state["active"] = active
             weights = {a: (e.weight if on else 0.0) for (a, e), on in zip(adapters, active)}
-            for layer, present, combined in unet_layers:
+            for layer, present, combined, block in unet_layers:
                 _set_enabled(layer, any(active))
                 for a in present:
-                    layer.set_scale(a, weights[a])
+                    layer.set_scale(a, self._scale(a, weights[a], block))
                 if combined:
                     _combine_layer(layer, present, activate=False)
 

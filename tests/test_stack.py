@@ -431,3 +431,75 @@ def test_cli_names_the_start_the_model_card_suggests(sd1, tiny_sd1_dir, tmp_path
     out = capsys.readouterr().out
     assert ("warning: ranged: start=4 is past the last of the 4 sampler steps (0 to 3), so its UNet part acts at "
             "no step") in out
+
+
+# ------------------------------------------------------------------------------------------------ block weights
+def test_lbw_tags_presets_and_lists_parse_and_round_trip():
+    from pipelines.stack import LBW_26
+
+    clean, [e] = parse_lora_tags("a cat <lora:x:0.8:lbw=INALL>")
+    assert clean == "a cat" and e.lbw == "INALL" and e.weight == 0.8
+    r = dict(zip(LBW_26, e.ratios))
+    assert [b for b, v in r.items() if v] == ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"]
+    # the extension's older form: the preset in place of a number; a 26-value list (LoCon) and SDXL's 12
+    _, [old] = parse_lora_tags("<lora:x:1:OUTD>")
+    assert old.lbw == "OUTD" and old.weight == 1.0
+    _, [full] = parse_lora_tags("<lora:x:1:lbw=" + ",".join(["0"] * 14 + ["0.5"] * 12) + ">")
+    assert dict(zip(LBW_26, full.ratios))["OUT00"] == 0.5 and dict(zip(LBW_26, full.ratios))["M00"] == 0
+    _, [xl] = parse_lora_tags("<lora:x:1:lbw=1,0,0,0,1,1,0,0,0,0,0,0>")
+    assert [b for b, v in zip(LBW_26, xl.ratios) if v] == ["BASE", "IN08", "M00"]
+    assert parse_lora_tags(e.tag())[1] == [e] and parse_lora_arg("x:0.8:lbw=INALL") == StackEntry("x", 0.8, lbw="INALL")
+    with pytest.raises(ConfigError, match=r"lora 'x' lbw: give a preset .* got '1,2,3'"):
+        parse_lora_tags("<lora:x:1:lbw=1,2,3>")
+
+
+def test_lbw_blocks_are_where_the_released_unets_keep_their_attention():
+    """The extension's 17-value list names exactly SD 1.5's blocks with attention (IN01 IN02 IN04 IN05 IN07 IN08,
+    M00, OUT03-OUT11) and its 12-value list exactly SDXL's (IN04 IN05 IN07 IN08, M00, OUT00-OUT05): our block of
+    every attention layer of the released architectures (built on the meta device) lands in those lists."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.single_file import unet_block_prefixes, unet_layout
+    from pipelines.stack import LBW_26, LBW_LISTS, layer_block
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from adapter_size import UNETS
+
+    for arch, n in (("sd15", 17), ("sdxl", 12)):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**UNETS[arch])
+        prefixes = unet_block_prefixes(unet_layout(unet))
+        blocks = {LBW_26[layer_block("unet", name, prefixes)] for name, m in unet.named_modules()
+                  if name.endswith("attn1.to_q")}
+        assert blocks == set(LBW_LISTS[n]) - {"BASE"}, arch
+    assert layer_block("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj", {}) == 0
+    assert layer_block("unet", "time_embedding.linear_1", prefixes) is None  # outside the blocks: kept
+
+
+def test_lbw_weights_each_block_and_bakes_the_same(sd1, lib, stack, tmp_path):
+    """A list with every input block at 1 and the rest 0, at weight 0.5: each UNet layer of down_blocks moves by
+    half its ΔW, every other layer (mid, up, the text encoder: BASE 0) not at all; baking writes the same."""
+    from pipelines.adapters import base_modules
+
+    in_only = ",".join(["0"] + ["1"] * 12 + ["0"] * 13)
+    mods = base_modules(sd1.pipe)
+    before = {m: v.weight.detach().clone() for m, v in mods.items()}
+    stack.set_stack([StackEntry("a", 1.0)])
+    stack.fuse()
+    full = {m: base_modules(sd1.pipe)[m].weight.detach() - before[m] for m in mods}
+    stack.unfuse()
+    stack.set_stack([StackEntry("a", 0.5, lbw=in_only)])
+    stack.fuse()
+    got = {m: base_modules(sd1.pipe)[m].weight.detach() - before[m] for m in mods}
+    stack.unfuse()
+    moved = [m for m in mods if full[m].abs().max() > 0]
+    assert any(m.startswith("unet.down_blocks.") for m in moved) and any(m.startswith("text_encoder") for m in moved)
+    for m in moved:
+        want = 0.5 * full[m] if m.startswith("unet.down_blocks.") else torch.zeros_like(full[m])
+        torch.testing.assert_close(got[m], want, rtol=1e-4, atol=1e-6, msg=m)
+    baked = stack.bake(tmp_path / "in.safetensors", entries=[StackEntry("a", 0.5, lbw=in_only)])
+    keys = {k.split(".")[0] for k in load_safetensors(baked)[0]}
+    assert keys and all(k.startswith("lora_unet_down_blocks_") for k in keys)

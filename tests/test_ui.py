@@ -566,6 +566,9 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     assert _value(out[16]) == "alpha-style" and _value(out[16 + 8]) is None
     assert "'not-here' is not in the library" in out[-1] and "juggernaut" in out[-1]
     assert "Clip skip" not in out[-1]  # applied, so not among what differs
+    # block weights (the LoRA Block Weight extension's) have no field in a row: that adapter stays a tag
+    out = ui.recall_form("a cat <lora:alpha-style:0.7:lbw=OUTD>\nSteps: 3, Seed: 9, Size: 64x64", base)
+    assert out[0] == "a cat <lora:alpha-style:0.7:lbw=OUTD>" and _value(out[16]) is None
     with pytest.raises(gr.Error, match="not the parameters text"):
         ui.recall_form("just words", base)
     plain = tmp_path / "plain.png"
