@@ -1525,7 +1525,9 @@ class StudioUI:
                                     "(from step N, counting from 0; e.g. a style from the middle on keeps the "
                                     "base's layout; an adapter whose model card suggests a start comes with it "
                                     "ticked). `<lora:name:w>` and `<lora:name:w:start=N:stop=M>` in the "
-                                    "prompt work too, with weights −10…10.")
+                                    "prompt work too, with weights −10…10, and block weights as the LoRA Block "
+                                    "Weight extension takes them: `<lora:name:1:lbw=OUTALL>` (a preset, or 17 "
+                                    "numbers; SDXL 12).")
                         slot_widgets: list[gr.components.Component] = []
                         name_dds, enable_cbs, slot_pickers = [], [], []
                         for i in range(SLOTS):
