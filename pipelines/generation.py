@@ -290,7 +290,12 @@ def generate(
                      callback_on_step_end=_cb, cross_attention_kwargs=cross_attention_kwargs, **kw).images
 
         latent_out = "latent" if hires and req.hires_upscaler == "Latent" else "pil"
-        if init is None:
+        if inpainting_model(model) and req.mask_image is None:
+            # an inpainting checkpoint (9-channel UNet) draws through its inpainting input, with the whole picture
+            # masked, as A1111 runs them for txt2img and img2img (the masked picture is then all grey)
+            images = run(_inpaint(pipe, model.device), **_whole_mask(pipe, init, width, height, model.device),
+                         num_inference_steps=first[0], strength=first[1], output_type=latent_out)
+        elif init is None:
             images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out)
         elif req.mask_image is not None:
             mask = _mask(req.mask_image, width, height, req.mask_blur)
@@ -307,7 +312,11 @@ def generate(
                 bigger = torch.nn.functional.interpolate(images, size=(big_h // f, big_w // f), mode="bilinear")
             else:
                 bigger = _latents_of(pipe, [im.resize((big_w, big_h), Image.LANCZOS) for im in images], model.device)
-            images = run(_img2img(pipe), image=bigger, num_inference_steps=second[0], strength=second[1])
+            if inpainting_model(model):
+                images = run(_inpaint(pipe, model.device), **_whole_mask(pipe, bigger, big_w, big_h, model.device),
+                             num_inference_steps=second[0], strength=second[1])
+            else:
+                images = run(_img2img(pipe), image=bigger, num_inference_steps=second[0], strength=second[1])
     results = []
     for img, seed in zip(images, seeds):
         params = format_parameters(req, seed, width, height, model, extra_parameters)
@@ -405,6 +414,22 @@ def _mask(src, width: int, height: int, blur: int) -> Image.Image:
     m = m.convert("L")
     m = m if m.size == (width, height) else m.resize((width, height), Image.LANCZOS)
     return m.filter(ImageFilter.GaussianBlur(blur)) if blur else m
+
+
+def inpainting_model(model: BaseModel) -> bool:
+    """An inpainting checkpoint (sd-v1-5-inpainting and kin): its UNet takes the noisy latents, the mask and the
+    masked picture's latents (9 channels)."""
+    return int(getattr(model.pipe.unet.config, "in_channels", 4)) == 9
+
+
+def _whole_mask(pipe, start, width: int, height: int, device) -> dict:
+    """The inpainting pipeline's inputs for drawing the whole picture: `start` (a picture, latents, or None for
+    txt2img) everywhere masked, and the masked picture's latents those of plain grey, which is what the
+    inpainting UNet was trained to see where nothing is kept (A1111's conditioning for these models)."""
+    grey = Image.new("RGB", (width, height), (127, 127, 127))
+    n = len(start) if isinstance(start, (list, torch.Tensor)) else 1
+    return dict(image=grey if start is None else start, mask_image=Image.new("L", (width, height), 255),
+                masked_image_latents=_latents_of(pipe, [grey] * n, device), width=width, height=height)
 
 
 def _inpaint(pipe, device):

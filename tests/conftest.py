@@ -53,14 +53,15 @@ def _scheduler():
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
 
 
-def build_tiny_sd(tmp: Path, family: str = "sd1"):
-    """A tiny SD 1.x (or 2.x: gelu text encoder, v-prediction) pipeline, 32 px."""
+def build_tiny_sd(tmp: Path, family: str = "sd1", in_channels: int = 4):
+    """A tiny SD 1.x (or 2.x: gelu text encoder, v-prediction) pipeline, 32 px; `in_channels=9`: an inpainting
+    model's UNet (latents, mask, masked picture's latents)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     tok = _tokenizer(tmp / "tok")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
     )
@@ -100,6 +101,14 @@ def build_tiny_sdxl(tmp: Path):
 def tiny_sd1_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_sd1")
     build_tiny_sd(d / "build").save_pretrained(d / "model", safe_serialization=True)
+    return d / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_dir(tmp_path_factory) -> Path:
+    """A tiny SD 1.x inpainting model (sd-v1-5-inpainting's layout: a 9-channel UNet)."""
+    d = tmp_path_factory.mktemp("tiny_inpaint")
+    build_tiny_sd(d / "build", in_channels=9).save_pretrained(d / "model", safe_serialization=True)
     return d / "model"
 
 

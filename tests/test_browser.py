@@ -299,6 +299,17 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     expect(page.locator("#lib-status")).to_contain_text("Deleted renamed", timeout=30_000)
     expect(page.locator("#lib-table")).not_to_contain_text("renamed")
     assert sorted(studio.library.names()) == [NAME]
+    # make it smaller: a rank-2 copy beside it, selected, with what each layer kept
+    _pick(page, "lib-pick", NAME)
+    page.locator("#lib-resize-acc").click()
+    _fill_number(page, "lib-resize-rank", 2)
+    page.locator("#lib-resize").click()
+    expect(page.locator("#lib-status")).to_contain_text(f"Wrote {NAME}-r2", timeout=30_000)
+    expect(page.locator("#lib-status")).to_contain_text("layers at rank 2")
+    expect(page.locator("#lib-table")).to_contain_text(f"{NAME}-r2")
+    expect(page.locator("#lib-pick input")).to_have_value(f"{NAME}-r2")
+    _shot(page, "6b-library-resized")
+    assert sorted(studio.library.names()) == [NAME, f"{NAME}-r2"] and studio.library.info(f"{NAME}-r2").rank == 2
 
     # 5. a reopened page shows the latest job
     page.reload()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.base_models import load_base
 from pipelines.errors import ConfigError
@@ -214,6 +215,70 @@ def test_inpainting_draws_anew_only_inside_the_mask(toy_base, tmp_path):
         GenerationRequest(prompt="x", init_image=drawn.image, mask_image=mask, mask_blur=-1)
     with pytest.raises(ConfigError, match="mask_image: gone.png: no such file"):
         generate(toy_base, GenerationRequest(**{**req, "mask_image": str(tmp_path / "gone.png")}))
+
+
+def test_an_inpainting_checkpoint_draws_through_its_mask_input(tiny_inpaint_dir, tmp_path):
+    """sd-v1-5-inpainting and kin (a 9-channel UNet) make images from a prompt, from a picture, with a Hires fix and
+    with a mask, as in A1111: every step the UNet sees the latents, the mask (all 1 where the whole picture is
+    drawn) and the masked picture's latents (plain grey's where nothing is kept); single files of them load."""
+    from PIL import Image
+
+    from pipelines.generation import _latents_of, inpainting_model
+    from pipelines.single_file import save_single_file
+
+    model = load_base(tiny_inpaint_dir, device="cpu")
+    assert inpainting_model(model)
+    seen = []
+    hook = model.pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        a = generate(model, GenerationRequest(prompt="a red circle", steps=3, seed=1, guidance=1.0))[0]
+        assert a.image.size == (32, 32) and seen and all(x.shape[1] == 9 for x in seen)
+        grey = _latents_of(model.pipe, [Image.new("RGB", (32, 32), (127, 127, 127))], model.device)
+        for x in seen:
+            assert bool((x[:, 4] == 1).all())  # the whole picture is drawn
+            assert torch.allclose(x[:, 5:], grey.expand_as(x[:, 5:]))  # nothing kept: grey
+        again = generate(model, GenerationRequest(prompt="a red circle", steps=3, seed=1, guidance=1.0))[0]
+        assert np.array_equal(_arr(a), _arr(again))
+        seen.clear()
+        b = generate(model, GenerationRequest(prompt="a red circle", steps=4, seed=2, init_image=a.image,
+                                              denoising_strength=0.5))[0]
+        assert b.image.size == (32, 32) and len(seen) == 3 and all(x.shape[1] == 9 for x in seen)  # int(4·0.5)+1
+        other = generate(model, GenerationRequest(prompt="a red circle", steps=4, seed=2, denoising_strength=0.5,
+                                                  init_image=a.image.transpose(Image.FLIP_LEFT_RIGHT)))[0]
+        assert not np.array_equal(_arr(b), _arr(other))  # it starts from the picture
+        seen.clear()
+        for upscaler in ("Latent", "Lanczos"):
+            h = generate(model, GenerationRequest(prompt="a red circle", steps=3, seed=2, hires_scale=2,
+                                                  hires_steps=2, hires_upscaler=upscaler))[0]
+            assert h.image.size == (64, 64)
+        assert seen and all(x.shape[1] == 9 and bool((x[:, 4] == 1).all()) for x in seen)
+        seen.clear()
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 32))
+        c = generate(model, GenerationRequest(prompt="a red circle", steps=3, seed=3, init_image=a.image,
+                                              mask_image=mask, mask_blur=0, denoising_strength=1.0))[0]
+        assert np.array_equal(_arr(c)[:, 16:], _arr(a)[:, 16:])  # outside the mask: as it was
+        assert seen and all(bool((x[:, 4, :, :2] == 1).all()) and bool((x[:, 4, :, -2:] == 0).all()) for x in seen)
+    finally:
+        hook.remove()
+    single = save_single_file(model.pipe, tmp_path / "inpainting.safetensors")
+    again = load_base(single, device="cpu")
+    assert inpainting_model(again)
+    saved, loaded = model.pipe.unet.state_dict(), again.pipe.unet.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert generate(again, GenerationRequest(prompt="a red circle", steps=2, seed=1))[0].image.size == (32, 32)
+
+
+def test_training_on_an_inpainting_checkpoint_is_refused(tiny_inpaint_dir, star_images, tmp_path):
+    from pipelines.errors import TrainingError
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    cfg = TrainConfig(images=str(star_images), base=str(tiny_inpaint_dir), output_dir=str(tmp_path / "lib"),
+                      max_steps=1, batch_size=2, device="cpu", name="inp", rank=4)
+    with pytest.raises(TrainingError, match="base: .* is an inpainting model .* train on the model it was made from"):
+        train(cfg)
+    assert not (tmp_path / "lib" / "inp.safetensors").exists()
 
 
 @pytest.mark.parametrize("kw,msg", [({"hires_scale": 5}, "hires_scale"), ({"hires_scale": 0.5}, "hires_scale"),

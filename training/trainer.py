@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.base_models import BaseModel, load_base
-from pipelines.generation import clip_skip_arg
+from pipelines.generation import clip_skip_arg, inpainting_model
 from pipelines.errors import ConfigError, DatasetError, TrainingError
 from pipelines.weights_io import atomic_write
 from pipelines.single_file import unet_layout
@@ -514,6 +514,9 @@ class Trainer:
             source = cfg.base if self.base is None else self.base.source
             self.base = load_base(source, device=self.device, dtype=weight_dtype)
         base = self.base
+        if inpainting_model(base):  # its UNet wants a mask and a masked picture with every latent
+            raise TrainingError(f"base: {base.name} is an inpainting model (its UNet takes 9 channels); train on the "
+                                "model it was made from (e.g. SD 1.5): a LoRA from there works on both")
         te_targets = cfg.text_targets if cfg.train_text_encoder else None
         lora_mod.check_targets(base.pipe, cfg.unet_targets, te_targets)  # before minutes of encoding
         clip_skip_arg(base, cfg.clip_skip)  # SDXL, or more layers than the text encoder has: said now
