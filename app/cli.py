@@ -763,8 +763,9 @@ def _into_library(args: argparse.Namespace, name: str, write) -> Path:
 
 
 def cmd_loras_resize(args: argparse.Namespace) -> int:
-    from pipelines.resize import resize_adapter
+    from pipelines.resize import check_rank_keep, resize_adapter
 
+    check_rank_keep(args.rank, args.keep)
     lib = _library(args)
     src = lib.path_for(args.name)
     base = None
@@ -794,6 +795,9 @@ def cmd_loras_extract(args: argparse.Namespace) -> int:
 
     if not args.out and not args.new_name:
         raise _usage("extract: give --name NAME (into the library) or --out FILE")
+    from pipelines.resize import check_rank_keep
+
+    check_rank_keep(args.rank, args.keep)
     t0 = time.time()
     kw = dict(allow_pickle=args.allow_pickle, device=args.device or "cpu", config=args.base_config)
     base = load_base(args.base, **kw)
@@ -844,8 +848,13 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise _usage(f"bake: --out must be a .safetensors file, got '{out}'")
-    if args.checkpoint and (args.rank is not None or args.keep is not None):
+    smaller = args.rank is not None or args.keep is not None
+    if args.checkpoint and smaller:
         raise _usage("bake: --rank and --keep make a smaller adapter file; a --checkpoint holds full weights")
+    if smaller:
+        from pipelines.resize import check_rank_keep
+
+        check_rank_keep(args.rank, args.keep)
     stack = _stack_for(args)
     entries = _entries_into(stack, args.lora)
     t0 = time.time()
@@ -854,18 +863,23 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
         path = stack.bake_checkpoint(out)
         what = f"full {stack.model.family} checkpoint"
     else:
-        path = stack.bake(out)
         what = "adapter"
-        if args.rank is not None or args.keep is not None:
+        if smaller:  # baked and resized beside --out, which is replaced only by the finished file
             import os
             import tempfile
 
             from pipelines.resize import resize_adapter
 
-            with tempfile.TemporaryDirectory(prefix=".bake-", dir=path.parent) as tmp:
-                report = resize_adapter(path, Path(tmp) / path.name, rank=args.rank, keep=args.keep)
-                os.replace(report.path, path)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".bake-", dir=out.parent) as tmp:
+                full = stack.bake(Path(tmp) / "full.safetensors")
+                report = resize_adapter(full, Path(tmp) / out.name, rank=args.rank, keep=args.keep, name=out.stem,
+                                        origin="the baked stack")
+                os.replace(report.path, out)
+            path = out
             what += f", {report.summary()}"
+        else:
+            path = stack.bake(out)
     for line in stack.interference().warnings if len(entries) > 1 else []:
         print(f"warning: {line}")
     tags = " ".join(e.tag() for e in entries)

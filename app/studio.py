@@ -280,8 +280,9 @@ class Studio:
     def resize_adapter(self, name: str, rank: int | None, keep: float | None = None, new_name: str | None = None):
         """A smaller copy of library adapter `name` at `rank` (and/or keeping `keep` of each layer's ‖ΔW‖²), added
         to the library as `new_name` (default NAME-rN). Returns (its AdapterInfo, the FitReport)."""
-        from pipelines.resize import resize_adapter
+        from pipelines.resize import check_rank_keep, resize_adapter
 
+        check_rank_keep(rank, keep)
         src = self.library.path_for(name)
         new_name = (new_name or "").strip() or f"{src.stem}-" + (f"r{rank}" if rank else f"keep{keep:g}")
         report = None
@@ -298,8 +299,9 @@ class Studio:
         """A LoRA of the difference between base models `tuned` and `base` (names from the base picker), added to
         the library as `name`. Both are loaded afresh (a model in use may have adapters fused into it).
         Returns (its AdapterInfo, the FitReport)."""
-        from pipelines.resize import extract_adapter
+        from pipelines.resize import check_rank_keep, extract_adapter
 
+        check_rank_keep(rank, keep)
         if not tuned or not base:
             raise ConfigError("model: pick the fine-tuned model and the base it was tuned from")
         if tuned == base:
@@ -309,8 +311,9 @@ class Studio:
             raise ConfigError("name: type a name for the extracted adapter")
         if self.library.find(name) is not None:
             raise ConfigError(f"name: an adapter called '{name}' already exists in the library")
-        b = load_base(self.base_source(base), allow_pickle=self.allow_pickle, device=self.device)
-        t = load_base(self.base_source(tuned), allow_pickle=self.allow_pickle, device=self.device)
+        # on the CPU, where the SVDs run: two more full models need not sit beside the one in use on a GPU
+        b = load_base(self.base_source(base), allow_pickle=self.allow_pickle, device="cpu")
+        t = load_base(self.base_source(tuned), allow_pickle=self.allow_pickle, device="cpu")
         if b.family != t.family:
             raise ConfigError(f"model: '{tuned}' is {t.family}, '{base}' is {b.family}; extract from the base it "
                               "was tuned from")

@@ -78,8 +78,9 @@ class Converted:
 
 
 def is_lycoris(keys) -> bool:
-    """A file with LyCORIS modules (LoHa, LoKr, CP LoCon, or a type read nowhere here)."""
-    return any(k.partition(".")[2] in _PARAMS for k in keys)
+    """A file with LyCORIS modules (LoHa, LoKr, CP LoCon, or a type read nowhere here), in kohya's naming
+    (`lora_unet_….hada_w1_a`) or another (`unet.….hada_w1_a`, which to_lora refuses by name)."""
+    return any(k.partition(".")[2] in _PARAMS or k.rsplit(".", 1)[-1] in _PARAMS for k in keys)
 
 
 def _modules(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -219,6 +220,10 @@ def to_lora(sd: Mapping[str, torch.Tensor],
     Raises IncompatibleAdapterError naming the module for a type that cannot be written as a LoRA.
     """
     look = kernels if callable(kernels) else (lambda m: (kernels or {}).get(m))
+    odd = next((k for k in sd if not k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))), None)
+    if odd is not None:
+        raise IncompatibleAdapterError(f"'{odd}': LyCORIS layers are read in kohya's naming (lora_unet_…, "
+                                       "lora_te_…), as LyCORIS and kohya_ss write them; this file uses another")
     res = Converted({})
     for module, params in _modules(sd).items():
         kind = _kind(module, params)
@@ -246,7 +251,7 @@ def to_lora(sd: Mapping[str, torch.Tensor],
         res.dims[dim or 0] += 1
         if alpha is not None:
             res.alphas[alpha] += 1
-        up, down = _cap(up, down)
+        up, down = as_dtype(*_cap(up, down), _source_dtype(params))
         rank = up.shape[1]
         kernel = _kernel_shape(params, kind)
         if kernel is None and kernels is not None:
@@ -258,22 +263,39 @@ def to_lora(sd: Mapping[str, torch.Tensor],
         if kernel is not None:
             down = down.reshape(rank, *kernel)  # (R, in, kh, kw)
             up = up.reshape(*up.shape, 1, 1)  # (out, R, 1, 1)
-        down, up = _as_source(down, params), _as_source(up, params)
         res.state_dict[f"{module}.lora_down.weight"] = down.contiguous()
         res.state_dict[f"{module}.lora_up.weight"] = up.contiguous()
         res.state_dict[f"{module}.alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
     return res
 
 
-def _as_source(t: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The factor in the file's own precision (civitai files are fp16: half the memory of fp32 factors, and the
-    model casts them to its dtype anyway); fp32 where a value would not fit."""
-    dtype = next((v.dtype for k, v in params.items() if k != "alpha" and v.is_floating_point()), torch.float32)
+def balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with each rank component's up column and down row of equal norm: a LoHa's up factor is
+    the product of two small factors (~1e-3 each, trained) and would fall below fp16's normal range while its
+    down factor stays near 1."""
+    nu = up.norm(dim=0)  # (R,)
+    nd = down.norm(dim=1)  # (R,)
+    c = torch.where((nu > 0) & (nd > 0), (nd / nu.clamp_min(1e-30)).sqrt(), torch.ones_like(nu))
+    return up * c, down / c[:, None]
+
+
+def as_dtype(up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors in `dtype` (fp16/bf16: half the memory of fp32, and the model casts them to its own
+    dtype anyway); fp32 where a value would not fit or would sink below the half type's normal range."""
+    up, down = balance(up.float(), down.float())
     if dtype in (torch.float16, torch.bfloat16):
-        low = t.to(dtype)
-        if bool(torch.isfinite(low).all()):
+        low = up.to(dtype), down.to(dtype)
+        # each factor as exact as the half type rounds (bf16: 2^-8, fp16: 2^-11 per value): overflow or values
+        # sunk below the normal range show up as a larger error than that, measured over the whole factor
+        limit = 4.0 * float(torch.finfo(dtype).eps)
+        if all(bool(torch.isfinite(h).all()) and float((h.float() - t).norm()) <= limit * float(t.norm())
+               for h, t in zip(low, (up, down))):
             return low
-    return t
+    return up, down
+
+
+def _source_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:
+    return next((v.dtype for k, v in params.items() if k != "alpha" and v.is_floating_point()), torch.float32)
 
 
 def _kernel_shape(params: Mapping[str, torch.Tensor], kind: str) -> tuple[int, int, int] | None:
@@ -307,7 +329,7 @@ def _maybe_conv(module: str) -> bool:
     if not module.startswith("lora_unet_") or module.endswith(("time_emb_proj", "emb_layers_1")):
         return False
     return any(s in module for s in ("resnets_", "samplers_", "conv_in", "conv_out", "in_layers", "out_layers",
-                                     "skip_connection", "_op", "_conv"))
+                                     "skip_connection", "_op", "_conv", "proj_in", "proj_out"))  # SD 1.x: 1x1 convs
 
 
 def conv_kernels(pipe, modules, unet_layers_per_block: int | None = None) -> dict[str, tuple[int, int, int]]:

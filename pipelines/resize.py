@@ -38,6 +38,7 @@ from .adapters import (
     to_kohya,
 )
 from .errors import ConfigError, IncompatibleAdapterError
+from .lycoris import as_dtype
 from .weights_io import save_safetensors
 
 if TYPE_CHECKING:
@@ -88,7 +89,8 @@ class FitReport:
         return text + (f"; least: {worst.module})" if worst and worst.kept < 0.9995 else ")")
 
 
-def _check(rank: int | None, keep: float | None) -> None:
+def check_rank_keep(rank: int | None, keep: float | None) -> None:
+    """A resize's or extraction's rank and share to keep, checked before any work (errors name the field)."""
     if rank is None and keep is None:
         raise ConfigError("rank: give a rank, a share to keep (keep), or both")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -144,7 +146,7 @@ def _shaped(b2: torch.Tensor, a2: torch.Tensor, like_a: torch.Size) -> tuple[tor
 def resize_factors(sd: dict[str, torch.Tensor], alphas: dict[str, float], rank: int | None, keep: float | None,
                    report: FitReport) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each layer of a peft state dict at the chosen rank (alpha = rank); fits go into `report`."""
-    _check(rank, keep)
+    check_rank_keep(rank, keep)
     out: dict[str, torch.Tensor] = {}
     new_alphas: dict[str, float] = {}
     for key in sorted(k for k in sd if k.endswith(".lora_A.weight")):
@@ -159,6 +161,7 @@ def resize_factors(sd: dict[str, torch.Tensor], alphas: dict[str, float], rank: 
             continue
         k = choose_rank(s, rank, keep)
         nb, na, kept = _split(u, s, vh, k)
+        nb, na = as_dtype(nb, na, a.dtype)  # an fp16 file stays fp16 (else "smaller" could be larger)
         nb, na = _shaped(nb, na, a.shape)
         out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = na, nb
         new_alphas[_canon_module(module)] = float(k)
@@ -179,18 +182,19 @@ def _note_change(meta: dict[str, str], report: FitReport, what: str) -> None:
 
 def resize_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, rank: int | None = None,
                    keep: float | None = None, base: "BaseModel | None" = None, precision: str | None = None,
-                   name: str | None = None) -> FitReport:
+                   name: str | None = None, origin: str | None = None) -> FitReport:
     """Write adapter `src` at a lower rank to `dst` (kohya layout): at most `rank` per layer, and with `keep`
     the fewest that hold that share of each layer's ‖ΔW‖². `base` is needed only where an export needs it
-    (an SDXL file without its layout, a LyCORIS file with flattened convolutions)."""
-    _check(rank, keep)
+    (an SDXL file without its layout, a LyCORIS file with flattened convolutions). `origin` names the source in
+    the metadata (default: its file name)."""
+    check_rank_keep(rank, keep)
     report = FitReport()
 
     def transform(sd, alphas, meta):
         sd, alphas = resize_factors(sd, alphas, rank, keep, report)
         before = sorted({f.rank_before for f in report.layers})
         _note_change(meta, report, "resized")
-        meta[f"{OURS}resized_from"] = f"rank {before[-1]}" + (f" ({Path(src).name})" if Path(src).name else "")
+        meta[f"{OURS}resized_from"] = f"rank {before[-1]} ({origin or Path(src).name})"
         if name:
             for k in (f"{OURS}name", "ss_output_name", "modelspec.title"):
                 meta[k] = name
@@ -202,11 +206,13 @@ def resize_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, rank: int 
 
 # ------------------------------------------------------------------------------------------ extraction
 def _extract_targets(comp: str, name: str, mod: torch.nn.Module, conv_rank: int | None) -> bool:
-    """The layers kohya's LoRA networks adapt: the UNet's transformer blocks (Linear and 1×1 projections),
-    with `conv_rank` its 3×3 convolutions too; every projection of the text encoders' layers."""
+    """The layers kohya's LoRA networks adapt: the UNet's transformer blocks (Linear and 1×1 projections); with
+    `conv_rank` also every layer of its ResNet blocks and down/upsamplers (kohya's LoCon: the 3×3 convolutions
+    at the conv rank, their 1×1 shortcuts and time projections at the rank); every projection of the text
+    encoders' layers."""
     if comp == "unet":
-        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size != (1, 1):
-            return bool(conv_rank) and (".resnets." in name or "samplers." in name or name in ("conv_in", "conv_out"))
+        if conv_rank and (".resnets." in name or "samplers." in name):
+            return True
         return ".attentions." in name or "transformer_blocks" in name
     return isinstance(mod, torch.nn.Linear) and ".layers." in name
 
@@ -215,9 +221,11 @@ def extract_lora(base: "BaseModel", tuned: "BaseModel", *, rank: int | None = No
                  conv_rank: int | None = None, text_min_diff: float = TEXT_MIN_DIFF,
                  on_layer: Callable[[int, int], None] | None = None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], FitReport]:
-    """LoRA factors (peft keys) of ΔW = W_tuned − W_base per adapted layer; `conv_rank` adds the 3×3 convolutions
-    at that rank. Both models must have the same architecture; a layer whose shape differs is named."""
-    _check(rank, keep)
+    """LoRA factors (peft keys) of ΔW = W_tuned − W_base per adapted layer; `conv_rank` adds the ResNet blocks
+    (3×3 convolutions at that rank). Both models must have the same architecture; a layer whose shape differs is
+    named. Give models without adapters fused in (an AdapterStack's fuse leaves no trace on the layers; peft's
+    own merge is refused)."""
+    check_rank_keep(rank, keep)
     if conv_rank is not None and conv_rank < 1:
         raise ConfigError(f"conv_rank: must be 1 or more, got {conv_rank}")
     report = FitReport()

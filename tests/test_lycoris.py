@@ -262,3 +262,50 @@ def test_fp16_files_convert_to_fp16_factors_of_the_same_difference(tiny_sd1_dir)
             return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
 
         torch.testing.assert_close(delta(half), delta(full), rtol=2e-2, atol=2e-3)
+
+
+def test_sd1_projections_stored_flat_need_the_base_to_export_and_load_with_it(tiny_sd1_dir, tmp_path):
+    """SD 1.x's proj_in/proj_out are 1x1 convolutions that LyCORIS stores as 2-D factors: an export without the
+    base would write factors AUTOMATIC1111 cannot load, so it asks for --base; with it the file loads here."""
+    base = load_base(str(tiny_sd1_dir), device="cpu")
+    names = _kohya_names(base.pipe, "sd1")
+    k = next(n for n in sorted(names) if n.endswith("attentions_0_proj_in"))
+    mod = base_modules(base.pipe)[names[k]]
+    g = torch.Generator().manual_seed(7)
+    o, i = mod.out_channels, mod.in_channels
+    sd = {f"{k}.hada_w1_a": torch.randn(o, 2, generator=g), f"{k}.hada_w1_b": torch.randn(2, i, generator=g),
+          f"{k}.hada_w2_a": torch.randn(o, 2, generator=g), f"{k}.hada_w2_b": torch.randn(2, i, generator=g)}
+    path = save_safetensors(sd, tmp_path / "proj.safetensors")
+    with pytest.raises(IncompatibleAdapterError, match="proj.safetensors: .*flattened.*--base"):
+        export_adapter(path, tmp_path / "k.safetensors", "kohya")
+    out = export_adapter(path, tmp_path / "k.safetensors", "kohya", base=base)
+    assert load_safetensors(out)[0][f"{k}.lora_down.weight"].shape == (4, i, 1, 1)
+    before, after = _fused_deltas(base, out, [names[k]])
+    want = ((sd[f"{k}.hada_w1_a"] @ sd[f"{k}.hada_w1_b"]) * (sd[f"{k}.hada_w2_a"] @ sd[f"{k}.hada_w2_b"]))
+    torch.testing.assert_close((after[names[k]] - before[names[k]]).flatten(1), WEIGHT * want, rtol=1e-4, atol=1e-5)
+
+
+def test_trained_scale_loha_in_fp16_keeps_its_difference(tiny_sd1_dir):
+    """Trained LoHa factors are small (w2_a ~1e-3): their products would sink below fp16's normal range unless
+    the factors are balanced; the fp16 conversion stays as exact as fp16 itself."""
+    from pipelines.lycoris import to_lora
+
+    g = torch.Generator().manual_seed(8)
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd = {f"{k}.hada_w1_a": torch.randn(320, 16, generator=g) * 0.02, f"{k}.hada_w1_b": torch.randn(16, 320, generator=g),
+          f"{k}.hada_w2_a": torch.randn(320, 16, generator=g) * 1e-3, f"{k}.hada_w2_b": torch.randn(16, 320, generator=g),
+          f"{k}.alpha": torch.tensor(8.0)}
+    half = {n: (v.half() if v.ndim else v) for n, v in sd.items()}
+    ref = (half[f"{k}.hada_w1_a"].float() @ half[f"{k}.hada_w1_b"].float()) * \
+        (half[f"{k}.hada_w2_a"].float() @ half[f"{k}.hada_w2_b"].float())
+    got = to_lora(half).state_dict
+    up, down = got[f"{k}.lora_up.weight"], got[f"{k}.lora_down.weight"]
+    delta = up.float() @ down.float()
+    assert float((delta - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_lycoris_keys_in_another_naming_are_refused_by_name(tmp_path):
+    path = save_safetensors({"unet.down_blocks.0.attn1.to_q.hada_w1_a": torch.ones(4, 2),
+                             "unet.down_blocks.0.attn1.to_q.hada_w1_b": torch.ones(2, 4)}, tmp_path / "p.safetensors")
+    with pytest.raises(IncompatibleAdapterError, match="p.safetensors: 'unet.down_blocks.*kohya's naming"):
+        inspect_adapter(path)

@@ -145,3 +145,25 @@ def test_cli_resize_into_the_library(rank8, tmp_path, capsys):
     k, _ = load_safetensors(tmp_path / "half.safetensors")
     assert {v.dtype for n, v in k.items() if not n.endswith(".alpha")} == {torch.float16}
     assert not [p for p in (tmp_path / "lib").iterdir() if p.name.startswith(".new-")]  # no leftovers
+
+
+def test_an_fp16_file_resizes_to_a_smaller_fp16_file(sd1, tmp_path):
+    sd = {k: v.half() for k, v in make_lora(sd1.pipe, rank=8, seed=9).items()}
+    src = save_adapter(sd, tmp_path / "h.safetensors", lora_metadata(family="sd1", rank=8, alpha=8))
+    rep = resize_adapter(src, tmp_path / "h4.safetensors", rank=4)
+    k, _ = load_safetensors(rep.path)
+    assert {v.dtype for n, v in k.items() if not n.endswith(".alpha")} == {torch.float16}
+    nbytes = lambda d: sum(v.numel() * v.element_size() for n, v in d.items() if not n.endswith(".alpha"))  # noqa: E731
+    assert nbytes(k) == nbytes(sd) // 2  # half the rank, the same precision: half the weights
+
+
+def test_cli_refuses_a_resize_or_bake_without_a_rank_before_any_work(rank8, tmp_path, capsys, tiny_sd1_dir):
+    lib = AdapterLibrary(tmp_path / "lib")
+    lib.import_file(rank8, "big")
+    assert main(["loras", "resize", "big", "--library", str(tmp_path / "lib")]) != 0
+    err = capsys.readouterr().err
+    assert "rank: give a rank" in err and "Traceback" not in err
+    out = tmp_path / "baked.safetensors"
+    assert main(["loras", "--library", str(tmp_path / "lib"), "bake", "--base", str(tiny_sd1_dir), "--device", "cpu",
+                 "--lora", "big", "--out", str(out), "--rank", "0"]) != 0
+    assert "rank: must be a whole number of 1 or more" in capsys.readouterr().err and not out.exists()
