@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs_resume)
 
     lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, resize, "
-                                      "extract, rename, rm")
+                                      "extract, preview, rename, rm")
     _add_library_arg(lo)
     lo.set_defaults(func=cmd_loras_list)  # `lora-studio loras` alone lists them
     lsub = lo.add_subparsers(dest="loras_command", metavar="ACTION")
@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_new_adapter_args(p, "library name of the result")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_extract)
+    p = lsub.add_parser("preview", help="make an image the adapter's preview (NAME.png: the card here, in "
+                                        "AUTOMATIC1111 and ComfyUI)")
+    p.add_argument("name", help="a library adapter's name")
+    p.add_argument("image", help="a picture file (a PNG made with the adapter, say)")
+    _add_library_arg(p, suppress=True)
+    p.set_defaults(func=cmd_loras_preview)
     p = lsub.add_parser("info", help="what an adapter is: base, trigger, rank, layers, training, the model card's "
                                      "suggestions (a library name or any .safetensors file)")
     p.add_argument("name", help="a library adapter's name, or the path of an adapter file")
@@ -760,6 +766,13 @@ def _into_library(args: argparse.Namespace, name: str, write) -> Path:
         write(out)
         return out
     return _library(args).create(name, write, overwrite=args.overwrite).path
+
+
+def cmd_loras_preview(args: argparse.Namespace) -> int:
+    if not Path(args.image).is_file():
+        raise _usage(f"preview: {args.image}: no such file")
+    print(f"wrote {_library(args).set_preview(args.name, args.image)}")
+    return 0
 
 
 def cmd_loras_resize(args: argparse.Namespace) -> int:

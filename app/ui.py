@@ -1402,6 +1402,20 @@ class StudioUI:
                 gr.update(value=info.name, choices=self.adapter_names()))
 
     @ui_errors
+    def set_preview(self, name: str, index, paths):
+        """AUTOMATIC1111's "replace preview": the Generate tab's picked (else first) result becomes the card."""
+        if not name:
+            raise ConfigError("adapter: pick the adapter whose preview to set")
+        if not paths:
+            raise ConfigError("image: generate an image first (Generate tab); the one picked there becomes the "
+                              "preview")
+        path = paths[index if isinstance(index, int) and 0 <= index < len(paths) else 0]
+        self.studio.library.set_preview(name, path)
+        gr.Info(f"Preview of '{name}' set.")
+        return (f"Preview of **{html.escape(name)}** set from the picked result ({html.escape(Path(path).name)}).",
+                gr.skip())
+
+    @ui_errors
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
@@ -1677,6 +1691,8 @@ class StudioUI:
                             export_btn = gr.Button("Export to kohya format", elem_id="lib-export")
                             download_btn = gr.Button("Download", elem_id="lib-download")
                             delete_btn = gr.Button("Delete…", variant="stop", elem_id="lib-delete")
+                        preview_btn = gr.Button("Use the picked Generate result as its preview", size="sm",
+                                                elem_id="lib-preview")
                         with gr.Group(visible=False, elem_id="lib-confirm") as confirm_box:
                             confirm_md = gr.Markdown("")
                             with gr.Row():
@@ -1839,6 +1855,9 @@ class StudioUI:
             extract_btn.click(shown_in(self.extract_adapter, [lib_status, lib_pick], lib_status),
                               [extract_tuned, extract_base, extract_rank, extract_keep, extract_conv, extract_name],
                               [lib_status, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            preview_btn.click(shown_in(self.set_preview, [lib_status, lib_pick], lib_status),
+                              [lib_pick, picked, gen_paths], [lib_status, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             resize_btn.click(shown_in(self.resize_adapter, [lib_status, lib_pick], lib_status),
                              [lib_pick, resize_rank, resize_keep, resize_name], [lib_status, lib_pick]).success(

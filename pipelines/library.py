@@ -334,6 +334,29 @@ class AdapterLibrary:
                 _atomic_copy(side, dst.with_name(dst.stem + s))
         return self.info(dst.stem)
 
+    def set_preview(self, name: str, image) -> Path:
+        """Make `image` (a picture file or a PIL image) adapter `name`'s preview: `NAME.png` beside it, as
+        AUTOMATIC1111's "replace preview" writes it (the first preview file every tool looks for), atomically.
+        A symlinked `NAME.png` is never written through."""
+        from PIL import Image, UnidentifiedImageError
+
+        src = self.path_for(name)
+        dst = src.with_name(src.stem + ".png")
+        if dst.is_symlink():
+            raise UnsafeNameError(f"adapter '{src.stem}': {dst.name} is a link; not written through")
+        if isinstance(image, Image.Image):
+            picture = image
+        else:
+            try:
+                with Image.open(image) as f:
+                    f.load()
+                    picture = f.copy()
+            except (OSError, UnidentifiedImageError):
+                raise ConfigError(f"image: {Path(image).name}: not a picture this app can read") from None
+        picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
+        atomic_write(dst, lambda tmp: picture.save(tmp, format="PNG"))
+        return dst
+
     def rename(self, old: str, new: str) -> AdapterInfo:
         """Rename an adapter and everything that carries its name: its sidecar files (preview, card, config),
         the name in its metadata (`lora_studio.name`, kohya's `ss_output_name`, `modelspec.title`), in its

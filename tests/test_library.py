@@ -289,3 +289,26 @@ def test_a1111_user_metadata_gives_the_trigger_and_goes_with_exports(lib, tmp_pa
     assert "<lora:Über dl.kohya:1:start=10>" in json.loads(exported.with_suffix(".json").read_text())["notes"]
     (lib.root / "Über dl.json").write_text("{not json")
     assert [(r.name, r.trigger_word) for r in lib.list()] == [("Über dl", "")]
+
+
+def test_a_picture_becomes_the_adapters_preview(lib, src, tmp_path, capsys):
+    """A1111's "replace preview": NAME.png beside the adapter, the card here (and there); from a file (the CLI) or a
+    picture; a link at NAME.png is never written through, and a file that is not a picture is named."""
+    lib.import_file(src, "card")
+    made = tmp_path / "made.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(made)
+    assert main(["loras", "preview", "card", str(made), "--library", str(lib.root)]) == 0
+    shown = lib.info("card").preview
+    assert shown == lib.root / "card.png" and Image.open(shown).getpixel((0, 0)) == (200, 10, 10)
+    lib.set_preview("card", Image.new("RGB", (8, 8), (0, 0, 255)))  # replaced
+    assert Image.open(lib.root / "card.png").getpixel((0, 0)) == (0, 0, 255)
+    junk = tmp_path / "notes.png"
+    junk.write_text("not a picture")
+    with pytest.raises(ConfigError, match="image: notes.png: not a picture"):
+        lib.set_preview("card", junk)
+    (lib.root / "card.png").unlink()
+    os.symlink(made, lib.root / "card.png")
+    with pytest.raises(UnsafeNameError, match="card.png is a link"):
+        lib.set_preview("card", made)
+    assert main(["loras", "preview", "card", str(tmp_path / "gone.png"), "--library", str(lib.root)]) != 0
+    assert "gone.png: no such file" in capsys.readouterr().err

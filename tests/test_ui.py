@@ -393,6 +393,21 @@ def test_extract_a_lora_from_a_tuned_model_in_the_models_folder(ui, tiny_sd1_dir
         ui.extract_adapter("my-finetune", default, 8, 0, 0, " ")
 
 
+def test_a_generated_image_becomes_an_adapters_preview(ui, lora_files):
+    _import(ui, lora_files["alpha-style"])
+    base = ui.base_names()[0]
+    paths = ui.generate(base, "a red circle", "", 2, 3.0, 5, 0, 0, 2, "Euler", *REQ_TAIL, False,
+                        *_slots(("alpha-style", 0.8)))[4]
+    msg, _ = ui.set_preview("alpha-style", 1, paths)  # the second image, picked in the gallery
+    assert "Preview of **alpha-style** set" in msg
+    preview = ui.studio.library.info("alpha-style").preview
+    assert preview is not None and Image.open(preview).tobytes() == Image.open(paths[1]).convert("RGB").tobytes()
+    with pytest.raises(gr.Error, match="generate an image first"):
+        ui.set_preview("alpha-style", 0, [])
+    with pytest.raises(gr.Error, match="pick the adapter"):
+        ui.set_preview(None, 0, paths)
+
+
 def test_an_upload_brings_the_adapters_preview_and_a1111_json_along(ui, lora_files, tmp_path):
     """civitai downloads and AUTOMATIC1111 folders keep a preview image and user metadata beside the file:
     uploaded together (each in its own upload folder, as Gradio stores them) they come along, renamed with it."""
