@@ -71,7 +71,7 @@ def lycoris_file(layers, kind: str, dim: int, g) -> dict[str, torch.Tensor]:
     sd = {}
     for i, (name, mod) in enumerate(layers.items()):
         out, n = _io(mod)
-        k = f"lora_x_{i}"
+        k = f"lora_unet_x_{i}"  # kohya naming (the layer itself does not matter here)
         if kind == "loha":
             sd.update({f"{k}.hada_w1_a": torch.randn(out, dim, generator=g),
                        f"{k}.hada_w1_b": torch.randn(dim, n, generator=g),
