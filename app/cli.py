@@ -288,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "by SVD",
                         description="Extract the weight difference between a fine-tuned model (--tuned) and the base "
                                     "it was tuned from (--base) as a LoRA (kohya_ss' Extract LoRA): the UNet's "
-                                    "transformer layers, with --conv-rank its 3x3 convolutions, and the text "
-                                    "encoders when they changed. It goes into the library as --name, or to --out.")
+                                    "transformer layers, with --conv-rank its ResNet blocks (the 3x3 convolutions "
+                                    "at that rank, as kohya's LoCon), and the text encoders when they changed. It "
+                                    "goes into the library as --name, or to --out.")
     _add_base_args(p)
     p.add_argument("--tuned", required=True, help="the fine-tuned model: a diffusers folder or single-file checkpoint")
     p.add_argument("--rank", type=int, default=None, help="rank of each layer (the most, with --keep)")
     _add_keep_arg(p)
-    p.add_argument("--conv-rank", type=int, default=None, help="also the UNet's 3x3 convolutions, at this rank")
+    p.add_argument("--conv-rank", type=int, default=None,
+                   help="also the UNet's ResNet blocks (their 3x3 convolutions at this rank)")
     p.add_argument("--text-min-diff", type=float, default=None, metavar="D",
                    help="a text encoder whose weights moved less than D everywhere is left out (default 0.01, "
                         "kohya's)")

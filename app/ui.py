@@ -1714,8 +1714,8 @@ class StudioUI:
                         with gr.Accordion("Extract a LoRA from a fine-tuned model", open=False,
                                           elem_id="lib-extract-acc"):
                             gr.Markdown("The difference between a fine-tuned checkpoint and the base it was tuned from, "
-                                        "as a LoRA (kohya_ss' *Extract LoRA*): the UNet's transformer layers, the 3×3 "
-                                        "convolutions with a conv rank, the text encoder when it changed. Both models "
+                                        "as a LoRA (kohya_ss' *Extract LoRA*): the UNet's transformer layers, its ResNet "
+                                        "blocks with a conv rank, the text encoder when it changed. Both models "
                                         "come from the base model picker (put checkpoints in the models folder).")
                             with gr.Row():
                                 extract_tuned = gr.Dropdown(bases, value=None, label="Fine-tuned model",
