@@ -74,14 +74,15 @@ def build_tiny_sd(tmp: Path, family: str = "sd1", in_channels: int = 4):
     return pipe
 
 
-def build_tiny_sdxl(tmp: Path):
-    """A tiny SDXL pipeline: two text encoders and the text_time extra conditioning."""
+def build_tiny_sdxl(tmp: Path, in_channels: int = 4):
+    """A tiny SDXL pipeline: two text encoders and the text_time extra conditioning (`in_channels=9`: an
+    inpainting model's UNet)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok = _tokenizer(tmp / "tok")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=in_channels, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,

@@ -269,6 +269,32 @@ def test_an_inpainting_checkpoint_draws_through_its_mask_input(tiny_inpaint_dir,
     assert generate(again, GenerationRequest(prompt="a red circle", steps=2, seed=1))[0].image.size == (32, 32)
 
 
+def test_an_sdxl_inpainting_checkpoint_draws_from_a_prompt_and_a_mask(tmp_path):
+    """SDXL's inpainting models (diffusers/stable-diffusion-xl-1.0-inpainting-0.1's 9-channel UNet): the same
+    routes as SD 1.x's, through diffusers' SDXL inpainting pipeline."""
+    from conftest import build_tiny_sdxl
+    from PIL import Image
+
+    from pipelines.generation import inpainting_model
+
+    build_tiny_sdxl(tmp_path / "b", in_channels=9).save_pretrained(tmp_path / "xl", safe_serialization=True)
+    model = load_base(tmp_path / "xl", device="cpu")
+    assert model.family == "sdxl" and inpainting_model(model)
+    seen = []
+    hook = model.pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        a = generate(model, GenerationRequest(prompt="a red circle", steps=2, seed=1, width=32, height=32))[0]
+        assert a.image.size == (32, 32) and seen and all(x.shape[1] == 9 and bool((x[:, 4] == 1).all()) for x in seen)
+        seen.clear()
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 32))
+        b = generate(model, GenerationRequest(prompt="a red circle", steps=2, seed=2, init_image=a.image,
+                                              mask_image=mask, mask_blur=0, denoising_strength=1.0))[0]
+        assert np.array_equal(_arr(b)[:, 16:], _arr(a)[:, 16:]) and seen and all(x.shape[1] == 9 for x in seen)
+    finally:
+        hook.remove()
+
+
 def test_training_on_an_inpainting_checkpoint_is_refused(tiny_inpaint_dir, star_images, tmp_path):
     from pipelines.errors import TrainingError
     from training.config import TrainConfig
