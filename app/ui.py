@@ -1187,9 +1187,10 @@ class StudioUI:
         got = recall(text, self.studio.library, embeddings=self.studio.embeddings_dir)
         entries = list(got.entries)
         known = {e.name: self._library_name(e.name) for e in entries}
-        # a row shows a library adapter at a weight its sliders reach (and without block weights, which a row
-        # has no field for): the others stay tags in the prompt
-        rows = [e for e in entries if known[e.name] is not None and _on_slider(e) and e.lbw is None][:SLOTS]
+        # a row shows a library adapter at a weight its sliders reach (and without block weights or a range in
+        # shares of the steps, which a row has no field for): the others stay tags in the prompt
+        rows = [e for e in entries if known[e.name] is not None and _on_slider(e) and e.lbw is None
+                and not e.fractional][:SLOTS]
         extra = [e for e in entries if e not in rows]
         r = got.request
         prompt = " ".join([r.prompt] + [e.tag() for e in extra]).strip()

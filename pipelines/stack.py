@@ -133,8 +133,10 @@ class StackEntry:
     name: str
     weight: float = 1.0
     te_weight: float | None = None  # None: same as weight
-    start: int = 0  # the UNet part acts from this sampler step (0-based) ...
-    stop: int | None = None  # ... up to, not including, this one (None: to the last step)
+    # the UNet part acts from this sampler step (0-based) up to, not including, `stop` (None: to the last step);
+    # a value between 0 and 1 is a share of the steps (LoRA Block Weight's `stop=0.4`), made a step by `resolved`
+    start: int | float = 0
+    stop: int | float | None = None
     lbw: str | None = None  # block weights: a LoRA Block Weight preset or list (see block_ratios)
 
     def __post_init__(self) -> None:
@@ -146,15 +148,17 @@ class StackEntry:
                 continue
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            share = isinstance(v, float) and math.isfinite(v) and 0 < v < 1
+            if isinstance(v, bool) or not (isinstance(v, int) or share) or v < 0:
                 raise ConfigError(f"lora {self.name!r} {fname}: must be a whole number of sampler steps, 0 or more, "
-                                  f"got {v!r}")
+                                  f"or a share of the steps between 0 and 1, got {v!r}")
             object.__setattr__(self, fname, v)
         if self.lbw is not None:
             object.__setattr__(self, "lbw", str(self.lbw).strip() or None)
             if self.lbw is not None:
                 block_ratios(self.lbw, f"lora {self.name!r} lbw")
-        if self.stop is not None and self.stop <= self.start:
+        same_kind = isinstance(self.start, float) == isinstance(self.stop, float) or self.start == 0
+        if self.stop is not None and same_kind and self.stop <= self.start:
             raise ConfigError(f"lora {self.name!r} stop: must be after start ({self.start}), got {self.stop}; "
                               "the adapter would act at no step")
         for fname in ("weight", "te_weight"):
@@ -180,13 +184,33 @@ class StackEntry:
         r = self.ratios
         return 1.0 if r is None or block is None else r[block]
 
+    def resolved(self, steps: int) -> "StackEntry":
+        """This entry with a share of the steps made a step of a `steps`-step sampling, as LoRA Block Weight does
+        (`max(1, round(share · steps))`: stop=0.4 of 20 steps is step 8)."""
+        def step(v):
+            return max(1, round(v * steps)) if isinstance(v, float) else v
+
+        if not isinstance(self.start, float) and not isinstance(self.stop, float):
+            return self
+        start, stop = step(self.start), step(self.stop) if self.stop is not None else None
+        if stop is not None and stop <= start:
+            raise ConfigError(f"lora {self.name!r}: start={self.start} and stop={self.stop} of {steps} steps leave no "
+                              "step for the adapter to act in")
+        return replace(self, start=start, stop=stop)
+
+    @property
+    def fractional(self) -> bool:
+        """A step range given as shares of the steps (start=0.4)."""
+        return isinstance(self.start, float) or isinstance(self.stop, float)
+
     def active_at(self, step: int) -> bool:
-        """Does the UNet part act at sampler step `step` (0-based)?"""
+        """Does the UNet part act at sampler step `step` (0-based)? (Of an entry `resolved` for the sampling.)"""
         return step >= self.start and (self.stop is None or step < self.stop)
 
     def scheduled(self, steps: int) -> bool:
         """Is the UNet part off for some of a `steps`-step sampling?"""
-        return self.start > 0 or (self.stop is not None and self.stop < steps)
+        e = self.resolved(steps)
+        return e.start > 0 or (e.stop is not None and e.stop < steps)
 
     def tag(self) -> str:
         """The A1111 prompt tag for this entry (te multiplier first when they differ; then start=/stop=)."""
@@ -207,11 +231,20 @@ def _num(text: str, what: str) -> float:
         raise ConfigError(f"lora {what}: '{text}' is not a number") from None
 
 
-def _step(text: str, what: str) -> int:
+def _step(text: str, what: str) -> int | float:
+    """A sampler step, or a share of the steps between 0 and 1 (LoRA Block Weight's `stop=0.4`)."""
     try:
         return int(text.strip())
     except ValueError:
-        raise ConfigError(f"lora {what}: '{text}' is not a whole number of sampler steps") from None
+        pass
+    try:
+        v = float(text.strip())
+    except ValueError:
+        v = None
+    if v is None or not 0 < v < 1:
+        raise ConfigError(f"lora {what}: '{text}' is not a whole number of sampler steps (nor a share of the steps "
+                          "between 0 and 1)") from None
+    return v
 
 
 def parse_lora_tags(prompt: str) -> tuple[str, list[StackEntry]]:
@@ -268,7 +301,8 @@ def range_warnings(entries: Iterable[StackEntry], steps: int) -> list[str]:
     no step (the image is the base's, with only the text-encoder part at work). Allowed (a grid may sweep
     past the end), but said."""
     return [f"{e.name}: start={e.start} is past the last of the {steps} sampler steps (0 to {steps - 1}), so its "
-            f"UNet part acts at no step; lower start= or raise the steps" for e in entries if e.start >= steps]
+            f"UNet part acts at no step; lower start= or raise the steps" for e in entries
+            if e.resolved(steps).start >= steps]
 
 
 def clip_skip_warnings(stack: "AdapterStack", clip_skip: int) -> list[str]:
@@ -1136,6 +1170,7 @@ class AdapterStack:
             return
         if self._fused is not None:
             self.unfuse()
+        entries = [e.resolved(steps) for e in entries]  # shares of the steps made steps of this sampling
         adapters = [(self._loaded[e.name].adapter, e) for e in entries]
         unet_layers = [(layer, present, combined, block)
                        for layer, comp, present, combined, block in self._layer_cache if comp == "unet"]

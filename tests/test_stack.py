@@ -335,8 +335,16 @@ def test_step_ranges_parse_from_tags_and_cli_and_round_trip():
     assert e.scheduled(20) and not StackEntry("s", stop=20).scheduled(20) and StackEntry("s", stop=20).scheduled(30)
     with pytest.raises(ConfigError, match="'s' stop: must be after start"):
         parse_lora_tags("<lora:s:start=5:stop=5>")
-    with pytest.raises(ConfigError, match="'s' start.*whole number"):
-        parse_lora_tags("<lora:s:start=0.5>")
+    # LoRA Block Weight's shares of the steps: stop=0.4 of 20 steps is step 8 (at least step 1)
+    _, [f] = parse_lora_tags("<lora:s:1:start=0.25:stop=0.5>")
+    assert (f.start, f.stop) == (0.25, 0.5) and f.fractional and parse_lora_tags(f.tag())[1] == [f]
+    r = f.resolved(20)
+    assert (r.start, r.stop) == (5, 10) and not r.fractional and f.scheduled(20)
+    assert StackEntry("s", stop=0.01).resolved(20).stop == 1 and parse_lora_arg("s:0.5:stop=0.4").stop == 0.4
+    with pytest.raises(ConfigError, match="'s' start.*whole number.*share of the steps"):
+        parse_lora_tags("<lora:s:start=1.5>")
+    with pytest.raises(ConfigError, match="'s' stop: must be after start"):
+        parse_lora_tags("<lora:s:start=0.5:stop=0.5>")
     with pytest.raises(ConfigError, match="'s' start: must be a whole number"):
         StackEntry("s", start=-1)
 
@@ -377,6 +385,13 @@ def test_a_step_range_switches_the_unet_part_per_step_and_restores_it(sd1, stack
     again = stack.generate(GenerationRequest(prompt="<lora:a:0.8> a red circle", steps=4, seed=3,
                                              scheduler="DDIM"))[0]
     assert np.array_equal(np.asarray(again.image), np.asarray(whole.image))
+    # the same range as shares of the steps (LoRA Block Weight's form): the same image, the share recorded
+    share = stack.generate(GenerationRequest(prompt="<lora:a:0.8:start=0.25:stop=0.75> a red circle", steps=4,
+                                             seed=3, scheduler="DDIM"))[0]
+    assert np.array_equal(np.asarray(share.image), np.asarray(img.image))
+    assert "start=0.25:stop=0.75" in parse_parameters(share.parameters)["Prompt"]
+    with pytest.raises(ConfigError, match="leave no step"):
+        stack.generate(GenerationRequest(prompt="<lora:a:1:start=0.3:stop=0.35> x", steps=4, seed=3))
 
 
 def test_a_step_range_in_a_combined_stack_and_on_a_fused_one(sd1, stack):
