@@ -230,12 +230,18 @@ def _split(name: str, others: Sequence[StackEntry], weight: float = 1.0) -> tupl
 
 
 def range_words(entry: StackEntry) -> str:
-    """' acting from step 10' / ' acting up to step 8' / ' acting from step 2 to 8' / '' for every step."""
+    """' acting from step 10' / ' acting up to step 8' / ' acting from step 2 to 8' / '' for every step (a share of
+    the steps reads '40% of the steps')."""
+    def at(v):
+        return f"{v:.0%} of the steps" if isinstance(v, float) else f"step {v}"
+
     if entry.start and entry.stop is not None:
-        return f" acting from step {entry.start} to {entry.stop}"
+        if not entry.fractional:
+            return f" acting from step {entry.start} to {entry.stop}"
+        return f" acting from {at(entry.start)} to {at(entry.stop)}"
     if entry.start:
-        return f" acting from step {entry.start}"
-    return f" acting up to step {entry.stop}" if entry.stop is not None else ""
+        return f" acting from {at(entry.start)}"
+    return f" acting up to {at(entry.stop)}" if entry.stop is not None else ""
 
 
 def start_columns(name: str, starts: Sequence[int], others: Sequence[StackEntry] = (),
