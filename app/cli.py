@@ -274,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write adapter NAME at a lower rank into the library (as NAME-rN, or --name) or "
                                     "to --out: each layer keeps the leading singular vectors of its weight difference "
                                     "(kohya_ss' Resize LoRA). --keep 0.99 picks per layer the fewest ranks that hold "
-                                    "99%% of its ‖ΔW‖² (with --rank as the most).")
+                                    "99% of its ‖ΔW‖² (with --rank as the most).")
     p.add_argument("name", help="a library adapter's name")
     p.add_argument("--rank", type=int, default=None, help="the new rank (the most, with --keep)")
     _add_keep_arg(p)
-    _add_new_adapter_args(p, "library name of the result (default: NAME-rN)")
+    _add_new_adapter_args(p, "library name of the result (default: NAME-rN)", "the adapter's own")
     p.add_argument("--base", default=None,
                    help="the base model; needed only for an SDXL file without its UNet layout or a LyCORIS file "
                         "with flattened convolutions")
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-min-diff", type=float, default=None, metavar="D",
                    help="a text encoder whose weights moved less than D everywhere is left out (default 0.01, "
                         "kohya's)")
-    _add_new_adapter_args(p, "library name of the result")
+    _add_new_adapter_args(p, "library name of the result", "fp32")
     _add_library_arg(p, suppress=True)
     p.set_defaults(func=cmd_loras_extract)
     p = lsub.add_parser("preview", help="make an image the adapter's preview (NAME.png: the card here, in "
@@ -355,12 +355,12 @@ def _add_keep_arg(p: argparse.ArgumentParser) -> None:
                    help="per layer, the fewest ranks that keep this share of ‖ΔW‖² (e.g. 0.99)")
 
 
-def _add_new_adapter_args(p: argparse.ArgumentParser, name_help: str) -> None:
+def _add_new_adapter_args(p: argparse.ArgumentParser, name_help: str, precision_default: str) -> None:
     """Where a made adapter goes (resize, extract): into the library, or a file."""
     p.add_argument("--name", dest="new_name", default=None, help=name_help)
     p.add_argument("--out", default=None, help="write a file here instead of into the library")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="cast the weights (fp16: half the size); default fp32")
+                   help=f"cast the weights (fp16: half the size of fp32); default: {precision_default}")
     p.add_argument("--overwrite", action="store_true", help="replace a library adapter of the same name")
 
 
