@@ -326,6 +326,39 @@ class Studio:
         info = self.library.create(name, write)
         return info, report
 
+    def bake_stack(self, base_name: str | None, prompt: str, entries: Sequence[StackEntry], name: str,
+                   rank: int | None = None):
+        """The weighted stack (rows plus the prompt's `<lora:…>` tags) as ONE adapter in the library: exact (the
+        ranks add up), or at `rank` (its best approximation). Returns (its AdapterInfo, the FitReport or None)."""
+        import tempfile
+
+        from pipelines.resize import check_rank_keep, resize_adapter
+
+        if rank is not None:
+            check_rank_keep(rank, None)
+        name = (name or "").strip()
+        if not name:
+            raise ConfigError("name: type a name for the baked adapter")
+        _, tagged = parse_lora_tags(prompt or "")
+        combined = list(entries) + tagged
+        if not combined:
+            raise ConfigError("lora: enable an adapter (or tag one in the prompt) to bake")
+        stack = self.model(base_name).stack
+        report = None
+
+        def write(path: Path) -> None:
+            nonlocal report
+            with stack.lock:
+                if rank is None:
+                    stack.bake(path, entries=combined)
+                    return
+                with tempfile.TemporaryDirectory(prefix=".bake-", dir=path.parent) as tmp:
+                    full = stack.bake(Path(tmp) / "full.safetensors", entries=combined)
+                    report = resize_adapter(full, path, rank=rank, name=name, origin="the baked stack")
+
+        info = self.library.create(name, write)
+        return info, report
+
     def forget_adapter(self, name: str) -> None:
         """After a rename or delete: drop the adapter from every loaded stack."""
         for m in self.loaded_models():

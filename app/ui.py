@@ -1417,6 +1417,16 @@ class StudioUI:
                 gr.skip())
 
     @ui_errors
+    def bake_stack(self, base_name, prompt, name, rank, *slot_values):
+        """The Generate tab's stack (rows and the prompt's tags, at their weights) saved as one adapter."""
+        entries = entries_from_rows(self._slot_rows(slot_values))
+        info, report = self.studio.bake_stack(base_name, prompt, entries, name, int(rank) if rank else None)
+        gr.Info(f"Saved '{info.name}'.")
+        how = html.escape(report.summary()) if report is not None else f"exact, rank {info.rank}"
+        return (f"Saved the stack as **{html.escape(info.name)}** ({info.size / 1024:.1f} KB; {how}). It is in the "
+                "library: use it as one adapter here, or take it to AUTOMATIC1111 / ComfyUI.", gr.skip())
+
+    @ui_errors
     def download_adapter(self, name: str):
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
@@ -1637,6 +1647,15 @@ class StudioUI:
                                                           info="softens the painted area's edge",
                                                           elem_id="gen-mask-blur")
                         go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                        with gr.Accordion("Save the stack as one adapter", open=False, elem_id="gen-bake-acc"):
+                            gr.Markdown("The enabled rows and the prompt's `<lora:…>` tags, at their weights (and "
+                                        "block weights), merged into ONE adapter file in the library: exact (the "
+                                        "ranks add up), or at a rank of your choosing (its best approximation).")
+                            with gr.Row(equal_height=True):
+                                bake_name = gr.Textbox(label="Name", scale=3, elem_id="gen-bake-name")
+                                bake_rank = gr.Number(0, label="Rank (0: exact)", precision=0, minimum=0, scale=1,
+                                                      elem_id="gen-bake-rank")
+                            bake_btn = gr.Button("Save as one adapter", size="sm", elem_id="gen-bake")
                     with gr.Column(scale=2):
                         gallery = gr.Gallery(label="Results", columns=2, height=360, object_fit="contain",
                                              format="png", elem_id="gen-gallery")
@@ -1859,6 +1878,9 @@ class StudioUI:
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             preview_btn.click(shown_in(self.set_preview, [lib_status, lib_pick], lib_status),
                               [lib_pick, picked, gen_paths], [lib_status, lib_pick]).success(
+                self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            bake_btn.click(shown_in(self.bake_stack, [gen_info, warn], gen_info),
+                           [base, prompt, bake_name, bake_rank, *slot_widgets], [gen_info, warn]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             resize_btn.click(shown_in(self.resize_adapter, [lib_status, lib_pick], lib_status),
                              [lib_pick, resize_rank, resize_keep, resize_name], [lib_status, lib_pick]).success(

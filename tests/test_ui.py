@@ -408,6 +408,32 @@ def test_a_generated_image_becomes_an_adapters_preview(ui, lora_files):
         ui.set_preview(None, 0, paths)
 
 
+def test_the_generate_tabs_stack_saves_as_one_adapter(ui, lora_files):
+    """Rows and prompt tags at their weights, baked into one library adapter that draws what the stack draws;
+    at a rank, its best approximation; a step range cannot be baked and says so."""
+    _import(ui, lora_files["alpha-style"])
+    _import(ui, lora_files["beta-thing"])
+    base = ui.base_names()[0]
+    rows = _slots(("alpha-style", 0.8))
+    prompt = "a red circle <lora:beta-thing:0.5>"
+    msg, _ = ui.bake_stack(base, prompt, "both", 0, *rows)
+    assert "Saved the stack as **both**" in msg and "exact, rank 8" in msg
+    args = ("", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, False)
+    stacked = ui.generate(base, prompt, *args, *rows)[4][0]
+    baked = ui.generate(base, "a red circle <lora:both:1>", *args, *_slots())[4][0]
+    diff = np.abs(np.asarray(Image.open(stacked), dtype=np.int16) - np.asarray(Image.open(baked), dtype=np.int16))
+    assert diff.max() <= 2  # the same image, up to float rounding of the summed factors
+    msg, _ = ui.bake_stack(base, prompt, "both-r2", 2, *rows)
+    assert "layers at rank 2" in msg and ui.studio.library.info("both-r2").rank == 2
+    with pytest.raises(gr.Error, match="step range"):
+        ui.bake_stack(base, "x <lora:beta-thing:1:start=2>", "ranged", 0, *_slots())
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.bake_stack(base, prompt, "both", 0, *rows)
+    with pytest.raises(gr.Error, match="enable an adapter"):
+        ui.bake_stack(base, "x", "nothing", 0, *_slots())
+    assert "ranged" not in ui.adapter_names() and "nothing" not in ui.adapter_names()
+
+
 def test_an_upload_brings_the_adapters_preview_and_a1111_json_along(ui, lora_files, tmp_path):
     """civitai downloads and AUTOMATIC1111 folders keep a preview image and user metadata beside the file:
     uploaded together (each in its own upload folder, as Gradio stores them) they come along, renamed with it."""
