@@ -778,7 +778,7 @@ def cmd_loras_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_loras_resize(args: argparse.Namespace) -> int:
-    from pipelines.resize import check_rank_keep, resize_adapter
+    from pipelines.resize import check_rank_keep, resize_adapter, resized_name
 
     check_rank_keep(args.rank, args.keep)
     lib = _library(args)
@@ -788,7 +788,7 @@ def cmd_loras_resize(args: argparse.Namespace) -> int:
         from pipelines.base_models import load_base
 
         base = load_base(args.base, device="cpu")
-    name = args.new_name or f"{src.stem}-" + (f"r{args.rank}" if args.rank else f"keep{args.keep:g}")
+    name = args.new_name or resized_name(src.stem, args.rank, args.keep)
     report = None
 
     def write(path):
@@ -879,18 +879,10 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
         what = f"full {stack.model.family} checkpoint"
     else:
         what = "adapter"
-        if smaller:  # baked and resized beside --out, which is replaced only by the finished file
-            import os
-            import tempfile
+        if smaller:  # --out is written once, finished
+            from pipelines.resize import bake_resized
 
-            from pipelines.resize import resize_adapter
-
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".bake-", dir=out.parent) as tmp:
-                full = stack.bake(Path(tmp) / "full.safetensors")
-                report = resize_adapter(full, Path(tmp) / out.name, rank=args.rank, keep=args.keep, name=out.stem,
-                                        origin="the baked stack")
-                os.replace(report.path, out)
+            report = bake_resized(stack, out, entries, rank=args.rank, keep=args.keep)
             path = out
             what += f", {report.summary()}"
         else:

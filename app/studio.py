@@ -280,11 +280,11 @@ class Studio:
     def resize_adapter(self, name: str, rank: int | None, keep: float | None = None, new_name: str | None = None):
         """A smaller copy of library adapter `name` at `rank` (and/or keeping `keep` of each layer's ‖ΔW‖²), added
         to the library as `new_name` (default NAME-rN). Returns (its AdapterInfo, the FitReport)."""
-        from pipelines.resize import check_rank_keep, resize_adapter
+        from pipelines.resize import check_rank_keep, resize_adapter, resized_name
 
         check_rank_keep(rank, keep)
         src = self.library.path_for(name)
-        new_name = (new_name or "").strip() or f"{src.stem}-" + (f"r{rank}" if rank else f"keep{keep:g}")
+        new_name = (new_name or "").strip() or resized_name(src.stem, rank, keep)
         report = None
 
         def write(path: Path) -> None:
@@ -330,9 +330,7 @@ class Studio:
                    rank: int | None = None):
         """The weighted stack (rows plus the prompt's `<lora:…>` tags) as ONE adapter in the library: exact (the
         ranks add up), or at `rank` (its best approximation). Returns (its AdapterInfo, the FitReport or None)."""
-        import tempfile
-
-        from pipelines.resize import check_rank_keep, resize_adapter
+        from pipelines.resize import bake_resized, check_rank_keep
 
         if rank is not None:
             check_rank_keep(rank, None)
@@ -351,10 +349,8 @@ class Studio:
             with stack.lock:
                 if rank is None:
                     stack.bake(path, entries=combined)
-                    return
-                with tempfile.TemporaryDirectory(prefix=".bake-", dir=path.parent) as tmp:
-                    full = stack.bake(Path(tmp) / "full.safetensors", entries=combined)
-                    report = resize_adapter(full, path, rank=rank, name=name, origin="the baked stack")
+                else:
+                    report = bake_resized(stack, path, combined, rank=rank, name=name)
 
         info = self.library.create(name, write)
         return info, report

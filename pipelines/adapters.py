@@ -65,7 +65,7 @@ MODELSPEC_IMPL_SGM = "https://github.com/Stability-AI/generative-models"
 CROSS_ATTN_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TEXT_WIDTH_FAMILY = {1024: "sd2"}  # CLIP-L (768) is in both SD 1.x and SDXL (text_encoder)
 
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".webp")
 
 
@@ -275,7 +275,7 @@ def detect_format(keys: Iterable[str] | Mapping[str, object]) -> str:
         return FORMAT_UNKNOWN
     if is_lycoris(ks):
         return FORMAT_LYCORIS
-    if all(k.startswith(_KOHYA_PREFIXES) for k in ks):
+    if all(k.startswith(KOHYA_PREFIXES) for k in ks):
         return FORMAT_KOHYA if any(".lora_down." in k for k in ks) else FORMAT_UNKNOWN
     if any(".lora_A." in k for k in ks):
         return FORMAT_PEFT if all(k.split(".")[0] in COMPONENTS for k in ks) else FORMAT_UNKNOWN
@@ -1067,6 +1067,21 @@ def kohya_metadata(meta: Mapping[str, str], state_dict: Mapping[str, torch.Tenso
     return _kohya_metadata(meta, family, rank, alpha, has_sgm_names(state_dict))
 
 
+def save_kohya(peft_sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str], *,
+               family: str | None, alphas: float | Mapping[str, float] | None, layout: dict | None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Our peft state dict written as a file users take out of the app: kohya's key layout (which AUTOMATIC1111
+    and ComfyUI map fully), a `.alpha` per module, kohya's metadata keys, and the UNet layout it names (when
+    given). `dtype` casts every tensor, `.alpha` too, as kohya saves them."""
+    meta = dict(metadata)
+    if layout is not None:
+        meta[UNET_LAYOUT_KEY] = json.dumps(layout)
+    kohya = to_kohya(peft_sd, alphas, family=family, layout=layout)
+    if dtype is not None:
+        kohya = {k: v.to(dtype) for k, v in kohya.items()}
+    return save_safetensors(kohya, path, kohya_metadata(meta, kohya, family, alphas))
+
+
 def export_adapter(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -1117,11 +1132,10 @@ def export_adapter(
             keep[f"{OURS}converted_from"] = f"LyCORIS {lyco.network()}"
         if family and f"{OURS}base_family" not in keep:
             keep[f"{OURS}base_family"] = family
+        if fmt == FORMAT_KOHYA:
+            return save_kohya(peft_sd, dst, keep, family=family, alphas=alphas, layout=layout)
         if layout is not None:
             keep[UNET_LAYOUT_KEY] = json.dumps(layout)
-        if fmt == FORMAT_KOHYA:
-            out = to_kohya(peft_sd, alphas, family=family, layout=layout)
-            return save_safetensors(out, dst, kohya_metadata(keep, out, family, alphas))
         if fmt == FORMAT_PEFT:
             return save_adapter(peft_sd, dst, keep, alpha=alphas)
     except (IncompatibleAdapterError, CorruptWeightsError) as e:
@@ -1139,5 +1153,5 @@ __all__ = [
     "detect_format", "peft_key_map", "parse_layers", "family_from_metadata", "family_from_layers",
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
     "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
-    "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS",
+    "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora",
 ]

@@ -220,7 +220,9 @@ def to_lora(sd: Mapping[str, torch.Tensor],
     Raises IncompatibleAdapterError naming the module for a type that cannot be written as a LoRA.
     """
     look = kernels if callable(kernels) else (lambda m: (kernels or {}).get(m))
-    odd = next((k for k in sd if not k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))), None)
+    from .adapters import KOHYA_PREFIXES
+
+    odd = next((k for k in sd if not k.startswith(KOHYA_PREFIXES)), None)
     if odd is not None:
         raise IncompatibleAdapterError(f"'{odd}': LyCORIS layers are read in kohya's naming (lora_unet_…, "
                                        "lora_te_…), as LyCORIS and kohya_ss write them; this file uses another")
@@ -334,7 +336,7 @@ def _maybe_conv(module: str) -> bool:
 
 def conv_kernels(pipe, modules, unet_layers_per_block: int | None = None) -> dict[str, tuple[int, int, int]]:
     """{kohya module: (in_channels, kh, kw)} of the base's Conv2d layers among `modules` (kohya names)."""
-    from .adapters import FORMAT_KOHYA, base_modules, peft_key_map
+    from .adapters import FORMAT_KOHYA, _strip_text_model, base_modules, peft_key_map
 
     keys = [f"{m}.lora_down.weight" for m in modules] + [f"{m}.lora_up.weight" for m in modules]
     try:
@@ -346,7 +348,7 @@ def conv_kernels(pipe, modules, unet_layers_per_block: int | None = None) -> dic
     for src, dst in kmap.items():
         if not src.endswith(".lora_down.weight"):
             continue
-        target = mods.get(dst.rsplit(".lora_", 1)[0].replace(".text_model.", ".", 1))
+        target = mods.get(_strip_text_model(dst.rsplit(".lora_", 1)[0]))
         if isinstance(target, torch.nn.Conv2d):
             out[src.split(".")[0]] = (target.in_channels, *target.kernel_size)
     return out

@@ -15,7 +15,6 @@ between the two factors.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,19 +26,16 @@ import torch
 from .adapters import (
     COMPONENTS,
     OURS,
-    UNET_LAYOUT_KEY,
     TEXT_ENCODERS,
     _canon_module,
     _short_module,
     base_modules,
     export_adapter,
-    kohya_metadata,
     lora_metadata,
-    to_kohya,
+    save_kohya,
 )
 from .errors import ConfigError, IncompatibleAdapterError
 from .lycoris import as_dtype
-from .weights_io import save_safetensors
 
 if TYPE_CHECKING:
     from .base_models import BaseModel
@@ -174,7 +170,7 @@ def resize_factors(sd: dict[str, torch.Tensor], alphas: dict[str, float], rank: 
 def _note_change(meta: dict[str, str], report: FitReport, what: str) -> None:
     for k in _DROPPED_ON_CHANGE:
         meta.pop(k, None)
-    lo, hi = report.ranks
+    hi = report.ranks[1]
     meta[f"{OURS}rank"] = str(hi)
     meta[f"{OURS}alpha"] = str(hi)
     meta[f"{OURS}{what}"] = report.summary()
@@ -202,6 +198,26 @@ def resize_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, rank: int 
 
     report.path = export_adapter(src, dst, "kohya", base=base, precision=precision, transform=transform)
     return report
+
+
+def resized_name(stem: str, rank: int | None, keep: float | None) -> str:
+    """The library name a resized copy gets unless the user names it: NAME-rR, or NAME-keepS."""
+    return f"{stem}-" + (f"r{rank}" if rank else f"keep{keep:g}")
+
+
+def bake_resized(stack, dst: str | os.PathLike, entries, *, rank: int | None = None, keep: float | None = None,
+                 name: str | None = None) -> FitReport:
+    """A weighted stack baked (`AdapterStack.bake`: exact, the ranks add up) and written to `dst` at `rank` / `keep`
+    (its best approximation). The full bake stays in a temporary folder beside `dst`; `dst` is written once,
+    finished."""
+    import tempfile
+
+    check_rank_keep(rank, keep)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bake-", dir=dst.parent) as tmp:
+        full = stack.bake(Path(tmp) / "full.safetensors", entries=entries)
+        return resize_adapter(full, dst, rank=rank, keep=keep, name=name or dst.stem, origin="the baked stack")
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -309,8 +325,5 @@ def extract_adapter(base: "BaseModel", tuned: "BaseModel", dst: str | os.PathLik
         comment=f"extracted from {tuned.name} against {base.name}",
         extra={f"{OURS}extracted": report.summary(), f"{OURS}extracted_from": tuned.name},
     )
-    layout = unet_layout(base.pipe.unet)
-    meta[UNET_LAYOUT_KEY] = json.dumps(layout)
-    kohya = to_kohya(sd, alphas, family=base.family, layout=layout)
-    report.path = save_safetensors(kohya, dst, kohya_metadata(meta, kohya, base.family, alphas))
+    report.path = save_kohya(sd, dst, meta, family=base.family, alphas=alphas, layout=unet_layout(base.pipe.unet))
     return report

@@ -36,7 +36,6 @@ from .adapters import (
     DIFFUSERS_METADATA_KEY,
     TEXT_ENCODERS,
     FORMAT_PEFT,
-    UNET_LAYOUT_KEY,
     AdapterInfo,
     _canon_module,
     canonical_peft_keys,
@@ -44,18 +43,16 @@ from .adapters import (
     as_lora,
     detect_format,
     diffusers_adapter_config,
-    kohya_metadata,
     lora_metadata,
-    save_adapter,
+    save_kohya,
     text_encoder_to_peft,
-    to_kohya,
     to_peft,
 )
 from .base_models import BaseModel
 from .errors import ConfigError, IncompatibleAdapterError
 from .generation import GeneratedImage, GenerationRequest, format_parameters, generate as _generate
-from .single_file import unet_layout
-from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors, save_safetensors
+from .single_file import unet_block_prefixes, unet_layout, unet_module_to_ldm
+from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors
 
 # the weights an adapter may be given: wider than the app's sliders (-2..2), because prompts copied from
 # AUTOMATIC1111 (which takes any weight) use 3 or -5 with "slider" LoRAs; ComfyUI's loader allows ±100
@@ -111,8 +108,6 @@ def layer_block(component: str, module: str, prefixes: dict) -> int | None:
     UNet module; None for a UNet layer outside the blocks (its weight is kept)."""
     if component != "unet":
         return 0
-    from .single_file import unet_module_to_ldm
-
     m = _LDM_BLOCK.match(unet_module_to_ldm(module, prefixes) or "")
     if m is None:
         return None
@@ -174,9 +169,9 @@ class StackEntry:
     def text_weight(self) -> float:
         return self.weight if self.te_weight is None else self.te_weight
 
-    @property
+    @functools.cached_property
     def ratios(self) -> tuple[float, ...] | None:
-        """The 26 block ratios (LBW_26 order), or None without block weights."""
+        """The 26 block ratios (LBW_26 order), or None without block weights (read once per entry)."""
         return block_ratios(self.lbw) if self.lbw is not None else None
 
     def ratio(self, block: int | None) -> float:
@@ -639,7 +634,7 @@ class AdapterStack:
         self._applied: tuple[str, ...] | None = None
         # (layer, component, adapters in it, combined into one slot, LBW block)
         self._layer_cache: list[tuple[torch.nn.Module, str, list[str], bool, int | None]] = []
-        self._ratios: dict[str, tuple[float, ...] | None] = {}  # adapter -> block weights of the applied stack
+        self._entry_of: dict[str, StackEntry] = {}  # adapter -> its entry of the applied stack (block weights)
         self._prefixes: dict | None = None  # the UNet's LDM block prefixes (for block weights)
         self._detached: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []  # while fused: (parent, name, wrapper)
         self._counter = 0
@@ -860,7 +855,7 @@ class AdapterStack:
         weights = [{c: (e.weight if c == "unet" else e.text_weight) for c in self._loaded[e.name].components}
                    for e in entries]
         by_adapter = dict(zip(names, weights))
-        self._ratios = {a: e.ratios for a, e in zip(names, entries)}  # block weights (LBW), None: every block 1
+        self._entry_of = dict(zip(names, entries))  # adapter -> its entry of the applied stack (block weights)
         if names == self._applied:  # the same adapters in the same order: only their weights change
             self._rescale(by_adapter)
         else:
@@ -869,8 +864,7 @@ class AdapterStack:
 
     def _scale(self, adapter: str, weight: float, block: int | None) -> float:
         """An adapter's weight in one layer: its component weight times its block weight there (LBW)."""
-        r = self._ratios.get(adapter)
-        return weight if r is None or block is None else weight * r[block]
+        return weight * self._entry_of[adapter].ratio(block)
 
     def _blocks(self, comp: str, model) -> Iterable[tuple[torch.nn.Module, int | None]]:
         """(LoRA layer, its LBW block) of a component."""
@@ -880,8 +874,6 @@ class AdapterStack:
 
     def _prefixes_of(self) -> dict:
         if self._prefixes is None:
-            from .single_file import unet_block_prefixes
-
             self._prefixes = unet_block_prefixes(unet_layout(self.pipe.unet))
         return self._prefixes
 
@@ -1064,11 +1056,8 @@ class AdapterStack:
                      for e, i in zip(ents, infos)])},
             )
             meta.update(metadata or {})
-            # a file users take out of the app: kohya's key layout, which AUTOMATIC1111 and ComfyUI map fully
-            layout = unet_layout(self.model.pipe.unet)
-            meta[UNET_LAYOUT_KEY] = json.dumps(layout)
-            kohya = to_kohya(sd, alphas, family=self.model.family, layout=layout)
-            return save_safetensors(kohya, path, kohya_metadata(meta, kohya, self.model.family, alphas))
+            return save_kohya(sd, path, meta, family=self.model.family, alphas=alphas,
+                              layout=unet_layout(self.model.pipe.unet))
 
     def bake_checkpoint(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                         entries: Iterable[StackEntry | tuple | str] | None = None) -> Path:

@@ -51,17 +51,15 @@ def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, save_adapter, to_kohya
-        from pipelines.weights_io import save_safetensors
+        from pipelines.adapters import save_adapter, save_kohya
 
         # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
         alphas = adapter_alphas(cfg, adapter)
         meta = {"step": str(step), "config": json.dumps(shareable_config(cfg), sort_keys=True),
                 "lora_studio.trigger": cfg.trigger, "ss_steps": str(step)}
         if family is not None and layout is not None:
-            meta.update({"lora_studio.base_family": family, UNET_LAYOUT_KEY: json.dumps(layout)})
-            kohya = to_kohya(adapter, alphas, family=family, layout=layout)
-            save_safetensors(kohya, tmp / "adapter.safetensors", kohya_metadata(meta, kohya, family, alphas))
+            meta["lora_studio.base_family"] = family
+            save_kohya(adapter, tmp / "adapter.safetensors", meta, family=family, alphas=alphas, layout=layout)
         else:
             save_adapter(adapter, tmp / "adapter.safetensors", meta, alpha=alphas)
         state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
@@ -250,8 +248,7 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     lib = cfg.library_dir
     lib.mkdir(parents=True, exist_ok=True)
     path = lib / f"{cfg.name}.safetensors"
-    from pipelines.adapters import UNET_LAYOUT_KEY, kohya_metadata, to_kohya
-    from pipelines.weights_io import save_safetensors
+    from pipelines.adapters import UNET_LAYOUT_KEY, save_kohya
 
     sd = lora_state_dict(tr.base.pipe, tr.components)
     if cfg.save_precision != "fp32":  # the weights train in fp32
@@ -265,11 +262,9 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     # the library file is what users copy into AUTOMATIC1111 / ComfyUI: kohya's key layout, which both map
     # completely (and diffusers' load_lora_weights reads as it is); per-module alphas as `.alpha` tensors
     alphas = adapter_alphas(cfg, sd)
-    kohya = to_kohya(sd, alphas, family=tr.base.family, layout=json.loads(meta[UNET_LAYOUT_KEY]))
-    if cfg.save_precision != "fp32":  # every tensor in the one dtype, `.alpha` too, as kohya saves them
-        kohya = {k: v.to(PRECISIONS[cfg.save_precision]) for k, v in kohya.items()}
     try:
-        save_safetensors(kohya, path, kohya_metadata(meta, kohya, tr.base.family, alphas))
+        save_kohya(sd, path, meta, family=tr.base.family, alphas=alphas, layout=json.loads(meta[UNET_LAYOUT_KEY]),
+                   dtype=PRECISIONS[cfg.save_precision] if cfg.save_precision != "fp32" else None)
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:
