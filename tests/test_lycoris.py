@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kohya_layout import _every_layer_lora
 
 from app.cli import main
-from pipelines.adapters import base_modules, export_adapter, inspect_adapter, peft_key_map, to_kohya
+from pipelines.adapters import (_strip_text_model, base_modules, export_adapter, inspect_adapter, peft_key_map,
+                                to_kohya)
 from pipelines.base_models import load_base
 from pipelines.errors import IncompatibleAdapterError
 from pipelines.library import AdapterLibrary
@@ -25,25 +27,12 @@ WEIGHT = 0.7
 
 def _kohya_names(pipe, family: str) -> dict[str, str]:
     """{kohya module name: our module name} for every Linear/Conv2d of the UNet and text encoder(s)."""
-    fake = {}
-    for comp in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, comp, None)
-        if model is None:
-            continue
-        for name, mod in model.named_modules():
-            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-                key = f"{comp}.{name}" if comp == "unet" else f"{comp}.text_model.{name.removeprefix('text_model.')}"
-                fake[f"{key}.lora_A.weight"] = torch.zeros(1, 1)
-                fake[f"{key}.lora_B.weight"] = torch.zeros(1, 1)
+    fake = _every_layer_lora(pipe, rank=1)  # factors for every Linear and Conv2d: only their names matter here
     kohya = to_kohya(fake, 1.0, family=family, layout=unet_layout(pipe.unet))
     kmap = peft_key_map(list(kohya), "kohya", pipe.unet.config.layers_per_block
                         if isinstance(pipe.unet.config.layers_per_block, int) else pipe.unet.config.layers_per_block[0])
-    return {k.split(".")[0]: v.rsplit(".lora_", 1)[0].replace(".text_model.", ".", 1)
+    return {k.split(".")[0]: _strip_text_model(v.rsplit(".lora_", 1)[0])
             for k, v in kmap.items() if k.endswith(".lora_down.weight")}
-
-
-def _pick(names: dict[str, str], mods, test) -> str:
-    return next(k for k, v in sorted(names.items()) if v in mods and test(v, mods[v]))
 
 
 def _lycoris_file(pipe, family: str, seed: int = 0):
