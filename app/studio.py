@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from pipelines.base_models import DEFAULT_BASE, ROOT, BaseModel, family_from_configs, load_base
 from pipelines.errors import ConfigError, UnsafeNameError
@@ -63,6 +63,38 @@ def safe_file_name(name: str) -> str:
     if name in ("", ".", ".."):
         name = "file"
     return name[:150]
+
+
+MAX_ZIP_BYTES = 4 << 30  # what a dataset .zip may unpack to (a zip bomb is refused before anything is written)
+MAX_ZIP_FILES = 20_000
+
+
+def _zip_members(zf, zip_name: str) -> list[tuple[Any, tuple[str, ...]]]:
+    """The members of a dataset .zip worth unpacking (images, captions), each with its safe relative path: a
+    single top folder around everything is dropped (a zipped dataset folder), unless it is a kohya folder
+    (`10_ohwx woman`) itself."""
+    from training.dataset import CAPTION_EXTS, IMAGE_EXTS, KOHYA_FOLDER
+
+    out = []
+    for info in zf.infolist():
+        parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
+        if info.is_dir() or not parts or ".." in parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+            continue
+        if Path(parts[-1]).suffix.lower() not in IMAGE_EXTS | CAPTION_EXTS | {".tags"}:
+            continue
+        out.append((info, tuple(safe_file_name(p) for p in parts)))
+    if not out:
+        raise ConfigError(f"images: {zip_name} holds no images")
+    if len(out) > MAX_ZIP_FILES:
+        raise ConfigError(f"images: {zip_name} holds {len(out)} files; at most {MAX_ZIP_FILES} are unpacked")
+    total = sum(info.file_size for info, _ in out)
+    if total > MAX_ZIP_BYTES:
+        raise ConfigError(f"images: {zip_name} unpacks to {total / 2**30:.1f} GiB; at most "
+                          f"{MAX_ZIP_BYTES / 2**30:.0f} GiB")
+    tops = {parts[0] for _, parts in out}
+    if len(tops) == 1 and all(len(parts) > 1 for _, parts in out) and not KOHYA_FOLDER.match(next(iter(tops))):
+        out = [(info, parts[1:]) for info, parts in out]
+    return out
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -125,6 +157,15 @@ class GenerateResult:
     range_warnings: list[str] = field(default_factory=list)  # step ranges that start past the last step
     clip_skip_warnings: list[str] = field(default_factory=list)  # adapters trained with another Clip skip
     embedding_warnings: list[str] = field(default_factory=list)  # embeddings named that cannot be used
+
+
+def _free_path(dst: Path) -> Path:
+    """`dst`, or dst-1, dst-2…: a name not yet taken."""
+    stem, suffix, k = dst.stem, dst.suffix, 1
+    while dst.exists():
+        dst = dst.with_name(f"{stem}-{k}{suffix}")
+        k += 1
+    return dst
 
 
 class Studio:
@@ -390,14 +431,37 @@ class Studio:
         if not files:
             raise ConfigError("images: no files uploaded")
         ds_id, folder = self._new_dataset("upload")
-        for src, name in zip(files, names):
-            dst = folder / safe_file_name(name)
-            stem, suffix, k = dst.stem, dst.suffix, 1
-            while dst.exists():
-                dst = folder / f"{stem}-{k}{suffix}"
-                k += 1
-            shutil.copyfile(src, dst)
+        try:
+            for src, name in zip(files, names):
+                if Path(str(name)).suffix.lower() == ".zip":
+                    self._unzip(src, safe_file_name(name), folder)
+                else:
+                    shutil.copyfile(src, _free_path(folder / safe_file_name(name)))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return ds_id
+
+    @staticmethod
+    def _unzip(src: Path, name: str, folder: Path) -> None:
+        """A dataset .zip (e.g. kohya_ss' layout: 10_ohwx woman/*.png) unpacked into `folder`, its folders kept."""
+        import zipfile
+
+        try:
+            zf = zipfile.ZipFile(src)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ConfigError(f"images: {name} is not a readable .zip ({e})") from None
+        with zf:
+            for info, parts in _zip_members(zf, name):
+                dst = _free_path(folder.joinpath(*parts))
+                if not _inside(dst, folder):
+                    raise UnsafeNameError(f"images: {name} has a file outside its folder ({info.filename})")
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with zf.open(info) as r, open(dst, "wb") as w:
+                        shutil.copyfileobj(r, w)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    raise ConfigError(f"images: {name}: {info.filename} cannot be unpacked ({e})") from None
 
     def stage_sample_set(self, name: str) -> str:
         if name not in self.sample_sets():
@@ -430,9 +494,10 @@ class Studio:
         for name, caption in rows:
             if not name:
                 continue
-            if safe_file_name(name) != name or name.startswith("."):
+            parts = str(name).split("/")  # a file in a folder of the dataset (kohya's 10_ohwx woman/1.png)
+            if any(safe_file_name(p) != p or p.startswith(".") for p in parts):
                 raise UnsafeNameError(f"caption: '{name}' is not a file name of this dataset")
-            img = folder / name
+            img = folder.joinpath(*parts)
             if not img.is_file() or not _inside(img, folder):
                 raise UnsafeNameError(f"caption: no image '{name}' in this dataset")
             txt = img.with_suffix(".txt")

@@ -31,6 +31,7 @@ from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
+from training.dataset import kohya_trigger
 from training.jobs import Job
 from training.trainer import CHECKING
 
@@ -39,7 +40,7 @@ from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows, safe_file_na
 
 log = logging.getLogger("lora_studio.ui")
 
-MAX_UPLOAD = "50mb"  # per file; Gradio refuses bigger uploads (HTTP 413) and removes the partial file
+MAX_UPLOAD = "1gb"  # per file (an SDXL LoRA is up to ~900 MB, a zipped dataset as big); Gradio refuses bigger uploads (HTTP 413) and removes the partial file
 SLOTS = 4  # adapter rows on the Generate tab
 SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 START_LABEL = "acts from step (0 = first)"
@@ -432,13 +433,23 @@ class StudioUI:
     # ============================================================================================ Train tab
     def _dataset_view(self, ds_id: str, trigger: str, preset: str):
         scan = self.studio.scan(ds_id, trigger, preset)
-        thumbs = [(str(it.path), it.path.name) for it in scan.items]
-        caps = _df([(it.path.name, it.caption) for it in scan.items], CAPTION_COLUMNS)
-        return thumbs, self._skipped_md(scan), caps
+        folder = self.studio.dataset_folder(ds_id)
+        rel = [it.path.relative_to(folder).as_posix() for it in scan.items]  # 10_ohwx woman/1.png in kohya's layout
+        thumbs = [(str(it.path), r) for it, r in zip(scan.items, rel)]
+        caps = _df(list(zip(rel, (it.caption for it in scan.items))), CAPTION_COLUMNS)
+        return thumbs, self._skipped_md(scan, folder), caps
 
     @staticmethod
-    def _skipped_md(scan) -> str:
+    def _skipped_md(scan, folder: Path | None = None) -> str:
         head = f"**{len(scan.items)} image(s) will be trained on.**"
+        if scan.subsets:
+            head += " In kohya's folder layout; each folder's images count as often as its number says:\n"
+            head += "\n".join(f"- `{s.folder.name}`: {s.images} image(s) × {s.repeats}"
+                               + (f", caption “{s.tokens}” where an image has no caption file" if s.tokens else "")
+                               for s in scan.subsets) + "\n"
+        if scan.masks:
+            head += (f" {scan.masks} mask file(s) (`…-masklabel.png`): with *Masked loss* on (Advanced), only their "
+                     "white part of each image counts.")
         if len(scan.items) < MIN_IMAGES:
             head += (f"\n\n<span class='ls-warn'>⚠ Only {len(scan.items)} usable image(s): {MIN_IMAGES}–"
                      f"{MAX_IMAGES} work best. With so few the adapter tends to copy them (same pose, colours, "
@@ -449,7 +460,9 @@ class StudioUI:
         if not scan.skipped:
             return head + " No file was skipped."
         lines = [head, f"**{len(scan.skipped)} file(s) skipped:**"]
-        lines += [f"- `{p.name.replace('`', chr(39))}`: {why}" for p, why in scan.skipped]
+        shown = [p.relative_to(folder).as_posix() if folder and p.is_relative_to(folder) else p.name
+                 for p, _ in scan.skipped]
+        lines += [f"- `{n.replace('`', chr(39))}`: {why}" for n, (_, why) in zip(shown, scan.skipped)]
         return "\n".join(lines)
 
     @ui_errors
@@ -457,16 +470,19 @@ class StudioUI:
         """Uploaded files -> a new dataset folder; thumbnails, skipped files with reasons, captions."""
         files = [files] if isinstance(files, str) else list(files or [])
         if not files:
-            return None, [], "", _df([], CAPTION_COLUMNS), trigger, gr.skip()
+            return None, [], "", _df([], CAPTION_COLUMNS), trigger, gr.skip(), gr.skip()
         paths = [Path(getattr(f, "name", f)) for f in files]
         ds_id = self.studio.stage_files(paths, [p.name for p in paths])
         self.studio.discard_dataset(old_ds)
+        named = kohya_trigger(self.studio.dataset_folder(ds_id))  # a zipped kohya dataset: 10_ohwx woman -> ohwx
+        if named and (trigger or "").strip() in ("", TrainConfig.trigger):
+            trigger = named
         try:
             thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)
         except LoraStudioError as e:  # nothing usable: still list what was skipped
             self.studio.discard_dataset(ds_id)
             raise gr.Error(str(e).replace(str(self.studio.datasets) + "/", ""), print_exception=False) from None
-        return ds_id, thumbs, skipped, caps, trigger, NO_SAMPLE_SET
+        return ds_id, thumbs, skipped, caps, trigger, NO_SAMPLE_SET, trigger
 
     @ui_errors
     def pick_sample_set(self, name: str, old_ds: str | None):
@@ -1462,7 +1478,8 @@ class StudioUI:
                                     "same-named `.txt` files are read), or start from a shipped sample set.")
                         sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
                                                  label="Sample set", elem_id="sample-set")
-                        uploads = gr.File(file_count="multiple", label="Upload images (and .txt captions)",
+                        uploads = gr.File(file_count="multiple",
+                                          label="Upload images (and .txt captions), or a .zip of a dataset folder",
                                           elem_id="train-upload", height=140)
                         thumbs = gr.Gallery(label="Will be trained on", columns=6, height=230,
                                             object_fit="contain", elem_id="train-thumbs", allow_preview=True)
@@ -1775,8 +1792,9 @@ class StudioUI:
 
             # train
             ds_outputs = [ds_id, thumbs, skipped, captions]
-            uploads.upload(shown_in(self.stage_upload, ds_outputs + [last_trigger, sample_set], skipped),
-                           [uploads, trigger, preset, ds_id], ds_outputs + [last_trigger, sample_set])
+            upload_outputs = ds_outputs + [last_trigger, sample_set, trigger]
+            uploads.upload(shown_in(self.stage_upload, upload_outputs, skipped), [uploads, trigger, preset, ds_id],
+                           upload_outputs)
             preset_fields = [adv[f] for f in PRESET_FIELDS]
             sample_outputs = ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields]
             sample_set.input(shown_in(self.pick_sample_set, sample_outputs, skipped), [sample_set, ds_id],

@@ -148,3 +148,52 @@ def test_caption_dropout_rate():
     outs = [vary_caption("sks, red", rng, dropout=0.25) for _ in range(4000)]
     assert abs(outs.count("") / len(outs) - 0.25) < 0.03
     assert set(outs) == {"", "sks, red"}
+
+
+def _kohya_set(root, folders: dict[str, int]):
+    """root/<folder>/<i>.png for each folder and count (kohya_ss' dataset layout)."""
+    for folder, n in folders.items():
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(root / folder / f"{i}.png")
+
+
+def test_kohya_folders_give_repeats_and_captions(tmp_path):
+    """A dataset prepared for kohya_ss (`10_ohwx woman/`) trains as there: the number before the first "_" is the
+    repeat count, the rest the caption of images without a caption file; files outside such folders are skipped
+    and listed."""
+    _kohya_set(tmp_path, {"10_ohwx woman": 2, "3_ohwx woman_closeup": 1, "0_unused": 1, "notes": 1})
+    (tmp_path / "10_ohwx woman" / "1.txt").write_text("ohwx woman, smiling\n")
+    Image.new("RGB", (16, 16)).save(tmp_path / "stray.png")
+    res = scan_folder(tmp_path, trigger="ohwx", template="a photo of {trigger}")
+    got = {str(i.path.relative_to(tmp_path)): (i.caption, i.repeats, i.source) for i in res.items}
+    assert got == {"10_ohwx woman/0.png": ("ohwx woman", 10, "folder"),
+                   "10_ohwx woman/1.png": ("ohwx woman, smiling", 10, "file"),
+                   "3_ohwx woman_closeup/0.png": ("ohwx woman_closeup", 3, "folder")}  # kohya keeps later "_"
+    why = {str(p.relative_to(tmp_path)): w for p, w in res.skipped}
+    assert set(why) == {"0_unused/0.png", "notes/0.png", "stray.png"}
+    assert "0 times" in why["0_unused/0.png"] and "kohya" in why["stray.png"] and "10_ohwx woman" in why["stray.png"]
+    report = res.report()
+    assert "10_ohwx woman: 2 image(s) x 10 per epoch" in report and "3_ohwx woman_closeup: 1 image(s) x 3" in report
+    # a trigger missing from the folder's caption is put first, as with caption files
+    assert scan_folder(tmp_path, trigger="sks").items[0].caption == "sks, ohwx woman"
+
+
+def test_a_folder_without_kohya_names_is_read_as_before(tmp_path):
+    _kohya_set(tmp_path, {"summer": 1, "x_10": 1})
+    res = scan_folder(tmp_path, trigger="sks", template="a photo of {trigger}")
+    assert not res.subsets and len(res.items) == 2
+    assert {i.caption for i in res.items} == {"a photo of sks"} and {i.repeats for i in res.items} == {1}
+
+
+def test_caption_extension_is_the_configured_one_first(tmp_path):
+    """Both a .txt and a .caption file beside an image: caption_ext picks which one is the caption (it used to
+    depend on the process's hash seed); an ending of its own (.tags) works too."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("sks, from txt")
+    (tmp_path / "a.caption").write_text("sks, from caption")
+    assert scan_folder(tmp_path).items[0].caption == "sks, from txt"
+    assert scan_folder(tmp_path, caption_ext=".caption").items[0].caption == "sks, from caption"
+    (tmp_path / "a.tags").write_text("sks, from tags")
+    res = scan_folder(tmp_path, caption_ext="tags")
+    assert res.items[0].caption == "sks, from tags" and not res.skipped  # the .tags file is no stray image

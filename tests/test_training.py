@@ -590,3 +590,128 @@ def test_compiled_unet_trains_the_same_adapter(star_images, tiny_sd1_dir, tmp_pa
     assert out[True].keys() == out[False].keys() and not any("_orig_mod" in k for k in out[True])
     for k in out[False]:
         assert torch.allclose(out[True][k], out[False][k], atol=1e-5), k
+
+
+def _kohya_dirs(tmp_path):
+    from PIL import Image
+
+    folders = {"img/3_sks red": (255, 0, 0), "img/1_sks blue": (0, 0, 255), "reg/1_a shape": (128, 128, 128)}
+    for folder, colour in folders.items():
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / folder / "0.png")
+    return tmp_path / "img", tmp_path / "reg"
+
+
+def test_a_kohya_dataset_trains_with_its_repeats_captions_and_regularisation_folder(tiny_sd1_dir, tmp_path):
+    """A dataset laid out for kohya_ss (img/3_sks red, img/1_sks blue, reg/1_a shape) trains as there: each
+    folder's images as often as its number says, captioned with its name, and the reg folder's images as class
+    images with their folder's caption, no class prompt needed."""
+    from training.trainer import Trainer
+
+    img, reg = _kohya_dirs(tmp_path)
+    tr = Trainer(_cfg(img, tiny_sd1_dir, tmp_path, batch_size=1, class_images=str(reg), checkpoint_every=0))
+    tr.build()
+    seen = [tr.examples[i].caption for k in range(12) for i in tr.schedule(k)]
+    assert (seen.count("sks red"), seen.count("sks blue")) == (9, 3)  # three epochs of 3 + 1
+    assert [ex.caption for ex in tr.priors] == ["a shape"] and tr.prior_schedule is not None
+    assert tr.train_step(0) > 0
+    # the file says so as kohya's does: images counted with their repeats, each folder's count and tags
+    res = train(_cfg(img, tiny_sd1_dir, tmp_path, name="k2", max_steps=2, checkpoint_every=0))
+    _, meta = load_safetensors(res.adapter_path)
+    assert meta["ss_num_train_images"] == "4" and meta["ss_masked_loss"] == "False"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"3_sks red": {"n_repeats": 3, "img_count": 1},
+                                                   "1_sks blue": {"n_repeats": 1, "img_count": 1}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"3_sks red": {"sks red": 1}, "1_sks blue": {"sks blue": 1}}
+
+
+def test_class_images_without_captions_need_a_class_prompt(tiny_sd1_dir, tmp_path):
+    img, reg = _kohya_dirs(tmp_path)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (reg / "1_a shape" / "0.png").rename(plain / "0.png")
+    with pytest.raises(ConfigError, match=r"class_prompt: .*plain/0\.png"):
+        train(_cfg(img, tiny_sd1_dir, tmp_path, class_images=str(plain)))
+    from training.trainer import Trainer  # with the prompt, they train under it
+
+    tr = Trainer(_cfg(img, tiny_sd1_dir, tmp_path, class_images=str(plain), class_prompt="a shape", name="t2"))
+    tr.build()
+    assert [ex.caption for ex in tr.priors] == ["a shape"]
+
+
+def test_the_trigger_word_comes_from_kohya_folder_names_unless_given(tmp_path):
+    img, _ = _kohya_dirs(tmp_path)
+    (img / "1_sks blue").rename(img / "1_ohwx blue")  # sorted first: its first word is the trigger
+    assert TrainConfig.from_dict({"images": str(img)}).trigger == "ohwx"
+    assert TrainConfig.from_dict({"images": str(img), "trigger": "zwx"}).trigger == "zwx"
+    assert TrainConfig.from_dict({"images": str(tmp_path / "reg" / "1_a shape")}).trigger == "sks"  # not that layout
+
+
+def _half_masked_set(tmp_path):
+    """Three 64x32 images (wide), each with a mask that is white on its left half only: one by transparency, one
+    as OneTrainer's -masklabel file, one in a kohya-style mask folder."""
+    from PIL import Image
+
+    d, masks = tmp_path / "masked", tmp_path / "masks"
+    d.mkdir()
+    masks.mkdir()
+    left = Image.new("L", (64, 32), 0)
+    left.paste(255, (0, 0, 32, 32))
+    rgba = Image.new("RGBA", (64, 32), (200, 30, 30, 255))
+    rgba.putalpha(left)
+    rgba.save(d / "alpha.png")
+    Image.new("RGB", (64, 32), (30, 200, 30)).save(d / "beside.png")
+    left.save(d / "beside-masklabel.png")
+    Image.new("RGB", (64, 32), (30, 30, 200)).save(d / "kohya.jpg")
+    left.convert("RGB").save(masks / "kohya.png")
+    return d, masks
+
+
+def test_masked_loss_reads_each_images_mask_cropped_and_flipped_with_it(tiny_sd1_dir, tmp_path):
+    from training.trainer import Trainer
+
+    d, masks = _half_masked_set(tmp_path)
+    seen = []
+    tr = Trainer(_cfg(d, tiny_sd1_dir, tmp_path, masked_loss=True, mask_dir=str(masks), random_flip=True,
+                      resolution=64, checkpoint_every=0), on_progress=lambda p: seen.append(p.message or ""))
+    tr.build()
+    assert len(tr.scan.items) == 3  # the -masklabel file is a mask, not a training image
+    assert len(tr.examples) == 6 and all(ex.mask is not None for ex in tr.examples)
+    for k in range(0, 6, 2):  # each image, then its mirror image
+        plain, mirrored = tr.examples[k].mask, tr.examples[k + 1].mask
+        h, w = plain.shape[1:]
+        assert (h, w) == tuple(tr.examples[k].latent.shape[1:])
+        assert plain[..., : w // 2 - 1].min() > 0.99 and plain[..., w // 2 + 1:].max() < 0.01  # the edge: blended
+        assert torch.equal(mirrored, torch.flip(plain, dims=[2]))
+    assert any("masked loss: 3 of 3 images have a mask (on average 50%" in m for m in seen)
+    assert tr.train_step(0) > 0
+
+
+def test_masked_loss_ignores_the_error_where_the_mask_is_black(tiny_sd1_dir):
+    """Where the mask is 0 the prediction gets no gradient at all; where it is 1, the usual one."""
+    from diffusers import DDPMScheduler
+
+    from pipelines.base_models import load_base
+    from training.trainer import diffusion_loss
+
+    base = load_base(tiny_sd1_dir, device="cpu")
+    sched = DDPMScheduler.from_config(base.pipe.scheduler.config)
+    latents = torch.randn(2, 4, 8, 8)
+    pred = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 8, 8)
+    mask[0, :, :, :4] = 0  # the first row's left half does not count; the second row counts whole
+    cfg = TrainConfig(images=".", min_snr_gamma=None)
+    noise_t = (torch.randn(2, 4, 8, 8), torch.tensor([100, 500]))
+    fake_unet = lambda x, t, c, **kw: type("Out", (), {"sample": pred})()  # noqa: E731
+    loss = diffusion_loss(base, sched, latents, torch.zeros(2, 77, 32), None, None, None, cfg, torch.float32,
+                          noise_t, unet=fake_unet, mask=mask)
+    loss.sum().backward()
+    assert pred.grad[0, :, :, :4].abs().max() == 0 and pred.grad[0, :, :, 4:].abs().min() > 0
+    assert pred.grad[1].abs().min() > 0
+    full = diffusion_loss(base, sched, latents, torch.zeros(2, 77, 32), None, None, None, cfg, torch.float32, noise_t,
+                          unet=fake_unet)
+    assert torch.allclose(loss[1], full[1]) and loss[0] < full[0]
+
+
+def test_masked_loss_without_any_mask_is_refused_naming_the_folder(star_images, tiny_sd1_dir, tmp_path):
+    with pytest.raises(ConfigError, match=rf"masked_loss: none of the \d+ images in {star_images}"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path, masked_loss=True))

@@ -7,6 +7,7 @@ in the queue and sees its position), 17 (concurrent generate requests with diffe
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import socket
@@ -25,7 +26,7 @@ from app.options import check_launch_options
 from app.studio import Studio
 from app.ui import ADVANCED, PRESET_FIELDS, SLOTS, StudioUI, field_value, launch
 from pipelines.adapters import lora_metadata, save_adapter
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, UnsafeNameError
 from pipelines.generation import GenerationRequest, parse_parameters, read_png_parameters
 from pipelines.stack import StackEntry
 from pipelines.weights_io import read_header
@@ -125,13 +126,13 @@ def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp
     (up / "empty.jpg").write_bytes(b"")
     (up / ".DS_Store").write_bytes(b"\0\1")
     files = sorted(str(p) for p in up.iterdir())
-    ds_id, thumbs, skipped, caps, last, sample_set = ui.stage_upload(files, "zkx", "concept", None)
+    ds_id, thumbs, skipped, caps, last, sample_set, trig = ui.stage_upload(files, "zkx", "concept", None)
     assert [c for _, c in thumbs] == ["img0.png", "img1.png", "img2.png"]
     assert "3 image(s)" in skipped and "broken.png" in skipped and "empty.jpg" in skipped and ".DS_Store" in skipped
     assert "empty file" in skipped
     rows = dict(zip(caps["image"], caps["caption"]))
     assert rows["img0.png"] == "zkx, a blue square" and rows["img1.png"] == "a photo of zkx"
-    assert last == "zkx"
+    assert last == trig == "zkx"
     # changing the trigger word swaps it in every caption, keeping the user's edits
     caps.loc[caps["image"] == "img1.png", "caption"] = "a photo of zkx, my edit"
     new_caps, last = ui.retrigger(caps, "zkx", "qwv")
@@ -141,6 +142,65 @@ def test_upload_shows_thumbnails_skipped_files_and_captions_with_trigger(ui, tmp
     before = set(ui.studio.datasets.iterdir())
     with pytest.raises(gr.Error, match="no usable training images"):
         ui.stage_upload([str(up / "broken.png")], "zkx", "concept", None)
+    assert set(ui.studio.datasets.iterdir()) == before
+
+
+def _dataset_zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _png(colour=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_path):
+    """A dataset folder prepared for kohya_ss, zipped and uploaded: its folders are kept (so their repeat counts
+    and captions apply), the trigger word comes from the folder names, captions edited in the table are written
+    into the right folder, and nothing of the zip lands outside the dataset."""
+    z = _dataset_zip(tmp_path / "my set.zip", {
+        "mydata/10_ohwx woman/0.png": _png(), "mydata/10_ohwx woman/1.png": _png((0, 0, 200)),
+        "mydata/10_ohwx woman/1.txt": b"ohwx woman, smiling", "mydata/2_ohwx woman closeup/0.png": _png(),
+        "__MACOSX/mydata/._0.png": b"junk", "mydata/.DS_Store": b"\0", "../escape.png": _png()})
+    ds_id, thumbs, skipped, caps, last, sample_set, trig = ui.stage_upload([str(z)], "sks", "concept", None)
+    assert trig == last == "ohwx"
+    rows = dict(zip(caps["image"], caps["caption"]))
+    assert rows == {"10_ohwx woman/0.png": "ohwx woman", "10_ohwx woman/1.png": "ohwx woman, smiling",
+                    "2_ohwx woman closeup/0.png": "ohwx woman closeup"}
+    assert "kohya" in skipped and "`10_ohwx woman`: 2 image(s) × 10" in skipped and "× 2" in skipped
+    folder = ui.studio.dataset_folder(ds_id)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "10_ohwx woman/0.png", "10_ohwx woman/1.png", "10_ohwx woman/1.txt", "2_ohwx woman closeup/0.png"]
+    assert not (tmp_path / "escape.png").exists() and not list(ui.studio.datasets.glob("*escape*"))
+    caps.loc[caps["image"] == "10_ohwx woman/0.png", "caption"] = "ohwx woman, outdoors"
+    cfg = ui.train_config(_form(ui, ds_id, caps, "kw", trigger="ohwx", last_trigger="ohwx"))
+    assert (folder / "10_ohwx woman" / "0.txt").read_text().strip() == "ohwx woman, outdoors"
+    from training.dataset import scan_folder
+
+    assert {i.repeats for i in scan_folder(cfg.images, cfg.trigger).items} == {10, 2}
+    # a name with a folder that leaves the dataset is refused
+    with pytest.raises(UnsafeNameError):
+        ui.studio.save_captions(ds_id, [("../x.png", "a")])
+
+
+def test_a_bad_or_oversized_zip_is_refused_naming_it_and_leaves_nothing(ui, tmp_path, monkeypatch):
+    import app.studio
+
+    before = set(ui.studio.datasets.iterdir())
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"PK\3\4 not really")
+    with pytest.raises(gr.Error, match="broken.zip is not a readable .zip"):
+        ui.stage_upload([str(bad)], "sks", "concept", None)
+    monkeypatch.setattr(app.studio, "MAX_ZIP_BYTES", 1000)
+    big = _dataset_zip(tmp_path / "big.zip", {f"{i}.png": _png((i, 0, 0)) for i in range(20)})
+    with pytest.raises(gr.Error, match=r"big.zip unpacks to .* at most"):
+        ui.stage_upload([str(big)], "sks", "concept", None)
     assert set(ui.studio.datasets.iterdir()) == before
 
 

@@ -120,6 +120,8 @@ def default_library_dir() -> Path:
 
 # the UI's Advanced section, in this order; "main" fields are the Train tab's own form, "Other" catches a field
 # added without a group
+# the options that hold a local path (shared files write them as '~/…' or a bare name; see training.export)
+PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir")
 GROUPS = ("main", "LoRA", "Optimisation", "Data & captions", "Preservation", "Checkpoints & samples",
           "Precision & memory", "Other")
 _META_KEYS = {"help", "group", "label", "min", "max", "gt", "below", "step", "choices", "flags", "list", "ui",
@@ -207,9 +209,11 @@ class TrainConfig:
     # ---- the run (the Train tab's main form)
     images: str = option("", group="main", label="Images",
                          help="folder of training images (subfolders too); a same-named .txt file is an image's "
-                              "caption")
+                              "caption. kohya_ss' layout works as there: subfolders '10_ohwx woman' (repeats, "
+                              "then the caption of images without a caption file)")
     trigger: str = option("sks", group="main", label="Trigger word",
-                          help="a rare word that will mean your concept or style, e.g. sks")
+                          help="a rare word that will mean your concept or style, e.g. sks (default: sks, or the "
+                               "first word after the number of a kohya folder name)")
     name: str = option("my-lora", group="main", label="Name",
                        help="adapter name (the file will be NAME.safetensors in the library)")
     base: str | None = option(None, group="main", label="Base model",
@@ -231,7 +235,8 @@ class TrainConfig:
     instance_template: str = option("a photo of {trigger}", group="Data & captions", label="Caption template",
                                     help="prompt for images without a caption file; {trigger} is the trigger word")
     caption_ext: str = option(".txt", group="Data & captions", ui=False,
-                              help="ending of the caption files beside the images (the app writes .txt files)")
+                              help="ending of the caption files beside the images, looked for first (the app "
+                                   "writes .txt files; kohya's default is .caption)")
     caption_prefix_trigger: bool = option(True, group="Data & captions", label="Put the trigger word first",
                                           help="put the trigger word in front of captions that lack it")
     # per step and row (kohya's caption_dropout_rate / shuffle_caption / keep_tokens): an empty caption with
@@ -262,7 +267,8 @@ class TrainConfig:
                                            "shape'; its images keep the class as the base draws it (empty: off)")
     class_images: str | None = option(None, group="Preservation", ui=False,
                                       help="folder of class images (default: generated with the base model and "
-                                           "cached)")
+                                           "cached); kohya's reg_data_dir layout ('1_a photo of a woman') needs no "
+                                           "class prompt")
     num_class_images: int = option(8, group="Preservation", label="Class images", min=0, max=100_000,
                                    help="how many class images to train on with the class prompt")
     prior_loss_weight: float = option(1.0, group="Preservation", label="Prior loss weight", min=0.0,
@@ -342,6 +348,13 @@ class TrainConfig:
                                   help="clip the gradient norm to this (0: no clipping)")
     min_snr_gamma: float | None = option(5.0, group="Optimisation", label="Min-SNR gamma", min=0.0, step=0.5,
                                          help="min-SNR loss weighting (0 or unset: off)")
+    masked_loss: bool = option(False, group="Data & captions", label="Masked loss",
+                               help="count the loss only where an image's mask is white (kohya's --masked_loss): "
+                                    "a mask from mask_dir, an IMAGE-masklabel.png beside the image, or the "
+                                    "image's transparency; images without one count whole")
+    mask_dir: str | None = option(None, group="Data & captions", ui=False,
+                                  help="with masked loss: a folder of masks named as the images (kohya's "
+                                       "conditioning_data_dir)")
     noise_offset: float = option(0.0, group="Optimisation", label="Noise offset", min=0.0, step=0.01,
                                  help="offset noise (e.g. 0.05): lets the model learn darker and brighter images")
     # kohya sd-scripts' --min_timestep / --max_timestep: the noise levels the run trains on, [min, max)
@@ -404,7 +417,7 @@ class TrainConfig:
         hints = _field_types(type(self))
         for f in fields(self):
             setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), hints[f.name]))
-        for f_ in ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae"):
+        for f_ in PATH_FIELDS:
             v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
             if isinstance(v, str) and (v == "~" or v.startswith("~/")):
                 setattr(self, f_, os.path.expanduser(v))
@@ -495,6 +508,10 @@ class TrainConfig:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {_short(preset)}")
         defaults = preset_values(preset, preset_family(data.get("base") if isinstance(data.get("base"), str) else None))
         merged = {**defaults, **data}
+        if "trigger" not in data and isinstance(data.get("images"), str) and data["images"]:
+            from .dataset import kohya_trigger  # kohya's layout names the trigger: 10_ohwx woman -> ohwx
+
+            merged["trigger"] = kohya_trigger(data["images"]) or cls.trigger
         try:
             return cls(**merged)
         except TypeError as e:

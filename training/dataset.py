@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +34,108 @@ class ImageItem:
     caption: str
     width: int
     height: int
+    repeats: int = 1  # times per epoch, from a kohya folder name (10_sks dog: 10)
+    source: str = "template"  # where the caption came from: "file", "folder" (kohya's tokens) or "template"
+
+
+@dataclass
+class Subset:
+    """One folder of kohya's DreamBooth layout: `<repeats>_<tokens>`, e.g. `10_sks dog`."""
+
+    folder: Path
+    repeats: int
+    tokens: str  # the caption of its images that have no caption file (kohya's class_tokens)
+    images: int = 0
+
+
+# kohya's rule (sd-scripts, config_util): the name up to the first "_" is the repeat count, the rest verbatim
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$", re.S)
+
+
+def kohya_subsets(folder: str | Path) -> list[Subset]:
+    """The `<repeats>_<tokens>` subfolders of `folder` (kohya_ss' dataset layout), sorted; [] when it has none."""
+    folder = Path(folder)
+    try:
+        dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+    out = []
+    for d in dirs:
+        m = KOHYA_FOLDER.match(d.name)
+        if m:
+            out.append(Subset(d, int(m.group(1)), m.group(2).strip()))
+    return out
+
+
+def kohya_trigger(folder: str | Path) -> str | None:
+    """The trigger word a kohya-layout folder implies: the first word of its first folder's tokens
+    (`10_ohwx woman` -> ohwx); None for another layout."""
+    for sub in kohya_subsets(folder):
+        if sub.repeats >= 1 and sub.tokens.split():
+            return sub.tokens.split()[0].strip(",")
+    return None
+
+
+# OneTrainer's name for a mask beside its image (x.png: x-masklabel.png); white is what the loss counts
+MASK_SUFFIX = "-masklabel"
+
+
+def is_mask_file(p: Path) -> bool:
+    return p.stem.endswith(MASK_SUFFIX) and p.suffix.lower() in IMAGE_EXTS
+
+
+def find_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> Path | None:
+    """The mask of a training image: in `mask_dir` under the image's own relative path and stem (kohya's
+    conditioning_data_dir; any image ending), else `<stem>-masklabel.png` beside it (OneTrainer's), else None."""
+    places = []
+    if mask_dir:
+        rel = image.relative_to(root) if image.is_relative_to(root) else Path(image.name)
+        places.append(Path(mask_dir) / rel.parent / rel.stem)
+    places.append(image.parent / f"{image.stem}{MASK_SUFFIX}")
+    for stem in places:
+        for ext in (".png", *sorted(IMAGE_EXTS - {".png"})):
+            cand = stem.with_name(stem.name + ext)
+            if cand.is_file():
+                return cand
+    return None
+
+
+def load_mask(image: Path, mask: Path | None) -> Image.Image | None:
+    """The loss weights of an image as an "L" image of its size (255: counts fully): a mask file's red channel
+    (as kohya reads its masks; a grey mask is the same), else the image's transparency, else None."""
+    if mask is not None:
+        try:
+            with Image.open(mask) as m:
+                m = ImageOps.exif_transpose(m)
+                m = m.convert("RGB").getchannel("R")
+        except (OSError, ValueError, UnidentifiedImageError) as e:
+            raise DatasetError(f"{mask}: the mask of {image.name} cannot be read ({e})") from None
+        with Image.open(image) as im:
+            size = ImageOps.exif_transpose(im).size
+        return m if m.size == size else m.resize(size, Image.BILINEAR)
+    with Image.open(image) as im:
+        if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+            return None
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGBA").getchannel("A")
 
 
 @dataclass
 class ScanResult:
     items: list[ImageItem] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    subsets: list[Subset] = field(default_factory=list)  # kohya folders, when the folder is in that layout
+    masks: int = 0  # -masklabel files beside the images (not trained on; masked loss reads them)
 
     def report(self) -> str:
         lines = [f"{len(self.items)} image(s) usable"]
+        if self.subsets:
+            lines.append("kohya folders (repeats_caption):")
+            lines += [f"  {s.folder.name}: {s.images} image(s) x {s.repeats} per epoch"
+                      + (f", caption '{s.tokens}' where an image has no caption file" if s.tokens else "")
+                      for s in self.subsets]
+        if self.masks:
+            lines.append(f"{self.masks} mask file(s) ({MASK_SUFFIX}), for masked loss")
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) skipped:")
             lines += [f"  {p}: {why}" for p, why in self.skipped]
@@ -122,8 +216,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.copy()
 
 
-def read_caption(image_path: Path) -> str | None:
-    for ext in CAPTION_EXTS:
+def caption_exts(caption_ext: str = ".txt") -> list[str]:
+    """The caption endings looked for, in order: the configured one first (".txt", "caption" or ".tags"), then
+    the others kohya knows."""
+    ext = caption_ext.strip()
+    ext = ext if ext.startswith(".") else f".{ext}"
+    return [ext, *(e for e in (".txt", ".caption") if e != ext)]
+
+
+def read_caption(image_path: Path, caption_ext: str = ".txt") -> str | None:
+    for ext in caption_exts(caption_ext):
         cap = image_path.with_suffix(ext)
         if cap.is_file():
             try:
@@ -174,17 +276,37 @@ def _broken_link(p: Path) -> str | None:
     return None
 
 
+def _subset_of(p: Path, folder: Path, subsets: list[Subset]) -> Subset | None:
+    top = p.relative_to(folder).parts[0]
+    return next((s for s in subsets if s.folder.name == top), None)
+
+
 def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a photo of {trigger}",
-                prefix_trigger: bool = True) -> ScanResult:
+                prefix_trigger: bool = True, caption_ext: str = ".txt") -> ScanResult:
+    """Every usable image under `folder` with its caption: its caption file, else (kohya's layout) its
+    `<repeats>_<tokens>` folder's tokens, else `template`; the trigger word put first where it is missing."""
     folder = Path(folder)
     if not str(folder) or not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found")
-    res = ScanResult()
+    res = ScanResult(subsets=kohya_subsets(folder))
+    exts = {e.lower() for e in caption_exts(caption_ext)} | CAPTION_EXTS
+    layout = ", ".join(s.folder.name for s in res.subsets[:3])
     for p in sorted(folder.rglob("*")):
         if p.is_dir():
             continue
         ext = p.suffix.lower()
-        if ext in CAPTION_EXTS or ext in SIDE_FILES:
+        if ext in exts or ext in SIDE_FILES:
+            continue
+        if is_mask_file(p):
+            res.masks += 1
+            continue
+        sub = _subset_of(p, folder, res.subsets) if res.subsets else None
+        if res.subsets and (sub is None or sub.repeats < 1):
+            if ext in IMAGE_EXTS:
+                why = (f"its folder repeats it 0 times (kohya's layout skips {sub.folder.name})" if sub else
+                       f"not in a '<repeats>_<caption>' folder: this folder is in kohya's layout ({layout}), "
+                       "where only those folders are trained on")
+                res.skipped.append((p, why))
             continue
         if p.is_symlink() and (why := _broken_link(p)):
             res.skipped.append((p, why))
@@ -194,15 +316,18 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
             continue
         try:
             w, h = check_image(p)
-            caption = read_caption(p)
+            caption = read_caption(p, caption_ext)
         except ValueError as e:
             res.skipped.append((p, str(e)))
             continue
         except OSError as e:  # unreadable (permissions, a caption that is a broken link, I/O error)
             res.skipped.append((p, f"cannot be read ({e.strerror or e})"))
             continue
-        cap = build_caption(caption, trigger, template, prefix_trigger)
-        res.items.append(ImageItem(p, cap, w, h))
+        source = "file" if caption else "folder" if sub and sub.tokens else "template"
+        cap = build_caption(caption or (sub.tokens if sub else None), trigger, template, prefix_trigger)
+        res.items.append(ImageItem(p, cap, w, h, sub.repeats if sub else 1, source))
+        if sub:
+            sub.images += 1
     if not res.items:
         detail = f"; skipped: {', '.join(f'{p.name} ({why})' for p, why in res.skipped[:10])}" if res.skipped else ""
         raise DatasetError(f"{folder}: no usable training images{detail}")
@@ -229,18 +354,32 @@ def pick_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> tuple[int, in
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
+def _cover(img: Image.Image, size: tuple[int, int], resample: int | None = None) -> Image.Image:
+    """`img` resized to cover `size` (its aspect kept)."""
+    tw, th = size
+    scale = max(tw / img.width, th / img.height)
+    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
+    return img.resize((nw, nh), resample if resample is not None else Image.BICUBIC if scale > 1 else Image.LANCZOS)
+
+
 def resize_crop(img: Image.Image, size: tuple[int, int], crop: str = "center",
                 rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover `size`, then crop. Returns the image and the crop's top-left (y, x)."""
     tw, th = size
-    scale = max(tw / img.width, th / img.height)
-    nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
-    img = img.resize((nw, nh), Image.BICUBIC if scale > 1 else Image.LANCZOS)
+    img = _cover(img, size)
+    nw, nh = img.size
     if crop == "random" and rng is not None:
         x, y = rng.randint(0, nw - tw), rng.randint(0, nh - th)
     else:
         x, y = (nw - tw) // 2, (nh - th) // 2
     return img.crop((x, y, x + tw, y + th)), (y, x)
+
+
+def resize_crop_at(img: Image.Image, size: tuple[int, int], at: tuple[int, int]) -> Image.Image:
+    """The crop `resize_crop` made of an image of the same size, at its top-left (y, x): for the image's mask
+    (resampled bilinearly: no overshoot outside [0, 255] at a mask's edges)."""
+    y, x = at
+    return _cover(img, size, Image.BILINEAR).crop((x, y, x + size[0], y + size[1]))
 
 
 def to_tensor(img: Image.Image):

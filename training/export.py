@@ -13,7 +13,7 @@ import torch
 from pipelines.errors import TrainingError
 from pipelines.weights_io import PRECISIONS, atomic_write, cast_weights
 
-from .config import TrainConfig, _toml_value
+from .config import PATH_FIELDS, TrainConfig, _toml_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import Trainer
@@ -131,7 +131,6 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
 
 # TrainConfig fields that hold local paths: shared files (the adapter's metadata, its library .toml) carry
 # them as `shareable_path` gives them, never as absolute paths of this machine
-PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae")
 
 
 def shareable_path(value: str | None) -> str | None:
@@ -186,7 +185,9 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
         prediction_type=base.pipe.scheduler.config.get("prediction_type"),
         extra={
-            "ss_num_train_images": str(len(tr.scan.items) * cfg.repeats),
+            "ss_num_train_images": str(sum(it.repeats for it in tr.scan.items) * cfg.repeats),
+            **dataset_metadata(tr.scan, Path(cfg.images), cfg.repeats),
+            "ss_masked_loss": str(cfg.masked_loss),
             "ss_shuffle_caption": str(cfg.shuffle_tags),
             "ss_keep_tokens": str(cfg.keep_tokens),
             "ss_caption_dropout_rate": f"{cfg.caption_dropout:g}",
@@ -197,13 +198,29 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_seed": str(cfg.seed),
             "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
             **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),
-            "ss_tag_frequency": json.dumps({"trigger": {cfg.trigger: len(tr.scan.items)}}),
         },
     )
     meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
     if (sc := suggested_step_check(tr)) is not None:
         meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
     return meta
+
+
+def dataset_metadata(scan, images: Path, repeats: int = 1) -> dict[str, str]:
+    """kohya's ss_dataset_dirs and ss_tag_frequency: per image folder (a kohya `10_ohwx woman` folder, or the
+    images folder itself), its image count and repeats, and how often each comma-separated caption tag occurs
+    (what AUTOMATIC1111's and civitai's pages list as the training tags)."""
+    dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for it in scan.items:
+        rel = it.path.relative_to(images).parts if it.path.is_relative_to(images) else ()
+        key = rel[0] if scan.subsets and len(rel) > 1 else images.name or "images"
+        d = dirs.setdefault(key, {"n_repeats": it.repeats * repeats, "img_count": 0})
+        d["img_count"] += 1
+        freq = tags.setdefault(key, {})
+        for tag in dict.fromkeys(t.strip() for t in it.caption.split(",") if t.strip()):
+            freq[tag] = freq.get(tag, 0) + 1
+    return {"ss_dataset_dirs": json.dumps(dirs), "ss_tag_frequency": json.dumps(tags)}
 
 
 def base_hash(base) -> str:

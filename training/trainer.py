@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +30,8 @@ from pipelines.single_file import unet_layout
 
 from . import lora as lora_mod
 from .config import TrainConfig
-from .dataset import (ScanResult, load_rgb, make_buckets, pick_bucket, resize_crop, scan_folder, to_tensor,
-                      vary_caption)
+from .dataset import (ScanResult, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
+                      resize_crop_at, scan_folder, to_tensor, vary_caption)
 from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
@@ -70,6 +71,8 @@ class Example:
     size: tuple[int, int]  # (width, height) in pixels
     crop: tuple[int, int]  # (top, left)
     prior: bool = False
+    repeats: int = 1  # times per epoch (a kohya folder's repeat count)
+    mask: torch.Tensor | None = None  # (1, h, w) loss weights at the latents' size (masked loss), None: all 1
 
 
 ProgressFn = Callable[[Progress], None]
@@ -129,15 +132,28 @@ def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Ten
     return out
 
 
+def _latent_mask(mask, size: tuple[int, int], crop: tuple[int, int], flip: bool, factor: int) -> torch.Tensor:
+    """An image's mask ("L"), cropped and flipped as the image was, as (1, h, w) weights in [0, 1] at the
+    latents' size (each latent pixel the mean of the pixels it covers, as kohya's area interpolation)."""
+    m = torch.from_numpy(np.asarray(resize_crop_at(mask, size, crop), dtype=np.float32) / 255.0)[None, None]
+    if flip:
+        m = torch.flip(m, dims=[3])
+    return F.interpolate(m, size=(size[1] // factor, size[0] // factor), mode="area")[0]
+
+
 def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resolution: int,
-                   prior: bool = False) -> list[Example]:
+                   prior: bool = False, masks: bool = False) -> list[Example]:
+    """The run's examples: each image cropped (and flipped) as configured, VAE-encoded once; with `masks`
+    (masked loss), each with its mask's loss weights (see `dataset.find_mask`)."""
     step = _latent_step(base)
+    factor = int(base.pipe.vae_scale_factor)
     buckets = make_buckets(resolution, step=step) if cfg.buckets else [(resolution, resolution)]
     rng = random.Random(cfg.seed)
     variants = 4 if cfg.crop == "random" else 1
     tensors, meta = [], []
     for item in scan.items:
         img = load_rgb(item.path)
+        mask = load_mask(item.path, find_mask(item.path, Path(cfg.images), cfg.mask_dir)) if masks else None
         size = pick_bucket(img.width, img.height, buckets)
         for _ in range(variants):
             crop_img, crop = resize_crop(img, size, cfg.crop, rng)
@@ -145,9 +161,10 @@ def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resoluti
             for flip in flips:
                 t = to_tensor(crop_img)
                 tensors.append(torch.flip(t, dims=[2]) if flip else t)
-                meta.append((item.caption, size, crop))
+                lm = _latent_mask(mask, size, crop, flip, factor) if mask is not None else None
+                meta.append((item.caption, size, crop, item.repeats, lm))
     latents = encode_images(base, tensors)
-    return [Example(lat, cap, size, crop, prior) for lat, (cap, size, crop) in zip(latents, meta)]
+    return [Example(lat, cap, size, crop, prior, reps, m) for lat, (cap, size, crop, reps, m) in zip(latents, meta)]
 
 
 def _cached_base_images(cfg: TrainConfig, base: BaseModel, resolution: int, kind: str, key: str,
@@ -359,7 +376,7 @@ class BatchSchedule:
         self.batch_size, self.seed = batch_size, seed
         self.by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, ex in enumerate(examples):
-            self.by_bucket.setdefault(ex.size, []).extend([i] * repeats)
+            self.by_bucket.setdefault(ex.size, []).extend([i] * (repeats * ex.repeats))
         self._epochs: dict[int, list[list[int]]] = {}
 
     def _epoch(self, e: int) -> list[list[int]]:
@@ -420,14 +437,16 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
                    pooled: torch.Tensor | None, time_ids: torch.Tensor | None, gen: torch.Generator | None,
                    cfg: TrainConfig, dtype: torch.dtype | None = None,
                    noise_t: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   tail_target: torch.Tensor | None = None, unet=None) -> torch.Tensor:
+                   tail_target: torch.Tensor | None = None, unet=None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample denoising loss (B,), with min-SNR weighting and noise offset.
 
     `dtype` is the UNet's weight dtype; pass it (computing it walks every parameter). `noise_t`:
     noise and timesteps drawn beforehand (see `draw_noise`); otherwise they are drawn from `gen`.
     `tail_target`: the targets of the last len(tail_target) rows (base preservation: the base model's
     own prediction) instead of the noise (or velocity). `unet`: what to call instead of the base's UNet
-    (its compiled form).
+    (its compiled form). `mask`: (B, 1, h, w) weights of each latent pixel's error (masked loss, as kohya's:
+    the error times the mask, averaged over every pixel, so a small mask also weighs its image less).
     """
     dtype = dtype or base.pipe.unet.dtype
     unet = base.pipe.unet if unet is None else unet
@@ -443,7 +462,8 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     if pooled is not None:
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy.to(dtype), t, cond.to(dtype), **kwargs).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    loss = (err if mask is None else err * mask.to(err)).mean(dim=(1, 2, 3))
     ac = scheduler.alphas_cumprod.to(latents.device)[t]
     snr = ac / (1 - ac)
     w = torch.ones_like(loss)
@@ -501,7 +521,8 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         check_name_free(cfg)  # before any work: never silently replace a finished adapter
-        self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger)
+        self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
+                                cfg.caption_ext)
         self._make_accelerator()
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
@@ -534,16 +555,26 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
-        self.examples = build_examples(cfg, base, self.scan, self.resolution)
+        self.examples = build_examples(cfg, base, self.scan, self.resolution, masks=cfg.masked_loss)
+        if cfg.masked_loss:
+            self._report_masks()
         self.priors: list[Example] = []
-        if cfg.class_prompt and cfg.num_class_images > 0:
+        if cfg.class_images or (cfg.class_prompt and cfg.num_class_images > 0):
             if self.is_main:  # the main process generates missing class images; the others wait, then read
                 class_images_folder(cfg, base, self.resolution)
             self.accelerator.wait_for_everyone()
             folder = class_images_folder(cfg, base, self.resolution)
-            cscan = scan_folder(folder, cfg.trigger, cfg.class_prompt, prefix_trigger=False)
-            for it in cscan.items:
-                it.caption = cfg.class_prompt if not (it.path.with_suffix(".txt")).exists() else it.caption
+            cscan = scan_folder(folder, cfg.trigger, "{trigger}", prefix_trigger=False, caption_ext=cfg.caption_ext)
+            for it in cscan.items:  # a caption file's or a kohya folder's caption, else the class prompt
+                if it.source == "template":
+                    if not cfg.class_prompt:
+                        raise ConfigError(
+                            f"class_prompt: the class image {it.path} has no caption (no {cfg.caption_ext} file "
+                            "beside it, not in a kohya '<repeats>_<class>' folder): give the class prompt, e.g. "
+                            "--class-prompt 'a photo of a dog'")
+                    it.caption = cfg.class_prompt
+            if cscan.subsets:
+                _emit(self.on_progress, Progress(0, cfg.max_steps, message="class images: " + cscan.report()))
             self.priors = build_examples(cfg.replace(random_flip=False, crop="center"), base, cscan, self.resolution,
                                          prior=True)
             for ex in self.priors:
@@ -766,6 +797,17 @@ class Trainer:
             i += n
         return float(flat[-1])
 
+    @staticmethod
+    def _loss_mask(inst: list[Example], rows: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """(rows, 1, h, w) loss weights: the instance rows' masks, 1 elsewhere; None when no row has a mask."""
+        if all(ex.mask is None for ex in inst):
+            return None
+        mask = torch.ones((rows, 1, *latents.shape[2:]), device=latents.device)
+        for i, ex in enumerate(inst):
+            if ex.mask is not None:
+                mask[i] = ex.mask.to(latents.device)
+        return mask
+
     def _stop_requested(self) -> bool:
         """The stop flag; with several processes, any one's request stops all at the same step."""
         want = self.stop is not None and self.stop.is_set()
@@ -795,7 +837,8 @@ class Trainer:
                 tids = sdxl_time_ids(exs, device) if pooled is not None else None
                 tail = self._base_prediction(latents, noise_t, pres, tids) if pres else None
                 per = diffusion_loss(base, self.noise_scheduler, latents, cond, pooled, tids, None, cfg,
-                                     self.unet_dtype, noise_t, tail_target=tail, unet=self.unet)
+                                     self.unet_dtype, noise_t, tail_target=tail, unet=self.unet,
+                                     mask=self._loss_mask(inst, len(exs), latents))
             n, m = len(inst), len(prior)
             loss = per[:n].mean()
             if prior:
@@ -816,6 +859,21 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _report_masks(self) -> None:
+        """Masked loss: how many images have a mask (said at the start); none at all is an error."""
+        cfg = self.cfg
+        masks = [ex.mask for ex in self.examples if ex.mask is not None]
+        n = len(masks) * len(self.scan.items) // len(self.examples)  # every image gives as many examples
+        if not masks:
+            where = f"in {cfg.mask_dir}, " if cfg.mask_dir else ""
+            raise ConfigError(f"masked_loss: none of the {len(self.scan.items)} images in {cfg.images} has a mask "
+                              f"({where}an IMAGE-masklabel.png beside it, or transparency in the image); add masks "
+                              "or turn masked loss off")
+        mean = float(torch.stack([m.mean() for m in masks]).mean())
+        _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+            f"masked loss: {n} of {len(self.scan.items)} images have a mask (on average {100 * mean:.0f}% of the "
+            "picture counts)" + ("" if n == len(self.scan.items) else "; the others count whole"))))
 
     # samples ----------------------------------------------------------------
     def sample_prompts(self) -> list[str]:
