@@ -448,8 +448,8 @@ class StudioUI:
                                + (f", caption “{s.tokens}” where an image has no caption file" if s.tokens else "")
                                for s in scan.subsets) + "\n"
         if scan.masks:
-            head += (f" {scan.masks} mask file(s) (`…-masklabel.png`): with *Masked loss* on (Advanced), only their "
-                     "white part of each image counts.")
+            head += (f"\n\n{scan.masks} mask file(s) (`…-masklabel.png`): with *Masked loss* on (Advanced), only "
+                     "the white part of each image counts.")
         if len(scan.items) < MIN_IMAGES:
             head += (f"\n\n<span class='ls-warn'>⚠ Only {len(scan.items)} usable image(s): {MIN_IMAGES}–"
                      f"{MAX_IMAGES} work best. With so few the adapter tends to copy them (same pose, colours, "
@@ -1475,7 +1475,8 @@ class StudioUI:
                 with gr.Row():
                     with gr.Column(scale=3, min_width=420):
                         gr.Markdown("**1. Images** — drop 4–30 images of one concept or style (captions in "
-                                    "same-named `.txt` files are read), or start from a shipped sample set.")
+                                    "same-named `.txt` files are read) or a `.zip` of a dataset folder (kohya's "
+                                    "`10_name` folders count 10 times), or start from a shipped sample set.")
                         sample_set = gr.Dropdown([NO_SAMPLE_SET] + st.sample_sets(), value=NO_SAMPLE_SET,
                                                  label="Sample set", elem_id="sample-set")
                         uploads = gr.File(file_count="multiple",

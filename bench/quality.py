@@ -372,7 +372,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
             print(f"| {r['rank']} | {r['size'] / 1024:.0f} KB | {100 * r['worst']:.1f}% | {100 * r['mean']:.1f}% "
                   f"| {r['fidelity']:.2f} | {r['drop']:.2f} |")
     print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
-    return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes}
+    return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes,
+            "trigger_fields": {k: trig[k] for k in FIELDS}, "drops": drops}
 
 
 def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: Sequence[str], before: dict,
