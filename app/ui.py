@@ -31,7 +31,7 @@ from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
-from training.dataset import kohya_trigger
+from training.dataset import check_masks, kohya_trigger
 from training.jobs import Job
 from training.trainer import CHECKING
 
@@ -581,6 +581,8 @@ class StudioUI:
             from pipelines.quantize import check_available
 
             check_available(cfg.quantize_base, cfg.device or default_device())
+        if cfg.masked_loss and ds_id and check_images:  # said at Start, not when the job has loaded the base
+            check_masks(self.studio.scan(ds_id, cfg.trigger).items, self.studio.dataset_folder(ds_id))
         if "captions" in form:
             last = (form.get("last_trigger") or "").strip() or cfg.trigger
             rows = [[r[0], _replace_trigger(r[1], last, cfg.trigger)] for r in _rows(form["captions"]) if r and r[0]]
@@ -1079,12 +1081,15 @@ class StudioUI:
             if not name or not enabled:
                 continue
             try:
-                trig = self.studio.library.info(name).trigger_word
+                info = self.studio.library.info(name)
             except (LoraStudioError, FileNotFoundError):
                 continue
-            for t in [t.strip() for t in trig.split(",") if t.strip()]:
+            words = [t.strip() for t in info.trigger_word.split(",") if t.strip()]
+            # none recorded (a file from elsewhere): its most frequent training tags, as A1111's card lists them
+            tags = [] if words else [t for t, _ in info.training_tags(3)]
+            for t in words + tags:
                 if t not in [c[1] for c in choices]:
-                    choices.append((f"{t}  ({name})", t))
+                    choices.append((f"{t}  ({name}{', a training tag' if t in tags else ''})", t))
         return gr.update(choices=choices, value=None)
 
     @staticmethod

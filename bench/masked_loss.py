@@ -7,8 +7,8 @@ Draws a concept set whose every picture has the same background, with captions t
 ("a red sks": what a hobbyist's captions often look like), and a mask of the shape beside each image
 (`NN-masklabel.png`: the shape, two pixels wider). Then trains the concept preset twice on it, the same
 seed, with masked loss off and on (`bench/quality.py concept --images … [--set masked_loss=true]`), and
-prints side by side: fidelity (the trigger draws the shape), the background and colour the trigger prompts
-ask for ("a green sks on a blue background"), and the preservation drop on prompts without the trigger.
+prints side by side: fidelity (the trigger draws the shape), the background the trigger prompts ask for
+("a green sks on a blue background"), and the preservation drop on prompts without the trigger.
 The shape is one the base draws, so the adapter's learning is not what is measured, only what it takes
 along. The last line: `background unmasked=0.xx masked=0.xx`.
 """
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from PIL import ImageFilter  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
 
 import bench.quality as quality  # noqa: E402
 from training import toy_world as tw  # noqa: E402
@@ -33,14 +33,15 @@ from training import toy_world as tw  # noqa: E402
 OUT = ROOT / "bench" / "out" / "masked_loss"
 
 
-def write_set(folder: Path, shape: str, background: str, n: int, seed: int) -> Path:
+def write_set(folder: Path, shape: str, background: str, n: int, seed: int, style: str = tw.BASE_STYLE) -> Path:
     """n pictures of `shape` in varied colours, all on `background`, captioned "a <colour> sks"; each with its
-    mask (white: the shape) as <name>-masklabel.png."""
+    mask (white: the shape) as <name>-masklabel.png. `style` "framed" adds a frame along the picture's edge
+    that the captions do not mention and the masks leave out."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in range(n):
         spec = tw.sample_spec(rng, shapes=[shape], colors=[c for c in tw.FG_COLORS if c != background],
-                              backgrounds=[background])
+                              backgrounds=[background], style=style)
         tw.draw(spec).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(f"a {spec.color} sks\n")
         plain = replace(spec, color="white", background="black", jitter=(0,) * 6, style=tw.BASE_STYLE)
@@ -49,20 +50,43 @@ def write_set(folder: Path, shape: str, background: str, n: int, seed: int) -> P
     return folder
 
 
+def has_frame(img) -> bool:
+    """A frame along the picture's edge: the outermost 2 pixels' median colour far from that of the band 5-7
+    pixels in (the background there; the shape covers too little of either band to move a median)."""
+    import numpy as np
+
+    a = np.asarray(img.convert("RGB").resize((64, 64)), dtype=np.float32)
+    ring = np.ones((64, 64), bool)
+    ring[2:-2, 2:-2] = False
+    band = np.zeros((64, 64), bool)
+    band[5:-5, 5:-5] = True
+    band[8:-8, 8:-8] = False
+    return float(np.abs(np.median(a[ring], axis=0) - np.median(a[band], axis=0)).sum()) > 90
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="triangle", choices=tw.BASE_SHAPES)
     ap.add_argument("--background", default="yellow", choices=tw.BG_COLORS)
     ap.add_argument("--n", type=int, default=12, help="training images")
+    ap.add_argument("--frame", action="store_true",
+                    help="the training pictures also have a frame along their edge (the toy world's framed style) "
+                         "that neither the captions nor the masks include; also prints how many generated "
+                         "pictures have a frame")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a training option for both runs (bench/quality.py's --set)")
     args = ap.parse_args(argv)
-    folder = write_set(OUT / f"set-{args.shape}-on-{args.background}", args.shape, args.background, args.n,
-                       args.seed)
-    print(f"set: {args.n} {args.shape}s as sks, all on {args.background}, captions without the background: {folder}")
+    style = "framed" if args.frame else tw.BASE_STYLE
+    folder = write_set(OUT / f"set-{args.shape}-on-{args.background}{'-framed' if args.frame else ''}", args.shape,
+                       args.background, args.n, args.seed, style)
+    print(f"set: {args.n} {args.shape}s as sks, all on {args.background}" + (", framed" if args.frame else "")
+          + f", captions without the background: {folder}")
+    if args.frame:
+        train = [Image.open(p) for p in sorted(folder.glob("[0-9][0-9].png"))]
+        print(f"frame detector: {sum(map(has_frame, train))} of {len(train)} training pictures framed")
     rows = {}
     for label, extra in (("unmasked", []), ("masked", ["--set", "masked_loss=true"])):
         print(f"\n=== {label} ===", flush=True)
@@ -71,15 +95,23 @@ def main(argv: list[str] | None = None) -> int:
                                     "--out-dir", str(OUT / label), *extra,
                                     *[a for kv in args.set for a in ("--set", kv)]])
         rows[label] = quality.run_lora("concept", qargs)
-    print("\n| run | fidelity | trigger prompts: background | colour | preservation drop | minutes |")
+    def share(v) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    def framed(imgs) -> str:
+        return f"{sum(map(has_frame, imgs)) / len(imgs):.2f}"
+
+    print("\n| run | fidelity | trigger prompts: background | framed: trigger / base prompts "
+          "| preservation drop | minutes |")
     print("|---|---|---|---|---|---|")
+    print(f"| base, no adapter | – | – | – / {framed(rows['unmasked']['base_images_before'])} | – | – |")
     for label, r in rows.items():
-        t = r["trigger_fields"]
-        print(f"| {label} | {r['fidelity']:.2f} | {t['background']:.2f} | {t['color']:.2f} "
+        print(f"| {label} | {r['fidelity']:.2f} | {share(r['trigger_fields']['background'])} "
+              f"| {framed(r['trigger_images'])} / {framed(r['base_images'])} "
               f"| {r['preservation_drop']:.2f} | {r['minutes']:.1f} |")
     print(f"contact sheets: {OUT}/*/quality_concept_fidelity.png")
-    print(f"background unmasked={rows['unmasked']['trigger_fields']['background']:.2f} "
-          f"masked={rows['masked']['trigger_fields']['background']:.2f}")
+    print(f"background unmasked={share(rows['unmasked']['trigger_fields']['background'])} "
+          f"masked={share(rows['masked']['trigger_fields']['background'])}")
     return 0
 
 

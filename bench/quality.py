@@ -373,7 +373,8 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
                   f"| {r['fidelity']:.2f} | {r['drop']:.2f} |")
     print(f"fidelity={fidelity:.2f} preservation_drop={drop:.2f} minutes={minutes:.1f}", flush=True)
     return {"fidelity": fidelity, "preservation_drop": drop, "minutes": minutes,
-            "trigger_fields": {k: trig[k] for k in FIELDS}, "drops": drops}
+            "trigger_fields": {k: trig[k] for k in FIELDS}, "drops": drops, "trigger_images": timgs,
+            "base_images": imgs2, "base_images_before": imgs}
 
 
 def tradeoff(mode: str, args: argparse.Namespace, lib: str, name: str, prompts: Sequence[str], before: dict,

@@ -621,6 +621,21 @@ class AdapterInfo:
         v = str(self.metadata.get("ss_clip_skip", "")).strip()
         return int(v) if v.isdigit() and 1 <= int(v) <= 12 else 1
 
+    def training_tags(self, n: int = 10) -> list[tuple[str, int]]:
+        """The most frequent caption tags it was trained on, with their counts (kohya's `ss_tag_frequency`,
+        summed over its image folders): for a file from elsewhere, where its trigger word is most often found.
+        [] when the file has none or they cannot be read."""
+        try:
+            folders = json.loads(self.metadata.get("ss_tag_frequency") or "{}")
+        except ValueError:
+            return []
+        counts: dict[str, int] = {}
+        for tags in (folders.values() if isinstance(folders, dict) else []):
+            for tag, k in (tags.items() if isinstance(tags, dict) else []):
+                if isinstance(tag, str) and tag.strip() and isinstance(k, (int, float)) and k > 0:
+                    counts[tag.strip()] = counts.get(tag.strip(), 0) + int(k)
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
     def suggested_start(self, steps: int) -> int | None:
         """The step from which the model card suggests the adapter acts, scaled to a sampler of `steps` steps
         (the check ran with its own count); None without a suggestion or with a value that is not START/STEPS."""
@@ -692,6 +707,9 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     trigger = info.trigger_word or "none recorded: the adapter acts without a word"
     rows.append(("trigger", trigger + (f" (activation text: {activation})" if activation and
                                         activation != info.trigger_word else "")))
+    if tags := info.training_tags():
+        rows.append(("training tags", ", ".join(f"{t} ({k})" for t, k in tags)
+                     + ("" if info.trigger_word else ": its trigger word is most likely among the first")))
     kind = (f"LyCORIS {info.network} (applied here as an exact LoRA, most common rank {info.rank})"
             if info.network else f"LoRA rank {info.rank}, alpha {info.alpha:g}")
     rows.append(("network", f"{kind}; {info.num_layers} layers in "

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from pipelines.errors import ConfigError, IncompatibleAdapterError, TrainingError
+from pipelines.errors import ConfigError, DatasetError, IncompatibleAdapterError, TrainingError
 from pipelines.weights_io import load_safetensors
 from training.config import TrainConfig
 from training.trainer import train
@@ -713,5 +713,5 @@ def test_masked_loss_ignores_the_error_where_the_mask_is_black(tiny_sd1_dir):
 
 
 def test_masked_loss_without_any_mask_is_refused_naming_the_folder(star_images, tiny_sd1_dir, tmp_path):
-    with pytest.raises(ConfigError, match=rf"masked_loss: none of the \d+ images in {star_images}"):
+    with pytest.raises(DatasetError, match=rf"masked_loss: none of the \d+ images in {star_images}"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, masked_loss=True))

@@ -26,7 +26,7 @@ from app.options import check_launch_options
 from app.studio import Studio
 from app.ui import ADVANCED, PRESET_FIELDS, SLOTS, StudioUI, field_value, launch
 from pipelines.adapters import lora_metadata, save_adapter
-from pipelines.errors import ConfigError, UnsafeNameError
+from pipelines.errors import ConfigError, DatasetError, UnsafeNameError
 from pipelines.generation import GenerationRequest, parse_parameters, read_png_parameters
 from pipelines.stack import StackEntry
 from pipelines.weights_io import read_header
@@ -167,6 +167,7 @@ def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_pa
     z = _dataset_zip(tmp_path / "my set.zip", {
         "mydata/10_ohwx woman/0.png": _png(), "mydata/10_ohwx woman/1.png": _png((0, 0, 200)),
         "mydata/10_ohwx woman/1.txt": b"ohwx woman, smiling", "mydata/2_ohwx woman closeup/0.png": _png(),
+        "mydata/2_ohwx woman closeup/0-masklabel.png": _png((255, 255, 255)),
         "__MACOSX/mydata/._0.png": b"junk", "mydata/.DS_Store": b"\0", "../escape.png": _png()})
     ds_id, thumbs, skipped, caps, last, sample_set, trig = ui.stage_upload([str(z)], "sks", "concept", None)
     assert trig == last == "ohwx"
@@ -174,9 +175,11 @@ def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_pa
     assert rows == {"10_ohwx woman/0.png": "ohwx woman", "10_ohwx woman/1.png": "ohwx woman, smiling",
                     "2_ohwx woman closeup/0.png": "ohwx woman closeup"}
     assert "kohya" in skipped and "`10_ohwx woman`: 2 image(s) × 10" in skipped and "× 2" in skipped
+    assert "1 mask file(s)" in skipped
     folder = ui.studio.dataset_folder(ds_id)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-        "10_ohwx woman/0.png", "10_ohwx woman/1.png", "10_ohwx woman/1.txt", "2_ohwx woman closeup/0.png"]
+        "10_ohwx woman/0.png", "10_ohwx woman/1.png", "10_ohwx woman/1.txt", "2_ohwx woman closeup/0-masklabel.png",
+        "2_ohwx woman closeup/0.png"]
     assert not (tmp_path / "escape.png").exists() and not list(ui.studio.datasets.glob("*escape*"))
     caps.loc[caps["image"] == "10_ohwx woman/0.png", "caption"] = "ohwx woman, outdoors"
     cfg = ui.train_config(_form(ui, ds_id, caps, "kw", trigger="ohwx", last_trigger="ohwx"))
@@ -184,9 +187,19 @@ def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_pa
     from training.dataset import scan_folder
 
     assert {i.repeats for i in scan_folder(cfg.images, cfg.trigger).items} == {10, 2}
+    assert ui.train_config(_form(ui, ds_id, caps, "kw", trigger="ohwx", last_trigger="ohwx",
+                                 masked_loss=True)).masked_loss  # one image has a mask: the rest count whole
     # a name with a folder that leaves the dataset is refused
     with pytest.raises(UnsafeNameError):
         ui.studio.save_captions(ds_id, [("../x.png", "a")])
+
+
+def test_masked_loss_without_masks_is_refused_at_start(ui, tmp_path):
+    ds_id, _, _, caps, *_ = ui.stage_upload([str(_dataset_zip(tmp_path / "plain.zip", {"a.png": _png()}))], "sks",
+                                            "concept", None)
+    with pytest.raises(DatasetError, match="masked_loss: none of the 1 images"):
+        ui.train_config(_form(ui, ds_id, caps, "m", masked_loss=True))
+    assert not ui.train_config(_form(ui, ds_id, caps, "m")).masked_loss
 
 
 def test_a_bad_or_oversized_zip_is_refused_naming_it_and_leaves_nothing(ui, tmp_path, monkeypatch):
@@ -676,6 +689,32 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(gr.Error, match="carries no generation parameters"):
         ui.read_image_parameters(str(plain))
+
+
+def test_a_file_without_a_trigger_word_offers_its_training_tags(ui, lora_files, tmp_path):
+    """A LoRA from civitai often records no trigger word, only kohya's tag counts of its captions: the Library and
+    `loras info` list the most frequent tags, and the Generate tab offers the first three to insert."""
+    import json
+
+    from pipelines.adapters import adapter_facts
+    from pipelines.weights_io import load_safetensors, save_safetensors
+
+    sd, meta = load_safetensors(lora_files["alpha-style"])
+    meta = {k: v for k, v in meta.items() if "trigger" not in k}
+    meta["ss_tag_frequency"] = json.dumps({"10_zkw girl": {"zkw girl": 12, "smiling": 5, "outdoors": 2},
+                                           "5_zkw girl closeup": {"zkw girl": 6, "portrait": 6, "smiling": 1},
+                                           "broken": "not a dict"})
+    path = tmp_path / "civitai-thing.safetensors"
+    save_safetensors(sd, path, metadata=meta)
+    _import(ui, path)
+    info = ui.studio.library.info("civitai-thing")
+    assert info.trigger_word == "" and info.training_tags(3) == [("zkw girl", 18), ("portrait", 6), ("smiling", 6)]
+    facts = dict(adapter_facts(info))
+    assert facts["training tags"].startswith("zkw girl (18), portrait (6), smiling (6), outdoors (2)")
+    assert "most likely among the first" in facts["training tags"]
+    choices = ui.trigger_choices("civitai-thing", True, None, True, None, True, None, True)["choices"]
+    assert [v for _, v in choices] == ["zkw girl", "portrait", "smiling"]
+    assert "a training tag" in choices[0][0]
 
 
 def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):

@@ -120,6 +120,25 @@ def load_mask(image: Path, mask: Path | None) -> Image.Image | None:
         return im.convert("RGBA").getchannel("A")
 
 
+def has_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> bool:
+    """Whether masked loss finds a mask for `image` (a mask file, or transparency; read from the header only)."""
+    if find_mask(image, root, mask_dir) is not None:
+        return True
+    with Image.open(image) as im:
+        return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+
+
+def check_masks(items: list[ImageItem], root: str | Path, mask_dir: str | Path | None = None) -> int:
+    """How many of `items` have a mask; none at all is an error that names the folder and where masks go."""
+    n = sum(has_mask(it.path, Path(root), mask_dir) for it in items)
+    if not n:
+        where = f"in {mask_dir}, " if mask_dir else ""
+        raise DatasetError(f"masked_loss: none of the {len(items)} images in {root} has a mask ({where}an "
+                           f"IMAGE{MASK_SUFFIX}.png beside it, or transparency in the image); add masks or turn "
+                           "masked loss off")
+    return n
+
+
 @dataclass
 class ScanResult:
     items: list[ImageItem] = field(default_factory=list)

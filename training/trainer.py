@@ -30,7 +30,7 @@ from pipelines.single_file import unet_layout
 
 from . import lora as lora_mod
 from .config import TrainConfig
-from .dataset import (ScanResult, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
+from .dataset import (ScanResult, check_masks, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
                       resize_crop_at, scan_folder, to_tensor, vary_caption)
 from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
@@ -523,6 +523,8 @@ class Trainer:
         check_name_free(cfg)  # before any work: never silently replace a finished adapter
         self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
                                 cfg.caption_ext)
+        if cfg.masked_loss:  # before the base model loads: no mask at all is a mistake, said at once
+            check_masks(self.scan.items, cfg.images, cfg.mask_dir)
         self._make_accelerator()
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
@@ -861,15 +863,10 @@ class Trainer:
         return total
 
     def _report_masks(self) -> None:
-        """Masked loss: how many images have a mask (said at the start); none at all is an error."""
+        """Masked loss: how many images have a mask, and how much of the picture counts (said at the start)."""
         cfg = self.cfg
         masks = [ex.mask for ex in self.examples if ex.mask is not None]
         n = len(masks) * len(self.scan.items) // len(self.examples)  # every image gives as many examples
-        if not masks:
-            where = f"in {cfg.mask_dir}, " if cfg.mask_dir else ""
-            raise ConfigError(f"masked_loss: none of the {len(self.scan.items)} images in {cfg.images} has a mask "
-                              f"({where}an IMAGE-masklabel.png beside it, or transparency in the image); add masks "
-                              "or turn masked loss off")
         mean = float(torch.stack([m.mean() for m in masks]).mean())
         _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
             f"masked loss: {n} of {len(self.scan.items)} images have a mask (on average {100 * mean:.0f}% of the "
