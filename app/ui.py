@@ -31,7 +31,7 @@ from pipelines.library import with_user_metadata
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
-from training.dataset import check_masks, kohya_trigger
+from training.dataset import check_masks, edit_captions, kohya_trigger, tag_counts
 from training.jobs import Job
 from training.trainer import CHECKING
 
@@ -521,6 +521,29 @@ class StudioUI:
         new = PRESETS.get(preset, {}).get("instance_template", TrainConfig.instance_template).format(trigger=trigger)
         rows = [[r[0], new if str(r[1]).strip() in generated else r[1]] for r in _rows(captions) if r and r[0]]
         return _df(rows, CAPTION_COLUMNS)
+
+    @ui_errors
+    def edit_all_captions(self, op: str, captions, tags: str, find: str, replace: str, trigger: str):
+        """The captions table with every caption edited at once (op: front, end, remove, replace; see
+        `training.dataset.edit_captions`), and the new tag counts."""
+        rows = [r for r in _rows(captions) if r and r[0]]
+        try:
+            new = edit_captions([str(r[1] or "") for r in rows], op, tags or "", find or "", replace or "",
+                                (trigger or "").strip())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        table = _df([[r[0], c] for r, c in zip(rows, new)], CAPTION_COLUMNS)
+        return table, self.caption_tags(table)
+
+    @staticmethod
+    def caption_tags(captions) -> str:
+        """The captions' most frequent tags, with the number of captions that have each."""
+        rows = [r for r in _rows(captions) if r and r[0]]
+        counts = tag_counts([str(r[1] or "") for r in rows])
+        if not counts:
+            return ""
+        return (f"Most frequent tags ({len(rows)} captions): "
+                + " · ".join(f"`{t.replace('`', chr(39))}` {k}" for t, k in counts))
 
     @staticmethod
     def retrigger(captions, old: str, new: str):
@@ -1494,6 +1517,19 @@ class StudioUI:
                                                 label="Captions (editable; the trigger word is inserted)",
                                                 interactive=True, static_columns=[0], wrap=True, max_height=260,
                                                 column_widths=["22%", "78%"], elem_id="train-captions")
+                        with gr.Accordion("Edit every caption (add, remove or replace tags)", open=False,
+                                          elem_id="caption-tools"):
+                            with gr.Row(equal_height=True):
+                                cap_tags = gr.Textbox(label="Tags (comma-separated)", scale=3,
+                                                      placeholder="e.g. smiling, outdoors", elem_id="cap-tags")
+                                cap_front = gr.Button("Add after the trigger", scale=1, elem_id="cap-front")
+                                cap_end = gr.Button("Add at the end", scale=1, elem_id="cap-end")
+                                cap_remove = gr.Button("Remove", scale=1, elem_id="cap-remove")
+                            with gr.Row(equal_height=True):
+                                cap_find = gr.Textbox(label="Find", scale=2, elem_id="cap-find")
+                                cap_repl = gr.Textbox(label="Replace with", scale=2, elem_id="cap-replace-with")
+                                cap_replace = gr.Button("Replace", scale=1, elem_id="cap-replace")
+                            cap_counts = gr.Markdown("", elem_id="cap-counts")
                     with gr.Column(scale=2, min_width=360):
                         gr.Markdown("**2. Adapter**")
                         with gr.Row(equal_height=True, elem_classes=["ls-fields"]):
@@ -1805,6 +1841,11 @@ class StudioUI:
             sample_outputs = ds_outputs + [last_trigger, trigger, preset, name, uploads, *preset_fields]
             sample_set.input(shown_in(self.pick_sample_set, sample_outputs, skipped), [sample_set, ds_id],
                              sample_outputs)
+            cap_inputs = [captions, cap_tags, cap_find, cap_repl, trigger]
+            for btn, op in ((cap_front, "front"), (cap_end, "end"), (cap_remove, "remove"), (cap_replace, "replace")):
+                btn.click(shown_in(functools.partial(self.edit_all_captions, op), [captions, cap_counts],
+                                   cap_counts), cap_inputs, [captions, cap_counts])
+            captions.change(self.caption_tags, captions, cap_counts, **quiet)
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             preset.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)

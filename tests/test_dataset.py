@@ -197,3 +197,20 @@ def test_caption_extension_is_the_configured_one_first(tmp_path):
     (tmp_path / "a.tags").write_text("sks, from tags")
     res = scan_folder(tmp_path, caption_ext="tags")
     assert res.items[0].caption == "sks, from tags" and not res.skipped  # the .tags file is no stray image
+
+
+def test_every_caption_edited_at_once():
+    from training.dataset import edit_captions, tag_counts
+
+    caps = ["sks, red, square", "sks, Blue, circle, red", "a photo of sks"]
+    assert edit_captions(caps, "front", "smiling, red", trigger="sks") == [
+        "sks, smiling, red, square", "sks, smiling, Blue, circle, red", "smiling, red, a photo of sks"]
+    assert edit_captions(caps, "end", "outdoors") == [c + ", outdoors" for c in caps]
+    assert edit_captions(caps, "remove", "RED, blue") == ["sks, square", "sks, circle", "a photo of sks"]
+    assert edit_captions(caps, "replace", find="sks", replace="ohwx")[2] == "a photo of ohwx"
+    with pytest.raises(ValueError, match="tags:"):
+        edit_captions(caps, "front", " , ")
+    with pytest.raises(ValueError, match="find:"):
+        edit_captions(caps, "replace")
+    assert tag_counts(caps + ["sks, red, red"]) == [("red", 3), ("sks", 3), ("Blue", 1), ("a photo of sks", 1),
+                                                    ("circle", 1), ("square", 1)]

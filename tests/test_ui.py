@@ -217,6 +217,26 @@ def test_a_bad_or_oversized_zip_is_refused_naming_it_and_leaves_nothing(ui, tmp_
     assert set(ui.studio.datasets.iterdir()) == before
 
 
+def test_every_caption_is_edited_at_once_in_the_table(ui, tmp_path):
+    up = tmp_path / "tagged"
+    up.mkdir()
+    for i, tags in enumerate(("red, square, watermark", "blue, circle", "red, circle, watermark")):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(up / f"{i}.png")
+        (up / f"{i}.txt").write_text(tags)
+    ds_id, _, _, caps, *_ = ui.stage_upload(sorted(str(p) for p in up.iterdir()), "zkx", "concept", None)
+    assert "`zkx` 3 · `circle` 2 · `red` 2 · `watermark` 2" in ui.caption_tags(caps)
+    caps, counts = ui.edit_all_captions("remove", caps, "watermark", "", "", "zkx")
+    caps, counts = ui.edit_all_captions("front", caps, "1girl", "", "", "zkx")
+    assert list(caps["caption"]) == ["zkx, 1girl, red, square", "zkx, 1girl, blue, circle", "zkx, 1girl, red, circle"]
+    assert "watermark" not in counts and "`1girl` 3" in counts
+    with pytest.raises(gr.Error, match="type the text to replace"):
+        ui.edit_all_captions("replace", caps, "", "", "", "zkx")
+    # what the table says is what trains: written beside the images at Start
+    ui.train_config(_form(ui, ds_id, caps, "edited", trigger="zkx", last_trigger="zkx"))
+    folder = ui.studio.dataset_folder(ds_id)
+    assert (folder / "1.txt").read_text().strip() == "zkx, 1girl, blue, circle"
+
+
 def test_sample_set_fills_trigger_preset_and_name(ui):
     ds_id, thumbs, skipped, caps, last, trig, preset, name, uploads, *fields = ui.pick_sample_set("concept-star", None)
     assert len(thumbs) == 12 and trig == last == "sks" and preset == "concept" and name == "concept-star-lora"

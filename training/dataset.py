@@ -274,10 +274,58 @@ def vary_caption(caption: str, rng, shuffle: bool = False, keep_tokens: int = 0,
         return ""
     if not shuffle:
         return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    tags = split_tags(caption)
     head, tail = tags[:keep_tokens], tags[keep_tokens:]
     rng.shuffle(tail)
     return ", ".join(head + tail)
+
+
+def split_tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def tag_counts(captions: list[str], n: int = 20) -> list[tuple[str, int]]:
+    """The most frequent comma-separated tags of a dataset's captions (each caption counts a tag once)."""
+    counts: dict[str, int] = {}
+    for cap in captions:
+        for tag in dict.fromkeys(split_tags(cap)):
+            counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+def edit_captions(captions: list[str], op: str, tags: str = "", find: str = "", replace: str = "",
+                  trigger: str = "") -> list[str]:
+    """Every caption edited at once, as kohya_ss' captioning tools do.
+
+    op "front": `tags` (comma-separated) added after the trigger word when the caption starts with it, else
+    first; "end": added last; "remove": those tags taken out (whole tags, any case); "replace": the text
+    `find` replaced by `replace` (as typed). A tag a caption has already is not added twice.
+    """
+    new = split_tags(tags)
+    if op in ("front", "end", "remove") and not new:
+        raise ValueError("tags: type the tag(s) to add or remove, separated by commas")
+    if op == "replace" and not find:
+        raise ValueError("find: type the text to replace")
+    if op not in ("front", "end", "remove", "replace"):
+        raise ValueError(f"op: one of front, end, remove, replace; got {op!r}")
+    out = []
+    for cap in captions:
+        if op == "replace":
+            out.append(cap.replace(find, replace))
+            continue
+        have = split_tags(cap)
+        lower = {t.lower() for t in have}
+        if op == "remove":
+            gone = {t.lower() for t in new}
+            out.append(", ".join(t for t in have if t.lower() not in gone))
+            continue
+        add = [t for t in new if t.lower() not in lower]
+        if op == "end":
+            out.append(", ".join(have + add))
+        else:
+            k = 1 if have and trigger and have[0].lower() == trigger.strip().lower() else 0
+            out.append(", ".join(have[:k] + add + have[k:]))
+    return out
 
 
 def _broken_link(p: Path) -> str | None:
