@@ -91,9 +91,15 @@ def _zip_members(zf, zip_name: str) -> list[tuple[Any, tuple[str, ...]]]:
     if total > MAX_ZIP_BYTES:
         raise ConfigError(f"images: {zip_name} unpacks to {total / 2**30:.1f} GiB; at most "
                           f"{MAX_ZIP_BYTES / 2**30:.0f} GiB")
-    tops = {parts[0] for _, parts in out}
-    if len(tops) == 1 and all(len(parts) > 1 for _, parts in out) and not KOHYA_FOLDER.match(next(iter(tops))):
+    while True:  # folders around everything dropped (a zipped dataset folder, or a folder of it)
+        tops = {parts[0] for _, parts in out}
+        if len(tops) != 1 or not all(len(parts) > 1 for _, parts in out) or KOHYA_FOLDER.match(next(iter(tops))):
+            break
         out = [(info, parts[1:]) for info, parts in out]
+    # a kohya_ss GUI project (img/10_ohwx man, reg/1_man, model/, log/): its training images are those in img/
+    img = [(info, parts[1:]) for info, parts in out if parts[0] == "img" and len(parts) > 2]
+    if img and any(KOHYA_FOLDER.match(parts[0]) for _, parts in img):
+        out = img
     return out
 
 
@@ -452,16 +458,21 @@ class Studio:
         except (zipfile.BadZipFile, OSError) as e:
             raise ConfigError(f"images: {name} is not a readable .zip ({e})") from None
         with zf:
+            if len(zf.filelist) > 4 * MAX_ZIP_FILES:
+                raise ConfigError(f"images: {name} holds {len(zf.filelist)} entries; at most {MAX_ZIP_FILES} files "
+                                  "are unpacked")
             for info, parts in _zip_members(zf, name):
                 dst = _free_path(folder.joinpath(*parts))
                 if not _inside(dst, folder):
                     raise UnsafeNameError(f"images: {name} has a file outside its folder ({info.filename})")
-                dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as r, open(dst, "wb") as w:
                         shutil.copyfileobj(r, w)
-                except (zipfile.BadZipFile, OSError, EOFError) as e:
-                    raise ConfigError(f"images: {name}: {info.filename} cannot be unpacked ({e})") from None
+                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
+                    # RuntimeError: an encrypted member; NotImplementedError: a compression Python lacks (Deflate64)
+                    raise ConfigError(f"images: {name}: {info.filename} cannot be unpacked ({e}); zip the folder "
+                                      "again without a password, with ordinary (deflate) compression") from None
 
     def stage_sample_set(self, name: str) -> str:
         if name not in self.sample_sets():

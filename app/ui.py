@@ -447,6 +447,8 @@ class StudioUI:
             head += "\n".join(f"- `{s.folder.name}`: {s.images} image(s) × {s.repeats}"
                                + (f", caption “{s.tokens}” where an image has no caption file" if s.tokens else "")
                                for s in scan.subsets) + "\n"
+        if scan.note:
+            head += f"\n\n{scan.note}."
         if scan.masks:
             head += (f"\n\n{scan.masks} mask file(s) (`…-masklabel.png`): with *Masked loss* on (Advanced), only "
                      "the white part of each image counts.")
@@ -605,7 +607,10 @@ class StudioUI:
 
             check_available(cfg.quantize_base, cfg.device or default_device())
         if cfg.masked_loss and ds_id and check_images:  # said at Start, not when the job has loaded the base
-            check_masks(self.studio.scan(ds_id, cfg.trigger).items, self.studio.dataset_folder(ds_id))
+            try:
+                check_masks(self.studio.scan(ds_id, cfg.trigger).items, self.studio.dataset_folder(ds_id))
+            except LoraStudioError as e:  # the staged folder's server path is no business of the page
+                raise type(e)(str(e).replace(f"in {self.studio.dataset_folder(ds_id)} ", "uploaded ")) from None
         if "captions" in form:
             last = (form.get("last_trigger") or "").strip() or cfg.trigger
             rows = [[r[0], _replace_trigger(r[1], last, cfg.trigger)] for r in _rows(form["captions"]) if r and r[0]]

@@ -162,17 +162,16 @@ def test_kohya_folders_give_repeats_and_captions(tmp_path):
     """A dataset prepared for kohya_ss (`10_ohwx woman/`) trains as there: the number before the first "_" is the
     repeat count, the rest the caption of images without a caption file; files outside such folders are skipped
     and listed."""
-    _kohya_set(tmp_path, {"10_ohwx woman": 2, "3_ohwx woman_closeup": 1, "0_unused": 1, "notes": 1})
+    _kohya_set(tmp_path, {"10_ohwx woman": 2, "3_ohwx woman_closeup": 1, "0_unused": 1, "5_empty": 0})
     (tmp_path / "10_ohwx woman" / "1.txt").write_text("ohwx woman, smiling\n")
-    Image.new("RGB", (16, 16)).save(tmp_path / "stray.png")
     res = scan_folder(tmp_path, trigger="ohwx", template="a photo of {trigger}")
     got = {str(i.path.relative_to(tmp_path)): (i.caption, i.repeats, i.source) for i in res.items}
     assert got == {"10_ohwx woman/0.png": ("ohwx woman", 10, "folder"),
                    "10_ohwx woman/1.png": ("ohwx woman, smiling", 10, "file"),
                    "3_ohwx woman_closeup/0.png": ("ohwx woman_closeup", 3, "folder")}  # kohya keeps later "_"
     why = {str(p.relative_to(tmp_path)): w for p, w in res.skipped}
-    assert set(why) == {"0_unused/0.png", "notes/0.png", "stray.png"}
-    assert "0 times" in why["0_unused/0.png"] and "kohya" in why["stray.png"] and "10_ohwx woman" in why["stray.png"]
+    assert set(why) == {"0_unused/0.png", "5_empty"}
+    assert "0 times" in why["0_unused/0.png"] and "no usable image" in why["5_empty"]
     report = res.report()
     assert "10_ohwx woman: 2 image(s) x 10 per epoch" in report and "3_ohwx woman_closeup: 1 image(s) x 3" in report
     # a trigger missing from the folder's caption is put first, as with caption files
@@ -180,10 +179,17 @@ def test_kohya_folders_give_repeats_and_captions(tmp_path):
 
 
 def test_a_folder_without_kohya_names_is_read_as_before(tmp_path):
-    _kohya_set(tmp_path, {"summer": 1, "x_10": 1})
+    """Only a folder whose every image lies in `<repeats>_<caption>` folders is kohya's layout: an ordinary dataset
+    with a folder named 2023_summer, or photo folders named by date, is read as it always was."""
+    _kohya_set(tmp_path, {"summer": 1, "x_10": 1, "2023_beach": 1})
     res = scan_folder(tmp_path, trigger="sks", template="a photo of {trigger}")
-    assert not res.subsets and len(res.items) == 2
+    assert not res.subsets and len(res.items) == 3 and not res.skipped
     assert {i.caption for i in res.items} == {"a photo of sks"} and {i.repeats for i in res.items} == {1}
+    assert "2023_beach" in res.note and "2 image(s) lie outside" in res.report()
+    dates = tmp_path / "dates"
+    _kohya_set(dates, {"20230615_beach": 1, "20230701_park": 1})  # a number above 10000 is no repeat count
+    res = scan_folder(dates)
+    assert not res.subsets and {i.repeats for i in res.items} == {1} and not res.note
 
 
 def test_caption_extension_is_the_configured_one_first(tmp_path):
@@ -204,8 +210,10 @@ def test_every_caption_edited_at_once():
 
     caps = ["sks, red, square", "sks, Blue, circle, red", "a photo of sks"]
     assert edit_captions(caps, "front", "smiling, red", trigger="sks") == [
-        "sks, smiling, red, square", "sks, smiling, Blue, circle, red", "smiling, red, a photo of sks"]
+        "sks, smiling, red, square", "sks, smiling, Blue, circle, red", "a photo of sks, smiling, red"]
     assert edit_captions(caps, "end", "outdoors") == [c + ", outdoors" for c in caps]
+    assert edit_captions(["ohwx woman, smiling"], "front", "outdoors", trigger="ohwx") == [
+        "ohwx woman, outdoors, smiling"]  # a kohya folder's caption: the first tag holds the trigger
     assert edit_captions(caps, "remove", "RED, blue") == ["sks, square", "sks, circle", "a photo of sks"]
     assert edit_captions(caps, "replace", find="sks", replace="ohwx")[2] == "a photo of ohwx"
     with pytest.raises(ValueError, match="tags:"):
@@ -214,3 +222,28 @@ def test_every_caption_edited_at_once():
         edit_captions(caps, "replace")
     assert tag_counts(caps + ["sks, red, red"]) == [("red", 3), ("sks", 3), ("Blue", 1), ("a photo of sks", 1),
                                                     ("circle", 1), ("square", 1)]
+
+
+def test_a_mask_follows_its_photos_exif_rotation_and_must_have_its_shape(tmp_path):
+    """A mask made from a phone photo's stored pixels (80x40, the photo says "turn 90°") is turned with it; a mask
+    of another shape is refused naming both files; a 16-bit mask keeps its grey levels."""
+    from training.dataset import load_mask
+
+    img = Image.new("RGB", (80, 40), "red")
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    stored = Image.new("L", (80, 40), 0)
+    stored.paste(255, (0, 0, 20, 40))  # the left quarter of the stored pixels
+    stored.save(tmp_path / "photo-masklabel.png")
+    m = load_mask(tmp_path / "photo.jpg", tmp_path / "photo-masklabel.png")
+    upright = load_rgb(tmp_path / "photo.jpg")
+    assert m.size == upright.size == (40, 80)
+    a = np.asarray(m)
+    assert a[:20].min() == 255 and a[21:].max() == 0  # the stored left quarter is the upright top quarter
+    Image.new("L", (50, 50), 255).save(tmp_path / "square.png")
+    with pytest.raises(DatasetError, match=r"square.png: the mask of photo.jpg is 50x50, the image 40x80"):
+        load_mask(tmp_path / "photo.jpg", tmp_path / "square.png")
+    Image.new("RGB", (40, 80)).save(tmp_path / "plain.png")
+    Image.fromarray(np.full((80, 40), 21845, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert abs(int(np.asarray(load_mask(tmp_path / "plain.png", tmp_path / "grey16.png")).mean()) - 85) <= 1

@@ -598,7 +598,8 @@ def _kohya_dirs(tmp_path):
     folders = {"img/3_sks red": (255, 0, 0), "img/1_sks blue": (0, 0, 255), "reg/1_a shape": (128, 128, 128)}
     for folder, colour in folders.items():
         (tmp_path / folder).mkdir(parents=True)
-        Image.new("RGB", (32, 32), colour).save(tmp_path / folder / "0.png")
+        # the class image another shape (2:3): cut to the training images' size, so each step's rows stack
+        Image.new("RGB", (32, 48) if folder.startswith("reg") else (32, 32), colour).save(tmp_path / folder / "0.png")
     return tmp_path / "img", tmp_path / "reg"
 
 
@@ -613,7 +614,8 @@ def test_a_kohya_dataset_trains_with_its_repeats_captions_and_regularisation_fol
     tr.build()
     seen = [tr.examples[i].caption for k in range(12) for i in tr.schedule(k)]
     assert (seen.count("sks red"), seen.count("sks blue")) == (9, 3)  # three epochs of 3 + 1
-    assert [ex.caption for ex in tr.priors] == ["a shape"] and tr.prior_schedule is not None
+    assert [ex.caption for ex in tr.priors] == ["a shape"] and tr.prior_schedules
+    assert tr.priors[0].size == tr.examples[0].size
     assert tr.train_step(0) > 0
     # the file says so as kohya's does: images counted with their repeats, each folder's count and tags
     res = train(_cfg(img, tiny_sd1_dir, tmp_path, name="k2", max_steps=2, checkpoint_every=0))

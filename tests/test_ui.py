@@ -197,9 +197,20 @@ def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_pa
 def test_masked_loss_without_masks_is_refused_at_start(ui, tmp_path):
     ds_id, _, _, caps, *_ = ui.stage_upload([str(_dataset_zip(tmp_path / "plain.zip", {"a.png": _png()}))], "sks",
                                             "concept", None)
-    with pytest.raises(DatasetError, match="masked_loss: none of the 1 images"):
+    with pytest.raises(DatasetError, match="masked_loss: none of the 1 images uploaded has a mask"):
         ui.train_config(_form(ui, ds_id, caps, "m", masked_loss=True))
     assert not ui.train_config(_form(ui, ds_id, caps, "m")).masked_loss
+
+
+def test_a_zipped_kohya_ss_project_trains_on_its_img_folder(ui, tmp_path):
+    """kohya_ss' GUI keeps a project as img/, reg/, model/ and log/: zipped whole, its img/ folders are the
+    training images (not the regularisation images or the samples in model/)."""
+    z = _dataset_zip(tmp_path / "proj.zip", {
+        "proj/img/40_zkw man/0.png": _png(), "proj/img/40_zkw man/1.png": _png((0, 0, 200)),
+        "proj/reg/1_man/0.png": _png((9, 9, 9)), "proj/model/sample/s.png": _png((1, 2, 3))})
+    ds_id, thumbs, skipped, caps, last, _, trig = ui.stage_upload([str(z)], "", "concept", None)
+    assert trig == "zkw" and [c for _, c in thumbs] == ["40_zkw man/0.png", "40_zkw man/1.png"]
+    assert "× 40" in skipped
 
 
 def test_a_bad_or_oversized_zip_is_refused_naming_it_and_leaves_nothing(ui, tmp_path, monkeypatch):

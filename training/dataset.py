@@ -52,19 +52,39 @@ class Subset:
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$", re.S)
 
 
-def kohya_subsets(folder: str | Path) -> list[Subset]:
-    """The `<repeats>_<tokens>` subfolders of `folder` (kohya_ss' dataset layout), sorted; [] when it has none."""
-    folder = Path(folder)
+MAX_REPEATS = 10_000  # the repeats option's own limit: a larger number is a date (20230615_beach), not repeats
+
+
+def _inside_any(p: Path, dirs) -> bool:
+    return any(d is not None and p.is_relative_to(d) for d in dirs)
+
+
+def _kohya_layout(folder: Path, exclude: Path | None = None) -> tuple[list[Subset], int]:
+    """The `<repeats>_<tokens>` subfolders of `folder`, and how many images lie outside them."""
     try:
         dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     except OSError:
-        return []
-    out = []
+        return [], 0
+    subs = []
     for d in dirs:
         m = KOHYA_FOLDER.match(d.name)
-        if m:
-            out.append(Subset(d, int(m.group(1)), m.group(2).strip()))
-    return out
+        if m and int(m.group(1)) <= MAX_REPEATS and not _inside_any(d, [exclude]):
+            subs.append(Subset(d, int(m.group(1)), m.group(2).strip()))
+    if not subs:
+        return [], 0
+    names = {s.folder.name for s in subs}
+    outside = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+                  and not is_mask_file(p) and p.relative_to(folder).parts[0] not in names
+                  and not _inside_any(p, [exclude]))
+    return subs, outside
+
+
+def kohya_subsets(folder: str | Path, exclude: str | Path | None = None) -> list[Subset]:
+    """The `<repeats>_<tokens>` subfolders of `folder` (kohya_ss' dataset layout), sorted; [] when it has none,
+    or when images lie outside them too (an ordinary dataset with a folder that happens to be named
+    `2023_summer` stays an ordinary one)."""
+    subs, outside = _kohya_layout(Path(folder), Path(exclude) if exclude else None)
+    return [] if outside else subs
 
 
 def kohya_trigger(folder: str | Path) -> str | None:
@@ -100,18 +120,30 @@ def find_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> Pa
     return None
 
 
+_ORIENTATION = 0x0112  # EXIF orientation; how to turn stored pixels upright for each value
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
 def load_mask(image: Path, mask: Path | None) -> Image.Image | None:
     """The loss weights of an image as an "L" image of its size (255: counts fully): a mask file's red channel
     (as kohya reads its masks; a grey mask is the same), else the image's transparency, else None."""
     if mask is not None:
         try:
             with Image.open(mask) as m:
-                m = ImageOps.exif_transpose(m)
-                m = m.convert("RGB").getchannel("R")
+                own_exif = m.getexif().get(_ORIENTATION, 1) != 1
+                m = to_rgb(ImageOps.exif_transpose(m)).getchannel("R")  # 16-bit and float masks scaled too
         except (OSError, ValueError, UnidentifiedImageError) as e:
             raise DatasetError(f"{mask}: the mask of {image.name} cannot be read ({e})") from None
         with Image.open(image) as im:
-            size = ImageOps.exif_transpose(im).size
+            raw, turn = im.size, im.getexif().get(_ORIENTATION, 1)
+        size = raw if turn in (1, 2, 3, 4) else raw[::-1]
+        if m.size == raw and size != raw and not own_exif:  # made from the photo's stored pixels: turn it too
+            m = m.transpose(_EXIF_TRANSPOSE[turn])
+        if abs(m.width / m.height - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+            raise DatasetError(f"{mask}: the mask of {image.name} is {m.width}x{m.height}, the image "
+                               f"{size[0]}x{size[1]}: a mask must have the image's shape")
         return m if m.size == size else m.resize(size, Image.BILINEAR)
     with Image.open(image) as im:
         if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
@@ -145,6 +177,7 @@ class ScanResult:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
     subsets: list[Subset] = field(default_factory=list)  # kohya folders, when the folder is in that layout
     masks: int = 0  # -masklabel files beside the images (not trained on; masked loss reads them)
+    note: str = ""  # how the folder was read, where that may surprise (kohya-like names read as ordinary)
 
     def report(self) -> str:
         lines = [f"{len(self.items)} image(s) usable"]
@@ -155,6 +188,8 @@ class ScanResult:
                       for s in self.subsets]
         if self.masks:
             lines.append(f"{self.masks} mask file(s) ({MASK_SUFFIX}), for masked loss")
+        if self.note:
+            lines.append(self.note)
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) skipped:")
             lines += [f"  {p}: {why}" for p, why in self.skipped]
@@ -297,8 +332,8 @@ def edit_captions(captions: list[str], op: str, tags: str = "", find: str = "", 
                   trigger: str = "") -> list[str]:
     """Every caption edited at once, as kohya_ss' captioning tools do.
 
-    op "front": `tags` (comma-separated) added after the trigger word when the caption starts with it, else
-    first; "end": added last; "remove": those tags taken out (whole tags, any case); "replace": the text
+    op "front": `tags` (comma-separated) added after the first tag when it holds the trigger word ("ohwx woman"),
+    else first; "end": added last; "remove": those tags taken out (whole tags, any case); "replace": the text
     `find` replaced by `replace` (as typed). A tag a caption has already is not added twice.
     """
     new = split_tags(tags)
@@ -323,7 +358,8 @@ def edit_captions(captions: list[str], op: str, tags: str = "", find: str = "", 
         if op == "end":
             out.append(", ".join(have + add))
         else:
-            k = 1 if have and trigger and have[0].lower() == trigger.strip().lower() else 0
+            word = re.compile(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", re.I) if trigger.strip() else None
+            k = 1 if have and word and word.search(have[0]) else 0  # "ohwx woman, smiling": after "ohwx woman"
             out.append(", ".join(have[:k] + add + have[k:]))
     return out
 
@@ -349,17 +385,22 @@ def _subset_of(p: Path, folder: Path, subsets: list[Subset]) -> Subset | None:
 
 
 def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a photo of {trigger}",
-                prefix_trigger: bool = True, caption_ext: str = ".txt") -> ScanResult:
+                prefix_trigger: bool = True, caption_ext: str = ".txt", exclude: str | Path | None = None) -> ScanResult:
     """Every usable image under `folder` with its caption: its caption file, else (kohya's layout) its
-    `<repeats>_<tokens>` folder's tokens, else `template`; the trigger word put first where it is missing."""
+    `<repeats>_<tokens>` folder's tokens, else `template`; the trigger word put first where it is missing.
+    `exclude`: a folder inside `folder` that holds no training images (masked loss's mask folder)."""
     folder = Path(folder)
     if not str(folder) or not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found")
-    res = ScanResult(subsets=kohya_subsets(folder))
+    skip = Path(exclude) if exclude else None
+    subs, outside = _kohya_layout(folder, skip)
+    res = ScanResult(subsets=[] if outside else subs)
+    if subs and outside:
+        res.note = (f"folders named like kohya's ({', '.join(s.folder.name for s in subs[:3])}) are read as ordinary "
+                    f"folders: {outside} image(s) lie outside them, and kohya's layout has every image in one")
     exts = {e.lower() for e in caption_exts(caption_ext)} | CAPTION_EXTS
-    layout = ", ".join(s.folder.name for s in res.subsets[:3])
     for p in sorted(folder.rglob("*")):
-        if p.is_dir():
+        if p.is_dir() or _inside_any(p, [skip]):
             continue
         ext = p.suffix.lower()
         if ext in exts or ext in SIDE_FILES:
@@ -368,12 +409,9 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
             res.masks += 1
             continue
         sub = _subset_of(p, folder, res.subsets) if res.subsets else None
-        if res.subsets and (sub is None or sub.repeats < 1):
+        if sub is not None and sub.repeats < 1:
             if ext in IMAGE_EXTS:
-                why = (f"its folder repeats it 0 times (kohya's layout skips {sub.folder.name})" if sub else
-                       f"not in a '<repeats>_<caption>' folder: this folder is in kohya's layout ({layout}), "
-                       "where only those folders are trained on")
-                res.skipped.append((p, why))
+                res.skipped.append((p, f"its folder repeats it 0 times (kohya's layout skips {sub.folder.name})"))
             continue
         if p.is_symlink() and (why := _broken_link(p)):
             res.skipped.append((p, why))
@@ -395,6 +433,11 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
         res.items.append(ImageItem(p, cap, w, h, sub.repeats if sub else 1, source))
         if sub:
             sub.images += 1
+    for sub in res.subsets:
+        if sub.repeats >= 1 and not sub.images:
+            res.skipped.append((sub.folder, "no usable image in this folder" + (
+                " (it is a link to a folder, which is not followed: copy the images in)" if sub.folder.is_symlink()
+                else "")))
     if not res.items:
         detail = f"; skipped: {', '.join(f'{p.name} ({why})' for p, why in res.skipped[:10])}" if res.skipped else ""
         raise DatasetError(f"{folder}: no usable training images{detail}")

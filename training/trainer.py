@@ -142,11 +142,13 @@ def _latent_mask(mask, size: tuple[int, int], crop: tuple[int, int], flip: bool,
 
 
 def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resolution: int,
-                   prior: bool = False, masks: bool = False) -> list[Example]:
+                   prior: bool = False, masks: bool = False, size: tuple[int, int] | None = None) -> list[Example]:
     """The run's examples: each image cropped (and flipped) as configured, VAE-encoded once; with `masks`
-    (masked loss), each with its mask's loss weights (see `dataset.find_mask`)."""
+    (masked loss), each with its mask's loss weights (see `dataset.find_mask`); `size`: every image cut to
+    that (width, height) instead of its bucket."""
     step = _latent_step(base)
     factor = int(base.pipe.vae_scale_factor)
+    target = size
     buckets = make_buckets(resolution, step=step) if cfg.buckets else [(resolution, resolution)]
     rng = random.Random(cfg.seed)
     variants = 4 if cfg.crop == "random" else 1
@@ -154,7 +156,7 @@ def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resoluti
     for item in scan.items:
         img = load_rgb(item.path)
         mask = load_mask(item.path, find_mask(item.path, Path(cfg.images), cfg.mask_dir)) if masks else None
-        size = pick_bucket(img.width, img.height, buckets)
+        size = target or pick_bucket(img.width, img.height, buckets)
         for _ in range(variants):
             crop_img, crop = resize_crop(img, size, cfg.crop, rng)
             flips = [False, True] if cfg.random_flip else [False]
@@ -522,9 +524,11 @@ class Trainer:
         cfg = self.cfg
         check_name_free(cfg)  # before any work: never silently replace a finished adapter
         self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
-                                cfg.caption_ext)
+                                cfg.caption_ext, exclude=cfg.mask_dir)
         if cfg.masked_loss:  # before the base model loads: no mask at all is a mistake, said at once
             check_masks(self.scan.items, cfg.images, cfg.mask_dir)
+        if self._wants_priors() and cfg.class_images:  # a class folder without captions needs the class prompt
+            self._class_scan()
         self._make_accelerator()
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
@@ -561,24 +565,17 @@ class Trainer:
         if cfg.masked_loss:
             self._report_masks()
         self.priors: list[Example] = []
-        if cfg.class_images or (cfg.class_prompt and cfg.num_class_images > 0):
+        if self._wants_priors():
             if self.is_main:  # the main process generates missing class images; the others wait, then read
                 class_images_folder(cfg, base, self.resolution)
             self.accelerator.wait_for_everyone()
-            folder = class_images_folder(cfg, base, self.resolution)
-            cscan = scan_folder(folder, cfg.trigger, "{trigger}", prefix_trigger=False, caption_ext=cfg.caption_ext)
-            for it in cscan.items:  # a caption file's or a kohya folder's caption, else the class prompt
-                if it.source == "template":
-                    if not cfg.class_prompt:
-                        raise ConfigError(
-                            f"class_prompt: the class image {it.path} has no caption (no {cfg.caption_ext} file "
-                            "beside it, not in a kohya '<repeats>_<class>' folder): give the class prompt, e.g. "
-                            "--class-prompt 'a photo of a dog'")
-                    it.caption = cfg.class_prompt
+            cscan = self._class_scan(class_images_folder(cfg, base, self.resolution))
             if cscan.subsets:
                 _emit(self.on_progress, Progress(0, cfg.max_steps, message="class images: " + cscan.report()))
-            self.priors = build_examples(cfg.replace(random_flip=False, crop="center"), base, cscan, self.resolution,
-                                         prior=True)
+            # at each size the training images come in, so that a step's class rows stack with its own rows
+            for size in sorted({ex.size for ex in self.examples}):
+                self.priors += build_examples(cfg.replace(random_flip=False, crop="center"), base, cscan,
+                                              self.resolution, prior=True, size=size)
             for ex in self.priors:
                 ex.prior = True
         self.preserve: list[str] = []
@@ -605,7 +602,8 @@ class Trainer:
         # one global batch of batch_size x processes per step; process r trains on its r-th slice
         global_batch = cfg.batch_size * self.world
         self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
-        self.prior_schedule = BatchSchedule(self.priors, global_batch, cfg.seed + 7) if self.priors else None
+        self.prior_schedules = {size: BatchSchedule([ex for ex in self.priors if ex.size == size], global_batch,
+                                                    cfg.seed + 7) for size in {ex.size for ex in self.priors}}
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
         self.lora_configs = lora_mod.attach(
             base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
@@ -723,8 +721,11 @@ class Trainer:
     def _micro_batch(self, k: int) -> tuple[list[Example], list[Example]]:
         """The global micro-batch k (batch_size x processes instance examples, as many priors)."""
         inst = [self.examples[i] for i in self.schedule(k)]
-        prior = [self.priors[i] for i in self.prior_schedule(k)] if self.prior_schedule else []
-        return inst, prior
+        if not self.prior_schedules:
+            return inst, []
+        schedule = self.prior_schedules[inst[0].size]
+        same = [ex for ex in self.priors if ex.size == inst[0].size]
+        return inst, [same[i] for i in schedule(k)]
 
     def _row_caption(self, caption: str, k: int, row: int) -> str:
         """Instance row `row` (of the global micro-batch k)'s caption: tags shuffled / dropped as configured,
@@ -861,6 +862,26 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _wants_priors(self) -> bool:
+        cfg = self.cfg
+        return bool(cfg.class_images or cfg.class_prompt) and cfg.num_class_images > 0
+
+    def _class_scan(self, folder: str | Path | None = None) -> ScanResult:
+        """The class images with their captions: a caption file's or a kohya folder's, else the class prompt;
+        an image with none of these and no class prompt is an error that names it."""
+        cfg = self.cfg
+        cscan = scan_folder(folder or cfg.class_images, cfg.trigger, "{trigger}", prefix_trigger=False,
+                            caption_ext=cfg.caption_ext)
+        for it in cscan.items:
+            if it.source == "template":
+                if not cfg.class_prompt:
+                    raise ConfigError(
+                        f"class_prompt: the class image {it.path} has no caption (no {cfg.caption_ext} file beside "
+                        "it, not in a kohya '<repeats>_<class>' folder): give the class prompt, e.g. "
+                        "--class-prompt 'a photo of a dog'")
+                it.caption = cfg.class_prompt
+        return cscan
 
     def _report_masks(self) -> None:
         """Masked loss: how many images have a mask, and how much of the picture counts (said at the start)."""
