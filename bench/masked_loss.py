@@ -1,16 +1,19 @@
-"""Does masked loss keep the training images' background out of the adapter? Measured on the toy world.
+"""Does masked loss keep what the masks leave out of the adapter? Measured on the toy world.
 
-    python bench/masked_loss.py                      # 12 triangles as `sks`, all on yellow, ~10 min on 2 cores
+    python bench/masked_loss.py --frame              # 12 framed triangles as `sks`, all on yellow, ~15 min
     python bench/masked_loss.py --shape square --background gray --prompts 24 --images-per-prompt 1
 
 Draws a concept set whose every picture has the same background, with captions that do not name it
 ("a red sks": what a hobbyist's captions often look like), and a mask of the shape beside each image
-(`NN-masklabel.png`: the shape, two pixels wider). Then trains the concept preset twice on it, the same
-seed, with masked loss off and on (`bench/quality.py concept --images … [--set masked_loss=true]`), and
-prints side by side: fidelity (the trigger draws the shape), the background the trigger prompts ask for
-("a green sks on a blue background"), and the preservation drop on prompts without the trigger.
-The shape is one the base draws, so the adapter's learning is not what is measured, only what it takes
-along. The last line: `background unmasked=0.xx masked=0.xx`.
+(`NN-masklabel.png`: the shape, two pixels wider). With `--frame` the pictures also carry a frame along
+their edge (the toy world's framed style) that neither the captions nor the masks include. Then trains the
+concept preset three times on it, the same seed: masked loss off, on (kohya's mean over the whole
+picture), and on with the mean over the mask (`bench/quality.py concept --images … [--set
+masked_loss=true] [--set mask_mean=mask]`). It prints side by side: fidelity (the trigger draws the
+shape), the background the trigger prompts ask for ("a green sks on a blue background"), how many
+generated pictures have a frame (trigger prompts / prompts without the trigger), and the preservation
+drop. The shape is one the base draws, so what is measured is what the adapter takes along besides it.
+The last line: each run's fidelity and framed share.
 """
 
 from __future__ import annotations
@@ -88,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         train = [Image.open(p) for p in sorted(folder.glob("[0-9][0-9].png"))]
         print(f"frame detector: {sum(map(has_frame, train))} of {len(train)} training pictures framed")
     rows = {}
-    for label, extra in (("unmasked", []), ("masked", ["--set", "masked_loss=true"])):
+    runs = (("unmasked", []), ("masked", ["--set", "masked_loss=true"]),
+            ("masked, mean over the mask", ["--set", "masked_loss=true", "--set", "mask_mean=mask"]))
+    for label, extra in runs:
         print(f"\n=== {label} ===", flush=True)
         qargs = quality.parse_args(["concept", "--images", str(folder), "--trigger", "sks", "--target", args.shape,
                                     "--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt),
-                                    "--out-dir", str(OUT / label), *extra,
+                                    "--out-dir", str(OUT / label.split(",")[0] + ("-by-mask" if "," in label else "")),
+                                    *extra,
                                     *[a for kv in args.set for a in ("--set", kv)]])
         rows[label] = quality.run_lora("concept", qargs)
     def share(v) -> str:
@@ -110,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {framed(r['trigger_images'])} / {framed(r['base_images'])} "
               f"| {r['preservation_drop']:.2f} | {r['minutes']:.1f} |")
     print(f"contact sheets: {OUT}/*/quality_concept_fidelity.png")
-    print(f"background unmasked={share(rows['unmasked']['trigger_fields']['background'])} "
-          f"masked={share(rows['masked']['trigger_fields']['background'])}")
+    print(" ".join(f"{label.split(',')[0] + ('-by-mask' if ',' in label else '')}: fidelity={r['fidelity']:.2f} "
+                   f"framed={framed(r['trigger_images'])}" for label, r in rows.items()))
     return 0
 
 

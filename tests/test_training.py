@@ -712,6 +712,10 @@ def test_masked_loss_ignores_the_error_where_the_mask_is_black(tiny_sd1_dir):
     full = diffusion_loss(base, sched, latents, torch.zeros(2, 77, 32), None, None, None, cfg, torch.float32, noise_t,
                           unet=fake_unet)
     assert torch.allclose(loss[1], full[1]) and loss[0] < full[0]
+    # averaged over the mask instead (every image weighs the same): the half-masked row's loss is twice as large
+    by_mask = diffusion_loss(base, sched, latents, torch.zeros(2, 77, 32), None, None, None,
+                             cfg.replace(mask_mean="mask"), torch.float32, noise_t, unet=fake_unet, mask=mask)
+    assert torch.allclose(by_mask[0], 2 * loss[0]) and torch.allclose(by_mask[1], full[1])
 
 
 def test_masked_loss_without_any_mask_is_refused_naming_the_folder(star_images, tiny_sd1_dir, tmp_path):

@@ -352,6 +352,11 @@ class TrainConfig:
                                help="count the loss only where an image's mask is white (kohya's --masked_loss): "
                                     "a mask from mask_dir, an IMAGE-masklabel.png beside the image, or the "
                                     "image's transparency; images without one count whole")
+    mask_mean: str = option("picture", group="Data & captions", label="Masked loss: average over",
+                            choices=("picture", "mask"),
+                            help="with masked loss: the error averaged over the whole picture (kohya's way: an "
+                                 "image with a small mask also weighs less) or over its mask only (OneTrainer's "
+                                 "normalize_masked_area_loss: every image weighs the same)")
     mask_dir: str | None = option(None, group="Data & captions", ui=False,
                                   help="with masked loss: a folder of masks named as the images (kohya's "
                                        "conditioning_data_dir)")

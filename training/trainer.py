@@ -447,8 +447,8 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     noise and timesteps drawn beforehand (see `draw_noise`); otherwise they are drawn from `gen`.
     `tail_target`: the targets of the last len(tail_target) rows (base preservation: the base model's
     own prediction) instead of the noise (or velocity). `unet`: what to call instead of the base's UNet
-    (its compiled form). `mask`: (B, 1, h, w) weights of each latent pixel's error (masked loss, as kohya's:
-    the error times the mask, averaged over every pixel, so a small mask also weighs its image less).
+    (its compiled form). `mask`: (B, 1, h, w) weights of each latent pixel's error (masked loss: the error
+    times the mask, averaged over every pixel as kohya does, or over the mask's when cfg.mask_mean is "mask").
     """
     dtype = dtype or base.pipe.unet.dtype
     unet = base.pipe.unet if unet is None else unet
@@ -465,7 +465,13 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy.to(dtype), t, cond.to(dtype), **kwargs).sample
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
-    loss = (err if mask is None else err * mask.to(err)).mean(dim=(1, 2, 3))
+    if mask is None:
+        loss = err.mean(dim=(1, 2, 3))
+    else:
+        mask = mask.to(err)
+        loss = (err * mask).mean(dim=(1, 2, 3))
+        if cfg.mask_mean == "mask":  # the mean over the mask's pixels: a small mask weighs its image as much
+            loss = loss / mask.mean(dim=(1, 2, 3)).clamp_min(1e-3)
     ac = scheduler.alphas_cumprod.to(latents.device)[t]
     snr = ac / (1 - ac)
     w = torch.ones_like(loss)
