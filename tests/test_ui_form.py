@@ -29,6 +29,11 @@ def ui(tmp_path, tiny_sd1_dir):
 
 def _form(ui: StudioUI, name: str = "form-test", **kw) -> dict:
     ds_id, _, _, caps, *_ = ui.pick_sample_set("concept-star", None)
+    if kw.get("masked_loss"):  # masked loss is refused at Start without any mask: one beside the first image
+        from PIL import Image
+
+        first = sorted(ui.studio.dataset_folder(ds_id).glob("*.png"))[0]
+        Image.new("L", Image.open(first).size, 255).save(first.with_name(f"{first.stem}-masklabel.png"))
     form = {"images": ds_id, "captions": caps, "last_trigger": "sks", "name": name, "trigger": "sks",
             "preset": "concept", "base": None, "prior": False}
     form.update(kw)
