@@ -348,6 +348,42 @@ def _set_run(page, name: str, steps: int) -> None:
     _fill_number(page, "adv-max-steps", steps)
 
 
+def test_a_zipped_kohya_dataset_and_the_caption_tools(server, page, tmp_path):
+    """A kohya_ss dataset folder, zipped with its masks, dropped on the Train tab: its folder is read with its
+    repeats and caption, the trigger word comes from the folder's name, the masks are counted, and a tag added to
+    every caption at once shows in the table and in the tag counts."""
+    import io
+    import zipfile
+
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    url, _ = server
+    z = tmp_path / "my-set.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(buf, format="PNG")
+            zf.writestr(f"my-set/10_zqx star/{i}.png", buf.getvalue())
+            buf = io.BytesIO()
+            Image.new("L", (64, 64), 255).save(buf, format="PNG")
+            zf.writestr(f"my-set/10_zqx star/{i}-masklabel.png", buf.getvalue())
+    page.goto(url)
+    expect(page.locator("#train-start")).to_be_visible(timeout=60_000)
+    page.locator("#train-upload input[type=file]").set_input_files(str(z))
+    expect(page.locator("#train-skipped")).to_contain_text("4 image(s) will be trained on", timeout=60_000)
+    expect(page.locator("#train-skipped")).to_contain_text("10_zqx star: 4 image(s) × 10")
+    expect(page.locator("#train-skipped")).to_contain_text("4 mask file(s)")
+    expect(page.locator("#train-trigger").get_by_role("textbox")).to_have_value("zqx")
+    expect(page.locator("#train-captions")).to_contain_text("10_zqx star/0.png")
+    page.locator("#caption-tools").get_by_text("Edit every caption").click()
+    page.locator("#cap-tags textarea, #cap-tags input").first.fill("night sky")
+    page.locator("#cap-end").click()
+    expect(page.locator("#train-captions")).to_contain_text("zqx star, night sky", timeout=30_000)
+    expect(page.locator("#cap-counts")).to_contain_text("night sky")
+    _shot(page, "kohya-zip-and-caption-tools")
+
+
 def test_a_pick_during_page_load_stays_and_a_row_takes_the_cards_step_range(tmp_path_factory, base_dir, page,
                                                                             monkeypatch):
     """A user who picks an adapter while the page's first library refresh is still running keeps the pick
