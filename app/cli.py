@@ -994,6 +994,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     if not cfg.images:
         raise _usage("train: --images (or images = ... in --config) is required")
+    from training.dataset import kohya_trigger
+
+    if args.trigger is None and not args.config and cfg.trigger == kohya_trigger(cfg.images):
+        print(f"trigger word: {cfg.trigger} (from the kohya folder names in {cfg.images}; --trigger to choose "
+              "another)")
     if args.num_processes is not None and args.num_processes < 1:
         raise _usage(f"train: --num-processes must be 1 or more, got {args.num_processes}")
     from training.trainer import check_name_free

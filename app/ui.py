@@ -475,9 +475,13 @@ class StudioUI:
             return None, [], "", _df([], CAPTION_COLUMNS), trigger, gr.skip(), gr.skip()
         paths = [Path(getattr(f, "name", f)) for f in files]
         ds_id = self.studio.stage_files(paths, [p.name for p in paths])
+        try:  # the trigger word the replaced dataset's folder names gave, if any: the new one's replaces it
+            before = kohya_trigger(self.studio.dataset_folder(old_ds)) if old_ds else None
+        except LoraStudioError:
+            before = None
         self.studio.discard_dataset(old_ds)
         named = kohya_trigger(self.studio.dataset_folder(ds_id))  # a zipped kohya dataset: 10_ohwx woman -> ohwx
-        if named and (trigger or "").strip() in ("", TrainConfig.trigger):
+        if named and (trigger or "").strip() in ("", TrainConfig.trigger, before):
             trigger = named
         try:
             thumbs, skipped, caps = self._dataset_view(ds_id, trigger, preset)

@@ -646,6 +646,7 @@ def test_the_trigger_word_comes_from_kohya_folder_names_unless_given(tmp_path):
     assert TrainConfig.from_dict({"images": str(img)}).trigger == "ohwx"
     assert TrainConfig.from_dict({"images": str(img), "trigger": "zwx"}).trigger == "zwx"
     assert TrainConfig.from_dict({"images": str(tmp_path / "reg" / "1_a shape")}).trigger == "sks"  # not that layout
+    assert TrainConfig.from_dict({"images": str(tmp_path / "reg")}).trigger == "shape"  # "a" is no trigger word
 
 
 def _half_masked_set(tmp_path):

@@ -189,6 +189,11 @@ def test_a_zipped_kohya_dataset_keeps_its_folders_repeats_and_trigger(ui, tmp_pa
     assert {i.repeats for i in scan_folder(cfg.images, cfg.trigger).items} == {10, 2}
     assert ui.train_config(_form(ui, ds_id, caps, "kw", trigger="ohwx", last_trigger="ohwx",
                                  masked_loss=True)).masked_loss  # one image has a mask: the rest count whole
+    # another kohya dataset replacing this one brings its own trigger word (the first one's was not typed)
+    z2 = _dataset_zip(tmp_path / "second.zip", {"5_zkw man/0.png": _png()})
+    *_, trig2 = ui.stage_upload([str(z2)], "ohwx", "concept", ds_id)
+    assert trig2 == "zkw"
+    ds_id = ui.stage_upload([str(z)], "ohwx", "concept", None)[0]
     # a name with a folder that leaves the dataset is refused
     with pytest.raises(UnsafeNameError):
         ui.studio.save_captions(ds_id, [("../x.png", "a")])

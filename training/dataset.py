@@ -88,12 +88,19 @@ def kohya_subsets(folder: str | Path, exclude: str | Path | None = None) -> list
 
 
 def kohya_trigger(folder: str | Path) -> str | None:
-    """The trigger word a kohya-layout folder implies: the first word of its first folder's tokens
-    (`10_ohwx woman` -> ohwx); None for another layout."""
-    for sub in kohya_subsets(folder):
-        if sub.repeats >= 1 and sub.tokens.split():
-            return sub.tokens.split()[0].strip(",")
+    """The trigger word a kohya-layout folder implies: the first word of its first folder's tokens that is not
+    an article or a word like "photo" (`10_ohwx woman` -> ohwx, `10_a photo of zwx` -> zwx); None for another
+    layout."""
+    for sub in kohya_subsets(os.path.expanduser(str(folder))):
+        words = [w.strip(",.") for w in sub.tokens.split()]
+        words = [w for w in words if w and w.lower() not in _NOT_A_TRIGGER]  # "10_a photo of ohwx": ohwx
+        if sub.repeats >= 1 and words:
+            return words[0]
     return None
+
+
+_NOT_A_TRIGGER = {"a", "an", "the", "photo", "picture", "image", "drawing", "painting", "of", "in", "by", "style",
+                  "art", "with", "and"}
 
 
 # OneTrainer's name for a mask beside its image (x.png: x-masklabel.png); white is what the loss counts
