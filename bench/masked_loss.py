@@ -67,6 +67,11 @@ def has_frame(img) -> bool:
     return float(np.abs(np.median(a[ring], axis=0) - np.median(a[band], axis=0)).sum()) > 90
 
 
+def slug(label: str) -> str:
+    """A run's folder name and short label: "masked, mean over the mask" -> masked-by-mask."""
+    return label.split(",")[0] + ("-by-mask" if "," in label else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="triangle", choices=tw.BASE_SHAPES)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {label} ===", flush=True)
         qargs = quality.parse_args(["concept", "--images", str(folder), "--trigger", "sks", "--target", args.shape,
                                     "--prompts", str(args.prompts), "--images-per-prompt", str(args.images_per_prompt),
-                                    "--out-dir", str(OUT / label.split(",")[0] + ("-by-mask" if "," in label else "")),
+                                    "--out-dir", str(OUT / slug(label)),
                                     *extra,
                                     *[a for kv in args.set for a in ("--set", kv)]])
         rows[label] = quality.run_lora("concept", qargs)
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {framed(r['trigger_images'])} / {framed(r['base_images'])} "
               f"| {r['preservation_drop']:.2f} | {r['minutes']:.1f} |")
     print(f"contact sheets: {OUT}/*/quality_concept_fidelity.png")
-    print(" ".join(f"{label.split(',')[0] + ('-by-mask' if ',' in label else '')}: fidelity={r['fidelity']:.2f} "
+    print(" ".join(f"{slug(label)}: fidelity={r['fidelity']:.2f} "
                    f"framed={framed(r['trigger_images'])}" for label, r in rows.items()))
     return 0
 
