@@ -77,7 +77,13 @@ def _zip_members(zf, zip_name: str) -> list[tuple[Any, tuple[str, ...]]]:
 
     out = []
     for info in zf.infolist():
-        parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
+        name = info.filename
+        if not info.flag_bits & 0x800:  # no UTF-8 flag: Python read cp437, but most zip tools wrote UTF-8
+            try:
+                name = name.encode("cp437").decode("utf-8")
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                pass
+        parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
         if info.is_dir() or not parts or ".." in parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
             continue
         if Path(parts[-1]).suffix.lower() not in IMAGE_EXTS | CAPTION_EXTS | {".tags"}:

@@ -218,6 +218,19 @@ def test_a_zipped_kohya_ss_project_trains_on_its_img_folder(ui, tmp_path):
     assert "× 40" in skipped
 
 
+def test_zip_names_written_as_utf8_without_the_flag_are_read_right(ui, tmp_path):
+    """Many zip tools store UTF-8 names without marking them so (Python then reads them as cp437): the folder's
+    caption and the trigger word keep their letters."""
+    z = _dataset_zip(tmp_path / "accents.zip", {"10_zéw café/0.png": _png()})
+    data = bytearray(z.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # clear the UTF-8 flag (bit 11) in both headers
+        i = data.find(sig)
+        data[i + at + 1] &= ~0x08 & 0xFF
+    z.write_bytes(bytes(data))
+    *_, caps, _, _, trig = ui.stage_upload([str(z)], "sks", "concept", None)
+    assert trig == "zéw" and list(caps["image"]) == ["10_zéw café/0.png"]
+
+
 def test_a_bad_or_oversized_zip_is_refused_naming_it_and_leaves_nothing(ui, tmp_path, monkeypatch):
     import app.studio
 
