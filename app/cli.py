@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--cfgs", metavar="C1,C2,...", help="compare these CFG scales (adapters: tags in --prompt)")
     mode.add_argument("--step-counts", metavar="N1,N2,...", help="compare these numbers of sampler steps")
     mode.add_argument("--samplers", metavar="A,B,...", help="compare these samplers (e.g. 'Euler a,DPM++ 2M Karras')")
+    mode.add_argument("--prompt-sr", metavar="WORD,OTHER,...",
+                      help="A1111's Prompt S/R: WORD is in the prompt; each column swaps it for one of the values "
+                           "(quotes keep a comma inside a value)")
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
     gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
@@ -571,8 +574,8 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, range_words, setting_columns,
-                                start_columns, weight_columns)
+    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, prompt_sr_columns, range_words,
+                                setting_columns, split_values, start_columns, weight_columns)
 
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -609,6 +612,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     elif args.samplers:
         columns = setting_columns("scheduler", [n.strip() for n in args.samplers.split(",") if n.strip()])
         axis = "Sampler"
+    elif args.prompt_sr:
+        columns = prompt_sr_columns(split_values(args.prompt_sr), req.prompt, req.negative_prompt)
+        axis = "Prompt S/R"
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     result = make_grid(stack, req, columns, axis=axis)

@@ -699,9 +699,10 @@ class Studio:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
         ('checkpoints'), the adapters in `others` one at a time ('adapters'), or a request setting across
-        `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes)."""
-        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, make_grid, range_words,
-                                    setting_columns, start_columns, weight_columns)
+        `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes), or
+        words of the prompt swapped (`settings` the words, 'prompt_sr': A1111's Prompt S/R)."""
+        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, make_grid, prompt_sr_columns,
+                                    range_words, setting_columns, start_columns, weight_columns)
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
@@ -728,6 +729,8 @@ class Studio:
                 cols, axis = [GridColumn(f"{e.name} {e.weight:g}", (e,)) for e in others], "LoRA"
             elif mode in SETTINGS:
                 cols, axis = setting_columns(mode, settings, others), SETTINGS[mode][0]
+            elif mode == "prompt_sr":
+                cols, axis = prompt_sr_columns(settings, req.prompt, req.negative_prompt, others), "Prompt S/R"
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
             if m.stack.fused:

@@ -28,6 +28,7 @@ from pipelines.generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest,
 from pipelines.recall import for_family, read_parameters, recall
 from pipelines.vae import AUTOMATIC
 from pipelines.library import with_user_metadata
+from pipelines.grid import split_values
 from pipelines.stack import WEIGHT_MAX, WEIGHT_MIN
 from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, preset_family,
                              preset_values, train_options)
@@ -62,12 +63,13 @@ MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
 COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters", "CFG scales": "guidance", "step counts": "steps",
-                 "samplers": "scheduler"}
+                 "samplers": "scheduler", "prompt words (Prompt S/R)": "prompt_sr"}
 # the values box of the comparison, per mode: (label, default)
 COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"),
                   "starts": ("Start steps (0 = every step)", "0, 5, 10, 15"),
                   "guidance": ("CFG scales", "3, 5, 7, 9"), "steps": ("Step counts", "10, 20, 30"),
-                  "scheduler": ("Samplers", "Euler a, DPM++ 2M Karras, DDIM")}
+                  "scheduler": ("Samplers", "Euler a, DPM++ 2M Karras, DDIM"),
+                  "prompt_sr": ("Words: the first is in the prompt, each column swaps it for one", "red, blue, green")}
 
 CSS = """
 .ls-progress {height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; margin: 4px 0 6px}
@@ -259,9 +261,9 @@ def _starts(text: str, steps: int) -> list[int]:
 
 def _settings(text: str, kind: str) -> list:
     """The values box of a settings grid: CFG scales, step counts (numbers) or sampler names."""
-    what = COMPARE_VALUES[kind][0].lower()
-    out = [t.strip() for t in (text or "").split(",") if t.strip()] if kind == "scheduler" else (
-        _values(text, what, int if kind == "steps" else float))
+    what = COMPARE_VALUES[kind][0].lower() if kind != "prompt_sr" else "prompt S/R words"
+    out = (split_values(text) if kind == "prompt_sr" else [t.strip() for t in (text or "").split(",") if t.strip()]
+           if kind == "scheduler" else _values(text, what, int if kind == "steps" else float))
     if not out:
         raise ConfigError(f"{what}: give at least one, e.g. {COMPARE_VALUES[kind][1]}")
     if len(out) > 8:
@@ -1301,7 +1303,7 @@ class StudioUI:
             raise ConfigError(f"mode: unknown comparison '{mode}'")
         weights = _weights(cmp_weights) if kind == "weights" else ()
         starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
-        settings = _settings(cmp_weights, kind) if kind in ("guidance", "steps", "scheduler") else ()
+        settings = _settings(cmp_weights, kind) if kind in ("guidance", "steps", "scheduler", "prompt_sr") else ()
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
                                    others=enabled, starts=starts, vae=vae, settings=settings)
         return str(path), str(path), req.seed

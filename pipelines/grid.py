@@ -151,14 +151,20 @@ def make_grid(
     (the column labels and each column's tags, ' | '-separated) so every tile can be reproduced.
     """
     cols = _columns(columns)
-    clean, tagged = parse_lora_tags(req.prompt)
-    run_req = replace(req, prompt=clean)
-    col_reqs = [replace(run_req, **dict(col.changes)) for col in cols]  # a bad setting is refused up front
+    col_reqs, col_tags = [], []  # each column's request (a bad setting is refused up front) and prompt tags
+    for col in cols:
+        changes = dict(col.changes)
+        prompt, negative = req.prompt, req.negative_prompt
+        if sr := changes.pop("prompt_sr", None):  # A1111's Prompt S/R: the word swapped in both prompts
+            prompt, negative = prompt.replace(*sr), negative.replace(*sr)
+        clean, tagged = parse_lora_tags(prompt)  # a swapped word may be in a <lora:…> tag: parsed per column
+        col_reqs.append(replace(req, prompt=clean, negative_prompt=negative, **changes))
+        col_tags.append(tagged)
     counts = [steps_of(r) for r in col_reqs]  # a Hires or img2img pass counts too
     total = sum(counts)
     tiles: list[list[GeneratedImage]] = []
     stacks: list[tuple[StackEntry, ...]] = []
-    for i, (col, col_req) in enumerate(zip(cols, col_reqs)):
+    for i, (col, col_req, tagged) in enumerate(zip(cols, col_reqs, col_tags)):
         names = {e.name.casefold() for e in col.entries}
         entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
 
@@ -185,10 +191,11 @@ def make_grid(
         extra["Lora hashes"] = stack.lora_hashes(list(used.values()))
     extra["Grid"] = f"{_quote_free(axis)}: " + " | ".join(_quote_free(lbl) for lbl in labels)
     extra["Grid stacks"] = " | ".join(" ".join(e.tag() for e in entries) or "none" for entries in stacks)
-    if any(c.changes for c in cols):  # each column's own settings, in the parameters' own words
+    settings = [[(k, v) for k, v in c.changes if k in SETTINGS] for c in cols]  # Prompt S/R: the labels say it
+    if any(settings):  # each column's own settings, in the parameters' own words
         extra["Grid settings"] = " | ".join(
             "; ".join(f"{SETTINGS[k][0]} {v:g}" if isinstance(v, float) else f"{SETTINGS[k][0]} {v}"
-                      for k, v in c.changes) or "as above" for c in cols)
+                      for k, v in c) or "as above" for c in settings)
     w, h = tiles[0][0].size or tiles[0][0].image.size  # the first pass's size (a Hires fix enlarges it)
     params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
     grid.info["parameters"] = params
@@ -211,6 +218,25 @@ def setting_columns(field: str, values: Sequence, others: Sequence[StackEntry] =
     kind = {"guidance": float, "steps": int, "scheduler": scheduler_name}[field]
     fmt = SETTINGS[field][1]
     return [GridColumn(fmt.format(kind(v)), tuple(others), ((field, kind(v)),)) for v in values]
+
+
+def split_values(text: str) -> list[str]:
+    """A1111's comma-separated axis values: quotes keep a comma inside one ("red, glossy", blue)."""
+    import csv
+
+    return [v.strip() for v in next(csv.reader([text or ""], skipinitialspace=True), []) if v.strip()]
+
+
+def prompt_sr_columns(values: Sequence[str], prompt: str, negative: str = "",
+                      others: Sequence[StackEntry] = ()) -> list[GridColumn]:
+    """A1111's Prompt S/R axis: the first of `values` is found in the prompt (or the negative prompt) and each
+    column swaps it for one of them (the first column is the prompt as it is); `others` in every column."""
+    values = [str(v) for v in values if str(v)]
+    if len(values) < 2:
+        raise ConfigError("prompt S/R: give the word in the prompt, then what to swap it for, e.g. red, blue, green")
+    if values[0] not in prompt and values[0] not in (negative or ""):
+        raise ConfigError(f"prompt S/R: '{values[0]}' (the first value) is not in the prompt or the negative prompt")
+    return [GridColumn(v, tuple(others), (("prompt_sr", (values[0], v)),)) for v in values]
 
 
 def weight_columns(name: str, weights: Sequence[float], others: Sequence[StackEntry] = ()) -> list[GridColumn]:

@@ -266,3 +266,32 @@ def test_a_settings_axis_varies_cfg_steps_or_sampler_with_the_adapters_fixed(sta
         make_grid(stack, req, setting_columns("guidance", [3, 99]))
     with pytest.raises(ConfigError, match="scheduler: unknown 'warp'"):
         setting_columns("scheduler", ["warp"])
+
+
+def test_prompt_sr_swaps_a_word_in_both_prompts_and_in_lora_tags(stack, tmp_path):
+    """A1111's Prompt S/R axis: the first value is found in the prompt and each column swaps it (in the negative
+    prompt too, and inside <lora:…> tags, so "a:0.7" -> "b:0.7" compares two adapters); each tile is the image
+    made alone with its prompt."""
+    from pipelines.grid import prompt_sr_columns, split_values
+
+    req = _req(prompt="a red circle <lora:a:0.7>", negative_prompt="red blur")
+    result = make_grid(stack, req, prompt_sr_columns(["red", "blue"], req.prompt, req.negative_prompt),
+                       axis="Prompt S/R")
+    assert [c.label for c in result.columns] == ["red", "blue"]
+    alone = stack.generate(dataclasses.replace(req, prompt="a blue circle <lora:a:0.7>", negative_prompt="blue blur"))
+    assert np.array_equal(np.asarray(result.tiles[1][0].image), np.asarray(alone[0].image))
+    assert not np.array_equal(np.asarray(result.tiles[0][0].image), np.asarray(alone[0].image))
+    p = parse_parameters(result.parameters)
+    assert p["Grid"] == "Prompt S/R: red / blue".replace(" / ", " | ") and "Grid settings" not in p
+    tags = make_grid(stack, req, prompt_sr_columns(["a:0.7", "b:0.7"], req.prompt))
+    assert parse_parameters(tags.parameters)["Grid stacks"] == "<lora:a:0.7> | <lora:b:0.7>"
+    with pytest.raises(ConfigError, match="'green' .* is not in the prompt"):
+        prompt_sr_columns(["green", "blue"], req.prompt, req.negative_prompt)
+    with pytest.raises(ConfigError, match="then what to swap it for"):
+        prompt_sr_columns(["red"], req.prompt)
+    assert split_values('"red, glossy", blue ,  green') == ["red, glossy", "blue", "green"]
+    # the CLI's --prompt-sr
+    out = tmp_path / "sr.png"
+    assert main(["grid", "--base", str(stack.model.source), "--library", str(stack.library.root), "--prompt",
+                 "a red circle", "--steps", "2", "--prompt-sr", "red,green", "--out", str(out)]) == 0
+    assert parse_parameters(read_png_parameters(out))["Grid"] == "Prompt S/R: red | green"

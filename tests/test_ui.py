@@ -861,6 +861,15 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     assert parse_parameters(read_png_parameters(grid))["Grid settings"] == "Sampler Euler a | Sampler DDIM"
     with pytest.raises(gr.Error, match="step counts: give at least one"):
         ui.compare("step counts", base, "x", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", None, *_slots())
+    # A1111's Prompt S/R: a word of the prompt swapped across the columns
+    mode = "prompt words (Prompt S/R)"
+    assert ui.compare_values_box(mode, "3, 5")["value"] == "red, blue, green"
+    grid, *_ = ui.compare(mode, base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None,
+                          "red, blue", None, *_slots(("alpha-style", 0.8)))
+    assert parse_parameters(read_png_parameters(grid))["Grid"] == "Prompt S/R: red | blue"
+    with pytest.raises(gr.Error, match="'green' .* is not in the prompt"):
+        ui.compare(mode, base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "green, blue", None,
+                   *_slots())
     ck = ui.studio.library.root / "runs" / "myrun" / "checkpoints" / "step-2"
     ck.mkdir(parents=True)
     shutil.copyfile(lora_files["beta-thing"], ck / "adapter.safetensors")
