@@ -998,11 +998,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.trainer import run_dir_for, train
 
     cfg = train_config_from_args(args)
-    if not cfg.images:
-        raise _usage("train: --images (or images = ... in --config) is required")
+    if not cfg.images and not cfg.dataset_config:
+        raise _usage("train: --images (or --dataset-config, or images = ... in --config) is required")
     from training.dataset import kohya_trigger
 
-    if args.trigger is None and not args.config and cfg.trigger == kohya_trigger(cfg.images):
+    if args.trigger is None and not args.config and cfg.images and cfg.trigger == kohya_trigger(cfg.images):
         print(f"trigger word: {cfg.trigger} (from the kohya folder names in {cfg.images}; --trigger to choose "
               "another)")
     if args.num_processes is not None and args.num_processes < 1:

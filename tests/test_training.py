@@ -722,3 +722,86 @@ def test_masked_loss_ignores_the_error_where_the_mask_is_black(tiny_sd1_dir):
 def test_masked_loss_without_any_mask_is_refused_naming_the_folder(star_images, tiny_sd1_dir, tmp_path):
     with pytest.raises(DatasetError, match=rf"masked_loss: none of the \d+ images in {star_images}"):
         train(_cfg(star_images, tiny_sd1_dir, tmp_path, masked_loss=True))
+
+
+def _dataset_toml(tmp_path, extra_general: str = "", extra_subset: str = "") -> "Path":
+    img, reg = _kohya_dirs(tmp_path)
+    f = tmp_path / "dataset.toml"
+    f.write_text(f"""
+[general]
+shuffle_caption = true
+keep_tokens = 1
+color_aug = false
+{extra_general}
+
+[[datasets]]
+resolution = 32
+batch_size = 1
+
+  [[datasets.subsets]]
+  image_dir = '{(img / "3_sks red").as_posix()}'
+  class_tokens = 'sks red'
+  num_repeats = 3
+  {extra_subset}
+
+  [[datasets.subsets]]
+  image_dir = 'img/1_sks blue'
+  class_tokens = 'sks blue'
+  caption_suffix = ', glossy'
+
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = '{(reg / "1_a shape").as_posix()}'
+  class_tokens = 'a shape'
+""")
+    return f
+
+
+def test_a_kohya_dataset_config_trains_its_subsets_with_its_options(tiny_sd1_dir, tmp_path, monkeypatch):
+    """kohya sd-scripts' --dataset_config: each subset's folder, repeats and caption (class_tokens, suffix), its
+    is_reg subset as the class images, and its options (caption shuffling, keep_tokens, resolution, batch size)
+    unless given explicitly; what LoRA Studio has no option for is said in the log."""
+    from training.trainer import Trainer
+
+    f = _dataset_toml(tmp_path)
+    monkeypatch.chdir(tmp_path / "reg")  # image_dir 'img/1_sks blue' is found beside the file, not from here
+    cfg = TrainConfig.from_dict({"dataset_config": str(f), "base": str(tiny_sd1_dir), "output_dir": str(tmp_path / "l"),
+                                 "max_steps": 2, "device": "cpu", "name": "kd", "sample_every": 0,
+                                 "checkpoint_every": 0, "weight_check": False, "batch_size": 2})
+    assert (cfg.shuffle_tags, cfg.keep_tokens, cfg.resolution, cfg.batch_size, cfg.trigger) == (True, 1, 32, 2, "sks")
+    seen = []
+    tr = Trainer(cfg.replace(batch_size=1), on_progress=lambda p: seen.append(p.message or ""))
+    tr.build()
+    captions = [tr.examples[i].caption for k in range(12) for i in tr.schedule(k)]
+    assert (captions.count("sks red"), captions.count("sks blue , glossy")) == (9, 3)
+    assert [ex.caption for ex in tr.priors] == ["a shape"]
+    assert any("not applied" in m and "color_aug" in m for m in seen)
+    assert tr.train_step(0) > 0
+
+
+@pytest.mark.parametrize("general, subset, msg", [
+    ("bogus = 1", "", r"\[general\] bogus: not an option of kohya's dataset config"),
+    ("", "keep_tokens = 2", r"subset #1: keep_tokens: 2 here but 1 in \[general\]"),
+    ("", "resolution = [512, 768]", r"resolution: \[512, 768\] is not square"),
+    ("", "metadata_file = 'meta.json'", "a fine-tuning dataset"),
+    ("", "num_repeats = 0", "num_repeats: a whole number of 1 or more"),
+])
+def test_a_kohya_dataset_config_that_cannot_apply_is_refused_naming_the_key(tmp_path, general, subset, msg):
+    f = _dataset_toml(tmp_path, general, subset.replace("num_repeats = 0", "").strip() if "num_repeats" in subset
+                      else subset)
+    if "num_repeats = 0" in subset:
+        f.write_text(f.read_text().replace("num_repeats = 3", "num_repeats = 0"))
+    with pytest.raises(ConfigError, match=msg) as e:
+        TrainConfig.from_dict({"dataset_config": str(f)})
+    assert str(f) in str(e.value)
+
+
+def test_a_kohya_dataset_config_with_a_missing_folder_names_it(tmp_path):
+    from app.cli import parse_train_args
+
+    f = _dataset_toml(tmp_path)
+    f.write_text(f.read_text().replace("img/1_sks blue", "img/nowhere"))
+    with pytest.raises(ConfigError, match=r"subset #2: image_dir: img/nowhere is not a folder"):
+        parse_train_args(["--dataset-config", str(f)])
+    f.write_text(f.read_text().replace("img/nowhere", "img/1_sks blue"))
+    assert parse_train_args(["--dataset-config", str(f), "--trigger", "zz"]).trigger == "zz"

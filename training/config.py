@@ -121,7 +121,8 @@ def default_library_dir() -> Path:
 # the UI's Advanced section, in this order; "main" fields are the Train tab's own form, "Other" catches a field
 # added without a group
 # the options that hold a local path (shared files write them as '~/…' or a bare name; see training.export)
-PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir")
+PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir",
+               "dataset_config")
 GROUPS = ("main", "LoRA", "Optimisation", "Data & captions", "Preservation", "Checkpoints & samples",
           "Precision & memory", "Other")
 _META_KEYS = {"help", "group", "label", "min", "max", "gt", "below", "step", "choices", "flags", "list", "ui",
@@ -352,6 +353,10 @@ class TrainConfig:
                                help="count the loss only where an image's mask is white (kohya's --masked_loss): "
                                     "a mask from mask_dir, an IMAGE-masklabel.png beside the image, or the "
                                     "image's transparency; images without one count whole")
+    dataset_config: str | None = option(None, group="Data & captions", ui=False,
+                                        help="kohya sd-scripts' dataset config (.toml: [[datasets.subsets]] with "
+                                             "image_dir, num_repeats, class_tokens, is_reg): the images and class "
+                                             "images, and its options unless given here")
     mask_mean: str = option("picture", group="Data & captions", label="Masked loss: average over",
                             choices=("picture", "mask"),
                             help="with masked loss: the error averaged over the whole picture (kohya's way: an "
@@ -513,7 +518,16 @@ class TrainConfig:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {_short(preset)}")
         defaults = preset_values(preset, preset_family(data.get("base") if isinstance(data.get("base"), str) else None))
         merged = {**defaults, **data}
-        if "trigger" not in data and isinstance(data.get("images"), str) and data["images"]:
+        if isinstance(data.get("dataset_config"), str) and data["dataset_config"]:
+            from .kohya_dataset import read_kohya_dataset  # its options, under the ones given explicitly
+
+            kohya = read_kohya_dataset(data["dataset_config"])
+            merged = {**defaults, **kohya.options, **data}
+            if "trigger" not in data:
+                from .dataset import trigger_of
+
+                merged["trigger"] = trigger_of(kohya.train) or cls.trigger
+        elif "trigger" not in data and isinstance(data.get("images"), str) and data["images"]:
             from .dataset import kohya_trigger  # kohya's layout names the trigger: 10_ohwx woman -> ohwx
 
             merged["trigger"] = kohya_trigger(data["images"]) or cls.trigger

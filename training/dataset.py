@@ -36,6 +36,7 @@ class ImageItem:
     height: int
     repeats: int = 1  # times per epoch, from a kohya folder name (10_sks dog: 10)
     source: str = "template"  # where the caption came from: "file", "folder" (kohya's tokens) or "template"
+    subset: str | None = None  # its kohya folder's (or dataset config subset's) folder name
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Subset:
     repeats: int
     tokens: str  # the caption of its images that have no caption file (kohya's class_tokens)
     images: int = 0
+    prefix: str = ""  # kohya's caption_prefix / caption_suffix (a dataset config's subset): around each caption
+    suffix: str = ""
 
 
 # kohya's rule (sd-scripts, config_util): the name up to the first "_" is the repeat count, the rest verbatim
@@ -91,7 +94,12 @@ def kohya_trigger(folder: str | Path) -> str | None:
     """The trigger word a kohya-layout folder implies: the first word of its first folder's tokens that is not
     an article or a word like "photo" (`10_ohwx woman` -> ohwx, `10_a photo of zwx` -> zwx); None for another
     layout."""
-    for sub in kohya_subsets(os.path.expanduser(str(folder))):
+    return trigger_of(kohya_subsets(os.path.expanduser(str(folder))))
+
+
+def trigger_of(subsets: list[Subset]) -> str | None:
+    """The first word of the first subset's caption that is not an article or a word like "photo"."""
+    for sub in subsets:
         words = [w.strip(",.") for w in sub.tokens.split()]
         words = [w for w in words if w and w.lower() not in _NOT_A_TRIGGER]  # "10_a photo of ohwx": ohwx
         if sub.repeats >= 1 and words:
@@ -405,8 +413,27 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
     if subs and outside:
         res.note = (f"folders named like kohya's ({', '.join(s.folder.name for s in subs[:3])}) are read as ordinary "
                     f"folders: {outside} image(s) lie outside them, and kohya's layout has every image in one")
+    _scan_files(res, sorted(folder.rglob("*")), lambda p: _subset_of(p, folder, res.subsets) if res.subsets else None,
+                trigger, template, prefix_trigger, caption_ext, skip)
+    return _finished(res, folder)
+
+
+def scan_subsets(subsets: list[Subset], trigger: str = "sks", template: str = "a photo of {trigger}",
+                 prefix_trigger: bool = True, caption_ext: str = ".txt", exclude: str | Path | None = None,
+                 name: str = "dataset config") -> ScanResult:
+    """`scan_folder` over the folders of a kohya dataset config's subsets, each with its own repeats and
+    caption (see training.kohya_dataset)."""
+    res = ScanResult(subsets=subsets)
+    for sub in subsets:
+        _scan_files(res, sorted(sub.folder.rglob("*")), lambda p, s=sub: s, trigger, template, prefix_trigger,
+                    caption_ext, Path(exclude) if exclude else None)
+    return _finished(res, name)
+
+
+def _scan_files(res: ScanResult, files, subset_of, trigger: str, template: str, prefix_trigger: bool,
+                caption_ext: str, skip: Path | None) -> None:
     exts = {e.lower() for e in caption_exts(caption_ext)} | CAPTION_EXTS
-    for p in sorted(folder.rglob("*")):
+    for p in files:
         if p.is_dir() or _inside_any(p, [skip]):
             continue
         ext = p.suffix.lower()
@@ -415,7 +442,7 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
         if is_mask_file(p):
             res.masks += 1
             continue
-        sub = _subset_of(p, folder, res.subsets) if res.subsets else None
+        sub = subset_of(p)
         if sub is not None and sub.repeats < 1:
             if ext in IMAGE_EXTS:
                 res.skipped.append((p, f"its folder repeats it 0 times (kohya's layout skips {sub.folder.name})"))
@@ -436,10 +463,16 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
             res.skipped.append((p, f"cannot be read ({e.strerror or e})"))
             continue
         source = "file" if caption else "folder" if sub and sub.tokens else "template"
+        if sub and (sub.prefix or sub.suffix):  # kohya: "prefix caption suffix", before the trigger rule
+            caption = " ".join(x for x in (sub.prefix, caption or sub.tokens, sub.suffix) if x)
         cap = build_caption(caption or (sub.tokens if sub else None), trigger, template, prefix_trigger)
-        res.items.append(ImageItem(p, cap, w, h, sub.repeats if sub else 1, source))
+        res.items.append(ImageItem(p, cap, w, h, sub.repeats if sub else 1, source, sub.folder.name if sub else None))
         if sub:
             sub.images += 1
+
+
+def _finished(res: ScanResult, where) -> ScanResult:
+    """Empty subsets listed as skipped; no usable image at all is an error naming `where`."""
     for sub in res.subsets:
         if sub.repeats >= 1 and not sub.images:
             res.skipped.append((sub.folder, "no usable image in this folder" + (
@@ -447,7 +480,7 @@ def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a pho
                 else "")))
     if not res.items:
         detail = f"; skipped: {', '.join(f'{p.name} ({why})' for p, why in res.skipped[:10])}" if res.skipped else ""
-        raise DatasetError(f"{folder}: no usable training images{detail}")
+        raise DatasetError(f"{where}: no usable training images{detail}")
     return res
 
 

@@ -213,8 +213,7 @@ def dataset_metadata(scan, images: Path, repeats: int = 1) -> dict[str, str]:
     dirs: dict[str, dict[str, int]] = {}
     tags: dict[str, dict[str, int]] = {}
     for it in scan.items:
-        rel = it.path.relative_to(images).parts if it.path.is_relative_to(images) else ()
-        key = rel[0] if scan.subsets and len(rel) > 1 else images.name or "images"
+        key = it.subset or images.name or "images"
         d = dirs.setdefault(key, {"n_repeats": it.repeats * repeats, "img_count": 0})
         d["img_count"] += 1
         freq = tags.setdefault(key, {})

@@ -128,7 +128,7 @@ def pinned(cfg: TrainConfig) -> TrainConfig:
     """The config with its library folder and local paths absolute: a queued job trains the same whatever
     the folder or environment of the process that runs it."""
     changes: dict[str, Any] = {"output_dir": str(cfg.library_dir.expanduser().resolve())}
-    for name in ("images", "class_images", "init_adapter", "base", "resume", "mask_dir", "vae"):
+    for name in ("images", "class_images", "init_adapter", "base", "resume", "mask_dir", "vae", "dataset_config"):
         value = getattr(cfg, name)
         if value and not Path(value).expanduser().is_absolute() and Path(value).expanduser().exists():
             changes[name] = str(Path(value).expanduser().resolve())

@@ -31,7 +31,7 @@ from pipelines.single_file import unet_layout
 from . import lora as lora_mod
 from .config import TrainConfig
 from .dataset import (ScanResult, check_masks, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
-                      resize_crop_at, scan_folder, to_tensor, vary_caption)
+                      resize_crop_at, scan_folder, scan_subsets, to_tensor, vary_caption)
 from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
@@ -529,16 +529,28 @@ class Trainer:
     def build(self) -> None:
         cfg = self.cfg
         check_name_free(cfg)  # before any work: never silently replace a finished adapter
-        self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
-                                cfg.caption_ext, exclude=cfg.mask_dir)
+        self.kohya = None  # kohya's dataset config: the subsets (and their class images) instead of one folder
+        if cfg.dataset_config:
+            from .kohya_dataset import read_kohya_dataset
+
+            self.kohya = read_kohya_dataset(cfg.dataset_config)
+            self.scan = scan_subsets(self.kohya.train, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
+                                     cfg.caption_ext, exclude=cfg.mask_dir, name=str(cfg.dataset_config))
+        else:
+            self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
+                                    cfg.caption_ext, exclude=cfg.mask_dir)
         if cfg.masked_loss:  # before the base model loads: no mask at all is a mistake, said at once
-            check_masks(self.scan.items, cfg.images, cfg.mask_dir)
-        if self._wants_priors() and cfg.class_images:  # a class folder without captions needs the class prompt
+            check_masks(self.scan.items, cfg.images or cfg.dataset_config, cfg.mask_dir)
+        if self._wants_priors() and (cfg.class_images or self._reg()):  # uncaptioned ones need the class prompt
             self._class_scan()
         self._make_accelerator()
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
         _emit(self.on_progress, Progress(0, cfg.max_steps, message=self.scan.report()))
+        if self.kohya is not None and self.kohya.not_applied:
+            _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+                f"dataset config {cfg.dataset_config}: not applied (LoRA Studio has no such option): "
+                + ", ".join(self.kohya.not_applied))))
         # under mixed precision the frozen weights are stored in its dtype (as the diffusers examples do:
         # half the memory, no per-step casts); the LoRA weights and the optimizer stay in fp32
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -572,10 +584,13 @@ class Trainer:
             self._report_masks()
         self.priors: list[Example] = []
         if self._wants_priors():
-            if self.is_main:  # the main process generates missing class images; the others wait, then read
-                class_images_folder(cfg, base, self.resolution)
-            self.accelerator.wait_for_everyone()
-            cscan = self._class_scan(class_images_folder(cfg, base, self.resolution))
+            if self._reg():  # the dataset config's is_reg subsets
+                cscan = self._class_scan()
+            else:
+                if self.is_main:  # the main process generates missing class images; the others wait, then read
+                    class_images_folder(cfg, base, self.resolution)
+                self.accelerator.wait_for_everyone()
+                cscan = self._class_scan(class_images_folder(cfg, base, self.resolution))
             if cscan.subsets:
                 _emit(self.on_progress, Progress(0, cfg.max_steps, message="class images: " + cscan.report()))
             # at each size the training images come in, so that a step's class rows stack with its own rows
@@ -869,16 +884,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
+    def _reg(self) -> list:
+        """The dataset config's class-image subsets (is_reg), if any."""
+        return self.kohya.reg if self.kohya is not None else []
+
     def _wants_priors(self) -> bool:
         cfg = self.cfg
-        return bool(cfg.class_images or cfg.class_prompt) and cfg.num_class_images > 0
+        return bool(cfg.class_images or cfg.class_prompt or self._reg()) and cfg.num_class_images > 0
 
     def _class_scan(self, folder: str | Path | None = None) -> ScanResult:
         """The class images with their captions: a caption file's or a kohya folder's, else the class prompt;
         an image with none of these and no class prompt is an error that names it."""
         cfg = self.cfg
-        cscan = scan_folder(folder or cfg.class_images, cfg.trigger, "{trigger}", prefix_trigger=False,
-                            caption_ext=cfg.caption_ext)
+        if folder is None and self._reg():
+            cscan = scan_subsets(self._reg(), cfg.trigger, "{trigger}", prefix_trigger=False,
+                                 caption_ext=cfg.caption_ext, name=f"{cfg.dataset_config} (is_reg subsets)")
+        else:
+            cscan = scan_folder(folder or cfg.class_images, cfg.trigger, "{trigger}", prefix_trigger=False,
+                                caption_ext=cfg.caption_ext)
         for it in cscan.items:
             if it.source == "template":
                 if not cfg.class_prompt:
