@@ -781,7 +781,7 @@ def test_a_kohya_dataset_config_trains_its_subsets_with_its_options(tiny_sd1_dir
 
 @pytest.mark.parametrize("general, subset, msg", [
     ("bogus = 1", "", r"\[general\] bogus: not an option of kohya's dataset config"),
-    ("", "keep_tokens = 2", r"subset #1: keep_tokens: 2 here but 1 in \[general\]"),
+    ("", "keep_tokens = 2", r"subset #2: keep_tokens: 1 here but 2 in \[\[datasets\]\] #1 subset #1"),
     ("", "resolution = [512, 768]", r"resolution: \[512, 768\] is not square"),
     ("", "metadata_file = 'meta.json'", "a fine-tuning dataset"),
     ("", "num_repeats = 0", "num_repeats: a whole number of 1 or more"),
@@ -805,3 +805,11 @@ def test_a_kohya_dataset_config_with_a_missing_folder_names_it(tmp_path):
         parse_train_args(["--dataset-config", str(f)])
     f.write_text(f.read_text().replace("img/nowhere", "img/1_sks blue"))
     assert parse_train_args(["--dataset-config", str(f), "--trigger", "zz"]).trigger == "zz"
+
+
+def test_a_kohya_option_every_subset_overrides_alike_is_no_conflict(tmp_path):
+    f = _dataset_toml(tmp_path)
+    text = f.read_text().replace("  class_tokens = 'sks red'", "  class_tokens = 'sks red'\n  keep_tokens = 2")
+    f.write_text(text.replace("  class_tokens = 'sks blue'", "  class_tokens = 'sks blue'\n  keep_tokens = 2")
+                 .replace("  class_tokens = 'a shape'", "  class_tokens = 'a shape'\n  keep_tokens = 2"))
+    assert TrainConfig.from_dict({"dataset_config": str(f)}).keep_tokens == 2  # [general]'s 1 applies nowhere

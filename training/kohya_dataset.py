@@ -132,7 +132,9 @@ def read_kohya_dataset(path: str | os.PathLike) -> KohyaDataset:
                                   f"Studio sets {key} once for the whole run")
             seen[opt] = (v, where)
 
-    take(general, "[general] ")
+    for key in general:  # [general] only gives defaults: its keys are checked here, its values through each subset
+        if key not in KNOWN:
+            take({key: general[key]}, "[general] ")
     for i, ds in enumerate(datasets, 1):
         ds = _table(ds, f"[[datasets]] #{i}", path)
         subsets = ds.get("subsets", [])
@@ -141,8 +143,9 @@ def read_kohya_dataset(path: str | os.PathLike) -> KohyaDataset:
         for j, sub in enumerate(subsets, 1):
             where = f"[[datasets]] #{i} subset #{j}: "
             sub = _table(sub, where.rstrip(": "), path)
-            # general < dataset < subset, as kohya layers them: a value at each level
-            take({**{k: v for k, v in ds.items() if k != "subsets"}, **sub}, where)
+            # what applies to this subset: general < dataset < subset, as kohya layers them; LoRA Studio then
+            # needs one value per option across all subsets
+            take({**general, **{k: v for k, v in ds.items() if k != "subsets"}, **sub}, where)
             image_dir = sub.get("image_dir")
             if not isinstance(image_dir, str) or not image_dir:
                 raise ConfigError(f"{path}: {where}image_dir: each subset needs its folder of images")
