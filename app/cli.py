@@ -591,7 +591,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
     weight = 1.0 if args.weight is None else args.weight
     t0 = time.time()
     stack = _stack_for(args)
-    _embeddings_into(stack.model, args, [req.prompt, req.negative_prompt])
+    prompts = [req.prompt, req.negative_prompt]
+    if args.prompt_sr:  # every column's prompts: a swapped-in word may be an embedding
+        words = split_values(args.prompt_sr)
+        prompts += [p.replace(words[0], w) for w in words[1:] for p in prompts[:2]] if words else []
+    _embeddings_into(stack.model, args, prompts)
     t1 = time.time()
     if args.lora:
         [entry] = _entries_into(stack, [args.lora])

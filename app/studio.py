@@ -707,7 +707,10 @@ class Studio:
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
-            use_embeddings(m.base, self.embeddings_dir, [req.prompt, req.negative_prompt], self.allow_pickle)
+            prompts = [req.prompt, req.negative_prompt]
+            if mode == "prompt_sr" and settings:  # every column's prompts: a swapped-in word may be an embedding
+                prompts += [p.replace(str(settings[0]), str(v)) for v in settings[1:] for p in prompts[:2]]
+            use_embeddings(m.base, self.embeddings_dir, prompts, self.allow_pickle)
             if mode == "weights":
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")

@@ -224,7 +224,10 @@ def split_values(text: str) -> list[str]:
     """A1111's comma-separated axis values: quotes keep a comma inside one ("red, glossy", blue)."""
     import csv
 
-    return [v.strip() for v in next(csv.reader([text or ""], skipinitialspace=True), []) if v.strip()]
+    try:
+        return [v.strip() for v in next(csv.reader([text or ""], skipinitialspace=True), []) if v.strip()]
+    except csv.Error as e:  # a line break typed into the box
+        raise ConfigError(f"values: {e}; give them on one line, separated by commas") from None
 
 
 def prompt_sr_columns(values: Sequence[str], prompt: str, negative: str = "",

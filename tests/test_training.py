@@ -813,3 +813,68 @@ def test_a_kohya_option_every_subset_overrides_alike_is_no_conflict(tmp_path):
     f.write_text(text.replace("  class_tokens = 'sks blue'", "  class_tokens = 'sks blue'\n  keep_tokens = 2")
                  .replace("  class_tokens = 'a shape'", "  class_tokens = 'a shape'\n  keep_tokens = 2"))
     assert TrainConfig.from_dict({"dataset_config": str(f)}).keep_tokens == 2  # [general]'s 1 applies nowhere
+
+
+def test_kohya_dataset_config_layering_defaults_and_types(tmp_path):
+    """Subset keys may sit at any level (general < dataset < subset), a subset that leaves an option unset counts
+    with kohya's default, class-image subsets do not decide flips, kohya's own caption ending is the default, and
+    a value of the wrong type is refused under its kohya name."""
+    from training.kohya_dataset import read_kohya_dataset
+
+    img, reg = _kohya_dirs(tmp_path)
+    (img / "3_sks red" / "inner").mkdir()
+    Image_new = __import__("PIL.Image", fromlist=["Image"]).new
+    Image_new("RGB", (32, 32)).save(img / "3_sks red" / "inner" / "x.png")  # kohya reads the folder's own files
+    f = tmp_path / "d.toml"
+    f.write_text(f"""
+[general]
+class_tokens = 'sks thing'
+[[datasets]]
+num_repeats = 4
+  [[datasets.subsets]]
+  image_dir = '{(img / "3_sks red").as_posix()}'
+  [[datasets.subsets]]
+  image_dir = '{(reg / "1_a shape").as_posix()}'
+  is_reg = true
+  flip_aug = true
+""")
+    k = read_kohya_dataset(f)
+    assert [(s.repeats, s.tokens) for s in k.train] == [(4, "sks thing")]
+    assert "random_flip" not in k.options and k.options["caption_ext"] == ".caption"
+    from training.dataset import scan_subsets
+
+    assert [it.path.name for it in scan_subsets(k.train).items] == ["0.png"]
+    f.write_text(f.read_text().replace("  flip_aug = true", "  flip_aug = 'yes'"))
+    with pytest.raises(ConfigError, match=r"subset #2: flip_aug: must be true or false, got 'yes'"):
+        read_kohya_dataset(f)
+    text = f.read_text().replace("  flip_aug = 'yes'", "").replace("  is_reg = true", "  shuffle_caption = true")
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=r"subset #2: shuffle_caption: True here but False in \[\[datasets\]\] #1 "
+                                          r"subset #1"):
+        read_kohya_dataset(f)  # one subset shuffles, the other (kohya's default) does not
+
+
+def test_a_saved_config_naming_a_dataset_config_loads_without_its_file(tmp_path):
+    """A job's or a run's saved options name the dataset config they were made from; they load again when
+    that file has moved (the run itself reads it when it starts)."""
+    f = _dataset_toml(tmp_path)
+    cfg = TrainConfig.from_dict({"dataset_config": str(f)})
+    f.unlink()
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again.shuffle_tags and again.keep_tokens == 1 and again.dataset_config == str(f)
+
+
+def test_a_queued_run_refuses_image_dirs_found_only_from_the_submitting_folder(tmp_path, monkeypatch):
+    from training.jobs import pinned
+
+    img, _ = _kohya_dirs(tmp_path)
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    f = conf / "d.toml"
+    f.write_text("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = 'img/3_sks red'\n  class_tokens = 'sks'\n")
+    monkeypatch.chdir(tmp_path)  # found from here only, not beside the file: a worker elsewhere would miss it
+    cfg = TrainConfig.from_dict({"dataset_config": str(f)})
+    with pytest.raises(ConfigError, match="write it as an absolute path or relative to the .toml"):
+        pinned(cfg)
+    f.write_text(f.read_text().replace("img/3_sks red", "../img/3_sks red"))  # beside the file: pinned as it is
+    assert pinned(cfg).dataset_config == str(f)

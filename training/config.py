@@ -120,6 +120,14 @@ def default_library_dir() -> Path:
 
 # the UI's Advanced section, in this order; "main" fields are the Train tab's own form, "Other" catches a field
 # added without a group
+def _complete(data: dict) -> bool:
+    """A whole saved config (a job's, a run's .toml): the dataset config's options were taken when it was made,
+    so its file is not read again (it may have moved since; the run reads it when it starts)."""
+    from .kohya_dataset import RUN_OPTIONS
+
+    return "trigger" in data and set(RUN_OPTIONS.values()) <= set(data)
+
+
 # the options that hold a local path (shared files write them as '~/…' or a bare name; see training.export)
 PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir",
                "dataset_config")
@@ -518,7 +526,7 @@ class TrainConfig:
             raise ConfigError(f"preset: must be one of {', '.join(PRESETS)}, got {_short(preset)}")
         defaults = preset_values(preset, preset_family(data.get("base") if isinstance(data.get("base"), str) else None))
         merged = {**defaults, **data}
-        if isinstance(data.get("dataset_config"), str) and data["dataset_config"]:
+        if isinstance(data.get("dataset_config"), str) and data["dataset_config"] and not _complete(data):
             from .kohya_dataset import read_kohya_dataset  # its options, under the ones given explicitly
 
             kohya = read_kohya_dataset(data["dataset_config"])

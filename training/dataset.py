@@ -119,12 +119,12 @@ def is_mask_file(p: Path) -> bool:
     return p.stem.endswith(MASK_SUFFIX) and p.suffix.lower() in IMAGE_EXTS
 
 
-def find_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> Path | None:
+def find_mask(image: Path, root: Path | None, mask_dir: str | Path | None = None) -> Path | None:
     """The mask of a training image: in `mask_dir` under the image's own relative path and stem (kohya's
     conditioning_data_dir; any image ending), else `<stem>-masklabel.png` beside it (OneTrainer's), else None."""
     places = []
     if mask_dir:
-        rel = image.relative_to(root) if image.is_relative_to(root) else Path(image.name)
+        rel = image.relative_to(root) if root is not None and image.is_relative_to(root) else Path(image.name)
         places.append(Path(mask_dir) / rel.parent / rel.stem)
     places.append(image.parent / f"{image.stem}{MASK_SUFFIX}")
     for stem in places:
@@ -167,7 +167,7 @@ def load_mask(image: Path, mask: Path | None) -> Image.Image | None:
         return im.convert("RGBA").getchannel("A")
 
 
-def has_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> bool:
+def has_mask(image: Path, root: Path | None, mask_dir: str | Path | None = None) -> bool:
     """Whether masked loss finds a mask for `image` (a mask file, or transparency; read from the header only)."""
     if find_mask(image, root, mask_dir) is not None:
         return True
@@ -175,12 +175,14 @@ def has_mask(image: Path, root: Path, mask_dir: str | Path | None = None) -> boo
         return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
 
 
-def check_masks(items: list[ImageItem], root: str | Path, mask_dir: str | Path | None = None) -> int:
-    """How many of `items` have a mask; none at all is an error that names the folder and where masks go."""
-    n = sum(has_mask(it.path, Path(root), mask_dir) for it in items)
+def check_masks(items: list[ImageItem], root: str | Path | None, mask_dir: str | Path | None = None,
+                where: str | None = None) -> int:
+    """How many of `items` have a mask; none at all is an error that names the folder (`where`, else `root`)
+    and where masks go. `root`: the images folder the mask folder mirrors (None: masks by file name)."""
+    n = sum(has_mask(it.path, Path(root) if root else None, mask_dir) for it in items)
     if not n:
-        where = f"in {mask_dir}, " if mask_dir else ""
-        raise DatasetError(f"masked_loss: none of the {len(items)} images in {root} has a mask ({where}an "
+        place = f"in {mask_dir}, " if mask_dir else ""
+        raise DatasetError(f"masked_loss: none of the {len(items)} images in {where or root} has a mask ({place}an "
                            f"IMAGE{MASK_SUFFIX}.png beside it, or transparency in the image); add masks or turn "
                            "masked loss off")
     return n
@@ -425,7 +427,9 @@ def scan_subsets(subsets: list[Subset], trigger: str = "sks", template: str = "a
     caption (see training.kohya_dataset)."""
     res = ScanResult(subsets=subsets)
     for sub in subsets:
-        _scan_files(res, sorted(sub.folder.rglob("*")), lambda p, s=sub: s, trigger, template, prefix_trigger,
+        sub.images = 0
+        # the folder's own files, as kohya reads an image_dir (a class-image folder inside it is not trained on)
+        _scan_files(res, sorted(sub.folder.iterdir()), lambda p, s=sub: s, trigger, template, prefix_trigger,
                     caption_ext, Path(exclude) if exclude else None)
     return _finished(res, name)
 
@@ -464,7 +468,8 @@ def _scan_files(res: ScanResult, files, subset_of, trigger: str, template: str, 
             continue
         source = "file" if caption else "folder" if sub and sub.tokens else "template"
         if sub and (sub.prefix or sub.suffix):  # kohya: "prefix caption suffix", before the trigger rule
-            caption = " ".join(x for x in (sub.prefix, caption or sub.tokens, sub.suffix) if x)
+            inner = caption or sub.tokens or template.format(trigger=trigger)
+            caption = " ".join(x for x in (sub.prefix, inner, sub.suffix) if x)
         cap = build_caption(caption or (sub.tokens if sub else None), trigger, template, prefix_trigger)
         res.items.append(ImageItem(p, cap, w, h, sub.repeats if sub else 1, source, sub.folder.name if sub else None))
         if sub:

@@ -132,6 +132,14 @@ def pinned(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value and not Path(value).expanduser().is_absolute() and Path(value).expanduser().exists():
             changes[name] = str(Path(value).expanduser().resolve())
+    if cfg.dataset_config:  # its folders are found later from the worker's folder: only absolute or beside the file
+        from .kohya_dataset import read_kohya_dataset
+
+        toml = Path(changes.get("dataset_config", cfg.dataset_config)).expanduser()
+        for sub in [*(k := read_kohya_dataset(toml)).train, *k.reg]:
+            if not sub.folder.is_absolute() and not (toml.parent / sub.folder).is_dir():
+                raise ConfigError(f"{toml}: image_dir {sub.folder} is found from this folder only; a queued run "
+                                  "starts elsewhere: write it as an absolute path or relative to the .toml file")
     return cfg.replace(**changes)
 
 

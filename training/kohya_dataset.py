@@ -59,7 +59,8 @@ NOT_APPLIED = {"min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucke
                "caption_dropout_every_n_epochs", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
                "cache_info", "alpha_mask", "validation_seed", "validation_split", "network_multiplier",
                "resize_interpolation", "custom_attributes", "system_prompt", "preference", "preference_caption_prefix",
-               "preference_caption_suffix", "non_preference_caption_prefix", "non_preference_caption_suffix"}
+               "preference_caption_suffix", "non_preference_caption_prefix", "non_preference_caption_suffix",
+               "caption_separator"}
 KNOWN = set(RUN_OPTIONS) | SUBSET_KEYS | NOT_APPLIED
 
 
@@ -78,17 +79,38 @@ def _table(value: Any, where: str, path: Path) -> dict:
     return value
 
 
+# each kohya key's type, and kohya's own default where a subset leaves it unset (None: the run's own value)
+TYPES = {"resolution": (int, list), "batch_size": int, "shuffle_caption": bool, "keep_tokens": int,
+         "caption_dropout_rate": (int, float), "flip_aug": bool, "random_crop": bool, "enable_bucket": bool,
+         "caption_extension": str, "conditioning_data_dir": str, "image_dir": str, "num_repeats": int,
+         "class_tokens": str, "is_reg": bool, "caption_prefix": str, "caption_suffix": str}
+KOHYA_DEFAULTS = {"shuffle_caption": False, "keep_tokens": 0, "caption_dropout_rate": 0.0, "flip_aug": False,
+                  "random_crop": False, "caption_extension": ".caption", "conditioning_data_dir": None}
+NOT_FOR_CLASS_IMAGES = {"flip_aug", "random_crop"}  # class images are never flipped or cropped at random here
+
+
+def _typed(key: str, value: Any, where: str, path: Path) -> Any:
+    want = TYPES.get(key)
+    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+        names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+        raise ConfigError(f"{path}: {where}{key}: must be {names.replace('bool', 'true or false')}, got {value!r}")
+    return value
+
+
 def _option(key: str, value: Any, where: str, path: Path) -> Any:
     """A kohya option's value as the LoRA Studio option's."""
-    if key == "resolution":
-        if isinstance(value, list):
-            if len(value) != 2 or value[0] != value[1]:
-                raise ConfigError(f"{path}: {where}resolution: {value} is not square; LoRA Studio trains at one "
-                                  "size (with aspect-ratio buckets for other shapes): give one number")
-            value = value[0]
-        return value
+    if value is None:
+        return None
+    _typed(key, value, where, path)
+    if key == "resolution" and isinstance(value, list):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{path}: {where}resolution: {value} is not square; LoRA Studio trains at one "
+                              "size (with aspect-ratio buckets for other shapes): give one number")
+        return value[0]
     if key == "random_crop":
         return "random" if value else "center"
+    if key == "caption_dropout_rate":
+        return float(value)
     return value
 
 
@@ -110,56 +132,69 @@ def read_kohya_dataset(path: str | os.PathLike) -> KohyaDataset:
     datasets = data.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
         raise ConfigError(f"{path}: [[datasets]]: at least one dataset with [[datasets.subsets]] is needed")
-    seen: dict[str, tuple[Any, str]] = {}  # LoRA Studio option -> (value, where it was set)
 
-    def take(scope: dict, where: str) -> None:
-        for key, value in scope.items():
-            if key in ("subsets",) or key in SUBSET_KEYS:
+    def check_keys(scope: dict, where: str, subset: bool) -> None:
+        for key in scope:
+            if key == "subsets":
                 continue
+            if key == "metadata_file":
+                raise ConfigError(f"{path}: {where}metadata_file: a fine-tuning dataset (captions in a JSON file); "
+                                  "LoRA Studio reads DreamBooth-style subsets (image_dir, class_tokens)")
             if key not in KNOWN:
-                if key == "metadata_file":
-                    raise ConfigError(f"{path}: {where}metadata_file: a fine-tuning dataset (captions in a JSON "
-                                      "file); LoRA Studio reads DreamBooth-style subsets (image_dir, class_tokens)")
                 raise ConfigError(f"{path}: {where}{key}: not an option of kohya's dataset config")
-            if key in NOT_APPLIED:
-                if key not in out.not_applied:
-                    out.not_applied.append(key)
-                continue
-            opt, v = RUN_OPTIONS[key], _option(key, value, where, path)
-            if opt in seen and seen[opt][0] != v:
-                before = seen[opt][1].strip().rstrip(":") or "an earlier table"
-                raise ConfigError(f"{path}: {where}{key}: {value!r} here but {seen[opt][0]!r} in {before}; LoRA "
-                                  f"Studio sets {key} once for the whole run")
-            seen[opt] = (v, where)
+            if key in ("image_dir", "is_reg") and not subset:
+                raise ConfigError(f"{path}: {where}{key}: belongs in a [[datasets.subsets]] table")
+            if key in NOT_APPLIED and key not in out.not_applied:
+                out.not_applied.append(key)
 
-    for key in general:  # [general] only gives defaults: its keys are checked here, its values through each subset
-        if key not in KNOWN:
-            take({key: general[key]}, "[general] ")
+    check_keys(general, "[general] ", False)
+    scopes: list[tuple[str, dict]] = []  # (where, what applies to the subset: general < dataset < subset)
     for i, ds in enumerate(datasets, 1):
         ds = _table(ds, f"[[datasets]] #{i}", path)
+        check_keys(ds, f"[[datasets]] #{i}: ", False)
         subsets = ds.get("subsets", [])
         if not isinstance(subsets, list) or not subsets:
             raise ConfigError(f"{path}: [[datasets]] #{i}: no [[datasets.subsets]]")
         for j, sub in enumerate(subsets, 1):
             where = f"[[datasets]] #{i} subset #{j}: "
             sub = _table(sub, where.rstrip(": "), path)
-            # what applies to this subset: general < dataset < subset, as kohya layers them; LoRA Studio then
-            # needs one value per option across all subsets
-            take({**general, **{k: v for k, v in ds.items() if k != "subsets"}, **sub}, where)
-            image_dir = sub.get("image_dir")
-            if not isinstance(image_dir, str) or not image_dir:
-                raise ConfigError(f"{path}: {where}image_dir: each subset needs its folder of images")
-            repeats = sub.get("num_repeats", 1)
-            if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-                raise ConfigError(f"{path}: {where}num_repeats: a whole number of 1 or more, got {repeats!r}")
-            folder = _folder(image_dir, path, where)
-            tokens = sub.get("class_tokens", "")
-            out_sub = Subset(folder, repeats, str(tokens or "").strip(), prefix=str(sub.get("caption_prefix") or ""),
-                             suffix=str(sub.get("caption_suffix") or ""))
-            (out.reg if sub.get("is_reg") else out.train).append(out_sub)
+            check_keys(sub, where, True)
+            scopes.append((where, {**general, **{k: v for k, v in ds.items() if k != "subsets"}, **sub}))
+    for where, eff in scopes:
+        for key, value in eff.items():  # every value's type, under its kohya name
+            _typed(key, value, where, path)
+        image_dir = eff.get("image_dir")
+        if not image_dir:
+            raise ConfigError(f"{path}: {where}image_dir: each subset needs its folder of images")
+        repeats = eff.get("num_repeats", 1)
+        if repeats < 1:
+            raise ConfigError(f"{path}: {where}num_repeats: a whole number of 1 or more, got {repeats!r}")
+        sub = Subset(_folder(image_dir, path, where), repeats, eff.get("class_tokens", "").strip(),
+                     prefix=eff.get("caption_prefix", ""), suffix=eff.get("caption_suffix", ""))
+        (out.reg if eff.get("is_reg") else out.train).append(sub)
     if not out.train:
         raise ConfigError(f"{path}: every subset is is_reg = true; at least one holds the training images")
-    out.options = {opt: v for opt, (v, _) in seen.items()}
+    # LoRA Studio sets each option once for the run: every subset must come to the same value, a subset that
+    # leaves it unset counting with kohya's default (its run-wide ones, resolution and batch size, excepted)
+    for key, opt in RUN_OPTIONS.items():
+        relevant = [(w, e) for w, e in scopes if not (key in NOT_FOR_CLASS_IMAGES and e.get("is_reg"))]
+        if not any(key in e for _, e in relevant):
+            continue
+        first = None
+        for where, eff in relevant:
+            if key not in eff and key not in KOHYA_DEFAULTS:
+                continue
+            v = _option(key, eff.get(key, KOHYA_DEFAULTS.get(key)), where, path)
+            if first is None:
+                first = (v, where, eff.get(key, KOHYA_DEFAULTS.get(key)))
+            elif v != first[0]:
+                raise ConfigError(f"{path}: {where}{key}: {eff.get(key, KOHYA_DEFAULTS.get(key))!r} here but "
+                                  f"{first[2]!r} in {first[1].strip().rstrip(':')}; LoRA Studio sets {key} once for "
+                                  "the whole run")
+        if first is not None and first[0] is not None:
+            out.options[opt] = first[0]
+    if "caption_ext" not in out.options:
+        out.options["caption_ext"] = KOHYA_DEFAULTS["caption_extension"]  # kohya's own default ending
     return out
 
 

@@ -132,6 +132,12 @@ def encode_images(base: BaseModel, images: list[torch.Tensor]) -> list[torch.Ten
     return out
 
 
+def mask_root(cfg: TrainConfig) -> Path | None:
+    """The folder a mask folder mirrors: the images folder; with a kohya dataset config none (kohya's
+    conditioning_data_dir holds each subset's masks by file name)."""
+    return None if cfg.dataset_config else Path(cfg.images)
+
+
 def _latent_mask(mask, size: tuple[int, int], crop: tuple[int, int], flip: bool, factor: int) -> torch.Tensor:
     """An image's mask ("L"), cropped and flipped as the image was, as (1, h, w) weights in [0, 1] at the
     latents' size (each latent pixel the mean of the pixels it covers, as kohya's area interpolation)."""
@@ -155,7 +161,7 @@ def build_examples(cfg: TrainConfig, base: BaseModel, scan: ScanResult, resoluti
     tensors, meta = [], []
     for item in scan.items:
         img = load_rgb(item.path)
-        mask = load_mask(item.path, find_mask(item.path, Path(cfg.images), cfg.mask_dir)) if masks else None
+        mask = load_mask(item.path, find_mask(item.path, mask_root(cfg), cfg.mask_dir)) if masks else None
         size = target or pick_bucket(img.width, img.height, buckets)
         for _ in range(variants):
             crop_img, crop = resize_crop(img, size, cfg.crop, rng)
@@ -540,7 +546,7 @@ class Trainer:
             self.scan = scan_folder(cfg.images, cfg.trigger, cfg.instance_template, cfg.caption_prefix_trigger,
                                     cfg.caption_ext, exclude=cfg.mask_dir)
         if cfg.masked_loss:  # before the base model loads: no mask at all is a mistake, said at once
-            check_masks(self.scan.items, cfg.images or cfg.dataset_config, cfg.mask_dir)
+            check_masks(self.scan.items, mask_root(cfg), cfg.mask_dir, cfg.images or cfg.dataset_config)
         if self._wants_priors() and (cfg.class_images or self._reg()):  # uncaptioned ones need the class prompt
             self._class_scan()
         self._make_accelerator()
