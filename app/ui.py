@@ -1744,7 +1744,7 @@ class StudioUI:
                             to_init = gr.Button("Start from this image (img2img)", size="sm", elem_id="gen-to-init")
                         recall_info = gr.Markdown("", elem_id="gen-recall-info")
                 with gr.Accordion("Compare: one prompt across adapter weights, start steps, checkpoints, CFG, "
-                                  "steps or samplers (grid)",
+                                  "steps, samplers or prompt words (grid)",
                                   open=False, elem_id="gen-compare"):
                     with gr.Row():
                         cmp_mode = gr.Radio(list(COMPARE_MODES), value="adapter weights", label="Across",
