@@ -1004,6 +1004,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = train_config_from_args(args)
     if not cfg.images and not cfg.dataset_config:
         raise _usage("train: --images (or --dataset-config, or images = ... in --config) is required")
+    if cfg.images and cfg.dataset_config:
+        raise _usage("train: --images and --dataset-config both name the training images: give one of them")
     from training.dataset import kohya_trigger
 
     if args.trigger is None and not args.config and cfg.images and cfg.trigger == kohya_trigger(cfg.images):

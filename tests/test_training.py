@@ -796,7 +796,7 @@ def test_a_kohya_dataset_config_that_cannot_apply_is_refused_naming_the_key(tmp_
     assert str(f) in str(e.value)
 
 
-def test_a_kohya_dataset_config_with_a_missing_folder_names_it(tmp_path):
+def test_a_kohya_dataset_config_with_a_missing_folder_names_it(tmp_path, capsys):
     from app.cli import parse_train_args
 
     f = _dataset_toml(tmp_path)
@@ -805,6 +805,10 @@ def test_a_kohya_dataset_config_with_a_missing_folder_names_it(tmp_path):
         parse_train_args(["--dataset-config", str(f)])
     f.write_text(f.read_text().replace("img/nowhere", "img/1_sks blue"))
     assert parse_train_args(["--dataset-config", str(f), "--trigger", "zz"]).trigger == "zz"
+    from app.cli import main
+
+    assert main(["train", "--dataset-config", str(f), "--images", str(tmp_path)]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_a_kohya_option_every_subset_overrides_alike_is_no_conflict(tmp_path):
