@@ -41,7 +41,9 @@ from .studio import SAMPLE_SET_TRIGGERS, Studio, entries_from_rows, safe_file_na
 
 log = logging.getLogger("lora_studio.ui")
 
-MAX_UPLOAD = "1gb"  # per file (an SDXL LoRA is up to ~900 MB, a zipped dataset as big); Gradio refuses bigger uploads (HTTP 413) and removes the partial file
+# per file (an SDXL LoRA is up to ~900 MB, a zipped dataset as big); Gradio refuses bigger uploads (HTTP 413)
+# and removes the partial file
+MAX_UPLOAD = "1gb"
 SLOTS = 4  # adapter rows on the Generate tab
 SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 START_LABEL = "acts from step (0 = first)"

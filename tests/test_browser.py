@@ -101,6 +101,9 @@ def _open_advanced(page) -> None:
         page.locator(f"#adv-group-{slug}").get_by_text(group, exact=True).first.click()
 
 
+ROUND_TRIP_STEPS = 12  # of the round trip's training run
+
+
 def test_train_generate_and_library_round_trip(server, page, tmp_path):
     from playwright.sync_api import expect
 
@@ -136,9 +139,11 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
         page.locator("#train-preset").get_by_label(preset, exact=True).check()
         expect(steps_box).to_have_value(str(PRESETS[preset]["max_steps"]), timeout=30_000)
         expect(rank_box).to_have_value(str(PRESETS[preset]["rank"]))
-    for elem, v in (("adv-max-steps", 4), ("adv-rank", 4), ("adv-batch-size", 2), ("adv-sample-steps", 4)):
+    # enough steps that the page's 1-second refresh shows some of them (4 were over within one refresh at times)
+    small = (("adv-max-steps", ROUND_TRIP_STEPS), ("adv-rank", 4), ("adv-batch-size", 2), ("adv-sample-steps", 4))
+    for elem, v in small:
         _fill_number(page, elem, v)
-    for elem, v in (("adv-max-steps", 4), ("adv-rank", 4), ("adv-batch-size", 2), ("adv-sample-steps", 4)):
+    for elem, v in small:
         expect(page.locator(f"#{elem} input[type=number]").first).to_have_value(str(v))
     _pick(page, "adv-save-precision", "fp16")  # a half-size file
     t_start = time.time()
@@ -149,7 +154,7 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
     deadline = time.time() + 300  # the run ends with samples and the weight check: slow on a busy 2-core machine
     while time.time() < deadline:
         text = status.inner_text()
-        if "step " in text and "/4" in text and "loss" in text and not saw_progress:
+        if "step " in text and f"/{ROUND_TRIP_STEPS}" in text and "loss" in text and not saw_progress:
             saw_progress = True
             _shot(page, "2-train-progress")
         if "is ready" in text or "failed" in text:
@@ -157,7 +162,7 @@ def test_train_generate_and_library_round_trip(server, page, tmp_path):
         time.sleep(0.3)
     t_trained = time.time()
     expect(status).to_contain_text("is ready", timeout=5_000)
-    expect(status).to_contain_text("4 steps")
+    expect(status).to_contain_text(f"{ROUND_TRIP_STEPS} steps")
     expect(page.locator("#train-samples img").first).to_be_visible(timeout=15_000)
     expect(page.locator("#train-loss")).not_to_contain_text("No data", timeout=10_000)
     _shot(page, "3-train-done")

@@ -402,7 +402,8 @@ def _subset_of(p: Path, folder: Path, subsets: list[Subset]) -> Subset | None:
 
 
 def scan_folder(folder: str | Path, trigger: str = "sks", template: str = "a photo of {trigger}",
-                prefix_trigger: bool = True, caption_ext: str = ".txt", exclude: str | Path | None = None) -> ScanResult:
+                prefix_trigger: bool = True, caption_ext: str = ".txt",
+                exclude: str | Path | None = None) -> ScanResult:
     """Every usable image under `folder` with its caption: its caption file, else (kohya's layout) its
     `<repeats>_<tokens>` folder's tokens, else `template`; the trigger word put first where it is missing.
     `exclude`: a folder inside `folder` that holds no training images (masked loss's mask folder)."""
