@@ -574,8 +574,8 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import (adapter_columns, checkpoint_columns, make_grid, prompt_sr_columns, range_words,
-                                setting_columns, split_values, start_columns, weight_columns)
+    from pipelines.grid import (adapter_columns, checkpoint_columns, grid_prompts, make_grid, prompt_sr_columns,
+                                range_words, setting_columns, split_values, start_columns, weight_columns)
 
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
@@ -591,11 +591,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
     weight = 1.0 if args.weight is None else args.weight
     t0 = time.time()
     stack = _stack_for(args)
-    prompts = [req.prompt, req.negative_prompt]
-    if args.prompt_sr:  # every column's prompts: a swapped-in word may be an embedding
-        words = split_values(args.prompt_sr)
-        prompts += [p.replace(words[0], w) for w in words[1:] for p in prompts[:2]] if words else []
-    _embeddings_into(stack.model, args, prompts)
     t1 = time.time()
     if args.lora:
         [entry] = _entries_into(stack, [args.lora])
@@ -621,6 +616,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         axis = "Prompt S/R"
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
+    # every column's prompts: a word Prompt S/R swaps in may name an embedding
+    _embeddings_into(stack.model, args, grid_prompts(req, columns))
     result = make_grid(stack, req, columns, axis=axis)
     [path] = output_paths(args.out, 1)
     save_png(result.image, path, result.parameters)

@@ -701,16 +701,12 @@ class Studio:
         ('checkpoints'), the adapters in `others` one at a time ('adapters'), or a request setting across
         `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes), or
         words of the prompt swapped (`settings` the words, 'prompt_sr': A1111's Prompt S/R)."""
-        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, make_grid, prompt_sr_columns,
-                                    range_words, setting_columns, start_columns, weight_columns)
+        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, grid_prompts, make_grid,
+                                    prompt_sr_columns, range_words, setting_columns, start_columns, weight_columns)
 
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
-            prompts = [req.prompt, req.negative_prompt]
-            if mode == "prompt_sr" and settings:  # every column's prompts: a swapped-in word may be an embedding
-                prompts += [p.replace(str(settings[0]), str(v)) for v in settings[1:] for p in prompts[:2]]
-            use_embeddings(m.base, self.embeddings_dir, prompts, self.allow_pickle)
             if mode == "weights":
                 if not adapter:
                     raise ConfigError("adapter: pick the adapter whose weight varies across the grid")
@@ -736,6 +732,8 @@ class Studio:
                 cols, axis = prompt_sr_columns(settings, req.prompt, req.negative_prompt, others), "Prompt S/R"
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
+            # every column's prompts: a word Prompt S/R swaps in may name an embedding
+            use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, cols), self.allow_pickle)
             if m.stack.fused:
                 m.stack.unfuse()
             result = make_grid(m.stack, req, cols, axis=axis)

@@ -153,10 +153,8 @@ def make_grid(
     cols = _columns(columns)
     col_reqs, col_tags = [], []  # each column's request (a bad setting is refused up front) and prompt tags
     for col in cols:
-        changes = dict(col.changes)
-        prompt, negative = req.prompt, req.negative_prompt
-        if sr := changes.pop("prompt_sr", None):  # A1111's Prompt S/R: the word swapped in both prompts
-            prompt, negative = prompt.replace(*sr), negative.replace(*sr)
+        changes = {k: v for k, v in col.changes if k != "prompt_sr"}
+        prompt, negative = _column_prompts(col, req.prompt, req.negative_prompt)
         clean, tagged = parse_lora_tags(prompt)  # a swapped word may be in a <lora:…> tag: parsed per column
         col_reqs.append(replace(req, prompt=clean, negative_prompt=negative, **changes))
         col_tags.append(tagged)
@@ -218,6 +216,19 @@ def setting_columns(field: str, values: Sequence, others: Sequence[StackEntry] =
     kind = {"guidance": float, "steps": int, "scheduler": scheduler_name}[field]
     fmt = SETTINGS[field][1]
     return [GridColumn(fmt.format(kind(v)), tuple(others), ((field, kind(v)),)) for v in values]
+
+
+def _column_prompts(col: GridColumn, prompt: str, negative: str) -> tuple[str, str]:
+    """The prompt and negative prompt a column draws with: A1111's Prompt S/R swaps its word in both."""
+    sr = dict(col.changes).get("prompt_sr")
+    return (prompt.replace(*sr), negative.replace(*sr)) if sr else (prompt, negative)
+
+
+def grid_prompts(req: GenerationRequest, columns: Sequence[GridColumn | tuple]) -> list[str]:
+    """Every prompt and negative prompt the grid's columns draw with (the embeddings they name are loaded
+    before the grid)."""
+    return list(dict.fromkeys(t for col in _columns(columns) for t in _column_prompts(col, req.prompt,
+                                                                                      req.negative_prompt)))
 
 
 def split_values(text: str) -> list[str]:

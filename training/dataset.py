@@ -161,10 +161,15 @@ def load_mask(image: Path, mask: Path | None) -> Image.Image | None:
                                f"{size[0]}x{size[1]}: a mask must have the image's shape")
         return m if m.size == size else m.resize(size, Image.BILINEAR)
     with Image.open(image) as im:
-        if im.mode not in ("RGBA", "LA", "PA") and "transparency" not in im.info:
+        if not _transparent(im):
             return None
         im = ImageOps.exif_transpose(im)
         return im.convert("RGBA").getchannel("A")
+
+
+def _transparent(im: Image.Image) -> bool:
+    """Whether an opened image has transparency (its mode or palette; from the header alone)."""
+    return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
 
 
 def has_mask(image: Path, root: Path | None, mask_dir: str | Path | None = None) -> bool:
@@ -172,7 +177,7 @@ def has_mask(image: Path, root: Path | None, mask_dir: str | Path | None = None)
     if find_mask(image, root, mask_dir) is not None:
         return True
     with Image.open(image) as im:
-        return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+        return _transparent(im)
 
 
 def check_masks(items: list[ImageItem], root: str | Path | None, mask_dir: str | Path | None = None,
@@ -336,8 +341,9 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def tag_counts(captions: list[str], n: int = 20) -> list[tuple[str, int]]:
-    """The most frequent comma-separated tags of a dataset's captions (each caption counts a tag once)."""
+def tag_counts(captions: list[str], n: int | None = 20) -> list[tuple[str, int]]:
+    """The most frequent comma-separated tags of a dataset's captions (each caption counts a tag once); all
+    of them with n None."""
     counts: dict[str, int] = {}
     for cap in captions:
         for tag in dict.fromkeys(split_tags(cap)):

@@ -210,15 +210,16 @@ def dataset_metadata(scan, images: Path, repeats: int = 1) -> dict[str, str]:
     """kohya's ss_dataset_dirs and ss_tag_frequency: per image folder (a kohya `10_ohwx woman` folder, or the
     images folder itself), its image count and repeats, and how often each comma-separated caption tag occurs
     (what AUTOMATIC1111's and civitai's pages list as the training tags)."""
+    from .dataset import tag_counts
+
     dirs: dict[str, dict[str, int]] = {}
-    tags: dict[str, dict[str, int]] = {}
+    captions: dict[str, list[str]] = {}
     for it in scan.items:
         key = it.subset or images.name or "images"
         d = dirs.setdefault(key, {"n_repeats": it.repeats * repeats, "img_count": 0})
         d["img_count"] += 1
-        freq = tags.setdefault(key, {})
-        for tag in dict.fromkeys(t.strip() for t in it.caption.split(",") if t.strip()):
-            freq[tag] = freq.get(tag, 0) + 1
+        captions.setdefault(key, []).append(it.caption)
+    tags = {key: dict(tag_counts(caps, None)) for key, caps in captions.items()}
     return {"ss_dataset_dirs": json.dumps(dirs), "ss_tag_frequency": json.dumps(tags)}
 
 

@@ -547,8 +547,8 @@ class Trainer:
                                     cfg.caption_ext, exclude=cfg.mask_dir)
         if cfg.masked_loss:  # before the base model loads: no mask at all is a mistake, said at once
             check_masks(self.scan.items, mask_root(cfg), cfg.mask_dir, cfg.images or cfg.dataset_config)
-        if self._wants_priors() and (cfg.class_images or self._reg()):  # uncaptioned ones need the class prompt
-            self._class_scan()
+        # class images the user gave: scanned now, as an uncaptioned one without a class prompt is an error
+        given = self._class_scan() if self._wants_priors() and (cfg.class_images or self._reg()) else None
         self._make_accelerator()
         if not self.is_main:
             self.on_progress = None  # one progress report, from the main process
@@ -590,9 +590,8 @@ class Trainer:
             self._report_masks()
         self.priors: list[Example] = []
         if self._wants_priors():
-            if self._reg():  # the dataset config's is_reg subsets
-                cscan = self._class_scan()
-            else:
+            cscan = given
+            if cscan is None:  # generated with the base model (cached)
                 if self.is_main:  # the main process generates missing class images; the others wait, then read
                     class_images_folder(cfg, base, self.resolution)
                 self.accelerator.wait_for_everyone()
@@ -629,8 +628,11 @@ class Trainer:
         # one global batch of batch_size x processes per step; process r trains on its r-th slice
         global_batch = cfg.batch_size * self.world
         self.schedule = BatchSchedule(self.examples, global_batch, cfg.seed, cfg.repeats)
-        self.prior_schedules = {size: BatchSchedule([ex for ex in self.priors if ex.size == size], global_batch,
-                                                    cfg.seed + 7) for size in {ex.size for ex in self.priors}}
+        self.priors_by_size: dict[tuple[int, int], list[Example]] = {}
+        for ex in self.priors:
+            self.priors_by_size.setdefault(ex.size, []).append(ex)
+        self.prior_schedules = {size: BatchSchedule(exs, global_batch, cfg.seed + 7)
+                                for size, exs in self.priors_by_size.items()}
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
         self.lora_configs = lora_mod.attach(
             base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
@@ -750,9 +752,8 @@ class Trainer:
         inst = [self.examples[i] for i in self.schedule(k)]
         if not self.prior_schedules:
             return inst, []
-        schedule = self.prior_schedules[inst[0].size]
-        same = [ex for ex in self.priors if ex.size == inst[0].size]
-        return inst, [same[i] for i in schedule(k)]
+        size = inst[0].size
+        return inst, [self.priors_by_size[size][i] for i in self.prior_schedules[size](k)]
 
     def _row_caption(self, caption: str, k: int, row: int) -> str:
         """Instance row `row` (of the global micro-batch k)'s caption: tags shuffled / dropped as configured,
