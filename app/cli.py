@@ -965,7 +965,9 @@ def add_train_config_args(p: argparse.ArgumentParser) -> None:
         if o.kind is bool:
             kw["action"] = argparse.BooleanOptionalAction if o.negatable else "store_true"
         elif o.kind is list:
-            if o.list_style == "lines":
+            if o.name == "optimizer_args":  # as kohya's: --optimizer-args d_coef=2 "betas=0.9,0.99"
+                kw.update(action="extend", nargs="+", metavar="KEY=VALUE")
+            elif o.list_style == "lines":
                 kw.update(action="append", metavar="TEXT")
             else:
                 kw.update(type=_module_list, metavar="M1,M2,...")

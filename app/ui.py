@@ -34,6 +34,7 @@ from training.config import (GROUPS, PRESET_KEYS, PRESETS, Option, TrainConfig, 
                              preset_values, train_options)
 from training.dataset import check_masks, edit_captions, kohya_trigger, tag_counts
 from training.jobs import Job
+from training.optimizers import ADAPTIVE, ADAPTIVE_MIN_LR
 from training.trainer import CHECKING
 
 from .options import check_launch_options, parse_auth
@@ -574,6 +575,17 @@ class StudioUI:
         opts = _options()
         family = self.base_preset_family(base)
         return tuple(widget_value(opts[f], preset_value(preset, opts[f], family)) for f in PRESET_FIELDS)
+
+    def optimizer_rates(self, optimizer: str, preset: str, base: str | None, lr_unet: float | None,
+                        lr_text: float | None):
+        """The learning rates an optimizer change asks for: Prodigy's are multipliers of its own step size (1.0);
+        back to another optimizer, rates that size go back to the preset's (an AdamW rate of 1.0 would blow up)."""
+        if optimizer in ADAPTIVE:
+            return 1.0, 1.0
+        if (lr_unet or 0) >= ADAPTIVE_MIN_LR or (lr_text or 0) >= ADAPTIVE_MIN_LR:
+            opts, family = _options(), self.base_preset_family(base)
+            return tuple(widget_value(opts[f], preset_value(preset, opts[f], family)) for f in ("lr_unet", "lr_text"))
+        return gr.skip(), gr.skip()
 
     def base_preset_family(self, base: str | None) -> str:
         try:
@@ -1861,8 +1873,11 @@ class StudioUI:
             captions.change(self.caption_tags, captions, cap_counts, **quiet)
             trigger.blur(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
             trigger.submit(self.retrigger, [captions, last_trigger, trigger], [captions, last_trigger], **quiet)
-            preset.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
-            train_base.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet)
+            rates = [adv["optimizer"], preset, train_base, adv["lr_unet"], adv["lr_text"]]
+            for src in (preset, train_base):  # the preset's rates, then Prodigy's multipliers if it is chosen
+                src.input(self.preset_defaults, [preset, train_base], preset_fields, **quiet).then(
+                    self.optimizer_rates, rates, [adv["lr_unet"], adv["lr_text"]], **quiet)
+            adv["optimizer"].input(self.optimizer_rates, rates, [adv["lr_unet"], adv["lr_text"]], **quiet)
             preset.input(self.recaption_for_preset, [captions, preset, trigger], captions, **quiet)
             # the whole form as one dict (a set of components: Gradio passes {component: value})
             self.form_widgets = {"images": ds_id, "captions": captions, "last_trigger": last_trigger, "name": name,

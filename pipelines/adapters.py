@@ -688,6 +688,17 @@ def a1111_activation_text(path: Path) -> str:
     return text.strip() if isinstance(text, str) else ""
 
 
+def optimizer_label(ss_optimizer: str) -> str:
+    """kohya's ss_optimizer ("prodigyopt.prodigy.Prodigy(d_coef=2)", "bitsandbytes.optim.adamw.AdamW8bit") as a
+    reader says it: "Prodigy (d_coef=2)", "AdamW8bit"; empty when there is none."""
+    text = (ss_optimizer or "").strip()
+    if not text or text == "None":
+        return ""
+    name, _, args = text.partition("(")
+    label = name.strip().rsplit(".", 1)[-1]
+    return label + (f" ({args.rstrip(')')})" if args.rstrip(")") else "")
+
+
 def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     """What an adapter is, as (label, text) rows for `loras info` and the Library tab: base family (and where
     that came from), trigger word, network, how it was trained (ours or kohya's `ss_*` keys), its hash and the
@@ -731,6 +742,8 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
         te = meta.get("ss_text_encoder_lr")
         train.append(f"lr {lr}" + (f" (text encoder {te})" if te and te != "0" else " (UNet only)"
                                    if te == "0" else ""))
+    if opt := optimizer_label(meta.get("ss_optimizer", "")):
+        train.append(opt)
     if seed := meta.get("ss_seed"):
         train.append(f"seed {seed}")
     when = meta.get("modelspec.date", "")  # the file's own date only: its mtime is when it was copied here

@@ -14,6 +14,7 @@ import pytest
 
 from app.studio import Studio
 from app.ui import ADVANCED, GROUPS, PRESET_FIELDS, StudioUI, elem_id, field_value, shown_in, unset_label
+from pipelines.errors import ConfigError
 from training.config import PRESETS, TrainConfig, train_options
 from training.jobs import Job, JobQueue
 from training.trainer import train
@@ -68,6 +69,8 @@ def _typed(o, default):
         other = next(c for c in reversed(o.choices) if c != default)
         return other, other
     if o.kind is list:
+        if o.name == "optimizer_args":  # key=value lines, checked against the optimizer's (Lion's: above) signature
+            return "\n  betas=0.9,0.98  \n\n", ["betas=0.9,0.98"]
         if o.list_style == "lines":
             return "a red sks\n\n  in a box  ", ["a red sks", "in a box"]
         return "to_q, to_v,to_k", ["to_q", "to_v", "to_k"]
@@ -200,6 +203,21 @@ def test_a_preset_sets_every_field_it_names(ui):
         want = PRESETS["style"].get(f, opts[f].ui_default)
         assert field_value(opts[f], style[f]) == want, f
     assert set(PRESETS["concept"]) <= set(PRESET_FIELDS)
+
+
+def test_choosing_prodigy_sets_its_multiplier_and_going_back_the_presets_rates(ui):
+    base = ui.base_names()[0]
+    assert ui.optimizer_rates("prodigy", "concept", base, 1e-3, 2e-4) == (1.0, 1.0)
+    cfg = ui.train_config(_form(ui, preset="concept", optimizer="prodigy", lr_unet=1.0, lr_text=1.0,
+                                train_text_encoder=True))
+    assert (cfg.optimizer, cfg.lr_unet, cfg.lr_text) == ("prodigy", 1.0, 1.0)
+    # back to AdamW: a rate of 1.0 would blow it up, so the preset's come back; a rate the user chose stays
+    assert ui.optimizer_rates("adamw", "concept", base, 1.0, 1.0) == (1e-3, 2e-4)
+    assert ui.optimizer_rates("lion", "style", base, 1.0, 1.0) == (1e-3, 0.0)
+    assert all(v.get("__type__") == "update" for v in ui.optimizer_rates("lion", "concept", base, 3e-4, 1e-4))
+    # Prodigy with an AdamW-sized rate typed in: Start says what is wrong
+    with pytest.raises(ConfigError, match="lr_unet: Prodigy finds its own step size"):
+        ui.train_config(_form(ui, optimizer="prodigy", lr_unet=1e-3))
 
 
 def test_start_errors_stay_on_the_page(ui):

@@ -18,6 +18,8 @@ from pipelines.errors import ConfigError
 from pipelines.quantize import QUANTIZATIONS
 from pipelines.weights_io import PRECISIONS
 
+from .optimizers import ADAPTIVE, OPTIMIZERS
+
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # LoCon-style: besides attention, the transformer blocks' in/out projections and feed-forward layers and the
 # ResNet convolutions. A new object needs them: on the toy model, attention-only LoRA drew the shipped star
@@ -107,7 +109,6 @@ def preset_values(preset: str, family: str) -> dict[str, Any]:
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = tuple(PRECISIONS)
-OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
 
@@ -350,9 +351,17 @@ class TrainConfig:
     warmup_steps: int = option(10, group="Optimisation", label="Warm-up steps", min=0, max=10_000_000,
                                help="steps over which the learning rate rises from 0")
     optimizer: str = option("adamw", group="Optimisation", label="Optimizer", choices=OPTIMIZERS,
-                            help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA), less memory")
+                            help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA), less memory; prodigy: finds its "
+                                 "own step size (learning rate 1.0, a multiplier); adafactor: transformers' "
+                                 "Adafactor at a fixed rate; lion: sign updates, use a 3-10x smaller rate")
+    # kohya's --optimizer_args: checked against the optimizer's own signature (training.optimizers)
+    optimizer_args: list[str] = option(default_factory=list, group="Optimisation", label="Optimizer arguments",
+                                       list="lines", flags=("--optimizer-arg", "--optimizer-args"),
+                                       help="key=value arguments of the optimizer, as kohya's --optimizer_args "
+                                            "(e.g. d_coef=2, use_bias_correction=True, betas=0.9,0.99; repeatable, "
+                                            "one per line)")
     weight_decay: float = option(1e-2, group="Optimisation", label="Weight decay", min=0.0, step=1e-3,
-                                 help="AdamW weight decay")
+                                 help="the optimizer's weight decay")
     max_grad_norm: float = option(1.0, group="Optimisation", label="Gradient clipping", min=0.0, step=0.1,
                                   help="clip the gradient norm to this (0: no clipping)")
     min_snr_gamma: float | None = option(5.0, group="Optimisation", label="Min-SNR gamma", min=0.0, step=0.5,
@@ -466,6 +475,10 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
+        from .optimizers import check_args, check_rates
+
+        check_args(self.optimizer, self.optimizer_args)
+        check_rates(self)
         if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in self.preserve_swaps):
             raise ConfigError(f"preserve_swaps: must be a list of single words, got {self.preserve_swaps!r}")
 
@@ -539,6 +552,12 @@ class TrainConfig:
             from .dataset import kohya_trigger  # kohya's layout names the trigger: 10_ohwx woman -> ohwx
 
             merged["trigger"] = kohya_trigger(data["images"]) or cls.trigger
+        # Prodigy: the rates are multipliers of its own estimate
+        if isinstance(merged.get("optimizer"), str) and merged["optimizer"] in ADAPTIVE:
+            if "lr_unet" not in data:
+                merged["lr_unet"] = 1.0
+            if "lr_text" not in data:
+                merged["lr_text"] = merged["lr_unet"]
         try:
             return cls(**merged)
         except TypeError as e:

@@ -20,7 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
-               "resolution")
+               "resolution", "optimizer", "optimizer_args")
+# what a checkpoint made before a key existed holds: that field's default then
+RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": []}
 
 
 def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor]) -> float | dict[str, float]:
@@ -116,6 +118,7 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
                             "resume from an older checkpoint (--resume checkpoints/step-N) instead") from None
     saved = json.loads(state["config"])
     now = cfg.to_dict()
+    saved = {**RESUME_DEFAULTS, **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in RESUME_KEYS
              if saved.get(k) != now.get(k)]
     if diffs:
@@ -173,6 +176,8 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     from pipelines.adapters import SUGGESTED_START_KEY, UNET_LAYOUT_KEY, lora_metadata
     from pipelines.single_file import unet_layout
 
+    from .optimizers import describe
+
     cfg, base = tr.cfg, tr.base
     modules = sorted(set(cfg.unet_targets) | (set(cfg.text_targets) if cfg.train_text_encoder else set()))
     meta = lora_metadata(
@@ -196,6 +201,9 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_text_encoder_lr": f"{cfg.lr_text:g}" if cfg.train_text_encoder else "0",
             "ss_network_dropout": f"{cfg.dropout:g}",
             "ss_seed": str(cfg.seed),
+            "ss_optimizer": describe(cfg.optimizer, cfg.optimizer_args),
+            "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
+            "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
             **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),
         },
@@ -347,6 +355,19 @@ def use_prompt(tr: "Trainer") -> str:
     return next(iter(trigger_prompts(tr)), None) or tr.sample_prompts()[0]
 
 
+def optimizer_line(cfg: TrainConfig) -> str:
+    """The model card's optimizer line: "AdamW, lr 0.001 (text encoder 0.0002), constant_with_warmup"."""
+    from pipelines.adapters import optimizer_label
+
+    from .optimizers import ADAPTIVE, describe
+
+    lr = f"lr {cfg.lr_unet:g}" + (f" (text encoder {cfg.lr_text:g})" if cfg.train_text_encoder
+                                    and cfg.lr_text != cfg.lr_unet else "")
+    if cfg.optimizer in ADAPTIVE:
+        lr += ", a multiplier of its own step size"
+    return f"{optimizer_label(describe(cfg.optimizer, cfg.optimizer_args))}, {lr}, {cfg.lr_scheduler} schedule"
+
+
 def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
     cfg = tr.cfg
     prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
@@ -358,6 +379,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"hash {meta['lora_studio.base_hash']}\n"
         f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
         f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n"
+        f"- {optimizer_line(cfg)}\n"
         + (f"- Trained with clip skip {cfg.clip_skip}: generate with Clip skip {cfg.clip_skip} too\n"
            if cfg.clip_skip > 1 else "") + "\n"
         f"## Use\n\n"

@@ -32,6 +32,7 @@ from . import lora as lora_mod
 from .config import TrainConfig
 from .dataset import (ScanResult, check_masks, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
                       resize_crop_at, scan_folder, scan_subsets, to_tensor, vary_caption)
+from .optimizers import step_size
 from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
@@ -703,13 +704,9 @@ class Trainer:
         groups = [{"params": lora_mod.trainable_params(pipe.unet), "lr": cfg.lr_unet}]
         for comp in self.components[1:]:
             groups.append({"params": lora_mod.trainable_params(getattr(pipe, comp)), "lr": cfg.lr_text})
-        if cfg.optimizer == "adamw8bit":
-            import bitsandbytes as bnb  # only reachable on CUDA
+        from .optimizers import build
 
-            opt_cls = bnb.optim.AdamW8bit
-        else:
-            opt_cls = torch.optim.AdamW
-        self.optimizer = opt_cls(groups, lr=cfg.lr_unet, weight_decay=cfg.weight_decay)
+        self.optimizer = build(cfg.optimizer, groups, cfg.lr_unet, cfg.weight_decay, cfg.optimizer_args)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                           num_training_steps=cfg.max_steps)
         self.params = [p for g in groups for p in g["params"]]
@@ -976,7 +973,7 @@ class Trainer:
                     break
                 loss = self._guarded_step(step)
                 done = step + 1
-                lr = self.lr_scheduler.get_last_lr()[0]
+                lr = step_size(self.optimizer)  # Prodigy: its own step (d x lr), what the log should show
                 elapsed = time.time() - t0
                 writer.writerow([done, f"{loss:.6f}", f"{lr:.3e}", f"{logged + elapsed:.2f}"])
                 logf.flush()  # a killed run keeps its log up to the last step
