@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a LoRA adapter from a folder of images",
                        description="Train a LoRA adapter. Options given here override those of --config.")
-    t.add_argument("--config", default=None, help="a TOML file with TrainConfig keys (top level or a [train] table)")
+    t.add_argument("--config", default=None, help="a TOML file with TrainConfig keys (top level or a [train] table), "
+                                                 "or a kohya_ss GUI config (.json)")
     add_train_config_args(t)  # every TrainConfig field, from its metadata (training/config.py)
     t.add_argument("--num-processes", type=int, default=None,
                    help="train with N processes (one per GPU; on a CPU, N gloo processes) through "
@@ -1007,7 +1008,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _usage("train: --images and --dataset-config both name the training images: give one of them")
     from training.dataset import kohya_trigger
 
-    if args.trigger is None and not args.config and cfg.images and cfg.trigger == kohya_trigger(cfg.images):
+    kohya_gui = bool(args.config) and Path(args.config).suffix.lower() == ".json"
+    if kohya_gui:  # what of the kohya_ss config was taken, and what was not
+        from training.kohya_gui import read_kohya_gui
+
+        print(f"{args.config}: read as a kohya_ss config: rank {cfg.rank}, {cfg.optimizer}, lr {cfg.lr_unet:g}, "
+              f"{cfg.max_steps} steps, batch {cfg.batch_size}")
+        for line in read_kohya_gui(args.config).notes:
+            print(f"note: {line}")
+    if (args.trigger is None and (not args.config or kohya_gui) and cfg.images
+            and cfg.trigger == kohya_trigger(cfg.images)):
         print(f"trigger word: {cfg.trigger} (from the kohya folder names in {cfg.images}; --trigger to choose "
               "another)")
     if args.num_processes is not None and args.num_processes < 1:

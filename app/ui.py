@@ -661,7 +661,8 @@ class StudioUI:
 
     @ui_errors
     def load_settings_file(self, file, current_base):
-        """An uploaded .toml (saved here, written for `lora-studio train --config`) into the Train form."""
+        """An uploaded .toml (saved here, written for `lora-studio train --config`) or a kohya_ss GUI .json into
+        the Train form."""
         if not file:
             return (gr.skip(),) * (len(SETTINGS_FIELDS) + 1)
         path = Path(getattr(file, "name", file))
@@ -677,6 +678,10 @@ class StudioUI:
         values["name"] = self._free_name(cfg.name)
         values["prior"] = cfg.class_prompt is not None
         notes = []
+        if path.suffix.lower() == ".json":  # a kohya_ss config: what was not taken, and how steps were counted
+            from training.kohya_gui import read_kohya_gui
+
+            notes += read_kohya_gui(path).notes
         match = self.base_names()[0] if cfg.base is None else self.studio.base_named(cfg.base)
         values["base"] = gr.update(value=match or current_base, choices=self.base_names())
         if match is None:
@@ -684,7 +689,8 @@ class StudioUI:
         msg = (f"Loaded the settings of <b>{html.escape(path.stem)}</b> (preset {cfg.preset}, {cfg.max_steps} "
                f"steps, rank {cfg.rank}); the name is <b>{html.escape(values['name'])}</b>.")
         if notes:
-            msg += " " + "; ".join(html.escape(n) for n in notes).capitalize() + "."
+            said = "; ".join(html.escape(n) for n in notes)
+            msg += " " + said[:1].upper() + said[1:] + "."
         return (*[values[f] for f in SETTINGS_FIELDS], f"<div class='ls-status'>{msg}</div>")
 
     @ui_errors
@@ -1575,7 +1581,8 @@ class StudioUI:
                                                            elem_id="train-settings-from")
                                 settings_load = gr.Button("Load", scale=1, min_width=80, elem_id="train-settings-load")
                             with gr.Row():
-                                settings_up = gr.UploadButton("Load a .toml file…", file_types=[".toml"], size="sm",
+                                settings_up = gr.UploadButton("Load a .toml (or kohya_ss .json) file…",
+                                                              file_types=[".toml", ".json"], size="sm",
                                                               elem_id="train-settings-file")
                                 settings_save = gr.Button("Save these settings (.toml)", size="sm",
                                                           elem_id="train-settings-save")

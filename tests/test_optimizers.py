@@ -42,6 +42,16 @@ def test_kohya_style_arguments_parse_and_bad_ones_name_the_key():
         TrainConfig(optimizer_args=["lr=1"])
 
 
+def test_weight_decay_in_the_arguments_wins_as_in_kohya():
+    """kohya has no weight-decay option but --optimizer_args, so its configs carry it there."""
+    from training.optimizers import build
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build("prodigy", [{"params": [p], "lr": 1.0}], 1.0, 0.01, ["weight_decay=0.1 decouple=True d0=0.0001"])
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[0]["d0"] == 1e-4
+    assert build("lion", [{"params": [p], "lr": 1e-4}], 1e-4, 0.01, []).param_groups[0]["weight_decay"] == 0.01
+
+
 def test_prodigy_takes_a_multiplier_as_its_rate():
     # left out, the rates become Prodigy's 1.0, whatever a preset says; an AdamW-sized rate is refused
     cfg = TrainConfig.from_dict({"optimizer": "prodigy", "preset": "concept"})

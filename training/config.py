@@ -565,7 +565,8 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """Build from a TOML file (top-level keys or one [train] table); overrides (the command line) win.
+        """Build from a TOML file (top-level keys or one [train] table), or a kohya_ss GUI config (.json, see
+        training.kohya_gui); overrides (the command line) win.
 
         Every error names the file, and the field where there is one; a field given in overrides is
         not blamed on the file.
@@ -574,6 +575,10 @@ class TrainConfig:
         overrides = overrides or {}
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder, not a config file")
+        if path.suffix.lower() == ".json":  # a kohya_ss GUI config: its keys read as ours (training.kohya_gui)
+            from .kohya_gui import read_kohya_gui
+
+            return cls._from_file_data(path, read_kohya_gui(path).options, overrides)
         try:
             text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a BOM (Windows editors) is no key
             data = tomllib.loads(text)
@@ -594,6 +599,10 @@ class TrainConfig:
                 raise ConfigError(f"{path}: {', '.join(outside)}: outside the [train] table; put every option "
                                   "in it (or write them all at the top level)")
             data = table
+        return cls._from_file_data(path, data, overrides)
+
+    @classmethod
+    def _from_file_data(cls, path: Path, data: dict[str, Any], overrides: dict[str, Any]) -> "TrainConfig":
         try:
             return cls.from_dict({**data, **overrides}, source=str(path))
         except ConfigError as e:

@@ -29,8 +29,9 @@ ADAPTIVE = frozenset({"prodigy"})  # the learning rate is a multiplier of the op
 ADAPTIVE_MIN_LR = 0.1  # below this an adaptive optimizer's "lr" is surely an AdamW rate typed by habit
 LABELS = {"adamw": "AdamW", "adamw8bit": "AdamW 8-bit", "prodigy": "Prodigy", "adafactor": "Adafactor",
           "lion": "Lion"}
-# set by their own fields: an argument would silently fight them
-_OWN_FIELDS = {"lr": "lr_unet / lr_text", "weight_decay": "weight_decay", "params": None}
+# set by their own fields: an argument would silently fight them (weight_decay is allowed: kohya has no option for
+# it but --optimizer_args, so its configs carry it there, and there it wins over the weight_decay field)
+_OWN_FIELDS = {"lr": "lr_unet / lr_text", "params": None}
 _PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\S+)")
 
 
@@ -156,7 +157,7 @@ def check_args(name: str, lines: list[str]) -> dict[str, Any]:
     except ImportError:  # adamw8bit without bitsandbytes: the device check says so when the run starts
         return args
     params = inspect.signature(cls.__init__).parameters
-    known = [p for p in params if p not in ("self", "params", "lr", "weight_decay")
+    known = [p for p in params if p not in ("self", "params", "lr")
              and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     for key, value in args.items():
         if key not in params:
@@ -184,6 +185,7 @@ def check_rates(cfg: Any) -> None:
 def build(name: str, groups: list[dict], lr: float, weight_decay: float, lines: list[str]) -> torch.optim.Optimizer:
     """The optimizer over the parameter groups (each with its own "lr")."""
     args = check_args(name, lines)
+    weight_decay = args.pop("weight_decay", weight_decay)  # kohya's place for it wins
     cls = optimizer_class(name)
     if name == "adafactor":
         args = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}

@@ -1,0 +1,270 @@
+"""A kohya_ss GUI configuration (the `.json` its LoRA tab's "Save config" writes) read as LoRA Studio's options.
+
+kohya_ss users keep their recipes as these files (its own presets are the same format). What has a counterpart
+here is taken: folders and base model, rank/alpha (conv_dim/conv_alpha for LoCon), learning rates, optimizer and
+its arguments, schedule and warm-up, steps (or epochs, counted over kohya's `10_name` folders as kohya_ss
+counts them), batch size, resolution, caption options, noise options, precision, sample prompts. What has none
+(or is only about speed there, such as latent caching or xformers) is listed in the notes, never silently
+dropped; a network type LoRA Studio does not train (LoHa, LoKr, iA3, DyLoRA…) or an unknown optimizer is an
+error naming the key.
+
+The reading follows kohya_ss' lora_gui.py: an empty or 0 unet_lr / text_encoder_lr falls back to
+learning_rate, and a text_encoder_lr of 0 with a non-zero unet_lr trains the UNet only; lr_warmup is a
+percentage of the steps unless lr_warmup_steps gives a number; max_train_steps 0 means epochs × images ×
+repeats / batch size / gradient accumulation. kohya_ss doubles that count when there are class images (kohya
+interleaves them as steps of their own); LoRA Studio trains them in the same step as the instance images, so
+the count is not doubled, and the notes say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ConfigError
+
+from .config import ATTENTION_TARGETS, LR_SCHEDULERS
+
+# kohya's networks.lora trains every Linear (and 1x1 conv) of the transformer blocks; LoCon adds the 3x3 convs
+STANDARD_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+LOCON_TARGETS = [*STANDARD_TARGETS, "conv1", "conv2"]
+LORA_TYPES = {"Standard": STANDARD_TARGETS, "Kohya LoCon": LOCON_TARGETS, "LoCon": LOCON_TARGETS,
+              "LyCORIS/LoCon": LOCON_TARGETS}
+OPTIMIZER_NAMES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
+                   "lion": "lion"}
+# kohya_ss keys taken as they are (after their type): kohya name -> TrainConfig field
+DIRECT = {"network_dim": "rank", "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+          "max_grad_norm": "max_grad_norm", "seed": "seed", "clip_skip": "clip_skip",
+          "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tokens",
+          "caption_dropout_rate": "caption_dropout", "caption_extension": "caption_ext", "flip_aug": "random_flip",
+          "enable_bucket": "buckets", "min_timestep": "min_timestep", "max_timestep": "max_timestep",
+          "gradient_checkpointing": "gradient_checkpointing", "network_dropout": "dropout",
+          "prior_loss_weight": "prior_loss_weight", "masked_loss": "masked_loss",
+          "sample_every_n_steps": "sample_every", "save_every_n_steps": "checkpoint_every",
+          "train_data_dir": "images", "reg_data_dir": "class_images", "output_name": "name",
+          "pretrained_model_name_or_path": "base", "vae": "vae", "network_weights": "init_adapter",
+          "mixed_precision": "mixed_precision", "noise_offset": "noise_offset"}
+INT_FIELDS = {"rank", "batch_size", "grad_accum", "seed", "clip_skip", "keep_tokens", "min_timestep", "max_timestep",
+              "sample_every", "checkpoint_every"}
+FLOAT_FIELDS = {"max_grad_norm", "caption_dropout", "dropout", "prior_loss_weight", "noise_offset"}
+BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss"}
+PATH_FIELDS = {"images", "class_images", "base", "vae", "init_adapter"}
+# read for the options above (not "unused")
+CONSUMED = {"LoRA_type", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr", "text_encoder_lr",
+            "network_train_unet_only", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup",
+            "lr_warmup_steps", "max_train_steps", "epoch", "max_train_epochs", "max_resolution", "random_crop",
+            "save_precision", "min_snr_gamma", "noise_offset_type", "sample_prompts", "sdxl", "v2",
+            "v_parameterization", *DIRECT}
+# only about speed, logging or where kohya writes things: nothing to say when they are set
+QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_attn", "max_data_loader_n_workers",
+         "persistent_data_loader_workers", "num_cpu_threads_per_process", "num_processes", "num_machines",
+         "multi_gpu", "gpu_ids", "main_process_port", "dynamo_backend", "dynamo_mode", "dynamo_use_fullgraph",
+         "dynamo_use_dynamic", "extra_accelerate_launch_args", "logging_dir", "log_with", "log_tracker_name",
+         "log_tracker_config", "log_prefix", "use_wandb", "wandb_api_key", "wandb_run_name", "output_dir",
+         "save_model_as", "save_state", "save_state_on_train_end", "save_last_n_steps", "save_last_n_steps_state",
+         "save_last_n_epochs", "save_last_n_epochs_state", "save_every_n_epochs", "training_comment",
+         "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs", "vae_batch_size", "unit", "model_list",
+         "save_as_bool", "highvram", "lowvram", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet",
+         "log_config", "huggingface_repo_id", "huggingface_token", "huggingface_repo_type",
+         "huggingface_repo_visibility", "huggingface_path_in_repo", "save_state_to_huggingface",
+         "resume_from_huggingface", "async_upload", "metadata_author", "metadata_description",
+         "metadata_license", "metadata_tags", "metadata_title", "dataset_config", "lr_scheduler_args",
+         "lr_scheduler_num_cycles", "lr_scheduler_power", "max_token_length", "bucket_no_upscale",
+         "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "additional_parameters", "LyCORIS_preset",
+         "skip_cache_check", "debiased_estimation_loss", "train_on_input", "weighted_captions",
+         "scale_v_pred_loss_like_noise_pred", "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
+         "sample_sampler", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
+
+
+@dataclass
+class KohyaGuiConfig:
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> value
+    notes: list[str] = field(default_factory=list)
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def _number(key: str, v: Any, kind: type) -> Any:
+    if isinstance(v, bool):
+        raise ConfigError(f"{key}: must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be a number, got {v!r}") from None
+    if kind is int:
+        if not x.is_integer():
+            raise ConfigError(f"{key}: must be a whole number, got {v!r}")
+        return int(x)
+    return x
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    raise ConfigError(f"{key}: must be true or false, got {v!r}")
+
+
+def _resolution(v: Any) -> int:
+    """kohya's "512,512" (width,height; a single number is square): the side of the square of that area."""
+    parts = [p for p in str(v).replace(" ", "").split(",") if p]
+    try:
+        w, h = (int(float(parts[0])), int(float(parts[-1])))
+    except (ValueError, IndexError):
+        raise ConfigError(f"max_resolution: must be 'width,height', got {v!r}") from None
+    return max(8, round(math.sqrt(w * h) / 8) * 8)
+
+
+def _prompts(text: Any) -> list[str]:
+    """kohya's sample prompts: one per line, its options (--n, --w, --s …) after the prompt left out."""
+    out = []
+    for line in str(text or "").splitlines():
+        prompt = line.split(" --", 1)[0].strip()
+        if prompt and not prompt.startswith("#"):
+            out.append(prompt)
+    return out
+
+
+def _epoch_steps(images: str, epochs: int, batch: int, accum: int) -> int | None:
+    """kohya_ss' count: every `N_name` folder's images × N, / batch / accumulation × epochs (None: no folder)."""
+    from .dataset import IMAGE_EXTS, is_mask_file, kohya_subsets
+
+    folder = Path(images).expanduser()
+    if not images or not folder.is_dir():
+        return None
+    total = sum(s.repeats * sum(1 for f in s.folder.rglob("*") if f.suffix.lower() in IMAGE_EXTS
+                                and not is_mask_file(f)) for s in kohya_subsets(folder))
+    if not total:
+        return None
+    return max(1, math.ceil(total / batch / accum * epochs))
+
+
+def read_kohya_gui(path: str | Path) -> KohyaGuiConfig:
+    """The options of a kohya_ss GUI .json; every error names the file and the key."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a kohya_ss config (.json): {e}") from None
+    if not isinstance(data, dict) or not ({"network_dim", "LoRA_type", "learning_rate"} & set(data)):
+        raise ConfigError(f"{path}: not a kohya_ss LoRA config (no network_dim, LoRA_type or learning_rate)")
+    try:
+        return _read(path, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
+    out = KohyaGuiConfig(path)
+    opts, notes = out.options, out.notes
+    get = {k: v for k, v in data.items() if not _blank(v)}
+    for key, f in DIRECT.items():
+        if key not in get:
+            continue
+        v = get[key]
+        if f in INT_FIELDS:
+            opts[f] = _number(key, v, int)
+        elif f in FLOAT_FIELDS:
+            opts[f] = _number(key, v, float)
+        elif f in BOOL_FIELDS:
+            opts[f] = _bool(key, v)
+        else:
+            opts[f] = str(v)
+    if opts.get("clip_skip") == 0:
+        del opts["clip_skip"]
+    for f in ("sample_every", "checkpoint_every"):
+        if opts.get(f) == 0:
+            del opts[f]
+    # network
+    kind = str(get.get("LoRA_type", "Standard"))
+    if kind not in LORA_TYPES:
+        raise ConfigError(f"LoRA_type: '{kind}' is not trained by LoRA Studio; it trains {', '.join(LORA_TYPES)} "
+                          "(LoRA, with the convolutions for LoCon)")
+    opts["unet_targets"] = list(LORA_TYPES[kind])
+    if "network_alpha" in get:
+        opts["alpha"] = _number("network_alpha", get["network_alpha"], float)
+    if LORA_TYPES[kind] is LOCON_TARGETS:
+        if "conv_dim" in get:
+            opts["conv_rank"] = _number("conv_dim", get["conv_dim"], int)
+        if "conv_alpha" in get:
+            opts["conv_alpha"] = _number("conv_alpha", get["conv_alpha"], float)
+    # learning rates (kohya_ss: 0 or empty falls back to learning_rate; a TE rate of 0 trains the UNet only)
+    main = _number("learning_rate", get.get("learning_rate", 1e-4), float)
+    unet = _number("unet_lr", get.get("unet_lr", 0), float) or main
+    text = _number("text_encoder_lr", get.get("text_encoder_lr", 0), float)
+    unet_only = _bool("network_train_unet_only", get.get("network_train_unet_only", False))
+    te_zero = "text_encoder_lr" in get and text == 0 and _number("unet_lr", get.get("unet_lr", 0), float) != 0
+    opts["lr_unet"] = unet
+    opts["train_text_encoder"] = not (unet_only or te_zero)
+    opts["lr_text"] = (text or main) if opts["train_text_encoder"] else 0.0
+    # optimizer
+    name = str(get.get("optimizer", "AdamW"))
+    if name.lower() not in OPTIMIZER_NAMES:
+        raise ConfigError(f"optimizer: '{name}' is not one LoRA Studio has; it has AdamW, AdamW8bit, Prodigy, "
+                          "Adafactor, Lion")
+    opts["optimizer"] = OPTIMIZER_NAMES[name.lower()]
+    if "optimizer_args" in get:
+        args = get["optimizer_args"]
+        opts["optimizer_args"] = [str(a) for a in args] if isinstance(args, list) else [str(args).strip()]
+    sched = str(get.get("lr_scheduler", "cosine"))
+    if sched not in LR_SCHEDULERS:
+        raise ConfigError(f"lr_scheduler: '{sched}' is not one LoRA Studio has ({', '.join(LR_SCHEDULERS)})")
+    opts["lr_scheduler"] = sched
+    # steps: max_train_steps, else epochs over the kohya folders
+    steps = _number("max_train_steps", get.get("max_train_steps", 0), int)
+    if not steps:
+        epochs = _number("epoch", get.get("max_train_epochs") or get.get("epoch", 1), int)
+        counted = _epoch_steps(opts.get("images", ""), epochs, opts.get("batch_size", 1), opts.get("grad_accum", 1))
+        if counted is None:
+            notes.append(f"{epochs} epoch(s) could not be counted as steps (train_data_dir "
+                         f"'{opts.get('images', '')}' has no kohya folders here): give --steps")
+        else:
+            steps = counted
+            notes.append(f"{epochs} epoch(s) of the images in train_data_dir are {steps} steps"
+                         + (" (kohya_ss counts twice as many with class images, which it trains as steps of "
+                            "their own; LoRA Studio trains them in the same step)" if "class_images" in opts else ""))
+    if steps:
+        opts["max_steps"] = steps
+    warm_steps = _number("lr_warmup_steps", get.get("lr_warmup_steps", 0), int)
+    pct = _number("lr_warmup", get.get("lr_warmup", 0), float)
+    if warm_steps > 0:
+        opts["warmup_steps"] = warm_steps
+    elif pct and steps:
+        opts["warmup_steps"] = round(pct * steps / 100)
+    else:
+        opts["warmup_steps"] = 0
+    if opts["warmup_steps"] and sched == "constant":
+        opts["lr_scheduler"] = "constant_with_warmup"  # kohya's constant schedule warms up when asked to
+    if "max_resolution" in get:
+        opts["resolution"] = _resolution(get["max_resolution"])
+    if "random_crop" in get:
+        opts["crop"] = "random" if _bool("random_crop", get["random_crop"]) else "center"
+    if "save_precision" in get:
+        prec = str(get["save_precision"]).lower()
+        opts["save_precision"] = {"float": "fp32", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(prec, "fp32")
+    if "min_snr_gamma" in get:
+        gamma = _number("min_snr_gamma", get["min_snr_gamma"], float)
+        opts["min_snr_gamma"] = gamma or None
+    if opts.get("noise_offset") and str(get.get("noise_offset_type", "Original")) != "Original":
+        notes.append(f"noise_offset_type '{get['noise_offset_type']}' is not applied: plain offset noise "
+                     f"{opts['noise_offset']:g} is")
+    if "sample_prompts" in get:
+        opts["sample_prompts"] = _prompts(get["sample_prompts"])
+    if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):
+        del opts["mixed_precision"]
+    unused = [k for k, v in data.items() if k not in CONSUMED and k not in QUIET and v not in (None, "", 0, False)
+              and not (isinstance(v, str) and v.strip() in ("0", "0.0", "None", "none"))]
+    if unused:
+        shown = ", ".join(f"{k}={data[k]!r}" for k in unused[:10])
+        notes.append(f"not applied (LoRA Studio has no counterpart): {shown}"
+                     + (f" and {len(unused) - 10} more" if len(unused) > 10 else ""))
+    return out
