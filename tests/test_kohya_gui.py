@@ -74,6 +74,21 @@ def test_kohya_ss_rate_rules_warmup_percent_and_locon(tmp_path):
     assert (cfg.lr_unet, cfg.train_text_encoder, cfg.lr_text, cfg.warmup_steps) == (2e-4, False, 0.0, 7)
     cfg = TrainConfig.from_toml(_write(tmp_path, {**base, "text_encoder_lr": 5e-5, "network_train_unet_only": True}))
     assert cfg.train_text_encoder is False
+    # kohya's Adafactor: relative_step on unless said, with its own schedule ("adafactor"): ours runs it so
+    path = _write(tmp_path, {**base, "optimizer": "Adafactor", "lr_scheduler": "adafactor", "lr_warmup": 0})
+    cfg = TrainConfig.from_toml(path)
+    assert (cfg.optimizer, cfg.optimizer_args, cfg.lr_scheduler) == \
+        ("adafactor", ["relative_step=True scale_parameter=True"], "constant")
+    assert any("relative_step=True, it picks its own step size" in n for n in read_kohya_gui(path).notes)
+    args = "scale_parameter=False relative_step=False warmup_init=False"
+    assert TrainConfig.from_toml(_write(tmp_path, {**base, "optimizer": "Adafactor", "optimizer_args": args})
+                                 ).optimizer_args == [args]
+    # kohya_ss' shell-quoted arguments
+    cfg = TrainConfig.from_toml(_write(tmp_path, {**base, "optimizer": "Prodigy", "learning_rate": 1.0,
+                                                  "optimizer_args": '"d0=1e-5" "d_coef=1.0" "weight_decay=0.4"'}))
+    from training.optimizers import parse_args
+
+    assert parse_args(cfg.optimizer_args) == {"d0": 1e-5, "d_coef": 1.0, "weight_decay": 0.4}
     # the command line wins over the file
     assert TrainConfig.from_toml(_write(tmp_path, base), {"max_steps": 9}).max_steps == 9
 

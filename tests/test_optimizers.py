@@ -24,7 +24,7 @@ def _cfg(star_images, base, tmp_path, **kw):
 
 
 def test_kohya_style_arguments_parse_and_bad_ones_name_the_key():
-    assert parse_args(["d_coef=2", "betas=0.9,0.99  use_bias_correction=True", " eps = 1e-6 "]) == {
+    assert parse_args(["d_coef=2", "betas=0.9,0.99  use_bias_correction=True", " eps=1e-6 "]) == {
         "d_coef": 2, "betas": (0.9, 0.99), "use_bias_correction": True, "eps": 1e-6}
     assert parse_args(["safeguard_warmup=false decouple=True"]) == {"safeguard_warmup": False, "decouple": True}
     with pytest.raises(ConfigError, match="optimizer_args: 'd_coef' is not key=value"):
@@ -81,6 +81,7 @@ def test_lion_steps_by_the_sign_of_its_interpolated_momentum():
 
 @pytest.mark.parametrize("name, extra", [("prodigy", {"optimizer_args": ["d_coef=2"]}),
                                          ("adafactor", {"lr_unet": 1e-3}),
+                                         ("adafactor", {"lr_unet": 1e-3, "optimizer_args": ["relative_step=True"]}),
                                          ("lion", {"lr_unet": 3e-4, "train_text_encoder": True, "lr_text": 1e-4})])
 def test_each_optimizer_trains_and_the_file_says_which(star_images, tiny_sd1_dir, tmp_path, name, extra):
     from pipelines.adapters import adapter_facts
@@ -93,14 +94,15 @@ def test_each_optimizer_trains_and_the_file_says_which(star_images, tiny_sd1_dir
     assert any(v.abs().max() > 0 for v in ups)  # the optimizer moved the zero-initialised up weights
     assert meta["ss_optimizer"] == describe(name, extra.get("optimizer_args", []))
     card = (res.adapter_path.parent / "t.md").read_text()
-    label = {"prodigy": "Prodigy (d_coef=2), lr 1, a multiplier", "adafactor": "Adafactor, lr 0.001",
-             "lion": "Lion, lr 0.0003 (text encoder 0.0001)"}[name]
+    relative = "relative_step=True" in extra.get("optimizer_args", [])
+    label = {"prodigy": "Prodigy (d_coef=2), lr 1, a multiplier", "lion": "Lion, lr 0.0003 (text encoder 0.0001)",
+             "adafactor": "Adafactor (relative_step=True), lr 0.001" if relative else "Adafactor, lr 0.001"}[name]
     assert f"- {label}" in card
     facts = dict(adapter_facts(AdapterLibrary(res.adapter_path.parent).info("t")))
     assert {"prodigy": "Prodigy (d_coef=2)", "adafactor": "Adafactor", "lion": "Lion"}[name] in facts["training"]
     lrs = [float(line.split(",")[2]) for line in (res.run_dir / "log.csv").read_text().splitlines()[1:]]
-    if name == "prodigy":  # the log shows Prodigy's own step (d x lr), not the multiplier 1.0
-        assert all(0 < lr < 0.01 for lr in lrs)
+    if name == "prodigy" or relative:  # the log shows the optimizer's own step, not the rate it was given
+        assert all(0 < lr <= 0.01 for lr in lrs) and lrs != [extra.get("lr_unet")] * 3
     else:
         assert lrs == [extra["lr_unet"]] * 3
 

@@ -46,6 +46,7 @@ DIRECT = {"network_dim": "rank", "train_batch_size": "batch_size", "gradient_acc
           "sample_every_n_steps": "sample_every", "save_every_n_steps": "checkpoint_every",
           "train_data_dir": "images", "reg_data_dir": "class_images", "output_name": "name",
           "pretrained_model_name_or_path": "base", "vae": "vae", "network_weights": "init_adapter",
+          "lora_network_weights": "init_adapter",  # kohya_ss' older name of network_weights
           "mixed_precision": "mixed_precision", "noise_offset": "noise_offset"}
 INT_FIELDS = {"rank", "batch_size", "grad_accum", "seed", "clip_skip", "keep_tokens", "min_timestep", "max_timestep",
               "sample_every", "checkpoint_every"}
@@ -77,6 +78,10 @@ QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_
          "skip_cache_check", "debiased_estimation_loss", "train_on_input", "weighted_captions",
          "scale_v_pred_loss_like_noise_pred", "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
          "sample_sampler", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
+
+# the LyCORIS network's own options: kohya_ss keeps them in every config, they mean nothing to a Standard LoRA
+LYCORIS_ONLY = {"factor", "use_cp", "use_tucker", "use_scalar", "decompose_both", "train_norm", "rank_dropout_scale",
+                "constrain", "rescaled", "dora_wd", "bypass_mode", "LyCORIS_preset", "train_on_input"}
 
 
 @dataclass
@@ -216,6 +221,19 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
         args = get["optimizer_args"]
         opts["optimizer_args"] = [str(a) for a in args] if isinstance(args, list) else [str(args).strip()]
     sched = str(get.get("lr_scheduler", "cosine"))
+    if opts["optimizer"] == "adafactor":
+        from .optimizers import parse_args
+
+        given = parse_args(opts.get("optimizer_args", []))
+        if "relative_step" not in given and not given.get("warmup_init"):
+            # kohya's Adafactor: relative_step on unless said otherwise (transformers' defaults, scale_parameter
+            # on too); it then picks its own step size and learning_rate only names the first one
+            extra = ["relative_step=True"] + ([] if "scale_parameter" in given else ["scale_parameter=True"])
+            opts["optimizer_args"] = [*opts.get("optimizer_args", []), " ".join(extra)]
+            notes.append("Adafactor as kohya runs it by default: relative_step=True, it picks its own step size "
+                         f"(learning_rate {unet:g} is not used)")
+    if sched == "adafactor":  # kohya's name for Adafactor's own schedule: nothing on top of it here
+        sched = "constant"
     if sched not in LR_SCHEDULERS:
         raise ConfigError(f"lr_scheduler: '{sched}' is not one LoRA Studio has ({', '.join(LR_SCHEDULERS)})")
     opts["lr_scheduler"] = sched
@@ -225,8 +243,9 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
         epochs = _number("epoch", get.get("max_train_epochs") or get.get("epoch", 1), int)
         counted = _epoch_steps(opts.get("images", ""), epochs, opts.get("batch_size", 1), opts.get("grad_accum", 1))
         if counted is None:
-            notes.append(f"{epochs} epoch(s) could not be counted as steps (train_data_dir "
-                         f"'{opts.get('images', '')}' has no kohya folders here): give --steps")
+            where = (f"train_data_dir '{opts['images']}' has no kohya folders here" if opts.get("images")
+                     else "no train_data_dir")
+            notes.append(f"{epochs} epoch(s) could not be counted as steps ({where}): give --steps")
         else:
             steps = counted
             notes.append(f"{epochs} epoch(s) of the images in train_data_dir are {steps} steps"
@@ -261,7 +280,9 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
         opts["sample_prompts"] = _prompts(get["sample_prompts"])
     if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):
         del opts["mixed_precision"]
+    lycoris = kind.startswith("LyCORIS/")
     unused = [k for k, v in data.items() if k not in CONSUMED and k not in QUIET and v not in (None, "", 0, False)
+              and (lycoris or k not in LYCORIS_ONLY)
               and not (isinstance(v, str) and v.strip() in ("0", "0.0", "None", "none"))]
     if unused:
         shown = ", ".join(f"{k}={data[k]!r}" for k in unused[:10])

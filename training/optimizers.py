@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+import shlex
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ LABELS = {"adamw": "AdamW", "adamw8bit": "AdamW 8-bit", "prodigy": "Prodigy", "a
 # set by their own fields: an argument would silently fight them (weight_decay is allowed: kohya has no option for
 # it but --optimizer_args, so its configs carry it there, and there it wins over the weight_decay field)
 _OWN_FIELDS = {"lr": "lr_unet / lr_text", "params": None}
-_PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\S+)")
+_PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
 
 
 class Lion(torch.optim.Optimizer):
@@ -110,20 +111,24 @@ def parse_args(lines: list[str]) -> dict[str, Any]:
     twice, is a ConfigError naming it."""
     out: dict[str, Any] = {}
     for line in lines:
-        text = line.strip()
-        pos = 0
-        while pos < len(text):
-            m = _PAIR.match(text, pos)
+        try:  # kohya_ss writes them shell-quoted: "d0=1e-5" "d_coef=1.0"
+            tokens = shlex.split(line)
+        except ValueError as e:
+            raise ConfigError(f"optimizer_args: {line.strip()!r}: {e}") from None
+        pairs: list[str] = []
+        for tok in tokens:
+            if "=" not in tok and pairs and pairs[-1].endswith(","):  # betas=0.9, 0.99
+                pairs[-1] += tok
+            else:
+                pairs.append(tok)
+        for pair in pairs:
+            m = _PAIR.fullmatch(pair)
             if m is None:
-                bad = text[pos:].split()[0]
-                raise ConfigError(f"optimizer_args: {bad!r} is not key=value (e.g. d_coef=2 or betas=0.9,0.99)")
+                raise ConfigError(f"optimizer_args: {pair!r} is not key=value (e.g. d_coef=2 or betas=0.9,0.99)")
             key = m.group(1)
             if key in out:
                 raise ConfigError(f"optimizer_args: {key} is given twice")
             out[key] = _value(m.group(2))
-            pos = m.end()
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
     return out
 
 
@@ -190,8 +195,10 @@ def build(name: str, groups: list[dict], lr: float, weight_decay: float, lines: 
     if name == "adafactor":
         args = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **args}
         if args["relative_step"]:  # Adafactor's own time-dependent rate: no fixed one may be given
-            groups = [{**g, "lr": None} for g in groups]
-            return cls(groups, lr=None, weight_decay=weight_decay, **args)
+            opt = cls([{**g, "lr": None} for g in groups], lr=None, weight_decay=weight_decay, **args)
+            for g, given in zip(opt.param_groups, groups):
+                g["lr"] = given["lr"]  # unused by Adafactor then; the schedulers need a number there
+            return opt
     return cls(groups, lr=lr, weight_decay=weight_decay, **args)
 
 
@@ -207,5 +214,10 @@ def describe(name: str, lines: list[str]) -> str:
 def step_size(optimizer: torch.optim.Optimizer) -> float:
     """The UNet group's learning rate now; for Prodigy the step it takes (its estimate d times lr)."""
     group = optimizer.param_groups[0]
+    if group.get("relative_step"):  # Adafactor choosing its own: its rate for the first trained weight
+        from transformers.optimization import Adafactor
+
+        state = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), None)
+        return float(Adafactor._get_lr(group, state)) if state else 0.0
     lr = group.get("lr") or 0.0
     return float(group.get("d", 1.0) * lr)
