@@ -1016,12 +1016,15 @@ def to_kohya(
     """
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    from .single_file import unet_block_prefixes, unet_module_to_ldm
-
     sd = canonical_peft_keys(state_dict)
     is_sdxl = family == "sdxl" or any(k.startswith("text_encoder_2.") for k in sd)
+    lyco = {k: v for k, v in sd.items() if lycoris_param(k)}
+    if lyco:  # LoHa / LoKr weights: LyCORIS' own parameter names under kohya's module names
+        sd = {k: v for k, v in sd.items() if k not in lyco}
+        result = _lycoris_to_kohya(lyco, alphas, is_sdxl=is_sdxl, layout=layout)
+        return {**result, **(to_kohya(sd, alphas, family=family, layout=layout) if sd else {})}
     out = convert_state_dict_to_kohya(dict(sd))
-    # module name per kohya key, to attach our alphas (diffusers writes alpha = rank)
+    # module name per key diffusers wrote (lora_te1_ for every text encoder), to rename and attach our alphas
     module_of = {}
     for k in sd:
         if ".lora_A." in k:
@@ -1029,24 +1032,8 @@ def to_kohya(
             comp, _, rest = module.partition(".")
             prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}[comp]
             module_of[f"{prefix}_{rest.replace('.', '_')}"] = module
-    renames: dict[str, str] = {}
-    for name in module_of:
-        new = name
-        if not is_sdxl and name.startswith("lora_te1_"):
-            new = "lora_te_" + name[len("lora_te1_"):]
-        renames[name] = new
-    unet_names = [n for n in module_of if n.startswith("lora_unet_")]
-    if is_sdxl and unet_names:
-        if layout is None:
-            raise IncompatibleAdapterError(
-                "SDXL UNet module names in kohya format depend on the base model's block layout, which this "
-                "adapter's metadata does not record: give the base model it was trained on (--base)")
-        prefixes = unet_block_prefixes(dict(layout))
-        for n in unet_names:
-            ldm = unet_module_to_ldm(module_of[n].partition(".")[2], prefixes)
-            if ldm is None:
-                raise IncompatibleAdapterError(f"UNet module '{module_of[n]}' has no LDM name in this layout")
-            renames[n] = "lora_unet_" + ldm.replace(".", "_")
+    named = kohya_names(module_of.values(), is_sdxl=is_sdxl, layout=layout)
+    renames = {name: named[module] for name, module in module_of.items()}
     amap = {_strip_text_model(k): v for k, v in alphas.items()} if isinstance(alphas, Mapping) else {}
     result: dict[str, torch.Tensor] = {}
     for key, val in out.items():
@@ -1069,6 +1056,71 @@ def to_kohya(
     return result
 
 
+# LyCORIS' parameter names (LoHa's Hadamard pairs, LoKr's Kronecker factors), as peft and LyCORIS files name them
+LYCORIS_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                  "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def lycoris_param(key: str) -> tuple[str, str] | None:
+    """(module, parameter) of a LoHa / LoKr weight's key (`unet.….to_q.hada_w1_a`), else None."""
+    module, _, param = key.rpartition(".")
+    return (module, param) if param in LYCORIS_PARAMS else None
+
+
+def kohya_names(modules: Iterable[str], *, is_sdxl: bool, layout: Mapping[str, list] | None) -> dict[str, str]:
+    """Our module names (`unet.down_blocks.0.…`, `text_encoder.text_model.…`) -> kohya's (`lora_unet_…`,
+    `lora_te_…` / `lora_te1_…`, SDXL's UNet in LDM names from its `layout`), as `to_kohya` names LoRA modules."""
+    from .single_file import unet_block_prefixes, unet_module_to_ldm
+
+    out: dict[str, str] = {}
+    prefixes = None
+    for module in modules:
+        comp, _, rest = module.partition(".")
+        if comp == "unet" and is_sdxl:
+            if layout is None:
+                raise IncompatibleAdapterError(
+                    "SDXL UNet module names in kohya format depend on the base model's block layout, which this "
+                    "adapter's metadata does not record: give the base model it was trained on (--base)")
+            prefixes = prefixes or unet_block_prefixes(dict(layout))
+            ldm = unet_module_to_ldm(rest, prefixes)
+            if ldm is None:
+                raise IncompatibleAdapterError(f"UNet module '{module}' has no LDM name in this layout")
+            out[module] = "lora_unet_" + ldm.replace(".", "_")
+            continue
+        prefix = {"unet": "lora_unet", "text_encoder": "lora_te1" if is_sdxl else "lora_te",
+                  "text_encoder_2": "lora_te2"}.get(comp)
+        if prefix is None:
+            raise IncompatibleAdapterError(f"cannot name '{module}' in kohya format")
+        out[module] = f"{prefix}_{rest.replace('.', '_')}"
+    return out
+
+
+def lycoris_dim(params: Mapping[str, torch.Tensor]) -> int | None:
+    """A LoHa / LoKr module's dim as LyCORIS' loaders divide alpha by (None: a LoKr of two full factors)."""
+    for name in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if name in params:
+            return int(params[name].shape[0])
+    return None
+
+
+def _lycoris_to_kohya(sd: Mapping[str, torch.Tensor], alphas: float | Mapping[str, float] | None, *,
+                      is_sdxl: bool, layout: Mapping[str, list] | None) -> dict[str, torch.Tensor]:
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, val in sd.items():
+        module, param = lycoris_param(key)
+        by_module.setdefault(module, {})[param] = val
+    names = kohya_names(by_module, is_sdxl=is_sdxl, layout=layout)
+    amap = {_strip_text_model(k): v for k, v in alphas.items()} if isinstance(alphas, Mapping) else {}
+    out: dict[str, torch.Tensor] = {}
+    for module, params in by_module.items():
+        name = names[module]
+        out.update({f"{name}.{p}": v for p, v in params.items()})
+        dim = lycoris_dim(params)
+        a = amap.get(_strip_text_model(module)) if isinstance(alphas, Mapping) else alphas
+        out[f"{name}.alpha"] = torch.tensor(float(a if a is not None else dim or 1), dtype=torch.float32)
+    return out
+
+
 def _kohya_metadata(meta: Mapping[str, str], family: str | None, rank: int, alpha: float, sgm: bool) -> dict[str, str]:
     out = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
     out.setdefault("ss_network_module", "networks.lora")
@@ -1089,8 +1141,9 @@ def _kohya_metadata(meta: Mapping[str, str], family: str | None, rank: int, alph
 def kohya_metadata(meta: Mapping[str, str], state_dict: Mapping[str, torch.Tensor], family: str | None,
                    alphas: float | Mapping[str, float] | None) -> dict[str, str]:
     """The metadata of a kohya-layout file: ours and the ss_* / modelspec.* keys, without diffusers' peft config."""
-    ranks = Counter(int(v.shape[0]) for k, v in state_dict.items() if ".lora_A." in k or ".lora_down." in k)
-    rank = ranks.most_common(1)[0][0]
+    ranks = Counter(int(v.shape[0]) for k, v in state_dict.items() if ".lora_A." in k or ".lora_down." in k
+                    or k.endswith((".hada_w1_b", ".lokr_w2_b", ".lokr_w1_b")))
+    rank = ranks.most_common(1)[0][0] if ranks else 0  # 0: LoKr layers of full factors only
     if isinstance(alphas, Mapping) and alphas:
         alpha = Counter(float(a) for a in alphas.values()).most_common(1)[0][0]
     else:

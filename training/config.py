@@ -111,6 +111,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = tuple(PRECISIONS)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
+NETWORKS = ("lora", "loha", "lokr")
 
 
 def default_library_dir() -> Path:
@@ -310,6 +311,15 @@ class TrainConfig:
     preserve_images: int = option(16, group="Preservation", label="Preservation images", min=0, max=100_000,
                                   help="base-model images of those prompts (generated once, cached) to compare on")
     # ---- LoRA
+    # LyCORIS' LoHa / LoKr (peft's implementations), saved in LyCORIS' kohya-named layout that AUTOMATIC1111 and
+    # ComfyUI apply natively (pipelines.lycoris reads it here)
+    network: str = option("lora", group="LoRA", label="Network type", choices=NETWORKS,
+                          help="lora; loha: LyCORIS LoHa (Hadamard product of two low-rank pairs: more expressive "
+                               "at the same rank, twice the size); lokr: LyCORIS LoKr (Kronecker product: far "
+                               "smaller files)")
+    lokr_factor: int = option(-1, group="LoRA", label="LoKr factor", min=-1, max=1024,
+                              help="with lokr: the size of the Kronecker product's first factor (LyCORIS' factor; "
+                                   "-1: as square as the layer allows)")
     rank: int = option(8, group="LoRA", label="Rank", min=1, max=1024,
                        help="LoRA rank: capacity (and file size) of the adapter")
     alpha: float | None = option(None, group="LoRA", label="Alpha", gt=0.0,
@@ -475,6 +485,13 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
+        if self.network != "lora" and self.dropout:
+            raise ConfigError(f"dropout: {self.network} layers have no LoRA dropout; set it to 0")
+        if self.network != "lora" and self.quantize_base:
+            raise ConfigError(f"quantize_base: {self.network} trains on an unquantized base only; use network "
+                              "'lora' for QLoRA")
+        if self.lokr_factor == 0:
+            raise ConfigError("lokr_factor: must be -1 (automatic) or a factor of 1 or more, got 0")
         from .optimizers import check_args, check_rates
 
         check_args(self.optimizer, self.optimizer_args)

@@ -20,13 +20,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
-               "resolution", "optimizer", "optimizer_args")
+               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor")
 # what a checkpoint made before a key existed holds: that field's default then
-RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": []}
+RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1}
 
 
-def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor]) -> float | dict[str, float]:
-    """The alpha to save with the adapter: one value, or per module when the 3x3 convolutions have their own."""
+def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor],
+                   live: dict[str, float] | None = None) -> float | dict[str, float]:
+    """The alpha to save with the adapter: one value, or per module when the 3x3 convolutions have their own.
+    LoHa / LoKr: the attached layers' own (`live`, see training.lora.module_alphas)."""
+    if cfg.network != "lora" and live:
+        return dict(live)
     if cfg.lora_conv_alpha == cfg.lora_alpha:
         return cfg.lora_alpha
     out = {}
@@ -43,7 +47,7 @@ def _ckpt_dir(run_dir: Path) -> Path:
 
 def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
                      scheduler_state: dict, cfg: TrainConfig, family: str | None = None,
-                     layout: dict | None = None) -> Path:
+                     layout: dict | None = None, live_alphas: dict[str, float] | None = None) -> Path:
     """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing.
 
     With the base's `family` and UNet `layout` its adapter file has kohya's key layout like the finished
@@ -56,9 +60,9 @@ def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor],
         from pipelines.adapters import save_adapter, save_kohya
 
         # a checkpoint's adapter is a usable LoRA file too (grids of checkpoints load it with its alpha)
-        alphas = adapter_alphas(cfg, adapter)
+        alphas = adapter_alphas(cfg, adapter, live_alphas)
         meta = {"step": str(step), "config": json.dumps(shareable_config(cfg), sort_keys=True),
-                "lora_studio.trigger": cfg.trigger, "ss_steps": str(step)}
+                "lora_studio.trigger": cfg.trigger, "ss_steps": str(step), **network_fields(cfg)}
         if family is not None and layout is not None:
             meta["lora_studio.base_family"] = family
             save_kohya(adapter, tmp / "adapter.safetensors", meta, family=family, alphas=alphas, layout=layout)
@@ -125,7 +129,10 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
         raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
     adapter, meta = load_safetensors(path / "adapter.safetensors", check_finite=True)
     from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, to_peft
+    from pipelines.lycoris import is_lycoris
 
+    if is_lycoris(adapter):  # LoHa / LoKr in kohya names: the trainer maps them onto its layers
+        return adapter, state
     if detect_format(adapter) != FORMAT_PEFT:  # kohya keys (checkpoints since the kohya layout): back to peft
         layout = layout_for(meta)
         adapter, _ = to_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
@@ -171,6 +178,24 @@ def base_file_hash(base) -> str | None:
         return None
 
 
+def network_fields(cfg: TrainConfig) -> dict[str, str]:
+    """kohya's ss_network_module / ss_network_args of a LoHa / LoKr run (LyCORIS' own values); {} for LoRA."""
+    if cfg.network == "lora":
+        return {}
+    args = {"algo": cfg.network, "conv_dim": str(cfg.lora_conv_rank), "conv_alpha": f"{cfg.lora_conv_alpha:g}"}
+    if cfg.network == "lokr":
+        args["factor"] = str(cfg.lokr_factor)
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+
+
+def network_label(cfg: TrainConfig) -> str:
+    """'LoRA rank 8' / 'LoHa rank 8' / 'LoKr rank 8 (factor 4)'."""
+    from .lora import NETWORK_LABELS
+
+    factor = f" (factor {cfg.lokr_factor})" if cfg.network == "lokr" and cfg.lokr_factor > 0 else ""
+    return f"{NETWORK_LABELS[cfg.network]} rank {cfg.rank}{factor}"
+
+
 def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     """Metadata of a finished adapter: ours, kohya's ss_* and modelspec.* (see pipelines.adapters)."""
     from pipelines.adapters import SUGGESTED_START_KEY, UNET_LAYOUT_KEY, lora_metadata
@@ -187,7 +212,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         steps=cfg.max_steps, resolution=tr.resolution, num_images=len(tr.scan.items),
         training_config=json.dumps(shareable_config(cfg), sort_keys=True),
         model_file_hash=base_file_hash(base),
-        description=f"LoRA rank {cfg.rank} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
+        description=f"{network_label(cfg)} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
         prediction_type=base.pipe.scheduler.config.get("prediction_type"),
         extra={
             "ss_num_train_images": str(sum(it.repeats for it in tr.scan.items) * cfg.repeats),
@@ -208,6 +233,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),
         },
     )
+    meta.update(network_fields(cfg))
     meta[UNET_LAYOUT_KEY] = json.dumps(unet_layout(base.pipe.unet))
     if (sc := suggested_step_check(tr)) is not None:
         meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
@@ -286,7 +312,9 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     meta = adapter_metadata(tr)
     # the library file is what users copy into AUTOMATIC1111 / ComfyUI: kohya's key layout, which both map
     # completely (and diffusers' load_lora_weights reads as it is); per-module alphas as `.alpha` tensors
-    alphas = adapter_alphas(cfg, sd)
+    from .lora import module_alphas
+
+    alphas = adapter_alphas(cfg, sd, module_alphas(tr.base.pipe, tr.components) if cfg.network != "lora" else None)
     try:
         save_kohya(sd, path, meta, family=tr.base.family, alphas=alphas, layout=json.loads(meta[UNET_LAYOUT_KEY]),
                    dtype=PRECISIONS[cfg.save_precision] if cfg.save_precision != "fp32" else None)
@@ -377,7 +405,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"- Trigger word: `{cfg.trigger}`\n"
         f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
         f"hash {meta['lora_studio.base_hash']}\n"
-        f"- Rank {cfg.rank}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
+        f"- {network_label(cfg)}, alpha {cfg.lora_alpha:g}; modules: {meta['lora_studio.modules']}\n"
         f"- {cfg.max_steps} steps at {tr.resolution} px on {len(tr.scan.items)} image(s), batch {cfg.batch_size}\n"
         f"- {optimizer_line(cfg)}\n"
         + (f"- Trained with clip skip {cfg.clip_skip}: generate with Clip skip {cfg.clip_skip} too\n"

@@ -1,7 +1,9 @@
-"""Attach LoRA (via peft) to a pipeline's UNet and text encoder(s); read and write its weights.
+"""Attach LoRA (or LyCORIS' LoHa / LoKr, via peft) to a pipeline's UNet and text encoder(s); read and write
+its weights.
 
 Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.weight`,
-`text_encoder.<module>.lora_B.weight` (SDXL: also `text_encoder_2.`).
+`text_encoder.<module>.lora_B.weight` (SDXL: also `text_encoder_2.`); LoHa / LoKr weights peft's names
+(`unet.<module>.hada_w1_a`, `….lokr_w2_b`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,44 @@ from pipelines.errors import ConfigError, IncompatibleAdapterError
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
+# the names of trainable adapter weights, per network type (peft's LoRA, LoHa and LoKr layers)
+PARAM_MARKERS = ("lora_", "hada_", "lokr_")
+NETWORK_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
 def lora_config(rank: int, alpha: float, targets: list[str], dropout: float,
-                rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None):
+                rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                network: str = "lora", lokr_factor: int = -1):
+    """peft's config of the network: LoRA, or LyCORIS' LoHa / LoKr (convolutions flattened, without Tucker
+    cores, as LyCORIS' default; LoKr's first factor full, as LyCORIS' default decompose_both=False)."""
+    common = dict(r=rank, target_modules=list(targets), rank_pattern=dict(rank_pattern or {}),
+                  alpha_pattern=dict(alpha_pattern or {}))
+    if network == "loha":
+        from peft import LoHaConfig
+
+        return LoHaConfig(alpha=alpha, init_weights=True, use_effective_conv2d=False, **common)
+    if network == "lokr":
+        from peft import LoKrConfig
+
+        return LoKrConfig(alpha=alpha, init_weights=True, use_effective_conv2d=False, decompose_both=False,
+                          decompose_factor=lokr_factor, **common)
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                      init_lora_weights=True, rank_pattern=dict(rank_pattern or {}),
-                      alpha_pattern=dict(alpha_pattern or {}))
+    return LoraConfig(lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, **common)
+
+
+def full_lokr_scale(module: torch.nn.Module) -> None:
+    """A LoKr layer whose two factors are both full matrices (a layer too small to decompose at this rank) has
+    no rank: AUTOMATIC1111, ComfyUI and LyCORIS apply it at scale 1 whatever its alpha, where peft uses
+    alpha/r. Such layers train at scale 1 here too (alpha = r), so the file means what was trained."""
+    from peft.tuners.lokr.layer import LoKrLayer
+
+    for m in module.modules():
+        if isinstance(m, LoKrLayer):
+            for name in m.lokr_w2:  # lokr_w2 holds the adapters whose second factor is full
+                if name in m.lokr_w1:
+                    m.alpha[name] = m.r[name]
+                    m.scaling[name] = 1.0
 
 
 def targeted(name: str, targets: list[str]) -> bool:
@@ -54,8 +87,9 @@ def check_targets(pipe, unet_targets: list[str], text_targets: list[str] | None)
 
 
 def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
-           dropout: float = 0.0, conv_rank: int | None = None, conv_alpha: float | None = None) -> dict[str, object]:
-    """Inject LoRA layers; returns {component prefix: LoraConfig}. Base weights stay frozen.
+           dropout: float = 0.0, conv_rank: int | None = None, conv_alpha: float | None = None,
+           network: str = "lora", lokr_factor: int = -1) -> dict[str, object]:
+    """Inject LoRA (or LoHa / LoKr) layers; returns {component prefix: peft config}. Base weights stay frozen.
     `conv_rank`/`conv_alpha`: the UNet's 3x3 convolutions get these instead (None: rank and alpha)."""
     from peft import inject_adapter_in_model
 
@@ -65,8 +99,12 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
     # peft matches pattern keys as name suffixes: full module names pick exactly these layers
     cfg = lora_config(rank, alpha, unet_targets, dropout,
                       rank_pattern={n: conv_rank for n in convs} if conv_rank else None,
-                      alpha_pattern={n: conv_alpha for n in convs} if conv_alpha else None)
-    pipe.unet.add_adapter(cfg)
+                      alpha_pattern={n: conv_alpha for n in convs} if conv_alpha else None,
+                      network=network, lokr_factor=lokr_factor)
+    if network == "lora":
+        pipe.unet.add_adapter(cfg)
+    else:  # diffusers' add_adapter takes LoRA configs only
+        inject_adapter_in_model(cfg, pipe.unet, adapter_name="default")
     configs["unet"] = cfg
     for name in TEXT_ENCODERS:
         te = getattr(pipe, name, None)
@@ -74,10 +112,13 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
             continue
         te.requires_grad_(False)
         if text_targets:
-            tcfg = lora_config(rank, alpha, text_targets, dropout)
+            tcfg = lora_config(rank, alpha, text_targets, dropout, network=network, lokr_factor=lokr_factor)
             inject_adapter_in_model(tcfg, te, adapter_name="default")
             configs[name] = tcfg
     pipe.vae.requires_grad_(False)
+    if network == "lokr":
+        for comp in configs:
+            full_lokr_scale(getattr(pipe, comp))
     # the LoRA weights train in fp32 whatever the base's dtype: diffusers' add_adapter creates them in the
     # UNet's dtype (fp16 on a GPU, bf16 under bf16 mixed precision), where AdamW's small updates round away
     # and fp16 gradients cannot be unscaled
@@ -88,7 +129,7 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
 
 
 def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+    return [p for n, p in module.named_parameters() if any(m in n for m in PARAM_MARKERS) and p.requires_grad]
 
 
 def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
@@ -102,27 +143,82 @@ def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str = "the adapter"
+def module_alphas(pipe, components: list[str]) -> dict[str, float]:
+    """{module (our canonical name): alpha} of the attached layers, as they train (a LoKr of two full factors:
+    its rank, see full_lokr_scale)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from pipelines.adapters import _canon_module
+
+    out: dict[str, float] = {}
+    for comp in components:
+        for name, m in getattr(pipe, comp).named_modules():
+            if isinstance(m, BaseTunerLayer):
+                alphas = getattr(m, "alpha", None) or getattr(m, "lora_alpha", None) or {}
+                if "default" in alphas:
+                    out[_canon_module(f"{comp}.{name}")] = float(alphas["default"])
+    return out
+
+
+def lycoris_as_peft(pipe, components: list[str], state_dict: dict[str, torch.Tensor], family: str | None,
+                    source: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A LoHa / LoKr file in LyCORIS' kohya naming (ours, or LyCORIS') as peft weights for the layers attached
+    to this pipeline, with each module's alpha; a module this run has no layer for is an error naming it."""
+    from pipelines.adapters import canonical_peft_keys, kohya_names, lycoris_param
+    from pipelines.single_file import unet_layout
+
+    live = canonical_peft_keys(lora_state_dict(pipe, components))
+    modules = {lycoris_param(k)[0] for k in live if lycoris_param(k)}
+    is_sdxl = family == "sdxl" or "text_encoder_2" in components
+    module_of = {v: k for k, v in kohya_names(modules, is_sdxl=is_sdxl, layout=unet_layout(pipe.unet)).items()}
+    sd: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for key, val in state_dict.items():
+        name, _, param = key.partition(".")
+        if name not in module_of:
+            raise IncompatibleAdapterError(f"{source}: module '{name}' is not one this run trains (network, "
+                                           "targets or base model differ)")
+        if param == "alpha":
+            alphas[module_of[name]] = float(val.float().reshape(-1)[0])
+        else:
+            sd[f"{module_of[name]}.{param}"] = val
+    return sd, alphas
+
+
+def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str = "the adapter",
+                    network: str = "lora", components: list[str] | None = None, family: str | None = None,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An adapter file of any supported layout (ours: kohya keys; older files: peft keys) as a peft state
-    dict for this pipeline, with each module's alpha."""
+    dict for this pipeline, with each module's alpha. A LoHa / LoKr file continues a run of that network."""
     from pipelines.adapters import to_peft
     from pipelines.lycoris import is_lycoris
 
-    if is_lycoris(state_dict):
-        raise IncompatibleAdapterError(f"{source}: a LyCORIS (LoHa/LoKr) adapter cannot be trained further here; "
-                                       "only a LoRA can (generation and baking read LyCORIS files)")
-
+    kind = ("loha" if any(".hada_" in k for k in state_dict) else "lokr" if any(".lokr_" in k for k in state_dict)
+            else "other") if is_lycoris(state_dict) else "lora"
+    if kind != network:
+        label = {"lora": "a LoRA", "loha": "a LoHa", "lokr": "a LoKr", "other": "this LyCORIS"}[kind]
+        hint = (f"continue it with network '{kind}'" if kind in NETWORK_LABELS
+                else "only LoRA, LoHa and LoKr files can be trained further (generation reads it)")
+        raise IncompatibleAdapterError(f"{source}: {label} adapter cannot be trained further as {network}; {hint}")
+    if network != "lora":
+        return lycoris_as_peft(pipe, components or [], state_dict, family, source)
     lpb = pipe.unet.config.layers_per_block
     return to_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
 
 
 def check_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float], alpha: float, conv_alpha: float,
-                 source: str) -> None:
-    """Continuing an adapter needs its alphas: the same weights under another alpha would be another scale."""
+                 source: str, live: dict[str, float] | None = None) -> None:
+    """Continuing an adapter needs its alphas: the same weights under another alpha would be another scale.
+    `live`: the attached layers' own alphas (LoHa / LoKr, whose weights do not tell a convolution)."""
+    from pipelines.adapters import _strip_text_model
+
+    live = {_strip_text_model(k): v for k, v in (live or {}).items()}
     for module, a in alphas.items():
-        w = state_dict[f"{module}.lora_A.weight"]
-        want = conv_alpha if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1) else alpha
+        if live:
+            want = live.get(_strip_text_model(module), a)
+        else:
+            w = state_dict[f"{module}.lora_A.weight"]
+            want = conv_alpha if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1) else alpha
         if abs(float(a) - float(want)) > 1e-6 * max(1.0, abs(float(want))):
             raise IncompatibleAdapterError(
                 f"{source}: module {module} has alpha {float(a):g}, this run uses {float(want):g}; continue it with "

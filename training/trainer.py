@@ -638,7 +638,8 @@ class Trainer:
         self.lora_configs = lora_mod.attach(
             base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
             conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
-            conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None)
+            conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None,
+            network=cfg.network, lokr_factor=cfg.lokr_factor)
         self.components = list(self.lora_configs)
         self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
@@ -718,15 +719,20 @@ class Trainer:
             from pipelines.weights_io import load_safetensors
 
             sd, meta = load_safetensors(cfg.init_adapter, check_finite=True)
-            sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta, cfg.init_adapter)
+            sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta, cfg.init_adapter, network=cfg.network,
+                                                  components=self.components, family=self.base.family)
             lora_mod.load_lora_state_dict(self.base.pipe, sd, self.components, cfg.init_adapter)
-            lora_mod.check_alphas(sd, alphas, cfg.lora_alpha, cfg.lora_conv_alpha, cfg.init_adapter)
+            live = lora_mod.module_alphas(self.base.pipe, self.components) if cfg.network != "lora" else None
+            lora_mod.check_alphas(sd, alphas, cfg.lora_alpha, cfg.lora_conv_alpha, cfg.init_adapter, live=live)
         if not cfg.resume:
             return 0
         ckpt = find_checkpoint(self.run_dir, cfg.resume)
         if ckpt is None:
             raise TrainingError(f"resume: no checkpoint found for '{cfg.resume}' in {self.run_dir / 'checkpoints'}")
         adapter, state = read_checkpoint(ckpt, cfg)
+        if cfg.network != "lora":  # LyCORIS names: onto this run's layers
+            adapter, _ = lora_mod.lycoris_as_peft(self.base.pipe, self.components, adapter, self.base.family,
+                                                  str(ckpt))
         lora_mod.load_lora_state_dict(self.base.pipe, adapter, self.components, str(ckpt))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -737,9 +743,10 @@ class Trainer:
         if not self.is_main:  # all processes hold the same weights: the main one writes them
             return None
         sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
+        live = lora_mod.module_alphas(self.base.pipe, self.components) if self.cfg.network != "lora" else None
         path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
                                 self.lr_scheduler.state_dict(), self.cfg, self.base.family,
-                                unet_layout(self.base.pipe.unet))
+                                unet_layout(self.base.pipe.unet), live_alphas=live)
         prune_checkpoints(self.run_dir, self.cfg.checkpoints_keep)
         return path
 

@@ -140,9 +140,11 @@ def check_starts(steps: int) -> tuple[int, ...]:
 
 
 def _lora_layers(tr: "Trainer") -> list:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for c in tr.components for m in getattr(tr.base.pipe, c).modules() if isinstance(m, LoraLayer)]
+    # LoRA, LoHa and LoKr layers alike: each scales its update by `scaling` (scale_layer / unscale_layer)
+    return [m for c in tr.components for m in getattr(tr.base.pipe, c).modules()
+            if isinstance(m, BaseTunerLayer) and hasattr(m, "scaling")]
 
 
 @torch.no_grad()
