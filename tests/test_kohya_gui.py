@@ -93,9 +93,29 @@ def test_kohya_ss_rate_rules_warmup_percent_and_locon(tmp_path):
     assert TrainConfig.from_toml(_write(tmp_path, base), {"max_steps": 9}).max_steps == 9
 
 
+def test_lycoris_loha_and_lokr_recipes_train_as_those_networks(tmp_path):
+    # kohya_ss' own LyCORIS presets (loha-sd15.json, sd15 - LoKr v1.1.json) as they are written
+    loha = {**PRODIGY, "LoRA_type": "LyCORIS/LoHa", "LyCORIS_preset": "full", "network_dim": 32, "network_alpha": 16,
+            "conv_dim": 8, "conv_alpha": 4, "use_cp": True, "network_dropout": 0.1, "factor": -1}
+    path = _write(tmp_path, loha, "loha.json")
+    cfg = TrainConfig.from_toml(path)
+    assert (cfg.network, cfg.rank, cfg.alpha, cfg.conv_rank, cfg.conv_alpha) == ("loha", 32, 16.0, 8, 4.0)
+    assert cfg.unet_targets == LOCON_TARGETS and cfg.dropout == 0.0
+    notes = " ".join(read_kohya_gui(path).notes)
+    assert "use_cp is not applied" in notes and "network_dropout 0.1 is not applied" in notes
+    assert TrainConfig.from_toml(_write(tmp_path, {**loha, "LyCORIS_preset": "attn-only"})).unet_targets == \
+        STANDARD_TARGETS[:4]
+    lokr = {**loha, "LoRA_type": "LyCORIS/LoKr", "network_dim": 100000, "conv_dim": 100000, "network_alpha": 1,
+            "factor": 8, "use_cp": False, "network_dropout": 0}
+    path = _write(tmp_path, lokr, "lokr.json")
+    cfg = TrainConfig.from_toml(path)
+    assert (cfg.network, cfg.lokr_factor, cfg.rank, cfg.conv_rank) == ("lokr", 8, 1024, 1024)
+    assert "network_dim 100000 (LyCORIS' full LoKr factors) is read as 1024" in " ".join(read_kohya_gui(path).notes)
+
+
 def test_what_cannot_be_trained_here_names_the_file_and_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"loha\.json: LoRA_type: 'LyCORIS/LoHa' is not trained by LoRA Studio"):
-        TrainConfig.from_toml(_write(tmp_path, {**PRODIGY, "LoRA_type": "LyCORIS/LoHa"}, "loha.json"))
+    with pytest.raises(ConfigError, match=r"ia3\.json: LoRA_type: 'LyCORIS/iA3' is not trained by LoRA Studio"):
+        TrainConfig.from_toml(_write(tmp_path, {**PRODIGY, "LoRA_type": "LyCORIS/iA3"}, "ia3.json"))
     with pytest.raises(ConfigError, match=r"d\.json: optimizer: 'DAdaptAdam' is not one LoRA Studio has"):
         TrainConfig.from_toml(_write(tmp_path, {**PRODIGY, "optimizer": "DAdaptAdam"}, "d.json"))
     with pytest.raises(ConfigError, match=r"n\.json: network_dim: must be a whole number, got '8.5'"):

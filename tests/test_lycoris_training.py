@@ -66,6 +66,10 @@ def test_the_file_holds_exactly_what_was_trained(star_images, tiny_sd1_dir, tiny
     in_file, conv, meta = _deltas_of_file(res.adapter_path, tr.base)
     assert conv.label == {"loha": "LoHa", "lokr": "LoKr"}[network] and not conv.flattened
     assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{network}"' in meta["ss_network_args"]
+    card = res.adapter_path.with_suffix(".md").read_text()
+    label = {"loha": "LoHa", "lokr": "LoKr"}[network]
+    assert f"{label} adapter trained" in card and f"- {label} rank 4, alpha 4" in card
+    assert f"which apply {label} natively" in card and "load_lora_weights" not in card
     names = kohya_names(trained, is_sdxl=family == "sdxl", layout=unet_layout(tr.base.pipe.unet))
     assert sorted(names.values()) == sorted(in_file)  # every trained layer, text encoders and convolutions too
     assert any(n.startswith("lora_unet_") and n.endswith("conv1" if family == "sd1" else "in_layers_2")
@@ -139,3 +143,28 @@ def test_network_options_that_do_not_fit_are_refused():
         TrainConfig(network="lokr", lokr_factor=0)
     with pytest.raises(ConfigError, match="network: must be one of lora, loha, lokr"):
         TrainConfig(network="ia3")
+
+
+@pytest.mark.parametrize("network", ["loha", "lokr"])
+def test_the_size_bench_counts_what_training_builds(tiny_sd1_dir, network):
+    """bench/adapter_size.py --network (the README's LoHa / LoKr sizes for SD 1.5 and SDXL) counts what peft
+    builds in training, on a meta-device copy."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.base_models import load_base
+    from training.lora import PARAM_MARKERS, attach
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "adapter_size.py"
+    spec = importlib.util.spec_from_file_location("adapter_size", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = load_base(str(tiny_sd1_dir), device="cpu").pipe
+    with torch.device("meta"):
+        meta_unet = UNet2DConditionModel(**pipe.unet.config)
+    counted = bench.injected_params(meta_unet, WIDE, 4, network, conv_rank=2)
+    attach(pipe, 4, 4.0, WIDE, None, conv_rank=2, network=network)
+    built = sum(p.numel() for n, p in pipe.unet.named_parameters() if any(m in n for m in PARAM_MARKERS))
+    assert counted == built > 0

@@ -397,11 +397,13 @@ def optimizer_line(cfg: TrainConfig) -> str:
 
 
 def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
+    from .lora import NETWORK_LABELS
+
     cfg = tr.cfg
     prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
     return (
         f"# {cfg.name}\n\n"
-        f"LoRA adapter trained with LoRA Studio.\n\n"
+        f"{NETWORK_LABELS[cfg.network]} adapter trained with LoRA Studio.\n\n"
         f"- Trigger word: `{cfg.trigger}`\n"
         f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
         f"hash {meta['lora_studio.base_hash']}\n"
@@ -413,8 +415,11 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"## Use\n\n"
         f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\""
         + (f" --clip-skip {cfg.clip_skip}" if cfg.clip_skip > 1 else "") + "\n\n"
-        f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
-        f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. Copy `{cfg.name}.json` beside it "
+        + (f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
+           f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. " if cfg.network == "lora" else
+           f"The file uses LyCORIS' key layout under kohya's module names: copy it as it is into AUTOMATIC1111's or "
+           f"ComfyUI's `models/Lora` folder, which apply {NETWORK_LABELS[cfg.network]} natively. ")
+        + f"Copy `{cfg.name}.json` beside it "
         f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "
         f"`{cfg.trigger}` to the prompt.\n\n"
         f"Sample prompts:\n{prompts}\n"

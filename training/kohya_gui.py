@@ -5,8 +5,9 @@ here is taken: folders and base model, rank/alpha (conv_dim/conv_alpha for LoCon
 its arguments, schedule and warm-up, steps (or epochs, counted over kohya's `10_name` folders as kohya_ss
 counts them), batch size, resolution, caption options, noise options, precision, sample prompts. What has none
 (or is only about speed there, such as latent caching or xformers) is listed in the notes, never silently
-dropped; a network type LoRA Studio does not train (LoHa, LoKr, iA3, DyLoRA…) or an unknown optimizer is an
-error naming the key.
+dropped; a network type LoRA Studio does not train (iA3, DyLoRA, GLoRA, BOFT…) or an unknown optimizer is an
+error naming the key. LyCORIS' LoHa and LoKr train as `network` loha / lokr (their `factor`, and the modules
+of the LyCORIS preset).
 
 The reading follows kohya_ss' lora_gui.py: an empty or 0 unet_lr / text_encoder_lr falls back to
 learning_rate, and a text_encoder_lr of 0 with a non-zero unet_lr trains the UNet only; lr_warmup is a
@@ -31,8 +32,14 @@ from .config import ATTENTION_TARGETS, LR_SCHEDULERS
 # kohya's networks.lora trains every Linear (and 1x1 conv) of the transformer blocks; LoCon adds the 3x3 convs
 STANDARD_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 LOCON_TARGETS = [*STANDARD_TARGETS, "conv1", "conv2"]
-LORA_TYPES = {"Standard": STANDARD_TARGETS, "Kohya LoCon": LOCON_TARGETS, "LoCon": LOCON_TARGETS,
-              "LyCORIS/LoCon": LOCON_TARGETS}
+# kohya_ss' LoRA_type -> (network, UNet modules); LyCORIS' LoHa / LoKr default to its "full" preset (every
+# Linear and convolution of the UNet's blocks)
+LORA_TYPES = {"Standard": ("lora", STANDARD_TARGETS), "Kohya LoCon": ("lora", LOCON_TARGETS),
+              "LoCon": ("lora", LOCON_TARGETS), "LyCORIS/LoCon": ("lora", LOCON_TARGETS),
+              "LyCORIS/LoHa": ("loha", LOCON_TARGETS), "Kohya LoHa": ("loha", LOCON_TARGETS),
+              "LyCORIS/LoKr": ("lokr", LOCON_TARGETS), "Kohya LoKr": ("lokr", LOCON_TARGETS)}
+LYCORIS_PRESETS = {"full": LOCON_TARGETS, "attn-mlp": [*ATTENTION_TARGETS, "ff.net.0.proj", "ff.net.2"],
+                   "attn-only": ATTENTION_TARGETS, "unet-transformer-only": STANDARD_TARGETS}
 OPTIMIZER_NAMES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "prodigy": "prodigy", "adafactor": "adafactor",
                    "lion": "lion"}
 # kohya_ss keys taken as they are (after their type): kohya name -> TrainConfig field
@@ -193,15 +200,36 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     kind = str(get.get("LoRA_type", "Standard"))
     if kind not in LORA_TYPES:
         raise ConfigError(f"LoRA_type: '{kind}' is not trained by LoRA Studio; it trains {', '.join(LORA_TYPES)} "
-                          "(LoRA, with the convolutions for LoCon)")
-    opts["unet_targets"] = list(LORA_TYPES[kind])
+                          "(LoRA, with the convolutions for LoCon; LyCORIS' LoHa and LoKr)")
+    network, targets = LORA_TYPES[kind]
+    opts["network"] = network
+    preset = str(get.get("LyCORIS_preset", "full"))
+    if kind.startswith("LyCORIS/") and preset in LYCORIS_PRESETS:
+        targets = LYCORIS_PRESETS[preset]
+    elif kind.startswith("LyCORIS/"):
+        notes.append(f"LyCORIS_preset '{preset}' is not one LoRA Studio knows: its 'full' modules are trained")
+    opts["unet_targets"] = list(targets)
+    if network == "lokr" and "factor" in get:
+        opts["lokr_factor"] = _number("factor", get["factor"], int)
+    if network != "lora":
+        if opts.pop("dropout", 0):
+            notes.append(f"network_dropout {get['network_dropout']} is not applied: {network} has no dropout here")
+        tucker = [k for k in ("use_cp", "use_tucker") if get.get(k) is True]
+        if tucker:
+            notes.append(f"{'/'.join(tucker)} is not applied: convolutions are trained without Tucker cores")
     if "network_alpha" in get:
         opts["alpha"] = _number("network_alpha", get["network_alpha"], float)
-    if LORA_TYPES[kind] is LOCON_TARGETS:
+    if "conv1" in targets:
         if "conv_dim" in get:
             opts["conv_rank"] = _number("conv_dim", get["conv_dim"], int)
         if "conv_alpha" in get:
             opts["conv_alpha"] = _number("conv_alpha", get["conv_alpha"], float)
+    if network == "lokr":  # LyCORIS' way to ask for full (undecomposed) LoKr factors: a huge dim
+        for f, key in (("rank", "network_dim"), ("conv_rank", "conv_dim")):
+            if (opts.get(f) or 0) > 1024:
+                notes.append(f"{key} {opts[f]} (LyCORIS' full LoKr factors) is read as 1024: every factor of an "
+                             "SD layer is full at that rank, and applied at scale 1 as LyCORIS does")
+                opts[f] = 1024
     # learning rates (kohya_ss: 0 or empty falls back to learning_rate; a TE rate of 0 trains the UNet only)
     main = _number("learning_rate", get.get("learning_rate", 1e-4), float)
     unet = _number("unet_lr", get.get("unet_lr", 0), float) or main
@@ -280,9 +308,8 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
         opts["sample_prompts"] = _prompts(get["sample_prompts"])
     if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):
         del opts["mixed_precision"]
-    lycoris = kind.startswith("LyCORIS/")
     unused = [k for k, v in data.items() if k not in CONSUMED and k not in QUIET and v not in (None, "", 0, False)
-              and (lycoris or k not in LYCORIS_ONLY)
+              and (network != "lora" or k not in LYCORIS_ONLY) and k not in ("use_cp", "use_tucker", "factor")
               and not (isinstance(v, str) and v.strip() in ("0", "0.0", "None", "none"))]
     if unused:
         shown = ", ".join(f"{k}={data[k]!r}" for k in unused[:10])
