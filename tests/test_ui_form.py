@@ -114,6 +114,8 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
         default = ui.form_widgets[o.name].value
         payload, want = _typed(o, field_value(o, default) if o.kind is not list else default)
         typed[o.name] = (ui.form_widgets[o.name].preprocess(payload), want)
+    assert typed["network"][1] != "lora"  # LoHa / LoKr have no LoRA dropout: that field keeps 0 with them
+    typed["dropout"] = (ui.form_widgets["dropout"].preprocess(0.0), 0.0)
     form = _form(ui, name="saved", trigger="zwx", preset="custom", prior=True, train_text_encoder=True,
                  **{k: v for k, (v, _) in typed.items() if k != "train_text_encoder"})
     cfg = ui.train_config(form)
