@@ -1021,8 +1021,8 @@ class StudioUI:
             preview = str(info.preview) if info.preview else placeholder
             trig = info.trigger_word or "–"
             cards.append((preview, info.name))
-            rows.append([info.name, trig, fam, info.rank, _human_size(info.size), info.date[:16].replace("T", " "),
-                         info.format])
+            rows.append([info.name, trig, fam, info.rank_text, _human_size(info.size),
+                         info.date[:16].replace("T", " "), info.format])
         return cards, _df(rows, LIBRARY_COLUMNS)
 
     def _placeholder(self) -> str:
@@ -1377,8 +1377,8 @@ class StudioUI:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         fam = info.family_label
-        gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank}).")
-        msg = f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank})"
+        gr.Info(f"Imported '{info.name}' ({info.format} format, {fam}, rank {info.rank_text}).")
+        msg = f"Imported **{html.escape(info.name)}** ({info.format} format, {fam}, rank {info.rank_text})"
         if side:
             msg += " with " + ", ".join(f"`{html.escape(p.name)}`" for p in side)
         msg += "."

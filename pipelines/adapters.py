@@ -594,6 +594,11 @@ class AdapterInfo:
     total: int | None = None
     network: str = ""  # a LyCORIS file's own terms, e.g. 'LoHa dim 8, alpha 4' ('' for a LoRA)
 
+    @property
+    def rank_text(self) -> str:
+        """The rank as a user knows it: '16', or a LyCORIS file's own 'LoHa dim 8' (its LoRA reading is larger)."""
+        return self.network.split(",")[0] if self.network else str(self.rank)
+
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         if self.rank < 0:

@@ -70,6 +70,9 @@ def test_the_file_holds_exactly_what_was_trained(star_images, tiny_sd1_dir, tiny
     label = {"loha": "LoHa", "lokr": "LoKr"}[network]
     assert f"{label} adapter trained" in card and f"- {label} rank 4, alpha 4" in card
     assert f"which apply {label} natively" in card and "load_lora_weights" not in card
+    from pipelines.library import AdapterLibrary
+
+    assert AdapterLibrary(res.adapter_path.parent).info("t").rank_text.startswith(label)  # the Library's column
     names = kohya_names(trained, is_sdxl=family == "sdxl", layout=unet_layout(tr.base.pipe.unet))
     assert sorted(names.values()) == sorted(in_file)  # every trained layer, text encoders and convolutions too
     assert any(n.startswith("lora_unet_") and n.endswith("conv1" if family == "sd1" else "in_layers_2")
