@@ -171,3 +171,31 @@ def test_the_size_bench_counts_what_training_builds(tiny_sd1_dir, network):
     attach(pipe, 4, 4.0, WIDE, None, conv_rank=2, network=network)
     built = sum(p.numel() for n, p in pipe.unet.named_parameters() if any(m in n for m in PARAM_MARKERS))
     assert counted == built > 0
+
+
+def test_continuing_a_lokr_file_checks_the_alphas_that_mean_something(star_images, tiny_sd1_dir, tmp_path):
+    """A full-factor LoKr layer's alpha is unused by every loader (LyCORIS writes 1 there, this app its rank):
+    any value continues. A decomposed layer's alpha scales it: another one is refused, naming the module."""
+    from pipelines.adapters import lycoris_dim
+    from pipelines.weights_io import save_safetensors
+
+    first = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "a", network="lokr", max_steps=1,
+                       train_text_encoder=False))
+    sd, meta = load_safetensors(first.adapter_path)
+    modules = {k.rpartition(".")[0] for k in sd}
+    full = [m for m in modules if lycoris_dim({k.rpartition(".")[2]: v for k, v in sd.items()
+                                               if k.startswith(m + ".")}) is None]
+    split = sorted(modules - set(full))
+    assert full and split
+    edited = dict(sd)
+    for m in full:
+        edited[f"{m}.alpha"] = torch.tensor(1.0)
+    save_safetensors(edited, tmp_path / "full-alpha-1.safetensors", meta)
+    more = train(_cfg(star_images, tiny_sd1_dir, tmp_path / "b", network="lokr", max_steps=1,
+                      train_text_encoder=False, init_adapter=str(tmp_path / "full-alpha-1.safetensors")))
+    assert more.adapter_path.is_file()
+    edited[f"{split[0]}.alpha"] = torch.tensor(1.0)
+    save_safetensors(edited, tmp_path / "split-alpha-1.safetensors", meta)
+    with pytest.raises(IncompatibleAdapterError, match="has alpha 1, this run uses 4"):
+        train(_cfg(star_images, tiny_sd1_dir, tmp_path / "c", network="lokr", max_steps=1, train_text_encoder=False,
+                   init_adapter=str(tmp_path / "split-alpha-1.safetensors")))

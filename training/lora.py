@@ -212,9 +212,14 @@ def check_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float], 
     `live`: the attached layers' own alphas (LoHa / LoKr, whose weights do not tell a convolution)."""
     from pipelines.adapters import _strip_text_model
 
+    from pipelines.adapters import lycoris_dim
+
     live = {_strip_text_model(k): v for k, v in (live or {}).items()}
     for module, a in alphas.items():
         if live:
+            params = {k[len(module) + 1:]: v for k, v in state_dict.items() if k.startswith(module + ".")}
+            if lycoris_dim(params) is None:  # a LoKr of two full factors: applied at scale 1, alpha unused
+                continue
             want = live.get(_strip_text_model(module), a)
         else:
             w = state_dict[f"{module}.lora_A.weight"]
