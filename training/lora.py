@@ -193,10 +193,13 @@ def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, s
     from pipelines.adapters import to_peft
     from pipelines.lycoris import is_lycoris
 
-    kind = ("loha" if any(".hada_" in k for k in state_dict) else "lokr" if any(".lokr_" in k for k in state_dict)
-            else "other") if is_lycoris(state_dict) else "lora"
+    kind = "lora"
+    if is_lycoris(state_dict):  # one LyCORIS type throughout, or mixed / another (CP LoCon, …)
+        params = {k.rpartition(".")[2] for k in state_dict} - {"alpha", "weight"}
+        kinds = {p.split("_")[0] for p in params}
+        kind = {"hada": "loha", "lokr": "lokr"}.get(kinds.pop(), "other") if len(kinds) == 1 else "other"
     if kind != network:
-        label = {"lora": "a LoRA", "loha": "a LoHa", "lokr": "a LoKr", "other": "this LyCORIS"}[kind]
+        label = {"lora": "a LoRA", "loha": "a LoHa", "lokr": "a LoKr", "other": "a LyCORIS (mixed or other-type)"}[kind]
         hint = (f"continue it with network '{kind}'" if kind in NETWORK_LABELS
                 else "only LoRA, LoHa and LoKr files can be trained further (generation reads it)")
         raise IncompatibleAdapterError(f"{source}: {label} adapter cannot be trained further as {network}; {hint}")
