@@ -681,7 +681,14 @@ class StudioUI:
         if path.suffix.lower() == ".json":  # a kohya_ss config: what was not taken, and how steps were counted
             from training.kohya_gui import read_kohya_gui
 
-            notes += read_kohya_gui(path).notes
+            kohya = read_kohya_gui(path)
+            notes += kohya.notes
+            if folder := kohya.options.get("images"):  # kohya names the trigger in its folders: 10_ohwx woman
+                if trigger := kohya_trigger(folder):
+                    values["trigger"] = trigger
+                notes.append(f"the images of its train_data_dir ({folder}) are not loaded here: drop them, or a .zip "
+                             "of the folder, above" + (f"; trigger word '{trigger}' from its folder names"
+                                                       if trigger else ""))
         match = self.base_names()[0] if cfg.base is None else self.studio.base_named(cfg.base)
         values["base"] = gr.update(value=match or current_base, choices=self.base_names())
         if match is None:

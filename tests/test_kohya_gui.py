@@ -172,3 +172,6 @@ def test_load_settings_in_the_app_takes_a_kohya_ss_config(tmp_path, star_images,
     assert "Loaded the settings of <b>mine</b>" in msg and "not applied (LoRA Studio has no counterpart)" in msg
     assert "4 epoch(s) of the images in train_data_dir are 60 steps" in msg
     assert "scale_weight_norms=5" in msg and "&#x27;C:/models/sdxl.safetensors&#x27; is not here" in msg
+    # the trigger word comes from kohya's folder names, as on the command line; the images are dropped in the app
+    assert got["trigger"] == "ohwx" and "trigger word &#x27;ohwx&#x27; from its folder names" in msg
+    assert "are not loaded here: drop them, or a .zip of the folder, above" in msg
