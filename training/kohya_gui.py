@@ -199,8 +199,10 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     # network
     kind = str(get.get("LoRA_type", "Standard"))
     if kind not in LORA_TYPES:
+        other_model = kind.split()[0] in ("Flux1", "Anima", "Lumina", "HunyuanImage-2.1", "SD3")
         raise ConfigError(f"LoRA_type: '{kind}' is not trained by LoRA Studio; it trains {', '.join(LORA_TYPES)} "
-                          "(LoRA, with the convolutions for LoCon; LyCORIS' LoHa and LoKr)")
+                          "(LoRA, with the convolutions for LoCon; LyCORIS' LoHa and LoKr)"
+                          + (" on SD 1.x, 2.x and SDXL models" if other_model else ""))
     network, targets = LORA_TYPES[kind]
     opts["network"] = network
     preset = str(get.get("LyCORIS_preset", "full"))
@@ -242,8 +244,11 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     # optimizer
     name = str(get.get("optimizer", "AdamW"))
     if name.lower() not in OPTIMIZER_NAMES:
+        hint = ("; Prodigy is D-Adaptation's successor (same authors' line of work): lr 1.0, and decouple, "
+                "weight_decay, d0, growth_rate and use_bias_correction mean the same there"
+                if name.lower().startswith("dadapt") else "")
         raise ConfigError(f"optimizer: '{name}' is not one LoRA Studio has; it has AdamW, AdamW8bit, Prodigy, "
-                          "Adafactor, Lion")
+                          f"Adafactor, Lion{hint}")
     opts["optimizer"] = OPTIMIZER_NAMES[name.lower()]
     if "optimizer_args" in get:
         args = get["optimizer_args"]
