@@ -39,3 +39,26 @@ def latents(pipe, prompt: str = "a red circle", steps: int = 2, seed: int = 0) -
         out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=3.0, output_type="latent",
                    generator=torch.Generator().manual_seed(seed))
     return out.images.clone()
+
+
+def assert_resumes_exactly(cfg, stop_at: int = 3) -> dict[str, torch.Tensor]:
+    """`cfg(sub, **changes)` makes a run's config in its own folder `sub` (checkpoint every step): the run stopped
+    at `stop_at` and resumed from its latest checkpoint ends with the same weights as an uninterrupted one.
+    Returns those weights; the uninterrupted run's library is `cfg("a")`'s, the resumed run's `cfg("b")`'s."""
+    import threading
+
+    from pipelines.weights_io import load_safetensors
+    from training.trainer import train
+
+    full = train(cfg("a"))
+    stop = threading.Event()
+    part = train(cfg("b"), on_progress=lambda p: stop.set() if p.step == stop_at and p.loss is not None else None,
+                 stop=stop)
+    assert part.stopped and part.steps == stop_at
+    resumed = train(cfg("b", resume="latest"))
+    a, _ = load_safetensors(full.adapter_path)
+    b, _ = load_safetensors(resumed.adapter_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    return a

@@ -312,9 +312,7 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     meta = adapter_metadata(tr)
     # the library file is what users copy into AUTOMATIC1111 / ComfyUI: kohya's key layout, which both map
     # completely (and diffusers' load_lora_weights reads as it is); per-module alphas as `.alpha` tensors
-    from .lora import module_alphas
-
-    alphas = adapter_alphas(cfg, sd, module_alphas(tr.base.pipe, tr.components) if cfg.network != "lora" else None)
+    alphas = adapter_alphas(cfg, sd, tr.live_alphas())
     try:
         save_kohya(sd, path, meta, family=tr.base.family, alphas=alphas, layout=json.loads(meta[UNET_LAYOUT_KEY]),
                    dtype=PRECISIONS[cfg.save_precision] if cfg.save_precision != "fp32" else None)

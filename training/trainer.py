@@ -713,6 +713,13 @@ class Trainer:
         self.params = [p for g in groups for p in g["params"]]
 
     # state -----------------------------------------------------------------
+    def live_alphas(self) -> dict[str, float] | None:
+        """LoHa / LoKr: the attached layers' own alphas, saved with the file and checked on continuing (a LoKr
+        of two full factors trains at its rank, see lora.full_lokr_scale); None for LoRA, whose come from cfg."""
+        if self.cfg.network == "lora":
+            return None
+        return lora_mod.module_alphas(self.base.pipe, self.components)
+
     def _restore(self) -> int:
         cfg = self.cfg
         if cfg.init_adapter:
@@ -722,8 +729,8 @@ class Trainer:
             sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta, cfg.init_adapter, network=cfg.network,
                                                   components=self.components, family=self.base.family)
             lora_mod.load_lora_state_dict(self.base.pipe, sd, self.components, cfg.init_adapter)
-            live = lora_mod.module_alphas(self.base.pipe, self.components) if cfg.network != "lora" else None
-            lora_mod.check_alphas(sd, alphas, cfg.lora_alpha, cfg.lora_conv_alpha, cfg.init_adapter, live=live)
+            lora_mod.check_alphas(sd, alphas, cfg.lora_alpha, cfg.lora_conv_alpha, cfg.init_adapter,
+                                  live=self.live_alphas())
         if not cfg.resume:
             return 0
         ckpt = find_checkpoint(self.run_dir, cfg.resume)
@@ -743,10 +750,9 @@ class Trainer:
         if not self.is_main:  # all processes hold the same weights: the main one writes them
             return None
         sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
-        live = lora_mod.module_alphas(self.base.pipe, self.components) if self.cfg.network != "lora" else None
         path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
                                 self.lr_scheduler.state_dict(), self.cfg, self.base.family,
-                                unet_layout(self.base.pipe.unet), live_alphas=live)
+                                unet_layout(self.base.pipe.unet), live_alphas=self.live_alphas())
         prune_checkpoints(self.run_dir, self.cfg.checkpoints_keep)
         return path
 
