@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError, ModelLoadError
+from .dora import fold, has_dora, take_magnitudes
 from .lycoris import Converted, conv_kernels, is_lycoris, to_lora
 from .weights_io import (
     PICKLE_SUFFIXES,
@@ -433,8 +434,8 @@ def parse_layers(
         raise IncompatibleAdapterError("LyCORIS modules must be read as LoRA first (as_lora)")
     if fmt not in SUPPORTED_FORMATS:
         raise IncompatibleAdapterError("not a LoRA adapter (no lora_A/lora_B or lora_down/lora_up keys)")
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in shapes):
-        raise IncompatibleAdapterError("DoRA adapters are not supported (diffusers would silently drop their scales)")
+    if has_dora(shapes):  # callers take the magnitudes out first (as_lora(dora=True)) and fold them in
+        raise IncompatibleAdapterError("DoRA magnitudes must be taken out first (as_lora)")
     kmap = peft_key_map(list(shapes), fmt, unet_layers_per_block)
     pairs: dict[str, dict[str, str]] = {}
     for src, dst in kmap.items():
@@ -726,8 +727,16 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     if tags := info.training_tags():
         rows.append(("training tags", ", ".join(f"{t} ({k})" for t, k in tags)
                      + ("" if info.trigger_word else ": its trigger word is most likely among the first")))
-    kind = (f"LyCORIS {info.network} (applied here as an exact LoRA, most common rank {info.rank})"
-            if info.network else f"LoRA rank {info.rank}, alpha {info.alpha:g}")
+    if info.network.startswith("DoRA"):
+        kind = (f"{info.network} (weight-decomposed LoRA: applied here as AUTOMATIC1111 and ComfyUI apply it, "
+                "a LoRA plus per-channel scales of the base weights)")
+    elif "(DoRA)" in info.network:
+        kind = (f"LyCORIS {info.network} (applied here as an exact LoRA, most common rank {info.rank}, plus the "
+                "DoRA per-channel scales of the base weights)")
+    elif info.network:
+        kind = f"LyCORIS {info.network} (applied here as an exact LoRA, most common rank {info.rank})"
+    else:
+        kind = f"LoRA rank {info.rank}, alpha {info.alpha:g}"
     rows.append(("network", f"{kind}; {info.num_layers} layers in "
                             f"{', '.join(info.components) or '?'}: {', '.join(info.modules)}"))
     if resized := meta.get(f"{OURS}resized_from"):
@@ -843,7 +852,7 @@ def describe(
         mtime=st.st_mtime if st else 0.0,
         network=lycoris.network() if lycoris is not None else "",
     )
-    if lycoris is not None:
+    if lycoris is not None and lycoris.lycoris_keys:
         info.format = FORMAT_LYCORIS
     report = None
     if base is not None:
@@ -888,8 +897,9 @@ def _lycoris_view(path: Path, sd, base, allow_pickle: bool, lpb: int | None):
         return _LYCORIS_VIEWS[key]
     if sd is None:
         sd, _ = load_safetensors(path, allow_pickle=allow_pickle, check_finite=False)
-    sd, lyco = as_lora(sd, base, where=path, unet_layers_per_block=lpb)
-    view = ({k: tuple(v.shape) for k, v in sd.items()}, _tensor_alphas(sd), replace(lyco, state_dict={}))
+    sd, lyco = as_lora(sd, base, where=path, unet_layers_per_block=lpb, dora=True)
+    view = ({k: tuple(v.shape) for k, v in sd.items()}, _tensor_alphas(sd), replace(lyco, state_dict={},
+                                                                                     magnitudes={}))
     if base is None:
         if len(_LYCORIS_VIEWS) >= 64:
             _LYCORIS_VIEWS.pop(next(iter(_LYCORIS_VIEWS)))
@@ -917,7 +927,7 @@ def inspect_adapter(
     path = Path(path)
     shapes, meta, alphas, sd = _read_view(path, allow_pickle, check_tensors)
     lyco = None
-    if is_lycoris(shapes):  # read as LoRA: the factors' shapes come from the tensors
+    if is_lycoris(shapes) or has_dora(shapes):  # read as LoRA: the factors' shapes come from the tensors
         shapes, alphas, lyco = _lycoris_view(path, sd, base, allow_pickle, unet_layers_per_block)
     h = addnet_hash(path) if compute_hash and path.suffix.lower() not in PICKLE_SUFFIXES else ""
     info, _, _ = describe(shapes, meta, alphas, path=path, name=name, base=base, file_hash=h,
@@ -930,22 +940,53 @@ def inspect_adapter(
 
 
 def as_lora(sd: Mapping[str, torch.Tensor], base: "BaseModel | None" = None, *, where: str | os.PathLike = "",
-            unet_layers_per_block: int | None = None) -> tuple[dict[str, torch.Tensor], Converted | None]:
+            unet_layers_per_block: int | None = None, dora: bool = False,
+            ) -> tuple[dict[str, torch.Tensor], Converted | None]:
     """A LyCORIS file's tensors as exact LoRA factors in kohya's layout (see lycoris.py); any other file as it is.
 
-    `base` gives the kernel size of convolutions that LyCORIS stores flattened. Errors name `where` (the file)."""
-    if not is_lycoris(sd):
-        return dict(sd), None
+    `base` gives the kernel size of convolutions that LyCORIS stores flattened. Errors name `where` (the file).
+    A DoRA file's magnitude vectors are taken out into the result's `magnitudes` when `dora` is true (they need
+    the base weights to be applied: dora.fold); otherwise such a file is refused."""
+    rest, mags = take_magnitudes(sd)
+    name = Path(where).name if where else "the file"
+    if mags and not dora:
+        raise IncompatibleAdapterError(
+            f"{name}: it is a DoRA adapter ({len(mags)} modules with magnitude vectors); its magnitudes rescale "
+            "the base model's weights, which a plain LoRA file cannot hold. Use the file as it is: this app, "
+            "AUTOMATIC1111 and ComfyUI load it")
+    if not is_lycoris(rest):
+        if not mags:
+            return dict(sd), None
+        conv = Converted(dict(rest), lycoris_keys=bool(rest) and all(k.startswith(KOHYA_PREFIXES) for k in rest))
+        for k, v in rest.items():
+            if k.endswith((".lora_down.weight", ".lora_A.weight")):
+                conv.algorithms["LoRA"] += 1
+                conv.dims[int(v.shape[0])] += 1
+            elif k.endswith(".alpha") and v.numel():
+                conv.alphas[float(v.float().reshape(-1)[0])] += 1
+        conv.magnitudes, conv.dora_modules = mags, len(mags)
+        return conv.state_dict, conv
     kernels = None
     if base is not None:
         lpb = unet_layers_per_block or base.pipe.unet.config.layers_per_block
         lpb = lpb[0] if isinstance(lpb, (list, tuple)) else lpb
-        kernels = conv_kernels(base.pipe, {k.split(".")[0] for k in sd}, lpb)
+        kernels = conv_kernels(base.pipe, {k.split(".")[0] for k in rest}, lpb)
     try:
-        conv = to_lora(sd, kernels)
+        conv = to_lora(rest, kernels)
     except IncompatibleAdapterError as e:
         raise IncompatibleAdapterError(f"{Path(where).name}: {e}" if where else str(e)) from None
+    conv.magnitudes, conv.dora_modules = mags, len(mags)
     return conv.state_dict, conv
+
+
+def fold_dora(sd: Mapping[str, torch.Tensor], conv: Converted, layers: Mapping[str, LoraLayer], pipe,
+              where: str | os.PathLike = ""):
+    """A DoRA file's LoRA tensors with its magnitudes folded in against `pipe`'s base weights, and the channel
+    scales that remain (see dora.py). `layers`: parse_layers of `sd`."""
+    try:
+        return fold(sd, conv.magnitudes, layers, base_modules(pipe))
+    except IncompatibleAdapterError as e:
+        raise IncompatibleAdapterError(f"{Path(where).name}: {e}" if where else str(e)) from None
 
 
 def _tensor_alphas(sd: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -1203,7 +1244,7 @@ def export_adapter(
                                            "model's block layout, which its metadata does not record: give the "
                                            "base model (--base)")
         lpb = layout["down"][0][0] if layout else None
-        sd, lyco = as_lora(sd, base, unet_layers_per_block=lpb)
+        sd, lyco = as_lora(sd, base, unet_layers_per_block=lpb, where=src)
         if lyco is not None and lyco.flattened and base is None:
             raise IncompatibleAdapterError(
                 f"its LyCORIS ({lyco.label}) convolutions ({lyco.flattened[0]}, …) store their kernels flattened; "
@@ -1245,5 +1286,5 @@ __all__ = [
     "detect_format", "peft_key_map", "parse_layers", "family_from_metadata", "family_from_layers",
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
     "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
-    "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora",
+    "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora", "fold_dora",
 ]

@@ -61,12 +61,19 @@ class Converted:
     dims: Counter = field(default_factory=Counter)  # the file's own dim per module (before conversion)
     alphas: Counter = field(default_factory=Counter)
     flattened: list[str] = field(default_factory=list)  # convolutions left as (R, in·k·k): no kernel size known
+    # DoRA: {module (the file's naming): magnitude vector}, applied with the base weights (dora.fold)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    dora_modules: int = 0  # how many modules have a magnitude (kept when the tensors are dropped)
+    lycoris_keys: bool = True  # LyCORIS' own key names (a peft-named DoRA file is not)
 
     @property
     def label(self) -> str:
-        """'LoHa', 'LoKr', 'LoHa + LoRA' …: the LyCORIS algorithms first, most modules first."""
+        """'LoHa', 'LoKr', 'LoHa + LoRA', 'DoRA', 'LoHa (DoRA)' …: the LyCORIS algorithms first, most modules first."""
         lyco = [a for a, _ in self.algorithms.most_common() if a != "LoRA"]
-        return " + ".join(lyco + (["LoRA"] if "LoRA" in self.algorithms else []))
+        text = " + ".join(lyco + (["LoRA"] if "LoRA" in self.algorithms else []))
+        if self.dora_modules:
+            text = "DoRA" if text == "LoRA" else f"{text} (DoRA)"
+        return text
 
     def network(self) -> str:
         """'LoHa dim 8, alpha 4': the numbers the file's own tool shows (its most common dim and alpha)."""

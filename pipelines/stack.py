@@ -38,10 +38,12 @@ from .adapters import (
     FORMAT_PEFT,
     AdapterInfo,
     _canon_module,
+    _strip_text_model,
     canonical_peft_keys,
     describe,
     as_lora,
     detect_format,
+    fold_dora,
     diffusers_adapter_config,
     lora_metadata,
     save_kohya,
@@ -49,6 +51,7 @@ from .adapters import (
     to_peft,
 )
 from .base_models import BaseModel
+from .dora import ChannelScale, channel_state, clear_channels, combine, scaled_weight, set_channels
 from .errors import ConfigError, IncompatibleAdapterError
 from .generation import GeneratedImage, GenerationRequest, format_parameters, generate as _generate
 from .single_file import unet_block_prefixes, unet_layout, unet_module_to_ldm
@@ -582,6 +585,20 @@ def _install_fast_forward(model) -> None:
             layer.forward = functools.partial(_fast_forward, layer)
 
 
+_DORA_KEY = "_lora_studio_dora"  # attribute on a LoRA layer: {adapter: dora.ChannelScale}
+
+
+def _channels(layer, present: Sequence[str], scale_of: Callable[[str], float] | None) -> None:
+    """Set the base layer's DoRA channel scales for the adapters active in it at their weights in this layer."""
+    terms = layer.__dict__.get(_DORA_KEY)
+    base = layer.get_base_layer()
+    if not terms:
+        if channel_state(base) is not None:
+            clear_channels(base)
+        return
+    set_channels(base, *combine([(terms[a], scale_of(a)) for a in present if a in terms]))
+
+
 def _set_enabled(layer, on: bool) -> None:
     """peft's `enable_adapters(on)` for inference: the switch alone, without touching requires_grad."""
     if hasattr(layer, "_disable_adapters"):
@@ -683,7 +700,7 @@ class AdapterStack:
                 return self._loaded[known].info
             sd, meta = load_safetensors(p, allow_pickle=self.allow_pickle, check_finite=True)
             self.reads += 1
-            sd, lyco = as_lora(sd, self.model, where=p)  # LoHa / LoKr: exact LoRA factors
+            sd, lyco = as_lora(sd, self.model, where=p, dora=True)  # LoHa / LoKr: exact LoRA factors; DoRA below
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
             alphas = {k: float(v.float().reshape(-1)[0]) for k, v in sd.items() if k.endswith(".alpha") and v.numel()}
             fhash = addnet_hash(p) if p.suffix.lower() not in PICKLE_SUFFIXES else ""
@@ -695,12 +712,16 @@ class AdapterStack:
                     sd.pop(k, None)
             if self._fused is not None:
                 self.unfuse()
+            terms: dict[str, ChannelScale] = {}
+            if lyco is not None and lyco.magnitudes:  # DoRA: fold against the base weights (not fused: unfused above)
+                sd, terms = fold_dora(sd, lyco, layers, self.pipe, where=p)
             if known is not None:
                 self._delete(self._loaded.pop(known))
             self._counter += 1
             adapter = f"lora{self._counter}_" + re.sub(r"\W", "_", name)[:40]
             try:
                 self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
+                self._attach_dora(adapter, terms)
                 self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components)
             finally:  # re-apply the selection (without this adapter if its new version failed to load)
                 self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
@@ -720,12 +741,31 @@ class AdapterStack:
             raise IncompatibleAdapterError(f"{path.name}: could not be loaded into the base model "
                                            f"({type(e).__name__}: {e})") from e
 
+    def _attach_dora(self, adapter: str, terms: dict[str, ChannelScale]) -> None:
+        """Give each LoRA layer its DoRA channel scales ({adapter: term}), keyed like `fold`'s module names."""
+        if not terms:
+            return
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            for mname, layer in _lora_layers(model) if model is not None else ():
+                term = terms.get(_strip_text_model(f"{comp}.{mname}"))
+                if term is not None and adapter in layer.lora_A:
+                    layer.__dict__.setdefault(_DORA_KEY, {})[adapter] = term
+
+    def is_dora(self, name: str) -> bool:
+        """Whether a loaded adapter carries DoRA channel scales."""
+        adapter = self._loaded[self._key_of(name)].adapter
+        return any(adapter in layer.__dict__.get(_DORA_KEY, {}) for comp in COMPONENTS
+                   if getattr(self.pipe, comp, None) is not None for _, layer in _lora_layers(getattr(self.pipe, comp)))
+
     def _load_components(self, sd, meta, adapter: str, components: list[str]) -> None:
         pipe = self.pipe
         if detect_format(sd) == FORMAT_PEFT:
             state_dict, network_alphas = pipe.lora_state_dict(dict(sd), unet_config=pipe.unet.config)
             raw = meta.get(DIFFUSERS_METADATA_KEY)
             lora_meta = json.loads(raw) if raw and not network_alphas else None
+            if lora_meta:  # a DoRA file's magnitudes are folded in (dora.py): its layers load as plain LoRA
+                lora_meta = {k: (False if k.rsplit(".", 1)[-1] == "use_dora" else v) for k, v in lora_meta.items()}
         else:
             # kohya / older diffusers keys, mapped by diffusers' own conversion (kohya names, SDXL
             # input/middle/output_blocks, processor keys); rank and alpha go in as a LoraConfig per module,
@@ -775,6 +815,8 @@ class AdapterStack:
             model = getattr(self.pipe, comp, None)
             if model is None:
                 continue
+            for _, layer in _lora_layers(model):
+                layer.__dict__.get(_DORA_KEY, {}).pop(adapter, None)
             cfg = getattr(model, "peft_config", None) or {}
             if adapter not in cfg and not any(adapter in m.lora_A for _, m in _lora_layers(model)):
                 continue
@@ -793,6 +835,7 @@ class AdapterStack:
             if self._fused is not None:
                 self.unfuse()
             if names is None:
+                self._clear_all_channels()
                 if self._loaded:
                     self.pipe.unload_lora_weights()
                 self._loaded.clear()
@@ -804,6 +847,7 @@ class AdapterStack:
                 if k is not None:
                     self._delete(self._loaded.pop(k))
             if not self._loaded:
+                self._clear_all_channels()
                 self.pipe.unload_lora_weights()  # drop the empty LoRA wrappers too
                 self._applied, self._layer_cache = None, []
             self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
@@ -848,6 +892,7 @@ class AdapterStack:
                     model = getattr(pipe, comp, None)
                     for _, layer in _lora_layers(model) if model is not None else ():
                         _set_enabled(layer, False)
+                        _channels(layer, (), None)
                 self._applied = ()
             return
         names = tuple(self._loaded[e.name].adapter for e in entries)
@@ -861,6 +906,17 @@ class AdapterStack:
         else:
             self._activate(names, by_adapter)
             self._applied = names
+
+    def _entry_scale(self, adapter: str, comp: str, block: int | None) -> float:
+        """An adapter's weight in one layer of `comp`, from the applied stack's entry."""
+        e = self._entry_of[adapter]
+        return self._scale(adapter, e.weight if comp == "unet" else e.text_weight, block)
+
+    def _clear_all_channels(self) -> None:
+        for comp in COMPONENTS:
+            model = getattr(self.pipe, comp, None)
+            for _, layer in _lora_layers(model) if model is not None else ():
+                clear_channels(layer.get_base_layer())
 
     def _scale(self, adapter: str, weight: float, block: int | None) -> float:
         """An adapter's weight in one layer: its component weight times its block weight there (LBW)."""
@@ -896,6 +952,7 @@ class AdapterStack:
                 present = [a for a in names if a in layer.lora_A]
                 for a in present:
                     layer.set_scale(a, self._scale(a, weights[a][comp], block))
+                _channels(layer, present, lambda a: self._scale(a, weights[a][comp], block))
                 combined = len(present) >= 2 and _combinable(layer, present)
                 if combined:
                     _combine_layer(layer, present)
@@ -909,6 +966,7 @@ class AdapterStack:
         for layer, comp, present, combined, block in self._layer_cache:
             for a in present:  # peft: scaling = weight · alpha / r (rsLoRA aware)
                 layer.set_scale(a, self._scale(a, weights[a][comp], block))
+            _channels(layer, present, lambda a: self._scale(a, weights[a][comp], block))
             if combined:
                 _combine_layer(layer, present, activate=False)
 
@@ -929,8 +987,14 @@ class AdapterStack:
                     continue
                 for _, layer in _lora_layers(model):
                     if any(a in layer.lora_A for a in active):
-                        w = layer.get_base_layer().weight
+                        base = layer.get_base_layer()
+                        w = base.weight
                         self._snapshot[id(w)] = w.detach().to("cpu", copy=True)
+                        state = channel_state(base)
+                        if state is not None:  # DoRA: W·diag(u_in) + diag(u_out − 1)·W, then peft adds Σ sᵢ ΔWᵢ
+                            with torch.no_grad():
+                                w.copy_(scaled_weight(w, *state))
+                            clear_channels(base)
             comps = [c for c in COMPONENTS if getattr(self.pipe, c, None) is not None
                      and any(True for _ in _lora_layers(getattr(self.pipe, c)))]
             self.pipe.fuse_lora(components=comps, lora_scale=1.0, adapter_names=active)
@@ -987,6 +1051,9 @@ class AdapterStack:
             self._fused = None
             if self._applied is None:  # the stack was reordered while fused
                 self._apply(self._stack)
+            else:  # DoRA channel scales were merged into the weights: set them on the layers again
+                for layer, comp, present, _, block in self._layer_cache:
+                    _channels(layer, present, lambda a: self._entry_scale(a, comp, block))
 
     # ------------------------------------------------------------------------------ bake
     def _factors(self, entries: Sequence[StackEntry]) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]]:
@@ -1028,6 +1095,10 @@ class AdapterStack:
                 if self._key_of(e.name) is None:
                     self.load(e.name)
             ents = tuple(replace(e, name=self._key_of(e.name)) for e in ents)
+            dora = next((e.name for e in ents if self.is_dora(e.name)), None)
+            if dora is not None:
+                raise ConfigError(f"lora: '{dora}' is a DoRA adapter: its magnitudes rescale the base weights, which "
+                                  "one LoRA file cannot hold; bake the stack into a checkpoint instead")
             sd: dict[str, torch.Tensor] = {}
             alphas: dict[str, float] = {}
             for module, per_entry in self._factors(ents).items():
@@ -1174,6 +1245,7 @@ class AdapterStack:
                 _set_enabled(layer, any(active))
                 for a in present:
                     layer.set_scale(a, self._scale(a, weights[a], block))
+                _channels(layer, present, lambda a: self._scale(a, weights[a], block))
                 if combined:
                     _combine_layer(layer, present, activate=False)
 
