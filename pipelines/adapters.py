@@ -979,6 +979,25 @@ def as_lora(sd: Mapping[str, torch.Tensor], base: "BaseModel | None" = None, *, 
     return conv.state_dict, conv
 
 
+def magnitudes_as_peft(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
+                       unet_layers_per_block: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A DoRA file in any naming as our peft state dict with its lengths under `<module>.dora_scale` (to train
+    it further), and each module's alpha; a file without magnitudes as `to_peft` reads it."""
+    rest, mags = take_magnitudes(state_dict)
+    sd, alphas = to_peft(rest, metadata, unet_layers_per_block=unet_layers_per_block)
+    if not mags:
+        return sd, alphas
+    fmt = detect_format(rest)
+    suffix, other = (".lora_A.weight", ".lora_B.weight") if fmt == FORMAT_PEFT else (".lora_down.weight",
+                                                                                     ".lora_up.weight")
+    kmap = peft_key_map([f"{m}{s}" for m in mags for s in (suffix, other)], fmt, unet_layers_per_block)
+    for m, v in mags.items():
+        target = canonical_peft_keys({kmap[f"{m}{suffix}"]: v})
+        (key, value), = target.items()
+        sd[key.rsplit(".lora_A.", 1)[0] + ".dora_scale"] = value
+    return sd, alphas
+
+
 def fold_dora(sd: Mapping[str, torch.Tensor], conv: Converted, layers: Mapping[str, LoraLayer], pipe,
               where: str | os.PathLike = ""):
     """A DoRA file's LoRA tensors with its magnitudes folded in against `pipe`'s base weights, and the channel
@@ -1064,6 +1083,11 @@ def to_kohya(
 
     sd = canonical_peft_keys(state_dict)
     is_sdxl = family == "sdxl" or any(k.startswith("text_encoder_2.") for k in sd)
+    sd, mags = take_magnitudes(sd)
+    if mags:  # DoRA lengths (ours: `<module>.dora_scale`): kohya's module name, LyCORIS' `dora_scale`
+        names = kohya_names(mags, is_sdxl=is_sdxl, layout=layout)
+        rest = to_kohya(sd, alphas, family=family, layout=layout)
+        return {**rest, **{f"{names[m]}.dora_scale": v for m, v in mags.items()}}
     lyco = {k: v for k, v in sd.items() if lycoris_param(k)}
     if lyco:  # LoHa / LoKr weights: LyCORIS' own parameter names under kohya's module names
         sd = {k: v for k, v in sd.items() if k not in lyco}
@@ -1287,4 +1311,5 @@ __all__ = [
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
     "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
     "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora", "fold_dora",
+    "magnitudes_as_peft",
 ]

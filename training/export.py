@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
-               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor")
+               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor", "dora")
 # what a checkpoint made before a key existed holds: that field's default then
-RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1}
+RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1, "dora": False}
 
 
 def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor],
@@ -128,14 +128,15 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
     if diffs:
         raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
     adapter, meta = load_safetensors(path / "adapter.safetensors", check_finite=True)
-    from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, to_peft
+    from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, magnitudes_as_peft
+    from pipelines.dora import has_dora
     from pipelines.lycoris import is_lycoris
 
-    if is_lycoris(adapter):  # LoHa / LoKr in kohya names: the trainer maps them onto its layers
+    if is_lycoris(adapter) and not has_dora(adapter):  # LoHa / LoKr in kohya names: the trainer maps them
         return adapter, state
-    if detect_format(adapter) != FORMAT_PEFT:  # kohya keys (checkpoints since the kohya layout): back to peft
+    if detect_format(adapter) != FORMAT_PEFT or has_dora(adapter):  # kohya keys (since the kohya layout): peft
         layout = layout_for(meta)
-        adapter, _ = to_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
+        adapter, _ = magnitudes_as_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
     return adapter, state
 
 
@@ -179,10 +180,13 @@ def base_file_hash(base) -> str | None:
 
 
 def network_fields(cfg: TrainConfig) -> dict[str, str]:
-    """kohya's ss_network_module / ss_network_args of a LoHa / LoKr run (LyCORIS' own values); {} for LoRA."""
-    if cfg.network == "lora":
+    """kohya's ss_network_module / ss_network_args of a LoHa / LoKr / DoRA run (LyCORIS' own values); {} for LoRA."""
+    if cfg.network == "lora" and not cfg.dora:
         return {}
-    args = {"algo": cfg.network, "conv_dim": str(cfg.lora_conv_rank), "conv_alpha": f"{cfg.lora_conv_alpha:g}"}
+    algo = "locon" if cfg.network == "lora" else cfg.network
+    args = {"algo": algo, "conv_dim": str(cfg.lora_conv_rank), "conv_alpha": f"{cfg.lora_conv_alpha:g}"}
+    if cfg.dora:  # LyCORIS' DoRA, with the per-input norms AUTOMATIC1111 and ComfyUI apply
+        args.update(dora_wd="True", wd_on_output="False")
     if cfg.network == "lokr":
         args["factor"] = str(cfg.lokr_factor)
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
@@ -193,7 +197,7 @@ def network_label(cfg: TrainConfig) -> str:
     from .lora import NETWORK_LABELS
 
     factor = f" (factor {cfg.lokr_factor})" if cfg.network == "lokr" and cfg.lokr_factor > 0 else ""
-    return f"{NETWORK_LABELS[cfg.network]} rank {cfg.rank}{factor}"
+    return f"{'DoRA' if cfg.dora else NETWORK_LABELS[cfg.network]} rank {cfg.rank}{factor}"
 
 
 def adapter_metadata(tr: "Trainer") -> dict[str, str]:
@@ -401,7 +405,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
     prompts = "\n".join(f"- `{p}`" for p in tr.sample_prompts())
     return (
         f"# {cfg.name}\n\n"
-        f"{NETWORK_LABELS[cfg.network]} adapter trained with LoRA Studio.\n\n"
+        f"{'DoRA' if cfg.dora else NETWORK_LABELS[cfg.network]} adapter trained with LoRA Studio.\n\n"
         f"- Trigger word: `{cfg.trigger}`\n"
         f"- Base model: {meta['lora_studio.base_model']} ({meta['lora_studio.base_family']}), "
         f"hash {meta['lora_studio.base_hash']}\n"
@@ -414,7 +418,11 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\""
         + (f" --clip-skip {cfg.clip_skip}" if cfg.clip_skip > 1 else "") + "\n\n"
         + (f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
-           f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. " if cfg.network == "lora" else
+           f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. "
+           if cfg.network == "lora" and not cfg.dora else
+           "The file uses kohya's key layout with LyCORIS' DoRA magnitudes (`dora_scale`, one length per input "
+           "channel): copy it as it is into AUTOMATIC1111's (1.9 or later) or ComfyUI's `models/Lora` folder, which "
+           "apply DoRA natively. " if cfg.dora else
            f"The file uses LyCORIS' key layout under kohya's module names: copy it as it is into AUTOMATIC1111's or "
            f"ComfyUI's `models/Lora` folder, which apply {NETWORK_LABELS[cfg.network]} natively. ")
         + f"Copy `{cfg.name}.json` beside it "

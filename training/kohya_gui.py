@@ -61,7 +61,7 @@ FLOAT_FIELDS = {"max_grad_norm", "caption_dropout", "dropout", "prior_loss_weigh
 BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss"}
 PATH_FIELDS = {"images", "class_images", "base", "vae", "init_adapter"}
 # read for the options above (not "unused")
-CONSUMED = {"LoRA_type", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr", "text_encoder_lr",
+CONSUMED = {"LoRA_type", "dora_wd", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr", "text_encoder_lr",
             "network_train_unet_only", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup",
             "lr_warmup_steps", "max_train_steps", "epoch", "max_train_epochs", "max_resolution", "random_crop",
             "save_precision", "min_snr_gamma", "noise_offset_type", "sample_prompts", "sdxl", "v2",
@@ -213,6 +213,11 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     opts["unet_targets"] = list(targets)
     if network == "lokr" and "factor" in get:
         opts["lokr_factor"] = _number("factor", get["factor"], int)
+    if _bool("dora_wd", get.get("dora_wd", False)) and kind.startswith("LyCORIS/"):
+        if network == "lora":  # LyCORIS/LoCon with DoRA: trained here, with the per-input norms A1111 applies
+            opts["dora"] = True
+        else:
+            notes.append(f"dora_wd is not applied: DoRA is trained with LoRA / LoCon here, not {kind}")
     if network != "lora":
         if opts.pop("dropout", 0):
             notes.append(f"network_dropout {get['network_dropout']} is not applied: {network} has no dropout here")

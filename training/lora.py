@@ -8,6 +8,8 @@ Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.wei
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipelines.errors import ConfigError, IncompatibleAdapterError
@@ -16,7 +18,9 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 # the names of trainable adapter weights, per network type (peft's LoRA, LoHa and LoKr layers)
-PARAM_MARKERS = ("lora_", "hada_", "lokr_")
+PARAM_MARKERS = ("lora_", "hada_", "lokr_", "dora_magnitude")
+DORA_PARAM = "dora_magnitude"  # a LoRA layer's DoRA lengths per input channel, (1, in[, 1, 1]) as LyCORIS stores them
+DORA_KEY = "dora_scale"  # their key in our state dicts and files (kohya's / LyCORIS' name)
 NETWORK_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
@@ -88,7 +92,7 @@ def check_targets(pipe, unet_targets: list[str], text_targets: list[str] | None)
 
 def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets: list[str] | None,
            dropout: float = 0.0, conv_rank: int | None = None, conv_alpha: float | None = None,
-           network: str = "lora", lokr_factor: int = -1) -> dict[str, object]:
+           network: str = "lora", lokr_factor: int = -1, dora: bool = False) -> dict[str, object]:
     """Inject LoRA (or LoHa / LoKr) layers; returns {component prefix: peft config}. Base weights stay frozen.
     `conv_rank`/`conv_alpha`: the UNet's 3x3 convolutions get these instead (None: rank and alpha)."""
     from peft import inject_adapter_in_model
@@ -119,6 +123,9 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
     if network == "lokr":
         for comp in configs:
             full_lokr_scale(getattr(pipe, comp))
+    if dora:
+        for comp in configs:
+            add_dora(getattr(pipe, comp))
     # the LoRA weights train in fp32 whatever the base's dtype: diffusers' add_adapter creates them in the
     # UNet's dtype (fp16 on a GPU, bf16 under bf16 mixed precision), where AdamW's small updates round away
     # and fp16 gradients cannot be unscaled
@@ -126,6 +133,73 @@ def attach(pipe, rank: int, alpha: float, unet_targets: list[str], text_targets:
         for p in trainable_params(getattr(pipe, comp)):
             p.data = p.data.float()
     return configs
+
+
+def _dora_lengths(layer) -> torch.Tensor:
+    """c = m / ‖W + ΔW‖ per input channel (ΔW at the layer's weight-1 scale), the factor DoRA gives each
+    input: W_dora = (W + ΔW) · diag(c), as AUTOMATIC1111 and ComfyUI apply a per-input `dora_scale`."""
+    w = layer.get_base_layer().weight
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in[, k, k]), (out, r[, 1, 1])
+    delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(w.shape) * layer._dora_unit
+    merged = w.float() + delta.float()
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)  # (in,)
+    return getattr(layer, DORA_PARAM).reshape(-1) / norm
+
+
+def _dora_on(layer) -> bool:
+    return not layer.disable_adapters and not layer.merged and "default" in layer.active_adapters
+
+
+def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (v.view(1, -1, 1, 1) if x.ndim == 4 else v).to(x.dtype)
+
+
+def _dora_base_hook(layer, module, args):
+    """The base layer's input times u = 1 + w·(c − 1), w the layer's weight (1 while training; the weight
+    check's 0.5…): W·diag(u) is the base's part of W + w·(W_dora − W), A1111's blend of a DoRA at weight w."""
+    if not _dora_on(layer):
+        layer.__dict__.pop("_dora_c", None)
+        return None
+    c = _dora_lengths(layer)
+    layer._dora_c = c
+    weight = float(layer.scaling["default"]) / layer._dora_unit
+    x = args[0]
+    return (x * _channel_view(1.0 + weight * (c - 1.0), x), *args[1:])
+
+
+def _dora_lora_hook(layer, module, args):
+    """The LoRA branch's input times c (computed by the base hook of this forward): w·ΔW·diag(c)."""
+    c = layer.__dict__.pop("_dora_c", None)
+    if c is None:
+        return None
+    x = args[0]
+    return (x * _channel_view(c, x), *args[1:])
+
+
+def add_dora(model: torch.nn.Module) -> int:
+    """Make every LoRA layer of `model` a DoRA layer with per-input-channel lengths (initialised to the base
+    weight's, so training starts from the base model); returns how many layers."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for _, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A or hasattr(layer, DORA_PARAM):
+            continue
+        w = layer.get_base_layer().weight.detach().float()
+        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)  # (in,)
+        setattr(layer, DORA_PARAM, torch.nn.Parameter(norm.reshape(1, -1, *[1] * (w.ndim - 2)).contiguous()))
+        layer._dora_unit = float(layer.scaling["default"])
+        layer.get_base_layer().register_forward_pre_hook(functools.partial(_dora_base_hook, layer))
+        layer.lora_A["default"].register_forward_pre_hook(functools.partial(_dora_lora_hook, layer))
+        n += 1
+    return n
+
+
+def dora_layers(module: torch.nn.Module):
+    """(name, layer) of the DoRA layers of a component."""
+    for name, m in module.named_modules():
+        if hasattr(m, DORA_PARAM) and isinstance(getattr(m, DORA_PARAM), torch.nn.Parameter):
+            yield name, m
 
 
 def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -139,7 +213,10 @@ def lora_state_dict(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for comp in components:
         sd = get_peft_model_state_dict(getattr(pipe, comp), adapter_name="default")
-        out.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()})
+        out.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()
+                    if not k.endswith("." + DORA_PARAM)})  # peft hands on every trainable tensor: ours below
+        for name, layer in dora_layers(getattr(pipe, comp)):
+            out[f"{comp}.{name}.{DORA_KEY}"] = getattr(layer, DORA_PARAM).detach().float().cpu().clone()
     return out
 
 
@@ -190,14 +267,18 @@ def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, s
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """An adapter file of any supported layout (ours: kohya keys; older files: peft keys) as a peft state
     dict for this pipeline, with each module's alpha. A LoHa / LoKr file continues a run of that network."""
-    from pipelines.adapters import to_peft
+    from pipelines.adapters import magnitudes_as_peft
     from pipelines.lycoris import is_lycoris
 
+    from pipelines.dora import take_magnitudes
+
     kind = "lora"
-    if is_lycoris(state_dict):  # one LyCORIS type throughout, or mixed / another (CP LoCon, …)
-        params = {k.rpartition(".")[2] for k in state_dict} - {"alpha", "weight"}
+    rest, mags = take_magnitudes(state_dict)
+    if is_lycoris(rest):  # one LyCORIS type throughout, or mixed / another (CP LoCon, …)
+        params = {k.rpartition(".")[2] for k in rest} - {"alpha", "weight"}
         kinds = {p.split("_")[0] for p in params}
         kind = {"hada": "loha", "lokr": "lokr"}.get(kinds.pop(), "other") if len(kinds) == 1 else "other"
+        kind = "other" if mags else kind  # a LoHa / LoKr with DoRA lengths: LyCORIS' dora_wd, not trained here
     if kind != network:
         label = {"lora": "a LoRA", "loha": "a LoHa", "lokr": "a LoKr", "other": "a LyCORIS (mixed or other-type)"}[kind]
         hint = (f"continue it with network '{kind}'" if kind in NETWORK_LABELS
@@ -206,7 +287,7 @@ def adapter_as_peft(pipe, state_dict: dict[str, torch.Tensor], meta: dict[str, s
     if network != "lora":
         return lycoris_as_peft(pipe, components or [], state_dict, family, source)
     lpb = pipe.unet.config.layers_per_block
-    return to_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
+    return magnitudes_as_peft(state_dict, meta, unet_layers_per_block=lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
 
 
 def check_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float], alpha: float, conv_alpha: float,
@@ -245,6 +326,7 @@ def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: 
         module = getattr(pipe, comp)
         if not hasattr(module, "text_model"):  # transformers 5 CLIPTextModel: no `text_model.` level
             sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+        _load_magnitudes(module, sd, comp, source)
         try:
             res = set_peft_model_state_dict(module, sd, adapter_name="default")
         except RuntimeError as e:
@@ -259,3 +341,28 @@ def load_lora_state_dict(pipe, state_dict: dict[str, torch.Tensor], components: 
             raise IncompatibleAdapterError(
                 f"{source}: {len(unexpected)} '{comp}' key(s) do not fit this model, e.g. {unexpected[0]}"
             )
+
+
+def _load_magnitudes(module: torch.nn.Module, sd: dict[str, torch.Tensor], comp: str, source: str) -> None:
+    """Take the DoRA lengths out of `sd` (in place) into the layers' parameters: a DoRA run needs them for every
+    layer, and a plain LoRA run refuses them."""
+    mags = {k[: -len(DORA_KEY) - 1]: sd.pop(k) for k in [k for k in sd if k.endswith("." + DORA_KEY)]}
+    layers = dict(dora_layers(module))
+    if mags and not layers:
+        raise IncompatibleAdapterError(f"{source}: it is a DoRA adapter; continue it with dora on")
+    if layers and not mags:
+        raise IncompatibleAdapterError(f"{source}: it is a plain LoRA adapter; continue it with dora off")
+    missing = sorted(set(layers) - set(mags))
+    if missing:
+        raise IncompatibleAdapterError(f"{source}: its '{comp}' layer {missing[0]} has no DoRA magnitude")
+    for name, value in mags.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise IncompatibleAdapterError(f"{source}: DoRA magnitude for '{comp}.{name}', a layer this run "
+                                           "does not train")
+        param = getattr(layer, DORA_PARAM)
+        if tuple(value.shape) != tuple(param.shape):
+            raise IncompatibleAdapterError(f"{source}: '{comp}.{name}' DoRA magnitude has shape {tuple(value.shape)}, "
+                                           f"this run's is {tuple(param.shape)} (one length per input channel)")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -639,7 +639,7 @@ class Trainer:
             base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
             conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
             conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None,
-            network=cfg.network, lokr_factor=cfg.lokr_factor)
+            network=cfg.network, lokr_factor=cfg.lokr_factor, dora=cfg.dora)
         self.components = list(self.lora_configs)
         self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
