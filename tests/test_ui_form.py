@@ -116,6 +116,7 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
         typed[o.name] = (ui.form_widgets[o.name].preprocess(payload), want)
     assert typed["network"][1] != "lora"  # LoHa / LoKr have no LoRA dropout: that field keeps 0 with them
     typed["dropout"] = (ui.form_widgets["dropout"].preprocess(0.0), 0.0)
+    typed["dora"] = (ui.form_widgets["dora"].preprocess(False), False)  # DoRA trains with LoRA only
     form = _form(ui, name="saved", trigger="zwx", preset="custom", prior=True, train_text_encoder=True,
                  **{k: v for k, (v, _) in typed.items() if k != "train_text_encoder"})
     cfg = ui.train_config(form)
