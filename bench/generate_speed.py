@@ -1,7 +1,7 @@
 """Generation speed with stacked adapters, measured side by side in one run.
 
     python bench/generate_speed.py [--arch toy|sd15|sdxl | --base FOLDER] [--repeats 7] [--steps 20] [--size 64]
-                                   [--no-public]
+                                   [--no-public] [--dora]
 
 Prints the latency of one generation (fixed prompt, seed, steps and size; one image) for: the base
 model alone (no adapter ever loaded), the same model with 1 and with 3 adapters active (unfused),
@@ -17,6 +17,9 @@ library). Configurations are interleaved (a rotating order in every round); each
 rounds of the configuration's time over the base's time in the same round, so background load on a small
 machine cancels out as far as it can. Goals (issue 4): fused within 3%
 of base, 3 unfused at most 1.25x base, weight change < 50 ms, load < 200 ms.
+With --dora, three DoRA files (the same random factors plus per-input `dora_scale` lengths, as A1111/ComfyUI
+files from LyCORIS hold them) are measured in the same rounds: 1 and 3 unfused, 3 fused, and the load of one
+(which measures the base weights' columns), each beside its plain-LoRA counterpart.
 Last line: `fused_ratio=x.xx unfused3_ratio=x.xx weight_change_ms=x load_ms=x`.
 """
 
@@ -43,6 +46,7 @@ from pipelines.base_models import load_base  # noqa: E402
 from pipelines.generation import GenerationRequest, generate  # noqa: E402
 from pipelines.library import AdapterLibrary  # noqa: E402
 from pipelines.stack import AdapterStack  # noqa: E402
+from pipelines.weights_io import save_safetensors  # noqa: E402
 from bench.real_models import ARCHS, model_folder  # noqa: E402
 
 RANK = 8
@@ -63,6 +67,23 @@ def random_lora(pipe, seed: int, rank: int = RANK, std: float = 0.3) -> dict[str
             sd[f"{key}.lora_A.weight"] = torch.randn(rank, mod.in_features, generator=g) * std / mod.in_features ** 0.5
             sd[f"{key}.lora_B.weight"] = torch.randn(mod.out_features, rank, generator=g) * std / rank ** 0.5
     return sd
+
+
+def with_dora(pipe, sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """`sd` plus a per-input-channel DoRA length for each module: the base column norms of W + ΔW, moved 5%."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    out = dict(sd)
+    mods = {}
+    for comp in ("unet", "text_encoder"):
+        for name, mod in getattr(pipe, comp).named_modules():
+            mods[f"{comp}.{name}" if comp == "unet" else f"text_encoder.text_model.{name.removeprefix('text_model.')}"] = mod
+    for key in sd:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            w = mods[module].weight.detach().float() + sd[f"{module}.lora_B.weight"] @ sd[key]
+            norm = w.norm(dim=0)  # (in,)
+            out[f"{module}.dora_scale"] = (norm * (1 + 0.05 * torch.randn(norm.shape, generator=g)))[None, :]
+    return out
 
 
 def timed(fn) -> float:
@@ -92,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="what the ratios on the last line use: wall time (default), or this process's CPU time "
                          "(leaves out waiting for a busy core; meaningful with OMP_NUM_THREADS=1)")
+    ap.add_argument("--dora", action="store_true",
+                    help="also DoRA files (per-input dora_scale) beside the plain ones, in the same rounds")
     ap.add_argument("--per-adapter", action="store_true",
                     help="for comparison: run stacks through peft's per-adapter path (no combined slot)")
     args = ap.parse_args(argv)
@@ -114,8 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(("a", "b", "c")):
             save_adapter(random_lora(model.pipe, seed=i), lib.root / f"{name}.safetensors",
                          lora_metadata(family=model.family, rank=RANK, alpha=RANK, name=name))
+            if args.dora:  # the same factors with DoRA lengths: d, e, f
+                save_safetensors(with_dora(model.pipe, random_lora(model.pipe, seed=i), i),  # peft keys + dora_scale
+                                 lib.root / f"{'def'[i]}.safetensors",
+                                 lora_metadata(family=model.family, rank=RANK, alpha=RANK, name="def"[i]))
         stack = AdapterStack(model, lib)
         three = [("a", 0.8), ("b", 0.5), ("c", -0.4)]
+        three_dora = [("d", 0.8), ("e", 0.5), ("f", -0.4)]
+        if args.dora:
+            stack.set_stack(three_dora)
         stack.set_stack(three)  # loads the three files once
         pub = None if args.no_public else load_base(args.base, device=args.device)
         names = [n for n, _ in three]
@@ -141,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             elif cfg == "3 fused":
                 stack.set_stack(three)
                 stack.fuse()
+            elif cfg == "1 DoRA unfused":
+                stack.set_stack([("d", 0.8)])
+            elif cfg == "3 DoRA unfused":
+                stack.set_stack(three_dora)
+                stack.unfuse()
+            elif cfg == "3 DoRA fused":
+                stack.set_stack(three_dora)
+                stack.fuse()
             elif cfg.startswith("diffusers"):
                 pub_setup(cfg.endswith("fused") and "unfused" not in cfg)
 
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             return timed2(lambda: stack.generate(req, stack.stack))
 
         configs = ["base", "1 unfused", "3 unfused", "3 fused"]
+        if args.dora:
+            configs += ["1 DoRA unfused", "3 DoRA unfused", "3 DoRA fused"]
         if pub is not None:
             configs += ["diffusers 3 unfused", "diffusers 3 fused"]
         for cfg in configs:  # warm-up (allocator, scheduler set-up, first-call costs)
@@ -192,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             load.append(timed(lambda: stack.load(f"extra{i}", path)))
             stack.unload([f"extra{i}"])
         size_mb = path.stat().st_size / 1e6
+        load_dora = []
+        if args.dora:
+            for i in range(max(5, args.repeats)):
+                load_dora.append(timed(lambda: stack.load(f"extra_d{i}", lib.path_for("d"))))
+                stack.unload([f"extra_d{i}"])
         stack.unload()
         pub_change, pub_load = [], []
         if pub is not None:  # the same through diffusers' public API
@@ -212,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
               f"x{ratio[cfg]:.3f} of base (median of per-round ratios)   ({spread})")
     weight_ms = statistics.median(change) * 1e3
     load_ms = statistics.median(load) * 1e3
+    if args.dora:
+        print("  DoRA / plain LoRA, same rounds (time ratio): "
+              + ", ".join(f"{n} x{statistics.median(t / b for t, b in zip(src[f'{n.split()[0]} DoRA {n.split()[1]}'], src[n])):.3f}"
+                          for n in ("1 unfused", "3 unfused", "3 fused"))
+              + f"; load one file x{statistics.median(load_dora) / statistics.median(load):.2f} "
+                f"({statistics.median(load_dora) * 1e3:.1f} ms)")
     print(f"  change the weights of the 3-adapter stack: {weight_ms:.1f} ms (median of {len(change)})")
     print(f"  change the selection (3 <-> 2 adapters): {statistics.median(select) * 1e3:.1f} ms "
           f"(median of {len(select)})")

@@ -948,12 +948,12 @@ def as_lora(sd: Mapping[str, torch.Tensor], base: "BaseModel | None" = None, *, 
     A DoRA file's magnitude vectors are taken out into the result's `magnitudes` when `dora` is true (they need
     the base weights to be applied: dora.fold); otherwise such a file is refused."""
     rest, mags = take_magnitudes(sd)
-    name = Path(where).name if where else "the file"
     if mags and not dora:
         raise IncompatibleAdapterError(
-            f"{name}: it is a DoRA adapter ({len(mags)} modules with magnitude vectors); its magnitudes rescale "
-            "the base model's weights, which a plain LoRA file cannot hold. Use the file as it is: this app, "
-            "AUTOMATIC1111 and ComfyUI load it")
+            (f"{Path(where).name}: " if where else "") + f"it is a DoRA adapter ({len(mags)} modules with "
+            "magnitude vectors): its lengths rescale the base model's weights as AUTOMATIC1111 and ComfyUI apply "
+            "them, which this conversion cannot keep (a kohya-format export keeps them). Use the file as it is: "
+            "this app, AUTOMATIC1111 and ComfyUI load it")
     if not is_lycoris(rest):
         if not mags:
             return dict(sd), None
@@ -1268,14 +1268,23 @@ def export_adapter(
                                            "model's block layout, which its metadata does not record: give the "
                                            "base model (--base)")
         lpb = layout["down"][0][0] if layout else None
-        sd, lyco = as_lora(sd, base, unet_layers_per_block=lpb, where=src)
+        # DoRA: kohya's layout holds its lengths (`dora_scale`) as A1111 and ComfyUI apply them; diffusers' does not
+        sd, lyco = as_lora(sd, base, unet_layers_per_block=lpb, dora=fmt == FORMAT_KOHYA and transform is None)
         if lyco is not None and lyco.flattened and base is None:
             raise IncompatibleAdapterError(
                 f"its LyCORIS ({lyco.label}) convolutions ({lyco.flattened[0]}, …) store their kernels flattened; "
                 "the base model's layers give their kernel size: give the base model (--base)")
-        peft_sd, alphas = to_peft(sd, meta, unet_layers_per_block=lpb)
+        mags = lyco.magnitudes if lyco is not None else {}
+        odd = next((m for m, v in mags.items() if not (v.ndim >= 2 and v.shape[0] == 1)), None)
+        if odd is not None:
+            raise IncompatibleAdapterError(
+                f"module '{odd}': its DoRA lengths are per output channel (LyCORIS 3.2's wd_on_output, or peft's), "
+                "which AUTOMATIC1111 and ComfyUI apply per input channel: a kohya file of it would draw something "
+                "else there. This app applies the file as it is")
+        peft_sd, alphas = magnitudes_as_peft({**sd, **{f"{m}.dora_scale": v for m, v in mags.items()}}, meta,
+                                             unet_layers_per_block=lpb)
         family = family_from_metadata(meta) or family_from_layers(
-            parse_layers({k: tuple(v.shape) for k, v in peft_sd.items()}, {}, {}))
+            parse_layers({k: tuple(v.shape) for k, v in peft_sd.items() if not k.endswith(".dora_scale")}, {}, {}))
         keep = {k: v for k, v in meta.items() if k not in (DIFFUSERS_METADATA_KEY, "format")}
         if transform is not None:
             peft_sd, alphas = transform(peft_sd, alphas, keep)
@@ -1283,7 +1292,8 @@ def export_adapter(
             peft_sd, bad = cast_weights(peft_sd, precision)
             if bad is not None:
                 raise ConfigError(f"precision: {src.name}'s '{bad}' does not fit in {precision}; use bf16 or fp32")
-        if lyco is not None:  # now a plain LoRA: kohya's network keys describe the LoRA, not the LyCORIS source
+        if lyco is not None and lyco.label != "DoRA":  # now a plain LoRA (+ DoRA lengths): kohya's network keys
+            # describe the LoRA, not the LyCORIS source
             for k in ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha"):
                 keep.pop(k, None)
             keep[f"{OURS}converted_from"] = f"LyCORIS {lyco.network()}"

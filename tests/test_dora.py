@@ -252,7 +252,11 @@ def test_dora_files_are_refused_where_a_plain_lora_must_come_out(tiny_sd1_dir, t
     base = load_base(str(tiny_sd1_dir), device="cpu")
     sd, want = _dora_file(base.pipe, "sd1", seed=7)
     path = save_safetensors(sd, tmp_path / "civitai-dora.safetensors")
+    # diffusers' format has no place for A1111's DoRA lengths; kohya's has, but not for per-output ones
     with pytest.raises(IncompatibleAdapterError, match="civitai-dora.safetensors: it is a DoRA adapter"):
+        export_adapter(path, tmp_path / "p.safetensors", "peft", base=base)
+    out_side = next(k for k, v in sd.items() if k.endswith(".dora_scale") and v.shape[1] == 1)
+    with pytest.raises(IncompatibleAdapterError, match=rf"module '{out_side.split('.')[0]}': .*per output channel"):
         export_adapter(path, tmp_path / "k.safetensors", "kohya", base=base)
     stack = AdapterStack(base)
     stack.load("civitai-dora", path)
@@ -294,3 +298,34 @@ def test_library_and_cli_name_a_dora_file(tiny_sd1_dir, tmp_path, capsys):
                  "a red circle <lora:my-dora:0.8>", "--steps", "3", "--width", "64", "--height", "64",
                  "--out", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_kohya_export_of_a_dora_file_keeps_what_it_applies(tiny_sd1_dir, tmp_path):
+    """A civitai DoRA (here a LoHa with lengths, LyCORIS' dora_wd) exported for A1111 / ComfyUI: plain LoRA pairs
+    plus the same per-input `dora_scale`, which applies exactly as the original does."""
+    base = load_base(str(tiny_sd1_dir), device="cpu")
+    sd, want = _dora_file(base.pipe, "sd1", seed=9)
+    out_side = {k.split(".")[0] for k, v in sd.items() if k.endswith(".dora_scale") and v.shape[1] == 1}
+    sd = {k: v for k, v in sd.items() if k.split(".")[0] not in out_side}
+    src = save_safetensors(sd, tmp_path / "loha-dora.safetensors", {"ss_network_module": "lycoris.kohya"})
+    out = export_adapter(src, tmp_path / "k.safetensors", "kohya", base=base)
+    k, meta = load_safetensors(out)
+    assert all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale")) for key in k)
+    assert {key for key in k if key.endswith(".dora_scale")} == {key for key in sd if key.endswith(".dora_scale")}
+    assert "LoHa" in meta["lora_studio.converted_from"] and "DoRA" in meta["lora_studio.converted_from"]
+    assert inspect_adapter(out, base).network.startswith("DoRA")
+    g = torch.Generator().manual_seed(11)
+    mods = base_modules(base.pipe)
+    stack = AdapterStack(base)
+    stack.load("src", src)
+    stack.load("out", out)
+    for m in [m for m in want if want[m][1] is None or want[m][2] == "in"]:
+        x = _inputs(mods[m].weight, g)
+        got = {}
+        for name in ("src", "out"):
+            stack.set_stack([StackEntry(name, 0.7, 0.7)])
+            with torch.no_grad():
+                got[name] = _module(base.pipe, m)(x)
+        torch.testing.assert_close(got["out"], got["src"], rtol=1e-4, atol=1e-5, msg=m)
+        torch.testing.assert_close(got["src"], _run(mods[m], _expected(mods[m].weight.detach(), [(0.7, want[m])]), x),
+                                   rtol=1e-4, atol=1e-5, msg=m)
