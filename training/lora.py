@@ -160,7 +160,17 @@ def _dora_base_hook(layer, module, args):
     if not _dora_on(layer):
         layer.__dict__.pop("_dora_c", None)
         return None
-    c = _dora_lengths(layer)
+    if torch.is_grad_enabled():
+        c = _dora_lengths(layer)
+    else:  # samples and the weight check: the lengths change only when the weights do
+        key = tuple(t._version for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                         getattr(layer, DORA_PARAM))) + tuple(id(t) for t in (
+                                             layer.lora_A["default"].weight, getattr(layer, DORA_PARAM)))
+        cached = layer.__dict__.get("_dora_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _dora_lengths(layer))
+            layer._dora_cache = cached
+        c = cached[1]
     layer._dora_c = c
     weight = float(layer.scaling["default"]) / layer._dora_unit
     x = args[0]
