@@ -321,8 +321,8 @@ class TrainConfig:
     # `dora_scale` that AUTOMATIC1111 and ComfyUI apply (LyCORIS' dora_wd with per-input norms)
     dora: bool = option(False, group="LoRA", label="DoRA",
                         help="with lora: also learn each layer's weight lengths per input channel (DoRA; "
-                             "LyCORIS' dora_wd): often closer to a full fine-tune at the same rank; about a "
-                             "third slower to train; the file loads in AUTOMATIC1111 and ComfyUI as a DoRA")
+                             "LyCORIS' dora_wd): often closer to a full fine-tune at the same rank; about 20% "
+                             "slower to train; the file loads in AUTOMATIC1111 and ComfyUI as a DoRA")
     lokr_factor: int = option(-1, group="LoRA", label="LoKr factor", min=-1, max=1024,
                               help="with lokr: the size of the Kronecker product's first factor (LyCORIS' factor; "
                                    "-1: as square as the layer allows)")
