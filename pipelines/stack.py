@@ -753,8 +753,11 @@ class AdapterStack:
                     layer.__dict__.setdefault(_DORA_KEY, {})[adapter] = term
 
     def is_dora(self, name: str) -> bool:
-        """Whether a loaded adapter carries DoRA channel scales."""
-        adapter = self._loaded[self._key_of(name)].adapter
+        """Whether a loaded adapter carries DoRA channel scales (False for one not loaded)."""
+        key = self._key_of(name)
+        if key is None:
+            return False
+        adapter = self._loaded[key].adapter
         return any(adapter in layer.__dict__.get(_DORA_KEY, {}) for comp in COMPONENTS
                    if getattr(self.pipe, comp, None) is not None for _, layer in _lora_layers(getattr(self.pipe, comp)))
 
