@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lycoris import _kohya_names
+from test_lycoris import _layers_by_kind
 
 from app.cli import main
 from pipelines.adapters import _strip_text_model, base_modules, export_adapter, inspect_adapter
@@ -40,13 +40,7 @@ def _dora_file(pipe, family: str, seed: int = 0):
     def r(*shape, s=0.3):
         return torch.randn(*shape, generator=g) * s
 
-    names = _kohya_names(pipe, family)
-    mods = base_modules(pipe)
-    lin = [k for k, v in sorted(names.items()) if isinstance(mods.get(v), torch.nn.Linear) and ".attn" in v
-           and v.startswith("unet.")]
-    te = [k for k, v in sorted(names.items()) if v.startswith("text_encoder.") and v.endswith("q_proj")]
-    c3 = [k for k, v in sorted(names.items()) if isinstance(mods.get(v), torch.nn.Conv2d)
-          and mods[v].kernel_size == (3, 3) and "resnets" in v]
+    names, mods, lin, te, c3 = _layers_by_kind(pipe, family)
     sd, want = {}, {}
 
     def col_norm(w):  # per input channel, shaped (1, in[, 1, 1]) as LyCORIS stores it

@@ -35,13 +35,9 @@ def _kohya_names(pipe, family: str) -> dict[str, str]:
             for k, v in kmap.items() if k.endswith(".lora_down.weight")}
 
 
-def _lycoris_file(pipe, family: str, seed: int = 0):
-    """A file with one module of each kind, and the ΔW (times alpha/dim) each should add, by our module name."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.3
-
+def _layers_by_kind(pipe, family: str):
+    """(kohya name -> our name, our name -> base module, the UNet's attention Linears, the first text encoder's
+    q_proj layers, the ResNets' 3x3 convolutions of an even input width), kohya names, sorted."""
     names = _kohya_names(pipe, family)
     mods = base_modules(pipe)
     lin = [k for k, v in sorted(names.items()) if isinstance(mods.get(v), torch.nn.Linear) and ".attn" in v
@@ -49,6 +45,17 @@ def _lycoris_file(pipe, family: str, seed: int = 0):
     te = [k for k, v in sorted(names.items()) if v.startswith("text_encoder.") and v.endswith("q_proj")]
     c3 = [k for k, v in sorted(names.items()) if isinstance(mods.get(v), torch.nn.Conv2d)
           and mods[v].kernel_size == (3, 3) and "resnets" in v and mods[v].in_channels % 2 == 0]
+    return names, mods, lin, te, c3
+
+
+def _lycoris_file(pipe, family: str, seed: int = 0):
+    """A file with one module of each kind, and the ΔW (times alpha/dim) each should add, by our module name."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    names, mods, lin, te, c3 = _layers_by_kind(pipe, family)
     sd, want = {}, {}
 
     def shape_of(k):
