@@ -162,23 +162,19 @@ def main(argv: list[str] | None = None) -> int:
                 pub.pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
             pub_fused[0] = fused
 
+        # configuration -> (the stack it runs, fused or not); the 1-adapter rows leave a fused stack as it is
+        stacks = {"1 unfused": ([("a", 0.8)], None), "3 unfused": (three, False), "3 fused": (three, True),
+                  "1 DoRA unfused": ([("d", 0.8)], None), "3 DoRA unfused": (three_dora, False),
+                  "3 DoRA fused": (three_dora, True)}
+
         def setup(cfg: str) -> None:
-            if cfg == "1 unfused":
-                stack.set_stack([("a", 0.8)])
-            elif cfg == "3 unfused":
-                stack.set_stack(three)
-                stack.unfuse()
-            elif cfg == "3 fused":
-                stack.set_stack(three)
-                stack.fuse()
-            elif cfg == "1 DoRA unfused":
-                stack.set_stack([("d", 0.8)])
-            elif cfg == "3 DoRA unfused":
-                stack.set_stack(three_dora)
-                stack.unfuse()
-            elif cfg == "3 DoRA fused":
-                stack.set_stack(three_dora)
-                stack.fuse()
+            if cfg in stacks:
+                entries, fused = stacks[cfg]
+                stack.set_stack(entries)
+                if fused is True:
+                    stack.fuse()
+                elif fused is False:
+                    stack.unfuse()
             elif cfg.startswith("diffusers"):
                 pub_setup(cfg.endswith("fused") and "unfused" not in cfg)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError, ModelLoadError
-from .dora import fold, has_dora, take_magnitudes
+from .dora import fold, has_dora, stored_per_input, take_magnitudes
 from .lycoris import Converted, conv_kernels, is_lycoris, to_lora
 from .weights_io import (
     PICKLE_SUFFIXES,
@@ -1275,7 +1275,7 @@ def export_adapter(
                 f"its LyCORIS ({lyco.label}) convolutions ({lyco.flattened[0]}, …) store their kernels flattened; "
                 "the base model's layers give their kernel size: give the base model (--base)")
         mags = lyco.magnitudes if lyco is not None else {}
-        odd = next((m for m, v in mags.items() if not (v.ndim >= 2 and v.shape[0] == 1)), None)
+        odd = next((m for m, v in mags.items() if not stored_per_input(v)), None)
         if odd is not None:
             raise IncompatibleAdapterError(
                 f"module '{odd}': its DoRA lengths are per output channel (LyCORIS 3.2's wd_on_output, or peft's), "

@@ -76,11 +76,22 @@ def _source_module(down_key: str) -> str:
     return down_key.rsplit(".", 2)[0]
 
 
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The length of each input channel's column of a Linear / Conv2d weight (over outputs and the kernel), (in,):
+    what a per-input DoRA magnitude measures."""
+    return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+
+
+def stored_per_input(magnitude: torch.Tensor) -> bool:
+    """A stored magnitude in A1111's / ComfyUI's per-input form, (1, in[, 1, 1]), from its shape alone."""
+    return magnitude.ndim >= 2 and magnitude.shape[0] == 1
+
+
 def side_of(magnitude: torch.Tensor, out_features: int, in_features: int) -> str:
     """'in' or 'out': which channels a stored magnitude measures, from its shape (as ComfyUI tells them apart)."""
     shape = tuple(magnitude.shape)
     n = magnitude.numel()
-    if len(shape) >= 2 and shape[0] == 1 and shape[1] == in_features and n == in_features:
+    if stored_per_input(magnitude) and shape[1] == in_features and n == in_features:
         return "in"
     if shape and shape[0] == out_features and n == out_features:
         return "out"
@@ -126,8 +137,7 @@ def fold(
         merged = w + delta_w
         mag = m.detach().float().reshape(-1)
         if side == "in":  # the norm of each input channel's column (over outputs and the kernel)
-            norm = merged.transpose(0, 1).reshape(in_f, -1).norm(dim=1)  # (in,)
-            c = mag / norm
+            c = mag / column_norms(merged)  # (in,)
             out[layer.a_key] = (down.reshape(down.shape[0], in_f, -1) * c.view(1, -1, 1)).reshape(down.shape)
         else:
             norm = merged.reshape(out_f, -1).norm(dim=1)  # (out,)

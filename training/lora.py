@@ -141,9 +141,9 @@ def _dora_lengths(layer) -> torch.Tensor:
     w = layer.get_base_layer().weight
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in[, k, k]), (out, r[, 1, 1])
     delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(w.shape) * layer._dora_unit
-    merged = w.float() + delta.float()
-    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)  # (in,)
-    return getattr(layer, DORA_PARAM).reshape(-1) / norm
+    from pipelines.dora import column_norms
+
+    return getattr(layer, DORA_PARAM).reshape(-1) / column_norms(w.float() + delta.float())  # (in,)
 
 
 def _dora_on(layer) -> bool:
@@ -191,12 +191,14 @@ def add_dora(model: torch.nn.Module) -> int:
     weight's, so training starts from the base model); returns how many layers."""
     from peft.tuners.lora import LoraLayer
 
+    from pipelines.dora import column_norms
+
     n = 0
     for _, layer in model.named_modules():
         if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A or hasattr(layer, DORA_PARAM):
             continue
         w = layer.get_base_layer().weight.detach().float()
-        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)  # (in,)
+        norm = column_norms(w)  # (in,)
         setattr(layer, DORA_PARAM, torch.nn.Parameter(norm.reshape(1, -1, *[1] * (w.ndim - 2)).contiguous()))
         layer._dora_unit = float(layer.scaling["default"])
         layer.get_base_layer().register_forward_pre_hook(functools.partial(_dora_base_hook, layer))
