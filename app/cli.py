@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_loras_import)
     p = lsub.add_parser("export", help="write an adapter in another format")
     p.add_argument("name")
-    p.add_argument("--format", default="kohya", choices=["kohya", "peft"],
-                   help="kohya: AUTOMATIC1111/ComfyUI/kohya_ss keys; peft: diffusers keys")
+    p.add_argument("--format", default="kohya", choices=["kohya", "peft", "embedding"],
+                   help="kohya: AUTOMATIC1111/ComfyUI/kohya_ss keys (with its bundled embedding, if any); peft: "
+                        "diffusers keys (a bundled embedding goes beside as <name>_emb.safetensors); embedding: only "
+                        "the bundled embedding of a pivotal-tuned adapter, for an embeddings folder (ComfyUI)")
     p.add_argument("--out", default=None, help="output file or folder (default: <library>/exports/)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                    help="cast the weights (fp16: half the size); default: as they are")

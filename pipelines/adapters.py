@@ -26,10 +26,12 @@ import torch
 
 from .errors import ConfigError, CorruptWeightsError, IncompatibleAdapterError, ModelLoadError
 from .dora import fold, has_dora, stored_per_input, take_magnitudes
+from .embeddings import BUNDLE_PREFIX, bundle_keys, split_bundled, vector_count
 from .lycoris import Converted, conv_kernels, is_lycoris, to_lora
 from .weights_io import (
     PICKLE_SUFFIXES,
     PRECISIONS,
+    SAFETENSORS_SUFFIX,
     addnet_hash,
     cast_weights,
     load_safetensors,
@@ -55,6 +57,7 @@ FORMAT_DIFFUSERS_OLD = "diffusers_old"  # attention processors: unet.<...>.proce
 FORMAT_DIFFUSERS = "diffusers"  # diffusers' intermediate: <module>.lora.down.weight / lora_linear_layer
 FORMAT_LYCORIS = "lycoris"  # LoHa / LoKr / CP LoCon: read as exact LoRA factors (lycoris.py); (IA)^3 etc. refused
 FORMAT_UNKNOWN = "unknown"
+FORMAT_EMBEDDING = "embedding"  # an export: only the file's bundled embedding, as an embeddings-folder file
 SUPPORTED_FORMATS = (FORMAT_PEFT, FORMAT_KOHYA, FORMAT_DIFFUSERS_OLD, FORMAT_DIFFUSERS)
 
 # kohya `ss_base_model_version` and modelspec architecture per family (kohya sd-scripts' values)
@@ -594,6 +597,7 @@ class AdapterInfo:
     matched: int | None = None  # modules that fit the base it was checked against
     total: int | None = None
     network: str = ""  # a LyCORIS file's own terms, e.g. 'LoHa dim 8, alpha 4' ('' for a LoRA)
+    embeddings: dict[str, int] = field(default_factory=dict)  # bundled embeddings: word -> its number of vectors
 
     @property
     def rank_text(self) -> str:
@@ -727,6 +731,11 @@ def adapter_facts(info: AdapterInfo) -> list[tuple[str, str]]:
     if tags := info.training_tags():
         rows.append(("training tags", ", ".join(f"{t} ({k})" for t, k in tags)
                      + ("" if info.trigger_word else ": its trigger word is most likely among the first")))
+    if info.embeddings:
+        rows.append(("embedding", "; ".join(
+            f"{w} ({n} vector{'s' if n != 1 else ''})" for w, n in info.embeddings.items())
+            + ": bundled in the file (pivotal tuning); the word means what was trained while the adapter is in use, "
+              "here and in AUTOMATIC1111"))
     if info.network.startswith("DoRA"):
         kind = (f"{info.network} (weight-decomposed LoRA: applied here as AUTOMATIC1111 and ComfyUI apply it, "
                 "a LoRA plus per-channel scales of the base weights)")
@@ -810,11 +819,16 @@ def describe(
     file_hash: str = "",
     unet_layers_per_block: int | None = None,
     lycoris: Converted | None = None,
+    embeddings: Mapping[str, int] | None = None,
 ) -> tuple[AdapterInfo, dict[str, LoraLayer], MatchReport | None]:
     """Build an AdapterInfo; with `base`, refuse what cannot be loaded into it (family, zero keys, shapes).
 
-    `lycoris`: what `as_lora` read a LyCORIS file as (its shapes are then the converted ones)."""
+    `lycoris`: what `as_lora` read a LyCORIS file as (its shapes are then the converted ones). `embeddings`: its
+    bundled embeddings (word -> vectors), read from `shapes` when not given."""
     path = Path(path)
+    shapes, bundles = split_bundled(shapes, path.name)
+    if embeddings is None:
+        embeddings = {w: vector_count(v) for w, v in bundles.items()}
     if not shapes:
         raise IncompatibleAdapterError(f"{path}: the file holds no tensors")
     lpb = unet_layers_per_block or (base.pipe.unet.config.layers_per_block if base is not None else None)
@@ -851,6 +865,7 @@ def describe(
         family_source=source,
         mtime=st.st_mtime if st else 0.0,
         network=lycoris.network() if lycoris is not None else "",
+        embeddings=dict(embeddings),
     )
     if lycoris is not None and lycoris.lycoris_keys:
         info.format = FORMAT_LYCORIS
@@ -927,11 +942,13 @@ def inspect_adapter(
     path = Path(path)
     shapes, meta, alphas, sd = _read_view(path, allow_pickle, check_tensors)
     lyco = None
+    _, bundles = split_bundled(shapes, path.name)  # before a LyCORIS reading leaves them out
+    words = {w: vector_count(v) for w, v in bundles.items()}
     if is_lycoris(shapes) or has_dora(shapes):  # read as LoRA: the factors' shapes come from the tensors
         shapes, alphas, lyco = _lycoris_view(path, sd, base, allow_pickle, unet_layers_per_block)
     h = addnet_hash(path) if compute_hash and path.suffix.lower() not in PICKLE_SUFFIXES else ""
     info, _, _ = describe(shapes, meta, alphas, path=path, name=name, base=base, file_hash=h,
-                          unet_layers_per_block=unet_layers_per_block, lycoris=lyco)
+                          unet_layers_per_block=unet_layers_per_block, lycoris=lyco, embeddings=words)
     return info
 
 
@@ -946,7 +963,9 @@ def as_lora(sd: Mapping[str, torch.Tensor], base: "BaseModel | None" = None, *, 
 
     `base` gives the kernel size of convolutions that LyCORIS stores flattened. Errors name `where` (the file).
     A DoRA file's magnitude vectors are taken out into the result's `magnitudes` when `dora` is true (they need
-    the base weights to be applied: dora.fold); otherwise such a file is refused."""
+    the base weights to be applied: dora.fold); otherwise such a file is refused. Bundled embeddings
+    (`bundle_emb.*`) are left out: take them first (embeddings.split_bundled)."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(BUNDLE_PREFIX)}
     rest, mags = take_magnitudes(sd)
     if mags and not dora:
         raise IncompatibleAdapterError(
@@ -1223,14 +1242,17 @@ def kohya_metadata(meta: Mapping[str, str], state_dict: Mapping[str, torch.Tenso
 
 def save_kohya(peft_sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str], *,
                family: str | None, alphas: float | Mapping[str, float] | None, layout: dict | None,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None, embeddings: Mapping[str, dict] | None = None) -> Path:
     """Our peft state dict written as a file users take out of the app: kohya's key layout (which AUTOMATIC1111
     and ComfyUI map fully), a `.alpha` per module, kohya's metadata keys, and the UNet layout it names (when
-    given). `dtype` casts every tensor, `.alpha` too, as kohya saves them."""
+    given). `dtype` casts every tensor, `.alpha` too, as kohya saves them. `embeddings` ({word: vectors}) go in
+    as A1111's bundled embeddings."""
     meta = dict(metadata)
     if layout is not None:
         meta[UNET_LAYOUT_KEY] = json.dumps(layout)
     kohya = to_kohya(peft_sd, alphas, family=family, layout=layout)
+    for word, vectors in (embeddings or {}).items():
+        kohya.update(bundle_keys(word, vectors))
     if dtype is not None:
         kohya = {k: v.to(dtype) for k, v in kohya.items()}
     # looked up at the call, as the writers this replaced did: a test's stand-in for a full disk reaches it
@@ -1262,6 +1284,11 @@ def export_adapter(
         raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     sd, meta = load_safetensors(src, allow_pickle=allow_pickle, check_finite=True)
     try:
+        sd, words = split_bundled(sd, src.name)
+        if precision is not None:
+            words = {w: {k: v.to(PRECISIONS[precision]) for k, v in vec.items()} for w, vec in words.items()}
+        if fmt == FORMAT_EMBEDDING:
+            return _export_embedding(words, dst)
         layout = layout_for(meta, base)
         if layout is None and has_sgm_names(sd):
             raise IncompatibleAdapterError("its SDXL UNet names (input_blocks/…) can only be read with the base "
@@ -1300,14 +1327,40 @@ def export_adapter(
         if family and f"{OURS}base_family" not in keep:
             keep[f"{OURS}base_family"] = family
         if fmt == FORMAT_KOHYA:
-            return save_kohya(peft_sd, dst, keep, family=family, alphas=alphas, layout=layout)
+            return save_kohya(peft_sd, dst, keep, family=family, alphas=alphas, layout=layout, embeddings=words)
         if layout is not None:
             keep[UNET_LAYOUT_KEY] = json.dumps(layout)
         if fmt == FORMAT_PEFT:
+            # diffusers' load_lora_weights refuses keys it does not know: the embedding goes beside, as diffusers'
+            # pivotal-tuning example writes it (<name>_emb.safetensors, for pipe.load_textual_inversion)
+            if words:
+                _export_embedding(words, embedding_path(dst))
             return save_adapter(peft_sd, dst, keep, alpha=alphas)
     except (IncompatibleAdapterError, CorruptWeightsError) as e:
         raise type(e)(f"{src}: {e}") from None
-    raise ValueError(f"fmt: unknown export format '{fmt}' (choose 'kohya' or 'peft')")
+    raise ValueError(f"fmt: unknown export format '{fmt}' (choose 'kohya', 'peft' or 'embedding')")
+
+
+def embedding_path(adapter_file: str | os.PathLike) -> Path:
+    """Where a diffusers-format export puts its embedding: `<name>_emb.safetensors` beside it."""
+    p = Path(adapter_file)
+    return p.with_name(p.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(".peft") + "_emb" + SAFETENSORS_SUFFIX)
+
+
+def _export_embedding(words: Mapping[str, dict], dst: Path) -> Path:
+    """An adapter's bundled embedding as an embeddings-folder file: A1111's `emb_params` (SD 1.x/2.x) or SDXL's
+    `clip_l` and `clip_g`, which AUTOMATIC1111, ComfyUI and this app read; diffusers' load_textual_inversion reads
+    it with `token=`."""
+    if not words:
+        raise IncompatibleAdapterError("it carries no bundled embedding (only adapters trained with pivotal tuning, "
+                                       "or files with `bundle_emb` keys, do)")
+    if len(words) > 1:
+        raise IncompatibleAdapterError(f"it carries {len(words)} embeddings ({', '.join(words)}); an embedding file "
+                                       "holds one")
+    word, vectors = next(iter(words.items()))
+    tensors = {"emb_params": vectors[""]} if set(vectors) == {""} else dict(vectors)
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, dst,
+                            {"lora_studio.embedding_word": word})
 
 
 def export_kohya(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) -> Path:
@@ -1321,5 +1374,5 @@ __all__ = [
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
     "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
     "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora", "fold_dora",
-    "magnitudes_as_peft",
+    "magnitudes_as_peft", "FORMAT_EMBEDDING", "embedding_path",
 ]

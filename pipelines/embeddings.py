@@ -9,6 +9,10 @@ allowed). Each vector becomes a token of its own in the tokenizer (`<ti:name:0>`
 never changes how other words split; the prompt encoder (pipelines.prompts) puts the tokens in the word's place.
 An embedding of another width (made for another family) is refused with a warning naming it, and the prompt
 keeps the word as text.
+
+LoRA files may carry embeddings of their own (AUTOMATIC1111's bundled embeddings: `bundle_emb.<word>.<key>`, as
+kohya's tools and pivotal-tuning trainers write them, and as this app's `--pivotal` training does): such a word
+works while its adapter is in the stack (`use_bundled`), whatever the embeddings folder holds, as in A1111.
 """
 
 from __future__ import annotations
@@ -38,17 +42,26 @@ def _word(name: str) -> re.Pattern:
 
 
 def loaded(model) -> dict[str, dict[str, list[str]]]:
-    """The embeddings loaded into `model`: word -> {tokenizer attribute: its tokens}."""
+    """The embeddings folder's words loaded into `model`: word -> {tokenizer attribute: its tokens}."""
     return model.__dict__.setdefault("_embeddings", {})
 
 
+def bundled(model) -> dict[str, dict[str, list[str]]]:
+    """The words of the embeddings that the adapters in use carry: word -> {tokenizer attribute: its tokens}."""
+    return model.__dict__.setdefault("_bundled_in_use", {})
+
+
+def _words(model) -> dict[str, dict[str, list[str]]]:
+    return {**loaded(model), **bundled(model)}  # an adapter's own word wins over a file's, as in A1111
+
+
 def mentions(model, text: str) -> bool:
-    return any(_word(name).search(text or "") for name in loaded(model))
+    return any(_word(name).search(text or "") for name in _words(model))
 
 
 def expand(model, text: str, tokenizer_attr: str = "tokenizer") -> str:
-    """`text` with each loaded embedding's word replaced by its tokens for that tokenizer."""
-    for name, tokens in loaded(model).items():
+    """`text` with each embedding word in use replaced by its tokens for that tokenizer."""
+    for name, tokens in _words(model).items():
         if tokenizer_attr in tokens:
             joined = " ".join(tokens[tokenizer_attr])
             text = _word(name).sub(lambda _m: joined, text)
@@ -63,12 +76,18 @@ def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling raises many types
             raise CorruptWeightsError(f"{path.name}: not an embedding file ({type(e).__name__})") from None
-        if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
-            data = dict(data["string_to_param"])
     else:
         data, _ = load_safetensors(path, check_finite=True)
+    return _normalised(data, path.name)
+
+
+def _normalised(data, where: str) -> dict[str, torch.Tensor]:
+    """An embedding's tensors as {'': (n, D)} or {'clip_l': …, 'clip_g': …}; anything else is refused naming
+    `where`."""
     if not isinstance(data, dict):
         data = {"": data}
+    if isinstance(data.get("string_to_param"), dict):
+        data = dict(data["string_to_param"])
     if "clip_l" in data and "clip_g" in data:
         out = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
     elif "emb_params" in data:
@@ -76,11 +95,10 @@ def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     elif len(data) == 1:
         out = {"": next(iter(data.values()))}
     else:
-        raise CorruptWeightsError(f"{path.name}: not an embedding file (keys {sorted(data)[:4]})")
+        raise CorruptWeightsError(f"{where}: not an embedding (keys {sorted(data)[:4]})")
     for k, v in out.items():
         if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2) or not torch.isfinite(v).all():
-            raise CorruptWeightsError(f"{path.name}: not an embedding file (its vectors are not a finite (n, D) "
-                                      "tensor)")
+            raise CorruptWeightsError(f"{where}: not an embedding (its vectors are not a finite (n, D) tensor)")
         out[k] = v.reshape(-1, v.shape[-1]) if v.ndim == 2 else v[None]
     return out
 
@@ -106,12 +124,12 @@ def _signature(path: Path) -> tuple:
     return (str(path), st.st_mtime_ns, st.st_size)
 
 
-def _add(tokenizer, encoder, name: str, vectors: torch.Tensor) -> list[str]:
+def _add(tokenizer, encoder, name: str, vectors: torch.Tensor, stem: str = "ti") -> list[str]:
     emb = encoder.get_input_embeddings()
     if vectors.shape[-1] != emb.weight.shape[1]:
         raise LoraStudioError(f"its vectors are {vectors.shape[-1]} wide, this text encoder's are "
                               f"{emb.weight.shape[1]}: it was made for another kind of model")
-    tokens = [f"<ti:{name}:{i}>" for i in range(vectors.shape[0])]
+    tokens = [f"<{stem}:{name}:{i}>" for i in range(vectors.shape[0])]
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -125,7 +143,6 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
     """Load the embeddings of `folder` that `texts` name and are not loaded yet; returns warnings for those that
     cannot be used here (the word then stays text)."""
     warnings = []
-    pipe = model.pipe
     have = loaded(model)
     seen = model.__dict__.setdefault("_embedding_files", {})  # word -> (file, mtime, size) when loaded
     files = embedding_files(folder)
@@ -137,16 +154,7 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
         if name in have or not any(_word(name).search(t or "") for t in texts):
             continue
         try:
-            vec = _vectors(path, allow_pickle)
-            if model.family == "sdxl":
-                if "clip_l" not in vec:
-                    raise LoraStudioError("it has one set of vectors; SDXL needs clip_l and clip_g")
-                new = {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vec["clip_l"]),
-                       "tokenizer_2": _add(pipe.tokenizer_2, pipe.text_encoder_2, name, vec["clip_g"])}
-            else:
-                if "" not in vec:
-                    raise LoraStudioError("it is an SDXL embedding (clip_l and clip_g)")
-                new = {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vec[""])}
+            new = add_vectors(model, name, _vectors(path, allow_pickle), "ti")
         except LoraStudioError as e:  # said without the folder (the app's users see it)
             why = str(e).replace(f"{path}: ", "").replace(f"{path.name}: ", "").replace(str(path), path.name)
             warnings.append(f"embedding '{path.name}' is not used: {why}")
@@ -156,4 +164,67 @@ def use_embeddings(model, folder: str | os.PathLike | None, texts, allow_pickle:
     return warnings
 
 
-__all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES"]
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def split_bundled(sd: dict, where: str = "the adapter") -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """An adapter file's tensors without its bundled embeddings, and those: {word: {'': (n, D)} or
+    {'clip_l': …, 'clip_g': …}}. A1111's readers take `bundle_emb.<word>.<key>` with the key of an embedding
+    file (`string_to_param.*`, `emb_params`, `clip_l` / `clip_g`, or any single one)."""
+    rest, raw = {}, {}
+    for k, v in sd.items():
+        if not k.startswith(BUNDLE_PREFIX):
+            rest[k] = v
+            continue
+        word, _, key = k[len(BUNDLE_PREFIX):].partition(".")
+        if not word or not key:
+            raise CorruptWeightsError(f"{where}: bundled embedding key '{k}' has no word or no vector name")
+        raw.setdefault(word, {})[key] = v
+    out = {}
+    for word, data in raw.items():
+        if not all(isinstance(v, torch.Tensor) for v in data.values()):  # shapes only (a header's view)
+            out[word] = data
+            continue
+        if len(data) > 1 and not {"clip_l", "clip_g"} <= set(data):
+            data = {k.removeprefix("string_to_param."): v for k, v in data.items()}
+        out[word] = _normalised(data, f"{where}: bundled embedding '{word}'")
+    return rest, out
+
+
+def bundle_keys(word: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors that carry embedding `word` inside an adapter file, as A1111 reads them: SD 1.x/2.x's one set
+    as a textual-inversion file's `string_to_param.*`, SDXL's as `clip_l` and `clip_g`."""
+    if set(vectors) == {""}:
+        return {f"{BUNDLE_PREFIX}{word}.string_to_param.*": vectors[""].contiguous()}
+    return {f"{BUNDLE_PREFIX}{word}.{k}": vectors[k].contiguous() for k in ("clip_l", "clip_g")}
+
+
+def vector_count(vectors: dict) -> int:
+    """How many vectors (tokens) an embedding has, from its tensors or their shapes."""
+    first = next(iter(vectors.values()))
+    shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first)
+    return 1 if len(shape) == 1 else int(shape[0])
+
+
+def add_vectors(model, name: str, vectors: dict[str, torch.Tensor], stem: str) -> dict[str, list[str]]:
+    """Put an embedding's vectors into the model's tokenizer(s) and text encoder(s) as tokens `<stem:name:i>`
+    (the same names in both of SDXL's); returns {tokenizer attribute: tokens}. Raises LoraStudioError when the
+    vectors do not fit this family or width."""
+    pipe = model.pipe
+    if model.family == "sdxl":
+        if "clip_l" not in vectors:
+            raise LoraStudioError("it has one set of vectors; SDXL needs clip_l and clip_g")
+        return {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vectors["clip_l"], stem),
+                "tokenizer_2": _add(pipe.tokenizer_2, pipe.text_encoder_2, name, vectors["clip_g"], stem)}
+    if "" not in vectors:
+        raise LoraStudioError("it is an SDXL embedding (clip_l and clip_g)")
+    return {"tokenizer": _add(pipe.tokenizer, pipe.text_encoder, name, vectors[""], stem)}
+
+
+def token_stem(adapter: str) -> str:
+    """The token names' stem for an adapter's bundled words (one per adapter name: reloading reuses them)."""
+    return "lora-" + re.sub(r"[^\w-]", "_", adapter)
+
+
+__all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES",
+           "bundled", "split_bundled", "bundle_keys", "add_vectors", "vector_count", "token_stem", "BUNDLE_PREFIX"]

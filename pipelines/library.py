@@ -18,7 +18,7 @@ import unicodedata
 from pathlib import Path
 from typing import Callable
 
-from .adapters import FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
+from .adapters import FORMAT_EMBEDDING, FORMAT_KOHYA, FORMAT_PEFT, AdapterInfo, export_adapter, inspect_adapter
 from .errors import ConfigError, UnsafeNameError
 from .weights_io import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, atomic_write, load_safetensors, read_metadata,
                          save_safetensors, stale_temp_files)
@@ -422,20 +422,26 @@ class AdapterLibrary:
 
     def export(self, name: str, fmt: str = FORMAT_KOHYA, dst: str | os.PathLike | None = None, *,
                base=None, precision: str | None = None) -> Path:
-        """Write adapter `name` in format 'kohya' (A1111/ComfyUI) or 'peft' (diffusers) to `dst`.
+        """Write adapter `name` in format 'kohya' (A1111/ComfyUI), 'peft' (diffusers) or 'embedding' (its bundled
+        embedding alone, for an embeddings folder) to `dst`.
 
         `dst` may be a folder (the file is named after the adapter) or a file path; default:
         <library>/exports/<name>.<fmt>.safetensors.
         """
-        if fmt not in (FORMAT_KOHYA, FORMAT_PEFT):
-            raise ConfigError(f"format: unknown export format '{fmt}' (choose 'kohya' or 'peft')")
+        if fmt not in (FORMAT_KOHYA, FORMAT_PEFT, FORMAT_EMBEDDING):
+            raise ConfigError(f"format: unknown export format '{fmt}' (choose 'kohya', 'peft' or 'embedding')")
         src = self.path_for(name)
+        stem = src.stem
+        if fmt == FORMAT_EMBEDDING:  # named after its word: AUTOMATIC1111 and ComfyUI take a file's name as the word
+            words = inspect_adapter(src, check_tensors=False, compute_hash=False).embeddings
+            stem = next(iter(words), stem)
         if dst is None:
-            out = self.root / "exports" / f"{src.stem}.{fmt}{SAFETENSORS_SUFFIX}"
+            out = self.root / "exports" / (f"{stem}{SAFETENSORS_SUFFIX}" if fmt == FORMAT_EMBEDDING
+                                           else f"{stem}.{fmt}{SAFETENSORS_SUFFIX}")
         else:
             out = Path(dst).expanduser()
             if out.is_dir():
-                out = out / f"{src.stem}{SAFETENSORS_SUFFIX}"
+                out = out / f"{stem}{SAFETENSORS_SUFFIX}"
         if out.resolve() == src.resolve():
             raise ConfigError("out: the export would overwrite the adapter itself")
         written = export_adapter(src, out, fmt, base=base, allow_pickle=False, precision=precision)

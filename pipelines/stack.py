@@ -52,7 +52,8 @@ from .adapters import (
 )
 from .base_models import BaseModel
 from .dora import ChannelScale, channel_state, clear_channels, combine, scaled_weight, set_channels
-from .errors import ConfigError, IncompatibleAdapterError
+from .embeddings import add_vectors, bundled, split_bundled, token_stem, vector_count
+from .errors import ConfigError, IncompatibleAdapterError, LoraStudioError
 from .generation import GeneratedImage, GenerationRequest, format_parameters, generate as _generate
 from .single_file import unet_block_prefixes, unet_layout, unet_module_to_ldm
 from .weights_io import PICKLE_SUFFIXES, addnet_hash, load_safetensors
@@ -423,6 +424,7 @@ class _Loaded:
     key: tuple[str, int, int]  # resolved path, mtime_ns, size
     info: AdapterInfo
     components: list[str]
+    words: dict = field(default_factory=dict)  # its bundled embeddings: word -> {tokenizer attribute: tokens}
 
 
 def _lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
@@ -700,12 +702,20 @@ class AdapterStack:
                 return self._loaded[known].info
             sd, meta = load_safetensors(p, allow_pickle=self.allow_pickle, check_finite=True)
             self.reads += 1
+            sd, vectors = split_bundled(sd, p.name)  # A1111's bundled embeddings: words while it is in use
             sd, lyco = as_lora(sd, self.model, where=p, dora=True)  # LoHa / LoKr: exact LoRA factors; DoRA below
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
             alphas = {k: float(v.float().reshape(-1)[0]) for k, v in sd.items() if k.endswith(".alpha") and v.numel()}
             fhash = addnet_hash(p) if p.suffix.lower() not in PICKLE_SUFFIXES else ""
             info, layers, report = describe(shapes, meta, alphas, path=p, name=name, base=self.model, file_hash=fhash,
-                                            lycoris=lyco)
+                                            lycoris=lyco, embeddings={w: vector_count(v) for w, v in vectors.items()})
+            words = {}
+            for word, vec in vectors.items():
+                try:
+                    words[word] = add_vectors(self.model, word, vec, token_stem(name))
+                except LoraStudioError as e:
+                    raise IncompatibleAdapterError(f"{p.name}: its bundled embedding '{word}' does not fit the base "
+                                                   f"model: {e}") from None
             for module in report.missing:  # partly matching file: load only what fits (no peft warnings)
                 layer = layers[module]
                 for k in (layer.a_key, layer.b_key, layer.a_key.split(".")[0] + ".alpha"):
@@ -722,7 +732,7 @@ class AdapterStack:
             try:
                 self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
                 self._attach_dora(adapter, terms)
-                self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components)
+                self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components, words)
             finally:  # re-apply the selection (without this adapter if its new version failed to load)
                 self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
             return info
@@ -843,6 +853,7 @@ class AdapterStack:
                     self.pipe.unload_lora_weights()
                 self._loaded.clear()
                 self._stack = ()
+                self._use_words(())
                 self._applied, self._layer_cache = None, []
                 return
             for n in names:
@@ -883,6 +894,7 @@ class AdapterStack:
     def _apply(self, entries: tuple[StackEntry, ...]) -> None:
         pipe = self.pipe
         self._stack = entries
+        self._use_words(entries)
         if not self._loaded:
             return
         if self._detached:  # fused (the same stack, reordered): applied for real when unfused
@@ -909,6 +921,13 @@ class AdapterStack:
         else:
             self._activate(names, by_adapter)
             self._applied = names
+
+    def _use_words(self, entries: tuple[StackEntry, ...]) -> None:
+        """The bundled embeddings of the adapters in the stack are the prompt words in use (a later one's wins)."""
+        words = bundled(self.model)
+        words.clear()
+        for e in entries:
+            words.update(self._loaded[e.name].words)
 
     def _entry_scale(self, adapter: str, comp: str, block: int | None) -> float:
         """An adapter's weight in one layer of `comp`, from the applied stack's entry."""

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -347,6 +348,25 @@ class TrainConfig:
     text_targets: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
                                      group="LoRA", label="Text-encoder modules", list="comma",
                                      help="text-encoder modules that get LoRA")
+    # pivotal tuning (diffusers' advanced DreamBooth LoRA scripts' --train_text_encoder_ti; kohya's textual
+    # inversion): the trigger word becomes new token vectors trained with the LoRA, saved in the file as
+    # AUTOMATIC1111's bundled embedding (`bundle_emb.<trigger>.…`)
+    pivotal: bool = option(False, group="LoRA", label="Pivotal tuning (train the trigger's embedding)",
+                           help="the trigger word becomes new token vectors trained with the LoRA (textual inversion "
+                                "+ LoRA, as diffusers' advanced DreamBooth scripts do); the file carries them as "
+                                "AUTOMATIC1111's bundled embedding, so the word works wherever the adapter is loaded")
+    ti_vectors: int = option(2, group="LoRA", label="Pivotal: vectors per trigger", min=1, max=75,
+                             help="with pivotal tuning: how many token vectors the trigger word becomes (diffusers' "
+                                  "num_new_tokens_per_abstraction, 2)")
+    lr_ti: float = option(5e-4, group="LoRA", label="Pivotal: embedding learning rate", gt=0.0, step=1e-4,
+                          help="with pivotal tuning: the learning rate of the trigger's vectors")
+    ti_frac: float = option(0.5, group="LoRA", label="Pivotal: share of steps", gt=0.0, max=1.0, step=0.05,
+                            help="with pivotal tuning: the vectors train over this share of the steps, then stay as "
+                                 "they are while the LoRA goes on (diffusers' train_text_encoder_ti_frac, 0.5)")
+    ti_init: str | None = option(None, group="LoRA", label="Pivotal: initial word",
+                                 help="with pivotal tuning: start the vectors from this word's (or text's) token "
+                                      "embeddings, repeated to fill them (kohya's --init_word); unset: random, scaled "
+                                      "like the vocabulary's")
     clip_skip: int = option(1, group="LoRA", label="Clip skip", min=1, max=12,
                             help="train on the text encoder's layer N from the end, as AUTOMATIC1111's Clip skip "
                                  "(2 for anime models such as NovelAI-based ones; generate with the same value). "
@@ -496,6 +516,9 @@ class TrainConfig:
         if self.network != "lora" and self.quantize_base:
             raise ConfigError(f"quantize_base: {self.network} trains on an unquantized base only; use network "
                               "'lora' for QLoRA")
+        if self.pivotal and not re.fullmatch(r"[\w-]+", self.trigger or ""):
+            raise ConfigError(f"trigger: with pivotal tuning the trigger must be one word (letters, digits, _ or -), as "
+                              f"AUTOMATIC1111 names an embedding; got {self.trigger!r}")
         if self.dora and self.network != "lora":
             raise ConfigError(f"dora: DoRA is trained with network 'lora' here, not {self.network}")
         if self.dora and self.quantize_base:
@@ -586,6 +609,8 @@ class TrainConfig:
                 merged["lr_unet"] = 1.0
             if "lr_text" not in data:
                 merged["lr_text"] = merged["lr_unet"]
+            if "lr_ti" not in data:
+                merged["lr_ti"] = merged["lr_unet"]
         try:
             return cls(**merged)
         except TypeError as e:

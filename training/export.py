@@ -20,9 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
-               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor", "dora")
+               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor", "dora", "pivotal", "ti_vectors")
 # what a checkpoint made before a key existed holds: that field's default then
-RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1, "dora": False}
+RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1, "dora": False,
+                   "pivotal": False, "ti_vectors": 2}
 
 
 def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor],
@@ -47,7 +48,8 @@ def _ckpt_dir(run_dir: Path) -> Path:
 
 def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor], optimizer_state: dict,
                      scheduler_state: dict, cfg: TrainConfig, family: str | None = None,
-                     layout: dict | None = None, live_alphas: dict[str, float] | None = None) -> Path:
+                     layout: dict | None = None, live_alphas: dict[str, float] | None = None,
+                     embeddings: dict | None = None) -> Path:
     """Write checkpoints/step-N as a temporary folder renamed into place: all or nothing.
 
     With the base's `family` and UNet `layout` its adapter file has kohya's key layout like the finished
@@ -65,9 +67,13 @@ def write_checkpoint(run_dir: Path, step: int, adapter: dict[str, torch.Tensor],
                 "lora_studio.trigger": cfg.trigger, "ss_steps": str(step), **network_fields(cfg)}
         if family is not None and layout is not None:
             meta["lora_studio.base_family"] = family
-            save_kohya(adapter, tmp / "adapter.safetensors", meta, family=family, alphas=alphas, layout=layout)
+            save_kohya(adapter, tmp / "adapter.safetensors", meta, family=family, alphas=alphas, layout=layout,
+                       embeddings=embeddings)
         else:
-            save_adapter(adapter, tmp / "adapter.safetensors", meta, alpha=alphas)
+            from pipelines.embeddings import bundle_keys
+
+            extra = {k: v for w, vec in (embeddings or {}).items() for k, v in bundle_keys(w, vec).items()}
+            save_adapter({**adapter, **extra}, tmp / "adapter.safetensors", meta, alpha=alphas)
         state = {"optimizer": optimizer_state, "lr_scheduler": scheduler_state, "step": step,
                  "config": cfg.to_json()}
         torch.save(state, tmp / "state.pt")
@@ -129,6 +135,9 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
         raise TrainingError(f"cannot resume from {path}: the run's options differ ({'; '.join(diffs)})")
     adapter, meta = load_safetensors(path / "adapter.safetensors", check_finite=True)
     from pipelines.adapters import FORMAT_PEFT, detect_format, layout_for, magnitudes_as_peft
+    from pipelines.embeddings import split_bundled
+
+    adapter, state["embeddings"] = split_bundled(adapter, str(path))  # pivotal tuning's vectors
     from pipelines.dora import has_dora
     from pipelines.lycoris import is_lycoris
 
@@ -319,7 +328,8 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     alphas = adapter_alphas(cfg, sd, tr.live_alphas())
     try:
         save_kohya(sd, path, meta, family=tr.base.family, alphas=alphas, layout=json.loads(meta[UNET_LAYOUT_KEY]),
-                   dtype=PRECISIONS[cfg.save_precision] if cfg.save_precision != "fp32" else None)
+                   dtype=PRECISIONS[cfg.save_precision] if cfg.save_precision != "fp32" else None,
+                   embeddings=tr.embeddings())
     except OSError as e:
         raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
     if preview is not None:
@@ -398,6 +408,17 @@ def optimizer_line(cfg: TrainConfig) -> str:
     return f"{optimizer_label(describe(cfg.optimizer, cfg.optimizer_args))}, {lr}, {cfg.lr_scheduler} schedule"
 
 
+def pivotal_note(cfg: TrainConfig) -> str:
+    """The model card's words on a pivotal-tuned adapter's bundled embedding: where the trigger word works."""
+    return (f"The trigger word `{cfg.trigger}` is a trained embedding ({cfg.ti_vectors} token vector(s), pivotal "
+            f"tuning), bundled in the file as AUTOMATIC1111's `bundle_emb.{cfg.trigger}`: in this app and in "
+            f"AUTOMATIC1111 (1.7 or later) or Forge the word means what was trained while the adapter is in use. "
+            f"ComfyUI and diffusers leave bundled embeddings out: `lora-studio loras export {cfg.name} --format "
+            f"embedding` writes `{cfg.trigger}.safetensors` for ComfyUI's `models/embeddings` (write "
+            f"`embedding:{cfg.trigger}` where the trigger goes), and `--format peft` writes the LoRA for diffusers' "
+            f"`load_lora_weights` with `{cfg.name}_emb.safetensors` beside it for `load_textual_inversion`. ")
+
+
 def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
     from .lora import NETWORK_LABELS
 
@@ -418,13 +439,14 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\""
         + (f" --clip-skip {cfg.clip_skip}" if cfg.clip_skip > 1 else "") + "\n\n"
         + (f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
-           f"folder, or load it in diffusers with `pipe.load_lora_weights(path)`. "
+           + ("folder. " if cfg.pivotal else "folder, or load it in diffusers with `pipe.load_lora_weights(path)`. ")
            if cfg.network == "lora" and not cfg.dora else
            "The file uses kohya's key layout with LyCORIS' DoRA magnitudes (`dora_scale`, one length per input "
            "channel): copy it as it is into AUTOMATIC1111's (1.9 or later) or ComfyUI's `models/Lora` folder, which "
            "apply DoRA natively. " if cfg.dora else
            f"The file uses LyCORIS' key layout under kohya's module names: copy it as it is into AUTOMATIC1111's or "
            f"ComfyUI's `models/Lora` folder, which apply {NETWORK_LABELS[cfg.network]} natively. ")
+        + (pivotal_note(cfg) if cfg.pivotal else "")
         + f"Copy `{cfg.name}.json` beside it "
         f"too: AUTOMATIC1111 reads it as the adapter's user metadata, so its card adds the trigger word "
         f"`{cfg.trigger}` to the prompt.\n\n"

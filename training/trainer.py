@@ -222,9 +222,11 @@ def preserve_images_folder(cfg: TrainConfig, base: BaseModel, resolution: int, p
 def encode_text(base: BaseModel, prompts: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, 77, D) prompt embeddings, and SDXL's pooled embeddings (B, D2) (None otherwise); `clip_skip` as
     AUTOMATIC1111 counts it (1: the text encoder's last layer)."""
+    from pipelines.embeddings import expand
     from pipelines.generation import skipped_embeddings
 
     pipe = base.pipe
+    prompts = [expand(base, p) for p in prompts]  # pivotal tuning: the trigger's own tokens (same names in SDXL's two)
     if (skip := clip_skip_arg(base, clip_skip)) is not None:
         return skipped_embeddings(pipe, prompts, skip, base.device), None
     if base.family == "sdxl":
@@ -641,7 +643,17 @@ class Trainer:
             conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None,
             network=cfg.network, lokr_factor=cfg.lokr_factor, dora=cfg.dora)
         self.components = list(self.lora_configs)
-        self.text = TextCache(base, live=cfg.train_text_encoder, keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
+        self.pivotal = None  # pivotal tuning: the trigger's own trainable token vectors (training.pivotal)
+        if cfg.pivotal:
+            from . import pivotal
+
+            self.pivotal = pivotal.attach(base, cfg)
+            self.ti_steps = pivotal.training_steps(cfg)
+            _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+                f"pivotal tuning: '{cfg.trigger}' becomes {cfg.ti_vectors} new token vector(s), trained for "
+                f"{self.ti_steps} of {cfg.max_steps} steps at lr {cfg.lr_ti:g}")))
+        self.text = TextCache(base, live=cfg.train_text_encoder or cfg.pivotal, keep=not cfg.shuffle_tags,
+                              clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
         self.unet_dtype = base.pipe.unet.dtype
         if self.preserve:
@@ -705,6 +717,8 @@ class Trainer:
         groups = [{"params": lora_mod.trainable_params(pipe.unet), "lr": cfg.lr_unet}]
         for comp in self.components[1:]:
             groups.append({"params": lora_mod.trainable_params(getattr(pipe, comp)), "lr": cfg.lr_text})
+        if self.pivotal is not None:
+            groups.append({"params": self.pivotal.params, "lr": cfg.lr_ti})
         from .optimizers import build
 
         self.optimizer = build(cfg.optimizer, groups, cfg.lr_unet, cfg.weight_decay, cfg.optimizer_args)
@@ -725,7 +739,11 @@ class Trainer:
         if cfg.init_adapter:
             from pipelines.weights_io import load_safetensors
 
+            from pipelines.embeddings import split_bundled
+
             sd, meta = load_safetensors(cfg.init_adapter, check_finite=True)
+            sd, words = split_bundled(sd, str(cfg.init_adapter))
+            self._continue_embedding(words, cfg.init_adapter)
             sd, alphas = lora_mod.adapter_as_peft(self.base.pipe, sd, meta, cfg.init_adapter, network=cfg.network,
                                                   components=self.components, family=self.base.family)
             lora_mod.load_lora_state_dict(self.base.pipe, sd, self.components, cfg.init_adapter)
@@ -737,6 +755,8 @@ class Trainer:
         if ckpt is None:
             raise TrainingError(f"resume: no checkpoint found for '{cfg.resume}' in {self.run_dir / 'checkpoints'}")
         adapter, state = read_checkpoint(ckpt, cfg)
+        if self.pivotal is not None:
+            self._continue_embedding(state.get("embeddings", {}), str(ckpt))
         if cfg.network != "lora":  # LyCORIS names: onto this run's layers
             adapter, _ = lora_mod.lycoris_as_peft(self.base.pipe, self.components, adapter, self.base.family,
                                                   str(ckpt))
@@ -746,13 +766,34 @@ class Trainer:
         _emit(self.on_progress, Progress(int(state["step"]), cfg.max_steps, message=f"resumed from {ckpt}"))
         return int(state["step"])
 
+    def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The run's trained embedding ({trigger: vectors}) for the adapter file; {} without pivotal tuning."""
+        return {self.cfg.trigger: self.pivotal.vectors()} if self.pivotal is not None else {}
+
+    def _continue_embedding(self, words: dict, source) -> None:
+        """A file to continue from: its bundled embedding of the trigger goes on training with pivotal tuning;
+        one without pivotal tuning would be lost from the result, so it is refused."""
+        cfg = self.cfg
+        if words and self.pivotal is None:
+            raise ConfigError(f"init_adapter: {source} carries a trained embedding ({', '.join(words)}): continue it "
+                              "with pivotal = true, or its word would lose its meaning")
+        if self.pivotal is None:
+            return
+        key = next((w for w in words if w.casefold() == cfg.trigger.casefold()), None)
+        if key is not None:
+            self.pivotal.load(words[key], str(source))
+        elif words:
+            raise ConfigError(f"trigger: {source} carries an embedding of '{next(iter(words))}', not of "
+                              f"'{cfg.trigger}': continue it with that trigger word")
+
     def _checkpoint(self, step: int) -> Path | None:
         if not self.is_main:  # all processes hold the same weights: the main one writes them
             return None
         sd = lora_mod.lora_state_dict(self.base.pipe, self.components)
         path = write_checkpoint(self.run_dir, step, sd, self.optimizer.state_dict(),
                                 self.lr_scheduler.state_dict(), self.cfg, self.base.family,
-                                unet_layout(self.base.pipe.unet), live_alphas=self.live_alphas())
+                                unet_layout(self.base.pipe.unet), live_alphas=self.live_alphas(),
+                                embeddings=self.embeddings())
         prune_checkpoints(self.run_dir, self.cfg.checkpoints_keep)
         return path
 
@@ -828,11 +869,12 @@ class Trainer:
         """Average the LoRA gradients (and the loss) over processes, with accelerate's all-reduce."""
         if self.world == 1:
             return loss
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        params = [p for p in self.params if p.requires_grad]  # pivotal vectors done: not given a gradient again
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
         flat = self.accelerator.reduce(flat, reduction="mean")
         i = 0
-        for p in self.params:
+        for p in params:
             n = p.numel()
             p.grad = flat[i:i + n].view_as(p).to(p.dtype)
             i += n
@@ -861,6 +903,10 @@ class Trainer:
         cfg, base = self.cfg, self.base
         device = base.device
         torch.manual_seed(cfg.seed * 7919 + step)  # LoRA dropout
+        if self.pivotal is not None and step >= self.ti_steps and not self.pivotal.frozen:
+            self.pivotal.freeze()  # the trigger's vectors are done; the LoRA goes on (cached captions again)
+            self.text.live = cfg.train_text_encoder
+            self.text.cache.clear()
         total = 0.0
         for micro in range(cfg.grad_accum):
             k = step * cfg.grad_accum + micro
