@@ -1456,8 +1456,9 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to export")
         out = self.studio.library.export(name, "kohya", base=self.studio.base_for_adapter(name))
-        return (gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True),
-                f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss).")
+        files, note = self._with_embedding(name, with_user_metadata(out))
+        return (gr.update(value=[str(p) for p in files], visible=True),
+                f"Exported **{html.escape(name)}** in kohya format (AUTOMATIC1111, ComfyUI, kohya_ss). " + note)
 
     @ui_errors
     def resize_adapter(self, name: str, rank, keep, new: str):
@@ -1513,7 +1514,18 @@ class StudioUI:
         if not name:
             raise ConfigError("adapter: pick the adapter to download")
         out = self.studio.portable_file(name)
-        return gr.update(value=[str(p) for p in with_user_metadata(out)], visible=True), ""
+        files, note = self._with_embedding(name, with_user_metadata(out))
+        return gr.update(value=[str(p) for p in files], visible=True), note
+
+    def _with_embedding(self, name: str, files: list) -> tuple[list, str]:
+        """A pivotal-tuned adapter's files plus its trigger's embedding alone (ComfyUI reads no bundled embedding),
+        and a line saying what that file is for."""
+        if not self.studio.library.info(name).embeddings:
+            return files, ""
+        emb = self.studio.library.export(name, "embedding")
+        return [*files, emb], (f"`{html.escape(emb.name)}` is its trained trigger word, for ComfyUI's "
+                               f"`models/embeddings` (write `embedding:{html.escape(emb.stem)}` in the prompt); "
+                               "AUTOMATIC1111 reads it from the adapter file itself.")
 
     # ============================================================================================ layout
     def build(self) -> gr.Blocks:
