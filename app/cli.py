@@ -901,6 +901,12 @@ def cmd_loras_bake(args: argparse.Namespace) -> int:
         print(f"warning: {line}")
     tags = " ".join(e.tag() for e in entries)
     print(f"wrote {path} ({what}, {tags}) in {time.time() - t0:.1f}s")
+    if args.checkpoint:
+        from pipelines.weights_io import read_metadata
+
+        for name in filter(None, read_metadata(path).get("lora_studio.embeddings_beside", "").split(", ")):
+            print(f"wrote {path.with_name(name)} (a trained trigger word: a checkpoint holds no embedding; put it "
+                  "into the embeddings folder of AUTOMATIC1111, ComfyUI or this app)")
     return 0
 
 

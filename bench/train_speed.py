@@ -3,7 +3,7 @@
     python bench/train_speed.py [--arch toy|sd15|sdxl] [--resolution R] [--batch-size B] [--train-text-encoder]
                                 [--mixed-precision no|bf16] [--gradient-checkpointing] [--quantize-base int8]
                                 [--peer PATH/TO/train_dreambooth_lora.py] [--steps S1 S2] [--repeats N] [--floor]
-                                [--networks loha,lokr,dora]
+                                [--networks loha,lokr,dora,pivotal]
 
 Both trainers run as subprocesses on the same model, images (sample_data/concept-star), resolution, batch size
 and rank, UNet LoRA (with --train-text-encoder: text-encoder LoRA too), each with its own default recipe
@@ -185,6 +185,11 @@ def default_peer(arch: str) -> Path | None:
     return cached if cached.is_file() else None
 
 
+# --networks variants that are LoRA with an option rather than a network type; pivotal's vectors train at every step
+# of the measured runs (its cost while they train; afterwards a run costs what LoRA does)
+VARIANTS = {"dora": ["--dora"], "pivotal": ["--pivotal", "--ti-frac", "1"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=ARCHS, default="toy",
@@ -200,9 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the example script (default: $DREAMBOOTH_LORA_SCRIPT / $DREAMBOOTH_LORA_SDXL_SCRIPT, or "
                          "~/.cache/lora-studio-bench/peer/<script>)")
     ap.add_argument("--no-peer", action="store_true", help="only our figures")
-    ap.add_argument("--networks", default="", metavar="loha,lokr,dora",
-                    help="also our trainer with these network types (LyCORIS LoHa / LoKr, or LoRA with DoRA), side "
-                         "by side with its LoRA")
+    ap.add_argument("--networks", default="", metavar="loha,lokr,dora,pivotal",
+                    help="also our trainer with these network types (LyCORIS LoHa / LoKr, LoRA with DoRA, or LoRA with "
+                         "pivotal tuning, its vectors training at every step), side by side with its LoRA")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter for the peer")
     ap.add_argument("--ours-python", default=sys.executable,
                     help="interpreter for LoRA Studio (give both the same one to compare on equal torch builds)")
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         networks = [x.strip() for x in args.networks.split(",") if x.strip()]
         for net in networks:
             runners[f"ours-{net}"] = (lambda net: lambda n: ours_cmd(args.ours_python, n, work, base, args)
-                                      + (["--dora"] if net == "dora" else ["--network", net]))(net)
+                                      + VARIANTS.get(net, ["--network", net]))(net)
         if peer and Path(peer).is_file():
             runners["diffusers"] = lambda n: peer_cmd(args.peer_python, Path(peer), n, work, base, args)
         res = measure(runners, steps, repeats, env, peak_dir=work)

@@ -1288,7 +1288,7 @@ def export_adapter(
         if precision is not None:
             words = {w: {k: v.to(PRECISIONS[precision]) for k, v in vec.items()} for w, vec in words.items()}
         if fmt == FORMAT_EMBEDDING:
-            return _export_embedding(words, dst)
+            return save_embedding(words, dst)
         layout = layout_for(meta, base)
         if layout is None and has_sgm_names(sd):
             raise IncompatibleAdapterError("its SDXL UNet names (input_blocks/…) can only be read with the base "
@@ -1334,7 +1334,7 @@ def export_adapter(
             # diffusers' load_lora_weights refuses keys it does not know: the embedding goes beside, as diffusers'
             # pivotal-tuning example writes it (<name>_emb.safetensors, for pipe.load_textual_inversion)
             if words:
-                _export_embedding(words, embedding_path(dst))
+                save_embedding(words, embedding_path(dst))
             return save_adapter(peft_sd, dst, keep, alpha=alphas)
     except (IncompatibleAdapterError, CorruptWeightsError) as e:
         raise type(e)(f"{src}: {e}") from None
@@ -1347,7 +1347,7 @@ def embedding_path(adapter_file: str | os.PathLike) -> Path:
     return p.with_name(p.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(".peft") + "_emb" + SAFETENSORS_SUFFIX)
 
 
-def _export_embedding(words: Mapping[str, dict], dst: Path) -> Path:
+def save_embedding(words: Mapping[str, dict], dst: str | os.PathLike) -> Path:
     """An adapter's bundled embedding as an embeddings-folder file: A1111's `emb_params` (SD 1.x/2.x) or SDXL's
     `clip_l` and `clip_g`, which AUTOMATIC1111, ComfyUI and this app read; diffusers' load_textual_inversion reads
     it with `token=`."""
@@ -1374,5 +1374,5 @@ __all__ = [
     "match_layers", "check_compatible", "inspect_adapter", "describe", "to_peft", "to_kohya", "export_adapter",
     "kohya_metadata", "layout_for", "has_sgm_names", "UNET_LAYOUT_KEY", "SUGGESTED_START_KEY",
     "export_kohya", "canonical_peft_keys", "preview_for", "FAMILY_LABELS", "save_kohya", "as_lora", "fold_dora",
-    "magnitudes_as_peft", "FORMAT_EMBEDDING", "embedding_path",
+    "magnitudes_as_peft", "FORMAT_EMBEDDING", "embedding_path", "save_embedding",
 ]

@@ -46,6 +46,7 @@ from .adapters import (
     fold_dora,
     diffusers_adapter_config,
     lora_metadata,
+    save_embedding,
     save_kohya,
     text_encoder_to_peft,
     to_peft,
@@ -425,6 +426,7 @@ class _Loaded:
     info: AdapterInfo
     components: list[str]
     words: dict = field(default_factory=dict)  # its bundled embeddings: word -> {tokenizer attribute: tokens}
+    vectors: dict = field(default_factory=dict)  # and their vectors: word -> {'' or clip_l / clip_g: (n, D)}
 
 
 def _lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
@@ -732,7 +734,8 @@ class AdapterStack:
             try:
                 self._load_into_pipe(sd, meta, adapter, report.matched_components, p)
                 self._attach_dora(adapter, terms)
-                self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components, words)
+                self._loaded[name] = _Loaded(name, adapter, p, key, info, report.matched_components, words,
+                                             vectors)
             finally:  # re-apply the selection (without this adapter if its new version failed to load)
                 self._apply(tuple(e for e in self._stack if self._key_of(e.name) is not None))
             return info
@@ -1150,11 +1153,29 @@ class AdapterStack:
             )
             meta.update(metadata or {})
             return save_kohya(sd, path, meta, family=self.model.family, alphas=alphas,
-                              layout=unet_layout(self.model.pipe.unet))
+                              layout=unet_layout(self.model.pipe.unet), embeddings=self._bundled_of(ents))
+
+    def _bundled_of(self, ents: Sequence[StackEntry]) -> dict[str, dict[str, torch.Tensor]]:
+        """The bundled embeddings of a stack's adapters, for what is baked from it; two different ones of the same
+        word are refused (either would change what the other adapter's word means)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        owner: dict[str, str] = {}
+        for e in ents:
+            for word, vec in self._loaded[e.name].vectors.items():
+                key = next((w for w in out if w.casefold() == word.casefold()), None)
+                if key is not None and not all(torch.equal(out[key][k], vec.get(k, torch.empty(0))) for k in out[key]):
+                    raise ConfigError(f"lora: '{owner[key]}' and '{e.name}' both carry an embedding of the word "
+                                      f"'{word}', different ones; bake them separately")
+                out.setdefault(key or word, vec)
+                owner.setdefault(key or word, e.name)
+        return out
 
     def bake_checkpoint(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                         entries: Iterable[StackEntry | tuple | str] | None = None) -> Path:
         """Write the base model with the weighted stack merged in as ONE single-file checkpoint.
+
+        The bundled embeddings of its adapters (pivotal tuning's trigger words), which no checkpoint holds, are
+        written beside it as `<word>.safetensors`, the files an embeddings folder takes (A1111, ComfyUI, this app).
 
         The file uses the original (LDM) names that AUTOMATIC1111 and ComfyUI load, and loads back
         with `load_base`. The stack is fused for the write and unfused after (unless it was fused
@@ -1189,7 +1210,14 @@ class AdapterStack:
                 meta.update(metadata or {})
                 sds = {c: plain_state_dict(getattr(self.pipe, c)) for c in COMPONENTS
                        if getattr(self.pipe, c, None) is not None}
-                return save_single_file(self.pipe, path, meta, state_dicts=sds)
+                words = self._bundled_of(ents)
+                beside = [Path(path).with_name(f"{w}.safetensors") for w in words]
+                if beside:  # a checkpoint holds no embedding: each goes beside it, as an embeddings-folder file
+                    meta["lora_studio.embeddings_beside"] = ", ".join(b.name for b in beside)
+                out = save_single_file(self.pipe, path, meta, state_dicts=sds)
+                for (word, vec), dst in zip(words.items(), beside):
+                    save_embedding({word: vec}, dst)
+                return out
             finally:
                 if changed:
                     self.set_stack(before)  # unfuses (a different stack), then the old selection

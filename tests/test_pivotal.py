@@ -190,3 +190,47 @@ def test_bundled_embeddings_that_do_not_fit_are_refused(tiny_sd1_dir, tiny_sdxl_
     with pytest.raises(IncompatibleAdapterError, match="x.safetensors: its bundled embedding 'ohwx'"):
         stack.load("x", path)
     assert stack.loaded == {} and len(model.pipe.tokenizer) == vocab
+
+
+def _adapter_with_word(model, path, word, vec, seed=0):
+    from lora_helpers import make_lora
+    from pipelines.adapters import lora_metadata, save_kohya
+
+    save_kohya(make_lora(model.pipe, rank=2, seed=seed), path, lora_metadata(family="sd1", rank=2, alpha=2),
+               family="sd1", alphas=2.0, layout=None, embeddings={word: {"": vec}} if vec is not None else None)
+    return path
+
+
+def test_baking_keeps_the_trained_word(tiny_sd1_dir, tmp_path):
+    """A stack baked into one adapter carries its adapters' embeddings; baked into a checkpoint, each embedding is
+    written beside it as an embeddings-folder file (a checkpoint holds none)."""
+    model = load_base(str(tiny_sd1_dir), device="cpu")
+    width = model.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vec = torch.randn(2, width, generator=torch.Generator().manual_seed(4)) * 0.3
+    x = _adapter_with_word(model, tmp_path / "x.safetensors", "ohwx", vec)
+    y = _adapter_with_word(model, tmp_path / "y.safetensors", "", None, seed=1)
+    stack = AdapterStack(model)
+    stack.load("x", x)
+    stack.load("y", y)
+    stack.set_stack([StackEntry("x", 0.5), StackEntry("y", 1.0)])
+    prompt = "a blue ohwx on a white background"
+    want, _ = _cond(model, prompt)
+    baked = stack.bake(tmp_path / "b.safetensors")
+    torch.testing.assert_close(split_bundled(load_safetensors(baked)[0])[1]["ohwx"][""], vec)
+    stack.unload()
+    stack.load("b", baked)
+    stack.set_stack([StackEntry("b", 1.0)])
+    torch.testing.assert_close(_cond(model, prompt)[0], want, rtol=1e-4, atol=1e-5)
+    stack.unload()
+    stack.load("x", x)
+    stack.set_stack([StackEntry("x", 1.0)])
+    (tmp_path / "ckpt").mkdir()
+    ckpt = stack.bake_checkpoint(tmp_path / "ckpt" / "m.safetensors")
+    emb, meta = load_safetensors(tmp_path / "ckpt" / "ohwx.safetensors")
+    torch.testing.assert_close(emb["emb_params"], vec)
+    assert load_safetensors(ckpt)[1]["lora_studio.embeddings_beside"] == "ohwx.safetensors"
+    # two adapters with different embeddings of one word: refused, naming both
+    z = _adapter_with_word(model, tmp_path / "z.safetensors", "OHWX", vec + 1, seed=2)
+    stack.load("z", z)
+    with pytest.raises(ConfigError, match="'x' and 'z' both carry an embedding of the word 'OHWX'"):
+        stack.bake(tmp_path / "c.safetensors", entries=[StackEntry("x", 1.0), StackEntry("z", 1.0)])

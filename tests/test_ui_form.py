@@ -80,6 +80,8 @@ def _typed(o, default):
         return v, v
     if o.kind is float:
         v = 0.25 if o.below is not None else (default or 0.5) * 3
+        if o.max is not None and v > o.max:  # a share (ti_frac): inside its range, away from the default
+            v = o.max * 0.75
         return v, v
     v = "a drawing of {trigger}" if o.name == "instance_template" else "a shape"
     return v, v
