@@ -12,7 +12,8 @@ keeps the word as text.
 
 LoRA files may carry embeddings of their own (AUTOMATIC1111's bundled embeddings: `bundle_emb.<word>.<key>`, as
 kohya's tools and pivotal-tuning trainers write them, and as this app's `--pivotal` training does): such a word
-works while its adapter is in the stack (`use_bundled`), whatever the embeddings folder holds, as in A1111.
+works while its adapter is in the stack (pipelines.stack fills `bundled(model)`), whatever the embeddings folder
+holds, as in A1111.
 """
 
 from __future__ import annotations
