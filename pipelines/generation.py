@@ -30,7 +30,20 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "PNDM": ("PNDMScheduler", {}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    # the few-step LoRAs' samplers: LCM-LoRA's (A1111's and ComfyUI's "LCM"); SDXL-Lightning's Euler with
+    # A1111's "SGM Uniform" schedule (diffusers' trailing timesteps, as its model card gives it); TCD-LoRA's and
+    # Hyper-SD's TCD
+    "LCM": ("LCMScheduler", {}),
+    "Euler SGM Uniform": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "DPM++ 2M SGM Uniform": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+    "TCD": ("TCDScheduler", {}),
 }
+_SAMPLER_KEYS = {k for _, extra in SCHEDULERS.values() for k in extra} - {"use_karras_sigmas"}  # besides Karras
 _SCHEDULER_ALIASES = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in SCHEDULERS}
 _SCHEDULER_ALIASES.update({"eulerancestral": "Euler a", "dpmpp2mkarras": "DPM++ 2M Karras", "dpmpp2m": "DPM++ 2M"})
 
@@ -128,14 +141,25 @@ def set_scheduler(pipe, name: str) -> None:
     """Swap the pipeline's sampler, keeping the model's own noise schedule configuration."""
     import diffusers
 
-    cls_name, extra = SCHEDULERS[scheduler_name(name)]
+    name = scheduler_name(name)
+    cls_name, extra = SCHEDULERS[name]
     current = pipe.scheduler
-    if type(current).__name__ == cls_name and all(current.config.get(k) == v for k, v in extra.items()):
+    if pipe.__dict__.get("_sampler_set") == (name, id(current)):
+        return
+    # from the model's own configuration each time: a sampler's options (SDE, trailing timesteps) never carry over
+    # into the next one
+    own = pipe.__dict__.get("_own_scheduler_config")
+    if own is None or pipe.__dict__.get("_sampler_set", (None, None))[1] != id(current):  # first, or replaced
+        own = pipe.__dict__["_own_scheduler_config"] = {k: v for k, v in current.config.items()
+                                                        if not k.startswith("_") and k != "use_karras_sigmas"}
+    want = {**{k: own.get(k) for k in _SAMPLER_KEYS}, "use_karras_sigmas": False, **extra}
+    if type(current).__name__ == cls_name and all(current.config.get(k) == v for k, v in want.items()
+                                                  if k in current.config):
+        pipe.__dict__["_sampler_set"] = (name, id(current))
         return
     cls = getattr(diffusers, cls_name)
-    cfg = {k: v for k, v in current.config.items() if not k.startswith("_")}
-    cfg.pop("use_karras_sigmas", None)
-    pipe.scheduler = cls.from_config(cfg, **extra)
+    pipe.scheduler = cls.from_config(own, **extra)
+    pipe.__dict__["_sampler_set"] = (name, id(pipe.scheduler))
 
 
 def clip_skip_arg(model: BaseModel, clip_skip: int, name: str = "clip_skip") -> int | None:

@@ -71,3 +71,14 @@ def test_num_processes_must_be_positive(star_images, tiny_sd1_dir, tmp_path, cap
                "--output-dir", str(tmp_path)])
     assert rc != 0
     assert "--num-processes" in capsys.readouterr().err
+
+
+def test_pivotal_tuning_with_two_processes_equals_one(star_images, tiny_sd1_dir, tmp_path):
+    """The trigger's vectors are averaged over processes like the LoRA's: two processes give the same file."""
+    ref = train(TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "one"),
+                            batch_size=2, pivotal=True, lr_ti=5e-2, **COMMON))
+    lib = tmp_path / "two"
+    _launch(star_images, tiny_sd1_dir, lib, "--pivotal", "--lr-ti", "5e-2")
+    _assert_same(ref.adapter_path, lib / "dist.safetensors")
+    a, _ = load_safetensors(ref.adapter_path)
+    assert a["bundle_emb.sks.string_to_param.*"].shape[0] == 2

@@ -46,11 +46,36 @@ def test_batch_image_i_equals_single_image_with_seed_plus_i(tiny):
     assert np.abs(_arr(batch[1]) - _arr(single)).max() <= 1
 
 
-@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M Karras", "DDIM"])
+@pytest.mark.parametrize("name", ["Euler a", "DPM++ 2M Karras", "DDIM", "LCM", "Euler SGM Uniform", "TCD",
+                                  "DPM++ 2M SDE Karras", "DPM2 a"])
 def test_schedulers_run_and_are_recorded(tiny, name):
     out = generate(tiny, GenerationRequest(prompt="a circle", steps=3, seed=1, scheduler=name))[0]
     assert f"Sampler: {name}" in out.parameters
     assert out.image.size == (32, 32)
+
+
+def test_a_sampler_s_options_never_carry_over_into_the_next(tiny):
+    """SDE, Karras and trailing timesteps belong to their sampler: after one, the plain sampler of the same class is
+    the plain one again (the same picture as on a fresh pipeline)."""
+    from pipelines.generation import set_scheduler
+
+    pipe = tiny.pipe
+    plain = generate(tiny, GenerationRequest(prompt="a circle", steps=4, seed=3, scheduler="DPM++ 2M"))[0]
+    for other in ("DPM++ 2M SDE Karras", "DPM++ 2M SGM Uniform", "DPM++ 2M Karras"):
+        set_scheduler(pipe, other)
+        cfg = pipe.scheduler.config
+        assert (cfg.algorithm_type == "sde-dpmsolver++") == ("SDE" in other)
+        assert (cfg.timestep_spacing == "trailing") == ("SGM" in other)
+        assert bool(cfg.use_karras_sigmas) == other.endswith("Karras")
+        again = generate(tiny, GenerationRequest(prompt="a circle", steps=4, seed=3, scheduler="DPM++ 2M"))[0]
+        assert np.array_equal(_arr(again), _arr(plain)), other
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and not pipe.scheduler.config.use_karras_sigmas
+    # an A1111 image's sampler and schedule type read back as the same sampler
+    from pipelines.recall import _sampler
+
+    assert _sampler({"Sampler": "Euler", "Schedule type": "SGM Uniform"}, []) == "Euler SGM Uniform"
+    assert _sampler({"Sampler": "LCM"}, []) == "LCM"
+    assert _sampler({"Sampler": "DPM++ 2M SDE", "Schedule type": "Karras"}, []) == "DPM++ 2M SDE Karras"
 
 
 def test_scheduler_aliases():

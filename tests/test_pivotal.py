@@ -35,20 +35,21 @@ def _cond(model, prompt):
     return pe, pooled
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_the_trained_trigger_travels_in_the_file(star_images, tiny_sd1_dir, tiny_sdxl_dir, tmp_path, family):
-    base_dir = tiny_sd1_dir if family == "sd1" else tiny_sdxl_dir
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_trained_trigger_travels_in_the_file(star_images, tiny_sd1_dir, tiny_sd2_dir, tiny_sdxl_dir, tmp_path,
+                                                 family):
+    base_dir = {"sd1": tiny_sd1_dir, "sd2": tiny_sd2_dir, "sdxl": tiny_sdxl_dir}[family]
     tr = Trainer(_cfg(star_images, base_dir, tmp_path))
     start = initial_vectors(load_base(str(base_dir), device="cpu").pipe, 3, None, 3)
     res = tr.run()
     trained = tr.pivotal.vectors()
-    assert set(trained) == ({""} if family == "sd1" else {"clip_l", "clip_g"})
+    assert set(trained) == ({"clip_l", "clip_g"} if family == "sdxl" else {""})
     for k, v in trained.items():
         assert v.shape == start[k].shape and not torch.allclose(v, start[k])  # the vectors trained
     sd, meta = load_safetensors(res.adapter_path)
     emb = {k: v for k, v in sd.items() if k.startswith("bundle_emb.")}
     # A1111's bundled-embedding keys: SD 1.x a textual-inversion file's string_to_param, SDXL clip_l / clip_g
-    want = {"bundle_emb.sks.string_to_param.*"} if family == "sd1" else {"bundle_emb.sks.clip_l", "bundle_emb.sks.clip_g"}
+    want = {"bundle_emb.sks.clip_l", "bundle_emb.sks.clip_g"} if family == "sdxl" else {"bundle_emb.sks.string_to_param.*"}
     assert set(emb) == want
     assert all(k.startswith(("lora_unet_", "lora_te", "bundle_emb.")) for k in sd)
     card = res.adapter_path.with_suffix(".md").read_text()
