@@ -419,6 +419,32 @@ def test_symlinked_model_card_and_preview_are_never_shown(ui, tmp_path, lora_fil
 
 
 # ------------------------------------------------------------------------------------------------ Library tab
+def test_an_adapter_with_a_trained_word_hands_its_embedding_over(ui, lora_files, tmp_path):
+    """A pivotal-tuned adapter (a bundled embedding): the Library says so, and Download / Export add the word's
+    embedding file for ComfyUI, which reads no bundled embedding."""
+    from pipelines.adapters import export_kohya
+    from pipelines.weights_io import load_safetensors, save_safetensors
+
+    src = export_kohya(lora_files["beta-thing"], tmp_path / "piv.safetensors")
+    sd, meta = load_safetensors(src)
+    width = next(v.shape[1] for k, v in sd.items() if k.startswith("lora_te_") and k.endswith("lora_down.weight"))
+    sd["bundle_emb.sks.string_to_param.*"] = torch.randn(2, width)
+    save_safetensors(sd, src, meta)
+    _import(ui, src)
+    assert "**embedding**: sks (2 vectors)" in ui.adapter_details("piv")
+    files, note = ui.download_adapter("piv")
+    assert [Path(p).name for p in files["value"]] == ["piv.safetensors", "sks.safetensors"]
+    assert "ComfyUI" in note and "embedding:sks" in note
+    emb, _ = load_safetensors(files["value"][1])
+    torch.testing.assert_close(emb["emb_params"], sd["bundle_emb.sks.string_to_param.*"])
+    files, msg = ui.export_kohya("piv")
+    assert [Path(p).name for p in files["value"]][-1] == "sks.safetensors" and "embedding:sks" in msg
+    # a plain adapter's download stays the file alone, without a note
+    _import(ui, lora_files["alpha-style"])
+    assert ui.download_adapter("alpha-style")[1] == ""
+
+
+# ------------------------------------------------------------------------------------------------ Library tab
 def test_import_rename_export_delete_round_trip(ui, lora_files):
     msg, pick, cleared_file, cleared_name = _import(ui, lora_files["alpha-style"])
     assert "alpha-style" in msg and pick["value"] == "alpha-style"
