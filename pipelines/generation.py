@@ -158,7 +158,10 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.__dict__["_sampler_set"] = (name, id(current))
         return
     cls = getattr(diffusers, cls_name)
-    pipe.scheduler = cls.from_config(own, **extra)
+    import inspect
+
+    takes = inspect.signature(cls.__init__).parameters  # the model's keys this sampler has no use for: left out
+    pipe.scheduler = cls.from_config({k: v for k, v in own.items() if k in takes}, **extra)
     pipe.__dict__["_sampler_set"] = (name, id(pipe.scheduler))
 
 
