@@ -13,6 +13,30 @@ from pathlib import Path
 
 from pipelines.errors import LoraStudioError
 
+SAMPLER_HELP = ("Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DPM++ 2M SDE (Karras), DPM2, DPM2 a, DDIM, "
+                "UniPC, Heun, LMS, PNDM; for few-step LoRAs LCM, Euler SGM Uniform, DPM++ 2M SGM Uniform, TCD")
+
+
+def _add_style_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="apply a saved prompt style (AUTOMATIC1111's styles.csv: its prompt and negative prompt merged "
+                        "into yours, at {prompt} or after it); repeatable, in order")
+    p.add_argument("--styles", default=None, metavar="FILE",
+                   help="the styles file (default: $LORA_STUDIO_HOME/styles.csv; A1111's styles.csv as it is)")
+
+
+def _with_styles(args: argparse.Namespace, prompt: str, negative: str) -> tuple[str, str]:
+    """The prompts with --style's styles merged in (as AUTOMATIC1111 does)."""
+    if not getattr(args, "style", None):
+        return prompt, negative
+    from pipelines.styles import STYLES_FILE, apply_styles, read_styles
+
+    path = Path(args.styles).expanduser() if args.styles else _home(None) / STYLES_FILE
+    if args.styles and not path.is_file():
+        raise _usage(f"--styles: {path} is not a file")
+    return apply_styles(prompt, negative, args.style, read_styles(path), path)
+
+
 def _add_embeddings_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", default=None, metavar="DIR",
                    help="textual-inversion embeddings folder: a prompt word naming a file there (EasyNegative…) "
@@ -123,14 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="default: the model's native size")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--scheduler", default=None,
-                   help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras (the default), DPM++ SDE Karras, DDIM, UniPC, "
-                        "Heun, LMS, PNDM")
+    g.add_argument("--scheduler", default=None, help=SAMPLER_HELP + " (default DPM++ 2M Karras)")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help=CLIP_SKIP_HELP + " (default 1)")
     _add_hires_args(g, defaults=False)
     _add_vae_arg(g)
     _add_embeddings_arg(g)
+    _add_style_args(g)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N][:lbw=B]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -347,12 +370,12 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="several: one row per seed")
-    p.add_argument("--scheduler", default="DPM++ 2M Karras",
-                   help="Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DDIM, UniPC, Heun, LMS, PNDM")
+    p.add_argument("--scheduler", default="DPM++ 2M Karras", help=SAMPLER_HELP)
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
     _add_hires_args(p, defaults=True)
     _add_vae_arg(p)
     _add_embeddings_arg(p)
+    _add_style_args(p)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -504,6 +527,7 @@ def _generate_request(args: argparse.Namespace):
     elif args.prompt is None:
         raise _usage("generate: give --prompt TEXT, or --from-png IMAGE to make an image again")
     values.update({k: v for k in (*_REQUEST_FIELDS, "prompt") if (v := getattr(args, k)) is not None})
+    values["prompt"], values["negative_prompt"] = _with_styles(args, values["prompt"], values["negative_prompt"] or "")
     return GenerationRequest(num_images=args.num_images, **values), notes, model
 
 
@@ -580,6 +604,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.grid import (adapter_columns, checkpoint_columns, grid_prompts, make_grid, prompt_sr_columns,
                                 range_words, setting_columns, split_values, start_columns, weight_columns)
 
+    args.prompt, args.negative_prompt = _with_styles(args, args.prompt, args.negative_prompt)
     req = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,

@@ -264,6 +264,21 @@ class Studio:
         """Textual-inversion embeddings go here (AUTOMATIC1111's embeddings folder): each file's name is a word."""
         return self.models_dir / "embeddings"
 
+    @property
+    def styles_file(self) -> Path:
+        """Saved prompt styles (AUTOMATIC1111's styles.csv, which users copy here as it is)."""
+        from pipelines.styles import STYLES_FILE
+
+        return self.home / STYLES_FILE
+
+    def style_names(self) -> list[str]:
+        from pipelines.styles import read_styles
+
+        try:
+            return list(read_styles(self.styles_file))
+        except ConfigError:  # said when a style is applied; the page still opens
+            return []
+
     def embedding_names(self) -> list[str]:
         return [p.stem for p in embedding_files(self.embeddings_dir).values()]
 

@@ -1175,6 +1175,31 @@ class StudioUI:
         """An embedding's word added to the prompt or the negative prompt (A1111's Textual Inversion cards)."""
         return cls._with_word(text, name) if name else gr.skip()
 
+    @ui_errors
+    def apply_styles(self, prompt: str, negative: str, names):
+        """The chosen styles merged into the prompt boxes, as AUTOMATIC1111's "apply styles" button does; the choice
+        is cleared (applied once)."""
+        from pipelines.styles import apply_styles, read_styles
+
+        if not names:
+            raise ConfigError("styles: pick one or more styles to apply")
+        path = self.studio.styles_file
+        p, n = apply_styles(prompt or "", negative or "", names, read_styles(path), path)
+        return p, n, gr.update(value=[])
+
+    @ui_errors
+    def save_style(self, name: str, prompt: str, negative: str, chosen):
+        """The prompt boxes saved as a new style in styles.csv (A1111's "save style")."""
+        from pipelines.styles import Style, save_style
+
+        styles = save_style(self.studio.styles_file, Style((name or "").strip(), prompt or "", negative or ""))
+        gr.Info(f"Saved the style '{name.strip()}' in {self.studio.styles_file.name}.")
+        return gr.update(choices=list(styles), value=list(chosen or [])), ""
+
+    def refresh_styles(self, current):
+        names = self.studio.style_names()
+        return gr.update(choices=names, value=[c for c in (current or []) if c in names])
+
     def refresh_embeddings(self, current):
         names = self.studio.embedding_names()
         return gr.update(choices=names, value=current if current in names else None)
@@ -1709,6 +1734,19 @@ class StudioUI:
                                 emb_to_prompt = gr.Button("Add to prompt", size="sm", elem_id="gen-emb-prompt")
                                 emb_to_negative = gr.Button("Add to negative", size="sm", elem_id="gen-emb-negative")
                         with gr.Row():
+                            style_pick = gr.Dropdown(st.style_names(), value=[], multiselect=True, scale=3,
+                                                     min_width=200, label="Styles",
+                                                     info=f"saved prompts in {st.styles_file} (AUTOMATIC1111's "
+                                                          "styles.csv works as it is)", elem_id="gen-styles")
+                            with gr.Column(scale=1, min_width=130):
+                                style_apply = gr.Button("Apply to the prompts", size="sm", elem_id="gen-style-apply")
+                        with gr.Accordion("Save the prompts as a style", open=False, elem_id="gen-style-box"):
+                            with gr.Row():
+                                style_name = gr.Textbox(label="Style name", scale=3, elem_id="gen-style-name",
+                                                        placeholder="e.g. outline look")
+                                style_save = gr.Button("Save as a style", size="sm", scale=1,
+                                                       elem_id="gen-style-save")
+                        with gr.Row():
                             steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
                             guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)",
                                                  elem_id="gen-guidance")
@@ -1941,6 +1979,10 @@ class StudioUI:
             triggers.select(self.insert_trigger, prompt, [prompt, triggers], **quiet)
             emb_to_prompt.click(self.insert_embedding, [prompt, emb_pick], prompt, **quiet)
             emb_to_negative.click(self.insert_embedding, [negative, emb_pick], negative, **quiet)
+            style_apply.click(self.apply_styles, [prompt, negative, style_pick], [prompt, negative, style_pick],
+                              **quiet)
+            style_save.click(self.save_style, [style_name, prompt, negative, style_pick],
+                             [style_pick, style_name], **quiet)
             for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
                 dd.input(self.slot_picked, [dd, steps], [rng, step_from, step_to, card_start], **quiet)
                 dd.input(self.compare_default, [dd, cmp_adapter], cmp_adapter, **quiet)
@@ -1950,6 +1992,7 @@ class StudioUI:
             refresh_btn.click(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
                 self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet).then(
+                self.refresh_styles, style_pick, style_pick, **quiet).then(
                 self.refresh_extract_models, [extract_tuned, extract_base], [extract_tuned, extract_base], **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                           hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,

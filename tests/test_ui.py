@@ -1015,3 +1015,21 @@ def test_the_command_serves_the_app_and_says_where(tmp_path, tiny_sd1_dir):
         if proc.poll() is None:
             proc.kill()
     assert "share=True" not in out + err  # not gradio's advice to edit code
+
+
+def test_styles_apply_and_save_in_the_generate_tab(ui):
+    """AUTOMATIC1111's styles: a styles.csv in the home shows in the picker; Apply merges the chosen styles into the
+    prompt boxes (and clears the choice); Save adds the prompt boxes as a new style."""
+    ui.studio.styles_file.write_text('name,prompt,negative_prompt\nClean,"sharp, clean",lowres\n'
+                                     'Look,"{prompt} <lora:outline:0.8>",\n', encoding="utf-8")
+    assert ui.refresh_styles(["Gone"])["choices"] == ["Clean", "Look"]
+    prompt, negative, cleared = ui.apply_styles("a red circle", "", ["Look", "Clean"])
+    assert prompt == "a red circle <lora:outline:0.8>, sharp, clean" and negative == "lowres"
+    assert cleared["value"] == []
+    with pytest.raises(gr.Error, match="pick one or more styles"):
+        ui.apply_styles("x", "", [])
+    picker, name_box = ui.save_style(" mine ", "a blue square", "blurry", ["Clean"])
+    assert picker["choices"] == ["Clean", "Look", "mine"] and picker["value"] == ["Clean"] and name_box == ""
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.save_style("MINE", "x", "", [])
+    assert ui.apply_styles("", "", ["mine"])[:2] == ("a blue square", "blurry")
