@@ -1146,11 +1146,14 @@ class StudioUI:
             except (LoraStudioError, FileNotFoundError):
                 continue
             words = [t.strip() for t in info.trigger_word.split(",") if t.strip()]
+            # its bundled embeddings' words (pivotal tuning) mean what was trained: offered whatever the metadata says
+            words += [w for w in info.embeddings if w not in words]
             # none recorded (a file from elsewhere): its most frequent training tags, as A1111's card lists them
             tags = [] if words else [t for t, _ in info.training_tags(3)]
             for t in words + tags:
                 if t not in [c[1] for c in choices]:
-                    choices.append((f"{t}  ({name}{', a training tag' if t in tags else ''})", t))
+                    kind = ", a training tag" if t in tags else ", its trained embedding" if t in info.embeddings else ""
+                    choices.append((f"{t}  ({name}{kind})", t))
         return gr.update(choices=choices, value=None)
 
     @staticmethod

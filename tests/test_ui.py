@@ -439,6 +439,9 @@ def test_an_adapter_with_a_trained_word_hands_its_embedding_over(ui, lora_files,
     torch.testing.assert_close(emb["emb_params"], sd["bundle_emb.sks.string_to_param.*"])
     files, msg = ui.export_kohya("piv")
     assert [Path(p).name for p in files["value"]][-1] == "sks.safetensors" and "embedding:sks" in msg
+    # its word is offered to insert into the prompt, marked as the trained embedding
+    labels = [c[0] for c in ui.trigger_choices("piv", True)["choices"]]
+    assert "sks  (piv, its trained embedding)" in labels
     # a plain adapter's download stays the file alone, without a note
     _import(ui, lora_files["alpha-style"])
     assert ui.download_adapter("alpha-style")[1] == ""
