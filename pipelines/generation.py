@@ -43,7 +43,6 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "DPM++ 2M SGM Uniform": ("DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
     "TCD": ("TCDScheduler", {}),
 }
-_SAMPLER_KEYS = {k for _, extra in SCHEDULERS.values() for k in extra} - {"use_karras_sigmas"}  # besides Karras
 _SCHEDULER_ALIASES = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in SCHEDULERS}
 _SCHEDULER_ALIASES.update({"eulerancestral": "Euler a", "dpmpp2mkarras": "DPM++ 2M Karras", "dpmpp2m": "DPM++ 2M"})
 
@@ -138,31 +137,28 @@ class GeneratedImage:
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler, keeping the model's own noise schedule configuration."""
+    """Swap the pipeline's sampler. Each is built from the model's own schedule configuration, so one sampler's
+    options (SDE, Karras, trailing timesteps) never carry over into the next."""
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
 
     name = scheduler_name(name)
     cls_name, extra = SCHEDULERS[name]
-    current = pipe.scheduler
-    if pipe.__dict__.get("_sampler_set") == (name, id(current)):
-        return
-    # from the model's own configuration each time: a sampler's options (SDE, trailing timesteps) never carry over
-    # into the next one
-    own = pipe.__dict__.get("_own_scheduler_config")
-    if own is None or pipe.__dict__.get("_sampler_set", (None, None))[1] != id(current):  # first, or replaced
-        own = pipe.__dict__["_own_scheduler_config"] = {k: v for k, v in current.config.items()
-                                                        if not k.startswith("_") and k != "use_karras_sigmas"}
-    want = {**{k: own.get(k) for k in _SAMPLER_KEYS}, "use_karras_sigmas": False, **extra}
-    if type(current).__name__ == cls_name and all(current.config.get(k) == v for k, v in want.items()
-                                                  if k in current.config):
-        pipe.__dict__["_sampler_set"] = (name, id(current))
-        return
+    made = pipe.__dict__.get("_sampler_made")  # (name, the scheduler this function put there)
+    if made is not None and made[1] is pipe.scheduler:
+        if made[0] == name:
+            return
+    else:  # the first call, or a scheduler put there from outside: its configuration is the model's own
+        pipe.__dict__["_own_scheduler_config"] = {k: v for k, v in pipe.scheduler.config.items()
+                                                  if not k.startswith("_") and k != "use_karras_sigmas"}
     cls = getattr(diffusers, cls_name)
-    import inspect
-
-    takes = inspect.signature(cls.__init__).parameters  # the model's keys this sampler has no use for: left out
-    pipe.scheduler = cls.from_config({k: v for k, v in own.items() if k in takes}, **extra)
-    pipe.__dict__["_sampler_set"] = (name, id(pipe.scheduler))
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the model's keys a sampler has no use for are kept, not warned about
+    try:
+        pipe.scheduler = cls.from_config(pipe.__dict__["_own_scheduler_config"], **extra)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    pipe.__dict__["_sampler_made"] = (name, pipe.scheduler)
 
 
 def clip_skip_arg(model: BaseModel, clip_skip: int, name: str = "clip_skip") -> int | None:

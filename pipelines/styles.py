@@ -53,6 +53,11 @@ def read_styles(path: str | os.PathLike) -> dict[str, Style]:
     return out
 
 
+def _named(styles: dict[str, Style], name: str) -> str | None:
+    """The key of the style called `name` in any case, or None."""
+    return name if name in styles else next((k for k in styles if k.casefold() == str(name).casefold()), None)
+
+
 def merge(text: str, style_text: str) -> str:
     """A1111's merge of a style's text into a prompt."""
     if "{prompt}" in style_text:
@@ -65,12 +70,12 @@ def apply_styles(prompt: str, negative: str, names, styles: dict[str, Style],
     """`prompt` and `negative` with the styles `names` merged in, in order; an unknown name is an error that names
     the file and the styles it has."""
     for name in names:
-        style = styles.get(name) or next((s for k, s in styles.items() if k.casefold() == str(name).casefold()), None)
-        if style is None:
+        key = _named(styles, name)
+        if key is None:
             have = ", ".join(styles) or "none"
             raise ConfigError(f"style: no style '{name}' in {where} (it has: {have})")
-        prompt = merge(prompt, style.prompt)
-        negative = merge(negative, style.negative_prompt)
+        prompt = merge(prompt, styles[key].prompt)
+        negative = merge(negative, styles[key].negative_prompt)
     return prompt, negative
 
 
@@ -83,7 +88,7 @@ def save_style(path: str | os.PathLike, style: Style, overwrite: bool = False) -
         raise ConfigError("style: the prompt and the negative prompt are both empty; nothing to save")
     path = Path(path)
     styles = read_styles(path)
-    known = next((k for k in styles if k.casefold() == name.casefold()), None)
+    known = _named(styles, name)
     if known is not None and not overwrite:
         raise ConfigError(f"style name: a style called '{known}' already exists in {path}")
     styles.pop(known, None)

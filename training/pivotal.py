@@ -35,10 +35,6 @@ class TrainedTokens(torch.nn.Module):
     def weight(self) -> torch.Tensor:  # what callers of get_input_embeddings().weight read (its rows are stale)
         return self.embedding.weight
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.embedding.num_embeddings
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.embedding(input_ids)
         pos = self.lookup[input_ids]
