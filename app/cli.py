@@ -37,6 +37,30 @@ def _with_styles(args: argparse.Namespace, prompt: str, negative: str) -> tuple[
     return apply_styles(prompt, negative, args.style, read_styles(path), path)
 
 
+def _add_wildcard_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    p.add_argument("--wildcards", default=None, metavar="DIR",
+                   help="the wildcards folder: __name__ in a prompt is a line of DIR/name.txt (default: "
+                        "$LORA_STUDIO_HOME/wildcards; the Dynamic Prompts extension's files work as they are). "
+                        "{a|b|c} in a prompt is a choice, made anew for " + ("the grid (once, by its seed)" if grid
+                                                                             else "each image"))
+    if grid:
+        return
+    p.add_argument("--combinatorial", action="store_true",
+                   help="every combination of the prompt's choices, one image each, at most --num-images (the "
+                        "Dynamic Prompts extension's combinatorial generation)")
+    p.add_argument("--fixed-seed", action="store_true",
+                   help="every image with the same seed, so only the prompt's choices differ")
+
+
+def _wildcards(args: argparse.Namespace):
+    from pipelines.wildcards import WILDCARDS_FOLDER, Wildcards
+
+    given = getattr(args, "wildcards", None)
+    if given and not Path(given).expanduser().is_dir():
+        raise _usage(f"--wildcards: {given} is not a folder")
+    return Wildcards.at(Path(given).expanduser() if given else _home(None) / WILDCARDS_FOLDER)
+
+
 def _add_embeddings_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", default=None, metavar="DIR",
                    help="textual-inversion embeddings folder: a prompt word naming a file there (EasyNegative…) "
@@ -154,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vae_arg(g)
     _add_embeddings_arg(g)
     _add_style_args(g)
+    _add_wildcard_args(g)
     g.add_argument("--out", default="out.png", help="output PNG (several images: name-0.png, name-1.png, ...)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:W[:TE_W]][:start=N][:stop=N][:lbw=B]",
                    help="apply an adapter from the library (or a .safetensors path) with UNet weight W and "
@@ -376,6 +401,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     _add_vae_arg(p)
     _add_embeddings_arg(p)
     _add_style_args(p)
+    _add_wildcard_args(p, grid=True)
     p.add_argument("--out", default=default_out, help=f"output PNG (default {default_out})")
 
 
@@ -534,27 +560,31 @@ def _generate_request(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.base_models import load_base
     from pipelines.generation import generate, output_paths, save_png
+    from pipelines.wildcards import plan, run
 
     req, notes, recorded_model = _generate_request(args)
     loras = [_lora_entry(x) for x in args.lora]
+    drawn = plan(req, _wildcards(args), combinatorial=args.combinatorial, fixed_seed=args.fixed_seed)
+    notes += drawn.notes
     t0 = time.time()
     base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
     if args.vae_path is not None:
         from pipelines.vae import use_vae
 
         use_vae(base, args.vae_path, args.allow_pickle)
-    _embeddings_into(base, args, [req.prompt, req.negative_prompt])
+    _embeddings_into(base, args, drawn.prompts)
     t1 = time.time()
     if args.from_png and args.clip_skip is None:  # A1111 records Clip skip on SDXL images too
         from pipelines.recall import for_family
 
         req = for_family(req, base.family, notes, a1111=args.recalled_a1111)
+        drawn.requests = [replace(r, clip_skip=req.clip_skip) for r in drawn.requests]
     if recorded_model and recorded_model != base.name:
         notes.append(f"the image was made with the base model '{recorded_model}'; this is '{base.name}' "
                      "(choose it with --base): the picture will differ")
     for line in notes:
         print(f"note: {line}")
-    if loras or "<lora:" in req.prompt.lower():
+    if loras or any("<lora:" in r.prompt.lower() for r in drawn.requests):
         from pipelines.library import AdapterLibrary
         from pipelines.stack import AdapterStack, clip_skip_warnings, range_warnings
 
@@ -562,18 +592,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for entry, path in loras:
             if path is not None:
                 stack.load(entry.name, path)
-        images = stack.generate(req, [e for e, _ in loras])
+        images = run(drawn, lambda r: stack.generate(r, [e for e, _ in loras]))
         for line in (stack.interference().warnings + range_warnings(stack.stack, req.steps)
                      + clip_skip_warnings(stack, req.clip_skip)):
             print(f"warning: {line}")
         for line in _step_range_hints(stack, req.steps):
             print(line)
     else:
-        images = generate(base, req)
+        images = run(drawn, lambda r: generate(base, r))
     t2 = time.time()
+    templated = bool(drawn.templates)
     for img, path in zip(images, output_paths(args.out, len(images))):
         save_png(img, path)
-        print(f"wrote {path} (seed {img.seed})")
+        print(f"wrote {path} (seed {img.seed})" + (f": {img.parameters.split(chr(10))[0]}" if templated else ""))
     print(f"{base.name} ({base.family}) loaded in {t1 - t0:.1f}s; {len(images)} image(s) in {t2 - t1:.1f}s")
     return 0
 
@@ -612,6 +643,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
         init_image=args.init_image, mask_image=args.mask_image, mask_blur=args.mask_blur,
     )
+    from pipelines.wildcards import draw_once
+
+    req, templates = draw_once(req, _wildcards(args))  # one prompt for every tile
     weights = _numbers(args.weights, "--weights") if args.lora else []
     if args.starts is not None and not args.lora:
         raise _usage("grid: --starts varies one adapter: give it with --lora NAME")
@@ -648,7 +682,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     _embeddings_into(stack.model, args, grid_prompts(req, columns))
     result = make_grid(stack, req, columns, axis=axis)
     [path] = output_paths(args.out, 1)
-    save_png(result.image, path, result.parameters)
+    from pipelines.generation import with_pairs
+
+    save_png(result.image, path, with_pairs(result.parameters, templates))
     t2 = time.time()
     labels = ", ".join(c.label for c in result.columns)
     print(f"wrote {path}: {len(result.columns)} tiles ({labels}), seed {req.seed}")

@@ -169,6 +169,7 @@ class GenerateResult:
     range_warnings: list[str] = field(default_factory=list)  # step ranges that start past the last step
     clip_skip_warnings: list[str] = field(default_factory=list)  # adapters trained with another Clip skip
     embedding_warnings: list[str] = field(default_factory=list)  # embeddings named that cannot be used
+    notes: list[str] = field(default_factory=list)  # dynamic prompts: combinations left out
 
 
 def _free_path(dst: Path) -> Path:
@@ -270,6 +271,24 @@ class Studio:
         from pipelines.styles import STYLES_FILE
 
         return self.home / STYLES_FILE
+
+    @property
+    def wildcards_dir(self) -> Path:
+        """Wildcard files (`__name__` in a prompt: a line of name.txt), the Dynamic Prompts extension's as they are."""
+        from pipelines.wildcards import WILDCARDS_FOLDER
+
+        return self.home / WILDCARDS_FOLDER
+
+    def wildcards(self):
+        from pipelines.wildcards import Wildcards
+
+        return Wildcards.at(self.wildcards_dir)
+
+    def wildcard_names(self) -> list[str]:
+        try:
+            return self.wildcards().names()
+        except ConfigError:  # a file that cannot be read: said when it is used
+            return []
 
     def style_names(self) -> list[str]:
         from pipelines.styles import read_styles
@@ -671,35 +690,52 @@ class Studio:
         return paths
 
     def generate(self, base_name: str | None, req: GenerationRequest, entries: Sequence[StackEntry] = (),
-                 fuse: bool = False, vae: str | None = None) -> GenerateResult:
+                 fuse: bool = False, vae: str | None = None, combinatorial: bool = False,
+                 fixed_seed: bool = False) -> GenerateResult:
         """Generate with the given stack (plus `<lora:...>` tags in the prompt); save PNGs with parameters.
+        Choices and wildcards in the prompts are drawn for each image (pipelines.wildcards).
 
         The stack's lock is held from choosing the adapters to the last denoising step, so two requests
         with different stacks never see each other's weights.
         """
+        from pipelines.wildcards import plan, run
+
         m = self.model(base_name)
         stack = m.stack
-        _, tagged = parse_lora_tags(req.prompt)
-        combined = list(entries) + tagged
-        with stack.lock:
-            use_vae(m.base, self.vae_source(vae), self.allow_pickle)
-            emb = use_embeddings(m.base, self.embeddings_dir, [req.prompt, req.negative_prompt], self.allow_pickle)
+        drawn = plan(req, self.wildcards(), combinatorial=combinatorial, fixed_seed=fixed_seed)
+        warnings: list[str] = []
+        skips: list[str] = []
+        ranges: list[str] = []
+        applied: tuple = ()
+
+        def one(r: GenerationRequest) -> list[GeneratedImage]:
+            nonlocal applied
+            _, tagged = parse_lora_tags(r.prompt)
+            combined = list(entries) + tagged
             stack.set_stack(combined)
-            if fuse and any(e.scheduled(req.steps) for e in stack.stack):
+            if fuse and any(e.scheduled(r.steps) for e in stack.stack):
                 raise ConfigError("fuse: an adapter with a step range (start=/stop=) switches on and off during "
                                   "sampling, which merged weights cannot; untick Fuse or clear its steps")
             if fuse and combined:
                 stack.fuse()
             elif stack.fused:
                 stack.unfuse()
-            images = stack.generate(req, entries)
-            warnings = stack.interference().warnings if len(combined) >= 2 else []
+            images = stack.generate(r, entries)
+            for got, new in ((warnings, stack.interference().warnings if len(combined) >= 2 else []),
+                             (skips, clip_skip_warnings(stack, r.clip_skip)),
+                             (ranges, range_warnings(stack.stack, r.steps))):
+                got += [w for w in new if w not in got]
             applied = stack.stack
-            skips = clip_skip_warnings(stack, req.clip_skip)
+            return images
+
+        with stack.lock:
+            use_vae(m.base, self.vae_source(vae), self.allow_pickle)
+            emb = use_embeddings(m.base, self.embeddings_dir, drawn.prompts, self.allow_pickle)
+            images = run(drawn, one)
         paths = self._out_paths(len(images), [f"-{img.seed}" for img in images])
         for img, p in zip(images, paths):
             save_png(img, p)
-        return GenerateResult(images, paths, warnings, applied, range_warnings(applied, req.steps), skips, emb)
+        return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, drawn.notes)
 
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""
@@ -719,6 +755,10 @@ class Studio:
         from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, grid_prompts, make_grid,
                                     prompt_sr_columns, range_words, setting_columns, start_columns, weight_columns)
 
+        from pipelines.generation import with_pairs
+        from pipelines.wildcards import draw_once
+
+        req, templates = draw_once(req, self.wildcards())  # one prompt for every tile
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
@@ -753,7 +793,7 @@ class Studio:
                 m.stack.unfuse()
             result = make_grid(m.stack, req, cols, axis=axis)
         path = self._out_paths(1, "-grid")[0]
-        save_png(result.image, path, result.parameters)
+        save_png(result.image, path, with_pairs(result.parameters, templates))
         return path
 
 

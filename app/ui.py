@@ -49,6 +49,10 @@ SLOTS = 4  # adapter rows on the Generate tab
 SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 START_LABEL = "acts from step (0 = first)"
 SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
+# the Generate form's fields as `generate` takes them after the base model (then Fuse, then the adapter rows)
+GENERATE_FORM = ("prompt", "negative", "steps", "guidance", "seed", "width", "height", "num_images", "scheduler",
+                 "clip_skip", "hires_scale", "hires_steps", "hires_upscaler", "hires_denoise", "init_image",
+                 "init_strength", "mask_blur", "vae")
 POLL_S = 1.0  # training progress refresh
 NO_SAMPLE_SET = "(upload your own images)"
 # the Advanced section: every TrainConfig field the user sets that is not on the tab's own form ("main")
@@ -1178,6 +1182,11 @@ class StudioUI:
         """An embedding's word added to the prompt or the negative prompt (A1111's Textual Inversion cards)."""
         return cls._with_word(text, name) if name else gr.skip()
 
+    @classmethod
+    def insert_wildcard(cls, text: str, name: str | None):
+        """A wildcard's `__name__` added to the prompt (drawn anew for each image)."""
+        return cls._with_word(text, f"__{name}__") if name else gr.skip()
+
     @ui_errors
     def apply_styles(self, prompt: str, negative: str, names):
         """The chosen styles merged into the prompt boxes, as AUTOMATIC1111's "apply styles" button does; the choice
@@ -1202,6 +1211,10 @@ class StudioUI:
     def refresh_styles(self, current):
         names = self.studio.style_names()
         return gr.update(choices=names, value=[c for c in (current or []) if c in names])
+
+    def refresh_wildcards(self, current):
+        names = self.studio.wildcard_names()
+        return gr.update(choices=names, value=current if current in names else None)
 
     def refresh_embeddings(self, current):
         names = self.studio.embedding_names()
@@ -1232,13 +1245,16 @@ class StudioUI:
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
-                 mask_blur, vae, fuse, *slot_values):
-        """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning."""
+                 mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False):
+        """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning.
+        Choices and wildcards in the prompts are drawn for each image (every combination with `combinatorial`;
+        one seed for all with `fixed_seed`)."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                             mask_blur)
         entries = entries_from_rows(self._slot_rows(slot_values))
-        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae)
+        res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
+                                   combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
         gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
         notes = ([("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
                  + [("Clip skip", w) for w in res.clip_skip_warnings]
@@ -1248,8 +1264,19 @@ class StudioUI:
             gr.Warning(notes[0][1])
         used = ", ".join(f"`{e.tag()}`" for e in res.entries) or "no adapter"
         info = f"{len(res.images)} image(s) with {used}" + (" (fused)" if fuse and res.entries else "")
+        prompts = list(dict.fromkeys(img.parameters.split("\n")[0] for img in res.images))
+        if "Template: " in res.images[0].parameters:  # drawn from a template: say what was drawn
+            info += f"; {len(prompts)} prompt(s) drawn" + "".join(f"\n- {html.escape(p)}" for p in prompts[:8])
+        info += "".join(f"\n\nNote: {html.escape(n)}" for n in res.notes)
         return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
                 [str(p) for p in res.paths], warn, info)
+
+    def generate_event(self, base_name, *values):
+        """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, then the adapter rows) into
+        `generate`."""
+        k = len(GENERATE_FORM) + 1  # the form's fields and Fuse
+        return self.generate(base_name, *values[:k], *values[k + 2:], combinatorial=values[k],
+                             fixed_seed=values[k + 1])
 
     @staticmethod
     def show_parameters(paths, evt: gr.SelectData):
@@ -1743,6 +1770,18 @@ class StudioUI:
                                                           "styles.csv works as it is)", elem_id="gen-styles")
                             with gr.Column(scale=1, min_width=130):
                                 style_apply = gr.Button("Apply to the prompts", size="sm", elem_id="gen-style-apply")
+                        with gr.Row():
+                            wc_pick = gr.Dropdown(st.wildcard_names(), value=None, scale=3, min_width=200,
+                                                  label="Wildcards (dynamic prompts)",
+                                                  info=f"files in {st.wildcards_dir}: `__name__` is one of its "
+                                                       "lines, `{a|b|c}` one of the choices, drawn for each image",
+                                                  elem_id="gen-wildcards")
+                            with gr.Column(scale=1, min_width=130):
+                                wc_add = gr.Button("Add to prompt", size="sm", elem_id="gen-wildcard-add")
+                                combinatorial = gr.Checkbox(False, label="Every combination",
+                                                            info="one image each, up to Images",
+                                                            elem_id="gen-combinatorial")
+                                fixed_seed = gr.Checkbox(False, label="Same seed for all", elem_id="gen-fixed-seed")
                         with gr.Accordion("Save the prompts as a style", open=False, elem_id="gen-style-box"):
                             with gr.Row():
                                 style_name = gr.Textbox(label="Style name", scale=3, elem_id="gen-style-name",
@@ -1984,6 +2023,7 @@ class StudioUI:
             emb_to_negative.click(self.insert_embedding, [negative, emb_pick], negative, **quiet)
             style_apply.click(self.apply_styles, [prompt, negative, style_pick], [prompt, negative, style_pick],
                               **quiet)
+            wc_add.click(self.insert_wildcard, [prompt, wc_pick], prompt, **quiet)
             style_save.click(self.save_style, [style_name, prompt, negative, style_pick],
                              [style_pick, style_name], **quiet)
             for dd, rng, step_from, step_to, card_start in slot_pickers:  # .input: a user's pick, not a refresh
@@ -1996,15 +2036,16 @@ class StudioUI:
                 self.refresh_bases, [base, train_base], [base, train_base], **quiet).then(
                 self.refresh_vaes, vae, vae, **quiet).then(self.refresh_embeddings, emb_pick, emb_pick, **quiet).then(
                 self.refresh_styles, style_pick, style_pick, **quiet).then(
+                self.refresh_wildcards, wc_pick, wc_pick, **quiet).then(
                 self.refresh_extract_models, [extract_tuned, extract_base], [extract_tuned, extract_base], **quiet)
             req_inputs = [prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                           hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                           mask_blur, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
-            go.click(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
-                     gen_outputs)
-            prompt.submit(shown_in(self.generate, gen_outputs, gen_info), [base, *req_inputs, fuse, *slot_widgets],
-                          gen_outputs)
+            assert len(req_inputs) == len(GENERATE_FORM)
+            gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, *slot_widgets]
+            go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
+            prompt.submit(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
             gallery.select(self.picked_image, gen_paths, picked, **quiet)
             gallery.change(lambda: 0, None, picked, **quiet)  # a new batch: its first image until one is clicked

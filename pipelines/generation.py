@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -222,6 +223,23 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
     pairs.update(extra or {})
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items()))
     return "\n".join(lines)
+
+
+_NEEDS_QUOTES = re.compile(r'[,:"\n]')
+
+
+def with_pairs(parameters: str, pairs: dict[str, str]) -> str:
+    """More 'Key: value' pairs at the end of a `parameters` text, quoted as AUTOMATIC1111 quotes a value with
+    commas, colons, quotes or line breaks (JSON)."""
+    text = ", ".join(f"{k}: {json.dumps(v, ensure_ascii=False) if _NEEDS_QUOTES.search(v) else v}"
+                     for k, v in pairs.items())
+    return f"{parameters}, {text}" if text else parameters
+
+
+def add_parameters(img: "GeneratedImage", pairs: dict[str, str]) -> None:
+    """More 'Key: value' pairs at the end of an image's parameters and its PNG text (see with_pairs)."""
+    img.parameters = with_pairs(img.parameters, pairs)
+    img.image.info["parameters"] = img.parameters
 
 
 def _quote(v: str) -> str:
