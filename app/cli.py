@@ -1132,6 +1132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
               f" (checkpoint: {res.checkpoint})")
         return 130
     print(f"wrote {res.adapter_path} in {res.seconds / 60:.1f} min; final loss {res.final_loss:.4f}")
+    if cfg.textual_inversion:
+        print(f"an embedding: write '{cfg.name}' in a prompt where '{cfg.trigger}' was (its model card: "
+              f"{res.adapter_path.with_suffix('.md')})")
     print(f"run folder (samples, log.csv, checkpoints): {res.run_dir}")
     return 0
 

@@ -596,13 +596,26 @@ class Studio:
 
         name = check_name(name)
         job = self.queue.active_with_name(name)
-        in_library = self.library.find(name) is not None
+        in_library = self.library.find(name) is not None or self.finished_embedding(name) is not None
         runs = self.library.root / "runs"
         cks = list_checkpoints(runs / name) if _inside(runs / name, self.library.root) else []
         ck = cks[-1] if cks else None
         known = self._run_config(name) if ck is not None and not in_library and job is None else None
         return RunState(name, in_library, job, ck, int(ck.name.split("-")[1]) if ck else 0,
                         known[0].max_steps if known else None, known is not None)
+
+    def finished_embedding(self, name: str) -> Path | None:
+        """The embeddings-folder file that the finished textual-inversion run `name` of this library wrote."""
+        import tomllib
+
+        path = embedding_files(self.embeddings_dir).get(name.lower())
+        conf = self.library.root / "runs" / name / "config.toml"
+        if path is None or not conf.is_file() or not _inside(conf, self.library.root):
+            return None
+        try:
+            return path if tomllib.loads(conf.read_text(encoding="utf-8")).get("textual_inversion") else None
+        except (OSError, ValueError):
+            return None
 
     def resume(self, name: str) -> Job:
         """Queue the stopped or interrupted run `name` to continue from its latest checkpoint: it ends with the
@@ -645,7 +658,7 @@ class Studio:
         """Queue a new run that starts from the finished adapter `name` and trains `steps` more steps, under
         `new_name` (default: a free '<name>-more'). Its options are the adapter's own run's unless `config`
         gives others (the images, for an imported adapter). A name in use is refused unless `overwrite`."""
-        src = self.library.path_for(name)
+        src = self.finished_embedding(name) or self.library.path_for(name)
         steps = int(steps)
         if steps < 1:
             raise ConfigError(f"steps: train at least 1 more step, got {steps}")
@@ -658,12 +671,14 @@ class Studio:
         if new_name is None:
             new_name, k = f"{src.stem}-more", 2
             while self.library.find(new_name) or self.queue.active_with_name(new_name) \
-                    or (self.library.root / "runs" / new_name).exists():
+                    or (self.library.root / "runs" / new_name).exists() \
+                    or embedding_files(self.embeddings_dir).get(new_name.lower()):
                 new_name, k = f"{src.stem}-more-{k}", k + 1
         elif not overwrite:
             new_name = self.check_new_adapter_name(new_name)
         cfg = config.replace(name=check_name(new_name), init_adapter=str(src), max_steps=steps, resume=None,
-                             overwrite=overwrite, output_dir=str(self.library.root))
+                             overwrite=overwrite, output_dir=str(self.library.root),
+                             embeddings_dir=str(self.embeddings_dir))
         return self.queue.submit(cfg, kind="more")
 
     def job(self, job_id: int | None) -> Job | None:

@@ -623,7 +623,8 @@ class StudioUI:
                 raise ConfigError("class_prompt: prior preservation needs a class prompt, e.g. 'a shape'")
         data.update(images=str(self.studio.dataset_folder(ds_id)) if ds_id else ".",
                     base=self.studio.base_source(form.get("base")),
-                    output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite)
+                    output_dir=str(self.studio.library.root), device=self.studio.device, overwrite=overwrite,
+                    embeddings_dir=str(self.studio.embeddings_dir))
         cfg = TrainConfig.from_dict(data, source="form")  # every field checked before anything is written
         if cfg.quantize_base and check_device:  # fail here, not minutes later in the job: nf4 needs CUDA
             from pipelines.base_models import default_device
@@ -715,7 +716,7 @@ class StudioUI:
         from training.export import config_toml
 
         # this app's own folders are no setting: a terminal run writes to its own library, on its own device
-        text = config_toml(cfg, ("output_dir", "device", "overwrite") + (() if staged else ("images",)),
+        text = config_toml(cfg, ("output_dir", "device", "overwrite", "embeddings_dir") + (() if staged else ("images",)),
                            shareable=False)
         out = self.studio.outputs / "settings" / f"{safe_file_name(cfg.name)}.toml"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -922,6 +923,11 @@ class StudioUI:
         if job.state == "done" and job.result is not None:
             r = job.result
             loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "–"
+            if job.config.textual_inversion:
+                word = html.escape(job.config.name)
+                return line("done", "done", f"{name} is ready: {r.steps} steps in {_duration(r.seconds)}, final "
+                                            f"loss {loss}. It is an embedding: in the <b>Generate</b> tab's "
+                                            f"<b>Embeddings</b> picker; write <code>{word}</code> in a prompt.", 100.0)
             return line("done", "done", f"{name} is ready: {r.steps} steps in {_duration(r.seconds)}, final loss "
                                         f"{loss}. It is in the <b>Library</b> and in the <b>Generate</b> tab's adapter "
                                         f"picker (trigger word <code>{html.escape(job.config.trigger)}</code>).", 100.0)
@@ -1643,7 +1649,8 @@ class StudioUI:
                                                  info="a rare word that will mean your concept/style")
                         preset = gr.Radio(list(PRESETS), value="concept", label="Preset", elem_id="train-preset",
                                           info="concept: a thing (text encoder and UNet convolutions too) · "
-                                               "style: a look (attention only) · custom: your own values")
+                                               "style: a look (attention only) · embedding: the trigger word "
+                                               "alone (textual inversion, no LoRA) · custom: your own values")
                         train_base = gr.Dropdown(bases, value=bases[0], label="Base model", elem_id="train-base")
                         gr.Markdown("Every other option is in **Advanced**, further down the page.",
                                     elem_id="train-advanced-hint")
@@ -2012,7 +2019,8 @@ class StudioUI:
             more_steps.change(self.more_label, more_steps, more_btn, **quiet)
             timer.tick(self.poll, [job_id, seen, view_id],
                        [status, loss_plot, samples, seen, done_marker, resume_btn, more_steps, more_btn], **quiet)
-            done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
+            done_marker.change(self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet).then(
+                self.refresh_embeddings, emb_pick, emb_pick, **quiet)  # a finished embedding run
 
             # generate
             trig_inputs = [w for i in range(SLOTS) for w in (name_dds[i], enable_cbs[i])]

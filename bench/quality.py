@@ -314,6 +314,7 @@ def run_lora(mode: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as lib:
         cfg = TrainConfig.from_dict({"images": str(folder), "trigger": trigger,
                                      "preset": preset, "name": f"bench-{mode}", "output_dir": lib,
+                                     "embeddings_dir": lib,  # a textual-inversion run's file: not the user's
                                      "base": str(args.base or DEFAULT_BASE), "quantize_base": args.quantize_base,
                                      **dict(args.set)})
         print(f"training: preset {preset}, {cfg.max_steps} steps, rank {cfg.rank}, batch {cfg.batch_size}"

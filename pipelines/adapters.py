@@ -1101,6 +1101,8 @@ def to_kohya(
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     sd = canonical_peft_keys(state_dict)
+    if not sd:  # a textual-inversion checkpoint: its embedding only
+        return {}
     is_sdxl = family == "sdxl" or any(k.startswith("text_encoder_2.") for k in sd)
     sd, mags = take_magnitudes(sd)
     if mags:  # DoRA lengths (ours: `<module>.dora_scale`): kohya's module name, LyCORIS' `dora_scale`
@@ -1347,7 +1349,8 @@ def embedding_path(adapter_file: str | os.PathLike) -> Path:
     return p.with_name(p.name.removesuffix(SAFETENSORS_SUFFIX).removesuffix(".peft") + "_emb" + SAFETENSORS_SUFFIX)
 
 
-def save_embedding(words: Mapping[str, dict], dst: str | os.PathLike) -> Path:
+def save_embedding(words: Mapping[str, dict], dst: str | os.PathLike, metadata: Mapping[str, str] | None = None
+                   ) -> Path:
     """An adapter's bundled embedding as an embeddings-folder file: A1111's `emb_params` (SD 1.x/2.x) or SDXL's
     `clip_l` and `clip_g`, which AUTOMATIC1111, ComfyUI and this app read; diffusers' load_textual_inversion reads
     it with `token=`."""
@@ -1360,7 +1363,7 @@ def save_embedding(words: Mapping[str, dict], dst: str | os.PathLike) -> Path:
     word, vectors = next(iter(words.items()))
     tensors = {"emb_params": vectors[""]} if set(vectors) == {""} else dict(vectors)
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, dst,
-                            {"lora_studio.embedding_word": word})
+                            {"lora_studio.embedding_word": word, **(metadata or {})})
 
 
 def export_kohya(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) -> Path:

@@ -82,6 +82,14 @@ def _vectors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return _normalised(data, path.name)
 
 
+def read_embedding(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """An embedding file's vectors: {'': (n, D)} for one text encoder, {'clip_l': …, 'clip_g': …} for SDXL."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptWeightsError(f"{path}: no such embedding file")
+    return _vectors(path, allow_pickle)
+
+
 def _normalised(data, where: str) -> dict[str, torch.Tensor]:
     """An embedding's tensors as {'': (n, D)} or {'clip_l': …, 'clip_g': …}; anything else is refused naming
     `where`."""
@@ -228,4 +236,5 @@ def token_stem(adapter: str) -> str:
 
 
 __all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES",
-           "bundled", "split_bundled", "bundle_keys", "add_vectors", "vector_count", "token_stem", "BUNDLE_PREFIX"]
+           "bundled", "split_bundled", "bundle_keys", "add_vectors", "vector_count", "token_stem", "BUNDLE_PREFIX",
+           "read_embedding"]

@@ -81,7 +81,7 @@ WRONG = [  # TOML line, the start of the message
     ("lr_text = nan", "lr_text: must be a finite number, got nan"),
     ("min_snr_gamma = -inf", "min_snr_gamma: must be a finite number (or unset), got -inf"),
     ('caption_dropout = "0.1"', "caption_dropout: must be a finite number, got '0.1'"),
-    ('preset = ["concept"]', "preset: must be one of concept, style, custom, got ['concept']"),
+    ('preset = ["concept"]', "preset: must be one of concept, style, embedding, custom, got ['concept']"),
     ("name = 7", "name: must be a string, got 7"),
     ("overwrite_everything = true", "unknown key(s) overwrite_everything"),
 ]

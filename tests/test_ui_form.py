@@ -95,6 +95,8 @@ def test_a_value_typed_into_each_generated_widget_reaches_the_config(ui, o):
     value = ui.form_widgets[o.name].preprocess(payload)  # as Gradio hands the browser's value to the handler
     extra = {"prior": True} if o.name == "class_prompt" else {}
     extra.update({"train_text_encoder": True} if o.name == "lr_text" else {})
+    # textual inversion trains no LoRA: ticked on the embedding preset (the concept preset's LoRA options refuse it)
+    extra.update({"preset": "embedding"} if o.name == "textual_inversion" else {})
     cfg = ui.train_config(_form(ui, **extra, **{o.name: value}))
     assert getattr(cfg, o.name) == want
     if o.optional:  # emptied (a number box cleared, a text box emptied, the unset choice): unset
@@ -119,6 +121,7 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
     assert typed["network"][1] != "lora"  # LoHa / LoKr have no LoRA dropout: that field keeps 0 with them
     typed["dropout"] = (ui.form_widgets["dropout"].preprocess(0.0), 0.0)
     typed["dora"] = (ui.form_widgets["dora"].preprocess(False), False)  # DoRA trains with LoRA only
+    typed["textual_inversion"] = (ui.form_widgets["textual_inversion"].preprocess(False), False)  # no LoRA then
     form = _form(ui, name="saved", trigger="zwx", preset="custom", prior=True, train_text_encoder=True,
                  **{k: v for k, (v, _) in typed.items() if k != "train_text_encoder"})
     cfg = ui.train_config(form)

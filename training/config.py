@@ -37,6 +37,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a way of drawing: trigger phrase as a style, UNet only
     "style": {"rank": 8, "max_steps": 300, "lr_unet": 1e-3, "lr_text": 0.0, "train_text_encoder": False,
               "instance_template": "in the style of {trigger}"},
+    # a word (textual inversion): the trigger's vectors alone, the model untouched; on the toy base's own
+    # shapes (a set of triangles called sks) it learns what the inversion probe finds (bench/quality.py, below)
+    "embedding": {"textual_inversion": True, "max_steps": 300, "lr_ti": 5e-3, "ti_vectors": 2,
+                  "train_text_encoder": False, "instance_template": "a photo of {trigger}"},
     "custom": {},
 }
 # Real model families never get the toy's values (those are tuned on the toy world by bench/quality.py and
@@ -52,11 +56,17 @@ _REAL_CONCEPT = {"rank": 16, "alpha": 8.0, "max_steps": 500, "lr_unet": 1e-4, "l
                  "instance_template": "a photo of {trigger}", "unet_targets": ATTENTION_TARGETS}
 _REAL_STYLE = {**_REAL_CONCEPT, "lr_text": 0.0, "train_text_encoder": False,
                "instance_template": "in the style of {trigger}"}
+#  - textual inversion: diffusers' examples/textual_inversion/README.md trains batch 1 with gradient accumulation
+#    4 for 3000 steps at lr 5e-4 with --scale_lr (x batch x accumulation: 2e-3), constant, no warm-up, one vector
+#    (its --num_vectors default)
+_REAL_EMBEDDING = {"textual_inversion": True, "max_steps": 3000, "lr_ti": 2e-3, "ti_vectors": 1, "batch_size": 1,
+                   "grad_accum": 4, "lr_scheduler": "constant", "warmup_steps": 0, "train_text_encoder": False,
+                   "instance_template": "a photo of {trigger}"}
 FAMILY_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "sd1": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE},
-    "sd2": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE},
+    "sd1": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE, "embedding": _REAL_EMBEDDING},
+    "sd2": {"concept": _REAL_CONCEPT, "style": _REAL_STYLE, "embedding": _REAL_EMBEDDING},
     "sdxl": {"concept": {**_REAL_CONCEPT, "grad_accum": 4, "lr_text": 0.0, "train_text_encoder": False},
-             "style": {**_REAL_STYLE, "grad_accum": 4}},
+             "style": {**_REAL_STYLE, "grad_accum": 4}, "embedding": _REAL_EMBEDDING},
 }
 
 # every field some preset sets, for some family: the Train tab swaps them on a preset change, the CLI's help says so
@@ -133,7 +143,7 @@ def _complete(data: dict) -> bool:
 
 # the options that hold a local path (shared files write them as '~/…' or a bare name; see training.export)
 PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir",
-               "dataset_config")
+               "dataset_config", "embeddings_dir")
 GROUPS = ("main", "LoRA", "Optimisation", "Data & captions", "Preservation", "Checkpoints & samples",
           "Precision & memory", "Other")
 _META_KEYS = {"help", "group", "label", "min", "max", "gt", "below", "step", "choices", "flags", "list", "ui",
@@ -367,6 +377,18 @@ class TrainConfig:
                                  help="with pivotal tuning: start the vectors from this word's (or text's) token "
                                       "embeddings, repeated to fill them (kohya's --init_word); unset: random, scaled "
                                       "like the vocabulary's")
+    # textual inversion (AUTOMATIC1111's Train tab, kohya's train_textual_inversion.py, diffusers'
+    # textual_inversion.py): only the trigger's vectors are trained; the result is an embeddings-folder file
+    textual_inversion: bool = option(False, group="LoRA", label="Textual inversion only (an embedding, no LoRA)",
+                                     help="train only the trigger word's token vectors (ti_vectors, at lr_ti, from "
+                                          "ti_init), at every step, and leave the model as it is: the result is "
+                                          "NAME.safetensors in the embeddings folder (AUTOMATIC1111's and ComfyUI's "
+                                          "embedding file), used by writing NAME in a prompt; it changes nothing "
+                                          "else the model draws")
+    embeddings_dir: str | None = option(None, group="main", ui=False, flags=("--embeddings-dir",),
+                                        help="with textual inversion: the embeddings folder the file goes into "
+                                             "(default: $LORA_STUDIO_HOME/models/embeddings, the folder `generate` "
+                                             "and the app read)")
     clip_skip: int = option(1, group="LoRA", label="Clip skip", min=1, max=12,
                             help="train on the text encoder's layer N from the end, as AUTOMATIC1111's Clip skip "
                                  "(2 for anime models such as NovelAI-based ones; generate with the same value). "
@@ -516,9 +538,12 @@ class TrainConfig:
         if self.network != "lora" and self.quantize_base:
             raise ConfigError(f"quantize_base: {self.network} trains on an unquantized base only; use network "
                               "'lora' for QLoRA")
-        if self.pivotal and not re.fullmatch(r"[\w-]+", self.trigger or ""):
-            raise ConfigError(f"trigger: with pivotal tuning the trigger must be one word (letters, digits, _ or -), as "
-                              f"AUTOMATIC1111 names an embedding; got {self.trigger!r}")
+        if (self.pivotal or self.textual_inversion) and not re.fullmatch(r"[\w-]+", self.trigger or ""):
+            raise ConfigError(f"trigger: with {'pivotal tuning' if self.pivotal else 'textual inversion'} the trigger "
+                              "must be one word (letters, digits, _ or -), as AUTOMATIC1111 names an embedding; got "
+                              f"{self.trigger!r}")
+        if self.textual_inversion:
+            self._check_inversion()
         if self.dora and self.network != "lora":
             raise ConfigError(f"dora: DoRA is trained with network 'lora' here, not {self.network}")
         if self.dora and self.quantize_base:
@@ -532,6 +557,22 @@ class TrainConfig:
         check_rates(self)
         if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in self.preserve_swaps):
             raise ConfigError(f"preserve_swaps: must be a list of single words, got {self.preserve_swaps!r}")
+
+    def _check_inversion(self) -> None:
+        """Textual inversion trains the trigger's vectors alone: the options of a LoRA have no place in it."""
+        if not re.fullmatch(r"[\w-]+", self.name):
+            raise ConfigError(f"name: an embedding is used by writing its name in a prompt, so it must be one word "
+                              f"(letters, digits, _ or -); got {self.name!r}")
+        wrong = [("pivotal", self.pivotal, "it already trains the trigger's vectors; choose one"),
+                 ("train_text_encoder", self.train_text_encoder, "no LoRA is trained; turn it off"),
+                 ("network", self.network != "lora", "no network is trained; leave it at 'lora'"),
+                 ("dora", self.dora, "no LoRA is trained; turn it off"),
+                 ("preserve_weight", self.preserve_weight > 0, "an embedding changes only prompts with its word, "
+                                                               "so there is nothing else to keep; set it to 0"),
+                 ("quantize_base", self.quantize_base, "it trains on an unquantized base; turn it off")]
+        for name, bad, why in wrong:
+            if bad:
+                raise ConfigError(f"{name}: with textual inversion {why}")
 
     def _check_ranges_and_choices(self) -> None:
         """Each set field against its metadata's choices and range (min/max inclusive, gt/below exclusive)."""
@@ -577,6 +618,15 @@ class TrainConfig:
     @property
     def library_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else default_library_dir()
+
+    @property
+    def embeddings_folder(self) -> Path:
+        """Where a textual-inversion run writes its embedding."""
+        if self.embeddings_dir:
+            return Path(self.embeddings_dir)
+        from pipelines.library import default_home
+
+        return default_home() / "models" / "embeddings"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":

@@ -20,10 +20,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # options whose change makes a checkpoint unusable for resuming
 RESUME_KEYS = ("base", "rank", "alpha", "conv_rank", "conv_alpha", "train_text_encoder", "unet_targets", "text_targets",
-               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor", "dora", "pivotal", "ti_vectors")
+               "resolution", "optimizer", "optimizer_args", "network", "lokr_factor", "dora", "pivotal", "ti_vectors",
+               "textual_inversion")
 # what a checkpoint made before a key existed holds: that field's default then
 RESUME_DEFAULTS = {"optimizer": "adamw", "optimizer_args": [], "network": "lora", "lokr_factor": -1, "dora": False,
-                   "pivotal": False, "ti_vectors": 2}
+                   "pivotal": False, "ti_vectors": 2, "textual_inversion": False}
 
 
 def adapter_alphas(cfg: TrainConfig, sd: dict[str, torch.Tensor],
@@ -141,8 +142,8 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> tuple[dict[str, torch.Tenso
     from pipelines.dora import has_dora
     from pipelines.lycoris import is_lycoris
 
-    if is_lycoris(adapter) and not has_dora(adapter):  # LoHa / LoKr in kohya names: the trainer maps them
-        return adapter, state
+    if not adapter or (is_lycoris(adapter) and not has_dora(adapter)):  # textual inversion: the vectors only;
+        return adapter, state  # LoHa / LoKr in kohya names: the trainer maps them
     if detect_format(adapter) != FORMAT_PEFT or has_dora(adapter):  # kohya keys (since the kohya layout): peft
         layout = layout_for(meta)
         adapter, _ = magnitudes_as_peft(adapter, meta, unet_layers_per_block=layout["down"][0][0] if layout else None)
@@ -339,6 +340,48 @@ def export_adapter(tr: "Trainer", preview: Path | None) -> Path:
     user = json.dumps(a1111_user_metadata(tr), indent=4, ensure_ascii=False)
     write_text_atomic(lib / f"{cfg.name}.json", user + "\n")
     return path
+
+
+def export_embedding(tr: "Trainer", preview: Path | None) -> Path:
+    """Textual inversion: write <embeddings folder>/<name>.safetensors (AUTOMATIC1111's `emb_params`, SDXL's
+    `clip_l` / `clip_g`), its preview as A1111 looks for it (`<name>.preview.png`) and its model card."""
+    from pipelines.adapters import save_embedding
+
+    cfg = tr.cfg
+    folder = cfg.embeddings_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cfg.name}.safetensors"
+    vectors = tr.pivotal.vectors()
+    try:
+        save_embedding({cfg.name: vectors}, path, {
+            "lora_studio.trigger_word": cfg.trigger, "lora_studio.base_model": tr.base.name,
+            "lora_studio.base_family": tr.base.family, "lora_studio.steps": str(cfg.max_steps),
+            "lora_studio.config": json.dumps(shareable_config(cfg), sort_keys=True)})
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e.strerror or e})") from None
+    if preview is not None:
+        atomic_write(folder / f"{cfg.name}.preview.png", lambda tmp: shutil.copyfile(preview, tmp))
+    write_text_atomic(folder / f"{cfg.name}.md", embedding_card(tr))
+    return path
+
+
+def embedding_card(tr: "Trainer") -> str:
+    """The model card of a textual-inversion embedding: what it is, the word that uses it, where it works."""
+    cfg = tr.cfg
+    n = next(iter(tr.pivotal.vectors().values())).shape[0]
+    prompt = use_prompt(tr).replace(cfg.trigger, cfg.name)
+    return (
+        f"# {cfg.name}\n\n"
+        f"Textual-inversion embedding trained with LoRA Studio: {n} token vector(s) per text encoder, learnt from "
+        f"{len(tr.scan.items)} image(s) (trained as `{cfg.trigger}`); the model itself is unchanged.\n\n"
+        f"- Base model: {tr.base.name} ({tr.base.family})\n"
+        f"- {cfg.max_steps} steps at {tr.resolution} px, batch {cfg.batch_size}, lr {cfg.lr_ti:g}\n\n"
+        f"## Use\n\n"
+        f"Write `{cfg.name}` in a prompt (or the negative prompt):\n\n"
+        f"    lora-studio generate --prompt \"{prompt}\"\n\n"
+        f"The file is AUTOMATIC1111's embedding format: copy it as it is into AUTOMATIC1111's `embeddings` folder "
+        f"or ComfyUI's `models/embeddings` (there write `embedding:{cfg.name}`); diffusers reads it with "
+        f"`pipe.load_textual_inversion(path, token=\"{cfg.name}\")`. It changes only prompts that name it.\n")
 
 
 A1111_SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # its user-metadata dropdown's values

@@ -185,7 +185,7 @@ def check_rates(cfg: Any) -> None:
     if cfg.train_text_encoder and cfg.lr_text != cfg.lr_unet:
         raise ConfigError(f"lr_text: {label} takes one learning rate for the UNet and the text encoder; set "
                           f"lr_text to lr_unet ({cfg.lr_unet:g}), got {cfg.lr_text:g}")
-    if getattr(cfg, "pivotal", False) and cfg.lr_ti != cfg.lr_unet:
+    if (getattr(cfg, "pivotal", False) or getattr(cfg, "textual_inversion", False)) and cfg.lr_ti != cfg.lr_unet:
         raise ConfigError(f"lr_ti: {label} takes one learning rate for the LoRA and the trigger's embedding; set "
                           f"lr_ti to lr_unet ({cfg.lr_unet:g}), got {cfg.lr_ti:g}")
 

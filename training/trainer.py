@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .dataset import (ScanResult, check_masks, find_mask, load_mask, load_rgb, make_buckets, pick_bucket, resize_crop,
                       resize_crop_at, scan_folder, scan_subsets, to_tensor, vary_caption)
 from .optimizers import step_size
-from .export import base_hash, export_adapter, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
+from .export import base_hash, export_adapter, export_embedding, write_checkpoint, find_checkpoint, prune_checkpoints, read_checkpoint
 
 
 class StopFlag(Protocol):
@@ -99,6 +99,16 @@ def check_name_free(cfg: TrainConfig) -> None:
     """
     from pipelines.library import AdapterLibrary
 
+    if cfg.textual_inversion:  # the embeddings folder's file of that name (words match up to case)
+        from pipelines.embeddings import embedding_files
+
+        taken = embedding_files(cfg.embeddings_folder).get(cfg.name.lower())
+        if taken is not None and (not cfg.overwrite or taken.name != f"{cfg.name}.safetensors"):
+            raise ConfigError(f"name: an embedding called '{taken.stem}' already exists in {taken.parent}"
+                              + ("; pass --overwrite (overwrite = true) to replace it, or pick another name"
+                                 if not cfg.overwrite else f" as {taken.name}: remove it first, or pick another "
+                                 "name"))
+        return
     lib = AdapterLibrary(cfg.library_dir)
     existing = lib.find(cfg.name)
     if existing is not None:
@@ -637,23 +647,26 @@ class Trainer:
         self.prior_schedules = {size: BatchSchedule(exs, global_batch, cfg.seed + 7)
                                 for size, exs in self.priors_by_size.items()}
         torch.manual_seed(cfg.seed)  # LoRA A matrices are initialised from the global RNG
-        self.lora_configs = lora_mod.attach(
+        self.lora_configs = {} if cfg.textual_inversion else lora_mod.attach(
             base.pipe, cfg.rank, cfg.lora_alpha, cfg.unet_targets, te_targets, cfg.dropout,
             conv_rank=cfg.lora_conv_rank if cfg.lora_conv_rank != cfg.rank else None,
             conv_alpha=cfg.lora_conv_alpha if cfg.lora_conv_alpha != cfg.lora_alpha else None,
             network=cfg.network, lokr_factor=cfg.lokr_factor, dora=cfg.dora)
         self.components = list(self.lora_configs)
-        self.pivotal = None  # pivotal tuning: the trigger's own trainable token vectors (training.pivotal)
-        if cfg.pivotal:
+        # pivotal tuning / textual inversion: the trigger's own trainable token vectors (training.pivotal)
+        self.pivotal = None
+        if cfg.pivotal or cfg.textual_inversion:
             from . import pivotal
 
             self.pivotal = pivotal.attach(base, cfg)
-            self.ti_steps = pivotal.training_steps(cfg)
+            self.ti_steps = cfg.max_steps if cfg.textual_inversion else pivotal.training_steps(cfg)
             _emit(self.on_progress, Progress(0, cfg.max_steps, message=(
+                f"textual inversion: '{cfg.trigger}' becomes {cfg.ti_vectors} new token vector(s), trained at lr "
+                f"{cfg.lr_ti:g}; the model itself stays as it is" if cfg.textual_inversion else
                 f"pivotal tuning: '{cfg.trigger}' becomes {cfg.ti_vectors} new token vector(s), trained for "
                 f"{self.ti_steps} of {cfg.max_steps} steps at lr {cfg.lr_ti:g}")))
-        self.text = TextCache(base, live=cfg.train_text_encoder or cfg.pivotal, keep=not cfg.shuffle_tags,
-                              clip_skip=cfg.clip_skip)
+        self.text = TextCache(base, live=cfg.train_text_encoder or self.pivotal is not None,
+                              keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
         self.unet_dtype = base.pipe.unet.dtype
         if self.preserve:
@@ -714,7 +727,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, pipe = self.cfg, self.base.pipe
-        groups = [{"params": lora_mod.trainable_params(pipe.unet), "lr": cfg.lr_unet}]
+        groups = [{"params": lora_mod.trainable_params(pipe.unet), "lr": cfg.lr_unet}] if self.components else []
         for comp in self.components[1:]:
             groups.append({"params": lora_mod.trainable_params(getattr(pipe, comp)), "lr": cfg.lr_text})
         if self.pivotal is not None:
@@ -736,7 +749,9 @@ class Trainer:
 
     def _restore(self) -> int:
         cfg = self.cfg
-        if cfg.init_adapter:
+        if cfg.init_adapter and cfg.textual_inversion:  # an embedding file to train on
+            self._continue_inversion(Path(cfg.init_adapter))
+        elif cfg.init_adapter:
             from pipelines.weights_io import load_safetensors
 
             from pipelines.embeddings import split_bundled
@@ -765,6 +780,13 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         _emit(self.on_progress, Progress(int(state["step"]), cfg.max_steps, message=f"resumed from {ckpt}"))
         return int(state["step"])
+
+    def _continue_inversion(self, path: Path) -> None:
+        """--init-adapter with textual inversion: an embedding file (A1111's, kohya's, ComfyUI's, this app's) whose
+        vectors train on."""
+        from pipelines.embeddings import read_embedding
+
+        self.pivotal.load(read_embedding(path), str(path))
 
     def embeddings(self) -> dict[str, dict[str, torch.Tensor]]:
         """The run's trained embedding ({trigger: vectors}) for the adapter file; {} without pivotal tuning."""
@@ -1055,7 +1077,7 @@ class Trainer:
                                stopped=True, checkpoint=ckpt)
         final = self.make_samples(cfg.max_steps)
         final_shown = False
-        if cfg.weight_check and self.is_main:
+        if cfg.weight_check and self.is_main and not cfg.textual_inversion:  # an embedding has no weight
             from .weight_check import check_weights
 
             # the last samples now, not after the check: the page shows them while it runs
@@ -1071,7 +1093,8 @@ class Trainer:
                     msg += (f"; acting from step {sc.suggested} of {sc.steps} keeps more of it" if sc.suggested
                             else "; best acting at every step")
                 _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, message=msg))
-        path = export_adapter(self, final[0] if final else None) if self.is_main else None
+        save = export_embedding if cfg.textual_inversion else export_adapter
+        path = save(self, final[0] if final else None) if self.is_main else None
         self.accelerator.wait_for_everyone()
         _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, loss, elapsed_s=time.time() - t0,
                                          eta_s=0.0, samples=[] if final_shown else final, message=f"saved {path}"))
