@@ -37,6 +37,15 @@ def _with_styles(args: argparse.Namespace, prompt: str, negative: str) -> tuple[
     return apply_styles(prompt, negative, args.style, read_styles(path), path)
 
 
+def _add_variation_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    p.add_argument("--subseed", type=int, default=-1 if defaults else None, metavar="N",
+                   help="variation seed (AUTOMATIC1111's Extra; default -1: a random one, recorded in the PNG)")
+    p.add_argument("--subseed-strength", type=float, default=0.0 if defaults else None, metavar="S",
+                   help="how far each image's starting noise moves from its seed's towards the variation seed's "
+                        "(0 to 1; default 0: off). With it the images share the seed and image i takes variation "
+                        "seed N + i, as in A1111: variations of one picture")
+
+
 def _add_wildcard_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     p.add_argument("--wildcards", default=None, metavar="DIR",
                    help="the wildcards folder: __name__ in a prompt is a line of DIR/name.txt (default: "
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="default: the model's native size")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
+    _add_variation_args(g, defaults=False)
     g.add_argument("--scheduler", default=None, help=SAMPLER_HELP + " (default DPM++ 2M Karras)")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help=CLIP_SKIP_HELP + " (default 1)")
@@ -395,6 +405,7 @@ def _add_request_args(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1, help="several: one row per seed")
+    _add_variation_args(p, defaults=True)
     p.add_argument("--scheduler", default="DPM++ 2M Karras", help=SAMPLER_HELP)
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help=CLIP_SKIP_HELP)
     _add_hires_args(p, defaults=True)
@@ -517,7 +528,7 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 _REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
                    "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image", "mask_image",
-                   "mask_blur")
+                   "mask_blur", "subseed", "subseed_strength")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -542,7 +553,7 @@ def _generate_request(args: argparse.Namespace):
                       guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
                       clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
                       hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength,
-                      mask_blur=r.mask_blur)
+                      mask_blur=r.mask_blur, subseed=r.subseed, subseed_strength=r.subseed_strength)
         notes, model = got.notes, got.model
         if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
             args.vae_path = _vae_in_folder(got.vae)
@@ -642,6 +653,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, clip_skip=args.clip_skip, hires_scale=args.hires_scale,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
         init_image=args.init_image, mask_image=args.mask_image, mask_blur=args.mask_blur,
+        subseed=args.subseed, subseed_strength=args.subseed_strength,
     )
     from pipelines.wildcards import draw_once
 

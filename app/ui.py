@@ -15,6 +15,7 @@ import functools
 import html
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -1251,13 +1252,17 @@ class StudioUI:
     @ui_errors
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
-                 mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False):
+                 mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False, subseed=-1,
+                 subseed_strength=0.0):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning.
         Choices and wildcards in the prompts are drawn for each image (every combination with `combinatorial`;
         one seed for all with `fixed_seed`)."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                             mask_blur)
+        if subseed_strength:  # A1111's variation seed
+            req = replace(req, subseed=_num(subseed if subseed not in (None, "") else -1, "subseed", int),
+                          subseed_strength=_num(subseed_strength, "subseed_strength"))
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
                                    combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
@@ -1278,11 +1283,11 @@ class StudioUI:
                 [str(p) for p in res.paths], warn, info)
 
     def generate_event(self, base_name, *values):
-        """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, then the adapter rows) into
-        `generate`."""
+        """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, the variation seed and its
+        strength, then the adapter rows) into `generate`."""
         k = len(GENERATE_FORM) + 1  # the form's fields and Fuse
-        return self.generate(base_name, *values[:k], *values[k + 2:], combinatorial=values[k],
-                             fixed_seed=values[k + 1])
+        return self.generate(base_name, *values[:k], *values[k + 4:], combinatorial=values[k],
+                             fixed_seed=values[k + 1], subseed=values[k + 2], subseed_strength=values[k + 3])
 
     @staticmethod
     def show_parameters(paths, evt: gr.SelectData):
@@ -1373,7 +1378,8 @@ class StudioUI:
         return (prompt, r.negative_prompt, r.steps, r.guidance, r.scheduler, r.seed, r.width or 0, r.height or 0,
                 r.clip_skip, r.hires_scale, r.hires_steps, r.hires_upscaler,
                 r.denoising_strength if hires else gr.skip(), gr.update(open=True) if hires else gr.skip(),
-                vae_update, base_update, *slots, *[None] * SLOTS, msg)
+                vae_update, base_update, *slots, *[None] * SLOTS, r.subseed if r.subseed_strength else -1,
+                r.subseed_strength, gr.update(open=True) if r.subseed_strength else gr.skip(), msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
@@ -1808,6 +1814,15 @@ class StudioUI:
                             with gr.Column(scale=1, min_width=120):
                                 reuse = gr.Button("♻ Reuse last seed", size="sm", elem_id="gen-reuse-seed")
                                 rand = gr.Button("Random seed", size="sm", elem_id="gen-random-seed")
+                        with gr.Accordion("Variation seed: variations of one picture", open=False,
+                                          elem_id="gen-variation") as var_acc:
+                            with gr.Row():
+                                subseed = gr.Number(-1, label="Variation seed (−1 = random)", precision=0,
+                                                    elem_id="gen-subseed")
+                                subseed_strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength",
+                                                             info="0: off; the images share the seed and take "
+                                                                  "variation seeds N, N+1… (A1111's Extra)",
+                                                             elem_id="gen-subseed-strength")
                         with gr.Row():
                             width = gr.Number(0, label="Width (0 = model's)", precision=0, step=8, minimum=0,
                                               elem_id="gen-width")
@@ -2051,7 +2066,8 @@ class StudioUI:
                           mask_blur, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             assert len(req_inputs) == len(GENERATE_FORM)
-            gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, *slot_widgets]
+            gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength,
+                          *slot_widgets]
             go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             prompt.submit(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
@@ -2063,7 +2079,7 @@ class StudioUI:
             recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip,
                               hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, vae, base,
                               *slot_widgets,
-                              *[c for *_, c in slot_pickers], recall_info]
+                              *[c for *_, c in slot_pickers], subseed, subseed_strength, var_acc, recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
             rand.click(lambda: -1, None, seed, **quiet)

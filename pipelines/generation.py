@@ -87,6 +87,10 @@ class GenerationRequest:
     # mask_blur pixels (A1111's default 4). Outside the mask the result is the starting picture itself.
     mask_image: Any = None
     mask_blur: int = 4
+    # AUTOMATIC1111's variation seed ("Extra"): each image's starting noise is its seed's, moved towards the noise
+    # of subseed + i by subseed_strength (spherical interpolation); the images then share the seed
+    subseed: int = -1  # -1: a random one, recorded in the image
+    subseed_strength: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -127,6 +131,16 @@ class GenerationRequest:
         if self.seed is None or int(self.seed) < 0:
             self.seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
         self.seed = int(self.seed)
+        if not 0.0 <= float(self.subseed_strength) <= 1.0:
+            raise ConfigError(f"subseed_strength: the variation strength must be between 0 and 1, got "
+                              f"{self.subseed_strength}")
+        if self.subseed_strength > 0:
+            if self.init_image is not None:
+                raise ConfigError("subseed_strength: a variation seed varies the starting noise of an image made "
+                                  "from the prompt; starting from an image (img2img), set it to 0")
+            if self.subseed is None or int(self.subseed) < 0:
+                self.subseed = int(torch.randint(0, 2**32 - 1, (1,)).item())
+        self.subseed = int(self.subseed if self.subseed is not None else -1)
 
 
 @dataclass
@@ -135,6 +149,7 @@ class GeneratedImage:
     seed: int
     parameters: str  # the A1111 `parameters` text
     size: tuple[int, int] | None = None  # the recorded Size: the first pass's, before a Hires fix (None: image's)
+    subseed: int | None = None  # its variation seed, when it has one
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -191,7 +206,7 @@ def skipped_embeddings(pipe, prompts: list[str], skip: int, device) -> torch.Ten
 
 
 def format_parameters(req: GenerationRequest, seed: int, width: int, height: int, model: BaseModel,
-                      extra: dict[str, str] | None = None) -> str:
+                      extra: dict[str, str] | None = None, subseed: int | None = None) -> str:
     """AUTOMATIC1111's `parameters` text: prompt, negative prompt, then 'Key: value' pairs."""
     lines = [req.prompt]
     if req.negative_prompt:
@@ -215,6 +230,9 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         pairs["Denoising strength"] = f"{req.denoising_strength:g}"
     if req.mask_image is not None:  # A1111 records the blur of an inpainting mask (not the mask)
         pairs["Mask blur"] = str(req.mask_blur)
+    if req.subseed_strength > 0:  # A1111's keys: image i's variation seed is subseed + i
+        pairs["Variation seed"] = str(req.subseed if subseed is None else subseed)
+        pairs["Variation seed strength"] = f"{req.subseed_strength:g}"
     if req.hires_scale > 1:  # A1111's keys; Size stays the first pass's
         pairs["Hires upscale"] = f"{req.hires_scale:g}"
         if req.hires_steps:
@@ -299,7 +317,12 @@ def generate(
     width = req.width or model.native_resolution
     height = req.height or model.native_resolution
     set_scheduler(pipe, req.scheduler)
-    seeds = [req.seed + i for i in range(req.num_images)]
+    variation = req.subseed_strength > 0  # A1111: the images share the seed, their variation seeds count up
+    if variation and inpainting_model(model):
+        raise ConfigError("subseed_strength: variation seeds are not applied with an inpainting checkpoint; set it "
+                          "to 0")
+    seeds = [req.seed if variation else req.seed + i for i in range(req.num_images)]
+    subseeds = [req.subseed + i for i in range(req.num_images)] if variation else [None] * req.num_images
     gen_device = "cpu" if model.device.type == "mps" else model.device
     init = _init_image(req.init_image, width, height) if req.init_image is not None else None
     hires = req.hires_scale > 1
@@ -337,7 +360,10 @@ def generate(
             images = run(_inpaint(pipe, model.device), **_whole_mask(pipe, init, width, height, model.device),
                          num_inference_steps=first[0], strength=first[1], output_type=latent_out)
         elif init is None:
-            images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out)
+            noise = (variation_noise(pipe, seeds, subseeds, req.subseed_strength, width, height, gen_device,
+                                     model.device) if variation else None)
+            images = run(pipe, num_inference_steps=req.steps, width=width, height=height, output_type=latent_out,
+                         latents=noise)
         elif req.mask_image is not None:
             mask = _mask(req.mask_image, width, height, req.mask_blur)
             images = run(_inpaint(pipe, model.device), image=init, mask_image=mask, width=width, height=height,
@@ -359,11 +385,41 @@ def generate(
             else:
                 images = run(_img2img(pipe), image=bigger, num_inference_steps=second[0], strength=second[1])
     results = []
-    for img, seed in zip(images, seeds):
-        params = format_parameters(req, seed, width, height, model, extra_parameters)
+    for img, seed, sub in zip(images, seeds, subseeds):
+        params = format_parameters(req, seed, width, height, model, extra_parameters, subseed=sub)
         img.info["parameters"] = params
-        results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height)))
+        results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height), subseed=sub))
     return results
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from a to b (per batch row), as AUTOMATIC1111 mixes a seed's noise with a variation
+    seed's; nearly parallel rows are interpolated linearly."""
+    fa, fb = a.flatten(1).double(), b.flatten(1).double()
+    dot = (fa / fa.norm(dim=1, keepdim=True) * fb / fb.norm(dim=1, keepdim=True)).sum(1).clamp(-1, 1)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    near = dot.abs() > 0.9995
+    wa = torch.where(near, 1 - t, torch.sin((1 - t) * omega) / torch.where(near, 1.0, so))
+    wb = torch.where(near, t, torch.sin(t * omega) / torch.where(near, 1.0, so))
+    return (wa[:, None] * fa + wb[:, None] * fb).view_as(a).to(a.dtype)
+
+
+def variation_noise(pipe, seeds: list[int], subseeds: list[int], strength: float, width: int, height: int,
+                    gen_device, device) -> torch.Tensor:
+    """The starting latents of a variation-seed batch: image i's seed noise moved towards its variation seed's by
+    `strength` (drawn as the pipeline draws its own, so strength 0 would be the plain seed's noise)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    f = getattr(pipe, "vae_scale_factor", 8)
+    shape = (1, pipe.vae.config.latent_channels, height // f, width // f)
+    dtype = pipe.unet.dtype
+
+    def draw(seed: int) -> torch.Tensor:
+        return randn_tensor(shape, generator=torch.Generator(device=gen_device).manual_seed(seed), device=device,
+                            dtype=dtype)
+
+    return torch.cat([slerp(strength, draw(s), draw(ss)) for s, ss in zip(seeds, subseeds)])
 
 
 def _passes(req: GenerationRequest) -> tuple[tuple[int, float, int], tuple[int, float, int]]:

@@ -195,7 +195,7 @@ def make_grid(
             "; ".join(f"{SETTINGS[k][0]} {v:g}" if isinstance(v, float) else f"{SETTINGS[k][0]} {v}"
                       for k, v in c) or "as above" for c in settings)
     w, h = tiles[0][0].size or tiles[0][0].image.size  # the first pass's size (a Hires fix enlarges it)
-    params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra)
+    params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra, subseed=tiles[0][0].subseed)
     grid.info["parameters"] = params
     return GridResult(grid, params, cols, tiles)
 

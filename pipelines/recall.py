@@ -19,7 +19,7 @@ from .generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, parse_pa
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
 
 # A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
-UNSUPPORTED = ("Refiner", "ENSD", "Eta", "Variation seed", "Face restoration", "ControlNet 0", "ADetailer model")
+UNSUPPORTED = ("Refiner", "ENSD", "Eta", "Face restoration", "ControlNet 0", "ADetailer model")
 _KEYS = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 
 
@@ -105,7 +105,7 @@ def recall(text: str, library=None, num_images: int = 1, embeddings=None) -> Rec
         prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
         guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
         height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes),
-        **_hires(p, width, notes))
+        **_hires(p, width, notes), **_variation(p, notes))
     if p.get("Model family"):  # recorded by this app
         req = for_family(req, p["Model family"], notes, a1111=False)
     if "Seed" not in p:
@@ -178,6 +178,20 @@ def _hires(p: dict[str, str], width: int | None, notes: list[str]) -> dict:
     steps = _number(p, "Hires steps", 0, int)
     return dict(hires_scale=scale, hires_steps=steps if 0 <= steps <= 500 else 0, hires_upscaler=upscaler,
                 denoising_strength=strength)
+
+
+def _variation(p: dict[str, str], notes: list[str]) -> dict:
+    """A1111's variation seed ("Variation seed" and its strength), when the image has one."""
+    strength = _number(p, "Variation seed strength", 0.0, float)
+    if not 0 <= strength <= 1:
+        notes.append(f"Variation seed strength {strength:g} is out of range (0 to 1): no variation is applied")
+        return {}
+    if strength == 0 or "Variation seed" not in p:
+        return {}
+    if "Denoising strength" in p and "Hires upscale" not in p and "Hires resize" not in p:
+        notes.append("the image was made from another picture with a variation seed: made from the prompt here, "
+                     "the variation seed is kept")
+    return {"subseed": _number(p, "Variation seed", -1, int), "subseed_strength": strength}
 
 
 def _clip_skip(p: dict[str, str], notes: list[str]) -> int:

@@ -1338,7 +1338,7 @@ class AdapterStack:
         rec_req = replace(req, prompt=recorded)
         for img in images:
             w, h = img.size or img.image.size  # the first pass's size (a Hires fix enlarges the picture)
-            img.parameters = format_parameters(rec_req, img.seed, w, h, self.model, extra)
+            img.parameters = format_parameters(rec_req, img.seed, w, h, self.model, extra, subseed=img.subseed)
             img.image.info["parameters"] = img.parameters
         return images
 

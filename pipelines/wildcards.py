@@ -322,7 +322,8 @@ def plan(req, wildcards: Wildcards, combinatorial: bool = False, fixed_seed: boo
         prompts = [req.prompt] * n
     negatives = ([draw(req.negative_prompt, req.seed + i + 7_919, wildcards) for i in range(n)] if neg
                  else [req.negative_prompt] * n)
-    seeds = [req.seed if fixed_seed else req.seed + i for i in range(n)]
+    variation = req.subseed_strength > 0  # the images share the seed; their variation seeds count up
+    seeds = [req.seed if fixed_seed or variation else req.seed + i for i in range(n)]
     groups: list[list[int]] = []
     for i in range(n):
         if (groups and not fixed_seed and (prompts[i], negatives[i]) == (prompts[groups[-1][0]], negatives[groups[-1][0]])):
@@ -330,7 +331,8 @@ def plan(req, wildcards: Wildcards, combinatorial: bool = False, fixed_seed: boo
         else:
             groups.append([i])
     requests = [replace(req, prompt=prompts[g[0]], negative_prompt=negatives[g[0]], seed=seeds[g[0]],
-                        num_images=len(g)) for g in groups]
+                        num_images=len(g), subseed=req.subseed + (0 if fixed_seed else g[0]) if variation
+                        else req.subseed) for g in groups]
     templates = {}
     if pos:
         templates["Template"] = req.prompt

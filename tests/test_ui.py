@@ -733,7 +733,8 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     out = ui.recall_form(text, base)
     prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip = out[:9]
     *hires, hires_open, vae, base_pick = out[9:16]
-    slots, cards, msg = out[16:16 + 8 * SLOTS], out[16 + 8 * SLOTS:-1], out[-1]
+    slots, cards, msg = out[16:16 + 8 * SLOTS], out[16 + 8 * SLOTS:16 + 9 * SLOTS], out[-1]
+    assert out[-4:-1] == (-1, 0.0, gr.skip())  # no variation seed recorded: the box is cleared, the strength off
     assert vae == "Automatic"  # no VAE recorded: the model's own
     assert hires[:3] == [1.0, 0, "Latent"] and hires[3] == gr.skip() and hires_open == gr.skip()  # no Hires fix
     hires[3] = 0.7
