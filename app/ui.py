@@ -50,7 +50,8 @@ SLOTS = 4  # adapter rows on the Generate tab
 SLIDER_MIN, SLIDER_MAX = -2.0, 2.0  # a row's weight sliders; a tag in the prompt takes WEIGHT_MIN..WEIGHT_MAX
 START_LABEL = "acts from step (0 = first)"
 SLOT_FIELDS = 8  # per row: name, on, weight, TE?, TE weight, steps?, from step, to step
-# the Generate form's fields as `generate` takes them after the base model (then Fuse, then the adapter rows)
+# the Generate form's fields as `generate` takes them after the base model (then Fuse, the adapter rows; the
+# Generate button also sends the dynamic-prompt boxes and the variation seed, see generate_event)
 GENERATE_FORM = ("prompt", "negative", "steps", "guidance", "seed", "width", "height", "num_images", "scheduler",
                  "clip_skip", "hires_scale", "hires_steps", "hires_upscaler", "hires_denoise", "init_image",
                  "init_strength", "mask_blur", "vae")
@@ -1266,7 +1267,8 @@ class StudioUI:
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
                                    combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
-        gallery = [(str(p), f"seed {img.seed}") for p, img in zip(res.paths, res.images)]
+        gallery = [(str(p), f"seed {img.seed}" + (f", variation {img.subseed}" if img.subseed is not None else ""))
+                   for p, img in zip(res.paths, res.images)]
         notes = ([("Interference", w) for w in res.warnings] + [("Step range", w) for w in res.range_warnings]
                  + [("Clip skip", w) for w in res.clip_skip_warnings]
                  + [("Embedding", w) for w in res.embedding_warnings])
@@ -1766,7 +1768,8 @@ class StudioUI:
                                             elem_id="gen-triggers")
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                             placeholder="a red sks on a white background   (red:1.3), BREAK and "
-                                                        "<lora:name:0.8> work as in AUTOMATIC1111")
+                                                        "<lora:name:0.8> work as in AUTOMATIC1111; {a|b} and "
+                                                        "__wildcard__ as in its Dynamic Prompts")
                         negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
                         with gr.Row():
                             emb_pick = gr.Dropdown(st.embedding_names(), value=None, scale=3, min_width=200,
@@ -1786,8 +1789,9 @@ class StudioUI:
                         with gr.Row():
                             wc_pick = gr.Dropdown(st.wildcard_names(), value=None, scale=3, min_width=200,
                                                   label="Wildcards (dynamic prompts)",
-                                                  info=f"files in {st.wildcards_dir}: `__name__` is one of its "
-                                                       "lines, `{a|b|c}` one of the choices, drawn for each image",
+                                                  info=f"files in {st.wildcards_dir}, a choice a line; Add puts the "
+                                                       "file's word in the prompt, drawn for each image, as {a|b|c} "
+                                                       "is",
                                                   elem_id="gen-wildcards")
                             with gr.Column(scale=1, min_width=130):
                                 wc_add = gr.Button("Add to prompt", size="sm", elem_id="gen-wildcard-add")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -369,7 +370,7 @@ def embedding_card(tr: "Trainer") -> str:
     """The model card of a textual-inversion embedding: what it is, the word that uses it, where it works."""
     cfg = tr.cfg
     n = next(iter(tr.pivotal.vectors().values())).shape[0]
-    prompt = use_prompt(tr).replace(cfg.trigger, cfg.name)
+    prompt = re.sub(rf"(?<![\w-]){re.escape(cfg.trigger)}(?![\w-])", lambda _m: cfg.name, use_prompt(tr))
     return (
         f"# {cfg.name}\n\n"
         f"Textual-inversion embedding trained with LoRA Studio: {n} token vector(s) per text encoder, learnt from "
