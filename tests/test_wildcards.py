@@ -187,3 +187,32 @@ def test_generate_tab_draws_wildcards_and_every_combination(tmp_path, tiny_sd1_d
         ("8", str(30 + i), "0.2") for i in range(4)]
     out = ui.recall_form(read_png_parameters(paths[2]), ui.base_names()[0])
     assert out[-4:-1] == (32, 0.2, {"open": True, "__type__": "update"}) and out[0] == got[2]["Prompt"]
+
+
+def test_a_choice_between_adapters_gives_each_image_its_own(tiny_sd1_dir, tmp_path, capsys, monkeypatch, cards):
+    """`{<lora:a:1>|<lora:b:1>}`: a common dynamic-prompts use, an adapter drawn per image. Each image is made with
+    its own drawn adapter (as that tag alone makes it) and records it in `Lora hashes`."""
+    from lora_helpers import make_lora
+    from pipelines.adapters import lora_metadata, save_adapter
+    from pipelines.base_models import load_base
+
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
+    lib = tmp_path / "home" / "loras"
+    pipe = load_base(str(tiny_sd1_dir), device="cpu").pipe
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        save_adapter(make_lora(pipe, rank=4, seed=seed, std=2.0), lib / f"{name}.safetensors",
+                     lora_metadata(family="sd1", rank=4, alpha=4, name=name))
+    args = ["--base", str(tiny_sd1_dir), "--steps", "2", "--device", "cpu", "--wildcards", str(cards.folder),
+            "--library", str(lib)]
+    rc = main(["generate", *args, "--prompt", "a red circle {<lora:alpha:1>|<lora:beta:1>}", "--combinatorial",
+               "--fixed-seed", "--num-images", "2", "--seed", "6", "--out", str(tmp_path / "pick.png")])
+    assert rc == 0, capsys.readouterr().err
+    for i, name in enumerate(("alpha", "beta")):
+        params = parse_parameters(read_png_parameters(tmp_path / f"pick-{i}.png"))
+        assert params["Prompt"] == f"a red circle <lora:{name}:1>" and params["Lora hashes"].startswith(f"{name}: ")
+        assert main(["generate", *args, "--prompt", params["Prompt"], "--seed", "6",
+                     "--out", str(tmp_path / f"alone-{name}.png")]) == 0
+        with Image.open(tmp_path / f"pick-{i}.png") as a, Image.open(tmp_path / f"alone-{name}.png") as b:
+            assert a.tobytes() == b.tobytes()
+    with Image.open(tmp_path / "pick-0.png") as a, Image.open(tmp_path / "pick-1.png") as b:
+        assert a.tobytes() != b.tobytes()  # the two adapters draw differently
