@@ -286,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_home_arg(p, suppress=True)
     p.set_defaults(func=cmd_jobs_resume)
 
+    e = sub.add_parser("embeddings", help="the textual-inversion embeddings a prompt can name: word, vectors, "
+                                          "model family, size, hash")
+    _add_embeddings_arg(e)
+    e.set_defaults(func=cmd_embeddings)
+    w = sub.add_parser("wildcards", help="the wildcard files a prompt can name as __name__, with their line counts; "
+                                         "--draw TEMPLATE shows what a dynamic prompt gives")
+    w.add_argument("--wildcards", default=None, metavar="DIR",
+                   help="the wildcards folder (default: $LORA_STUDIO_HOME/wildcards)")
+    w.add_argument("--draw", default=None, metavar="TEMPLATE",
+                   help="print the prompts this template gives (one a line) instead of the list")
+    w.add_argument("--num", type=int, default=5, metavar="N", help="with --draw: how many prompts (default 5)")
+    w.add_argument("--seed", type=int, default=0, help="with --draw: image 0's seed (prompt i is drawn by seed + i)")
+    w.add_argument("--combinatorial", action="store_true", help="with --draw: every combination, at most --num")
+    w.set_defaults(func=cmd_wildcards)
+
     lo = sub.add_parser("loras", help="the adapter library: list (the default), info, import, export, bake, resize, "
                                       "extract, preview, rename, rm")
     _add_library_arg(lo)
@@ -759,6 +774,66 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+EMBEDDING_WIDTHS = {768: "sd1", 1024: "sd2"}  # a text encoder's width: SD 1.x CLIP-L, SD 2.x OpenCLIP-H
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    """`lora-studio embeddings`: the embeddings folder, a row per file (a file that cannot be read: a warning)."""
+    import hashlib
+
+    from pipelines.embeddings import embedding_files, read_embedding
+    from pipelines.errors import LoraStudioError
+
+    folder = _embeddings_folder(args)
+    files = embedding_files(folder)
+    if not files:
+        print(f"no embeddings in {folder}")
+        return 0
+    print(f"{'WORD':<28} {'VECTORS':>7} {'FAMILY':<9} {'SIZE':>9}  {'HASH':<12}")
+    for path in files.values():
+        try:
+            vec = read_embedding(path, allow_pickle=False)
+        except LoraStudioError as e:
+            print(f"warning: {path.name}: {str(e).replace(str(path) + ': ', '').replace(path.name + ': ', '')}",
+                  file=sys.stderr)
+            continue
+        first = next(iter(vec.values()))
+        family = ("sdxl" if set(vec) == {"clip_l", "clip_g"}
+                  else EMBEDDING_WIDTHS.get(first.shape[1], f"width {first.shape[1]}"))
+        extra = "  [preview]" if path.with_name(f"{path.stem}.preview.png").is_file() else ""
+        extra += "  [card]" if path.with_suffix(".md").is_file() else ""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # A1111's TI hashes
+        print(f"{path.stem:<28} {first.shape[0]:>7} {family:<9} {_human(path.stat().st_size):>9}  {digest:<12}{extra}")
+    return 0
+
+
+def cmd_wildcards(args: argparse.Namespace) -> int:
+    """`lora-studio wildcards`: the wildcard files and their line counts, or what a template draws."""
+    from pipelines.wildcards import draw, every
+
+    cards = _wildcards(args)
+    if args.draw is not None:
+        if args.num < 1:
+            raise _usage("wildcards: --num must be 1 or more")
+        if args.combinatorial:
+            prompts, more = every(args.draw, cards, args.num)
+        else:
+            prompts, more = [draw(args.draw, args.seed + i, cards) for i in range(args.num)], False
+        for p in prompts:
+            print(p)
+        if more:
+            print(f"note: more than {args.num} combinations; --num N shows more", file=sys.stderr)
+        return 0
+    lists = cards.lists()
+    if not lists:
+        print(f"no wildcards in {cards.folder} (a file name.txt there, one choice a line, is __name__ in a prompt)")
+        return 0
+    print(f"{'WILDCARD':<40} LINES")
+    for name in cards.names():
+        print(f"{'__' + name + '__':<40} {len(lists[name])}")
+    return 0
 
 
 def cmd_loras_list(args: argparse.Namespace) -> int:

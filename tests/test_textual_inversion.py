@@ -125,3 +125,20 @@ def test_the_app_trains_an_embedding_into_its_embeddings_folder(star_images, tin
     more = studio.train_more("star-emb", 3, config=cfg.replace(images=str(star_images)))
     assert more.config.init_adapter == str(res.adapter_path) and more.config.name == "star-emb-more"
     assert more.config.textual_inversion and more.config.max_steps == 3
+
+
+def test_the_embeddings_command_lists_the_folder(star_images, tiny_sd1_dir, tmp_path, capsys):
+    from app.cli import main
+
+    res = train(_cfg(star_images, tiny_sd1_dir, tmp_path, max_steps=1))
+    (tmp_path / "emb" / "broken.safetensors").write_bytes(b"not weights")
+    assert main(["embeddings", "--embeddings", str(tmp_path / "emb")]) == 0
+    got = capsys.readouterr()
+    row = next(ln for ln in got.out.splitlines() if ln.startswith("star-emb "))
+    import hashlib
+
+    assert row.split()[1:3] == ["3", "width"] and hashlib.sha256(res.adapter_path.read_bytes()).hexdigest()[:12] in row
+    assert "[preview]" in row and "[card]" in row
+    assert "warning: broken.safetensors" in got.err
+    assert main(["embeddings", "--embeddings", str(tmp_path / "none")]) == 0
+    assert "no embeddings in" in capsys.readouterr().out

@@ -216,3 +216,17 @@ def test_a_choice_between_adapters_gives_each_image_its_own(tiny_sd1_dir, tmp_pa
             assert a.tobytes() == b.tobytes()
     with Image.open(tmp_path / "pick-0.png") as a, Image.open(tmp_path / "pick-1.png") as b:
         assert a.tobytes() != b.tobytes()  # the two adapters draw differently
+
+
+def test_the_wildcards_command_lists_files_and_shows_what_a_template_draws(cards, capsys):
+    assert main(["wildcards", "--wildcards", str(cards.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "__colour__" in out and "__animals/pets__" in out and "__shapes/sharp__" in out
+    assert main(["wildcards", "--wildcards", str(cards.folder), "--draw", "a __colour__ {x|y}", "--num", "3",
+                 "--seed", "4"]) == 0
+    assert capsys.readouterr().out.split("\n")[:3] == [draw("a __colour__ {x|y}", 4 + i, cards) for i in range(3)]
+    assert main(["wildcards", "--wildcards", str(cards.folder), "--draw", "{a|b|c}", "--num", "2",
+                 "--combinatorial"]) == 0
+    got = capsys.readouterr()
+    assert got.out.split() == ["a", "b"] and "more than 2 combinations" in got.err
+    assert main(["wildcards", "--wildcards", str(cards.folder), "--draw", "__nope__"]) == 2
