@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--weight", type=float, default=None,
                     help="the weight for --loras, --checkpoints and --starts (default 1; with --starts, the one "
                          "given as --lora NAME:W)")
+    rows = gr.add_mutually_exclusive_group()
+    rows.add_argument("--rows-weights", metavar="W1,W2,...",
+                      help="a second axis (A1111's X/Y plot), one row per value: the weight of the adapter each "
+                           "column compares (with --checkpoints, --loras or --starts), e.g. checkpoints x weights")
+    rows.add_argument("--rows-cfgs", metavar="C1,C2,...", help="a second axis: these CFG scales")
+    rows.add_argument("--rows-step-counts", metavar="N1,N2,...", help="a second axis: these numbers of steps")
+    rows.add_argument("--rows-samplers", metavar="A,B,...", help="a second axis: these samplers")
+    rows.add_argument("--rows-prompt-sr", metavar="WORD,OTHER,...", help="a second axis: Prompt S/R")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
@@ -656,6 +664,27 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
         raise _usage(f"grid: {flag} must be {kind} separated by commas, got '{text}'") from None
 
 
+def _grid_rows(args: argparse.Namespace, req) -> tuple[list, str]:
+    """The grid's second axis (--rows-…): its rows and its name; none without it."""
+    from pipelines.grid import prompt_sr_columns, setting_columns, split_values, weight_rows
+
+    if args.rows_weights:
+        if args.lora and args.starts is None:
+            raise _usage("grid: --rows-weights with --lora: the columns vary its weight already (use --starts, or "
+                         "--checkpoints, for the columns)")
+        return weight_rows(_numbers(args.rows_weights, "--rows-weights")), "weight"
+    if args.rows_cfgs:
+        return setting_columns("guidance", _numbers(args.rows_cfgs, "--rows-cfgs")), "CFG scale"
+    if args.rows_step_counts:
+        return setting_columns("steps", _numbers(args.rows_step_counts, "--rows-step-counts", int,
+                                                 "whole step numbers")), "Steps"
+    if args.rows_samplers:
+        return setting_columns("scheduler", [n.strip() for n in args.rows_samplers.split(",") if n.strip()]), "Sampler"
+    if args.rows_prompt_sr:
+        return prompt_sr_columns(split_values(args.rows_prompt_sr), req.prompt, req.negative_prompt), "Prompt S/R"
+    return [], ""
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
     from pipelines.grid import (adapter_columns, checkpoint_columns, grid_prompts, make_grid, prompt_sr_columns,
@@ -705,9 +734,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         axis = "Prompt S/R"
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
+    rows, row_axis = _grid_rows(args, req)
     # every column's prompts: a word Prompt S/R swaps in may name an embedding
-    _embeddings_into(stack.model, args, grid_prompts(req, columns))
-    result = make_grid(stack, req, columns, axis=axis)
+    _embeddings_into(stack.model, args, grid_prompts(req, [*columns, *rows]))
+    result = make_grid(stack, req, columns, axis=axis, rows=rows, row_axis=row_axis)
     [path] = output_paths(args.out, 1)
     from pipelines.generation import with_pairs
 

@@ -752,6 +752,24 @@ class Studio:
             save_png(img, p)
         return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, drawn.notes)
 
+    @staticmethod
+    def _compare_rows(rows: str, values: Sequence, req: GenerationRequest, mode: str) -> tuple[list, str]:
+        """The grid's second axis: its rows and its name (none for 'none')."""
+        from pipelines.grid import SETTINGS, prompt_sr_columns, setting_columns, weight_rows
+
+        if rows in (None, "", "none"):
+            return [], ""
+        if rows == "weights":
+            if mode == "weights":
+                raise ConfigError("rows: the columns vary the adapter's weight already; choose checkpoints, start "
+                                  "steps or adapters across")
+            return weight_rows(values), "weight"
+        if rows in SETTINGS:
+            return setting_columns(rows, values), SETTINGS[rows][0]
+        if rows == "prompt_sr":
+            return prompt_sr_columns(values, req.prompt, req.negative_prompt), "Prompt S/R"
+        raise ConfigError(f"rows: unknown second axis '{rows}'")
+
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""
         d = self.library.root / "runs"
@@ -761,12 +779,14 @@ class Studio:
 
     def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
                 weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = (),
-                starts: Sequence[int] = (), vae: str | None = None, settings: Sequence = ()) -> Path:
+                starts: Sequence[int] = (), vae: str | None = None, settings: Sequence = (), rows: str = "none",
+                row_values: Sequence = ()) -> Path:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
         ('checkpoints'), the adapters in `others` one at a time ('adapters'), or a request setting across
         `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes), or
-        words of the prompt swapped (`settings` the words, 'prompt_sr': A1111's Prompt S/R)."""
+        words of the prompt swapped (`settings` the words, 'prompt_sr': A1111's Prompt S/R). `rows` adds a second
+        axis over `row_values`: 'weights' (of the adapter each column compares), a setting or 'prompt_sr'."""
         from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, grid_prompts, make_grid,
                                     prompt_sr_columns, range_words, setting_columns, start_columns, weight_columns)
 
@@ -802,11 +822,12 @@ class Studio:
                 cols, axis = prompt_sr_columns(settings, req.prompt, req.negative_prompt, others), "Prompt S/R"
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
+            row_cols, row_axis = self._compare_rows(rows, row_values, req, mode)
             # every column's prompts: a word Prompt S/R swaps in may name an embedding
-            use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, cols), self.allow_pickle)
+            use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, [*cols, *row_cols]), self.allow_pickle)
             if m.stack.fused:
                 m.stack.unfuse()
-            result = make_grid(m.stack, req, cols, axis=axis)
+            result = make_grid(m.stack, req, cols, axis=axis, rows=row_cols, row_axis=row_axis)
         path = self._out_paths(1, "-grid")[0]
         save_png(result.image, path, with_pairs(result.parameters, templates))
         return path

@@ -73,6 +73,9 @@ LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
 COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters", "CFG scales": "guidance", "step counts": "steps",
                  "samplers": "scheduler", "prompt words (Prompt S/R)": "prompt_sr"}
+# the comparison's second axis (rows): label -> kind ("weights": the weight of the adapter each column compares)
+COMPARE_ROWS = {"none": "none", "weights of the compared adapter": "weights", "CFG scales": "guidance",
+                "step counts": "steps", "samplers": "scheduler", "prompt words (Prompt S/R)": "prompt_sr"}
 # the values box of the comparison, per mode: (label, default)
 COMPARE_VALUES = {"weights": ("Weights", "0, 0.4, 0.8, 1.2"),
                   "starts": ("Start steps (0 = every step)", "0, 5, 10, 15"),
@@ -1387,9 +1390,9 @@ class StudioUI:
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae,
-                cmp_adapter, cmp_weights, cmp_run, *slot_values):
+                cmp_adapter, cmp_weights, cmp_run, *slot_values, rows="none", row_values=""):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
-        enabled adapters one at a time."""
+        enabled adapters one at a time; `rows` a second axis (COMPARE_ROWS) over `row_values`."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                             mask_blur)
@@ -1400,8 +1403,14 @@ class StudioUI:
         weights = _weights(cmp_weights) if kind == "weights" else ()
         starts = _starts(cmp_weights, req.steps) if kind == "starts" else ()
         settings = _settings(cmp_weights, kind) if kind in ("guidance", "steps", "scheduler", "prompt_sr") else ()
+        row_kind = COMPARE_ROWS.get(rows or "none")
+        if row_kind is None:
+            raise ConfigError(f"rows: unknown second axis '{rows}'")
+        row_vals = (() if row_kind == "none" else
+                    _weights(row_values) if row_kind == "weights" else _settings(row_values, row_kind))
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
-                                   others=enabled, starts=starts, vae=vae, settings=settings)
+                                   others=enabled, starts=starts, vae=vae, settings=settings,
+                                   rows=row_kind, row_values=row_vals)
         return str(path), str(path), req.seed
 
     @staticmethod
@@ -1416,8 +1425,10 @@ class StudioUI:
         return gr.update(label=label, value=default)
 
     def compare_shown(self, *args):
-        """`compare` for the page: the grid, its file, the seed, and a status line (where an error stays)."""
-        grid, file, seed = self.compare(*args)
+        """`compare` for the page (its inputs: the mode, the form, the adapter, values and run, the second axis and
+        its values, then the adapter rows): the grid, its file, the seed, and a status line (where an error stays)."""
+        k = 2 + len(GENERATE_FORM) + 3
+        grid, file, seed = self.compare(*args[:k], *args[k + 2:], rows=args[k], row_values=args[k + 1])
         return grid, file, seed, ""
 
     # ============================================================================================ Library tab
@@ -1898,6 +1909,11 @@ class StudioUI:
                         cmp_adapter = gr.Dropdown(names, value=None, label="Adapter", elem_id="cmp-adapter")
                         cmp_weights = gr.Textbox("0, 0.4, 0.8, 1.2", label="Weights", elem_id="cmp-weights")
                         cmp_run = gr.Dropdown(st.runs(), value=None, label="Run (checkpoints)", elem_id="cmp-run")
+                    with gr.Row():
+                        cmp_rows = gr.Dropdown(list(COMPARE_ROWS), value="none", label="Rows (a second axis)",
+                                               info="A1111's X/Y plot: e.g. checkpoints across, weights down",
+                                               elem_id="cmp-rows")
+                        cmp_row_values = gr.Textbox("0.5, 1", label="Row values", elem_id="cmp-row-values")
                     cmp_go = gr.Button("Make grid", elem_id="cmp-go")
                     cmp_mode.change(self.compare_values_box, [cmp_mode, cmp_weights], cmp_weights,
                                     show_progress="hidden")
@@ -2089,7 +2105,8 @@ class StudioUI:
             rand.click(lambda: -1, None, seed, **quiet)
             cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]
             cmp_go.click(shown_in(self.compare_shown, cmp_outputs, cmp_status),
-                         [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, *slot_widgets], cmp_outputs)
+                         [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, cmp_rows, cmp_row_values,
+                          *slot_widgets], cmp_outputs)
 
             # library
             lib_pick.change(self.adapter_details, lib_pick, details, **quiet)

@@ -135,6 +135,31 @@ def _quote_free(text: str) -> str:
     return text.replace('"', "'").replace("|", "/")
 
 
+def weight_rows(weights: Sequence[float]) -> list[GridColumn]:
+    """A second axis of weights: each row sets the weight of the adapter each column compares (its checkpoint, its
+    start step, the adapter of an 'adapters' column)."""
+    if not weights:
+        raise ConfigError("rows: give at least one weight, e.g. 0.5, 1")
+    return [GridColumn(f"weight {float(w):g}", (), (("weight", float(w)),)) for w in weights]
+
+
+def _combine(col: GridColumn, row: GridColumn) -> GridColumn:
+    """The tile of column `col` in row `row` (A1111's X/Y plot): both axes' settings; a weight row sets the weight
+    of the adapter the column compares (its last entry)."""
+    mine, theirs = dict(col.changes), dict(row.changes)
+    both = sorted(set(mine) & set(theirs))
+    if both:
+        raise ConfigError(f"rows: the columns vary {both[0].replace('_', ' ')} already; choose another second axis")
+    entries = col.entries
+    if "weight" in theirs:
+        if not entries or col.changes:
+            raise ConfigError("rows: weights vary the adapter each column compares; choose columns of checkpoints, "
+                              "start steps or adapters")
+        w = theirs.pop("weight")
+        entries = entries[:-1] + (replace(entries[-1], weight=w, te_weight=None),)
+    return GridColumn(f"{col.label}, {row.label}", entries, tuple(mine.items()) + tuple(theirs.items()))
+
+
 def make_grid(
     stack: AdapterStack,
     req: GenerationRequest,
@@ -142,6 +167,8 @@ def make_grid(
     *,
     axis: str = "LoRA",
     on_progress: Callable[[int, int], None] | None = None,
+    rows: Sequence[GridColumn] | None = None,
+    row_axis: str = "",
 ) -> GridResult:
     """Generate `req` (same prompt, same seed) once per column and compose ONE labelled image.
 
@@ -150,6 +177,10 @@ def make_grid(
     `parameters` text is the request's, plus `Lora hashes` of every adapter used and `Grid`/`Grid stacks`
     (the column labels and each column's tags, ' | '-separated) so every tile can be reproduced.
     """
+    if rows:  # a second axis: one image a tile, row by row
+        if req.num_images != 1:
+            raise ConfigError("rows: with a second axis each tile is one image; set the number of images to 1")
+        return _xy_grid(stack, req, _columns(columns), list(rows), axis, row_axis, on_progress)
     cols = _columns(columns)
     col_reqs, col_tags = [], []  # each column's request (a bad setting is refused up front) and prompt tags
     for col in cols:
@@ -198,6 +229,23 @@ def make_grid(
     params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra, subseed=tiles[0][0].subseed)
     grid.info["parameters"] = params
     return GridResult(grid, params, cols, tiles)
+
+
+def _xy_grid(stack, req, cols: list[GridColumn], rows: list[GridColumn], axis: str, row_axis: str,
+             on_progress) -> GridResult:
+    """Columns x rows: every combined tile drawn as one long row (its parameters name each tile's stack and
+    settings, `Grid` labelling them "column, row"), then laid out row by row; `Grid rows` names the second axis."""
+    from .generation import with_pairs
+
+    flat = [_combine(c, r) for r in rows for c in cols]  # every combination checked before any is drawn
+    g = make_grid(stack, req, flat, axis=f"{axis} / {row_axis}", on_progress=on_progress)
+    n = len(cols)
+    images = [[g.tiles[i * n + j][0].image for j in range(n)] for i in range(len(rows))]
+    grid = image_grid(images, [c.label for c in cols], [r.label for r in rows])
+    params = with_pairs(g.parameters, {"Grid rows": f"{_quote_free(row_axis)}: "
+                                                    + " | ".join(_quote_free(r.label) for r in rows)})
+    grid.info["parameters"] = params
+    return GridResult(grid, params, flat, g.tiles)
 
 
 # request settings a grid can vary (A1111's X/Y plot axes): field -> (its name in the parameters, column label)
@@ -357,6 +405,7 @@ def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, in
 
 __all__ = [
     "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "start_columns", "adapter_columns",
+    "weight_rows",
     "run_checkpoints",
     "checkpoint_columns",
 ]

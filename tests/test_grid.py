@@ -295,3 +295,42 @@ def test_prompt_sr_swaps_a_word_in_both_prompts_and_in_lora_tags(stack, tmp_path
     assert main(["grid", "--base", str(stack.model.source), "--library", str(stack.library.root), "--prompt",
                  "a red circle", "--steps", "2", "--prompt-sr", "red,green", "--out", str(out)]) == 0
     assert parse_parameters(read_png_parameters(out))["Grid"] == "Prompt S/R: red | green"
+
+
+def test_a_second_axis_checkpoints_by_weights_and_settings(stack, lib, tiny_sd1_dir, tmp_path, capsys):
+    """A1111's X/Y plot: rows are a second axis. Checkpoints x weights, the grid LoRA trainers make most: each tile is
+    the checkpoint at its row's weight, the same picture as that stack alone; rows and columns are labelled and the
+    parameters name both axes."""
+    from pipelines.grid import setting_columns, weight_rows
+
+    cols = checkpoint_columns(stack, "myrun")
+    result = make_grid(stack, _req(), cols, axis="myrun checkpoint", rows=weight_rows([0.5, 1.0]), row_axis="weight")
+    p = parse_parameters(result.parameters)
+    assert p["Grid rows"] == "weight: weight 0.5 | weight 1"
+    assert p["Grid stacks"].split(" | ")[:4] == ["<lora:myrun@step-5:0.5>", "<lora:myrun@step-10:0.5>",
+                                                 "<lora:myrun@step-200:0.5>", "<lora:myrun@step-5:1>"]
+    alone = stack.generate(_req(), [StackEntry("myrun@step-10", 0.5)])[0].image
+    assert np.array_equal(np.asarray(result.tiles[1][0].image), np.asarray(alone))
+    assert len(result.tiles) == 6  # row by row: step 5 at 0.5 … step 200 at 1
+    assert not np.array_equal(np.asarray(result.tiles[0][0].image), np.asarray(result.tiles[3][0].image))
+    one_row = make_grid(stack, _req(), cols, axis="myrun checkpoint", rows=weight_rows([1.0]), row_axis="weight")
+    assert result.image.height > one_row.image.height  # a second row of tiles
+    # settings on both axes combine; the same setting on both, or weights over setting columns, is refused
+    both = make_grid(stack, _req(), setting_columns("guidance", [2, 6]), axis="CFG scale",
+                     rows=setting_columns("steps", [1, 2]), row_axis="Steps")
+    assert parse_parameters(both.parameters)["Grid settings"].split(" | ")[3] == "CFG scale 6; Steps 2"
+    with pytest.raises(ConfigError, match="the columns vary guidance already"):
+        make_grid(stack, _req(), setting_columns("guidance", [2, 6]), rows=setting_columns("guidance", [1]))
+    with pytest.raises(ConfigError, match="weights vary the adapter each column compares"):
+        make_grid(stack, _req(), setting_columns("guidance", [2, 6]), rows=weight_rows([0.5]))
+    with pytest.raises(ConfigError, match="set the number of images to 1"):
+        make_grid(stack, _req(num_images=2), cols, rows=weight_rows([0.5]))
+    # the CLI: --checkpoints with --rows-weights
+    rc = main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "a red circle",
+               "--steps", "2", "--seed", "11", "--scheduler", "DDIM", "--checkpoints", "myrun", "--rows-weights",
+               "0.5,1", "--out", str(tmp_path / "xy.png"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    saved = parse_parameters(read_png_parameters(tmp_path / "xy.png"))
+    assert saved["Grid rows"] == "weight: weight 0.5 | weight 1"
+    assert main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "x", "--lora", "a",
+                 "--rows-weights", "0.5", "--out", str(tmp_path / "n.png")]) == 2

@@ -880,6 +880,19 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     grid, *_ = ui.compare("enabled adapters, one at a time", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           None, "", None, *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     assert "alpha-style 0.8 | beta-thing 0.5" in read_png_parameters(grid)
+    # a second axis (A1111's X/Y plot): the compared adapters across, their weights down; shown on the page as
+    # compare_shown takes the inputs (the rows' boxes before the adapter rows)
+    form = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", None)
+    grid, _, _, status = ui.compare_shown("enabled adapters, one at a time", *form,
+                                          "weights of the compared adapter", "0.5, 1",
+                                          *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
+    p = parse_parameters(read_png_parameters(grid))
+    assert p["Grid rows"] == "weight: weight 0.5 | weight 1" and status == ""
+    assert p["Grid stacks"] == ("<lora:alpha-style:0.5> | <lora:beta-thing:0.5> | <lora:alpha-style:1> | "
+                                "<lora:beta-thing:1>")
+    with pytest.raises(gr.Error, match="the columns vary the adapter's weight already"):
+        ui.compare("adapter weights", *form[:-3], "alpha-style", "0, 1", None, *_slots(),
+                   rows="weights of the compared adapter", row_values="0.5")
     # A1111's X/Y plot axes: a setting across the columns, the enabled adapters in every tile
     assert ui.compare_values_box("CFG scales", "0, 1")["value"] == "3, 5, 7, 9"
     grid, *_ = ui.compare("CFG scales", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
