@@ -157,7 +157,7 @@ def _combine(col: GridColumn, row: GridColumn) -> GridColumn:
                               "start steps or adapters")
         w = theirs.pop("weight")
         entries = entries[:-1] + (replace(entries[-1], weight=w, te_weight=None),)
-    return GridColumn(f"{col.label}, {row.label}", entries, tuple(mine.items()) + tuple(theirs.items()))
+    return GridColumn(f"{col.label} / {row.label}", entries, tuple(mine.items()) + tuple(theirs.items()))
 
 
 def make_grid(
