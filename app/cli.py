@@ -664,31 +664,44 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
         raise _usage(f"grid: {flag} must be {kind} separated by commas, got '{text}'") from None
 
 
+# the grid's request-setting axes: option (without --, and --rows- for the second axis) -> what it varies
+_SETTING_AXES = (("cfgs", "guidance"), ("step_counts", "steps"), ("samplers", "scheduler"), ("prompt_sr", "prompt_sr"))
+
+
+def _settings_axis(args: argparse.Namespace, req, prefix: str = "") -> tuple[list, str] | None:
+    """The grid's settings axis given by --cfgs / --step-counts / --samplers / --prompt-sr (with `prefix` 'rows_':
+    the --rows-… second axis): its entries and its name; None when none of them is given."""
+    from pipelines.grid import settings_axis, split_values
+
+    for attr, kind in _SETTING_AXES:
+        text = getattr(args, prefix + attr)
+        if not text:
+            continue
+        flag = "--" + (prefix + attr).replace("_", "-")
+        values = (_numbers(text, flag) if kind == "guidance"
+                  else _numbers(text, flag, int, "whole step numbers") if kind == "steps"
+                  else split_values(text) if kind == "prompt_sr"
+                  else [n.strip() for n in text.split(",") if n.strip()])
+        return settings_axis(kind, values, req)
+    return None
+
+
 def _grid_rows(args: argparse.Namespace, req) -> tuple[list, str]:
     """The grid's second axis (--rows-…): its rows and its name; none without it."""
-    from pipelines.grid import prompt_sr_columns, setting_columns, split_values, weight_rows
+    from pipelines.grid import weight_rows
 
     if args.rows_weights:
         if args.lora and args.starts is None:
             raise _usage("grid: --rows-weights with --lora: the columns vary its weight already (use --starts, or "
                          "--checkpoints, for the columns)")
         return weight_rows(_numbers(args.rows_weights, "--rows-weights")), "weight"
-    if args.rows_cfgs:
-        return setting_columns("guidance", _numbers(args.rows_cfgs, "--rows-cfgs")), "CFG scale"
-    if args.rows_step_counts:
-        return setting_columns("steps", _numbers(args.rows_step_counts, "--rows-step-counts", int,
-                                                 "whole step numbers")), "Steps"
-    if args.rows_samplers:
-        return setting_columns("scheduler", [n.strip() for n in args.rows_samplers.split(",") if n.strip()]), "Sampler"
-    if args.rows_prompt_sr:
-        return prompt_sr_columns(split_values(args.rows_prompt_sr), req.prompt, req.negative_prompt), "Prompt S/R"
-    return [], ""
+    return _settings_axis(args, req, "rows_") or ([], "")
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from pipelines.generation import GenerationRequest, output_paths, save_png
-    from pipelines.grid import (adapter_columns, checkpoint_columns, grid_prompts, make_grid, prompt_sr_columns,
-                                range_words, setting_columns, split_values, start_columns, weight_columns)
+    from pipelines.grid import (adapter_columns, checkpoint_columns, grid_prompts, make_grid, range_words,
+                                start_columns, weight_columns)
 
     args.prompt, args.negative_prompt = _with_styles(args, args.prompt, args.negative_prompt)
     req = GenerationRequest(
@@ -721,17 +734,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
     elif args.loras:
         entries = _entries_into(stack, [n.strip() for n in args.loras.split(",") if n.strip()])
         columns, axis = adapter_columns([e.name for e in entries], weight), f"LoRA at {weight:g}"
-    elif args.cfgs:
-        columns, axis = setting_columns("guidance", _numbers(args.cfgs, "--cfgs")), "CFG scale"
-    elif args.step_counts:
-        columns, axis = setting_columns("steps", _numbers(args.step_counts, "--step-counts", int,
-                                                          "whole step numbers")), "Steps"
-    elif args.samplers:
-        columns = setting_columns("scheduler", [n.strip() for n in args.samplers.split(",") if n.strip()])
-        axis = "Sampler"
-    elif args.prompt_sr:
-        columns = prompt_sr_columns(split_values(args.prompt_sr), req.prompt, req.negative_prompt)
-        axis = "Prompt S/R"
+    elif settings := _settings_axis(args, req):
+        columns, axis = settings
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     rows, row_axis = _grid_rows(args, req)

@@ -755,7 +755,7 @@ class Studio:
     @staticmethod
     def _compare_rows(rows: str, values: Sequence, req: GenerationRequest, mode: str) -> tuple[list, str]:
         """The grid's second axis: its rows and its name (none for 'none')."""
-        from pipelines.grid import SETTINGS, prompt_sr_columns, setting_columns, weight_rows
+        from pipelines.grid import settings_axis, weight_rows
 
         if rows in (None, "", "none"):
             return [], ""
@@ -764,10 +764,8 @@ class Studio:
                 raise ConfigError("rows: the columns vary the adapter's weight already; choose checkpoints, start "
                                   "steps or adapters across")
             return weight_rows(values), "weight"
-        if rows in SETTINGS:
-            return setting_columns(rows, values), SETTINGS[rows][0]
-        if rows == "prompt_sr":
-            return prompt_sr_columns(values, req.prompt, req.negative_prompt), "Prompt S/R"
+        if axis := settings_axis(rows, values, req):
+            return axis
         raise ConfigError(f"rows: unknown second axis '{rows}'")
 
     def runs(self) -> list[str]:
@@ -787,8 +785,8 @@ class Studio:
         `settings` with `others` in every tile ('guidance', 'steps' or 'scheduler': A1111's X/Y plot axes), or
         words of the prompt swapped (`settings` the words, 'prompt_sr': A1111's Prompt S/R). `rows` adds a second
         axis over `row_values`: 'weights' (of the adapter each column compares), a setting or 'prompt_sr'."""
-        from pipelines.grid import (SETTINGS, GridColumn, checkpoint_columns, grid_prompts, make_grid,
-                                    prompt_sr_columns, range_words, setting_columns, start_columns, weight_columns)
+        from pipelines.grid import (GridColumn, checkpoint_columns, grid_prompts, make_grid, range_words,
+                                    settings_axis, start_columns, weight_columns)
 
         from pipelines.generation import with_pairs
         from pipelines.wildcards import draw_once
@@ -816,10 +814,8 @@ class Studio:
                 if not others:
                     raise ConfigError("adapters: enable at least one adapter to compare")
                 cols, axis = [GridColumn(f"{e.name} {e.weight:g}", (e,)) for e in others], "LoRA"
-            elif mode in SETTINGS:
-                cols, axis = setting_columns(mode, settings, others), SETTINGS[mode][0]
-            elif mode == "prompt_sr":
-                cols, axis = prompt_sr_columns(settings, req.prompt, req.negative_prompt, others), "Prompt S/R"
+            elif axis_of := settings_axis(mode, settings, req, others):
+                cols, axis = axis_of
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
             row_cols, row_axis = self._compare_rows(rows, row_values, req, mode)

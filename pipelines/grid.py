@@ -266,6 +266,17 @@ def setting_columns(field: str, values: Sequence, others: Sequence[StackEntry] =
     return [GridColumn(fmt.format(kind(v)), tuple(others), ((field, kind(v)),)) for v in values]
 
 
+def settings_axis(kind: str, values: Sequence, req: GenerationRequest,
+                  others: Sequence[StackEntry] = ()) -> tuple[list[GridColumn], str] | None:
+    """A request-setting axis (SETTINGS) or Prompt S/R, as columns or as rows: its entries and its name; None for
+    another kind of axis."""
+    if kind in SETTINGS:
+        return setting_columns(kind, values, others), SETTINGS[kind][0]
+    if kind == "prompt_sr":
+        return prompt_sr_columns(values, req.prompt, req.negative_prompt, others), "Prompt S/R"
+    return None
+
+
 def _column_prompts(col: GridColumn, prompt: str, negative: str) -> tuple[str, str]:
     """The prompt and negative prompt a column draws with: A1111's Prompt S/R swaps its word in both."""
     sr = dict(col.changes).get("prompt_sr")
@@ -405,7 +416,7 @@ def checkpoint_columns(stack: AdapterStack, run: str, weight: float = 1.0, *, in
 
 __all__ = [
     "image_grid", "GridColumn", "GridResult", "make_grid", "weight_columns", "start_columns", "adapter_columns",
-    "weight_rows",
+    "weight_rows", "settings_axis",
     "run_checkpoints",
     "checkpoint_columns",
 ]

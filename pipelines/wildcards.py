@@ -204,11 +204,12 @@ def _walk(data, prefix: str, lists: dict[str, list[str]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- expanding
-def _lines(wildcards: Wildcards, pattern: str, depth: int) -> list[list]:
+def _lines(wildcards: Wildcards, pattern: str, depth: int) -> list[str]:
+    """A wildcard's lines, as written (each is parsed when it is used: a file may hold thousands)."""
     if depth > MAX_DEPTH:
         raise ConfigError(f"prompt: wildcards nested more than {MAX_DEPTH} deep at '__{pattern}__' (a file that "
                           "names itself?)")
-    return [_parse(v) for v in wildcards.values(pattern)]
+    return wildcards.values(pattern)
 
 
 def _options(v: _Variant, wildcards: Wildcards, depth: int) -> list[tuple[float, list]]:
@@ -216,7 +217,7 @@ def _options(v: _Variant, wildcards: Wildcards, depth: int) -> list[tuple[float,
     if len(v.options) == 1 and (v.low, v.high) != (1, 1):
         nodes = v.options[0][1]
         if len(nodes) == 1 and isinstance(nodes[0], _Wildcard):
-            return [(1.0, n) for n in _lines(wildcards, nodes[0].pattern, depth + 1)]
+            return [(1.0, _parse(line)) for line in _lines(wildcards, nodes[0].pattern, depth + 1)]
     return v.options
 
 
@@ -231,7 +232,8 @@ def _draw(nodes: list, rng: random.Random, wildcards: Wildcards, depth: int = 0)
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Wildcard):
-            out.append(_draw(rng.choice(_lines(wildcards, node.pattern, depth + 1)), rng, wildcards, depth + 1))
+            out.append(_draw(_parse(rng.choice(_lines(wildcards, node.pattern, depth + 1))), rng, wildcards,
+                             depth + 1))
         else:
             options = list(_options(node, wildcards, depth))
             low, high = _count_range(node, len(options))
@@ -268,7 +270,7 @@ def _every_one(node, wildcards: Wildcards, depth: int) -> Iterator[str]:
         yield node
     elif isinstance(node, _Wildcard):
         for line in _lines(wildcards, node.pattern, depth + 1):
-            yield from _every(line, wildcards, depth + 1)
+            yield from _every(_parse(line), wildcards, depth + 1)
     else:
         options = _options(node, wildcards, depth)
         low, high = _count_range(node, len(options))

@@ -369,12 +369,11 @@ def export_embedding(tr: "Trainer", preview: Path | None) -> Path:
 def embedding_card(tr: "Trainer") -> str:
     """The model card of a textual-inversion embedding: what it is, the word that uses it, where it works."""
     cfg = tr.cfg
-    n = next(iter(tr.pivotal.vectors().values())).shape[0]
     prompt = re.sub(rf"(?<![\w-]){re.escape(cfg.trigger)}(?![\w-])", lambda _m: cfg.name, use_prompt(tr))
     return (
         f"# {cfg.name}\n\n"
-        f"Textual-inversion embedding trained with LoRA Studio: {n} token vector(s) per text encoder, learnt from "
-        f"{len(tr.scan.items)} image(s) (trained as `{cfg.trigger}`); the model itself is unchanged.\n\n"
+        f"Textual-inversion embedding trained with LoRA Studio: {cfg.ti_vectors} token vector(s) per text encoder, "
+        f"learnt from {len(tr.scan.items)} image(s) (trained as `{cfg.trigger}`); the model itself is unchanged.\n\n"
         f"- Base model: {tr.base.name} ({tr.base.family})\n"
         f"- {cfg.max_steps} steps at {tr.resolution} px, batch {cfg.batch_size}, lr {cfg.lr_ti:g}\n\n"
         f"## Use\n\n"
@@ -482,7 +481,7 @@ def model_card(tr: "Trainer", meta: dict[str, str]) -> str:
         f"## Use\n\n"
         f"    lora-studio generate --lora \"{use_arg(tr)}\" --prompt \"{use_prompt(tr)}\""
         + (f" --clip-skip {cfg.clip_skip}" if cfg.clip_skip > 1 else "") + "\n\n"
-        + (f"The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
+        + ("The file uses kohya's key layout: copy it as it is into AUTOMATIC1111's or ComfyUI's `models/Lora` "
            + ("folder. " if cfg.pivotal else "folder, or load it in diffusers with `pipe.load_lora_weights(path)`. ")
            if cfg.network == "lora" and not cfg.dora else
            "The file uses kohya's key layout with LyCORIS' DoRA magnitudes (`dora_scale`, one length per input "
