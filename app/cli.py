@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt")
     _add_base_args(g)
-    g.add_argument("--prompt", default=None, help="required unless --from-png gives it")
+    g.add_argument("--prompt", default=None,
+                   help="required unless --from-png gives it; AUTOMATIC1111's syntax: (word:1.3), [word], BREAK, "
+                        "<lora:NAME:W>, prompt editing [from:to:when] (when 0.5: half the steps; 10: step 10), "
+                        "[to:when], [from::when] and alternation [a|b]")
     g.add_argument("--from-png", default=None, metavar="IMAGE",
                    help="make an image again from the generation parameters stored in IMAGE (a PNG made here or "
                         "by AUTOMATIC1111; its JPEG/WebP too): prompt with its adapters, negative prompt, steps, "

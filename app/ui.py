@@ -1778,8 +1778,9 @@ class StudioUI:
                                             interactive=True,
                                             elem_id="gen-triggers")
                         prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
-                                            placeholder="a red sks on a white background   (red:1.3), BREAK and "
-                                                        "<lora:name:0.8> work as in AUTOMATIC1111; {a|b} and "
+                                            placeholder="a red sks on a white background   (red:1.3), [red:blue:0.5], "
+                                                        "[red|blue], BREAK and <lora:name:0.8> work as in "
+                                                        "AUTOMATIC1111; {a|b} and "
                                                         "__wildcard__ as in its Dynamic Prompts")
                         negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
                         with gr.Row():

@@ -16,6 +16,7 @@ from .base_models import BaseModel
 from .errors import ConfigError
 from .prompts import encode as encode_prompts
 from .prompts import encoder_hidden, needs_syntax
+from .prompt_editing import at_step, schedule as prompt_schedule
 from .embeddings import mentions, used_hashes
 from .weights_io import atomic_write
 
@@ -329,29 +330,31 @@ def generate(
     first, second = _passes(req)
     total, done = first[2] + second[2], [0]
 
+    # A1111's prompt editing ([from:to:when], [a|b]): each pass's texts by sampler step
+    edits = [_PromptEdits(model, req, skip, req.steps)]
+    if hires:
+        edits.append(_PromptEdits(model, req, skip, req.steps, req.hires_steps or req.steps))
+    current = [edits[0]]
+
     def _cb(p, step, timestep, kw):
         if step_hook is not None:
             step_hook(step + 1)
+        if current[0].active:
+            current[0].swap(p, step + 1, kw)
         done[0] += 1
         if on_progress is not None:
             on_progress(min(done[0], total), total)
         return kw
 
     with torch.inference_mode():
-        # A1111's encoding for weights, chunks, embeddings and clip skip (both prompts through the same layer:
-        # diffusers' own clip_skip skips the positive only); diffusers' own for a plain prompt
-        if skip is not None or any(needs_syntax(pipe.tokenizer, p) or mentions(model, p)
-                                   for p in (req.prompt, req.negative_prompt)):
-            text = encode_prompts(model, req.prompt, req.negative_prompt, skip)
-        else:
-            text = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None)
-
         def run(p, **kw):
             if step_hook is not None:
                 step_hook(0)
-            return p(**text, guidance_scale=req.guidance, num_images_per_prompt=req.num_images,
-                     generator=[torch.Generator(device=gen_device).manual_seed(s) for s in seeds],
-                     callback_on_step_end=_cb, cross_attention_kwargs=cross_attention_kwargs, **kw).images
+            out = p(**current[0].pipeline_args(), guidance_scale=req.guidance, num_images_per_prompt=req.num_images,
+                    generator=[torch.Generator(device=gen_device).manual_seed(s) for s in seeds],
+                    callback_on_step_end=_cb, cross_attention_kwargs=cross_attention_kwargs, **kw).images
+            current[0] = edits[-1]  # a later pass is the Hires fix's
+            return out
 
         latent_out = "latent" if hires and req.hires_upscaler == "Latent" else "pil"
         if inpainting_model(model) and req.mask_image is None:
@@ -390,6 +393,65 @@ def generate(
         img.info["parameters"] = params
         results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height), subseed=sub))
     return results
+
+
+class _PromptEdits:
+    """The prompt and negative prompt of each sampler step of one pass under A1111's prompt editing, each
+    distinct pair encoded once (A1111's encoding) and put into the pipeline between steps."""
+
+    def __init__(self, model: BaseModel, req: GenerationRequest, skip: int | None, steps: int,
+                 hires_steps: int | None = None):
+        self.model, self.skip = model, skip
+        self.pos = prompt_schedule(req.prompt, steps, hires_steps)
+        self.neg = prompt_schedule(req.negative_prompt or "", steps, hires_steps)
+        self.active = len({t for _, t in self.pos}) > 1 or len({t for _, t in self.neg}) > 1
+        self.xl = model.family == "sdxl"
+        self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._last: tuple[str, str] | None = None
+
+    def encoded(self, step: int) -> dict[str, torch.Tensor]:
+        pair = (at_step(self.pos, step), at_step(self.neg, step))
+        if pair not in self._cache:
+            self._cache[pair] = encode_prompts(self.model, pair[0], pair[1], self.skip)
+        return self._cache[pair]
+
+    def pipeline_args(self) -> dict[str, Any]:
+        """The pipeline's text arguments for the pass's first step (and, when the texts change, the tensors
+        its step callback is handed)."""
+        self._last = prompt, negative = at_step(self.pos, 0), at_step(self.neg, 0)
+        if self.active:
+            extra = ["prompt_embeds", "add_text_embeds"] if self.xl else ["prompt_embeds"]
+            return dict(self.encoded(0), callback_on_step_end_tensor_inputs=["latents", *extra])
+        # the same texts at every step. A1111's encoding for weights, chunks, embeddings and clip skip (both
+        # prompts through the same layer: diffusers' own clip_skip skips the positive only); diffusers' own for
+        # a plain prompt
+        model = self.model
+        if self.skip is not None or any(needs_syntax(model.pipe.tokenizer, p) or mentions(model, p)
+                                        for p in (prompt, negative)):
+            return encode_prompts(model, prompt, negative, self.skip)
+        return dict(prompt=prompt, negative_prompt=negative or None)
+
+    def swap(self, pipe, step: int, kw: dict) -> None:
+        """Sets `kw`'s text embeddings to those of sampler step `step` where its texts differ from the step
+        before (the pipeline holds them negative first, each repeated for the images of the batch)."""
+        pair = (at_step(self.pos, step), at_step(self.neg, step))
+        if pair == self._last or "prompt_embeds" not in kw:
+            return
+        self._last = pair
+        enc = self.encoded(step)
+        held = kw["prompt_embeds"]
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", True))
+        n = held.shape[0] // (2 if cfg else 1)
+
+        def batch(pos, neg, like):
+            pos, neg = pos.to(like), neg.to(like)
+            return torch.cat([neg.repeat(n, *[1] * (neg.dim() - 1)), pos.repeat(n, *[1] * (pos.dim() - 1))]) if cfg \
+                else pos.repeat(n, *[1] * (pos.dim() - 1))
+
+        kw["prompt_embeds"] = batch(enc["prompt_embeds"], enc["negative_prompt_embeds"], held)
+        if self.xl and "add_text_embeds" in kw:
+            kw["add_text_embeds"] = batch(enc["pooled_prompt_embeds"], enc["negative_pooled_prompt_embeds"],
+                                          kw["add_text_embeds"])
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
