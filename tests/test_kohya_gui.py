@@ -55,9 +55,33 @@ def test_a_kohya_ss_prodigy_preset_reads_as_our_options(tmp_path, star_images):
     assert cfg.max_steps == 60 and cfg.trigger == "ohwx"
     notes = read_kohya_gui(path).notes
     assert any("4 epoch(s) of the images in train_data_dir are 60 steps" in n for n in notes)
-    unused = next(n for n in notes if n.startswith("not applied"))
-    assert "scale_weight_norms=5" in unused and "multires_noise_iterations=6" in unused
-    assert "xformers" not in unused and "cache_latents" not in unused  # only about speed there
+    assert cfg.scale_weight_norms == 5.0
+    # kohya_ss passes the multires options only when its noise type says Multires; this preset's is Original
+    assert cfg.multires_noise_iterations == 0
+    assert any(n.startswith("multires_noise_iterations 6 is not applied") for n in notes)
+    assert not any(n.startswith("not applied") for n in notes)  # xformers, cache_latents: only about speed there
+
+
+def test_kohya_ss_noise_and_loss_options_are_applied(tmp_path):
+    base = {"LoRA_type": "Standard", "learning_rate": 1e-4, "max_train_steps": "100", "noise_offset": 0.05,
+            "noise_offset_type": "Multires", "multires_noise_iterations": "8", "multires_noise_discount": 0.2,
+            "ip_noise_gamma": 0.1, "loss_type": "huber", "huber_schedule": "exponential", "huber_c": 0.2,
+            "huber_scale": 2, "debiased_estimation_loss": True, "scale_weight_norms": 1}
+    path = _write(tmp_path, base)
+    cfg = TrainConfig.from_toml(path)
+    # Multires: the offset is not passed (kohya_ss' GUI passes one or the other)
+    assert (cfg.noise_offset, cfg.multires_noise_iterations, cfg.multires_noise_discount) == (0.0, 8, 0.2)
+    assert (cfg.ip_noise_gamma, cfg.loss_type, cfg.huber_schedule, cfg.huber_c) == (0.1, "huber", "exponential", 0.2)
+    assert cfg.debiased_estimation and cfg.scale_weight_norms == 1.0
+    notes = read_kohya_gui(path).notes
+    assert any(n.startswith("huber_scale 2 is not applied") for n in notes)
+    assert not any(n.startswith("not applied") for n in notes)
+    # a max norm on LoHa (kohya_ss keeps the field in every config) is left out with a note, not refused
+    cfg = read_kohya_gui(_write(tmp_path, {**base, "LoRA_type": "LyCORIS/LoHa"}))
+    assert "scale_weight_norms" not in cfg.options
+    assert any(n.startswith("scale_weight_norms 1 is not applied") for n in cfg.notes)
+    with pytest.raises(ConfigError, match="loss_type"):
+        TrainConfig.from_toml(_write(tmp_path, {**base, "loss_type": "l3"}))
 
 
 def test_kohya_ss_rate_rules_warmup_percent_and_locon(tmp_path):
@@ -147,10 +171,13 @@ def test_the_cli_trains_from_a_kohya_ss_config(tmp_path, star_images, tiny_sd1_d
                  "--no-weight-check", "--sample-steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "read as a kohya_ss config: rank 4, prodigy, lr 1, 2 steps, batch 2" in out
-    assert "note: not applied (LoRA Studio has no counterpart): " in out and "trigger word: ohwx" in out
+    assert "note: multires_noise_iterations 6 is not applied" in out and "trigger word: ohwx" in out
+    assert "max norm 5: " in out  # its scale_weight_norms 5 is applied, and the run says how it acted
     from pipelines.weights_io import load_safetensors
 
     _, meta = load_safetensors(lib / "from-kohya.safetensors")
+    assert (meta["ss_scale_weight_norms"], meta["ss_multires_noise_iterations"], meta["ss_loss_type"]) == (
+        "5", "None", "l2")
     assert meta["ss_optimizer"].startswith("prodigyopt.prodigy.Prodigy(weight_decay=0.01,decouple=True")
     assert meta["lora_studio.trigger"] == "ohwx"
 
@@ -170,9 +197,9 @@ def test_load_settings_in_the_app_takes_a_kohya_ss_config(tmp_path, star_images,
     assert (got["name"], got["optimizer"], got["lr_unet"], got["rank"], got["max_steps"]) == \
         ("queen", "prodigy", 1.0, 32, 60)
     assert "weight_decay=0.01" in got["optimizer_args"] and got["preset"] == "custom"
-    assert "Loaded the settings of <b>mine</b>" in msg and "not applied (LoRA Studio has no counterpart)" in msg
+    assert "Loaded the settings of <b>mine</b>" in msg and "multires_noise_iterations 6 is not applied" in msg
     assert "4 epoch(s) of the images in train_data_dir are 60 steps" in msg
-    assert "scale_weight_norms=5" in msg and "&#x27;C:/models/sdxl.safetensors&#x27; is not here" in msg
+    assert got["scale_weight_norms"] == 5.0 and "&#x27;C:/models/sdxl.safetensors&#x27; is not here" in msg
     # the trigger word comes from kohya's folder names, as on the command line; the images are dropped in the app
     assert got["trigger"] == "ohwx" and "trigger word &#x27;ohwx&#x27; from its folder names" in msg
     assert "are not loaded here: drop them, or a .zip of the folder, above" in msg

@@ -122,6 +122,7 @@ def test_saved_settings_load_back_into_every_field_and_train_from_a_terminal(ui,
     typed["dropout"] = (ui.form_widgets["dropout"].preprocess(0.0), 0.0)
     typed["dora"] = (ui.form_widgets["dora"].preprocess(False), False)  # DoRA trains with LoRA only
     typed["textual_inversion"] = (ui.form_widgets["textual_inversion"].preprocess(False), False)  # no LoRA then
+    typed["scale_weight_norms"] = (ui.form_widgets["scale_weight_norms"].preprocess(0.0), 0.0)  # plain LoRA only
     form = _form(ui, name="saved", trigger="zwx", preset="custom", prior=True, train_text_encoder=True,
                  **{k: v for k, (v, _) in typed.items() if k != "train_text_encoder"})
     cfg = ui.train_config(form)

@@ -120,6 +120,8 @@ def preset_values(preset: str, family: str) -> dict[str, Any]:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # kohya sd-scripts' --loss_type
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # its --huber_schedule
 SAVE_PRECISIONS = tuple(PRECISIONS)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -443,6 +445,37 @@ class TrainConfig:
                                        "conditioning_data_dir)")
     noise_offset: float = option(0.0, group="Optimisation", label="Noise offset", min=0.0, step=0.01,
                                  help="offset noise (e.g. 0.05): lets the model learn darker and brighter images")
+    # kohya sd-scripts' noise and loss options, under its names, as its guides and kohya_ss configs set them
+    multires_noise_iterations: int = option(0, group="Optimisation", label="Multires noise iterations", min=0,
+                                            max=32,
+                                            help="pyramid noise: noise at this many ever coarser resolutions added "
+                                                 "to the training noise (kohya's --multires_noise_iterations; 6-10 "
+                                                 "in its guides); 0: off")
+    multires_noise_discount: float = option(0.3, group="Optimisation", label="Multires noise discount", gt=0.0,
+                                            max=1.0, step=0.05,
+                                            help="with multires noise: each coarser level's strength, relative to "
+                                                 "the one before (kohya's default 0.3)")
+    ip_noise_gamma: float = option(0.0, group="Optimisation", label="Input perturbation noise", min=0.0, max=1.0,
+                                   step=0.01,
+                                   help="extra noise in the UNet's input that the target does not have (input "
+                                        "perturbation; kohya's --ip_noise_gamma, 0.1 in its paper); 0: off")
+    loss_type: str = option("l2", group="Optimisation", label="Loss", choices=LOSS_TYPES,
+                            help="l2: squared error; l1: absolute error; huber / smooth_l1: the scheduled pseudo-Huber "
+                                 "loss (kohya's --loss_type), less pulled by outlier images")
+    huber_schedule: str = option("snr", group="Optimisation", label="Huber schedule", choices=HUBER_SCHEDULES,
+                                 help="with huber / smooth_l1: how the Huber parameter follows the noise level "
+                                      "(snr: kohya's default; exponential; constant)")
+    huber_c: float = option(0.1, group="Optimisation", label="Huber c", gt=0.0, max=1.0, step=0.01,
+                            help="with huber / smooth_l1: the Huber parameter (at the highest noise under snr and "
+                                 "exponential)")
+    debiased_estimation: bool = option(False, group="Optimisation", label="Debiased estimation loss",
+                                       help="weight each image's loss by 1/sqrt(SNR) of its noise level (kohya's "
+                                            "--debiased_estimation_loss)")
+    scale_weight_norms: float = option(0.0, group="Optimisation", label="Max norm (scale weight norms)", min=0.0,
+                                       step=0.1,
+                                       help="after each step, scale down any layer whose LoRA update is larger "
+                                            "than this (kohya's --scale_weight_norms, 1 in its guides): keeps an "
+                                            "adapter from overpowering the base; lora without DoRA; 0: off")
     # kohya sd-scripts' --min_timestep / --max_timestep: the noise levels the run trains on, [min, max)
     min_timestep: int = option(0, group="Optimisation", label="Lowest timestep", min=0, max=999,
                                help="train only on timesteps >= this (low timesteps shape fine detail)")
@@ -547,6 +580,9 @@ class TrainConfig:
             self._check_inversion()
         if self.dora and self.network != "lora":
             raise ConfigError(f"dora: DoRA is trained with network 'lora' here, not {self.network}")
+        if self.scale_weight_norms and (self.network != "lora" or self.dora):
+            raise ConfigError("scale_weight_norms: caps the update of a plain LoRA's layers (as kohya's); with "
+                              f"{'DoRA' if self.dora else 'network ' + self.network} set it to 0")
         if self.dora and self.quantize_base:
             raise ConfigError("dora: DoRA needs the base weights unquantized to measure them; turn quantize_base "
                               "off or train plain LoRA")
@@ -570,7 +606,8 @@ class TrainConfig:
                  ("dora", self.dora, "no LoRA is trained; turn it off"),
                  ("preserve_weight", self.preserve_weight > 0, "an embedding changes only prompts with its word, "
                                                                "so there is nothing else to keep; set it to 0"),
-                 ("quantize_base", self.quantize_base, "it trains on an unquantized base; turn it off")]
+                 ("quantize_base", self.quantize_base, "it trains on an unquantized base; turn it off"),
+                 ("scale_weight_norms", self.scale_weight_norms > 0, "no LoRA is trained; set it to 0")]
         for name, bad, why in wrong:
             if bad:
                 raise ConfigError(f"{name}: with textual inversion {why}")

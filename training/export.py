@@ -243,6 +243,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_seed": str(cfg.seed),
             "ss_optimizer": describe(cfg.optimizer, cfg.optimizer_args),
             "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
+            **noise_and_loss_metadata(cfg),
             "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
             **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),
@@ -253,6 +254,23 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
     if (sc := suggested_step_check(tr)) is not None:
         meta[SUGGESTED_START_KEY] = f"{sc.suggested}/{sc.steps}"  # the Generate tab's rows start from it
     return meta
+
+
+def noise_and_loss_metadata(cfg) -> dict[str, str]:
+    """kohya's keys for the noise and loss options (its "None" where one is off), which civitai and the
+    metadata viewers of A1111 extensions show."""
+    def opt(v) -> str:
+        return f"{v:g}" if v else "None"
+
+    huber = cfg.loss_type != "l2"
+    return {"ss_noise_offset": opt(cfg.noise_offset), "ss_min_snr_gamma": opt(cfg.min_snr_gamma),
+            "ss_multires_noise_iterations": opt(cfg.multires_noise_iterations),
+            "ss_multires_noise_discount": f"{cfg.multires_noise_discount:g}",
+            "ss_ip_noise_gamma": opt(cfg.ip_noise_gamma), "ss_debiased_estimation": str(cfg.debiased_estimation),
+            "ss_loss_type": cfg.loss_type, "ss_huber_schedule": cfg.huber_schedule if huber else "None",
+            "ss_huber_c": f"{cfg.huber_c:g}" if huber else "None",
+            "ss_scale_weight_norms": opt(cfg.scale_weight_norms),
+            "ss_min_timestep": str(cfg.min_timestep), "ss_max_timestep": str(cfg.max_timestep)}
 
 
 def dataset_metadata(scan, images: Path, repeats: int = 1) -> dict[str, str]:

@@ -54,17 +54,21 @@ DIRECT = {"network_dim": "rank", "train_batch_size": "batch_size", "gradient_acc
           "train_data_dir": "images", "reg_data_dir": "class_images", "output_name": "name",
           "pretrained_model_name_or_path": "base", "vae": "vae", "network_weights": "init_adapter",
           "lora_network_weights": "init_adapter",  # kohya_ss' older name of network_weights
-          "mixed_precision": "mixed_precision", "noise_offset": "noise_offset"}
+          "mixed_precision": "mixed_precision", "noise_offset": "noise_offset", "ip_noise_gamma": "ip_noise_gamma",
+          "loss_type": "loss_type", "huber_schedule": "huber_schedule", "huber_c": "huber_c",
+          "debiased_estimation_loss": "debiased_estimation", "scale_weight_norms": "scale_weight_norms"}
 INT_FIELDS = {"rank", "batch_size", "grad_accum", "seed", "clip_skip", "keep_tokens", "min_timestep", "max_timestep",
               "sample_every", "checkpoint_every"}
-FLOAT_FIELDS = {"max_grad_norm", "caption_dropout", "dropout", "prior_loss_weight", "noise_offset"}
-BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss"}
+FLOAT_FIELDS = {"max_grad_norm", "caption_dropout", "dropout", "prior_loss_weight", "noise_offset", "ip_noise_gamma",
+                "huber_c", "scale_weight_norms"}
+BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss", "debiased_estimation"}
 PATH_FIELDS = {"images", "class_images", "base", "vae", "init_adapter"}
 # read for the options above (not "unused")
 CONSUMED = {"LoRA_type", "dora_wd", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr", "text_encoder_lr",
             "network_train_unet_only", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup",
             "lr_warmup_steps", "max_train_steps", "epoch", "max_train_epochs", "max_resolution", "random_crop",
-            "save_precision", "min_snr_gamma", "noise_offset_type", "sample_prompts", "sdxl", "v2",
+            "save_precision", "min_snr_gamma", "noise_offset_type", "multires_noise_iterations",
+            "multires_noise_discount", "huber_scale", "sample_prompts", "sdxl", "v2",
             "v_parameterization", *DIRECT}
 # only about speed, logging or where kohya writes things: nothing to say when they are set
 QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_attn", "max_data_loader_n_workers",
@@ -82,7 +86,7 @@ QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_
          "metadata_license", "metadata_tags", "metadata_title", "dataset_config", "lr_scheduler_args",
          "lr_scheduler_num_cycles", "lr_scheduler_power", "max_token_length", "bucket_no_upscale",
          "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "additional_parameters", "LyCORIS_preset",
-         "skip_cache_check", "debiased_estimation_loss", "train_on_input", "weighted_captions",
+         "skip_cache_check", "train_on_input", "weighted_captions",
          "scale_v_pred_loss_like_noise_pred", "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
          "sample_sampler", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
 
@@ -311,9 +315,26 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     if "min_snr_gamma" in get:
         gamma = _number("min_snr_gamma", get["min_snr_gamma"], float)
         opts["min_snr_gamma"] = gamma or None
-    if opts.get("noise_offset") and str(get.get("noise_offset_type", "Original")) != "Original":
-        notes.append(f"noise_offset_type '{get['noise_offset_type']}' is not applied: plain offset noise "
-                     f"{opts['noise_offset']:g} is")
+    if opts.get("scale_weight_norms") and (opts.get("network") != "lora" or opts.get("dora")):
+        notes.append(f"scale_weight_norms {opts.pop('scale_weight_norms'):g} is not applied: it caps a plain "
+                     f"LoRA's layers, not {'DoRA' if opts.get('dora') else opts.get('network')}'s")
+    kind = str(get.get("noise_offset_type", "Original"))
+    if kind == "Multires":  # kohya_ss passes the multires options instead of the offset
+        opts.pop("noise_offset", None)
+        opts["multires_noise_iterations"] = _number("multires_noise_iterations",
+                                                    get.get("multires_noise_iterations") or 0, int)
+        if not _blank(get.get("multires_noise_discount")):
+            opts["multires_noise_discount"] = _number("multires_noise_discount", get["multires_noise_discount"], float)
+    elif kind == "Original" and not _blank(get.get("multires_noise_iterations")) \
+            and _number("multires_noise_iterations", get["multires_noise_iterations"], int):
+        notes.append(f"multires_noise_iterations {get['multires_noise_iterations']} is not applied: kohya_ss passes it "
+                     "only with noise_offset_type Multires, and this config's is Original")
+    elif kind != "Original":
+        notes.append(f"noise_offset_type '{kind}' is not one kohya_ss has (Original, Multires): plain offset noise "
+                     f"{opts.get('noise_offset') or 0:g} is applied")
+    if opts.get("loss_type", "l2") in ("huber", "smooth_l1") and not _blank(get.get("huber_scale")) \
+            and _number("huber_scale", get["huber_scale"], float) != 1:
+        notes.append(f"huber_scale {get['huber_scale']} is not applied: the Huber parameter is huber_c as it is")
     if "sample_prompts" in get:
         opts["sample_prompts"] = _prompts(get["sample_prompts"])
     if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):

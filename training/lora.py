@@ -9,6 +9,7 @@ Adapter state dicts use the diffusers/peft key format: `unet.<module>.lora_A.wei
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -212,6 +213,32 @@ def dora_layers(module: torch.nn.Module):
     for name, m in module.named_modules():
         if hasattr(m, DORA_PARAM) and isinstance(getattr(m, DORA_PARAM), torch.nn.Parameter):
             yield name, m
+
+
+@torch.no_grad()
+def cap_update_norms(modules: list[torch.nn.Module], max_norm: float) -> tuple[int, float, float]:
+    """Max-norm regularisation (kohya's --scale_weight_norms): every LoRA layer whose update ΔW = scale·B·A
+    has a Frobenius norm above `max_norm` gets A and B each multiplied by sqrt(max_norm / norm), so that its
+    update's norm is `max_norm` and its direction unchanged. Returns (layers scaled, mean and largest norm of
+    the updates after it). The norm comes from two rank×rank products, never ΔW itself."""
+    from peft.tuners.lora import LoraLayer
+
+    scaled, norms = 0, []
+    for module in modules:
+        for layer in module.modules():
+            if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
+                continue
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a2, b2 = a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()  # (r, in·k·k), (out, r)
+            norm = float(((a2 @ a2.T) * (b2.T @ b2)).sum().clamp_min(0).sqrt()) * abs(layer.scaling["default"])
+            if norm > max_norm:
+                ratio = math.sqrt(max_norm / norm)
+                a.mul_(ratio)
+                b.mul_(ratio)
+                scaled += 1
+                norm = max_norm
+            norms.append(norm)
+    return scaled, (sum(norms) / len(norms) if norms else 0.0), max(norms, default=0.0)
 
 
 def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:

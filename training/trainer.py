@@ -440,15 +440,74 @@ def timestep_range(cfg: TrainConfig, num_train_timesteps: int) -> tuple[int, int
     return cfg.min_timestep, hi
 
 
+def multires_noise(noise: torch.Tensor, gen: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """Pyramid ("multi-resolution") noise: `noise` plus, for level i = 0 … iterations-1, fresh noise drawn at
+    the size divided by r**i (r drawn in [2, 4) per level) and enlarged back, times discount**i; then scaled to
+    unit std. Coarse levels move whole regions together, which plain noise at the latents' size never asks
+    the model to undo (the idea kohya's --multires_noise_iterations implements)."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = 2.0 + 2.0 * float(torch.rand((), generator=gen))
+        sh, sw = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        low = torch.randn((b, c, sh, sw), generator=gen)
+        out += F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
+        if sh == 1 or sw == 1:
+            break
+    return out / out.std()
+
+
 def draw_noise(shape: tuple[int, ...], gen: torch.Generator, cfg: TrainConfig,
-               num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (with the configured offset) and timesteps in [min_timestep, max_timestep) for a batch of
-    `shape`, from `gen` alone."""
+               num_train_timesteps: int) -> tuple[torch.Tensor, ...]:
+    """Noise (with the configured offset and multires levels) and timesteps in [min_timestep, max_timestep)
+    for a batch of `shape`, from `gen` alone; with input perturbation (ip_noise_gamma) a third tensor, the
+    extra noise of the UNet's input that the target leaves out (see `noisy_input`)."""
     noise = torch.randn(shape, generator=gen)
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
+    if cfg.multires_noise_iterations:
+        noise = multires_noise(noise, gen, cfg.multires_noise_iterations, cfg.multires_noise_discount)
     t = torch.randint(*timestep_range(cfg, num_train_timesteps), (shape[0],), generator=gen)
+    if cfg.ip_noise_gamma:
+        return noise, t, cfg.ip_noise_gamma * torch.randn(shape, generator=gen)
     return noise, t
+
+
+def noisy_input(scheduler, latents: torch.Tensor, noise_t: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The UNet's input: `latents` noised to their timesteps (with the input perturbation, if drawn)."""
+    noise, t = noise_t[0].to(latents.device), noise_t[1].to(latents.device)
+    if len(noise_t) > 2:
+        noise = noise + noise_t[2].to(latents.device)
+    return scheduler.add_noise(latents, noise, t)
+
+
+def huber_parameter(t: torch.Tensor, scheduler, cfg: TrainConfig) -> torch.Tensor:
+    """The pseudo-Huber loss's c for timesteps `t` (B,) under cfg.huber_schedule (Khrapov et al. 2024, "Improving
+    Diffusion Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss", as kohya schedules it):
+    constant c; exponential from 1 at t = 0 down to c at the last timestep; snr (1 - c) / (1 + σ)² + c,
+    σ = sqrt((1 - ᾱ) / ᾱ), near 1 at low noise and near c at high noise."""
+    c = cfg.huber_c
+    if cfg.huber_schedule == "constant":
+        return torch.full(t.shape, c, device=t.device)
+    if cfg.huber_schedule == "exponential":
+        return torch.exp(math.log(c) / scheduler.config.num_train_timesteps * t.float())
+    ac = scheduler.alphas_cumprod.to(t.device)[t].float()
+    sigma = ((1 - ac) / ac).sqrt()
+    return (1 - c) / (1 + sigma) ** 2 + c
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler,
+                     cfg: TrainConfig) -> torch.Tensor:
+    """Each latent pixel's error under cfg.loss_type: l2 the squared error, l1 the absolute one; huber
+    2c(sqrt(d² + c²) - c), which
+    is d² for small errors and grows as |d| for large ones; smooth_l1 the same without the factor c."""
+    if cfg.loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if cfg.loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = huber_parameter(t, scheduler, cfg).view(-1, *[1] * (pred.dim() - 1)).to(pred)
+    r = torch.sqrt((pred - target) ** 2 + c ** 2) - c
+    return 2 * c * r if cfg.loss_type == "huber" else 2 * r
 
 
 PRESERVE_MAX_WEIGHT = 100.0  # cap of the clean-image weight 1/SNR of preservation rows (t near T)
@@ -474,7 +533,7 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     if noise_t is None:
         noise_t = draw_noise(tuple(latents.shape), gen, cfg, scheduler.config.num_train_timesteps)
     noise, t = noise_t[0].to(latents.device), noise_t[1].to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)  # (B, 4, h, w)
+    noisy = noisy_input(scheduler, latents, noise_t)  # (B, 4, h, w)
     pred_type = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, t) if pred_type == "v_prediction" else noise
     if tail_target is not None and len(tail_target):
@@ -483,7 +542,7 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     if pooled is not None:
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy.to(dtype), t, cond.to(dtype), **kwargs).sample
-    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    err = elementwise_loss(pred.float(), target.float(), t, scheduler, cfg)
     if mask is None:
         loss = err.mean(dim=(1, 2, 3))
     else:
@@ -497,6 +556,9 @@ def diffusion_loss(base: BaseModel, scheduler, latents: torch.Tensor, cond: torc
     if cfg.min_snr_gamma:
         w = torch.clamp(snr, max=cfg.min_snr_gamma)
         w = w / (snr + 1) if pred_type == "v_prediction" else w / snr
+    if cfg.debiased_estimation:  # 1/sqrt(SNR) (Yu et al. 2023, "Debias the Training of Diffusion Models")
+        capped = torch.clamp(snr, max=1000.0)
+        w = w / torch.sqrt(capped + 1 if pred_type == "v_prediction" else capped)
     if tail_target is not None and len(tail_target):
         # preservation rows are weighted as errors of the predicted clean image: at high noise a small
         # change of the noise prediction is a large change of the picture (its composition, colours)
@@ -668,6 +730,7 @@ class Trainer:
         self.text = TextCache(base, live=cfg.train_text_encoder or self.pivotal is not None,
                               keep=not cfg.shuffle_tags, clip_skip=cfg.clip_skip)
         self.noise_scheduler = self._noise_scheduler()
+        self.norms = (0, 0.0, 0.0)  # max-norm regularisation: layers scaled so far, mean and largest norm
         self.unet_dtype = base.pipe.unet.dtype
         if self.preserve:
             self.adapters_off = AdaptersOff([getattr(base.pipe, c) for c in self.components])
@@ -844,12 +907,12 @@ class Trainer:
         samples, noise and timesteps of one process with batch N*b.
         """
         shape = (len(inst) + len(prior), *inst[0].latent.shape)
-        noise, t = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
+        drawn = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
         b, r = self.cfg.batch_size, self.rank
         rows = list(range(r * b, (r + 1) * b))
         if prior:
             rows += [len(inst) + i for i in range(r * b, (r + 1) * b)]
-        return inst[r * b:(r + 1) * b], prior[r * b:(r + 1) * b], (noise[rows], t[rows])
+        return inst[r * b:(r + 1) * b], prior[r * b:(r + 1) * b], tuple(x[rows] for x in drawn)
 
     def _preservation_rows(self, gen: torch.Generator, size: tuple[int, int]):
         """This process's base-preservation rows: (examples, indices into the trigger-free prompts,
@@ -868,16 +931,17 @@ class Trainer:
         same = self.preserve_by_size[size]
         idx = [same[i % len(same)] for i in idx]
         shape = (gb, *self.preserve_inputs[idx[0]].latent.shape)
-        noise, t = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
+        drawn = draw_noise(shape, gen, self.cfg, self.noise_scheduler.config.num_train_timesteps)
         rows = slice(r * b, (r + 1) * b)
-        return [self.preserve_inputs[i] for i in idx[rows]], pidx[rows], (noise[rows], t[rows])
+        return [self.preserve_inputs[i] for i in idx[rows]], pidx[rows], tuple(x[rows] for x in drawn)
 
     @torch.no_grad()
     def _base_prediction(self, latents: torch.Tensor, noise_t, pres, tids) -> torch.Tensor:
         """The base model's prediction (every LoRA layer bypassed) on the preservation rows."""
         n = len(pres[0])
-        noise, t = noise_t[0][-n:].to(latents.device), noise_t[1][-n:].to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents[-n:], noise, t)
+        rows = tuple(x[-n:] for x in noise_t)
+        t = rows[1].to(latents.device)
+        noisy = noisy_input(self.noise_scheduler, latents[-n:], rows)
         pe, pooled = self.preserve_cond
         cond = pe[pres[1]].to(latents.device)
         kwargs = {}
@@ -939,7 +1003,7 @@ class Trainer:
             captions = ([self._row_caption(e.caption, k, self.rank * cfg.batch_size + i) for i, e in enumerate(inst)]
                         + [e.caption for e in prior] + ([self.preserve[i] for i in pres[1]] if pres else []))
             if pres:
-                noise_t = (torch.cat([noise_t[0], pres[2][0]]), torch.cat([noise_t[1], pres[2][1]]))
+                noise_t = tuple(torch.cat([a, b]) for a, b in zip(noise_t, pres[2]))
             latents = torch.stack([e.latent for e in exs]).to(device)  # (B, 4, h, w)
             with self.accelerator.autocast():
                 cond, pooled = self.text(captions)
@@ -965,6 +1029,10 @@ class Trainer:
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
+        if cfg.scale_weight_norms:
+            scaled, mean, top = lora_mod.cap_update_norms([getattr(base.pipe, c) for c in self.components],
+                                                          cfg.scale_weight_norms)
+            self.norms = (self.norms[0] + scaled, mean, top)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
@@ -1075,6 +1143,11 @@ class Trainer:
             _emit(self.on_progress, Progress(step, cfg.max_steps, loss, message=f"stopped; checkpoint {ckpt}"))
             return TrainResult(None, self.run_dir, step, loss, time.time() - t_start, self.samples, self.scan,
                                stopped=True, checkpoint=ckpt)
+        if cfg.scale_weight_norms and step > start:
+            n, mean, top = self.norms
+            _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, message=(
+                f"max norm {cfg.scale_weight_norms:g}: {n} layer update(s) scaled down over steps {start + 1}-"
+                f"{cfg.max_steps}; the updates' norms now average {mean:.3g}, the largest {top:.3g}")))
         final = self.make_samples(cfg.max_steps)
         final_shown = False
         if cfg.weight_check and self.is_main and not cfg.textual_inversion:  # an embedding has no weight
