@@ -170,6 +170,7 @@ class GenerateResult:
     clip_skip_warnings: list[str] = field(default_factory=list)  # adapters trained with another Clip skip
     embedding_warnings: list[str] = field(default_factory=list)  # embeddings named that cannot be used
     notes: list[str] = field(default_factory=list)  # dynamic prompts: combinations left out
+    interrupted: str | None = None  # what an Interrupt left: how far the images got, what was not made
 
 
 def _free_path(dst: Path) -> Path:
@@ -188,6 +189,7 @@ class Studio:
                  *, queue: JobQueue | None = None, allow_pickle: bool = False, device: str | None = None,
                  max_loaded: int = 2) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
+        self._interrupt = threading.Event()  # the Generate tab's Interrupt: asked after every sampler step
         self.library = AdapterLibrary(library if library is not None else self.home / "loras",
                                       allow_pickle=allow_pickle)
         self.outputs = self.home / "outputs"
@@ -723,8 +725,16 @@ class Studio:
         ranges: list[str] = []
         applied: tuple = ()
 
+        self._interrupt.clear()
+        left: list[GenerationRequest] = []  # requests an Interrupt came before
+        ran: list[GenerationRequest] = []
+
         def one(r: GenerationRequest) -> list[GeneratedImage]:
             nonlocal applied
+            if self._interrupt.is_set() and ran:  # (the first request always runs: there is a picture to show)
+                left.append(r)
+                return []
+            ran.append(r)
             _, tagged = parse_lora_tags(r.prompt)
             combined = list(entries) + tagged
             stack.set_stack(combined)
@@ -735,7 +745,7 @@ class Studio:
                 stack.fuse()
             elif stack.fused:
                 stack.unfuse()
-            images = stack.generate(r, entries)
+            images = stack.generate(r, entries, interrupt=self._interrupt.is_set)
             for got, new in ((warnings, stack.interference().warnings if len(combined) >= 2 else []),
                              (skips, clip_skip_warnings(stack, r.clip_skip)),
                              (ranges, range_warnings(stack.stack, r.steps))):
@@ -750,7 +760,21 @@ class Studio:
         paths = self._out_paths(len(images), [f"-{img.seed}" for img in images])
         for img, p in zip(images, paths):
             save_png(img, p)
-        return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, drawn.notes)
+        cut = next((img for img in images if img.interrupted is not None), None)
+        said = None
+        if cut is not None:
+            from pipelines.generation import steps_of
+
+            said = (f"interrupted after {cut.interrupted} of {steps_of(req)} sampler steps: the images are as far as "
+                    "they got")
+            if left:
+                said += f"; {sum(r.num_images for r in left)} more were not started"
+        return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, drawn.notes, said)
+
+    def interrupt_generation(self) -> None:
+        """AUTOMATIC1111's Interrupt: the running generation stops after its current sampler step and keeps its
+        images as far as they got (no Hires pass); requests of the same Generate not yet started are left out."""
+        self._interrupt.set()
 
     @staticmethod
     def _compare_rows(rows: str, values: Sequence, req: GenerationRequest, mode: str) -> tuple[list, str]:

@@ -1284,6 +1284,8 @@ class StudioUI:
         if "Template: " in res.images[0].parameters:  # drawn from a template: say what was drawn
             info += f"; {len(prompts)} prompt(s) drawn" + "".join(f"\n- {html.escape(p)}" for p in prompts[:8])
         info += "".join(f"\n\nNote: {html.escape(n)}" for n in res.notes)
+        if res.interrupted:
+            info = f"**Interrupted:** {html.escape(res.interrupted)}.\n\n" + info
         return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
                 [str(p) for p in res.paths], warn, info)
 
@@ -1874,7 +1876,9 @@ class StudioUI:
                                     mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur (px)",
                                                           info="softens the painted area's edge",
                                                           elem_id="gen-mask-blur")
-                        go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                        with gr.Row():
+                            go = gr.Button("Generate", variant="primary", elem_id="gen-go", scale=4)
+                            interrupt_btn = gr.Button("Interrupt", elem_id="gen-interrupt", scale=1, min_width=100)
                         with gr.Accordion("Save the stack as one adapter", open=False, elem_id="gen-bake-acc"):
                             gr.Markdown("The enabled rows and the prompt's `<lora:…>` tags, at their weights (and "
                                         "block weights), merged into ONE adapter file in the library: exact (the "
@@ -2090,6 +2094,8 @@ class StudioUI:
             gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength,
                           *slot_widgets]
             go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
+            # outside the queue: it must act while Generate holds its place in it
+            interrupt_btn.click(self.studio.interrupt_generation, None, None, queue=False)
             prompt.submit(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             gallery.select(self.show_parameters, gen_paths, params, **quiet)
             gallery.select(self.picked_image, gen_paths, picked, **quiet)

@@ -151,6 +151,7 @@ class GeneratedImage:
     parameters: str  # the A1111 `parameters` text
     size: tuple[int, int] | None = None  # the recorded Size: the first pass's, before a Hires fix (None: image's)
     subseed: int | None = None  # its variation seed, when it has one
+    interrupted: int | None = None  # interrupted (A1111's Interrupt): the sampler steps it got, of steps_of(req)
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -306,12 +307,15 @@ def generate(
     extra_parameters: dict[str, str] | None = None,
     cross_attention_kwargs: dict | None = None,
     step_hook: Callable[[int], None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> list[GeneratedImage]:
     """Generate req.num_images images; image i uses seed req.seed + i (as AUTOMATIC1111 does).
 
     From the prompt alone, or from `req.init_image` (img2img); with a Hires fix, the result is enlarged and
     drawn again. `step_hook(i)` runs before sampler step i (0-based) of each pass: before its first UNet call,
-    then after each step. `on_progress(done, total)` counts the steps of all passes.
+    then after each step. `on_progress(done, total)` counts the steps of all passes. `interrupt()` is asked
+    after each step: once it says True the sampler stops and the images are decoded as far as they got, with no
+    Hires pass (AUTOMATIC1111's Interrupt); they carry the steps they got in `interrupted`.
     """
     pipe = model.pipe
     skip = clip_skip_arg(model, req.clip_skip)
@@ -336,6 +340,8 @@ def generate(
         edits.append(_PromptEdits(model, req, skip, req.steps, req.hires_steps or req.steps))
     current = [edits[0]]
 
+    stopped: list[int | None] = [None]
+
     def _cb(p, step, timestep, kw):
         if step_hook is not None:
             step_hook(step + 1)
@@ -344,6 +350,9 @@ def generate(
         done[0] += 1
         if on_progress is not None:
             on_progress(min(done[0], total), total)
+        if interrupt is not None and stopped[0] is None and interrupt():
+            stopped[0] = done[0]
+            p._interrupt = True  # diffusers' pipelines skip their remaining steps, then decode
         return kw
 
     with torch.inference_mode():
@@ -375,7 +384,10 @@ def generate(
         else:
             images = run(_img2img(pipe), image=_latents_of(pipe, [init], model.device),
                          num_inference_steps=first[0], strength=first[1])
-        if hires:
+        if hires and stopped[0] is not None:  # interrupted in the first pass: no Hires pass
+            if latent_out == "latent":
+                images = _decode(pipe, images)
+        elif hires:
             big_w, big_h = (max(8, int(v * req.hires_scale) // 8 * 8) for v in (width, height))
             if latent_out == "latent":  # A1111's "Latent" upscaler: the latents enlarged (bilinear)
                 f = getattr(pipe, "vae_scale_factor", 8)
@@ -391,8 +403,17 @@ def generate(
     for img, seed, sub in zip(images, seeds, subseeds):
         params = format_parameters(req, seed, width, height, model, extra_parameters, subseed=sub)
         img.info["parameters"] = params
-        results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height), subseed=sub))
+        results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height), subseed=sub,
+                                      interrupted=stopped[0]))
     return results
+
+
+def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (the pipeline's own scaling) as pictures, as the pipeline decodes its output."""
+    vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
+    return pipe.image_processor.postprocess(x, output_type="pil")
 
 
 class _PromptEdits:

@@ -1317,8 +1317,10 @@ class AdapterStack:
         req: GenerationRequest,
         loras: Iterable[StackEntry | tuple | str] = (),
         on_progress: Callable[[int, int], None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> list[GeneratedImage]:
-        """Generate with `loras` plus any `<lora:...>` tags in the prompt applied (and nothing else).
+        """Generate with `loras` plus any `<lora:...>` tags in the prompt applied (and nothing else);
+        `interrupt` as pipelines.generation.generate takes it.
 
         The recorded `parameters` keep the prompt's tags (tags for `loras` given outside the prompt are
         appended, so the image can be reproduced from its PNG) and add `Lora hashes`.
@@ -1333,7 +1335,7 @@ class AdapterStack:
             run_req = replace(req, prompt=clean)
             with self._step_schedule(applied, req.steps) as hook:
                 images = _generate(self.model, run_req, on_progress=on_progress, extra_parameters=extra,
-                                   step_hook=hook)
+                                   step_hook=hook, interrupt=interrupt)
         recorded = " ".join([req.prompt] + [e.tag() for e in explicit]).strip() if explicit else req.prompt
         rec_req = replace(req, prompt=recorded)
         for img in images:
