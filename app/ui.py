@@ -1285,7 +1285,7 @@ class StudioUI:
             info += f"; {len(prompts)} prompt(s) drawn" + "".join(f"\n- {html.escape(p)}" for p in prompts[:8])
         info += "".join(f"\n\nNote: {html.escape(n)}" for n in res.notes)
         if res.interrupted:
-            info = f"**Interrupted:** {html.escape(res.interrupted)}.\n\n" + info
+            info = f"⏹ **{html.escape(res.interrupted[0].upper() + res.interrupted[1:])}.**\n\n" + info
         return (gallery, [str(p) for p in res.paths], res.images[0].parameters, res.images[0].seed,
                 [str(p) for p in res.paths], warn, info)
 
