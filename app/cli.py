@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embeddings", help="the textual-inversion embeddings a prompt can name: word, vectors, "
                                           "model family, size, hash")
     _add_embeddings_arg(e)
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--rename", nargs=2, metavar=("OLD", "NEW"),
+                     help="rename an embedding (and its preview and card): prompts then write NEW")
+    how.add_argument("--delete", metavar="NAME", help="delete an embedding with its preview and card")
     e.set_defaults(func=cmd_embeddings)
     w = sub.add_parser("wildcards", help="the wildcard files a prompt can name as __name__, with their line counts; "
                                          "--draw TEMPLATE shows what a dynamic prompt gives")
@@ -813,36 +817,31 @@ def _human(n: int) -> str:
     return str(n)
 
 
-EMBEDDING_WIDTHS = {768: "sd1", 1024: "sd2"}  # a text encoder's width: SD 1.x CLIP-L, SD 2.x OpenCLIP-H
-
-
 def cmd_embeddings(args: argparse.Namespace) -> int:
-    """`lora-studio embeddings`: the embeddings folder, a row per file (a file that cannot be read: a warning)."""
-    import hashlib
-
-    from pipelines.embeddings import embedding_files, read_embedding
-    from pipelines.errors import LoraStudioError
+    """`lora-studio embeddings`: the embeddings folder, a row per file (a file that cannot be read: a warning);
+    `--rename OLD NEW` and `--delete NAME` manage it (with the preview and card beside each file)."""
+    from pipelines.embeddings import delete_embedding, describe_embeddings, rename_embedding
 
     folder = _embeddings_folder(args)
-    files = embedding_files(folder)
-    if not files:
+    if args.rename:
+        path = rename_embedding(folder, *args.rename)
+        print(f"renamed to {path}: write '{path.stem}' in a prompt from now on")
+        return 0
+    if args.delete:
+        gone = delete_embedding(folder, args.delete)
+        print("deleted " + ", ".join(p.name for p in gone))
+        return 0
+    rows = describe_embeddings(folder)
+    if not rows:
         print(f"no embeddings in {folder}")
         return 0
     print(f"{'WORD':<28} {'VECTORS':>7} {'FAMILY':<9} {'SIZE':>9}  {'HASH':<12}")
-    for path in files.values():
-        try:
-            vec = read_embedding(path, allow_pickle=False)
-        except LoraStudioError as e:
-            print(f"warning: {path.name}: {str(e).replace(str(path) + ': ', '').replace(path.name + ': ', '')}",
-                  file=sys.stderr)
+    for e in rows:
+        if e.error:
+            print(f"warning: {e.path.name}: {e.error}", file=sys.stderr)
             continue
-        first = next(iter(vec.values()))
-        family = ("sdxl" if set(vec) == {"clip_l", "clip_g"}
-                  else EMBEDDING_WIDTHS.get(first.shape[1], f"width {first.shape[1]}"))
-        extra = "  [preview]" if path.with_name(f"{path.stem}.preview.png").is_file() else ""
-        extra += "  [card]" if path.with_suffix(".md").is_file() else ""
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # A1111's TI hashes
-        print(f"{path.stem:<28} {first.shape[0]:>7} {family:<9} {_human(path.stat().st_size):>9}  {digest:<12}{extra}")
+        extra = ("  [preview]" if e.preview else "") + ("  [card]" if e.card else "")
+        print(f"{e.word:<28} {e.vectors:>7} {e.family:<9} {_human(e.size):>9}  {e.hash:<12}{extra}")
     return 0
 
 

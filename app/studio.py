@@ -303,6 +303,22 @@ class Studio:
     def embedding_names(self) -> list[str]:
         return [p.stem for p in embedding_files(self.embeddings_dir).values()]
 
+    def embeddings(self):
+        """The embeddings folder, each file read (pipelines.embeddings.EmbeddingInfo)."""
+        from pipelines.embeddings import describe_embeddings
+
+        return describe_embeddings(self.embeddings_dir, self.allow_pickle)
+
+    def rename_embedding(self, old: str, new: str) -> Path:
+        from pipelines.embeddings import rename_embedding
+
+        return rename_embedding(self.embeddings_dir, old, new)
+
+    def delete_embedding(self, name: str) -> list[Path]:
+        from pipelines.embeddings import delete_embedding
+
+        return delete_embedding(self.embeddings_dir, name)
+
     @property
     def vae_dir(self) -> Path:
         """Separate VAE files go here (AUTOMATIC1111's models/VAE)."""

@@ -70,6 +70,7 @@ OPEN_GROUPS = ("LoRA", "Optimisation")  # open when Advanced is opened; the othe
 CAPTION_COLUMNS = ["image", "caption"]
 MIN_IMAGES, MAX_IMAGES = 4, 30  # what the Train tab asks for
 LIBRARY_COLUMNS = ["name", "trigger", "base", "rank", "size", "date", "format"]
+EMBEDDING_COLUMNS = ["word", "vectors", "family", "size", "TI hash", "beside it"]
 COMPARE_MODES = {"adapter weights": "weights", "adapter start step": "starts", "checkpoints of a run": "checkpoints",
                  "enabled adapters, one at a time": "adapters", "CFG scales": "guidance", "step counts": "steps",
                  "samplers": "scheduler", "prompt words (Prompt S/R)": "prompt_sr"}
@@ -1533,6 +1534,47 @@ class StudioUI:
     def cancel_delete():
         return gr.update(visible=False), "Nothing deleted."
 
+    def embedding_rows(self) -> list[list]:
+        rows = []
+        for e in self.studio.embeddings():
+            size = f"{e.size / 1024:.1f} KB" if e.size < 1024 ** 2 else f"{e.size / 1024 ** 2:.1f} MB"
+            beside = ", ".join(w for w, p in (("preview", e.preview), ("card", e.card)) if p) or "-"
+            rows.append([e.word, e.vectors or "?", e.family or f"unreadable: {e.error}", size, e.hash, beside])
+        return rows
+
+    def embeddings_shown(self, value: str | None = None):
+        """The Library's embeddings table and picker, and the Generate tab's Embeddings picker, as the folder is."""
+        names = self.studio.embedding_names()
+        return (_df(self.embedding_rows(), EMBEDDING_COLUMNS),
+                gr.update(choices=names, value=value if value in names else None),
+                gr.update(choices=names, value=None))
+
+    @ui_errors
+    def rename_embedding(self, old: str, new: str):
+        if not old:
+            raise ConfigError("embedding: pick the embedding to rename")
+        path = self.studio.rename_embedding(old, new)
+        gr.Info(f"Renamed '{old}' to '{path.stem}'.")
+        return (f"Renamed **{html.escape(old)}** to **{html.escape(path.stem)}**: prompts write "
+                f"`{html.escape(path.stem)}` from now on (images made with the old word keep its TI hash, which "
+                "is the same).", *self.embeddings_shown(path.stem), "")
+
+    @ui_errors
+    def ask_delete_embedding(self, name: str):
+        if not name:
+            raise ConfigError("embedding: pick the embedding to delete")
+        if name.lower() not in (n.lower() for n in self.studio.embedding_names()):
+            raise ConfigError(f"embedding: no embedding named '{name}' in {self.studio.embeddings_dir}")
+        return gr.update(visible=True), (f"Delete the embedding **{html.escape(name)}** with its preview and card? "
+                                         "This cannot be undone."), ""
+
+    @ui_errors
+    def delete_embedding(self, name: str):
+        gone = self.studio.delete_embedding(name)
+        gr.Info(f"Deleted '{name}'.")
+        return (f"Deleted **{html.escape(name)}** ({', '.join(html.escape(p.name) for p in gone)}).",
+                gr.update(visible=False), *self.embeddings_shown())
+
     @ui_errors
     def export_kohya(self, name: str):
         if not name:
@@ -2004,6 +2046,27 @@ class StudioUI:
                             import_name = gr.Textbox(label="Name (default: the file name)", scale=3,
                                                      elem_id="lib-import-name")
                             import_btn = gr.Button("Import", variant="primary", scale=1, elem_id="lib-import")
+                with gr.Accordion("Embeddings (textual inversion): the words a prompt can name", open=False,
+                                  elem_id="lib-emb-acc"):
+                    gr.Markdown(f"The files of `{st.embeddings_dir}` (AUTOMATIC1111's `embeddings` folder, "
+                                "ComfyUI's `models/embeddings`): a file's name is the word. Trained ones come with a "
+                                "preview and a card.")
+                    emb_table = gr.Dataframe(headers=EMBEDDING_COLUMNS, value=_df(self.embedding_rows(),
+                                                                                   EMBEDDING_COLUMNS),
+                                             interactive=False, wrap=True, elem_id="lib-emb-table")
+                    with gr.Row(equal_height=True):
+                        emb_lib_pick = gr.Dropdown(st.embedding_names(), value=None, label="Embedding", scale=2,
+                                                   elem_id="lib-emb-pick")
+                        emb_new_name = gr.Textbox(label="New name (one word)", scale=2, elem_id="lib-emb-new-name")
+                        emb_rename_btn = gr.Button("Rename", scale=1, elem_id="lib-emb-rename")
+                        emb_delete_btn = gr.Button("Delete…", variant="stop", scale=1, elem_id="lib-emb-delete")
+                        emb_refresh_btn = gr.Button("Refresh", scale=1, elem_id="lib-emb-refresh")
+                    with gr.Group(visible=False, elem_id="lib-emb-confirm") as emb_confirm_box:
+                        emb_confirm_md = gr.Markdown("")
+                        with gr.Row():
+                            emb_confirm_yes = gr.Button("Yes, delete", variant="stop", elem_id="lib-emb-delete-yes")
+                            emb_confirm_no = gr.Button("Cancel", elem_id="lib-emb-delete-no")
+                    emb_status = gr.Markdown("", elem_id="lib-emb-status")
 
             # ---------------------------------------------------------------------------------- wiring
             refresh_inputs = [base, lib_pick, cmp_adapter, cmp_run, *name_dds]
@@ -2130,6 +2193,17 @@ class StudioUI:
                               lib_pick, [lib_status, confirm_box, lib_pick]).success(
                 self.refresh_adapters, refresh_inputs, refresh_outputs, **quiet)
             confirm_no.click(self.cancel_delete, None, [confirm_box, lib_status], **quiet)
+            emb_shown = [emb_table, emb_lib_pick, emb_pick]
+            emb_rename_btn.click(shown_in(self.rename_embedding, [emb_status, *emb_shown, emb_new_name], emb_status),
+                                 [emb_lib_pick, emb_new_name], [emb_status, *emb_shown, emb_new_name])
+            emb_delete_btn.click(shown_in(self.ask_delete_embedding, [emb_confirm_box, emb_confirm_md, emb_status],
+                                          emb_status), emb_lib_pick, [emb_confirm_box, emb_confirm_md, emb_status],
+                                 **quiet)
+            emb_confirm_yes.click(shown_in(self.delete_embedding, [emb_status, emb_confirm_box, *emb_shown],
+                                           emb_status), emb_lib_pick, [emb_status, emb_confirm_box, *emb_shown])
+            emb_confirm_no.click(lambda: (gr.update(visible=False), "Nothing deleted."), None,
+                                 [emb_confirm_box, emb_status], **quiet)
+            emb_refresh_btn.click(self.embeddings_shown, emb_lib_pick, emb_shown, **quiet)
             extract_btn.click(shown_in(self.extract_adapter, [lib_status, lib_pick], lib_status),
                               [extract_tuned, extract_base, extract_rank, extract_keep, extract_conv, extract_name],
                               [lib_status, lib_pick]).success(

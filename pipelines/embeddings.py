@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import CorruptWeightsError, LoraStudioError
+from .errors import ConfigError, CorruptWeightsError, LoraStudioError
 from .weights_io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, load_safetensors, refuse_pickle
 
 EMBEDDING_SUFFIXES = (SAFETENSORS_SUFFIX, ".pt", ".bin")
@@ -235,6 +236,94 @@ def token_stem(adapter: str) -> str:
     return "lora-" + re.sub(r"[^\w-]", "_", adapter)
 
 
+EMBEDDING_WIDTHS = {768: "sd1", 1024: "sd2"}  # a text encoder's width: SD 1.x CLIP-L, SD 2.x OpenCLIP-H
+WORD = re.compile(r"[\w-]+")  # a name a prompt can hold as one word
+
+
+@dataclass
+class EmbeddingInfo:
+    """One file of the embeddings folder, as the Library and `lora-studio embeddings` list it."""
+
+    word: str  # the file's name without suffix: what a prompt writes
+    path: Path
+    size: int  # bytes
+    hash: str  # A1111's TI hash: the first 12 hex digits of the file's sha256
+    vectors: int = 0
+    family: str = ""  # sd1, sd2, sdxl (or "width N")
+    preview: Path | None = None  # NAME.preview.png beside it
+    card: Path | None = None  # NAME.md beside it
+    error: str | None = None  # why it cannot be read (then vectors and family are unknown)
+
+
+def companions(path: Path) -> list[Path]:
+    """The files that belong to an embedding file: its preview (`NAME.preview.png`, A1111's) and card (`NAME.md`)."""
+    return [p for p in (path.with_name(f"{path.stem}.preview.png"), path.with_suffix(".md")) if p.is_file()]
+
+
+def describe_embeddings(folder: str | os.PathLike | None, allow_pickle: bool = False) -> list[EmbeddingInfo]:
+    """Every embedding file of `folder`, read: its vectors, family, size and A1111's hash."""
+    import hashlib
+
+    out = []
+    for path in embedding_files(folder).values():
+        info = EmbeddingInfo(path.stem, path, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+        for extra in companions(path):
+            if extra.suffix == ".md":
+                info.card = extra
+            else:
+                info.preview = extra
+        try:
+            vec = read_embedding(path, allow_pickle=allow_pickle)
+        except LoraStudioError as e:
+            info.error = str(e).replace(str(path) + ": ", "").replace(path.name + ": ", "")
+        else:
+            first = next(iter(vec.values()))
+            info.vectors = int(first.shape[0])
+            info.family = ("sdxl" if set(vec) == {"clip_l", "clip_g"}
+                           else EMBEDDING_WIDTHS.get(first.shape[1], f"width {first.shape[1]}"))
+        out.append(info)
+    return out
+
+
+def _find(folder: str | os.PathLike | None, name: str) -> Path:
+    path = embedding_files(folder).get((name or "").strip().lower())
+    if path is None:
+        have = ", ".join(p.stem for p in embedding_files(folder).values()) or "none"
+        raise ConfigError(f"embedding: no embedding named '{name}' in {folder} (it has: {have})")
+    return path
+
+
+def rename_embedding(folder: str | os.PathLike, old: str, new: str) -> Path:
+    """Renames an embedding and its preview and card: `new` is the word prompts write from now on. A name
+    that is not one word, or that another embedding has, is refused; nothing is changed then."""
+    path = _find(folder, old)
+    new = (new or "").strip()
+    if not WORD.fullmatch(new):
+        raise ConfigError(f"new name: an embedding is used by writing its name in a prompt, so it must be one word "
+                          f"(letters, digits, _ or -); got {new!r}")
+    taken = embedding_files(folder).get(new.lower())
+    if taken is not None and taken != path:
+        raise ConfigError(f"new name: {taken.name} is already in {folder}; delete it first or choose another name")
+    moves = [(path, path.with_name(new + path.suffix))]
+    moves += [(p, p.with_name(new + p.name[len(path.stem):])) for p in companions(path)]
+    for src, dst in moves:
+        if dst.exists() and dst.resolve() != src.resolve():
+            raise ConfigError(f"new name: {dst} is in the way; move it first")
+    for src, dst in moves:
+        os.replace(src, dst)
+    return moves[0][1]
+
+
+def delete_embedding(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Deletes an embedding file with its preview and card; returns what was deleted."""
+    path = _find(folder, name)
+    gone = [path, *companions(path)]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
 __all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES",
            "bundled", "split_bundled", "bundle_keys", "add_vectors", "vector_count", "token_stem", "BUNDLE_PREFIX",
-           "read_embedding"]
+           "read_embedding", "EmbeddingInfo", "describe_embeddings", "rename_embedding", "delete_embedding",
+           "companions", "EMBEDDING_WIDTHS"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -156,3 +157,56 @@ def test_studio_and_cli_load_embeddings_from_the_models_folder(toy_base_dir, tmp
     assert main(["generate", "--base", str(toy_base_dir), "--device", "cpu", "--prompt", "x",
                  "--embeddings", str(tmp_path / "nope")]) == 2
     assert "--embeddings: " in capsys.readouterr().err
+
+
+def test_embeddings_are_listed_renamed_and_deleted_with_their_preview_and_card(toy_base_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The Library's Embeddings section and `lora-studio embeddings --rename / --delete`: the word a prompt
+    writes changes with the file's name, and the preview and card follow it."""
+    from app.cli import main
+    from app.studio import Studio
+    from app.ui import EMBEDDING_COLUMNS, StudioUI
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    studio = Studio(home=home, device="cpu")
+    base = load_base(toy_base_dir, device="cpu")
+    folder = studio.embeddings_dir
+    save_file({"emb_params": _words(base, "blue", "square")}, folder / "bluething.safetensors")
+    (folder / "bluething.preview.png").write_bytes(b"png")
+    (folder / "bluething.md").write_text("card")
+    save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, folder / "xlword.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"not a file")
+    ui = StudioUI(studio)
+    rows = {r[0]: r for r in ui.embedding_rows()}
+    assert len(EMBEDDING_COLUMNS) == len(rows["bluething"])
+    assert rows["bluething"][1:3] == [2, "width 128"] and rows["bluething"][5] == "preview, card"
+    assert rows["xlword"][1:3] == [2, "sdxl"] and rows["broken"][2].startswith("unreadable: ")
+    # rename: the files move together, prompts write the new word, the pickers follow
+    msg, table, lib_pick, gen_pick, cleared = ui.rename_embedding("bluething", "blue-square")
+    assert sorted(p.name for p in folder.iterdir()) == ["blue-square.md", "blue-square.preview.png",
+                                                        "blue-square.safetensors", "broken.safetensors",
+                                                        "xlword.safetensors"]
+    assert lib_pick["value"] == "blue-square" and "blue-square" in gen_pick["choices"] and cleared == ""
+    assert "blue-square" in list(table["word"])
+    res = studio.generate(None, GenerationRequest(prompt="a blue-square on a white background", steps=4, seed=2))
+    assert "blue-square: " in res.images[0].parameters and res.embedding_warnings == []
+    for old, new, why in (("blue-square", "two words", "must be one word"), ("blue-square", "XLword", "already in"),
+                          ("nothing", "x", "no embedding named 'nothing'")):
+        with pytest.raises(gr.Error, match=why):
+            ui.rename_embedding(old, new)
+    # delete asks first, then removes the file with its preview and card
+    box, question, _ = ui.ask_delete_embedding("blue-square")
+    assert box["visible"] and "blue-square" in question
+    msg, box, table, lib_pick, gen_pick = ui.delete_embedding("blue-square")
+    assert not box["visible"] and "blue-square" not in gen_pick["choices"]
+    assert sorted(p.name for p in folder.iterdir()) == ["broken.safetensors", "xlword.safetensors"]
+    # the same from a terminal
+    assert main(["embeddings", "--rename", "xlword", "xl-thing"]) == 0
+    assert "write 'xl-thing' in a prompt" in capsys.readouterr().out
+    assert main(["embeddings"]) == 0
+    out = capsys.readouterr()
+    assert "xl-thing" in out.out and "sdxl" in out.out and "broken.safetensors" in out.err
+    assert main(["embeddings", "--delete", "xl-thing"]) == 0 and not (folder / "xl-thing.safetensors").exists()
+    assert main(["embeddings", "--rename", "nope", "x"]) == 2
+    assert "no embedding named 'nope'" in capsys.readouterr().err
