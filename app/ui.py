@@ -1556,8 +1556,8 @@ class StudioUI:
         path = self.studio.rename_embedding(old, new)
         gr.Info(f"Renamed '{old}' to '{path.stem}'.")
         return (f"Renamed **{html.escape(old)}** to **{html.escape(path.stem)}**: prompts write "
-                f"`{html.escape(path.stem)}` from now on (images made with the old word keep its TI hash, which "
-                "is the same).", *self.embeddings_shown(path.stem), "")
+                f"`{html.escape(path.stem)}` from now on (pictures made before name `{html.escape(old)}`).",
+                *self.embeddings_shown(path.stem), "")
 
     @ui_errors
     def ask_delete_embedding(self, name: str):
