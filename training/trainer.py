@@ -1146,8 +1146,8 @@ class Trainer:
         if cfg.scale_weight_norms and step > start:
             n, mean, top = self.norms
             _emit(self.on_progress, Progress(cfg.max_steps, cfg.max_steps, message=(
-                f"max norm {cfg.scale_weight_norms:g}: {n} layer update(s) scaled down over steps {start + 1}-"
-                f"{cfg.max_steps}; the updates' norms now average {mean:.3g}, the largest {top:.3g}")))
+                f"max norm {cfg.scale_weight_norms:g}: a layer's update was scaled down {n} time(s) over steps "
+                f"{start + 1}-{cfg.max_steps}; the updates' norms now average {mean:.3g}, the largest {top:.3g}")))
         final = self.make_samples(cfg.max_steps)
         final_shown = False
         if cfg.weight_check and self.is_main and not cfg.textual_inversion:  # an embedding has no weight
