@@ -44,6 +44,9 @@ def _add_variation_args(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="how far each image's starting noise moves from its seed's towards the variation seed's "
                         "(0 to 1; default 0: off). With it the images share the seed and image i takes variation "
                         "seed N + i, as in A1111: variations of one picture")
+    p.add_argument("--tiling", action="store_true", default=False if defaults else None,
+                   help="AUTOMATIC1111's Tiling: the picture wraps around its edges, so it tiles seamlessly "
+                        "(textures, patterns)")
 
 
 def _add_wildcard_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -558,7 +561,7 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 _REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
                    "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image", "mask_image",
-                   "mask_blur", "subseed", "subseed_strength")
+                   "mask_blur", "subseed", "subseed_strength", "tiling")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -583,7 +586,8 @@ def _generate_request(args: argparse.Namespace):
                       guidance=r.guidance, seed=r.seed, width=r.width, height=r.height, scheduler=r.scheduler,
                       clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
                       hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength,
-                      mask_blur=r.mask_blur, subseed=r.subseed, subseed_strength=r.subseed_strength)
+                      mask_blur=r.mask_blur, subseed=r.subseed, subseed_strength=r.subseed_strength,
+                      tiling=r.tiling)
         notes, model = got.notes, got.model
         if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
             args.vae_path = _vae_in_folder(got.vae)
@@ -717,7 +721,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, clip_skip=args.clip_skip, hires_scale=args.hires_scale,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
         init_image=args.init_image, mask_image=args.mask_image, mask_blur=args.mask_blur,
-        subseed=args.subseed, subseed_strength=args.subseed_strength,
+        subseed=args.subseed, subseed_strength=args.subseed_strength, tiling=args.tiling,
     )
     from pipelines.wildcards import draw_once
 

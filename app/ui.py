@@ -1258,7 +1258,7 @@ class StudioUI:
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False, subseed=-1,
-                 subseed_strength=0.0):
+                 subseed_strength=0.0, tiling=False):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning.
         Choices and wildcards in the prompts are drawn for each image (every combination with `combinatorial`;
         one seed for all with `fixed_seed`)."""
@@ -1268,6 +1268,8 @@ class StudioUI:
         if subseed_strength:  # A1111's variation seed
             req = replace(req, subseed=_num(subseed if subseed not in (None, "") else -1, "subseed", int),
                           subseed_strength=_num(subseed_strength, "subseed_strength"))
+        if tiling:
+            req = replace(req, tiling=True)
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
                                    combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
@@ -1292,10 +1294,11 @@ class StudioUI:
 
     def generate_event(self, base_name, *values):
         """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, the variation seed and its
-        strength, then the adapter rows) into `generate`."""
+        strength, Tiling, then the adapter rows) into `generate`."""
         k = len(GENERATE_FORM) + 1  # the form's fields and Fuse
-        return self.generate(base_name, *values[:k], *values[k + 4:], combinatorial=values[k],
-                             fixed_seed=values[k + 1], subseed=values[k + 2], subseed_strength=values[k + 3])
+        return self.generate(base_name, *values[:k], *values[k + 5:], combinatorial=values[k],
+                             fixed_seed=values[k + 1], subseed=values[k + 2], subseed_strength=values[k + 3],
+                             tiling=values[k + 4])
 
     @staticmethod
     def show_parameters(paths, evt: gr.SelectData):
@@ -1387,7 +1390,7 @@ class StudioUI:
                 r.clip_skip, r.hires_scale, r.hires_steps, r.hires_upscaler,
                 r.denoising_strength if hires else gr.skip(), gr.update(open=True) if hires else gr.skip(),
                 vae_update, base_update, *slots, *[None] * SLOTS, r.subseed if r.subseed_strength else -1,
-                r.subseed_strength, gr.update(open=True) if r.subseed_strength else gr.skip(), msg)
+                r.subseed_strength, gr.update(open=True) if r.subseed_strength else gr.skip(), r.tiling, msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
@@ -1889,7 +1892,9 @@ class StudioUI:
                             height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
                                                elem_id="gen-height")
                             num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
-                            fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
+                            with gr.Column(min_width=120):
+                                fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
+                                tiling = gr.Checkbox(False, label="Tiling (seamless)", elem_id="gen-tiling")
                         with gr.Accordion("Hires fix: draw it again larger", open=False, elem_id="gen-hires") as hires_acc:
                             with gr.Row():
                                 hires_scale = gr.Slider(1, 4, value=1, step=0.25, label="Upscale by (1 = off)",
@@ -2154,7 +2159,7 @@ class StudioUI:
                           mask_blur, vae]
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             assert len(req_inputs) == len(GENERATE_FORM)
-            gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength,
+            gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength, tiling,
                           *slot_widgets]
             go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             # outside the queue: it must act while Generate holds its place in it
@@ -2169,7 +2174,8 @@ class StudioUI:
             recall_outputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip,
                               hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, vae, base,
                               *slot_widgets,
-                              *[c for *_, c in slot_pickers], subseed, subseed_strength, var_acc, recall_info]
+                              *[c for *_, c in slot_pickers], subseed, subseed_strength, var_acc, tiling,
+                              recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
             rand.click(lambda: -1, None, seed, **quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -92,6 +93,9 @@ class GenerationRequest:
     # of subseed + i by subseed_strength (spherical interpolation); the images then share the seed
     subseed: int = -1  # -1: a random one, recorded in the image
     subseed_strength: float = 0.0
+    # A1111's Tiling: every convolution of the UNet and the VAE pads around the picture's edges (circular), so the
+    # picture continues across them and tiles seamlessly (textures, patterns)
+    tiling: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -232,6 +236,8 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         pairs["Denoising strength"] = f"{req.denoising_strength:g}"
     if req.mask_image is not None:  # A1111 records the blur of an inpainting mask (not the mask)
         pairs["Mask blur"] = str(req.mask_blur)
+    if req.tiling:  # A1111 writes it only when on
+        pairs["Tiling"] = "True"
     if req.subseed_strength > 0:  # A1111's keys: image i's variation seed is subseed + i
         pairs["Variation seed"] = str(req.subseed if subseed is None else subseed)
         pairs["Variation seed strength"] = f"{req.subseed_strength:g}"
@@ -355,7 +361,7 @@ def generate(
             p._interrupt = True  # diffusers' pipelines skip their remaining steps, then decode
         return kw
 
-    with torch.inference_mode():
+    with torch.inference_mode(), tiled(pipe, req.tiling):
         def run(p, **kw):
             if step_hook is not None:
                 step_hook(0)
@@ -414,6 +420,23 @@ def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift, return_dict=False)[0]
     return pipe.image_processor.postprocess(x, output_type="pil")
+
+
+@contextlib.contextmanager
+def tiled(pipe, on: bool = True):
+    """A1111's Tiling while the block runs: every 2-D convolution of the UNet and the VAE (an adapter's own
+    convolutions too) pads circularly, so the picture wraps around at its edges. Spatial attention and group
+    norms see the whole picture anyway, so the model is then shift-equivariant on a torus: the picture has no edge."""
+    convs = [m for part in (pipe.unet, pipe.vae) for m in part.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.padding_mode != "circular"] if on else []
+    before = [m.padding_mode for m in convs]
+    for m in convs:
+        m.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for m, mode in zip(convs, before):
+            m.padding_mode = mode
 
 
 class _PromptEdits:

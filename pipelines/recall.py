@@ -105,7 +105,7 @@ def recall(text: str, library=None, num_images: int = 1, embeddings=None) -> Rec
         prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
         guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
         height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes),
-        **_hires(p, width, notes), **_variation(p, notes))
+        **_hires(p, width, notes), **_variation(p, notes), tiling=p.get("Tiling", "").strip().lower() == "true")
     if p.get("Model family"):  # recorded by this app
         req = for_family(req, p["Model family"], notes, a1111=False)
     if "Seed" not in p:
