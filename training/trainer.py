@@ -499,8 +499,8 @@ def huber_parameter(t: torch.Tensor, scheduler, cfg: TrainConfig) -> torch.Tenso
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler,
                      cfg: TrainConfig) -> torch.Tensor:
     """Each latent pixel's error under cfg.loss_type: l2 the squared error, l1 the absolute one; huber
-    2c(sqrt(d² + c²) - c), which
-    is d² for small errors and grows as |d| for large ones; smooth_l1 the same without the factor c."""
+    2c(sqrt(d² + c²) - c), which is d² for small errors and grows as 2c|d| for large ones; smooth_l1 the same
+    without the factor c."""
     if cfg.loss_type == "l2":
         return F.mse_loss(pred, target, reduction="none")
     if cfg.loss_type == "l1":
