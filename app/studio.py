@@ -741,7 +741,6 @@ class Studio:
         ranges: list[str] = []
         applied: tuple = ()
 
-        self._interrupt.clear()
         left: list[GenerationRequest] = []  # requests an Interrupt came before
         ran: list[GenerationRequest] = []
 
@@ -770,6 +769,7 @@ class Studio:
             return images
 
         with stack.lock:
+            self._interrupt.clear()  # once this Generate holds the model: an Interrupt before it was another's
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
             emb = use_embeddings(m.base, self.embeddings_dir, drawn.prompts, self.allow_pickle)
             images = run(drawn, one)
