@@ -37,6 +37,17 @@ def _with_styles(args: argparse.Namespace, prompt: str, negative: str) -> tuple[
     return apply_styles(prompt, negative, args.style, read_styles(path), path)
 
 
+# the grid's request-setting axes, for its columns and for --rows-…: option (without --), what it varies, metavar,
+# the column option's help, and what a row option's help names
+_SETTING_AXES = (
+    ("cfgs", "guidance", "C1,C2,...", "compare these CFG scales (adapters: tags in --prompt)", "these CFG scales"),
+    ("step_counts", "steps", "N1,N2,...", "compare these numbers of sampler steps", "these numbers of steps"),
+    ("samplers", "scheduler", "A,B,...", "compare these samplers (e.g. 'Euler a,DPM++ 2M Karras')", "these samplers"),
+    ("prompt_sr", "prompt_sr", "WORD,OTHER,...", "A1111's Prompt S/R: WORD is in the prompt; each column swaps it for "
+     "one of the values (quotes keep a comma inside a value)", "Prompt S/R"),
+)
+
+
 def _add_variation_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--subseed", type=int, default=-1 if defaults else None, metavar="N",
                    help="variation seed (AUTOMATIC1111's Extra; default -1: a random one, recorded in the PNG)")
@@ -217,12 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the adapter whose weight varies across the columns (see --weights); a step range "
                            "given here holds in every column")
     mode.add_argument("--loras", metavar="A,B,C", help="compare these adapters, one per column, at --weight")
-    mode.add_argument("--cfgs", metavar="C1,C2,...", help="compare these CFG scales (adapters: tags in --prompt)")
-    mode.add_argument("--step-counts", metavar="N1,N2,...", help="compare these numbers of sampler steps")
-    mode.add_argument("--samplers", metavar="A,B,...", help="compare these samplers (e.g. 'Euler a,DPM++ 2M Karras')")
-    mode.add_argument("--prompt-sr", metavar="WORD,OTHER,...",
-                      help="A1111's Prompt S/R: WORD is in the prompt; each column swaps it for one of the values "
-                           "(quotes keep a comma inside a value)")
+    for attr, _, metavar, help_text, _ in _SETTING_AXES:
+        mode.add_argument("--" + attr.replace("_", "-"), metavar=metavar, help=help_text)
     mode.add_argument("--checkpoints", metavar="RUN", help="compare the saved checkpoints of training run RUN "
                       "(<library>/runs/RUN/checkpoints/step-*) and its finished adapter, at --weight")
     gr.add_argument("--weights", default="0,0.25,0.5,0.75,1", metavar="W1,W2,...",
@@ -237,10 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     rows.add_argument("--rows-weights", metavar="W1,W2,...",
                       help="a second axis (A1111's X/Y plot), one row per value: the weight of the adapter each "
                            "column compares (with --checkpoints, --loras or --starts), e.g. checkpoints x weights")
-    rows.add_argument("--rows-cfgs", metavar="C1,C2,...", help="a second axis: these CFG scales")
-    rows.add_argument("--rows-step-counts", metavar="N1,N2,...", help="a second axis: these numbers of steps")
-    rows.add_argument("--rows-samplers", metavar="A,B,...", help="a second axis: these samplers")
-    rows.add_argument("--rows-prompt-sr", metavar="WORD,OTHER,...", help="a second axis: Prompt S/R")
+    for attr, _, metavar, _, what in _SETTING_AXES:
+        rows.add_argument("--rows-" + attr.replace("_", "-"), metavar=metavar, help=f"a second axis: {what}")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
@@ -675,8 +680,6 @@ def _numbers(text: str, flag: str, cast=float, kind: str = "numbers") -> list:
         raise _usage(f"grid: {flag} must be {kind} separated by commas, got '{text}'") from None
 
 
-# the grid's request-setting axes: option (without --, and --rows- for the second axis) -> what it varies
-_SETTING_AXES = (("cfgs", "guidance"), ("step_counts", "steps"), ("samplers", "scheduler"), ("prompt_sr", "prompt_sr"))
 
 
 def _settings_axis(args: argparse.Namespace, req, prefix: str = "") -> tuple[list, str] | None:
@@ -684,7 +687,7 @@ def _settings_axis(args: argparse.Namespace, req, prefix: str = "") -> tuple[lis
     the --rows-… second axis): its entries and its name; None when none of them is given."""
     from pipelines.grid import settings_axis, split_values
 
-    for attr, kind in _SETTING_AXES:
+    for attr, kind, *_ in _SETTING_AXES:
         text = getattr(args, prefix + attr)
         if not text:
             continue

@@ -309,6 +309,11 @@ class Studio:
 
         return describe_embeddings(self.embeddings_dir, self.allow_pickle)
 
+    def embedding_path(self, name: str) -> Path:
+        from pipelines.embeddings import find_embedding
+
+        return find_embedding(self.embeddings_dir, name)
+
     def rename_embedding(self, old: str, new: str) -> Path:
         from pipelines.embeddings import rename_embedding
 

@@ -1540,17 +1540,15 @@ class StudioUI:
     def embedding_rows(self) -> list[list]:
         rows = []
         for e in self.studio.embeddings():
-            size = f"{e.size / 1024:.1f} KB" if e.size < 1024 ** 2 else f"{e.size / 1024 ** 2:.1f} MB"
             beside = ", ".join(w for w, p in (("preview", e.preview), ("card", e.card)) if p) or "-"
-            rows.append([e.word, e.vectors or "?", e.family or f"unreadable: {e.error}", size, e.hash, beside])
+            rows.append([e.word, e.vectors or "?", e.family or f"unreadable: {e.error}", _human_size(e.size), e.hash,
+                         beside])
         return rows
 
     def embeddings_shown(self, value: str | None = None):
         """The Library's embeddings table and picker, and the Generate tab's Embeddings picker, as the folder is."""
-        names = self.studio.embedding_names()
-        return (_df(self.embedding_rows(), EMBEDDING_COLUMNS),
-                gr.update(choices=names, value=value if value in names else None),
-                gr.update(choices=names, value=None))
+        return (_df(self.embedding_rows(), EMBEDDING_COLUMNS), self.refresh_embeddings(value),
+                self.refresh_embeddings(None))
 
     @ui_errors
     def rename_embedding(self, old: str, new: str):
@@ -1566,8 +1564,7 @@ class StudioUI:
     def ask_delete_embedding(self, name: str):
         if not name:
             raise ConfigError("embedding: pick the embedding to delete")
-        if name.lower() not in (n.lower() for n in self.studio.embedding_names()):
-            raise ConfigError(f"embedding: no embedding named '{name}' in {self.studio.embeddings_dir}")
+        self.studio.embedding_path(name)  # it is there
         return gr.update(visible=True), (f"Delete the embedding **{html.escape(name)}** with its preview and card? "
                                          "This cannot be undone."), ""
 

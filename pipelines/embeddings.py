@@ -285,7 +285,8 @@ def describe_embeddings(folder: str | os.PathLike | None, allow_pickle: bool = F
     return out
 
 
-def _find(folder: str | os.PathLike | None, name: str) -> Path:
+def find_embedding(folder: str | os.PathLike | None, name: str) -> Path:
+    """The file of the embedding called `name` (any case); an unknown name is an error that lists the folder."""
     path = embedding_files(folder).get((name or "").strip().lower())
     if path is None:
         have = ", ".join(p.stem for p in embedding_files(folder).values()) or "none"
@@ -296,7 +297,7 @@ def _find(folder: str | os.PathLike | None, name: str) -> Path:
 def rename_embedding(folder: str | os.PathLike, old: str, new: str) -> Path:
     """Renames an embedding and its preview and card: `new` is the word prompts write from now on. A name
     that is not one word, or that another embedding has, is refused; nothing is changed then."""
-    path = _find(folder, old)
+    path = find_embedding(folder, old)
     new = (new or "").strip()
     if not WORD.fullmatch(new):
         raise ConfigError(f"new name: an embedding is used by writing its name in a prompt, so it must be one word "
@@ -316,7 +317,7 @@ def rename_embedding(folder: str | os.PathLike, old: str, new: str) -> Path:
 
 def delete_embedding(folder: str | os.PathLike, name: str) -> list[Path]:
     """Deletes an embedding file with its preview and card; returns what was deleted."""
-    path = _find(folder, name)
+    path = find_embedding(folder, name)
     gone = [path, *companions(path)]
     for p in gone:
         p.unlink()
@@ -326,4 +327,4 @@ def delete_embedding(folder: str | os.PathLike, name: str) -> list[Path]:
 __all__ = ["embedding_files", "use_embeddings", "expand", "mentions", "loaded", "used_hashes", "EMBEDDING_SUFFIXES",
            "bundled", "split_bundled", "bundle_keys", "add_vectors", "vector_count", "token_stem", "BUNDLE_PREFIX",
            "read_embedding", "EmbeddingInfo", "describe_embeddings", "rename_embedding", "delete_embedding",
-           "companions", "EMBEDDING_WIDTHS"]
+           "companions", "EMBEDDING_WIDTHS", "find_embedding"]

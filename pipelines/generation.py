@@ -341,9 +341,10 @@ def generate(
     total, done = first[2] + second[2], [0]
 
     # A1111's prompt editing ([from:to:when], [a|b]): each pass's texts by sampler step
-    edits = [_PromptEdits(model, req, skip, req.steps)]
+    encoded: dict = {}  # (prompt, negative) -> embeddings, for both passes
+    edits = [_PromptEdits(model, req, skip, req.steps, cache=encoded)]
     if hires:
-        edits.append(_PromptEdits(model, req, skip, req.steps, req.hires_steps or req.steps))
+        edits.append(_PromptEdits(model, req, skip, req.steps, req.hires_steps or req.steps, cache=encoded))
     current = [edits[0]]
 
     stopped: list[int | None] = [None]
@@ -441,16 +442,17 @@ def tiled(pipe, on: bool = True):
 
 class _PromptEdits:
     """The prompt and negative prompt of each sampler step of one pass under A1111's prompt editing, each
-    distinct pair encoded once (A1111's encoding) and put into the pipeline between steps."""
+    distinct pair encoded once (A1111's encoding; `cache` shares them with a Hires fix's other pass) and put into
+    the pipeline between steps."""
 
     def __init__(self, model: BaseModel, req: GenerationRequest, skip: int | None, steps: int,
-                 hires_steps: int | None = None):
+                 hires_steps: int | None = None, cache: dict | None = None):
         self.model, self.skip = model, skip
         self.pos = prompt_schedule(req.prompt, steps, hires_steps)
         self.neg = prompt_schedule(req.negative_prompt or "", steps, hires_steps)
         self.active = len({t for _, t in self.pos}) > 1 or len({t for _, t in self.neg}) > 1
         self.xl = model.family == "sdxl"
-        self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {} if cache is None else cache
         self._last: tuple[str, str] | None = None
 
     def encoded(self, step: int) -> dict[str, torch.Tensor]:
@@ -472,7 +474,7 @@ class _PromptEdits:
         model = self.model
         if self.skip is not None or any(needs_syntax(model.pipe.tokenizer, p) or mentions(model, p)
                                         for p in (prompt, negative)):
-            return encode_prompts(model, prompt, negative, self.skip)
+            return self.encoded(0)
         return dict(prompt=prompt, negative_prompt=negative or None)
 
     def swap(self, pipe, step: int, kw: dict) -> None:
