@@ -58,6 +58,10 @@ def _add_variation_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--tiling", action="store_true", default=False if defaults else None,
                    help="AUTOMATIC1111's Tiling: the picture wraps around its edges, so it tiles seamlessly "
                         "(textures, patterns)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0 if defaults else None, metavar="PHI",
+                   help="CFG rescale (0 to 1; 0.7 in its paper; default 0: off): the guided prediction scaled back "
+                        "towards the prompt's own spread, against over-exposed, burnt pictures at high CFG on "
+                        "v-prediction and zero-terminal-SNR models; recorded as 'CFG Rescale'")
 
 
 def _add_wildcard_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -171,6 +175,19 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt/.pt/.bin files (they can run code when loaded: only for files you trust)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "v"),
+                   help="what the base model predicts, when its file does not say it (default: read from the model: "
+                        "its config, a single file's v_pred tensor, a NAME.yaml beside it); v_prediction for SD 2.x "
+                        "768-v and v-pred SDXL models (ComfyUI's ModelSamplingDiscrete)")
+    p.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                   help="sample the base model on a zero-terminal-SNR schedule (for ztsnr-trained models whose "
+                        "file does not say so; A1111's Noise schedule 'Zero Terminal SNR'); recorded in the PNG")
+
+
+def _base_kwargs(args: argparse.Namespace) -> dict:
+    """load_base's options from _add_base_args' flags."""
+    return dict(allow_pickle=args.allow_pickle, device=args.device, config=args.base_config,
+                prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -566,7 +583,7 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 _REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
                    "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image", "mask_image",
-                   "mask_blur", "subseed", "subseed_strength", "tiling")
+                   "mask_blur", "subseed", "subseed_strength", "tiling", "cfg_rescale", "zero_terminal_snr")
 
 
 def _generate_request(args: argparse.Namespace):
@@ -592,7 +609,7 @@ def _generate_request(args: argparse.Namespace):
                       clip_skip=r.clip_skip, hires_scale=r.hires_scale, hires_steps=r.hires_steps,
                       hires_upscaler=r.hires_upscaler, denoising_strength=r.denoising_strength,
                       mask_blur=r.mask_blur, subseed=r.subseed, subseed_strength=r.subseed_strength,
-                      tiling=r.tiling)
+                      tiling=r.tiling, cfg_rescale=r.cfg_rescale, zero_terminal_snr=r.zero_terminal_snr)
         notes, model = got.notes, got.model
         if got.vae and args.vae is None:  # the recorded VAE, where it is in the VAE folder
             args.vae_path = _vae_in_folder(got.vae)
@@ -617,7 +634,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drawn = plan(req, _wildcards(args), combinatorial=args.combinatorial, fixed_seed=args.fixed_seed)
     notes += drawn.notes
     t0 = time.time()
-    base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
+    base = load_base(args.base, **_base_kwargs(args))
+    if base.schedule_note:
+        print(f"note: {base.schedule_note}", file=sys.stderr)
     if args.vae_path is not None:
         from pipelines.vae import use_vae
 
@@ -725,6 +744,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, denoising_strength=args.denoising_strength,
         init_image=args.init_image, mask_image=args.mask_image, mask_blur=args.mask_blur,
         subseed=args.subseed, subseed_strength=args.subseed_strength, tiling=args.tiling,
+        cfg_rescale=args.cfg_rescale,
     )
     from pipelines.wildcards import draw_once
 
@@ -1015,7 +1035,7 @@ def cmd_loras_extract(args: argparse.Namespace) -> int:
 
     check_rank_keep(args.rank, args.keep)
     t0 = time.time()
-    kw = dict(allow_pickle=args.allow_pickle, device=args.device or "cpu", config=args.base_config)
+    kw = {**_base_kwargs(args), "device": args.device or "cpu"}
     base = load_base(args.base, **kw)
     tuned = load_base(args.tuned, **kw)
     if tuned.family != base.family:
@@ -1042,7 +1062,9 @@ def _stack_for(args: argparse.Namespace):
     from pipelines.base_models import load_base
     from pipelines.stack import AdapterStack
 
-    base = load_base(args.base, allow_pickle=args.allow_pickle, device=args.device, config=args.base_config)
+    base = load_base(args.base, **_base_kwargs(args))
+    if base.schedule_note:
+        print(f"note: {base.schedule_note}", file=sys.stderr)
     if (vae := _vae_path(getattr(args, "vae", None))) is not None:
         from pipelines.vae import use_vae
 

@@ -1258,7 +1258,7 @@ class StudioUI:
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False, subseed=-1,
-                 subseed_strength=0.0, tiling=False):
+                 subseed_strength=0.0, tiling=False, cfg_rescale=0.0, zero_terminal_snr=False):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning.
         Choices and wildcards in the prompts are drawn for each image (every combination with `combinatorial`;
         one seed for all with `fixed_seed`)."""
@@ -1270,6 +1270,9 @@ class StudioUI:
                           subseed_strength=_num(subseed_strength, "subseed_strength"))
         if tiling:
             req = replace(req, tiling=True)
+        if cfg_rescale or zero_terminal_snr:  # unticked: the model's own schedule
+            req = replace(req, cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
+                          zero_terminal_snr=True if zero_terminal_snr else None)
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
                                    combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
@@ -1294,11 +1297,11 @@ class StudioUI:
 
     def generate_event(self, base_name, *values):
         """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, the variation seed and its
-        strength, Tiling, then the adapter rows) into `generate`."""
+        strength, Tiling, CFG rescale, Zero terminal SNR, then the adapter rows) into `generate`."""
         k = len(GENERATE_FORM) + 1  # the form's fields and Fuse
-        return self.generate(base_name, *values[:k], *values[k + 5:], combinatorial=values[k],
+        return self.generate(base_name, *values[:k], *values[k + 7:], combinatorial=values[k],
                              fixed_seed=values[k + 1], subseed=values[k + 2], subseed_strength=values[k + 3],
-                             tiling=values[k + 4])
+                             tiling=values[k + 4], cfg_rescale=values[k + 5], zero_terminal_snr=values[k + 6])
 
     @staticmethod
     def show_parameters(paths, evt: gr.SelectData):
@@ -1390,7 +1393,9 @@ class StudioUI:
                 r.clip_skip, r.hires_scale, r.hires_steps, r.hires_upscaler,
                 r.denoising_strength if hires else gr.skip(), gr.update(open=True) if hires else gr.skip(),
                 vae_update, base_update, *slots, *[None] * SLOTS, r.subseed if r.subseed_strength else -1,
-                r.subseed_strength, gr.update(open=True) if r.subseed_strength else gr.skip(), r.tiling, msg)
+                r.subseed_strength, gr.update(open=True) if r.subseed_strength else gr.skip(), r.tiling,
+                r.cfg_rescale, bool(r.zero_terminal_snr),
+                gr.update(open=True) if r.cfg_rescale or r.zero_terminal_snr else gr.skip(), msg)
 
     @ui_errors
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
@@ -1883,6 +1888,16 @@ class StudioUI:
                                                              info="0: off; the images share the seed and take "
                                                                   "variation seeds N, N+1… (A1111's Extra)",
                                                              elem_id="gen-subseed-strength")
+                        with gr.Accordion("CFG rescale, noise schedule: for v-prediction models", open=False,
+                                          elem_id="gen-vpred") as vpred_acc:
+                            with gr.Row():
+                                cfg_rescale = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale",
+                                                        info="0: off; about 0.7 keeps v-prediction and zero-terminal-"
+                                                             "SNR models from burning at high CFG",
+                                                        elem_id="gen-cfg-rescale")
+                                zsnr = gr.Checkbox(False, label="Zero terminal SNR",
+                                                   info="sample on the zero-SNR schedule (A1111's Noise schedule); "
+                                                        "a model marked ztsnr does anyway", elem_id="gen-zsnr")
                         with gr.Row():
                             width = gr.Number(0, label="Width (0 = model's)", precision=0, step=8, minimum=0,
                                               elem_id="gen-width")
@@ -2157,7 +2172,7 @@ class StudioUI:
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             assert len(req_inputs) == len(GENERATE_FORM)
             gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength, tiling,
-                          *slot_widgets]
+                          cfg_rescale, zsnr, *slot_widgets]
             go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
             # outside the queue: it must act while Generate holds its place in it
             interrupt_btn.click(self.studio.interrupt_generation, None, None, queue=False)
@@ -2172,7 +2187,7 @@ class StudioUI:
                               hires_scale, hires_steps, hires_upscaler, hires_denoise, hires_acc, vae, base,
                               *slot_widgets,
                               *[c for *_, c in slot_pickers], subseed, subseed_strength, var_acc, tiling,
-                              recall_info]
+                              cfg_rescale, zsnr, vpred_acc, recall_info]
             recall_btn.click(shown_in(self.recall_form, recall_outputs, recall_info), [params, base], recall_outputs)
             reuse.click(lambda s: s if s is not None else gr.skip(), last_seed, seed, **quiet)
             rand.click(lambda: -1, None, seed, **quiet)

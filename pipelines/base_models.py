@@ -34,6 +34,18 @@ class BaseModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     vae_name: str | None = None  # a separate VAE in use (pipelines.vae.use_vae), recorded as A1111's "VAE"
+    # where a single file's v-prediction / zero terminal SNR was read from, when that changed its config's
+    schedule_note: str | None = None
+
+    @property
+    def prediction_type(self) -> str:
+        """'epsilon' or 'v_prediction': what the UNet predicts (its scheduler config's)."""
+        return str(self.pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Trained on a zero-terminal-SNR schedule (Lin et al. 2024): sampled on it too."""
+        return bool(self.pipe.scheduler.config.get("rescale_betas_zero_snr", False))
 
     @property
     def native_resolution(self) -> int:
@@ -163,12 +175,19 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | None = None,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> BaseModel:
     """Load a base model from a diffusers folder, a single-file checkpoint or a hub id.
 
     `config` is an optional diffusers config folder for single-file checkpoints whose shapes are
-    not a standard SD 1.x/2.x/XL layout.
+    not a standard SD 1.x/2.x/XL layout. `prediction_type` ('epsilon' / 'v_prediction') and
+    `zero_terminal_snr` override what the model says of its schedule (None: keep it; see pipelines.schedule).
     """
+    from .schedule import apply_schedule, prediction_type_name
+
+    if prediction_type is not None:
+        prediction_type = prediction_type_name(prediction_type)
     src = str(source) if source is not None else str(DEFAULT_BASE)
     dev = torch.device(device) if device is not None else default_device()
     dt = dtype or default_dtype(dev)
@@ -187,7 +206,11 @@ def load_base(
     pipe.to(dev)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    return BaseModel(pipe=pipe, family=family, source=src, name=name, device=dev, dtype=dt)
+    note = pipe.__dict__.pop("_schedule_note", None)
+    if prediction_type is not None or zero_terminal_snr is not None:
+        apply_schedule(pipe, prediction_type, zero_terminal_snr)
+        note = None  # the caller's choice, not something read from the file
+    return BaseModel(pipe=pipe, family=family, source=src, name=name, device=dev, dtype=dt, schedule_note=note)
 
 
 def _load_hub(repo_id: str, allow_pickle: bool, dtype: torch.dtype):

@@ -19,6 +19,7 @@ from .prompts import encode as encode_prompts
 from .prompts import encoder_hidden, needs_syntax
 from .prompt_editing import at_step, schedule as prompt_schedule
 from .embeddings import mentions, used_hashes
+from .schedule import NOISE_SCHEDULE_KEY, ZERO_TERMINAL_SNR
 from .weights_io import atomic_write
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config)
@@ -96,6 +97,13 @@ class GenerationRequest:
     # A1111's Tiling: every convolution of the UNet and the VAE pads around the picture's edges (circular), so the
     # picture continues across them and tiles seamlessly (textures, patterns)
     tiling: bool = False
+    # CFG rescale (Lin et al. 2024; the A1111 extension's "CFG Rescale", ComfyUI's RescaleCFG): the guided prediction
+    # is scaled back towards the spread of the prompt's own, by this share (0: off; 0.7 the paper's), against the
+    # over-exposed pictures high CFG gives on v-prediction and zero-terminal-SNR models
+    cfg_rescale: float = 0.0
+    # A1111's "Noise schedule for sampling": True samples on a zero-terminal-SNR schedule, False on the usual one,
+    # None on the model's own (a ztsnr model's is zero terminal SNR)
+    zero_terminal_snr: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -133,6 +141,12 @@ class GenerationRequest:
             raise ConfigError("hires_scale: Hires fix enlarges an image made from the prompt; starting from an "
                               "image (img2img), set the width and height wanted instead (as AUTOMATIC1111's img2img)")
         self.scheduler = scheduler_name(self.scheduler)
+        if isinstance(self.cfg_rescale, bool) or not 0.0 <= float(self.cfg_rescale) <= 1.0:
+            raise ConfigError(f"cfg_rescale: the share of CFG rescale must be between 0 and 1, got {self.cfg_rescale!r}")
+        self.cfg_rescale = float(self.cfg_rescale)
+        if self.zero_terminal_snr is not None and not isinstance(self.zero_terminal_snr, bool):
+            raise ConfigError(f"zero_terminal_snr: must be true, false or unset (the model's own), got "
+                              f"{self.zero_terminal_snr!r}")
         if self.seed is None or int(self.seed) < 0:
             self.seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
         self.seed = int(self.seed)
@@ -158,29 +172,75 @@ class GeneratedImage:
     interrupted: int | None = None  # interrupted (A1111's Interrupt): the sampler steps it got, of steps_of(req)
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's sampler. Each is built from the model's own schedule configuration, so one sampler's
-    options (SDE, Karras, trailing timesteps) never carry over into the next."""
+def set_scheduler(pipe, name: str, zero_terminal_snr: bool | None = None) -> None:
+    """Swap the pipeline's sampler. Each is built from the model's own schedule configuration (its prediction type,
+    zero terminal SNR), so one sampler's options (SDE, Karras, trailing timesteps) never carry over into the next.
+    `zero_terminal_snr` True / False samples on (or off) a zero-terminal-SNR schedule whatever the model's own."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
+    from .schedule import sampler_config
+
     name = scheduler_name(name)
     cls_name, extra = SCHEDULERS[name]
-    made = pipe.__dict__.get("_sampler_made")  # (name, the scheduler this function put there)
-    if made is not None and made[1] is pipe.scheduler:
-        if made[0] == name:
+    made = pipe.__dict__.get("_sampler_made")  # (name, zero SNR, the scheduler this function put there)
+    if made is not None and made[2] is pipe.scheduler:
+        if made[:2] == (name, zero_terminal_snr):
             return
     else:  # the first call, or a scheduler put there from outside: its configuration is the model's own
         pipe.__dict__["_own_scheduler_config"] = {k: v for k, v in pipe.scheduler.config.items()
                                                   if not k.startswith("_") and k != "use_karras_sigmas"}
+    own = dict(pipe.__dict__["_own_scheduler_config"])
+    if zero_terminal_snr is not None:
+        own["rescale_betas_zero_snr"] = zero_terminal_snr
     cls = getattr(diffusers, cls_name)
+    config = sampler_config(cls, own, extra, name)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the model's keys a sampler has no use for are kept, not warned about
     try:
-        pipe.scheduler = cls.from_config(pipe.__dict__["_own_scheduler_config"], **extra)
+        pipe.scheduler = cls.from_config(config)
     finally:
         diffusers_logging.set_verbosity(level)
-    pipe.__dict__["_sampler_made"] = (name, pipe.scheduler)
+    pipe.__dict__["_sampler_made"] = (name, zero_terminal_snr, pipe.scheduler)
+
+
+def samples_zero_snr(pipe, req: GenerationRequest) -> bool:
+    """Whether `req` samples on a zero-terminal-SNR schedule on this pipeline (its own, or the request's)."""
+    if req.zero_terminal_snr is not None:
+        return req.zero_terminal_snr
+    own = pipe.__dict__.get("_own_scheduler_config") or pipe.scheduler.config
+    return bool(own.get("rescale_betas_zero_snr", False))
+
+
+@contextlib.contextmanager
+def cfg_rescaled(pipe, guidance: float, phi: float):
+    """CFG rescale (Lin et al. 2024, eq. 15-16) in every diffusers pipeline, img2img and inpainting included (their
+    SD 1.x forms have no `guidance_rescale`): the UNet's output for the [negative; prompt] batch is hooked so that
+    the pipeline's own combination u + g(c - u) gives φ·x·σ(c)/σ(x) + (1 - φ)·x, x the guided prediction: the
+    negative half is replaced by the u' that combines to it, u' = (target - g·c) / (1 - g). Equal to diffusers'
+    `guidance_rescale` where a pipeline has it (tested). No-op without CFG (g ≤ 1, or an LCM-distilled UNet)."""
+    unet = pipe.unet
+    if phi <= 0 or guidance <= 1 or getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        yield
+        return
+
+    def hook(module, args, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        u, c = sample.float().chunk(2)
+        x = u + guidance * (c - u)
+        dims = list(range(1, x.ndim))
+        target = phi * x * (c.std(dim=dims, keepdim=True) / x.std(dim=dims, keepdim=True)) + (1 - phi) * x
+        new = torch.cat([(target - guidance * c) / (1 - guidance), c]).to(sample.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        output.sample = new
+        return output
+
+    handle = unet.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def clip_skip_arg(model: BaseModel, clip_skip: int, name: str = "clip_skip") -> int | None:
@@ -238,6 +298,10 @@ def format_parameters(req: GenerationRequest, seed: int, width: int, height: int
         pairs["Mask blur"] = str(req.mask_blur)
     if req.tiling:  # A1111 writes it only when on
         pairs["Tiling"] = "True"
+    if req.cfg_rescale > 0:  # the A1111 extension's key (Forge's builtin writes "Rescale CFG", read too)
+        pairs["CFG Rescale"] = f"{req.cfg_rescale:g}"
+    if samples_zero_snr(model.pipe, req):  # A1111 writes its setting's value when the schedule is on
+        pairs[NOISE_SCHEDULE_KEY] = ZERO_TERMINAL_SNR
     if req.subseed_strength > 0:  # A1111's keys: image i's variation seed is subseed + i
         pairs["Variation seed"] = str(req.subseed if subseed is None else subseed)
         pairs["Variation seed strength"] = f"{req.subseed_strength:g}"
@@ -327,7 +391,7 @@ def generate(
     skip = clip_skip_arg(model, req.clip_skip)
     width = req.width or model.native_resolution
     height = req.height or model.native_resolution
-    set_scheduler(pipe, req.scheduler)
+    set_scheduler(pipe, req.scheduler, req.zero_terminal_snr)
     variation = req.subseed_strength > 0  # A1111: the images share the seed, their variation seeds count up
     if variation and inpainting_model(model):
         raise ConfigError("subseed_strength: variation seeds are not applied with an inpainting checkpoint; set it "
@@ -362,7 +426,7 @@ def generate(
             p._interrupt = True  # diffusers' pipelines skip their remaining steps, then decode
         return kw
 
-    with torch.inference_mode(), tiled(pipe, req.tiling):
+    with torch.inference_mode(), tiled(pipe, req.tiling), cfg_rescaled(pipe, req.guidance, req.cfg_rescale):
         def run(p, **kw):
             if step_hook is not None:
                 step_hook(0)

@@ -17,6 +17,7 @@ from PIL import Image
 from .errors import ConfigError, UnsafeNameError
 from .generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, parse_parameters, scheduler_name
 from .stack import StackEntry, parse_lora_hashes, parse_lora_tags
+from .schedule import NOISE_SCHEDULE_KEY, ZERO_TERMINAL_SNR
 
 # A1111 options that change the picture but have no equivalent here: named in a note rather than dropped silently
 UNSUPPORTED = ("Refiner", "ENSD", "Eta", "Face restoration", "ControlNet 0", "ADetailer model")
@@ -105,7 +106,8 @@ def recall(text: str, library=None, num_images: int = 1, embeddings=None) -> Rec
         prompt=clean, negative_prompt=p.get("Negative prompt", ""), steps=_number(p, "Steps", 20, int),
         guidance=_number(p, "CFG scale", 7.0, float), seed=_number(p, "Seed", -1, int), width=width,
         height=height, num_images=num_images, scheduler=sampler, clip_skip=_clip_skip(p, notes),
-        **_hires(p, width, notes), **_variation(p, notes), tiling=p.get("Tiling", "").strip().lower() == "true")
+        **_hires(p, width, notes), **_variation(p, notes), tiling=p.get("Tiling", "").strip().lower() == "true",
+        **_schedule(p, notes))
     if p.get("Model family"):  # recorded by this app
         req = for_family(req, p["Model family"], notes, a1111=False)
     if "Seed" not in p:
@@ -192,6 +194,26 @@ def _variation(p: dict[str, str], notes: list[str]) -> dict:
         notes.append("the image was made from another picture with a variation seed: made from the prompt here, "
                      "the variation seed is kept")
     return {"subseed": _number(p, "Variation seed", -1, int), "subseed_strength": strength}
+
+
+# CFG rescale's keys: the A1111 extension's ("CFG Rescale"; "CFG Rescale φ" / "phi" in its older versions), Forge's
+# builtin ("Rescale CFG")
+_CFG_RESCALE_KEYS = ("CFG Rescale", "Rescale CFG", "CFG Rescale φ", "CFG Rescale phi")
+
+
+def _schedule(p: dict[str, str], notes: list[str]) -> dict:
+    """CFG rescale and A1111's "Noise Schedule: Zero Terminal SNR", when the image has them."""
+    out: dict = {}
+    key = next((k for k in _CFG_RESCALE_KEYS if k in p), None)
+    if key is not None:
+        phi = _number(p, key, 0.0, float)
+        if 0 <= phi <= 1:
+            out["cfg_rescale"] = phi
+        else:
+            notes.append(f"{key} {phi:g} is out of range (0 to 1): no CFG rescale is applied")
+    if p.get(NOISE_SCHEDULE_KEY, "").strip().lower() == ZERO_TERMINAL_SNR.lower():
+        out["zero_terminal_snr"] = True
+    return out
 
 
 def _clip_skip(p: dict[str, str], notes: list[str]) -> int:

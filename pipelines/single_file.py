@@ -428,8 +428,10 @@ def _is_tokenizer(component) -> bool:
 
 def single_file_metadata(pipe, family: str, title: str) -> dict[str, str]:
     """modelspec keys that A1111/ComfyUI tools read, plus the diffusers configs to load it back."""
+    from .schedule import modelspec_prediction_type
+
     resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return {
+    meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": _architecture(pipe, family),
         "modelspec.implementation": _IMPLEMENTATION,
@@ -437,6 +439,10 @@ def single_file_metadata(pipe, family: str, title: str) -> dict[str, str]:
         "modelspec.resolution": f"{resolution}x{resolution}",
         CONFIG_METADATA_KEY: json.dumps(pipeline_configs(pipe), sort_keys=True),
     }
+    pred = modelspec_prediction_type(pipe.scheduler.config.get("prediction_type"))
+    if pred:
+        meta["modelspec.prediction_type"] = pred
+    return meta
 
 
 def save_single_file(pipe, path: str | os.PathLike, metadata: dict[str, str] | None = None,
@@ -450,7 +456,11 @@ def save_single_file(pipe, path: str | os.PathLike, metadata: dict[str, str] | N
     family = _pipeline_family(pipe)
     meta = single_file_metadata(pipe, family, title=path.stem)
     meta.update({k: v for k, v in (metadata or {}).items() if k != CONFIG_METADATA_KEY})
-    return save_safetensors(to_single_file_state_dict(pipe, state_dicts), path, metadata=meta)
+    from .schedule import marker_tensors, model_schedule
+
+    # AUTOMATIC1111 and ComfyUI read a v-prediction / zero-terminal-SNR model from these empty tensors
+    state = {**to_single_file_state_dict(pipe, state_dicts), **marker_tensors(*model_schedule(pipe))}
+    return save_safetensors(state, path, metadata=meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,6 +646,7 @@ def load_single_file(
         raise ModelLoadError(f"{path}: no such file")
     header, meta = _header_and_metadata(path)
     configs = _embedded_configs(path, meta) if config_dir is None else None
+    standard_config = config_dir is None and configs is None
     with tempfile.TemporaryDirectory(prefix="lora_studio_cfg_") as tmp:
         if config_dir is None and configs is not None:
             try:
@@ -659,4 +670,19 @@ def load_single_file(
     missing = _meta_weights(pipe)
     if missing:
         raise ModelLoadError(f"{path}: {len(missing)} weights are missing from the file, e.g. {missing[:3]}")
+    _apply_file_schedule(pipe, path, header, meta, standard_config)
     return pipe
+
+
+def _apply_file_schedule(pipe, path: Path, header: dict, meta: dict[str, str], standard_config: bool) -> None:
+    """The file's own marks of v-prediction and zero terminal SNR (pipelines.schedule) over its config's; what was
+    read, and from where, is kept as the pipeline's `_schedule_note`."""
+    from .schedule import apply_schedule, file_schedule, model_schedule, schedule_label
+
+    pred, zsnr, why = file_schedule(path, header.keys(), meta, _pipeline_family(pipe), standard_config)
+    if not why:
+        return
+    before = model_schedule(pipe)
+    apply_schedule(pipe, pred, zsnr)
+    if model_schedule(pipe) != before:
+        pipe.__dict__["_schedule_note"] = f"{path.name}: {schedule_label(pipe)}, read from {why}"

@@ -74,8 +74,9 @@ def test_cli_and_app_take_tiling_and_make_it_again(toy_base_dir, tmp_path, monke
     ui = StudioUI(Studio(home=tmp_path / "home", base=str(toy_base_dir), device="cpu"))
     form = (PROMPT, "", 6, 7.0, 5, 0, 0, 1, "DPM++ 2M Karras", 1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None, False)
     slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
-    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, True, *slots)
+    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, True, 0, False,
+                                                   *slots)
     text = read_png_parameters(paths[0])
     assert "Tiling: True" in text
     assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(out)))  # the CLI's picture
-    assert ui.recall_form(text, ui.base_names()[0])[-2] is True  # the box is ticked again
+    assert ui.recall_form(text, ui.base_names()[0])[-5] is True  # the box is ticked again

@@ -734,8 +734,9 @@ def test_an_images_parameters_fill_the_form_and_make_it_again(ui, lora_files, tm
     prompt, negative, steps, guidance, scheduler, seed, width, height, clip_skip = out[:9]
     *hires, hires_open, vae, base_pick = out[9:16]
     slots, cards, msg = out[16:16 + 8 * SLOTS], out[16 + 8 * SLOTS:16 + 9 * SLOTS], out[-1]
-    assert out[-5:-2] == (-1, 0.0, gr.skip())  # no variation seed recorded: the box is cleared, the strength off
-    assert out[-2] is False  # nor Tiling: the box is unticked
+    assert out[-8:-5] == (-1, 0.0, gr.skip())  # no variation seed recorded: the box is cleared, the strength off
+    assert out[-5] is False  # nor Tiling: the box is unticked
+    assert out[-4:-1] == (0.0, False, gr.skip())  # nor CFG rescale or a zero-SNR schedule
     assert vae == "Automatic"  # no VAE recorded: the model's own
     assert hires[:3] == [1.0, 0, "Latent"] and hires[3] == gr.skip() and hires_open == gr.skip()  # no Hires fix
     hires[3] = 0.7

@@ -247,6 +247,18 @@ class TrainConfig:
     vae: str | None = option(None, group="Data & captions", label="VAE file",
                              help="encode the images with this VAE instead of the base model's own (kohya's --vae; "
                                   "a .safetensors file); the samples and checks decode with it too")
+    # what the base predicts, and on which schedule (pipelines.schedule): read from the model; these override it, as
+    # kohya's --v_parameterization and --zero_terminal_snr say it
+    prediction_type: str = option("auto", group="Optimisation", label="Prediction type",
+                                  choices=("auto", "epsilon", "v_prediction"),
+                                  help="what the base model predicts: auto reads it from the model (its config, or "
+                                       "a single file's v_pred mark); v_prediction for SD 2.x 768-v and v-pred SDXL "
+                                       "models whose file does not say so (kohya's --v_parameterization)")
+    zero_terminal_snr: bool = option(False, group="Optimisation", label="Zero terminal SNR",
+                                     help="train on the noise schedule rescaled to zero SNR at the last timestep (Lin "
+                                          "et al. 2024; kohya's --zero_terminal_snr), for ztsnr models whose file "
+                                          "does not say so; v-prediction models only. A model marked ztsnr trains on "
+                                          "it anyway")
     output_dir: str | None = option(None, group="main", ui=False, flags=("--output-dir", "--library"),
                                     help="adapter library folder (default: $LORA_STUDIO_HOME/loras, "
                                          "~/.local/share/lora-studio/loras)")
@@ -580,6 +592,10 @@ class TrainConfig:
             self._check_inversion()
         if self.dora and self.network != "lora":
             raise ConfigError(f"dora: DoRA is trained with network 'lora' here, not {self.network}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError("zero_terminal_snr: an epsilon model cannot be trained at zero SNR (the last timestep's "
+                              "picture is pure noise); it is for v-prediction models: set prediction_type to "
+                              "v_prediction or auto")
         if self.scale_weight_norms and (self.network != "lora" or self.dora):
             raise ConfigError("scale_weight_norms: caps the update of a plain LoRA's layers (as kohya's); with "
                               f"{'DoRA' if self.dora else 'network ' + self.network} set it to 0")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipelines.errors import TrainingError
+from pipelines.schedule import modelspec_prediction_type
 from pipelines.weights_io import PRECISIONS, atomic_write, cast_weights
 
 from .config import PATH_FIELDS, TrainConfig, _toml_value
@@ -228,7 +229,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
         training_config=json.dumps(shareable_config(cfg), sort_keys=True),
         model_file_hash=base_file_hash(base),
         description=f"{network_label(cfg)} on {base.name} ({base.family}); trigger '{cfg.trigger}'",
-        prediction_type=base.pipe.scheduler.config.get("prediction_type"),
+        prediction_type=modelspec_prediction_type(base.prediction_type),
         extra={
             "ss_num_train_images": str(sum(it.repeats for it in tr.scan.items) * cfg.repeats),
             **dataset_metadata(tr.scan, Path(cfg.images), cfg.repeats),
@@ -244,6 +245,7 @@ def adapter_metadata(tr: "Trainer") -> dict[str, str]:
             "ss_optimizer": describe(cfg.optimizer, cfg.optimizer_args),
             "ss_max_grad_norm": f"{cfg.max_grad_norm:g}",
             **noise_and_loss_metadata(cfg),
+            "ss_zero_terminal_snr": str(base.zero_terminal_snr),  # kohya's key; a ztsnr model trains on it anyway
             "ss_lr_scheduler": cfg.lr_scheduler,
             "ss_clip_skip": str(cfg.clip_skip) if cfg.clip_skip > 1 else "None",  # kohya: "None" when unset
             **({"ss_vae_name": Path(cfg.vae).name} if cfg.vae else {}),

@@ -56,12 +56,14 @@ DIRECT = {"network_dim": "rank", "train_batch_size": "batch_size", "gradient_acc
           "lora_network_weights": "init_adapter",  # kohya_ss' older name of network_weights
           "mixed_precision": "mixed_precision", "noise_offset": "noise_offset", "ip_noise_gamma": "ip_noise_gamma",
           "loss_type": "loss_type", "huber_schedule": "huber_schedule", "huber_c": "huber_c",
-          "debiased_estimation_loss": "debiased_estimation", "scale_weight_norms": "scale_weight_norms"}
+          "debiased_estimation_loss": "debiased_estimation", "scale_weight_norms": "scale_weight_norms",
+          "zero_terminal_snr": "zero_terminal_snr"}
 INT_FIELDS = {"rank", "batch_size", "grad_accum", "seed", "clip_skip", "keep_tokens", "min_timestep", "max_timestep",
               "sample_every", "checkpoint_every"}
 FLOAT_FIELDS = {"max_grad_norm", "caption_dropout", "dropout", "prior_loss_weight", "noise_offset", "ip_noise_gamma",
                 "huber_c", "scale_weight_norms"}
-BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss", "debiased_estimation"}
+BOOL_FIELDS = {"shuffle_tags", "random_flip", "buckets", "gradient_checkpointing", "masked_loss", "debiased_estimation",
+               "zero_terminal_snr"}
 PATH_FIELDS = {"images", "class_images", "base", "vae", "init_adapter"}
 # read for the options above (not "unused")
 CONSUMED = {"LoRA_type", "dora_wd", "network_alpha", "conv_dim", "conv_alpha", "learning_rate", "unet_lr", "text_encoder_lr",
@@ -87,7 +89,7 @@ QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_
          "lr_scheduler_num_cycles", "lr_scheduler_power", "max_token_length", "bucket_no_upscale",
          "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "additional_parameters", "LyCORIS_preset",
          "skip_cache_check", "train_on_input", "weighted_captions",
-         "scale_v_pred_loss_like_noise_pred", "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
+         "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
          "sample_sampler", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
 
 # the LyCORIS network's own options: kohya_ss keeps them in every config, they mean nothing to a Standard LoRA
@@ -335,6 +337,8 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     if opts.get("loss_type", "l2") in ("huber", "smooth_l1") and not _blank(get.get("huber_scale")) \
             and _number("huber_scale", get["huber_scale"], float) != 1:
         notes.append(f"huber_scale {get['huber_scale']} is not applied: the Huber parameter is huber_c as it is")
+    if not _blank(get.get("v_parameterization")) and _bool("v_parameterization", get["v_parameterization"]):
+        opts["prediction_type"] = "v_prediction"  # kohya's flag for a v-prediction base (SD 2.x 768-v, v-pred SDXL)
     if "sample_prompts" in get:
         opts["sample_prompts"] = _prompts(get["sample_prompts"])
     if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):

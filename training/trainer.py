@@ -635,11 +635,22 @@ class Trainer:
         # under mixed precision the frozen weights are stored in its dtype (as the diffusers examples do:
         # half the memory, no per-step casts); the LoRA weights and the optimizer stay in fp32
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        # the run's prediction type and schedule: the model's own unless the config overrides them (kohya's
+        # --v_parameterization, --zero_terminal_snr); a caller's base with another one is loaded anew, not changed
+        pred = None if cfg.prediction_type == "auto" else cfg.prediction_type
+        zsnr = True if cfg.zero_terminal_snr else None
         if (self.base is None or cfg.quantize_base  # quantizing changes the base: never a caller's copy
-                or (weight_dtype is not None and self.base.pipe.unet.dtype != weight_dtype)):
+                or (weight_dtype is not None and self.base.pipe.unet.dtype != weight_dtype)
+                or (pred is not None and self.base.prediction_type != pred)
+                or (zsnr and not self.base.zero_terminal_snr)):
             source = cfg.base if self.base is None else self.base.source
-            self.base = load_base(source, device=self.device, dtype=weight_dtype)
+            self.base = load_base(source, device=self.device, dtype=weight_dtype, prediction_type=pred,
+                                  zero_terminal_snr=zsnr)
         base = self.base
+        if base.zero_terminal_snr and base.prediction_type != "v_prediction":
+            raise TrainingError(f"zero_terminal_snr: {base.name} predicts {base.prediction_type}, which cannot be "
+                                "trained at zero SNR (the last timestep's picture is pure noise); zero terminal SNR "
+                                "is for v-prediction models (set prediction_type v_prediction if it is one)")
         if inpainting_model(base):  # its UNet wants a mask and a masked picture with every latent
             raise TrainingError(f"base: {base.name} is an inpainting model (its UNet takes 9 channels); train on the "
                                 "model it was made from (e.g. SD 1.5): a LoRA from there works on both")
