@@ -790,7 +790,8 @@ class Studio:
                     "they got")
             if left:
                 said += f"; {sum(r.num_images for r in left)} more were not started"
-        return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, drawn.notes, said)
+        notes = [*drawn.notes, *([m.base.schedule_note] if m.base.schedule_note else [])]  # a v-pred file, and why
+        return GenerateResult(images, paths, warnings, applied, ranges, skips, emb, notes, said)
 
     def interrupt_generation(self) -> None:
         """AUTOMATIC1111's Interrupt: the running generation stops after its current sampler step and keeps its
@@ -839,6 +840,7 @@ class Studio:
         req, templates = draw_once(req, self.wildcards())  # one prompt for every tile
         m = self.model(base_name)
         with m.stack.lock:  # the whole grid on one consistent model; other requests wait
+            self._interrupt.clear()  # once this grid holds the model: an Interrupt before it was another's
             use_vae(m.base, self.vae_source(vae), self.allow_pickle)
             if mode == "weights":
                 if not adapter:
@@ -868,7 +870,8 @@ class Studio:
             use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, [*cols, *row_cols]), self.allow_pickle)
             if m.stack.fused:
                 m.stack.unfuse()
-            result = make_grid(m.stack, req, cols, axis=axis, rows=row_cols, row_axis=row_axis)
+            result = make_grid(m.stack, req, cols, axis=axis, rows=row_cols, row_axis=row_axis,
+                               interrupt=self._interrupt.is_set)
         path = self._out_paths(1, "-grid")[0]
         save_png(result.image, path, with_pairs(result.parameters, templates))
         return path

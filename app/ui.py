@@ -25,7 +25,8 @@ from PIL import Image, ImageChops
 
 from pipelines.adapters import adapter_facts
 from pipelines.errors import ConfigError, LoraStudioError, UnsafeNameError
-from pipelines.generation import HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, read_png_parameters
+from pipelines.generation import (HIRES_UPSCALERS, SCHEDULERS, GenerationRequest, parse_parameters,
+                                  read_png_parameters)
 from pipelines.recall import for_family, read_parameters, recall
 from pipelines.vae import AUTOMATIC
 from pipelines.library import with_user_metadata
@@ -1401,12 +1402,15 @@ class StudioUI:
     def compare(self, mode, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae,
-                cmp_adapter, cmp_weights, cmp_run, *slot_values, rows="none", row_values=""):
+                cmp_adapter, cmp_weights, cmp_run, *slot_values, rows="none", row_values="", tiling=False,
+                cfg_rescale=0.0, zero_terminal_snr=False):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time; `rows` a second axis (COMPARE_ROWS) over `row_values`."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                             mask_blur)
+        req = replace(req, tiling=bool(tiling), cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
+                      zero_terminal_snr=True if zero_terminal_snr else None)
         enabled = entries_from_rows(self._slot_rows(slot_values))
         kind = COMPARE_MODES.get(mode)
         if kind is None:
@@ -1437,10 +1441,13 @@ class StudioUI:
 
     def compare_shown(self, *args):
         """`compare` for the page (its inputs: the mode, the form, the adapter, values and run, the second axis and
-        its values, then the adapter rows): the grid, its file, the seed, and a status line (where an error stays)."""
+        its values, Tiling, CFG rescale, Zero terminal SNR, then the adapter rows): the grid, its file, the seed, and
+        a status line (where an error stays, or what an Interrupt left out)."""
         k = 2 + len(GENERATE_FORM) + 3
-        grid, file, seed = self.compare(*args[:k], *args[k + 2:], rows=args[k], row_values=args[k + 1])
-        return grid, file, seed, ""
+        grid, file, seed = self.compare(*args[:k], *args[k + 5:], rows=args[k], row_values=args[k + 1],
+                                        tiling=args[k + 2], cfg_rescale=args[k + 3], zero_terminal_snr=args[k + 4])
+        cut = parse_parameters(read_png_parameters(file) or "").get("Grid interrupted")
+        return grid, file, seed, f"⏹ **Interrupted:** {cut}; the others are left blank." if cut else ""
 
     # ============================================================================================ Library tab
     @ui_errors
@@ -2194,7 +2201,7 @@ class StudioUI:
             cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]
             cmp_go.click(shown_in(self.compare_shown, cmp_outputs, cmp_status),
                          [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, cmp_rows, cmp_row_values,
-                          *slot_widgets], cmp_outputs)
+                          tiling, cfg_rescale, zsnr, *slot_widgets], cmp_outputs)
 
             # library
             lib_pick.change(self.adapter_details, lib_pick, details, **quiet)

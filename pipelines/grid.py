@@ -117,6 +117,7 @@ class GridResult:
     parameters: str  # A1111-style text describing the whole grid
     columns: list[GridColumn]
     tiles: list[list[GeneratedImage]]  # [column][image]: the tiles at full resolution, each with its own parameters
+    drawn: int | None = None  # interrupted (A1111's Interrupt): the tiles drawn, the rest are blank; None: all
 
 
 def _columns(columns: Sequence[GridColumn | tuple]) -> list[GridColumn]:
@@ -169,6 +170,7 @@ def make_grid(
     on_progress: Callable[[int, int], None] | None = None,
     rows: Sequence[GridColumn] | None = None,
     row_axis: str = "",
+    interrupt: Callable[[], bool] | None = None,
 ) -> GridResult:
     """Generate `req` (same prompt, same seed) once per column and compose ONE labelled image.
 
@@ -176,11 +178,13 @@ def make_grid(
     a tag of the same adapter). With several images per request, rows are seeds. The grid's
     `parameters` text is the request's, plus `Lora hashes` of every adapter used and `Grid`/`Grid stacks`
     (the column labels and each column's tags, ' | '-separated) so every tile can be reproduced.
+    `interrupt` (A1111's Interrupt): when it returns True the tile being drawn stops after its current sampler
+    step and the tiles not yet started stay blank (`Grid interrupted` in the parameters says how many were drawn).
     """
     if rows:  # a second axis: one image a tile, row by row
         if req.num_images != 1:
             raise ConfigError("rows: with a second axis each tile is one image; set the number of images to 1")
-        return _xy_grid(stack, req, _columns(columns), list(rows), axis, row_axis, on_progress)
+        return _xy_grid(stack, req, _columns(columns), list(rows), axis, row_axis, on_progress, interrupt)
     cols = _columns(columns)
     col_reqs, col_tags = [], []  # each column's request (a bad setting is refused up front) and prompt tags
     for col in cols:
@@ -193,6 +197,7 @@ def make_grid(
     total = sum(counts)
     tiles: list[list[GeneratedImage]] = []
     stacks: list[tuple[StackEntry, ...]] = []
+    drawn: int | None = None  # interrupted: the tiles drawn (the last of them maybe in part)
     for i, (col, col_req, tagged) in enumerate(zip(cols, col_reqs, col_tags)):
         names = {e.name.casefold() for e in col.entries}
         entries = tuple(t for t in tagged if t.name.casefold() not in names) + col.entries
@@ -201,8 +206,14 @@ def make_grid(
             if on_progress is not None:
                 on_progress(before + step, total)
 
-        tiles.append(stack.generate(col_req, entries, on_progress=progress))
         stacks.append(entries)
+        if tiles and interrupt is not None and interrupt():  # the first tile always starts: there is a picture
+            drawn = drawn or len(tiles)
+            tiles.append([replace(t, image=Image.new("RGB", t.image.size, UNDRAWN), interrupted=0) for t in tiles[0]])
+            continue
+        tiles.append(stack.generate(col_req, entries, on_progress=progress, interrupt=interrupt))
+        if tiles[-1][0].interrupted is not None:
+            drawn = len(tiles)
     rows = [[col[r].image for col in tiles] for r in range(len(tiles[0]))]
     labels = [c.label for c in cols]
     row_labels = [f"seed {img.seed}" for img in tiles[0]] if len(rows) > 1 else []
@@ -225,28 +236,32 @@ def make_grid(
         extra["Grid settings"] = " | ".join(
             "; ".join(f"{SETTINGS[k][0]} {v:g}" if isinstance(v, float) else f"{SETTINGS[k][0]} {v}"
                       for k, v in c) or "as above" for c in settings)
+    if drawn is not None:
+        extra["Grid interrupted"] = f"{drawn} of {len(cols)} tiles drawn"
     w, h = tiles[0][0].size or tiles[0][0].image.size  # the first pass's size (a Hires fix enlarges it)
     params = format_parameters(req, tiles[0][0].seed, w, h, stack.model, extra, subseed=tiles[0][0].subseed)
     grid.info["parameters"] = params
-    return GridResult(grid, params, cols, tiles)
+    return GridResult(grid, params, cols, tiles, drawn)
 
 
 def _xy_grid(stack, req, cols: list[GridColumn], rows: list[GridColumn], axis: str, row_axis: str,
-             on_progress) -> GridResult:
+             on_progress, interrupt=None) -> GridResult:
     """Columns x rows: every combined tile drawn as one long row (its parameters name each tile's stack and
     settings, `Grid` labelling them "column, row"), then laid out row by row; `Grid rows` names the second axis."""
     from .generation import with_pairs
 
     flat = [_combine(c, r) for r in rows for c in cols]  # every combination checked before any is drawn
-    g = make_grid(stack, req, flat, axis=f"{axis} / {row_axis}", on_progress=on_progress)
+    g = make_grid(stack, req, flat, axis=f"{axis} / {row_axis}", on_progress=on_progress, interrupt=interrupt)
     n = len(cols)
     images = [[g.tiles[i * n + j][0].image for j in range(n)] for i in range(len(rows))]
     grid = image_grid(images, [c.label for c in cols], [r.label for r in rows])
     params = with_pairs(g.parameters, {"Grid rows": f"{_quote_free(row_axis)}: "
                                                     + " | ".join(_quote_free(r.label) for r in rows)})
     grid.info["parameters"] = params
-    return GridResult(grid, params, flat, g.tiles)
+    return GridResult(grid, params, flat, g.tiles, g.drawn)
 
+
+UNDRAWN = (64, 64, 64)  # the colour of a tile an Interrupt left out
 
 # request settings a grid can vary (A1111's X/Y plot axes): field -> (its name in the parameters, column label)
 SETTINGS = {"guidance": ("CFG scale", "CFG {:g}"), "steps": ("Steps", "{} steps"), "scheduler": ("Sampler", "{}")}

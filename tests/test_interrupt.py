@@ -95,3 +95,39 @@ def test_the_apps_interrupt_stops_the_running_generate_and_the_requests_after_it
     assert len(res.images) == 1 and res.images[0].interrupted < 200 and len(calls) < 200
     assert res.interrupted.startswith(f"interrupted after {res.images[0].interrupted} of 200 sampler steps")
     assert res.interrupted.endswith("2 more were not started") and res.paths[0].is_file()
+
+
+def test_interrupt_stops_a_comparison_grid_and_leaves_the_rest_blank(tmp_path, toy_base_dir):
+    """The Generate tab's Interrupt acts on its Compare grid too: the tile being drawn stops, the tiles after it
+    stay blank, and the page's status line and the grid's parameters say how far it got."""
+    from app.studio import Studio
+    from app.ui import StudioUI
+    from pipelines.generation import parse_parameters, read_png_parameters
+    from pipelines.grid import UNDRAWN
+    from training.jobs import JobQueue
+
+    studio = Studio(home=tmp_path / "home", base=str(toy_base_dir), queue=JobQueue(worker=False), device="cpu")
+    model = studio.model(None).base
+    started = threading.Event()
+    handle = model.pipe.unet.register_forward_pre_hook(lambda *a: started.set())
+    presser = threading.Thread(target=lambda: started.wait(60) and studio.interrupt_generation())
+    presser.start()
+    ui = StudioUI(studio)
+    form = (None, "a red circle", "", 200, 7.0, 3, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None)
+    slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
+    try:
+        grid, _, _, status = ui.compare_shown("CFG scales", *form, None, "3, 5, 7", None, "none", "", False, 0,
+                                              False, *slots)
+    finally:
+        presser.join()
+        handle.remove()
+    p = parse_parameters(read_png_parameters(grid))
+    assert p["Grid interrupted"] == "1 of 3 tiles drawn" and "1 of 3 tiles drawn" in status
+    from PIL import Image
+
+    img = np.asarray(Image.open(grid).convert("RGB"))
+    assert (img == np.array(UNDRAWN, dtype=np.uint8)).all(axis=-1).sum() > 2 * 64 * 64  # two blank tiles at least
+    # the next grid is not affected by the Interrupt before it
+    grid, _, _, status = ui.compare_shown("CFG scales", *(form[:3] + (2,) + form[4:]), None, "3, 5", None, "none",
+                                          "", False, 0, False, *slots)
+    assert status == "" and "Grid interrupted" not in read_png_parameters(grid)

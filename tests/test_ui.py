@@ -886,7 +886,7 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     # compare_shown takes the inputs (the rows' boxes before the adapter rows)
     form = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", None)
     grid, _, _, status = ui.compare_shown("enabled adapters, one at a time", *form,
-                                          "weights of the compared adapter", "0.5, 1",
+                                          "weights of the compared adapter", "0.5, 1", False, 0, False,
                                           *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     p = parse_parameters(read_png_parameters(grid))
     assert p["Grid rows"] == "weight: weight 0.5 | weight 1" and status == ""
