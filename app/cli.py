@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="default: the model's native size")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="make the images N at a time (AUTOMATIC1111's Batch size; default: all at once): less GPU "
+                        "memory for many images, the same images")
     _add_variation_args(g, defaults=False)
     g.add_argument("--scheduler", default=None, help=SAMPLER_HELP + " (default DPM++ 2M Karras)")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
@@ -583,7 +586,8 @@ def cmd_jobs_resume(args: argparse.Namespace) -> int:
 
 _REQUEST_FIELDS = ("negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler", "clip_skip",
                    "hires_scale", "hires_steps", "hires_upscaler", "denoising_strength", "init_image", "mask_image",
-                   "mask_blur", "subseed", "subseed_strength", "tiling", "cfg_rescale", "zero_terminal_snr")
+                   "mask_blur", "subseed", "subseed_strength", "tiling", "cfg_rescale", "zero_terminal_snr",
+                   "batch_size")
 
 
 def _generate_request(args: argparse.Namespace):

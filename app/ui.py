@@ -94,6 +94,10 @@ CSS = """
 .ls-queued {background: #64748b} .ls-running {background: #2563eb} .ls-done {background: #16a34a}
 .ls-stopped {background: #a16207} .ls-failed {background: #dc2626} .ls-interrupted {background: #7c3aed}
 .ls-queue-line {margin-top: 4px}
+/* A1111's token counter: "12/75" at the right under a prompt box */
+.ls-tokens {text-align: right; font-size: .8em; opacity: .75; min-height: 0 !important; padding: 0 10px 2px 0 !important;
+             overflow: visible !important}
+.ls-tokens p {margin: 0 !important; line-height: 1.5 !important}
 /* Advanced: in a row of fields, each box sits at the bottom of its cell, whatever the length of the help above */
 .ls-fields .form {align-items: stretch}
 .ls-fields .form > .block {display: flex; flex-direction: column}
@@ -1259,7 +1263,7 @@ class StudioUI:
     def generate(self, base_name, prompt, negative, steps, guidance, seed, width, height, num_images, scheduler,
                  clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae, fuse, *slot_values, combinatorial=False, fixed_seed=False, subseed=-1,
-                 subseed_strength=0.0, tiling=False, cfg_rescale=0.0, zero_terminal_snr=False):
+                 subseed_strength=0.0, tiling=False, cfg_rescale=0.0, zero_terminal_snr=False, batch_size=0):
         """Generate: gallery, PNG downloads (with their parameters), parameters text, interference warning.
         Choices and wildcards in the prompts are drawn for each image (every combination with `combinatorial`;
         one seed for all with `fixed_seed`)."""
@@ -1274,6 +1278,8 @@ class StudioUI:
         if cfg_rescale or zero_terminal_snr:  # unticked: the model's own schedule
             req = replace(req, cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
                           zero_terminal_snr=True if zero_terminal_snr else None)
+        if batch_size:
+            req = replace(req, batch_size=_num(batch_size, "batch_size", int))
         entries = entries_from_rows(self._slot_rows(slot_values))
         res = self.studio.generate(base_name, req, entries, fuse=bool(fuse), vae=vae,
                                    combinatorial=bool(combinatorial), fixed_seed=bool(fixed_seed))
@@ -1298,11 +1304,50 @@ class StudioUI:
 
     def generate_event(self, base_name, *values):
         """The Generate button's inputs (the form, Fuse, the two dynamic-prompt boxes, the variation seed and its
-        strength, Tiling, CFG rescale, Zero terminal SNR, then the adapter rows) into `generate`."""
+        strength, Tiling, CFG rescale, Zero terminal SNR, Batch size, then the adapter rows) into `generate`."""
         k = len(GENERATE_FORM) + 1  # the form's fields and Fuse
-        return self.generate(base_name, *values[:k], *values[k + 7:], combinatorial=values[k],
+        return self.generate(base_name, *values[:k], *values[k + 8:], combinatorial=values[k],
                              fixed_seed=values[k + 1], subseed=values[k + 2], subseed_strength=values[k + 3],
-                             tiling=values[k + 4], cfg_rescale=values[k + 5], zero_terminal_snr=values[k + 6])
+                             tiling=values[k + 4], cfg_rescale=values[k + 5], zero_terminal_snr=values[k + 6],
+                             batch_size=values[k + 7])
+
+    def token_counter(self, base_name: str | None, text: str | None, steps=20) -> str:
+        """AUTOMATIC1111's counter under a prompt box ("12/75", "80/150": tokens, and the room of the chunks they
+        take), with the base model's tokenizer: the loaded model's (its embeddings counted as their vectors), else
+        a diffusers folder's own tokenizer; nothing for a model not loaded yet that has none to read alone."""
+        from pipelines.prompts import token_count
+
+        try:
+            src = self.studio.base_source(base_name)
+        except UnsafeNameError:
+            return ""
+        loaded = next((m for m in self.studio.loaded_models() if m.base.source == src), None)
+        if loaded is not None:
+            tokenizer, model = loaded.base.pipe.tokenizer, loaded.base
+        else:
+            tokenizer, model = self._folder_tokenizer(src), None
+            if tokenizer is None:
+                return ""
+        try:
+            n, room = token_count(tokenizer, text or "", int(steps or 20), model)
+        except Exception:  # noqa: BLE001 - a half-typed prompt: no count rather than an error while typing
+            return ""
+        return f"{n}/{room}"
+
+    def _folder_tokenizer(self, src: str):
+        cache = self.__dict__.setdefault("_tokenizers", {})
+        if src not in cache:
+            folder = Path(src) / "tokenizer"
+            tok = None
+            if folder.is_dir():
+                from transformers import CLIPTokenizer
+
+                try:
+                    tok = CLIPTokenizer.from_pretrained(folder)
+                except (OSError, ValueError):
+                    tok = None
+            cache[src] = tok
+        return cache[src]
 
     @staticmethod
     def show_parameters(paths, evt: gr.SelectData):
@@ -1838,7 +1883,9 @@ class StudioUI:
                                                         "[red|blue], BREAK and <lora:name:0.8> work as in "
                                                         "AUTOMATIC1111; {a|b} and "
                                                         "__wildcard__ as in its Dynamic Prompts")
+                        prompt_tokens = gr.Markdown("", elem_id="gen-prompt-tokens", elem_classes=["ls-tokens"])
                         negative = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
+                        negative_tokens = gr.Markdown("", elem_id="gen-negative-tokens", elem_classes=["ls-tokens"])
                         with gr.Row():
                             emb_pick = gr.Dropdown(st.embedding_names(), value=None, scale=3, min_width=200,
                                                    label="Embeddings (textual inversion)",
@@ -1911,6 +1958,9 @@ class StudioUI:
                             height = gr.Number(0, label="Height (0 = model's)", precision=0, step=8, minimum=0,
                                                elem_id="gen-height")
                             num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="gen-n")
+                            batch_size = gr.Number(0, label="Batch size (0 = all at once)", precision=0, minimum=0,
+                                                   maximum=64, min_width=110, elem_id="gen-batch-size",
+                                                   info="fewer at a time: less GPU memory")
                             with gr.Column(min_width=120):
                                 fuse = gr.Checkbox(False, label="Fuse adapters (faster)", elem_id="gen-fuse")
                                 tiling = gr.Checkbox(False, label="Tiling (seamless)", elem_id="gen-tiling")
@@ -2179,8 +2229,12 @@ class StudioUI:
             gen_outputs = [gallery, downloads, params, last_seed, gen_paths, warn, gen_info]
             assert len(req_inputs) == len(GENERATE_FORM)
             gen_inputs = [base, *req_inputs, fuse, combinatorial, fixed_seed, subseed, subseed_strength, tiling,
-                          cfg_rescale, zsnr, *slot_widgets]
+                          cfg_rescale, zsnr, batch_size, *slot_widgets]
             go.click(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)
+            for box, count in ((prompt, prompt_tokens), (negative, negative_tokens)):
+                box.change(self.token_counter, [base, box, steps], count, queue=False, show_progress="hidden",
+                           trigger_mode="always_last")
+                base.change(self.token_counter, [base, box, steps], count, queue=False, show_progress="hidden")
             # outside the queue: it must act while Generate holds its place in it
             interrupt_btn.click(self.studio.interrupt_generation, None, None, queue=False)
             prompt.submit(shown_in(self.generate_event, gen_outputs, gen_info), gen_inputs, gen_outputs)

@@ -104,6 +104,9 @@ class GenerationRequest:
     # A1111's "Noise schedule for sampling": True samples on a zero-terminal-SNR schedule, False on the usual one,
     # None on the model's own (a ztsnr model's is zero terminal SNR)
     zero_terminal_snr: bool | None = None
+    # A1111's Batch size: the images are made this many at a time (0: all at once), so a large number of them
+    # fits in a GPU's memory; the same seeds give the same images either way
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -141,6 +144,9 @@ class GenerationRequest:
             raise ConfigError("hires_scale: Hires fix enlarges an image made from the prompt; starting from an "
                               "image (img2img), set the width and height wanted instead (as AUTOMATIC1111's img2img)")
         self.scheduler = scheduler_name(self.scheduler)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or not 0 <= self.batch_size <= 64:
+            raise ConfigError(f"batch_size: images made at a time must be a whole number between 0 (all at once) and "
+                              f"64, got {self.batch_size!r}")
         if isinstance(self.cfg_rescale, bool) or not 0.0 <= float(self.cfg_rescale) <= 1.0:
             raise ConfigError(f"cfg_rescale: the share of CFG rescale must be between 0 and 1, got {self.cfg_rescale!r}")
         self.cfg_rescale = float(self.cfg_rescale)
@@ -387,6 +393,8 @@ def generate(
     after each step: once it says True the sampler stops and the images are decoded as far as they got, with no
     Hires pass (AUTOMATIC1111's Interrupt); they carry the steps they got in `interrupted`.
     """
+    if req.batch_size and req.num_images > req.batch_size:
+        return _in_batches(model, req, on_progress, extra_parameters, cross_attention_kwargs, step_hook, interrupt)
     pipe = model.pipe
     skip = clip_skip_arg(model, req.clip_skip)
     width = req.width or model.native_resolution
@@ -477,6 +485,29 @@ def generate(
         results.append(GeneratedImage(image=img, seed=seed, parameters=params, size=(width, height), subseed=sub,
                                       interrupted=stopped[0]))
     return results
+
+
+def _in_batches(model, req: GenerationRequest, on_progress, extra_parameters, cross_attention_kwargs, step_hook,
+                interrupt) -> list[GeneratedImage]:
+    """`generate` batch_size images at a time (A1111's Batch count × Batch size): batch j makes images from
+    j·batch_size on, with their own seeds (or variation seeds), so every image is the one a single batch makes.
+    An Interrupt ends the batch it comes in and leaves the later ones out."""
+    from dataclasses import replace
+
+    variation = req.subseed_strength > 0
+    starts = list(range(0, req.num_images, req.batch_size))
+    out: list[GeneratedImage] = []
+    for j, start in enumerate(starts):
+        sub = replace(req, num_images=min(req.batch_size, req.num_images - start), batch_size=0,
+                      seed=req.seed if variation else req.seed + start,
+                      subseed=req.subseed + start if variation else req.subseed)
+        progress = None if on_progress is None else (
+            lambda done, total, j=j: on_progress(j * total + done, len(starts) * total))
+        got = generate(model, sub, progress, extra_parameters, cross_attention_kwargs, step_hook, interrupt)
+        out += got
+        if any(g.interrupted is not None for g in got):
+            break
+    return out
 
 
 def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:

@@ -143,6 +143,24 @@ def chunks(tokenizer, prompt: str, convert=None) -> list[tuple[list[int], list[f
     return out
 
 
+def token_count(tokenizer, prompt: str, steps: int = 20, model=None) -> tuple[int, int]:
+    """(tokens, room) of a prompt as AUTOMATIC1111's counter shows it ("12/75", "80/150"): the prompt without its
+    `<lora:…>` tags, each text its prompt editing gives (the longest), cut into chunks as it is encoded (an
+    embedding in use counts its vectors when `model` is given); room is 75 a chunk."""
+    from .prompt_editing import schedule
+    from .stack import parse_lora_tags
+
+    clean, _ = parse_lora_tags(prompt or "")
+    convert = (lambda f: expand(model, f)) if model is not None else None
+    best = (0, CHUNK)
+    for _, text in schedule(clean, steps):
+        parts = chunks(tokenizer, text, convert)
+        eos = tokenizer.eos_token_id
+        n = sum(ids[1:].index(eos) for ids, _ in parts)
+        best = max(best, (n, CHUNK * len(parts)))
+    return best
+
+
 def _units(tokenizer, ids: list[int]) -> list[list[int]]:
     """Token ids grouped: an embedding's tokens (`<ti:name:i>`, pipelines.embeddings) together, others alone."""
     names = tokenizer.convert_ids_to_tokens(ids)
@@ -231,4 +249,4 @@ def encode(model, prompt: str, negative: str, skip: int | None) -> dict[str, tor
     return out
 
 
-__all__ = ["parse_attention", "needs_syntax", "chunks", "encode", "CHUNK"]
+__all__ = ["parse_attention", "needs_syntax", "chunks", "encode", "token_count", "CHUNK"]

@@ -109,3 +109,21 @@ def test_a_weight_of_one_on_an_encoder_whose_norm_has_no_bias_stays_finite(tiny_
         plain = skipped_embeddings(tiny.pipe, ["a red circle"], 1, "cpu")
         heavy = encode(tiny, "a (red:1.5) circle", "", 1)["prompt_embeds"]
     assert torch.equal(one, plain) and torch.isfinite(heavy).all()
+
+
+def test_token_counter_counts_as_automatic1111_shows_it(tmp_path, toy_base_dir):
+    """The Generate tab's counter under each prompt box: tokens / the room of the chunks they take; <lora:…> tags
+    do not count, prompt editing counts its longest text, BREAK opens a chunk, an embedding counts its vectors."""
+    from app.studio import Studio
+    from app.ui import StudioUI
+    from pipelines.prompts import token_count
+
+    ui = StudioUI(Studio(home=tmp_path / "home", base=str(toy_base_dir), device="cpu"))
+    name = ui.base_names()[0]
+    assert ui.token_counter(name, "a red circle") == "3/75"  # before the model is loaded: its folder's tokenizer
+    assert ui.token_counter(name, "a red circle <lora:style:0.8>") == "3/75"
+    assert ui.token_counter(name, "a [red:big blue:0.5] circle") == "4/75"
+    assert ui.token_counter(name, "a red BREAK circle") == "3/150"
+    assert ui.token_counter(name, LONG) == f"{token_count(ui.studio.model(name).base.pipe.tokenizer, LONG)[0]}/150"
+    assert ui.token_counter(name, "") == "0/75"
+    assert ui.token_counter("not a model", "a red circle") == ""

@@ -234,7 +234,7 @@ def test_cli_and_app_take_cfg_rescale_and_the_schedule_and_make_them_again(toy_b
     ui = StudioUI(Studio(home=tmp_path / "home", base=str(toy_base_dir), device="cpu"))
     form = (PROMPT, "", 6, 7.0, 5, 0, 0, 1, "Euler", 1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None, False)
     slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
-    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, False, 0.7, True,
+    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, False, 0.7, True, 0,
                                               *slots)
     assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(out)))  # the CLI's picture
     recalled = ui.recall_form(read_png_parameters(paths[0]), ui.base_names()[0])

@@ -74,7 +74,7 @@ def test_cli_and_app_take_tiling_and_make_it_again(toy_base_dir, tmp_path, monke
     ui = StudioUI(Studio(home=tmp_path / "home", base=str(toy_base_dir), device="cpu"))
     form = (PROMPT, "", 6, 7.0, 5, 0, 0, 1, "DPM++ 2M Karras", 1, 1.0, 0, "Latent", 0.7, None, 0.75, 4, None, False)
     slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
-    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, True, 0, False,
+    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, -1, 0, True, 0, False, 0,
                                                    *slots)
     text = read_png_parameters(paths[0])
     assert "Tiling: True" in text

@@ -170,18 +170,19 @@ def test_generate_tab_draws_wildcards_and_every_combination(tmp_path, tiny_sd1_d
             4, None, False)
     slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
     gallery, files, params, seed, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, True, True,
-                                                                        -1, 0, False, 0, False, *slots)
+                                                                        -1, 0, False, 0, False, 0, *slots)
     prompts = [parse_parameters(read_png_parameters(p))["Prompt"] for p in paths]
     assert prompts == ["a red circle", "a red square", "a blue circle", "a blue square"]
     assert {parse_parameters(read_png_parameters(p))["Seed"] for p in paths} == {"8"}
     assert "4 prompt(s) drawn" in info and "- a blue square" in info
     gallery, files, params, seed, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False,
-                                                                        -1, 0, False, 0, False, *slots)
+                                                                        -1, 0, False, 0, False, 0, *slots)
     got = [parse_parameters(read_png_parameters(p)) for p in paths]
     assert [g["Prompt"] for g in got] == [draw(form[0], 8 + i, studio.wildcards()) for i in range(4)]
     assert [g["Seed"] for g in got] == ["8", "9", "10", "11"]
     # with the variation seed: one seed, variation seeds counting up, as the accordion's boxes say
-    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, 30, 0.2, False, 0, False, *slots)
+    *_, paths, warn, info = ui.generate_event(ui.base_names()[0], *form, False, False, 30, 0.2, False, 0, False, 0,
+                                              *slots)
     got = [parse_parameters(read_png_parameters(p)) for p in paths]
     assert [(g["Seed"], g["Variation seed"], g["Variation seed strength"]) for g in got] == [
         ("8", str(30 + i), "0.2") for i in range(4)]

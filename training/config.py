@@ -532,7 +532,12 @@ class TrainConfig:
     sample_prompts: list[str] = option(default_factory=list, group="Checkpoints & samples", label="Sample prompts",
                                        list="lines", flags=("--sample-prompt",),
                                        help="prompts of the sample images (repeatable; one per line; none: the "
-                                            "trigger's default prompt)")
+                                            "trigger's default prompt), each with kohya's options if wanted: --n "
+                                            "negative prompt, --w/--h size, --d seed, --s steps, --l CFG, --ss "
+                                            "sampler")
+    sample_sampler: str = option("DPM++ 2M Karras", group="Checkpoints & samples", label="Sample sampler",
+                                 help="sampler of the sample images (this app's names, or kohya's: euler_a, ddim, "
+                                      "k_dpm_2 …); a prompt's --ss overrides it")
     sample_seed: int = option(1234, group="Checkpoints & samples", label="Sample seed", min=0, max=2**32 - 1,
                               help="seed of the sample images (the same at every step, to compare)")
     weight_check: bool = option(True, group="Checkpoints & samples", label="Check the weight range",
@@ -579,6 +584,11 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
+        from .sample_prompts import parse_sample_prompt, sampler_name_of
+
+        for line in self.sample_prompts:  # kohya's per-prompt options: a bad one is said now, not at the first sample
+            parse_sample_prompt(line)
+        self.sample_sampler = sampler_name_of(self.sample_sampler)
         if self.network != "lora" and self.dropout:
             raise ConfigError(f"dropout: {self.network} layers have no LoRA dropout; set it to 0")
         if self.network != "lora" and self.quantize_base:

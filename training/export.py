@@ -453,9 +453,10 @@ def use_arg(tr: "Trainer") -> str:
 
 def use_prompt(tr: "Trainer") -> str:
     """A prompt with the trigger, worded as the training captions are (else the first sample prompt)."""
+    from .sample_prompts import parse_sample_prompt
     from .weight_check import trigger_prompts
 
-    return next(iter(trigger_prompts(tr)), None) or tr.sample_prompts()[0]
+    return next(iter(trigger_prompts(tr)), None) or parse_sample_prompt(tr.sample_prompts()[0]).prompt
 
 
 def optimizer_line(cfg: TrainConfig) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from pipelines.errors import ConfigError
 
 from .config import ATTENTION_TARGETS, LR_SCHEDULERS
+from .sample_prompts import sampler_name_of
 
 # kohya's networks.lora trains every Linear (and 1x1 conv) of the transformer blocks; LoCon adds the 3x3 convs
 STANDARD_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -70,7 +71,7 @@ CONSUMED = {"LoRA_type", "dora_wd", "network_alpha", "conv_dim", "conv_alpha", "
             "network_train_unet_only", "optimizer", "optimizer_args", "lr_scheduler", "lr_warmup",
             "lr_warmup_steps", "max_train_steps", "epoch", "max_train_epochs", "max_resolution", "random_crop",
             "save_precision", "min_snr_gamma", "noise_offset_type", "multires_noise_iterations",
-            "multires_noise_discount", "huber_scale", "sample_prompts", "sdxl", "v2",
+            "multires_noise_discount", "huber_scale", "sample_prompts", "sample_sampler", "sdxl", "v2",
             "v_parameterization", *DIRECT}
 # only about speed, logging or where kohya writes things: nothing to say when they are set
 QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_attn", "max_data_loader_n_workers",
@@ -90,7 +91,7 @@ QUIET = {"cache_latents", "cache_latents_to_disk", "xformers", "sdpa", "mem_eff_
          "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "additional_parameters", "LyCORIS_preset",
          "skip_cache_check", "train_on_input", "weighted_captions",
          "dim_from_weights", "save_every_n_steps_state", "log_every_n_steps",
-         "sample_sampler", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
+         "stop_text_encoder_training", "stop_text_encoder_training_pct"}
 
 # the LyCORIS network's own options: kohya_ss keeps them in every config, they mean nothing to a Standard LoRA
 LYCORIS_ONLY = {"factor", "use_cp", "use_tucker", "use_scalar", "decompose_both", "train_norm", "rank_dropout_scale",
@@ -140,13 +141,25 @@ def _resolution(v: Any) -> int:
     return max(8, round(math.sqrt(w * h) / 8) * 8)
 
 
-def _prompts(text: Any) -> list[str]:
-    """kohya's sample prompts: one per line, its options (--n, --w, --s …) after the prompt left out."""
+def _prompts(text: Any, notes: list[str]) -> list[str]:
+    """kohya's sample prompts: one per line with its options (--n, --w, --s …, read by training.sample_prompts);
+    an option this app cannot apply (kohya's for Flux, SD3 or ControlNet) is left out with a note."""
+    from .sample_prompts import parse_sample_prompt
+
     out = []
     for line in str(text or "").splitlines():
-        prompt = line.split(" --", 1)[0].strip()
-        if prompt and not prompt.startswith("#"):
-            out.append(prompt)
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kept = [part for part in line.split(" --")]
+        for i in range(len(kept) - 1, 0, -1):
+            try:
+                parse_sample_prompt(f"x --{kept[i]}")
+            except ConfigError as e:
+                notes.append(f"sample prompt '{kept[0].strip()}': --{kept[i].strip()} is not applied ("
+                             f"{str(e).split(': ', 2)[-1]})")
+                del kept[i]
+        out.append(" --".join(kept))
     return out
 
 
@@ -340,7 +353,12 @@ def _read(path: Path, data: dict[str, Any]) -> KohyaGuiConfig:
     if not _blank(get.get("v_parameterization")) and _bool("v_parameterization", get["v_parameterization"]):
         opts["prediction_type"] = "v_prediction"  # kohya's flag for a v-prediction base (SD 2.x 768-v, v-pred SDXL)
     if "sample_prompts" in get:
-        opts["sample_prompts"] = _prompts(get["sample_prompts"])
+        opts["sample_prompts"] = _prompts(get["sample_prompts"], notes)
+    if not _blank(get.get("sample_sampler")):
+        try:
+            opts["sample_sampler"] = sampler_name_of(str(get["sample_sampler"]))
+        except ConfigError as e:
+            notes.append(f"sample_sampler: {e}; the default sampler is used")
     if opts.get("mixed_precision") not in (None, "no", "fp16", "bf16"):
         del opts["mixed_precision"]
     unused = [k for k, v in data.items() if k not in CONSUMED and k not in QUIET and v not in (None, "", 0, False)

@@ -1093,6 +1093,8 @@ class Trainer:
     def make_samples(self, step: int) -> list[Path]:
         from pipelines.generation import GenerationRequest, generate, save_png
 
+        from .sample_prompts import parse_sample_prompt
+
         if not self.is_main:
             return []
         cfg, base = self.cfg, self.base
@@ -1100,9 +1102,14 @@ class Trainer:
         unet = base.pipe.unet
         was_training = unet.training
         unet.eval()
-        for i, prompt in enumerate(self.sample_prompts()):
-            req = GenerationRequest(prompt=prompt, steps=cfg.sample_steps, seed=cfg.sample_seed,
-                                    width=self.resolution, height=self.resolution, clip_skip=cfg.clip_skip)
+        for i, line in enumerate(self.sample_prompts()):
+            sp = parse_sample_prompt(line)  # kohya's --n, --w, --h, --d, --s, --l, --ss over the run's settings
+            req = GenerationRequest(prompt=sp.prompt, negative_prompt=sp.negative_prompt,
+                                    steps=sp.steps or cfg.sample_steps,
+                                    seed=cfg.sample_seed if sp.seed is None else sp.seed,
+                                    width=sp.width or self.resolution, height=sp.height or self.resolution,
+                                    guidance=7.0 if sp.guidance is None else sp.guidance,
+                                    scheduler=sp.sampler or cfg.sample_sampler, clip_skip=cfg.clip_skip)
             img = generate(base, req, extra_parameters={"LoRA": cfg.name, "LoRA step": str(step)})[0]
             out.append(save_png(img, self.run_dir / "samples" / f"step-{step:06d}-{i}.png"))
         unet.train(was_training)
