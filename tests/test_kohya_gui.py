@@ -50,7 +50,7 @@ def test_a_kohya_ss_prodigy_preset_reads_as_our_options(tmp_path, star_images):
     assert (cfg.batch_size, cfg.resolution, cfg.mixed_precision, cfg.save_precision) == (2, 1024, "bf16", "bf16")
     assert (cfg.lr_scheduler, cfg.warmup_steps, cfg.min_snr_gamma, cfg.gradient_checkpointing) == \
         ("constant", 0, 5.0, True)
-    assert cfg.sample_prompts == ["a photo of ohwx woman"] and cfg.name == "queen"
+    assert cfg.sample_prompts == ["a photo of ohwx woman --n blurry --w 512 --s 20"] and cfg.name == "queen"
     # epochs counted as kohya_ss counts them: 3 images x 10 repeats / batch 2 x 4 epochs; the trigger from the folder
     assert cfg.max_steps == 60 and cfg.trigger == "ohwx"
     notes = read_kohya_gui(path).notes

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipelines.errors import ConfigError
 from pipelines.quantize import QUANTIZATIONS
+from pipelines.samplers import SCHEDULERS
 from pipelines.weights_io import PRECISIONS
 
 from .optimizers import ADAPTIVE, OPTIMIZERS
@@ -536,6 +537,7 @@ class TrainConfig:
                                             "negative prompt, --w/--h size, --d seed, --s steps, --l CFG, --ss "
                                             "sampler")
     sample_sampler: str = option("DPM++ 2M Karras", group="Checkpoints & samples", label="Sample sampler",
+                                 choices=tuple(SCHEDULERS),
                                  help="sampler of the sample images (this app's names, or kohya's: euler_a, ddim, "
                                       "k_dpm_2 …); a prompt's --ss overrides it")
     sample_seed: int = option(1234, group="Checkpoints & samples", label="Sample seed", min=0, max=2**32 - 1,
@@ -557,6 +559,9 @@ class TrainConfig:
             v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
             if isinstance(v, str) and (v == "~" or v.startswith("~/")):
                 setattr(self, f_, os.path.expanduser(v))
+        from .sample_prompts import parse_sample_prompt, sampler_name_of
+
+        self.sample_sampler = sampler_name_of(self.sample_sampler)  # kohya's names (euler_a) as this app's
         self._check_ranges_and_choices()  # from each field's metadata: a new field's range is checked too
         from pipelines.errors import UnsafeNameError
         from pipelines.library import check_name
@@ -584,11 +589,8 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
-        from .sample_prompts import parse_sample_prompt, sampler_name_of
-
         for line in self.sample_prompts:  # kohya's per-prompt options: a bad one is said now, not at the first sample
             parse_sample_prompt(line)
-        self.sample_sampler = sampler_name_of(self.sample_sampler)
         if self.network != "lora" and self.dropout:
             raise ConfigError(f"dropout: {self.network} layers have no LoRA dropout; set it to 0")
         if self.network != "lora" and self.quantize_base:

@@ -41,7 +41,7 @@ class SamplePrompt:
 
 def sampler_name_of(name: str, field: str = "sample_sampler") -> str:
     """This app's sampler name for kohya's (`euler_a`, `k_dpm_2`) or an A1111 one (`Euler a`)."""
-    from pipelines.generation import scheduler_name
+    from pipelines.samplers import scheduler_name
 
     key = name.strip().lower()
     if key in KOHYA_SAMPLERS:
