@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "column compares (with --checkpoints, --loras or --starts), e.g. checkpoints x weights")
     for attr, _, metavar, _, what in _SETTING_AXES:
         rows.add_argument("--rows-" + attr.replace("_", "-"), metavar=metavar, help=f"a second axis: {what}")
+    zs = gr.add_mutually_exclusive_group()
+    zs.add_argument("--z-weights", metavar="W1,W2,...",
+                    help="a third axis (A1111's X/Y/Z plot): one X/Y grid per value, one under the other: the weight "
+                         "of the adapter each column compares")
+    for attr, _, metavar, _, what in _SETTING_AXES:
+        zs.add_argument("--z-" + attr.replace("_", "-"), metavar=metavar, help=f"a third axis: {what}")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
@@ -723,16 +729,19 @@ def _settings_axis(args: argparse.Namespace, req, prefix: str = "") -> tuple[lis
     return None
 
 
-def _grid_rows(args: argparse.Namespace, req) -> tuple[list, str]:
-    """The grid's second axis (--rows-…): its rows and its name; none without it."""
+def _grid_rows(args: argparse.Namespace, req, prefix: str = "rows_") -> tuple[list, str]:
+    """The grid's second axis (--rows-…), or with `prefix` 'z_' its third (--z-…): its values and its name; none
+    without it."""
     from pipelines.grid import weight_rows
 
-    if args.rows_weights:
+    weights = getattr(args, prefix + "weights")
+    if weights:
+        flag = "--" + (prefix + "weights").replace("_", "-")
         if args.lora and args.starts is None:
-            raise _usage("grid: --rows-weights with --lora: the columns vary its weight already (use --starts, or "
+            raise _usage(f"grid: {flag} with --lora: the columns vary its weight already (use --starts, or "
                          "--checkpoints, for the columns)")
-        return weight_rows(_numbers(args.rows_weights, "--rows-weights")), "weight"
-    return _settings_axis(args, req, "rows_") or ([], "")
+        return weight_rows(_numbers(weights, flag)), "weight"
+    return _settings_axis(args, req, prefix) or ([], "")
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -777,9 +786,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
     else:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     rows, row_axis = _grid_rows(args, req)
+    zs, z_axis = _grid_rows(args, req, "z_")
+    if args.rows_weights and args.z_weights:
+        raise _usage("grid: --rows-weights and --z-weights both vary the compared adapter's weight; give one")
     # every column's prompts: a word Prompt S/R swaps in may name an embedding
-    _embeddings_into(stack.model, args, grid_prompts(req, [*columns, *rows]))
-    result = make_grid(stack, req, columns, axis=axis, rows=rows, row_axis=row_axis)
+    _embeddings_into(stack.model, args, grid_prompts(req, [*columns, *rows, *zs]))
+    result = make_grid(stack, req, columns, axis=axis, rows=rows, row_axis=row_axis, zs=zs, z_axis=z_axis)
     [path] = output_paths(args.out, 1)
     from pipelines.generation import with_pairs
 

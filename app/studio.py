@@ -799,20 +799,21 @@ class Studio:
         self._interrupt.set()
 
     @staticmethod
-    def _compare_rows(rows: str, values: Sequence, req: GenerationRequest, mode: str) -> tuple[list, str]:
-        """The grid's second axis: its rows and its name (none for 'none')."""
+    def _compare_rows(rows: str, values: Sequence, req: GenerationRequest, mode: str,
+                      what: str = "rows") -> tuple[list, str]:
+        """The grid's second axis (or with `what` 'z' its third): its values and its name (none for 'none')."""
         from pipelines.grid import settings_axis, weight_rows
 
         if rows in (None, "", "none"):
             return [], ""
         if rows == "weights":
             if mode == "weights":
-                raise ConfigError("rows: the columns vary the adapter's weight already; choose checkpoints, start "
+                raise ConfigError(f"{what}: the columns vary the adapter's weight already; choose checkpoints, start "
                                   "steps or adapters across")
             return weight_rows(values), "weight"
         if axis := settings_axis(rows, values, req):
             return axis
-        raise ConfigError(f"rows: unknown second axis '{rows}'")
+        raise ConfigError(f"{what}: unknown {'second' if what == 'rows' else 'third'} axis '{rows}'")
 
     def runs(self) -> list[str]:
         """Training runs that have checkpoints (for comparing checkpoints)."""
@@ -824,7 +825,7 @@ class Studio:
     def compare(self, base_name: str | None, req: GenerationRequest, mode: str, *, adapter: str | None = None,
                 weights: Sequence[float] = (), run: str | None = None, others: Sequence[StackEntry] = (),
                 starts: Sequence[int] = (), vae: str | None = None, settings: Sequence = (), rows: str = "none",
-                row_values: Sequence = ()) -> Path:
+                row_values: Sequence = (), z: str = "none", z_values: Sequence = ()) -> Path:
         """A labelled grid PNG: one prompt and seed across one adapter's `weights` (mode 'weights'), the
         sampler step it acts from (`starts`, mode 'starts'), the checkpoints of training `run`
         ('checkpoints'), the adapters in `others` one at a time ('adapters'), or a request setting across
@@ -866,12 +867,16 @@ class Studio:
             else:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
             row_cols, row_axis = self._compare_rows(rows, row_values, req, mode)
+            z_cols, z_axis = self._compare_rows(z, z_values, req, mode, "z")
+            if rows == "weights" and z == "weights":
+                raise ConfigError("z: the rows vary the compared adapter's weight already; choose another third axis")
             # every column's prompts: a word Prompt S/R swaps in may name an embedding
-            use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, [*cols, *row_cols]), self.allow_pickle)
+            use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, [*cols, *row_cols, *z_cols]),
+                           self.allow_pickle)
             if m.stack.fused:
                 m.stack.unfuse()
             result = make_grid(m.stack, req, cols, axis=axis, rows=row_cols, row_axis=row_axis,
-                               interrupt=self._interrupt.is_set)
+                               interrupt=self._interrupt.is_set, zs=z_cols, z_axis=z_axis)
         path = self._out_paths(1, "-grid")[0]
         save_png(result.image, path, with_pairs(result.parameters, templates))
         return path

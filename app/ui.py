@@ -1448,7 +1448,7 @@ class StudioUI:
                 clip_skip, hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                  mask_blur, vae,
                 cmp_adapter, cmp_weights, cmp_run, *slot_values, rows="none", row_values="", tiling=False,
-                cfg_rescale=0.0, zero_terminal_snr=False):
+                cfg_rescale=0.0, zero_terminal_snr=False, z="none", z_values=""):
         """Comparison grid: one prompt and seed across an adapter's weights, a run's checkpoints, or the
         enabled adapters one at a time; `rows` a second axis (COMPARE_ROWS) over `row_values`."""
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
@@ -1468,9 +1468,14 @@ class StudioUI:
             raise ConfigError(f"rows: unknown second axis '{rows}'")
         row_vals = (() if row_kind == "none" else
                     _weights(row_values) if row_kind == "weights" else _settings(row_values, row_kind))
+        z_kind = COMPARE_ROWS.get(z or "none")
+        if z_kind is None:
+            raise ConfigError(f"z: unknown third axis '{z}'")
+        z_vals = (() if z_kind == "none" else _weights(z_values) if z_kind == "weights" else
+                  _settings(z_values, z_kind))
         path = self.studio.compare(base_name, req, kind, adapter=cmp_adapter, weights=weights, run=cmp_run,
                                    others=enabled, starts=starts, vae=vae, settings=settings,
-                                   rows=row_kind, row_values=row_vals)
+                                   rows=row_kind, row_values=row_vals, z=z_kind, z_values=z_vals)
         return str(path), str(path), req.seed
 
     @staticmethod
@@ -1486,11 +1491,12 @@ class StudioUI:
 
     def compare_shown(self, *args):
         """`compare` for the page (its inputs: the mode, the form, the adapter, values and run, the second axis and
-        its values, Tiling, CFG rescale, Zero terminal SNR, then the adapter rows): the grid, its file, the seed, and
-        a status line (where an error stays, or what an Interrupt left out)."""
+        its values, Tiling, CFG rescale, Zero terminal SNR, the third axis and its values, then the adapter rows): the
+        grid, its file, the seed, and a status line (where an error stays, or what an Interrupt left out)."""
         k = 2 + len(GENERATE_FORM) + 3
-        grid, file, seed = self.compare(*args[:k], *args[k + 5:], rows=args[k], row_values=args[k + 1],
-                                        tiling=args[k + 2], cfg_rescale=args[k + 3], zero_terminal_snr=args[k + 4])
+        grid, file, seed = self.compare(*args[:k], *args[k + 7:], rows=args[k], row_values=args[k + 1],
+                                        tiling=args[k + 2], cfg_rescale=args[k + 3], zero_terminal_snr=args[k + 4],
+                                        z=args[k + 5], z_values=args[k + 6])
         cut = parse_parameters(read_png_parameters(file) or "").get("Grid interrupted")
         return grid, file, seed, f"⏹ **Interrupted:** {cut}; the others are left blank." if cut else ""
 
@@ -2035,6 +2041,11 @@ class StudioUI:
                                                info="A1111's X/Y plot: e.g. checkpoints across, weights down",
                                                elem_id="cmp-rows")
                         cmp_row_values = gr.Textbox("0.5, 1", label="Row values", elem_id="cmp-row-values")
+                    with gr.Row():
+                        cmp_z = gr.Dropdown(list(COMPARE_ROWS), value="none", label="Grids (a third axis)",
+                                            info="A1111's X/Y/Z plot: one grid per value, one under the other",
+                                            elem_id="cmp-z")
+                        cmp_z_values = gr.Textbox("Euler a, DDIM", label="Third-axis values", elem_id="cmp-z-values")
                     cmp_go = gr.Button("Make grid", elem_id="cmp-go")
                     cmp_mode.change(self.compare_values_box, [cmp_mode, cmp_weights], cmp_weights,
                                     show_progress="hidden")
@@ -2255,7 +2266,7 @@ class StudioUI:
             cmp_outputs = [cmp_image, cmp_file, last_seed, cmp_status]
             cmp_go.click(shown_in(self.compare_shown, cmp_outputs, cmp_status),
                          [cmp_mode, base, *req_inputs, cmp_adapter, cmp_weights, cmp_run, cmp_rows, cmp_row_values,
-                          tiling, cfg_rescale, zsnr, *slot_widgets], cmp_outputs)
+                          tiling, cfg_rescale, zsnr, cmp_z, cmp_z_values, *slot_widgets], cmp_outputs)
 
             # library
             lib_pick.change(self.adapter_details, lib_pick, details, **quiet)

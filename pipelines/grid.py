@@ -144,18 +144,19 @@ def weight_rows(weights: Sequence[float]) -> list[GridColumn]:
     return [GridColumn(f"weight {float(w):g}", (), (("weight", float(w)),)) for w in weights]
 
 
-def _combine(col: GridColumn, row: GridColumn) -> GridColumn:
+def _combine(col: GridColumn, row: GridColumn, what: str = "rows") -> GridColumn:
     """The tile of column `col` in row `row` (A1111's X/Y plot): both axes' settings; a weight row sets the weight
-    of the adapter the column compares (its last entry)."""
+    of the adapter the column compares (its last entry). `what` names the other axis in errors ('rows', 'z')."""
     mine, theirs = dict(col.changes), dict(row.changes)
     both = sorted(set(mine) & set(theirs))
     if both:
-        raise ConfigError(f"rows: the columns vary {both[0].replace('_', ' ')} already; choose another second axis")
+        axis = "second" if what == "rows" else "third"
+        raise ConfigError(f"{what}: the columns vary {both[0].replace('_', ' ')} already; choose another {axis} axis")
     entries = col.entries
     if "weight" in theirs:
         if not entries or col.changes:
-            raise ConfigError("rows: weights vary the adapter each column compares; choose columns of checkpoints, "
-                              "start steps or adapters")
+            raise ConfigError(f"{what}: weights vary the adapter each column compares; choose columns of "
+                              "checkpoints, start steps or adapters")
         w = theirs.pop("weight")
         entries = entries[:-1] + (replace(entries[-1], weight=w, te_weight=None),)
     return GridColumn(f"{col.label} / {row.label}", entries, tuple(mine.items()) + tuple(theirs.items()))
@@ -171,6 +172,8 @@ def make_grid(
     rows: Sequence[GridColumn] | None = None,
     row_axis: str = "",
     interrupt: Callable[[], bool] | None = None,
+    zs: Sequence[GridColumn] | None = None,
+    z_axis: str = "",
 ) -> GridResult:
     """Generate `req` (same prompt, same seed) once per column and compose ONE labelled image.
 
@@ -181,6 +184,9 @@ def make_grid(
     `interrupt` (A1111's Interrupt): when it returns True the tile being drawn stops after its current sampler
     step and the tiles not yet started stay blank (`Grid interrupted` in the parameters says how many were drawn).
     """
+    if zs:  # a third axis (A1111's X/Y/Z plot): one X/Y grid per value, one under the other
+        return _xyz_grid(stack, req, _columns(columns), list(rows or []), list(zs), axis, row_axis, z_axis,
+                         on_progress, interrupt)
     if rows:  # a second axis: one image a tile, row by row
         if req.num_images != 1:
             raise ConfigError("rows: with a second axis each tile is one image; set the number of images to 1")
@@ -259,6 +265,53 @@ def _xy_grid(stack, req, cols: list[GridColumn], rows: list[GridColumn], axis: s
                                                     + " | ".join(_quote_free(r.label) for r in rows)})
     grid.info["parameters"] = params
     return GridResult(grid, params, flat, g.tiles, g.drawn)
+
+
+def _xyz_grid(stack, req, cols: list[GridColumn], rows: list[GridColumn], zs: list[GridColumn], axis: str,
+              row_axis: str, z_axis: str, on_progress, interrupt) -> GridResult:
+    """A1111's X/Y/Z plot: for each value of the third axis, the X/Y grid of `cols` × `rows` with that value in
+    every tile, the grids one under the other, each labelled with its value; `Grid z` names the third axis. Every
+    combination is checked before any is drawn; after an Interrupt the later grids are left out."""
+    from .generation import with_pairs
+
+    plans = []  # per value: (columns, rows) of its X/Y grid, the value in every tile
+    for z in zs:
+        z_cols = [_combine(c, z, "z") for c in cols]  # (a setting the columns vary is refused here)
+        if not rows:
+            plans.append(([GridColumn(c.label, t.entries, t.changes) for c, t in zip(cols, z_cols)], None))
+            continue
+        z_rows = []
+        for r in rows:  # the value joins each row (a weight from either then applies to the compared adapter)
+            both = sorted(set(dict(r.changes)) & set(dict(z.changes)))
+            if both:
+                raise ConfigError(f"z: the rows vary {both[0].replace('_', ' ')} already; choose another third axis")
+            z_rows.append(GridColumn(r.label, r.entries, r.changes + z.changes))
+        for c in cols:
+            for r in z_rows:
+                _combine(c, r)  # every combination checked before any is drawn
+        plans.append((cols, z_rows))
+    grids: list[GridResult] = []
+    for k, (plan, plan_rows) in enumerate(plans):
+        progress = None if on_progress is None else (
+            lambda done, total, k=k: on_progress(k * total + done, len(plans) * total))
+        g = make_grid(stack, req, plan, axis=axis, rows=plan_rows, row_axis=row_axis, on_progress=progress,
+                      interrupt=interrupt)
+        grids.append(g)
+        if g.drawn is not None or (interrupt is not None and k + 1 < len(plans) and interrupt()):
+            break
+    image = image_grid([[g.image] for g in grids], row_labels=[z.label for z in zs[:len(grids)]],
+                       title=f"{z_axis}: " + ", ".join(z.label for z in zs))
+    pairs = {"Grid z": f"{_quote_free(z_axis)}: " + " | ".join(_quote_free(z.label) for z in zs)}
+    drawn = None
+    if len(grids) < len(zs) or grids[-1].drawn is not None:
+        tiles = sum(len(g.tiles) for g in grids[:-1]) + (grids[-1].drawn or len(grids[-1].tiles))
+        drawn = tiles
+        pairs["Grid interrupted"] = f"{tiles} of {len(zs) * len(grids[0].tiles)} tiles drawn"
+    first = re.sub(r", Grid interrupted: [^,\n]*", "", grids[0].parameters)  # counted over every grid below
+    params = with_pairs(first, pairs)
+    image.info["parameters"] = params
+    columns = [replace(c, label=f"{c.label} / {z.label}") for g, z in zip(grids, zs) for c in g.columns]
+    return GridResult(image, params, columns, [t for g in grids for t in g.tiles], drawn)
 
 
 UNDRAWN = (64, 64, 64)  # the colour of a tile an Interrupt left out

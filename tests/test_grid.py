@@ -334,3 +334,34 @@ def test_a_second_axis_checkpoints_by_weights_and_settings(stack, lib, tiny_sd1_
     assert saved["Grid rows"] == "weight: weight 0.5 | weight 1"
     assert main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "x", "--lora", "a",
                  "--rows-weights", "0.5", "--out", str(tmp_path / "n.png")]) == 2
+
+
+def test_a_third_axis_makes_one_xy_grid_per_value(stack, lib, tiny_sd1_dir, tmp_path, capsys):
+    """A1111's X/Y/Z plot: for each value of the third axis, the X/Y grid with that value in every tile, the grids
+    one under the other; each tile is the picture its three settings make alone, and `Grid z` names the axis."""
+    from pipelines.grid import setting_columns, weight_rows
+
+    cols = checkpoint_columns(stack, "myrun")[:2]
+    zs = setting_columns("guidance", [2, 6])
+    result = make_grid(stack, _req(), cols, axis="myrun checkpoint", rows=weight_rows([0.5, 1.0]), row_axis="weight",
+                       zs=zs, z_axis="CFG scale")
+    p = parse_parameters(result.parameters)
+    assert p["Grid z"] == "CFG scale: CFG 2 | CFG 6" and p["Grid rows"] == "weight: weight 0.5 | weight 1"
+    assert len(result.tiles) == 8 and "Grid interrupted" not in p
+    # the last tile: the second checkpoint at weight 1 and CFG 6, as that stack and setting make it alone
+    alone = stack.generate(_req(guidance=6.0), [StackEntry("myrun@step-10", 1.0)])[0].image
+    assert np.array_equal(np.asarray(result.tiles[-1][0].image), np.asarray(alone))
+    assert not np.array_equal(np.asarray(result.tiles[0][0].image), np.asarray(result.tiles[4][0].image))
+    xy = make_grid(stack, _req(), cols, rows=weight_rows([0.5, 1.0]))
+    assert result.image.height > 2 * xy.image.height - 40 and result.image.width > xy.image.width  # + a label column
+    with pytest.raises(ConfigError, match="z: the columns vary guidance already; choose another third axis"):
+        make_grid(stack, _req(), setting_columns("guidance", [2, 6]), zs=setting_columns("guidance", [1]))
+    # the CLI: --z-samplers; with --rows-weights and --z-weights both, refused
+    rc = main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "a red circle",
+               "--steps", "2", "--seed", "11", "--scheduler", "DDIM", "--loras", "a,b", "--z-samplers", "DDIM,Euler",
+               "--out", str(tmp_path / "xyz.png"), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert parse_parameters(read_png_parameters(tmp_path / "xyz.png"))["Grid z"] == "Sampler: DDIM | Euler"
+    assert "4 tiles" in capsys.readouterr().out
+    assert main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "x", "--checkpoints",
+                 "myrun", "--rows-weights", "0.5", "--z-weights", "1", "--out", str(tmp_path / "n.png")]) == 2

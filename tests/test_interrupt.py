@@ -117,7 +117,7 @@ def test_interrupt_stops_a_comparison_grid_and_leaves_the_rest_blank(tmp_path, t
     slots = (None, True, 1.0, False, 1.0, False, 0, 0) * 4
     try:
         grid, _, _, status = ui.compare_shown("CFG scales", *form, None, "3, 5, 7", None, "none", "", False, 0,
-                                              False, *slots)
+                                              False, "none", "", *slots)
     finally:
         presser.join()
         handle.remove()
@@ -129,5 +129,5 @@ def test_interrupt_stops_a_comparison_grid_and_leaves_the_rest_blank(tmp_path, t
     assert (img == np.array(UNDRAWN, dtype=np.uint8)).all(axis=-1).sum() > 2 * 64 * 64  # two blank tiles at least
     # the next grid is not affected by the Interrupt before it
     grid, _, _, status = ui.compare_shown("CFG scales", *(form[:3] + (2,) + form[4:]), None, "3, 5", None, "none",
-                                          "", False, 0, False, *slots)
+                                          "", False, 0, False, "none", "", *slots)
     assert status == "" and "Grid interrupted" not in read_png_parameters(grid)

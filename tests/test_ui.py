@@ -886,7 +886,7 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
     # compare_shown takes the inputs (the rows' boxes before the adapter rows)
     form = (base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "", None)
     grid, _, _, status = ui.compare_shown("enabled adapters, one at a time", *form,
-                                          "weights of the compared adapter", "0.5, 1", False, 0, False,
+                                          "weights of the compared adapter", "0.5, 1", False, 0, False, "none", "",
                                           *_slots(("alpha-style", 0.8), ("beta-thing", 0.5)))
     p = parse_parameters(read_png_parameters(grid))
     assert p["Grid rows"] == "weight: weight 0.5 | weight 1" and status == ""
@@ -901,6 +901,15 @@ def test_generate_saves_pngs_with_parameters_and_triggers(ui, lora_files):
                           None, "3, 6", None, *_slots(("alpha-style", 0.8)))
     p = parse_parameters(read_png_parameters(grid))
     assert p["Grid"] == "CFG scale: CFG 3 | CFG 6" and p["Grid stacks"] == "<lora:alpha-style:0.8> | <lora:alpha-style:0.8>"
+    # a third axis (A1111's X/Y/Z plot): one such grid per sampler, one under the other
+    grid, _, _, status = ui.compare_shown("CFG scales", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler",
+                                          *REQ_TAIL, None, "3, 6", None, "none", "", False, 0, False, "samplers",
+                                          "Euler a, DDIM", *_slots(("alpha-style", 0.8)))
+    p = parse_parameters(read_png_parameters(grid))
+    assert p["Grid z"] == "Sampler: Euler a | DDIM" and p["Grid"] == "CFG scale: CFG 3 | CFG 6" and status == ""
+    with pytest.raises(gr.Error, match="z: the columns vary guidance already"):
+        ui.compare_shown("CFG scales", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL, None, "3",
+                         None, "none", "", False, 0, False, "CFG scales", "5", *_slots())
     grid, *_ = ui.compare("samplers", base, "a red circle", "", 2, 3.0, 7, 0, 0, 1, "Euler", *REQ_TAIL,
                           None, "Euler a, DDIM", None, *_slots())
     assert parse_parameters(read_png_parameters(grid))["Grid settings"] == "Sampler Euler a | Sampler DDIM"
