@@ -91,20 +91,20 @@ def file_schedule(path: Path, keys: Iterable[str], meta: Mapping[str, str], fami
     elif str(meta.get("modelspec.prediction_type", "")).strip().lower() in _PREDICTION_ALIASES:
         pred = _PREDICTION_ALIASES[meta["modelspec.prediction_type"].strip().lower()]
         why.append(f"its metadata (modelspec.prediction_type: {meta['modelspec.prediction_type']})")
-    elif standard_config and family == "sd2" and _SD2_PROBE_KEY in keys:
-        pred = "v_prediction" if _sd2_probe_std(path) > _SD2_V_STD else "epsilon"
+    elif standard_config and family == "sd2" and _SD2_PROBE_KEY in keys and (std := _sd2_probe_std(path)) is not None:
+        pred = "v_prediction" if std > _SD2_V_STD else "epsilon"
         why.append("its weights (SD 2.1 768-v or SD 2.1-base, told apart as ComfyUI does)")
     return pred, zsnr, " and ".join(why)
 
 
-def _sd2_probe_std(path: Path) -> float:
+def _sd2_probe_std(path: Path) -> float | None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             t = f.get_tensor(_SD2_PROBE_KEY).float()
-    except Exception:  # noqa: BLE001 - a pickle checkpoint, or an unreadable tensor: no evidence either way
-        return 0.0
+    except Exception:  # noqa: BLE001 - an unreadable tensor: no evidence either way (diffusers' guess stays)
+        return None
     return float(t.std(unbiased=False))
 
 
