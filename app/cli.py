@@ -260,18 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--weight", type=float, default=None,
                     help="the weight for --loras, --checkpoints and --starts (default 1; with --starts, the one "
                          "given as --lora NAME:W)")
-    rows = gr.add_mutually_exclusive_group()
-    rows.add_argument("--rows-weights", metavar="W1,W2,...",
-                      help="a second axis (A1111's X/Y plot), one row per value: the weight of the adapter each "
-                           "column compares (with --checkpoints, --loras or --starts), e.g. checkpoints x weights")
-    for attr, _, metavar, _, what in _SETTING_AXES:
-        rows.add_argument("--rows-" + attr.replace("_", "-"), metavar=metavar, help=f"a second axis: {what}")
-    zs = gr.add_mutually_exclusive_group()
-    zs.add_argument("--z-weights", metavar="W1,W2,...",
-                    help="a third axis (A1111's X/Y/Z plot): one X/Y grid per value, one under the other: the weight "
-                         "of the adapter each column compares")
-    for attr, _, metavar, _, what in _SETTING_AXES:
-        zs.add_argument("--z-" + attr.replace("_", "-"), metavar=metavar, help=f"a third axis: {what}")
+    for prefix, axis, how in (("rows", "a second axis", "(A1111's X/Y plot), one row per value"),
+                              ("z", "a third axis", "(A1111's X/Y/Z plot), one X/Y grid per value, one under the other")):
+        group = gr.add_mutually_exclusive_group()
+        group.add_argument(f"--{prefix}-weights", metavar="W1,W2,...",
+                           help=f"{axis} {how}: the weight of the adapter each column compares (with --checkpoints, "
+                                "--loras or --starts), e.g. checkpoints x weights")
+        for attr, _, metavar, _, what in _SETTING_AXES:
+            group.add_argument(f"--{prefix}-" + attr.replace("_", "-"), metavar=metavar, help=f"{axis}: {what}")
     _add_library_arg(gr)
     gr.set_defaults(func=cmd_grid)
 
