@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--weight", type=float, default=None,
                     help="the weight for --loras, --checkpoints and --starts (default 1; with --starts, the one "
                          "given as --lora NAME:W)")
-    for prefix, axis, how in (("rows", "a second axis", "(A1111's X/Y plot), one row per value"),
-                              ("z", "a third axis", "(A1111's X/Y/Z plot), one X/Y grid per value, one under the other")):
+    axes = (("rows", "a second axis", "(A1111's X/Y plot), one row per value"),
+            ("z", "a third axis", "(A1111's X/Y/Z plot), one X/Y grid per value, one under the other"))
+    for prefix, axis, how in axes:
         group = gr.add_mutually_exclusive_group()
         group.add_argument(f"--{prefix}-weights", metavar="W1,W2,...",
                            help=f"{axis} {how}: the weight of the adapter each column compares (with --checkpoints, "

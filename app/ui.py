@@ -95,8 +95,8 @@ CSS = """
 .ls-stopped {background: #a16207} .ls-failed {background: #dc2626} .ls-interrupted {background: #7c3aed}
 .ls-queue-line {margin-top: 4px}
 /* A1111's token counter: "12/75" at the right under a prompt box */
-.ls-tokens {text-align: right; font-size: .8em; opacity: .75; min-height: 0 !important; padding: 0 10px 2px 0 !important;
-             overflow: visible !important}
+.ls-tokens {text-align: right; font-size: .8em; opacity: .75; min-height: 0 !important;
+             padding: 0 10px 2px 0 !important; overflow: visible !important}
 .ls-tokens p {margin: 0 !important; line-height: 1.5 !important}
 /* Advanced: in a row of fields, each box sits at the bottom of its cell, whatever the length of the help above */
 .ls-fields .form {align-items: stretch}
