@@ -1206,11 +1206,17 @@ def add_train_config_args(p: argparse.ArgumentParser) -> None:
                 kw.update(action="append", metavar="TEXT")
             else:
                 kw.update(type=_module_list, metavar="M1,M2,...")
+        elif o.name in _SPELLINGS:  # several spellings of one choice (kohya's sampler names, 'v'): the config's
+            kw.update(type=str, metavar=_SPELLINGS[o.name])  # own check names the choices
         else:
             kw["type"] = o.kind
             if o.choices is not None:
                 kw["choices"] = list(o.choices)
         p.add_argument(*o.flags, **kw)
+
+
+# train options that take other spellings of their choices (read by TrainConfig): their metavar
+_SPELLINGS = {"sample_sampler": "SAMPLER", "prediction_type": "{auto,epsilon,v_prediction}"}
 
 
 def train_config_from_args(args: argparse.Namespace):

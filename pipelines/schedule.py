@@ -21,11 +21,12 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 _PREDICTION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
@@ -108,8 +109,10 @@ def _sd2_probe_std(path: Path) -> float | None:
     return float(t.std(unbiased=False))
 
 
-def marker_tensors(prediction_type: str | None, zero_terminal_snr: bool) -> dict[str, torch.Tensor]:
+def marker_tensors(prediction_type: str | None, zero_terminal_snr: bool) -> dict[str, "torch.Tensor"]:
     """The empty tensors that tell AUTOMATIC1111 and ComfyUI a checkpoint's schedule (written into single files)."""
+    import torch
+
     out = {}
     if prediction_type == "v_prediction":
         out[V_PRED_KEY] = torch.tensor([])
@@ -122,9 +125,10 @@ def _init_params(cls) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(inspect.unwrap(cls.__init__)).parameters
 
 
-def zero_snr_betas(config: Mapping) -> torch.Tensor:
+def zero_snr_betas(config: Mapping) -> "torch.Tensor":
     """The model's betas rescaled to zero terminal SNR (Lin et al. 2024, algorithm 1), with the last ᾱ at 2^-24
     rather than 0, so that samplers which divide by ᾱ (sigma-based ones) see a large but finite last sigma."""
+    import torch
     from diffusers import DDPMScheduler
 
     plain = {k: v for k, v in config.items() if not k.startswith("_")}

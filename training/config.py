@@ -559,9 +559,19 @@ class TrainConfig:
             v = getattr(self, f_)  # shared .toml files write folders under the home as '~/…'
             if isinstance(v, str) and (v == "~" or v.startswith("~/")):
                 setattr(self, f_, os.path.expanduser(v))
+        from pipelines.schedule import prediction_type_name
+
         from .sample_prompts import parse_sample_prompt, sampler_name_of
 
         self.sample_sampler = sampler_name_of(self.sample_sampler)  # kohya's names (euler_a) as this app's
+        if str(self.prediction_type).strip().lower() == "auto":
+            self.prediction_type = "auto"
+        else:  # 'v', 'eps' as the usual spellings
+            try:
+                self.prediction_type = prediction_type_name(self.prediction_type)
+            except ConfigError:
+                raise ConfigError(f"prediction_type: must be auto, epsilon or v_prediction (v), got "
+                                  f"{self.prediction_type!r}") from None
         self._check_ranges_and_choices()  # from each field's metadata: a new field's range is checked too
         from pipelines.errors import UnsafeNameError
         from pipelines.library import check_name
