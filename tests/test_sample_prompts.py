@@ -59,3 +59,29 @@ def test_kohya_ss_configs_keep_the_options_and_say_what_they_leave_out(tmp_path)
     assert got.options["sample_prompts"] == ["ohwx woman --n ugly --w 512 --d 3"]
     assert got.options["sample_sampler"] == "DPM2 a"
     assert any("sample prompt 'ohwx woman': --cn pose.png is not applied" in n for n in got.notes)
+
+
+def test_a_kohya_prompt_file_adds_its_prompts_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# kohya's prompt file\n\nohwx woman, smiling --n lowres --w 64 --d 3\nohwx woman in a hat\n")
+    cfg = TrainConfig(images=".", sample_prompts=["a cat"], sample_prompts_file=str(path))
+    assert cfg.all_sample_prompts() == ["a cat", "ohwx woman, smiling --n lowres --w 64 --d 3", "ohwx woman in a hat"]
+    path.write_text("ohwx woman\nohwx man --cfg 7\n")
+    with pytest.raises(ConfigError, match=r"sample_prompts_file: .*prompts.txt, line 2: unknown option --cfg"):
+        TrainConfig(images=".", sample_prompts_file=str(path))
+    with pytest.raises(ConfigError, match="kohya's .toml and .json prompt files are not read here"):
+        TrainConfig(images=".", sample_prompts_file=str(tmp_path / "prompts.toml"))
+    with pytest.raises(ConfigError, match="nothing.txt: cannot be read"):
+        TrainConfig(images=".", sample_prompts_file=str(tmp_path / "nothing.txt"))
+
+
+def test_the_weight_check_reads_the_prompt_not_its_options(star_images, tiny_sd1_dir, tmp_path):
+    from training.trainer import Trainer
+    from training.weight_check import check_prompts, trigger_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a blue circle --n blurry --w 48\na sks on white --d 4\n")
+    tr = Trainer(TrainConfig(images=str(star_images), base=str(tiny_sd1_dir), output_dir=str(tmp_path / "lib"),
+                             trigger="sks", sample_prompts_file=str(path), device="cpu"))
+    tr.build()
+    assert check_prompts(tr)[0] == "a blue circle" and trigger_prompts(tr) == ["a sks on white"]

@@ -147,7 +147,7 @@ def _complete(data: dict) -> bool:
 
 # the options that hold a local path (shared files write them as '~/…' or a bare name; see training.export)
 PATH_FIELDS = ("images", "base", "output_dir", "class_images", "resume", "init_adapter", "vae", "mask_dir",
-               "dataset_config", "embeddings_dir")
+               "dataset_config", "embeddings_dir", "sample_prompts_file")
 GROUPS = ("main", "LoRA", "Optimisation", "Data & captions", "Preservation", "Checkpoints & samples",
           "Precision & memory", "Other")
 _META_KEYS = {"help", "group", "label", "min", "max", "gt", "below", "step", "choices", "flags", "list", "ui",
@@ -536,6 +536,10 @@ class TrainConfig:
                                             "trigger's default prompt), each with kohya's options if wanted: --n "
                                             "negative prompt, --w/--h size, --d seed, --s steps, --l CFG, --ss "
                                             "sampler")
+    sample_prompts_file: str | None = option(None, group="Checkpoints & samples", ui=False,
+                                             help="a kohya sample prompt file (.txt, kohya's --sample_prompts): one "
+                                                  "prompt a line with its options, # lines left out; drawn after "
+                                                  "the sample prompts")
     sample_sampler: str = option("DPM++ 2M Karras", group="Checkpoints & samples", label="Sample sampler",
                                  choices=tuple(SCHEDULERS),
                                  help="sampler of the sample images (this app's names, or kohya's: euler_a, ddim, "
@@ -548,6 +552,13 @@ class TrainConfig:
                                      "pictures stay as they were (toy base), or shows the pictures")
     sample_steps: int = option(20, group="Checkpoints & samples", label="Sample denoising steps", min=1, max=500,
                                help="sampler steps for sample images")
+
+    def all_sample_prompts(self) -> list[str]:
+        """The sample prompts, then those of sample_prompts_file."""
+        from .sample_prompts import read_prompt_file
+
+        return [*self.sample_prompts, *(read_prompt_file(self.sample_prompts_file) if self.sample_prompts_file
+                                        else [])]
 
     def __post_init__(self) -> None:
         # every field's type first, from its annotation (a new field is covered without a line here), so the
@@ -599,8 +610,8 @@ class TrainConfig:
             v = getattr(self, f_)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{f_}: must be a list of prompts")
-        for line in self.sample_prompts:  # kohya's per-prompt options: a bad one is said now, not at the first sample
-            parse_sample_prompt(line)
+        for line in self.all_sample_prompts():  # kohya's per-prompt options: a bad one is said now, not at the first
+            parse_sample_prompt(line)  # sample
         if self.network != "lora" and self.dropout:
             raise ConfigError(f"dropout: {self.network} layers have no LoRA dropout; set it to 0")
         if self.network != "lora" and self.quantize_base:

@@ -90,3 +90,30 @@ def parse_sample_prompt(line: str, field: str = "sample_prompts") -> SamplePromp
                     "s": "a whole number of steps", "l": "a CFG scale"}[key]
             raise ConfigError(f"{where}: --{key} must be {what}, got '{value}'") from None
     return SamplePrompt(prompt.strip(), **got)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """kohya's sample prompt file (.txt): a prompt a line, with its options; empty and # lines left out. Each line is
+    checked, an error naming the file and the line."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() in (".toml", ".json"):
+        raise ConfigError(f"sample_prompts_file: {p}: kohya's .toml and .json prompt files are not read here; write "
+                          "the prompts a line each, with their options (--n, --w, --h, --d, --s, --l, --ss), in a "
+                          ".txt file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"sample_prompts_file: {p}: cannot be read ({type(e).__name__}: {e})") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            parse_sample_prompt(line)
+        except ConfigError as e:
+            raise ConfigError(f"sample_prompts_file: {p}, line {i}: {str(e).split(': ', 2)[-1]}") from None
+        out.append(line)
+    return out

@@ -1088,7 +1088,7 @@ class Trainer:
 
     # samples ----------------------------------------------------------------
     def sample_prompts(self) -> list[str]:
-        return self.cfg.sample_prompts or [self.cfg.instance_template.format(trigger=self.cfg.trigger)]
+        return self.cfg.all_sample_prompts() or [self.cfg.instance_template.format(trigger=self.cfg.trigger)]
 
     def make_samples(self, step: int) -> list[Path]:
         from pipelines.generation import GenerationRequest, generate, save_png

@@ -114,11 +114,18 @@ class WeightCheck:
         return text + (f"\n{self.step_check.card_text()}" if self.step_check is not None else "")
 
 
+def _sample_texts(tr: "Trainer") -> list[str]:
+    """The sample prompts' texts, without kohya's options (--n, --w …) after them."""
+    from .sample_prompts import parse_sample_prompt
+
+    return [parse_sample_prompt(line).prompt for line in tr.cfg.all_sample_prompts()]
+
+
 def check_prompts(tr: "Trainer") -> list[str]:
     from .trainer import _trigger_word_re, preservation_prompts
 
     word = _trigger_word_re(tr.cfg.trigger)
-    own = [p for p in tr.cfg.sample_prompts if not word.search(p)]
+    own = [p for p in _sample_texts(tr) if not word.search(p)]
     derived = [p for p in preservation_prompts(tr.cfg.replace(preserve_prompts=[]),
                                                [it.caption for it in tr.scan.items], readable=True) if p]
     return list(dict.fromkeys([*own, *derived]))[:MAX_PROMPTS]
@@ -129,7 +136,7 @@ def trigger_prompts(tr: "Trainer") -> list[str]:
     from .trainer import _trigger_word_re
 
     word = _trigger_word_re(tr.cfg.trigger)
-    own = [p for p in tr.cfg.sample_prompts if word.search(p)]
+    own = [p for p in _sample_texts(tr) if word.search(p)]
     captions = [it.caption for it in tr.scan.items if word.search(it.caption or "")]
     return list(dict.fromkeys(own or captions))[:MAX_PROMPTS]
 
