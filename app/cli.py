@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipelines.errors import LoraStudioError
+from pipelines.schedule import PREDICTION_TYPES
 
 SAMPLER_HELP = ("Euler a, Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ SDE Karras, DPM++ 2M SDE (Karras), DPM2, DPM2 a, DDIM, "
                 "UniPC, Heun, LMS, PNDM; for few-step LoRAs LCM, Euler SGM Uniform, DPM++ 2M SGM Uniform, TCD")
@@ -175,7 +176,7 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt/.pt/.bin files (they can run code when loaded: only for files you trust)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction", "v"),
+    p.add_argument("--prediction-type", default=None, choices=(*PREDICTION_TYPES, "v"),
                    help="what the base model predicts, when its file does not say it (default: read from the model: "
                         "its config, a single file's v_pred tensor, a NAME.yaml beside it); v_prediction for SD 2.x "
                         "768-v and v-pred SDXL models (ComfyUI's ModelSamplingDiscrete)")
@@ -784,8 +785,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
         columns, axis = checkpoint_columns(stack, args.checkpoints, weight), f"{args.checkpoints} checkpoint"
     rows, row_axis = _grid_rows(args, req)
     zs, z_axis = _grid_rows(args, req, "z_")
-    if args.rows_weights and args.z_weights:
-        raise _usage("grid: --rows-weights and --z-weights both vary the compared adapter's weight; give one")
     # every column's prompts: a word Prompt S/R swaps in may name an embedding
     _embeddings_into(stack.model, args, grid_prompts(req, [*columns, *rows, *zs]))
     result = make_grid(stack, req, columns, axis=axis, rows=rows, row_axis=row_axis, zs=zs, z_axis=z_axis)

@@ -868,8 +868,6 @@ class Studio:
                 raise ConfigError(f"mode: unknown comparison '{mode}'")
             row_cols, row_axis = self._compare_rows(rows, row_values, req, mode)
             z_cols, z_axis = self._compare_rows(z, z_values, req, mode, "z")
-            if rows == "weights" and z == "weights":
-                raise ConfigError("z: the rows vary the compared adapter's weight already; choose another third axis")
             # every column's prompts: a word Prompt S/R swaps in may name an embedding
             use_embeddings(m.base, self.embeddings_dir, grid_prompts(req, [*cols, *row_cols, *z_cols]),
                            self.allow_pickle)

@@ -1256,6 +1256,13 @@ class StudioUI:
             denoising_strength=_num(init_strength if start is not None else hires_denoise, "denoising_strength"))
 
     @staticmethod
+    def _with_boxes(req: GenerationRequest, tiling, cfg_rescale, zero_terminal_snr) -> GenerationRequest:
+        """The request with the Generate tab's Tiling, CFG rescale and Zero terminal SNR boxes (unticked: the
+        model's own schedule), for Generate and its Compare grid alike."""
+        return replace(req, tiling=bool(tiling), cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
+                       zero_terminal_snr=True if zero_terminal_snr else None)
+
+    @staticmethod
     def _slot_rows(slot_values: Sequence[Any]) -> list[tuple]:
         return [tuple(slot_values[i:i + SLOT_FIELDS]) for i in range(0, len(slot_values), SLOT_FIELDS)]
 
@@ -1273,11 +1280,7 @@ class StudioUI:
         if subseed_strength:  # A1111's variation seed
             req = replace(req, subseed=_num(subseed if subseed not in (None, "") else -1, "subseed", int),
                           subseed_strength=_num(subseed_strength, "subseed_strength"))
-        if tiling:
-            req = replace(req, tiling=True)
-        if cfg_rescale or zero_terminal_snr:  # unticked: the model's own schedule
-            req = replace(req, cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
-                          zero_terminal_snr=True if zero_terminal_snr else None)
+        req = self._with_boxes(req, tiling, cfg_rescale, zero_terminal_snr)
         if batch_size:
             req = replace(req, batch_size=_num(batch_size, "batch_size", int))
         entries = entries_from_rows(self._slot_rows(slot_values))
@@ -1454,8 +1457,7 @@ class StudioUI:
         req = self._request(prompt, negative, steps, guidance, seed, width, height, num_images, scheduler, clip_skip,
                             hires_scale, hires_steps, hires_upscaler, hires_denoise, init_image, init_strength,
                             mask_blur)
-        req = replace(req, tiling=bool(tiling), cfg_rescale=_num(cfg_rescale or 0, "cfg_rescale"),
-                      zero_terminal_snr=True if zero_terminal_snr else None)
+        req = self._with_boxes(req, tiling, cfg_rescale, zero_terminal_snr)
         enabled = entries_from_rows(self._slot_rows(slot_values))
         kind = COMPARE_MODES.get(mode)
         if kind is None:

@@ -304,9 +304,8 @@ def _xyz_grid(stack, req, cols: list[GridColumn], rows: list[GridColumn], zs: li
     pairs = {"Grid z": f"{_quote_free(z_axis)}: " + " | ".join(_quote_free(z.label) for z in zs)}
     drawn = None
     if len(grids) < len(zs) or grids[-1].drawn is not None:
-        tiles = sum(len(g.tiles) for g in grids[:-1]) + (grids[-1].drawn or len(grids[-1].tiles))
-        drawn = tiles
-        pairs["Grid interrupted"] = f"{tiles} of {len(zs) * len(grids[0].tiles)} tiles drawn"
+        drawn = sum(len(g.tiles) for g in grids[:-1]) + (grids[-1].drawn or len(grids[-1].tiles))
+        pairs["Grid interrupted"] = f"{drawn} of {len(zs) * len(grids[0].tiles)} tiles drawn"
     first = re.sub(r", Grid interrupted: [^,\n]*", "", grids[0].parameters)  # counted over every grid below
     params = with_pairs(first, pairs)
     image.info["parameters"] = params

@@ -152,10 +152,10 @@ def token_count(tokenizer, prompt: str, steps: int = 20, model=None) -> tuple[in
 
     clean, _ = parse_lora_tags(prompt or "")
     convert = (lambda f: expand(model, f)) if model is not None else None
+    eos = tokenizer.eos_token_id
     best = (0, CHUNK)
     for _, text in schedule(clean, steps):
         parts = chunks(tokenizer, text, convert)
-        eos = tokenizer.eos_token_id
         n = sum(ids[1:].index(eos) for ids, _ in parts)
         best = max(best, (n, CHUNK * len(parts)))
     return best

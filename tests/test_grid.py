@@ -356,6 +356,8 @@ def test_a_third_axis_makes_one_xy_grid_per_value(stack, lib, tiny_sd1_dir, tmp_
     assert result.image.height > 2 * xy.image.height - 40 and result.image.width > xy.image.width  # + a label column
     with pytest.raises(ConfigError, match="z: the columns vary guidance already; choose another third axis"):
         make_grid(stack, _req(), setting_columns("guidance", [2, 6]), zs=setting_columns("guidance", [1]))
+    with pytest.raises(ConfigError, match="z: the rows vary weight already; choose another third axis"):
+        make_grid(stack, _req(), cols, rows=weight_rows([0.5]), zs=weight_rows([1.0]))
     # the CLI: --z-samplers; with --rows-weights and --z-weights both, refused
     rc = main(["grid", "--base", str(tiny_sd1_dir), "--library", str(lib.root), "--prompt", "a red circle",
                "--steps", "2", "--seed", "11", "--scheduler", "DDIM", "--loras", "a,b", "--z-samplers", "DDIM,Euler",

@@ -18,6 +18,7 @@ from typing import Any
 from pipelines.errors import ConfigError
 from pipelines.quantize import QUANTIZATIONS
 from pipelines.samplers import SCHEDULERS
+from pipelines.schedule import PREDICTION_TYPES
 from pipelines.weights_io import PRECISIONS
 
 from .optimizers import ADAPTIVE, OPTIMIZERS
@@ -251,7 +252,7 @@ class TrainConfig:
     # what the base predicts, and on which schedule (pipelines.schedule): read from the model; these override it, as
     # kohya's --v_parameterization and --zero_terminal_snr say it
     prediction_type: str = option("auto", group="Optimisation", label="Prediction type",
-                                  choices=("auto", "epsilon", "v_prediction"),
+                                  choices=("auto", *PREDICTION_TYPES),
                                   help="what the base model predicts: auto reads it from the model (its config, or "
                                        "a single file's v_pred mark); v_prediction for SD 2.x 768-v and v-pred SDXL "
                                        "models whose file does not say so (kohya's --v_parameterization)")
